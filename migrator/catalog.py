@@ -1,0 +1,106 @@
+"""What the databases say about the entity graph's tables, and whether two sides match."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from migrator.errors import SchemaMismatch
+from migrator.spec import EntityGraph
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # format_type(), e.g. 'timestamp with time zone', 'numeric(10,2)'
+    not_null: bool
+
+
+@dataclass(frozen=True)
+class Table:
+    schema: str
+    name: str
+    columns: tuple[Column, ...]
+    pk: tuple[str, ...]
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+_COLS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
+  AND c.relkind IN ('r', 'p')
+ORDER BY a.attnum
+"""
+
+_PK = """
+SELECT a.attname
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary
+ORDER BY k.ord
+"""
+
+
+def read_table(conn: psycopg.Connection, schema: str, name: str) -> Table | None:
+    with conn.cursor() as cur:
+        cols = cur.execute(_COLS, (schema, name)).fetchall()
+        if not cols:
+            return None
+        pk = [r[0] for r in cur.execute(_PK, (schema, name)).fetchall()]
+    return Table(schema, name, tuple(Column(*c) for c in cols), tuple(pk))
+
+
+def read_graph(conn: psycopg.Connection, graph: EntityGraph, side: str) -> dict[str, Table]:
+    """The graph's tables as this database has them; checks every name the spec uses."""
+    out: dict[str, Table] = {}
+    for name in graph.ordered():
+        t = read_table(conn, graph.schema_, name)
+        if t is None:
+            raise SchemaMismatch(f"{side}: table {graph.schema_}.{name} does not exist")
+        if not t.pk:
+            raise SchemaMismatch(f"{side}: table {name} has no primary key; rows could not be named")
+        out[name] = t
+    root = graph.root
+    for col, what in ((root.key, "key"), (root.residency, "residency"), (root.created_at, "created_at")):
+        if col is not None and col not in out[root.table].names:
+            raise SchemaMismatch(f"{side}: entity_graph.root.{what}: column {root.table}.{col} does not exist")
+    for child in graph.tables:
+        for mine, theirs in child.fk.items():
+            if mine not in out[child.table].names:
+                raise SchemaMismatch(f"{side}: table {child.table}: fk column {child.table}.{mine} does not exist")
+            if theirs not in out[child.parent].names:
+                raise SchemaMismatch(f"{side}: table {child.table}: fk column {child.parent}.{theirs} does not exist")
+    return out
+
+
+def compare(source: dict[str, Table], dest: dict[str, Table], dest_name: str) -> None:
+    """Refuse a destination whose tables differ from the source's in columns, types or keys."""
+    for name, s in source.items():
+        d = dest[name]
+        if [(c.name, c.type) for c in s.columns] != [(c.name, c.type) for c in d.columns]:
+            sc = {c.name: c.type for c in s.columns}
+            dc = {c.name: c.type for c in d.columns}
+            for col in sc.keys() | dc.keys():
+                if sc.get(col) != dc.get(col):
+                    raise SchemaMismatch(
+                        f"{dest_name}: table {name} column {col}: source has "
+                        f"{sc.get(col, 'no such column')}, destination has {dc.get(col, 'no such column')}"
+                    )
+            raise SchemaMismatch(f"{dest_name}: table {name}: columns are in a different order than at the source")
+        if s.pk != d.pk:
+            raise SchemaMismatch(f"{dest_name}: table {name}: primary key {list(d.pk)} differs from the source's {list(s.pk)}")

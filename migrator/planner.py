@@ -1,0 +1,204 @@
+"""Forms a wave's shards: which users move, to which region, in which shard and batch.
+
+Membership is written to the control database once, so every later phase (and a rerun)
+works on exactly the same users and batches. A wave that already exists is not planned
+again: its shards are returned as they are.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from psycopg import sql
+
+from migrator import sqlgen
+from migrator.context import Context
+from migrator.control import SCHEMA, shard_id
+from migrator.errors import SpecError
+from migrator.partition import batches, shard_index, shard_name
+from migrator.state import Phase
+from migrator.stores.postgres import connect
+
+
+@dataclass
+class ShardPlan:
+    shard_id: str
+    wave: str
+    name: str
+    region: str
+    idx: int
+    keys: list[str]
+    batch_users: int
+    rows: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+
+    @property
+    def batches(self) -> list[list[str]]:
+        return batches(self.keys, self.batch_users)
+
+    def summary(self) -> dict:
+        return {
+            "shard_id": self.shard_id, "name": self.name, "region": self.region, "users": len(self.keys),
+            "batches": len(self.batches), "rows": self.rows, "approx_bytes": self.bytes,
+        }
+
+
+@dataclass
+class Plan:
+    wave: str
+    shards: list[ShardPlan]
+    unplaced: dict[str, int]  # residency code (or 'NULL') -> users left where they are
+    already_planned: bool = False
+
+    def summary(self) -> dict:
+        return {
+            "wave": self.wave, "already_planned": self.already_planned,
+            "shards": [s.summary() for s in self.shards], "unplaced_users": self.unplaced,
+        }
+
+
+def _taken(ctx: Context) -> set[str]:
+    """Users not at the source, or already in a live shard of some wave."""
+    if not ctx.control.exists():
+        return set()
+    with ctx.control.connect(autocommit=True) as c:
+        moved = c.execute(f"SELECT user_key FROM {SCHEMA}.directory WHERE home <> %s", (ctx.spec.source_region,)).fetchall()
+        busy = c.execute(
+            f"SELECT su.user_key FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) WHERE s.state <> %s",
+            (Phase.ROLLED_BACK.value,),
+        ).fetchall()
+    return {r[0] for r in moved} | {r[0] for r in busy}
+
+
+def _candidates(ctx: Context, since: datetime | None, until: datetime | None):
+    g = ctx.spec.entity_graph
+    root = g.root
+    where = []
+    args: list = []
+    if since is not None or until is not None:
+        if root.created_at is None:
+            raise SpecError("entity_graph.root.created_at is needed to select users by an interval")
+        if since is not None:
+            where.append(sql.SQL("{} >= %s").format(sql.Identifier(root.created_at)))
+            args.append(since)
+        if until is not None:
+            where.append(sql.SQL("{} < %s").format(sql.Identifier(root.created_at)))
+            args.append(until)
+    q = sql.SQL("SELECT {}::text, {}::text FROM {}.{}").format(
+        sql.Identifier(root.key), sql.Identifier(root.residency), sql.Identifier(g.schema_), sql.Identifier(root.table)
+    )
+    if where:
+        q = q + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+    with connect(ctx.source_dsn) as c, c.cursor(name="migrator_plan") as cur:
+        cur.itersize = 20000
+        cur.execute(q, args)
+        yield from cur
+
+
+def _measure(ctx: Context, shards: list[ShardPlan]) -> None:
+    """Rows and approximate bytes per table for each shard, one pass per table at the source."""
+    if not shards:
+        return
+    buf = io.StringIO()
+    for i, s in enumerate(shards):
+        for k in s.keys:
+            buf.write(f"{k}\t{i}\n")
+    with connect(ctx.source_dsn) as c:
+        c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(sql.SQL(ctx.key_type)))
+        with c.cursor().copy("COPY rm_keys (k, b) FROM STDIN") as cp:
+            cp.write(buf.getvalue())
+        c.execute("ANALYZE rm_keys")
+        for name, table in ctx.tables.items():
+            q = sqlgen.count_and_bytes(ctx.spec.entity_graph, table, "rm_keys")
+            for b, n, size in c.execute(q).fetchall():
+                shards[b].rows[name] = n
+                shards[b].bytes += int(size)
+        c.rollback()
+    for s in shards:
+        for name in ctx.tables:
+            s.rows.setdefault(name, 0)
+
+
+def plan(
+    ctx: Context,
+    wave: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    regions: list[str] | None = None,
+    dry_run: bool = False,
+) -> Plan:
+    spec = ctx.spec
+    for r in regions or []:
+        if r not in spec.targets:
+            raise SpecError(f"--region {r!r}: no policy entry sends users there (targets: {', '.join(spec.targets)})")
+    ctx.tables  # reads and checks the source's tables
+    targets = [r for r in spec.targets if not regions or r in regions]
+    for r in targets:
+        ctx.check_destination(r)
+
+    if ctx.control.exists():
+        existing = ctx.control.shards(wave=wave)
+        if existing:
+            out = [
+                ShardPlan(s.shard_id, s.wave, s.name, s.region, s.idx, [], spec.copy_.batch_users, s.plan.get("rows", {}),
+                          s.plan.get("approx_bytes", 0))
+                for s in existing if not regions or s.region in regions
+            ]
+            for sp, s in zip(out, existing):
+                sp.keys = [""] * s.users  # counts only; membership stays in the control database
+            return Plan(wave, out, {}, already_planned=True)
+
+    taken = _taken(ctx)
+    n = spec.sharding.shards_per_region
+    groups: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+    unplaced: collections.Counter[str] = collections.Counter()
+    for key, residency in _candidates(ctx, since, until):
+        region = spec.region_of(residency)
+        if region is None:
+            unplaced["NULL" if residency is None else "unknown:" + residency.strip().upper()[:8]] += 1
+            continue
+        if region == spec.source_region or region not in targets or key in taken:
+            continue
+        groups[(region, shard_index(key, n))].append(key)
+
+    shards = []
+    for (region, idx), keys in sorted(groups.items()):
+        name = shard_name(region, idx)
+        shards.append(ShardPlan(shard_id(wave, name), wave, name, region, idx, ctx.sort_keys(keys), spec.copy_.batch_users))
+    _measure(ctx, shards)
+    result = Plan(wave, shards, dict(unplaced))
+    if not dry_run:
+        _record(ctx, result)
+    return result
+
+
+def _record(ctx: Context, p: Plan) -> None:
+    ctl = ctx.control
+    ctl.ensure()
+    with ctl.connect() as c:
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:plan'))")
+        if c.execute(f"SELECT 1 FROM {SCHEMA}.shard WHERE wave = %s LIMIT 1", (p.wave,)).fetchone():
+            return  # another planner won the race; its plan stands
+        for s in p.shards:
+            summary = s.summary()
+            c.execute(
+                f"INSERT INTO {SCHEMA}.shard (shard_id, wave, name, region, idx, state, users, batches, plan) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (s.shard_id, s.wave, s.name, s.region, s.idx, Phase.PLANNED.value, len(s.keys), len(s.batches),
+                 json.dumps(summary)),
+            )
+            with c.cursor().copy(f"COPY {SCHEMA}.shard_user (shard_id, user_key, batch_no) FROM STDIN") as cp:
+                for b, keys in enumerate(s.batches):
+                    for k in keys:
+                        cp.write_row((s.shard_id, k, b))
+            c.execute(
+                f"INSERT INTO {SCHEMA}.directory (user_key, home) SELECT user_key, %s FROM {SCHEMA}.shard_user "
+                "WHERE shard_id = %s ON CONFLICT (user_key) DO NOTHING",
+                (ctx.spec.source_region, s.shard_id),
+            )
+            ctl.audit(c, s.shard_id, None, Phase.PLANNED.value, {"users": len(s.keys), "rows": s.rows, "batches": len(s.batches)})
+        ctl.audit(c, None, None, None, {"event": "plan", "wave": p.wave, "shards": len(p.shards), "unplaced": p.unplaced})

@@ -1,0 +1,96 @@
+"""What the command line prints: one JSON document, or rich tables for a person."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from migrator.context import Context
+from migrator.engine import Outcome
+from migrator.planner import Plan
+
+
+def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, region: str | None = None) -> list[dict]:
+    ctl = ctx.control
+    if not ctl.exists():
+        return []
+    out = []
+    for s in ctl.shards(wave=wave, names=names, region=region):
+        cps = ctl.checkpoints(s.shard_id)
+        rows: dict[str, int] = {}
+        for cp in cps.values():
+            for t, n in cp["rows"].items():
+                rows[t] = rows.get(t, 0) + n
+        out.append({
+            "shard_id": s.shard_id, "wave": s.wave, "name": s.name, "region": s.region, "state": s.state.value,
+            "users": s.users, "batches": s.batches, "batches_done": len(cps), "rows": rows or s.plan.get("rows", {}),
+            "digest": s.digest, "error": s.error,
+        })
+    return out
+
+
+def document(command: str, shards: list[dict], outcomes: list[Outcome] | None = None, plan: Plan | None = None,
+             extra: dict | None = None) -> dict[str, Any]:
+    by_id = {o.shard_id: o for o in outcomes or []}
+    for s in shards:
+        o = by_id.get(s["shard_id"])
+        if o is not None:
+            s["ok"] = o.ok
+            if o.error:
+                s["error"] = o.error
+            if o.differences:
+                s["differences"] = o.differences
+    totals: dict[str, Any] = {"shards": len(shards), "users": sum(s.get("users", 0) for s in shards), "rows": {}}
+    for s in shards:
+        for t, n in s.get("rows", {}).items():
+            totals["rows"][t] = totals["rows"].get(t, 0) + n
+    states: dict[str, int] = {}
+    for s in shards:
+        states[s.get("state", "planned")] = states.get(s.get("state", "planned"), 0) + 1
+    totals["states"] = states
+    doc: dict[str, Any] = {"command": command, "ok": all(o.ok for o in outcomes or []), "shards": shards, "totals": totals}
+    if plan is not None:
+        doc["wave"] = plan.wave
+        doc["unplaced_users"] = plan.unplaced
+        doc["already_planned"] = plan.already_planned
+    if extra:
+        doc.update(extra)
+    return doc
+
+
+def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
+    if as_json:
+        print(json.dumps(doc, indent=2, default=str))
+        return
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    shards = doc.get("shards", [])
+    tables = sorted({t for s in shards for t in s.get("rows", {})})
+    t = Table(title=f"migrator {doc['command']}" + (f" (wave {doc['wave']})" if doc.get("wave") else ""))
+    for col in ["shard", "region", "state", "users", "batches", *tables, "digest"]:
+        t.add_column(col, justify="right" if col not in ("shard", "region", "state", "digest") else "left")
+    for s in shards:
+        batches = f"{s.get('batches_done', '-')}/{s.get('batches', '-')}" if "batches_done" in s else str(s.get("batches", "-"))
+        state = s.get("state", "planned")
+        style = {"cut_over": "green", "failed": "red", "rolled_back": "yellow"}.get(state, "")
+        t.add_row(s["shard_id"] if doc.get("wave") is None and s.get("wave") not in (None, "default") else s["name"], s["region"], f"[{style}]{state}[/]" if style else state, str(s.get("users", "")), batches,
+                  *[str(s.get("rows", {}).get(x, 0)) for x in tables], (s.get("digest") or "")[:12])
+    console.print(t)
+    if doc.get("unplaced_users"):
+        console.print("Users left where they are (residency not placed by the policy): "
+                      + ", ".join(f"{k}: {v}" for k, v in sorted(doc["unplaced_users"].items())))
+    for s in shards:
+        if s.get("error"):
+            console.print(f"[red]{s['shard_id']}[/]: {s['error']}")
+    if doc.get("regions"):
+        r = Table(title="per region")
+        for col in ["region", "users", "shards cut over", *tables]:
+            r.add_column(col, justify="left" if col == "region" else "right")
+        for name, v in sorted(doc["regions"].items()):
+            r.add_row(name, str(v["users"]), f"{v['cut_over']}/{v['shards']}", *[str(v["rows"].get(x, 0)) for x in tables])
+        console.print(r)
+        console.print(f"digests matched: {doc.get('digests_matched')} shard(s); took {doc.get('seconds')} s (via {doc.get('via')})")
+    if doc.get("dry_run"):
+        console.print("[yellow]dry run: nothing was written[/]")

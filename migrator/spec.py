@@ -1,0 +1,257 @@
+"""The migration spec: one YAML file, validated once at the edge.
+
+Errors name the field and the bad value; DSNs are secrets, masked in every repr.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from migrator.errors import SpecError
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_REGION = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def mask_dsn(dsn: str) -> str:
+    """A DSN with its password replaced, for logs and reprs."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn, flags=re.I)
+
+
+def _ident(v: str, what: str) -> str:
+    if not _IDENT.match(v):
+        raise ValueError(f"{what} {v!r} is not a plain SQL identifier")
+    return v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Store(_Strict):
+    """A PostgreSQL server; the DSN may be '${ENV_VAR}' or contain such references."""
+
+    dsn: SecretStr
+
+    @field_validator("dsn", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            missing = [m for m in _ENV.findall(v) if m not in os.environ]
+            if missing:
+                raise ValueError(f"environment variable {missing[0]} is not set")
+            return _ENV.sub(lambda m: os.environ[m.group(1)], v)
+        return v
+
+    @property
+    def url(self) -> str:
+        return self.dsn.get_secret_value()
+
+    @property
+    def masked(self) -> str:
+        return mask_dsn(self.url)
+
+    def __repr__(self) -> str:
+        return f"Store({self.masked})"
+
+
+class Root(_Strict):
+    table: str
+    key: str
+    residency: str
+    created_at: str | None = None
+
+    @field_validator("table", "key", "residency", "created_at")
+    @classmethod
+    def _names(cls, v: str | None) -> str | None:
+        return None if v is None else _ident(v, "name")
+
+
+class Child(_Strict):
+    """A table whose rows belong to a user through a foreign key to its parent."""
+
+    table: str
+    parent: str
+    fk: dict[str, str] = Field(description="this table's column -> parent's column")
+
+    @field_validator("table", "parent")
+    @classmethod
+    def _names(cls, v: str) -> str:
+        return _ident(v, "table")
+
+    @field_validator("fk")
+    @classmethod
+    def _fk(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("needs at least one column pair")
+        for a, b in v.items():
+            _ident(a, "column")
+            _ident(b, "column")
+        return v
+
+
+class EntityGraph(_Strict):
+    schema_: str = Field("public", alias="schema")
+    root: Root
+    tables: list[Child] = []
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, v: str) -> str:
+        return _ident(v, "schema")
+
+    @model_validator(mode="after")
+    def _paths(self) -> "EntityGraph":
+        names = [self.root.table] + [t.table for t in self.tables]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"table {sorted(dup)[0]!r} is listed twice")
+        known = set(names)
+        for t in self.tables:
+            if t.parent not in known:
+                raise ValueError(f"table {t.table!r}: parent {t.parent!r} is not in the entity graph")
+        for t in self.tables:  # every chain must reach the root without a cycle
+            seen, cur = {t.table}, t
+            while cur.parent != self.root.table:
+                cur = self.child(cur.parent)
+                if cur.table in seen:
+                    raise ValueError(f"table {t.table!r}: its path to the root loops through {cur.table!r}")
+                seen.add(cur.table)
+        return self
+
+    def child(self, name: str) -> Child:
+        for t in self.tables:
+            if t.table == name:
+                return t
+        raise KeyError(name)
+
+    def path(self, name: str) -> list[Child]:
+        """The hops from `name` up to (not including) the root."""
+        hops: list[Child] = []
+        while name != self.root.table:
+            c = self.child(name)
+            hops.append(c)
+            name = c.parent
+        return hops
+
+    def ordered(self) -> list[str]:
+        """Tables parents-first: the order to load; reversed, the order to delete."""
+        out = [self.root.table]
+        rest = list(self.tables)
+        while rest:
+            for t in list(rest):
+                if t.parent in out:
+                    out.append(t.table)
+                    rest.remove(t)
+        return out
+
+
+class Sharding(_Strict):
+    shards_per_region: int = Field(4, ge=1, le=4096)
+
+
+class CopySettings(_Strict):
+    batch_users: int = Field(500, ge=1, le=1_000_000)
+
+
+class RetrySettings(_Strict):
+    attempts: int = Field(5, ge=1, le=50)
+    initial_wait_s: float = Field(0.5, ge=0)
+    max_wait_s: float = Field(8.0, ge=0)
+
+
+class Spec(_Strict):
+    version: int = 1
+    source_region: str = "us"
+    regions: dict[str, Store]
+    control: Store
+    policy: dict[str, str] = Field(description="ISO 3166-1 alpha-2 country code -> region")
+    entity_graph: EntityGraph
+    sharding: Sharding = Sharding()
+    copy_: CopySettings = Field(CopySettings(), alias="copy")
+    retry: RetrySettings = RetrySettings()
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"spec version {v} is not supported (this release reads version 1)")
+        return v
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, v: dict[str, Store]) -> dict[str, Store]:
+        for name in v:
+            if not _REGION.match(name):
+                raise ValueError(f"region name {name!r} must be lower-case letters, digits or _")
+        return v
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: dict[str, str]) -> dict[str, str]:
+        for code in v:
+            if not _COUNTRY.match(code):
+                raise ValueError(f"country code {code!r} is not ISO 3166-1 alpha-2 (two upper-case letters)")
+        return v
+
+    @model_validator(mode="after")
+    def _refs(self) -> "Spec":
+        if self.source_region not in self.regions:
+            raise ValueError(f"source_region {self.source_region!r} is not among the regions")
+        for code, region in self.policy.items():
+            if region not in self.regions:
+                raise ValueError(f"policy {code}: region {region!r} is not among the regions")
+        return self
+
+    @property
+    def targets(self) -> list[str]:
+        """Regions some policy entry sends users to, other than the source."""
+        return sorted({r for r in self.policy.values() if r != self.source_region})
+
+    def region_of(self, residency: str | None) -> str | None:
+        """The region a residency code maps to; None when unknown (the user stays)."""
+        if residency is None:
+            return None
+        return self.policy.get(residency.strip().upper())
+
+    def __repr__(self) -> str:
+        return f"Spec(regions={sorted(self.regions)}, control={self.control.masked})"
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",)) or "spec"
+        msg = e["msg"].removeprefix("Value error, ")
+        bad = e.get("input")
+        shown = "" if isinstance(bad, (dict, list)) or bad is None or "dsn" in loc else f" (got {bad!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def parse_spec(data: Any, origin: str = "spec") -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: expected a mapping at the top level")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{origin}: {_describe(err)}") from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
+    return parse_spec(data, str(p))

@@ -1,0 +1,164 @@
+"""Pure SQL building: the ownership join of each table, the canonical row digest, and the
+statements the copier, verifier and rollback run. Nothing here touches a connection.
+
+Design: the canonical digest
+----------------------------
+A row's digest must be equal on two servers exactly when the rows are equal, whatever the
+session or server version. Each column is turned into text by a rule per type:
+timestamptz as UTC ISO text with microseconds (independent of TimeZone), timestamp and
+date by to_char, bytea as hex, everything else by its type's output function under the
+pinned session (extra_float_digits=1 gives the shortest exact float text; jsonb's text is
+canonical; numeric keeps its scale, which is part of its value). Each field is quoted with
+quote_nullable, so NULL, '' and 'NULL' differ and no separator can be forged. The row text
+is hashed with md5 and its first 64 bits taken as a bigint; a set of rows aggregates to
+(count, sum of those bigints) -- order-free, and unlike XOR a duplicated row changes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from migrator.catalog import Column, Table
+from migrator.spec import EntityGraph
+
+
+def canonical(col: Column, alias: str = "t0") -> sql.Composable:
+    ref = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(col.name))
+    ty = col.type
+    if ty == "timestamp with time zone":
+        expr = sql.SQL("to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").format(ref)
+    elif ty == "timestamp without time zone":
+        expr = sql.SQL("to_char({}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')").format(ref)
+    elif ty == "date":
+        expr = sql.SQL("to_char({}, 'YYYY-MM-DD')").format(ref)
+    elif ty == "bytea":
+        expr = sql.SQL("encode({}, 'hex')").format(ref)
+    elif ty == "json":
+        expr = sql.SQL("({})::jsonb::text").format(ref)
+    else:
+        expr = sql.SQL("({})::text").format(ref)
+    return sql.SQL("quote_nullable({})").format(expr)
+
+
+def row_hash(table: Table, alias: str = "t0") -> sql.Composable:
+    """A bigint from the first 64 bits of md5 over the row's canonical text."""
+    fields = sql.SQL(" || ',' || ").join(canonical(c, alias) for c in table.columns)
+    return sql.SQL("('x' || substr(md5({}), 1, 16))::bit(64)::bigint").format(fields)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """FROM ... JOIN ... for a table, and the expression of its owner's root key."""
+
+    from_: sql.Composable
+    owner: sql.Composable
+    joined: int = 0  # how many parent tables are joined
+
+
+def ownership(graph: EntityGraph, table: str) -> Ownership:
+    """Joins along the table's foreign-key path; the root itself is joined only when the
+    last hop does not reference the root key directly."""
+    schema = graph.schema_
+    root = graph.root
+    parts: list[sql.Composable] = [
+        sql.SQL("{}.{} AS t0").format(sql.Identifier(schema), sql.Identifier(table))
+    ]
+    if table == root.table:
+        return Ownership(parts[0], sql.SQL("t0.{}").format(sql.Identifier(root.key)))
+    hops = graph.path(table)
+    alias = "t0"
+    for i, hop in enumerate(hops, start=1):
+        last = i == len(hops)
+        if last and list(hop.fk.values()) == [root.key]:
+            (mine,) = hop.fk.keys()
+            owner = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(mine))
+            return Ownership(sql.SQL(" ").join(parts), owner, len(parts) - 1)
+        nxt = f"t{i}"
+        cond = sql.SQL(" AND ").join(
+            sql.SQL("{}.{} = {}.{}").format(sql.Identifier(nxt), sql.Identifier(p), sql.Identifier(alias), sql.Identifier(c))
+            for c, p in hop.fk.items()
+        )
+        parts.append(
+            sql.SQL("JOIN {}.{} AS {} ON {}").format(sql.Identifier(schema), sql.Identifier(hop.parent), sql.Identifier(nxt), cond)
+        )
+        alias = nxt
+    owner = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(root.key))
+    return Ownership(sql.SQL(" ").join(parts), owner, len(parts) - 1)
+
+
+def _cols(table: Table, alias: str = "t0") -> sql.Composable:
+    return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c.name)) for c in table.columns)
+
+
+def _keys_filter(own: Ownership, key_type: str) -> sql.Composable:
+    # Keys travel as text[] and are cast to the root key's type on the server.
+    return sql.SQL("{} = ANY(%(keys)s::text[]::{}[])").format(own.owner, sql.SQL(key_type))
+
+
+def copy_out(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+    """COPY of the rows of a set of users (%(keys)s) in binary format."""
+    own = ownership(graph, table.name)
+    q = sql.SQL("SELECT {} FROM {} WHERE {}").format(_cols(table), own.from_, _keys_filter(own, key_type))
+    return sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(q)
+
+
+def copy_in(graph: EntityGraph, table: Table) -> sql.Composable:
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+    return sql.SQL("COPY {}.{} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(graph.schema_), sql.Identifier(table.name), cols
+    )
+
+
+def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+    """(count, sum of row hashes) over a set of users' rows."""
+    own = ownership(graph, table.name)
+    return sql.SQL("SELECT count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}").format(
+        row_hash(table), own.from_, _keys_filter(own, key_type)
+    )
+
+
+def digest_by_batch(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:
+    """One pass over a table: (batch, count, sum) for the users listed in a keys table."""
+    own = ownership(graph, table.name)
+    return sql.SQL(
+        "SELECT m.b, count(*), coalesce(sum({}), 0)::text FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b"
+    ).format(row_hash(table), own.from_, sql.Identifier(keys_table), own.owner)
+
+
+def pk_hashes(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+    """Each row's primary key (as text) and hash, for naming the rows that differ."""
+    own = ownership(graph, table.name)
+    pk = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
+    order = sql.SQL(", ").join(sql.SQL("t0.{}").format(sql.Identifier(c)) for c in table.pk)
+    return sql.SQL("SELECT {}, {} FROM {} WHERE {} ORDER BY {}").format(
+        pk, row_hash(table), own.from_, _keys_filter(own, key_type), order
+    )
+
+
+def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5) -> sql.Composable:
+    own = ownership(graph, table.name)
+    pk = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
+    return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(pk, own.from_, _keys_filter(own, key_type), sql.Literal(limit))
+
+
+def count_and_bytes(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:
+    own = ownership(graph, table.name)
+    return sql.SQL(
+        "SELECT m.b, count(*), coalesce(sum(pg_column_size(t0.*)), 0) FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b"
+    ).format(own.from_, sql.Identifier(keys_table), own.owner)
+
+
+def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+    """Delete a set of users' rows of one table (children must go first)."""
+    own = ownership(graph, table.name)
+    schema, name = graph.schema_, table.name
+    if own.joined == 0:
+        # the owner column is on the table itself
+        return sql.SQL("DELETE FROM {}.{} AS t0 WHERE {}").format(
+            sql.Identifier(schema), sql.Identifier(name), _keys_filter(own, key_type)
+        )
+    pk_match = sql.SQL(" AND ").join(sql.SQL("d.{0} = t0.{0}").format(sql.Identifier(c)) for c in table.pk)
+    return sql.SQL("DELETE FROM {}.{} AS d WHERE EXISTS (SELECT 1 FROM {} WHERE {} AND {})").format(
+        sql.Identifier(schema), sql.Identifier(name), own.from_, pk_match, _keys_filter(own, key_type)
+    )

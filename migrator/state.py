@@ -1,0 +1,40 @@
+"""A shard's phases and the one table of moves allowed between them."""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    PLANNED = "planned"
+    COPYING = "copying"
+    COPIED = "copied"
+    VERIFIED = "verified"
+    CUT_OVER = "cut_over"
+    FAILED = "failed"
+    ROLLING_BACK = "rolling_back"
+    ROLLED_BACK = "rolled_back"
+
+
+P = Phase
+
+# A move not listed here is refused. COPYING -> COPYING is a resume after a crash (the
+# shard's advisory lock guarantees the previous worker is gone); ROLLED_BACK -> COPYING
+# is a fresh attempt after a rollback. Rollback is reachable from every state but itself.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    P.PLANNED: frozenset({P.COPYING, P.FAILED, P.ROLLING_BACK}),
+    P.COPYING: frozenset({P.COPYING, P.COPIED, P.FAILED, P.ROLLING_BACK}),
+    P.COPIED: frozenset({P.COPYING, P.VERIFIED, P.FAILED, P.ROLLING_BACK}),
+    P.VERIFIED: frozenset({P.COPYING, P.CUT_OVER, P.FAILED, P.ROLLING_BACK}),
+    P.CUT_OVER: frozenset({P.ROLLING_BACK}),
+    P.FAILED: frozenset({P.COPYING, P.ROLLING_BACK}),
+    P.ROLLING_BACK: frozenset({P.ROLLING_BACK, P.ROLLED_BACK}),
+    P.ROLLED_BACK: frozenset({P.COPYING, P.ROLLING_BACK}),
+}
+
+# Phases from which `run` continues a shard. CUT_OVER is finished work; a ROLLED_BACK
+# shard's users are free again and are planned afresh in a later wave.
+RUNNABLE = frozenset({P.PLANNED, P.COPYING, P.COPIED, P.VERIFIED, P.FAILED})
+
+
+def allowed(src: Phase, dst: Phase) -> bool:
+    return dst in TRANSITIONS[src]

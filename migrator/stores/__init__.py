@@ -1,0 +1,1 @@
+"""Connections to the stores of each data center."""
