@@ -1,0 +1,107 @@
+"""Bad input gets a clear error naming the problem, and nothing is written or lost."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psycopg
+import pytest
+
+from migrator.demo import seed
+from tests.conftest import DEMO_OWNED, World
+
+pytestmark = pytest.mark.integration
+
+
+def nothing_written(w: World) -> None:
+    for r in ("ie", "no"):
+        for t in DEMO_OWNED:
+            assert w.rows(r, f"SELECT count(*) FROM {t}")[0][0] == 0
+    shards = w.ctl("SELECT to_regclass('migrator.shard')")[0][0]
+    if shards:
+        assert w.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] == 0
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda s: s["entity_graph"]["tables"].append({"table": "nope", "parent": "users", "fk": {"user_id": "user_id"}}),
+     "table public.nope does not exist"),
+    (lambda s: s["entity_graph"]["root"].update(residency="country"), "column users.country does not exist"),
+    (lambda s: s["entity_graph"]["tables"][0]["fk"].update({"user_id": "uid"}), "fk column users.uid does not exist"),
+])
+def test_unknown_table_or_column_fails_before_any_write(world: World, change, needle):
+    change(world.spec)
+    world.write_spec()
+    res = world.migrator("run")
+    assert res.returncode == 1
+    assert needle in res.stderr
+    nothing_written(world)
+
+
+def test_spec_errors_exit_2_and_name_the_field(world: World):
+    world.spec["policy"]["germany"] = "ie"
+    world.write_spec()
+    res = world.migrator("run")
+    assert res.returncode == 2
+    assert "policy" in res.stderr and "germany" in res.stderr
+    nothing_written(world)
+
+
+def test_destination_schema_differs(world: World):
+    with psycopg.connect(world.dsn["no"]) as c:
+        c.execute("ALTER TABLE devices ALTER COLUMN model TYPE varchar(40)")
+    res = world.migrator("run")
+    assert res.returncode == 1
+    assert "destination no: table devices column model" in res.stderr
+    nothing_written(world)
+
+
+def test_rows_not_written_by_the_tool_are_a_conflict(world: World):
+    # a user bound for ie already has a row there that this tool did not write
+    uid, email = world.rows("us", "SELECT user_id, email FROM users WHERE country_code = 'DE' ORDER BY 1 LIMIT 1")[0]
+    world.rows("ie", "INSERT INTO users VALUES (%s, %s, NULL, 'DE', now(), NULL) RETURNING 1", (uid, email))
+    res = world.migrator("run", "--region", "ie", "--json")
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)
+    errors = " ".join(s.get("error") or "" for s in doc["shards"])
+    assert "already has rows" in errors and f"'user_id': '{uid}'" in errors
+    assert email not in res.stdout + res.stderr
+    # rollback of the failed shard leaves the foreign row alone
+    failed = [s["name"] for s in doc["shards"] if s["state"] == "failed"]
+    assert world.migrator("rollback", *sum((["--shard", f] for f in failed), [])).returncode == 0
+    assert world.rows("ie", "SELECT count(*) FROM users WHERE user_id = %s", (uid,))[0][0] == 1
+
+
+def test_destination_server_lost_mid_copy_then_resumed(world: World):
+    world.write_spec(copy={"batch_users": 4}, sharding={"shards_per_region": 1})
+    assert world.migrator("plan", "--region", "ie").returncode == 0
+    server = world.cluster["ie"]
+
+    def stop_after_some_batches():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] >= 2:
+                break
+            time.sleep(0.02)
+        server.kill()
+
+    t = threading.Thread(target=stop_after_some_batches)
+    t.start()
+    try:
+        res = world.migrator("copy", "--region", "ie", "--json")
+    finally:
+        t.join()
+        server.start()
+    assert res.returncode == 1
+    shard = json.loads(res.stdout)["shards"][0]
+    assert shard["state"] == "failed"
+    kept = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
+    assert 2 <= kept < shard["batches"]
+    res = world.migrator("run", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stderr
+    audit = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
+    assert audit == shard["batches"]
+    ids = [r[0] for r in world.rows("us", "SELECT user_id FROM users WHERE country_code IN "
+                                          "('IE','DE','FR','IT','ES','NL','PL','PT','AT','BE')")]
+    for table, q in DEMO_OWNED.items():
+        assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table

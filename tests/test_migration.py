@@ -1,0 +1,162 @@
+"""A whole migration against real servers, checked the way a user would check it."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from tests.conftest import DEMO_OWNED, World
+
+pytestmark = pytest.mark.integration
+
+
+def expected_homes(w: World) -> dict[str, list[int]]:
+    """Region -> user ids, from the source rows and the policy, computed here."""
+    policy = w.spec["policy"]
+    out: dict[str, list[int]] = {}
+    for uid, code in w.rows("us", "SELECT user_id, country_code FROM users"):
+        region = policy.get(code) if code else None
+        if region and region != "us":
+            out.setdefault(region, []).append(uid)
+    return out
+
+
+def assert_destination_equals_source(w: World, homes: dict[str, list[int]]) -> None:
+    for region, ids in homes.items():
+        for table, q in DEMO_OWNED.items():
+            src = w.rows("us", q, (ids,))
+            dst = w.rows(region, q, (ids,))
+            assert src == dst, f"{region}.{table} differs from the source subset"
+            assert len(dst) > 0
+        # nothing else arrived at the destination
+        total = w.rows(region, "SELECT count(*) FROM users")[0][0]
+        assert total == len(ids)
+
+
+def test_whole_migration_copies_exactly_the_policy_subset(world: World):
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    homes = expected_homes(world)
+    assert set(homes) == {"ie", "no"}
+    assert_destination_equals_source(world, homes)
+    # the directory names the new home of every moved user, epoch 1; nobody else moved
+    directory = dict(world.ctl("SELECT user_key, home FROM migrator.directory"))
+    for region, ids in homes.items():
+        assert all(directory[str(i)] == region for i in ids)
+    assert {h for h in directory.values()} == {"ie", "no"}
+    assert {e for (e,) in world.ctl("SELECT DISTINCT epoch FROM migrator.directory")} == {1}
+    # users with no or an unknown residency were reported, not moved
+    unknown = world.rows("us", "SELECT count(*) FROM users WHERE country_code IS NULL OR country_code IN ('ZZ', 'GB')")[0][0]
+    assert sum(doc["unplaced_users"].values()) == unknown > 0
+    assert all(s["state"] == "cut_over" and s["digest"] for s in doc["shards"])
+    assert doc["totals"]["users"] == sum(len(v) for v in homes.values())
+    # the source keeps its rows until a later purge
+    assert world.rows("us", "SELECT count(*) FROM users")[0][0] == 400
+    # every transition is in the audit trail
+    moves = world.ctl("SELECT from_state, to_state FROM migrator.audit WHERE shard_id IS NOT NULL ORDER BY id")
+    for step in [("planned", "copying"), ("copying", "copied"), ("copied", "verified"), ("verified", "cut_over")]:
+        assert moves.count(step) == len(doc["shards"])
+
+
+def test_rerun_of_finished_shards_changes_nothing(world: World):
+    assert world.migrator("run").returncode == 0
+    before = {r: world.rows(r, "SELECT count(*), sum(hashtext(t::text)) FROM login_events t") for r in ("ie", "no")}
+    audit_before = world.ctl("SELECT count(*) FROM migrator.audit WHERE to_state IS NOT NULL")
+    epochs = world.ctl("SELECT sum(epoch) FROM migrator.directory")
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0, res.stderr
+    assert {r: world.rows(r, "SELECT count(*), sum(hashtext(t::text)) FROM login_events t") for r in ("ie", "no")} == before
+    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE to_state IS NOT NULL") == audit_before
+    assert world.ctl("SELECT sum(epoch) FROM migrator.directory") == epochs
+
+
+def test_killed_process_resumes_without_duplicates(world: World):
+    world.write_spec(copy={"batch_users": 5}, sharding={"shards_per_region": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "run", "--config", str(world.spec_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    done = 0
+    while time.monotonic() < deadline:
+        try:
+            done = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
+        except psycopg.Error:
+            done = 0
+        if done >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done >= 3, "the copy never got going"
+    states = dict(world.ctl("SELECT name, state FROM migrator.shard"))
+    assert "copying" in states.values(), f"expected a shard interrupted mid-copy, got {states}"
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0, res.stderr
+    homes = expected_homes(world)
+    assert_destination_equals_source(world, homes)
+    # checkpoints cover every batch exactly once
+    batches = world.ctl("SELECT sum(batches) FROM migrator.shard")[0][0]
+    assert world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] == batches
+
+
+def test_corrupted_destination_row_is_caught_and_named(world: World):
+    assert world.migrator("copy").returncode == 0  # plans nothing: copy needs a plan first
+    assert world.migrator("plan").returncode == 0
+    res = world.migrator("copy", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stderr
+    victim = world.rows("ie", "SELECT c.comment_id FROM comments c ORDER BY 1 LIMIT 1")[0][0]
+    secret = "tampered-text-that-must-not-leak"
+    world.rows("ie", "UPDATE comments SET body = %s WHERE comment_id = %s RETURNING 1", (secret, victim))
+    res = world.migrator("verify", "--region", "ie", "--json")
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)
+    named = [d for s in doc["shards"] for d in s.get("differences", [])]
+    assert named == [{"table": "comments", "pk": {"comment_id": str(victim)}, "problem": "different"}]
+    assert secret not in res.stdout + res.stderr
+    bad = [s for s in doc["shards"] if s.get("differences")][0]
+    assert bad["state"] == "failed"
+    # a failed shard cannot be cut over; the directory still says us
+    res = world.migrator("cutover", "--shard", bad["name"], "--json")
+    assert res.returncode == 1
+    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE home <> 'us'")[0][0] == 0
+
+
+def test_rollback_before_and_after_cutover(world: World):
+    assert world.migrator("plan").returncode == 0
+    # before cutover: copied shards' rows leave the destination, the directory never moved
+    assert world.migrator("copy", "--region", "no").returncode == 0
+    assert world.rows("no", "SELECT count(*) FROM users")[0][0] > 0
+    res = world.migrator("rollback", "--region", "no", "--reason", "test", "--json")
+    assert res.returncode == 0, res.stderr
+    for t in DEMO_OWNED:
+        assert world.rows("no", f"SELECT count(*) FROM {t}")[0][0] == 0
+    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE home <> 'us' OR epoch <> 0")[0][0] == 0
+    # after cutover: directory back to us with a new epoch, then the rows go
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    ie_users = world.ctl("SELECT count(*) FROM migrator.directory WHERE home = 'ie' AND epoch = 1")[0][0]
+    assert ie_users > 0
+    res = world.migrator("rollback", "--region", "ie", "--reason", "test", "--json")
+    assert res.returncode == 0, res.stderr
+    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE home = 'us' AND epoch = 2")[0][0] == ie_users
+    for t in DEMO_OWNED:
+        assert world.rows("ie", f"SELECT count(*) FROM {t}")[0][0] == 0
+    # twice is harmless
+    res = world.migrator("rollback", "--region", "ie", "--json")
+    assert res.returncode == 0
+    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE epoch = 2")[0][0] == ie_users
+    reasons = world.ctl("SELECT DISTINCT detail->>'reason' FROM migrator.audit WHERE to_state = 'rolling_back'")
+    assert reasons == [("test",)]
+
+
+def test_dry_run_writes_nothing(world: World):
+    res = world.migrator("run", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["dry_run"] and doc["shards"] and all(s["users"] > 0 for s in doc["shards"])
+    assert world.rows("ie", "SELECT count(*) FROM users")[0][0] == 0
+    assert world.ctl("SELECT to_regclass('migrator.shard')")[0][0] is None
