@@ -22,7 +22,7 @@ from migrator.planner import plan as make_plan
 from migrator.spec import load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Residency Migrator: move users' data by residency.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 Config = Annotated[Path, typer.Option("--config", "-c", help="the spec file (YAML)")]
 Shards = Annotated[Optional[list[str]], typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]

@@ -168,7 +168,10 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
                 ensure_ledger(dst_dsn)
                 done_at_dest = ledger(dst_dsn, sid)
         batches = ctl.batch_keys(sid)
-        done = ctl.checkpoints(sid)
+        # The destination's ledger is the truth of what is committed there: a checkpoint
+        # whose ledger row is gone (e.g. a destination that lost recent commits in a
+        # crash) is copied again.
+        done = {b: cp for b, cp in ctl.checkpoints(sid).items() if b in done_at_dest}
         for b, entry in done_at_dest.items():  # committed at the destination, checkpoint lost
             if b not in done:
                 ctl.save_checkpoint(sid, b, entry["last_key"], entry["rows"], entry["digest"])

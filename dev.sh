@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set-up and entry point for a fresh machine: `./dev.sh demo` or `./dev.sh test`.
+# Each creates .venv and installs what it needs on first use.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+PY=${PYTHON:-python3}
+
+install() {
+  local extras=$1 stamp="$VENV/.installed-$1"
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+  fi
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+    touch "$stamp"
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  demo)
+    install airflow
+    exec "$VENV/bin/migrator" demo "$@"
+    ;;
+  test)
+    install "airflow,test"
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  bench)
+    install "bench"
+    exec "$VENV/bin/python" -m bench "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo [--users N] [--json] | ./dev.sh test [pytest args] | ./dev.sh bench [--scale S]" >&2
+    exit 2
+    ;;
+esac

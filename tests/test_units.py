@@ -1,0 +1,116 @@
+"""Pure logic: spec validation, partitioning, state transitions, masking. No servers."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migrator import partition
+from migrator.errors import SpecError, is_transient
+from migrator.spec import load_spec, mask_dsn, parse_spec
+from migrator.state import TRANSITIONS, Phase, allowed
+
+BASE = {
+    "regions": {"us": {"dsn": "postgresql://app:s3cret@db-us/app"}, "ie": {"dsn": "postgresql://x@db-ie/app"}},
+    "control": {"dsn": "postgresql://app:s3cret@db-us/control"},
+    "policy": {"IE": "ie", "US": "us"},
+    "entity_graph": {
+        "root": {"table": "users", "key": "user_id", "residency": "cc"},
+        "tables": [{"table": "videos", "parent": "users", "fk": {"user_id": "user_id"}},
+                   {"table": "comments", "parent": "videos", "fk": {"video_id": "video_id"}}],
+    },
+}
+
+
+def spec_with(mutate):
+    d = copy.deepcopy(BASE)
+    mutate(d)
+    return d
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda d: d["policy"].update({"Ireland": "ie"}), "policy: country code 'Ireland' is not ISO 3166-1 alpha-2"),
+    (lambda d: d["policy"].update({"DE": "de"}), "region 'de' is not among the regions"),
+    (lambda d: d.update(source_region="eu"), "source_region 'eu' is not among the regions"),
+    (lambda d: d["entity_graph"]["root"].pop("key"), "entity_graph.root.key: Field required"),
+    (lambda d: d["entity_graph"]["tables"][1].update(parent="posts"), "parent 'posts' is not in the entity graph"),
+    (lambda d: d["entity_graph"]["tables"].append({"table": "a", "parent": "b", "fk": {"x": "y"}}) or
+     d["entity_graph"]["tables"].append({"table": "b", "parent": "a", "fk": {"x": "y"}}), "loops"),
+    (lambda d: d["entity_graph"]["root"].update(table="users; drop"), "not a plain SQL identifier"),
+    (lambda d: d.update(shards=3), "shards: Extra inputs are not permitted"),
+    (lambda d: d["regions"]["us"].update(dsn="${NOT_SET_ANYWHERE_123}"), "NOT_SET_ANYWHERE_123 is not set"),
+])
+def test_spec_errors_name_the_field(mutate, needle):
+    with pytest.raises(SpecError) as e:
+        parse_spec(spec_with(mutate))
+    assert needle in str(e.value)
+    assert "s3cret" not in str(e.value)
+
+
+def test_spec_reads_env_and_masks_secrets(monkeypatch, tmp_path):
+    monkeypatch.setenv("US_DSN", "postgresql://app:hunter2@db/app")
+    d = spec_with(lambda d: d["regions"]["us"].update(dsn="${US_DSN}"))
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    spec = load_spec(p)
+    assert spec.regions["us"].url == "postgresql://app:hunter2@db/app"
+    for text in (repr(spec), repr(spec.regions["us"]), str(spec.model_dump()), spec.regions["us"].masked):
+        assert "hunter2" not in text
+    assert spec.entity_graph.path("comments")[-1].parent == "users"
+    assert spec.entity_graph.ordered() == ["users", "videos", "comments"]
+    assert spec.region_of(" ie") == "ie" and spec.region_of(None) is None and spec.region_of("ZZ") is None
+
+
+def test_bad_files():
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec("/nonexistent/spec.yaml")
+
+
+def test_mask_dsn_forms():
+    assert mask_dsn("postgresql://u:p%40ss@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert "pw" not in mask_dsn("host=h user=u password=pw dbname=d")
+
+
+@given(st.text(min_size=1, max_size=40), st.integers(1, 64))
+def test_shard_index_is_stable_and_in_range(key, n):
+    i = partition.shard_index(key, n)
+    assert 0 <= i < n
+    assert i == partition.shard_index(key, n)
+
+
+@settings(max_examples=20)
+@given(st.integers(2, 16))
+def test_shards_are_roughly_even(n):
+    counts = [0] * n
+    for k in range(4000):
+        counts[partition.shard_index(str(k), n)] += 1
+    assert min(counts) > 4000 / n * 0.7
+
+
+@given(st.lists(st.integers(), max_size=200), st.integers(1, 50))
+def test_batches_cover_keys_in_order(keys, size):
+    bs = partition.batches(keys, size)
+    assert [k for b in bs for k in b] == keys
+    assert all(0 < len(b) <= size for b in bs)
+
+
+def test_rollback_reachable_from_every_phase_but_done():
+    for p in Phase:
+        if p not in (Phase.ROLLED_BACK,):
+            assert allowed(p, Phase.ROLLING_BACK), p
+    assert not allowed(Phase.CUT_OVER, Phase.COPYING)
+    assert not allowed(Phase.PLANNED, Phase.CUT_OVER)
+    assert all(Phase.CUT_OVER not in v for k, v in TRANSITIONS.items() if k != Phase.VERIFIED)
+
+
+def test_error_classification():
+    import psycopg
+    from psycopg import errors as pge
+
+    assert is_transient(psycopg.OperationalError("connection refused"))
+    assert is_transient(pge.SerializationFailure())
+    assert not is_transient(pge.UniqueViolation())
+    assert not is_transient(SpecError("x"))
