@@ -60,18 +60,23 @@ def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", qui
         if via == "auto":
             via = "airflow" if _airflow_available() else "cli"
         ctx = Context(load_spec(spec_path), run_id="demo")
+        extra = {"via": via, "users_seeded": users}
         if via == "airflow":
             from migrator.demo.airflow_run import run_dag
 
-            console.print("Running the residency_migration DAG (dag.test) ...")
-            run_dag(spec_path, base)
-            _, outcomes = engine.run(ctx, "default")  # nothing left to do: collects the outcomes
+            console.print("Running the residency_migration DAG (airflow dags test) ...")
+            res = run_dag(spec_path, base)
+            extra["airflow_run_ok"] = res.returncode == 0
+            if keep:
+                extra["airflow_home"] = str(base / "airflow")
+            shards = report.shard_rows(ctx, None)
+            outcomes = [engine.Outcome(s["shard_id"], s["state"] == "cut_over" and res.returncode == 0, s["state"])
+                        for s in shards] or [engine.Outcome("dag", False, error="the DAG planned no shard")]
         else:
             console.print("Running every shard: plan, copy, verify, cutover ...")
             _, outcomes = engine.run(ctx, "default")
-        p = None
-        shards = report.shard_rows(ctx, "default")
-        doc = report.document("demo", shards, outcomes, p, extra={"via": via, "users_seeded": users})
+            shards = report.shard_rows(ctx, "default")
+        doc = report.document("demo", shards, outcomes, None, extra=extra)
         doc["seconds"] = round(time.monotonic() - t0, 2)
         doc["regions"] = _per_region(shards)
         doc["digests_matched"] = sum(1 for s in shards if s["digest"] and s["state"] == "cut_over")

@@ -1,0 +1,120 @@
+"""Scheduled residency runs: each data interval's new users (or everyone, scope=all) are
+planned into shards; each shard is copied, verified and cut over in a mapped task group,
+rolled back if any of those fail, and a failed or rolled-back shard fails the run.
+
+Thin by design: every task calls `migrator.orchestration`; nothing here opens a
+connection when the file is parsed. DSNs come from Airflow Connections named in the spec
+(`dsn: conn:migrator_us`), e.g. AIRFLOW_CONN_MIGRATOR_US.
+
+Pool: copy tasks run in the `migrator_source` pool, whose size bounds how many shards
+read from the US source at once (2 slots suit a 2-core source; one slot per spare core).
+"""
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import Param, TriggerRule, dag, get_current_context, task, task_group
+
+SCHEDULE = os.environ.get("MIGRATOR_SCHEDULE", "@daily")
+POOL = os.environ.get("MIGRATOR_POOL", "migrator_source")
+RETRIES = dict(retries=3, retry_delay=pendulum.duration(seconds=10), retry_exponential_backoff=True)
+
+
+def _spec():
+    from migrator import orchestration
+    from migrator.airflow_glue import resolve_conn, spec_path
+
+    params = get_current_context()["params"]
+    return orchestration.load(spec_path(params), resolve_conn, params.get("batch_size"))
+
+
+def _name_instance(desc: dict) -> None:
+    get_current_context()["shard_name"] = desc["name"]
+
+
+@dag(
+    dag_id="residency_migration",
+    schedule=SCHEDULE,
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=RETRIES,
+    tags=["residency"],
+    params={
+        "scope": Param("interval", enum=["interval", "all"], description="users created in the data interval, or all"),
+        "regions": Param([], type="array", items={"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                         description="target regions; empty = all"),
+        "shards": Param([], type="array", items={"type": "string"}, description="shard names (ie-03); empty = all"),
+        "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1000000, description="users per batch"),
+        "dry_run": Param(False, type="boolean", description="plan only; write nothing"),
+        "spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC"),
+    },
+)
+def residency_migration():
+    from migrator.airflow_glue import classified
+
+    @task
+    @classified
+    def plan() -> list[dict]:
+        from migrator import orchestration
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        start, end = ctx.get("data_interval_start"), ctx.get("data_interval_end")
+        wave = orchestration.wave_for(p["scope"], start, end, ctx["run_id"])
+        since, until = (None, None) if p["scope"] == "all" else (start, end)
+        shards = orchestration.plan(_spec(), ctx["run_id"], wave, since, until, p["regions"], p["shards"], p["dry_run"])
+        return [s for s in shards if not s["dry_run"]]
+
+    @task(map_index_template="{{ shard_name }}", pool=POOL)
+    @classified
+    def copy(desc: dict) -> dict:
+        from migrator import orchestration
+
+        _name_instance(desc)
+        return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "copy")
+
+    @task(map_index_template="{{ shard_name }}")
+    @classified
+    def verify(desc: dict) -> dict:
+        from migrator import orchestration
+
+        _name_instance(desc)
+        return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "verify")
+
+    @task(map_index_template="{{ shard_name }}")
+    @classified
+    def cutover(desc: dict) -> dict:
+        from migrator import orchestration
+
+        _name_instance(desc)
+        return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "cutover")
+
+    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ONE_FAILED)
+    @classified
+    def rollback(desc: dict) -> dict:
+        from migrator import orchestration
+
+        _name_instance(desc)
+        ctx = get_current_context()
+        return orchestration.phase(_spec(), ctx["run_id"], desc["shard_id"], "rollback",
+                                   reason=f"automatic: a task of run {ctx['run_id']} failed")
+
+    @task_group
+    def shard(desc: dict):
+        c, v, k = copy(desc), verify(desc), cutover(desc)
+        c >> v >> k
+        [c, v, k] >> rollback(desc)
+
+    @task(trigger_rule=TriggerRule.ONE_FAILED)
+    def fail_run_if_any_shard_failed() -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("a shard failed and was rolled back; see the shard's tasks")
+
+    groups = shard.expand(desc=plan())
+    groups >> fail_run_if_any_shard_failed()
+
+
+residency_migration()

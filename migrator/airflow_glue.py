@@ -1,0 +1,45 @@
+"""The few things the DAG files need from Airflow's side: connections mapped onto the spec,
+and the library's error classes turned into Airflow's (no retry for terminal errors)."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+from migrator.errors import describe, is_transient
+
+SPEC_ENV = "MIGRATOR_SPEC"
+
+
+def resolve_conn(conn_id: str) -> str:
+    from airflow.sdk import BaseHook
+
+    uri = BaseHook.get_connection(conn_id).get_uri()
+    return uri.replace("postgres://", "postgresql://", 1)
+
+
+def spec_path(params: dict[str, Any]) -> str:
+    path = params.get("spec") or os.environ.get(SPEC_ENV)
+    if not path:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"no spec: set the 'spec' param or the {SPEC_ENV} environment variable")
+    return path
+
+
+def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Terminal errors fail the task without retries; transient ones are retried by Airflow.
+    Only the error's class and the migrator's own message reach the log, never driver text."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if is_transient(exc):
+                raise RuntimeError(f"transient: {describe(exc)}") from None
+            raise AirflowFailException(describe(exc)) from None
+
+    return wrapper

@@ -1,0 +1,95 @@
+"""What the Airflow tasks call: small functions that take and return plain descriptors
+(ids, counts, digests -- never rows), each idempotent, so a cleared or retried task is safe.
+No Airflow import here; `airflow_glue` turns errors into Airflow's terms."""
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from migrator.context import Context
+from migrator.copier import copy_shard
+from migrator.cutover import cutover_shard
+from migrator.planner import plan as make_plan
+from migrator.rollback import rollback_shard
+from migrator.spec import Spec, parse_spec
+from migrator.state import Phase
+from migrator.verifier import verify_shard
+
+_CONN = re.compile(r"^conn:([A-Za-z0-9_.-]+)$")
+
+
+def load(spec_path: str, resolve_conn=None, batch_users: int | None = None) -> Spec:
+    """The spec, with `conn:<id>` DSNs taken from the orchestrator's connections."""
+    data = yaml.safe_load(Path(spec_path).read_text())
+    stores = [*(data.get("regions") or {}).values(), data.get("control") or {}]
+    for store in stores:
+        m = _CONN.match(str(store.get("dsn", "")))
+        if m and resolve_conn is not None:
+            store["dsn"] = resolve_conn(m.group(1))
+    if batch_users:
+        data.setdefault("copy", {})["batch_users"] = int(batch_users)
+    return parse_spec(data, spec_path)
+
+
+def wave_for(scope: str, start: datetime | None, end: datetime | None, run_id: str) -> str:
+    if scope == "all" or start is None or end is None:
+        return "all-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:80]
+    return f"interval-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
+
+
+def plan(spec: Spec, run_id: str, wave: str, since: datetime | None, until: datetime | None,
+         regions: list[str] | None, shards: list[str] | None, dry_run: bool) -> list[dict[str, Any]]:
+    ctx = Context(spec, run_id)
+    p = make_plan(ctx, wave, since=since, until=until, regions=regions or None, dry_run=dry_run)
+    out = []
+    for s in p.shards:
+        if shards and s.name not in shards and s.shard_id not in shards:
+            continue
+        out.append({"shard_id": s.shard_id, "name": s.name, "region": s.region, "users": len(s.keys),
+                    "dry_run": dry_run})
+    return out
+
+
+def phase(spec: Spec, run_id: str, shard_id: str, what: str, reason: str = "") -> dict[str, Any]:
+    """Run one phase of one shard under its lock; a phase already done is a no-op."""
+    ctx = Context(spec, run_id)
+    ctl = ctx.control
+    with ctl.lock(shard_id):
+        state = ctl.shard(shard_id).state
+        if what == "copy":
+            if state in (Phase.PLANNED, Phase.COPYING, Phase.FAILED):
+                r = copy_shard(ctx, shard_id)
+                return {"shard_id": shard_id, "batches": r.batches, "copied_now": r.copied_now, "rows": r.rows}
+            return {"shard_id": shard_id, "skipped": state.value}
+        if what == "verify":
+            if state == Phase.COPIED:
+                r = verify_shard(ctx, shard_id)
+                return {"shard_id": shard_id, "digest": r.digest, "rows": r.rows}
+            if state not in (Phase.VERIFIED, Phase.CUT_OVER):
+                raise_state(shard_id, state, what)
+            return {"shard_id": shard_id, "skipped": state.value}
+        if what == "cutover":
+            if state == Phase.VERIFIED:
+                return {"shard_id": shard_id, "users": cutover_shard(ctx, shard_id)}
+            if state != Phase.CUT_OVER:
+                raise_state(shard_id, state, what)
+            return {"shard_id": shard_id, "skipped": state.value}
+        if what == "rollback":
+            r = rollback_shard(ctx, shard_id, reason)
+            return {"shard_id": shard_id, "deleted": r.get("deleted", {}), "already": r.get("already", False)}
+    raise ValueError(f"unknown phase {what!r}")
+
+
+def raise_state(shard_id: str, state: Phase, what: str) -> None:
+    from migrator.errors import StateConflict
+
+    raise StateConflict(f"shard {shard_id} is {state}; cannot {what}")
+
+
+def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
+    ctx = Context(spec, "lookup")
+    return [s.shard_id for s in ctx.control.shards(wave=wave, names=names)]
