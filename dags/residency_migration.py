@@ -1,6 +1,7 @@
 """Scheduled residency runs: each data interval's new users (or everyone, scope=all) are
 planned into shards; each shard is copied, verified and cut over in a mapped task group,
-rolled back if any of those fail, and a failed or rolled-back shard fails the run.
+rolled back if any of those fail; a final report fails the run if any shard did not
+cut over.
 
 Thin by design: every task calls `migrator.orchestration`; nothing here opens a
 connection when the file is parsed. DSNs come from Airflow Connections named in the spec
@@ -107,14 +108,19 @@ def residency_migration():
         c >> v >> k
         [c, v, k] >> rollback(desc)
 
-    @task(trigger_rule=TriggerRule.ONE_FAILED)
-    def fail_run_if_any_shard_failed() -> None:
-        from airflow.sdk.exceptions import AirflowFailException
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @classified
+    def report(shards: list[dict]) -> dict:
+        """Ends the run failed if any of its shards did not cut over: a rolled-back shard's
+        group ends green (its rollback task succeeded), so the verdict comes from the
+        shards' recorded states, not from the group's tasks."""
+        from migrator import orchestration
 
-        raise AirflowFailException("a shard failed and was rolled back; see the shard's tasks")
+        return orchestration.verdict(_spec(), [s["shard_id"] for s in shards])
 
-    groups = shard.expand(desc=plan())
-    groups >> fail_run_if_any_shard_failed()
+    planned = plan()
+    groups = shard.expand(desc=planned)
+    groups >> report(planned)
 
 
 residency_migration()

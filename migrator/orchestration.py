@@ -93,3 +93,16 @@ def raise_state(shard_id: str, state: Phase, what: str) -> None:
 def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
     ctx = Context(spec, "lookup")
     return [s.shard_id for s in ctx.control.shards(wave=wave, names=names)]
+
+
+def verdict(spec: Spec, ids: list[str]) -> dict[str, Any]:
+    """The states of a run's shards; raises when any of them did not cut over."""
+    from migrator.errors import MigratorError
+
+    ctx = Context(spec, "report")
+    states = {s.shard_id: s.state.value for s in ctx.control.shards(names=ids)} if ids else {}
+    bad = {k: v for k, v in states.items() if v != Phase.CUT_OVER.value}
+    if bad:
+        raise MigratorError(f"{len(bad)} of {len(states)} shard(s) did not cut over: "
+                            + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items())))
+    return {"shards": len(states), "cut_over": len(states)}
