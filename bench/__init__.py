@@ -1,0 +1,1 @@
+"""Benchmarks: the tool's phases against a raw COPY pipe, in the same run, as ratios."""
