@@ -24,7 +24,7 @@ from migrator import sqlgen
 from migrator.context import Context
 from migrator.copier import copy_shard
 from migrator.demo import seed
-from migrator.embedded import Cluster
+from migrator.embedded import Cluster, bindir
 from migrator.planner import plan
 from migrator.spec import parse_spec
 from migrator.verifier import compare_shard
@@ -76,7 +76,7 @@ def main() -> None:
         spec["control"] = {"dsn": control}
         spec["sharding"] = {"shards_per_region": 1}
         spec["copy"] = {"batch_users": a.batch_users}
-        psql = str(Path(__import__("migrator.embedded", fromlist=["bindir"]).bindir()) / "psql")
+        psql = str(bindir() / "psql")
         pipe, copy, verify = [], [], []
         rows = 0
         peak = 0
