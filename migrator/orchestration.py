@@ -49,7 +49,7 @@ def plan(spec: Spec, run_id: str, wave: str, since: datetime | None, until: date
     for s in p.shards:
         if shards and s.name not in shards and s.shard_id not in shards:
             continue
-        out.append({"shard_id": s.shard_id, "name": s.name, "region": s.region, "users": len(s.keys),
+        out.append({"shard_id": s.shard_id, "name": s.name, "region": s.region, "users": s.users,
                     "dry_run": dry_run})
     return out
 

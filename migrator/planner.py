@@ -34,15 +34,21 @@ class ShardPlan:
     batch_users: int
     rows: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
+    recorded: dict | None = None  # users and batches of a shard planned earlier (keys not loaded)
 
     @property
     def batches(self) -> list[list[str]]:
         return batches(self.keys, self.batch_users)
 
+    @property
+    def users(self) -> int:
+        return self.recorded["users"] if self.recorded else len(self.keys)
+
     def summary(self) -> dict:
+        n_batches = self.recorded["batches"] if self.recorded else len(self.batches)
         return {
-            "shard_id": self.shard_id, "name": self.name, "region": self.region, "users": len(self.keys),
-            "batches": len(self.batches), "rows": self.rows, "approx_bytes": self.bytes,
+            "shard_id": self.shard_id, "name": self.name, "region": self.region, "users": self.users,
+            "batches": n_batches, "rows": self.rows, "approx_bytes": self.bytes,
         }
 
 
@@ -145,11 +151,9 @@ def plan(
         if existing:
             out = [
                 ShardPlan(s.shard_id, s.wave, s.name, s.region, s.idx, [], spec.copy_.batch_users, s.plan.get("rows", {}),
-                          s.plan.get("approx_bytes", 0))
+                          s.plan.get("approx_bytes", 0), recorded={"users": s.users, "batches": s.batches})
                 for s in existing if not regions or s.region in regions
             ]
-            for sp, s in zip(out, existing):
-                sp.keys = [""] * s.users  # counts only; membership stays in the control database
             return Plan(wave, out, {}, already_planned=True)
 
     taken = _taken(ctx)
