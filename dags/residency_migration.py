@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 
 import pendulum
-from airflow.sdk import Param, TriggerRule, dag, get_current_context, task, task_group
+from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task, task_group
 
-SCHEDULE = os.environ.get("MIGRATOR_SCHEDULE", "@daily")
+# A cron with data intervals: each run covers [previous tick, this tick), so every user is
+# in exactly one scheduled run's interval (a plain "@daily" gives zero-width intervals).
+SCHEDULE = CronDataIntervalTimetable(os.environ.get("MIGRATOR_SCHEDULE", "0 0 * * *"), timezone="UTC")
 POOL = os.environ.get("MIGRATOR_POOL", "migrator_source")
 RETRIES = dict(retries=3, retry_delay=pendulum.duration(seconds=10), retry_exponential_backoff=True)
 

@@ -64,14 +64,17 @@ def test_dag_run_migrates_and_rolls_back_a_bad_shard(world: World, tmp_path):
 def test_rerunning_a_finished_interval_changes_nothing(world: World, tmp_path):
     from migrator.demo.airflow_run import run_dag
 
-    conf = {"scope": "interval"}
-    assert run_dag(world.spec_path, tmp_path / "a", conf).returncode == 0
-    # dags test uses the current time as the logical date, so its interval is the last day:
-    # no seeded user falls in it, and nothing moves
-    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE home <> 'us'")[0][0] == 0
-    res = run_dag(world.spec_path, tmp_path / "b", {"scope": "all"})
-    assert res.returncode == 0
-    before = world.ctl("SELECT count(*), sum(epoch) FROM migrator.directory")
-    res = run_dag(world.spec_path, tmp_path / "c", {"scope": "all"})
-    assert res.returncode == 0
-    assert world.ctl("SELECT count(*), sum(epoch) FROM migrator.directory") == before
+    # two runs for the same logical date cover the same data interval, hence the same wave
+    day = "2026-11-23T00:00:00+00:00"
+    assert run_dag(world.spec_path, tmp_path / "a", {"scope": "interval"}, day).returncode == 0
+    waves = world.ctl("SELECT DISTINCT wave FROM migrator.shard")
+    assert len(waves) == 1
+    before = world.ctl("SELECT user_key, home, epoch FROM migrator.directory ORDER BY 1")
+    moves = world.ctl("SELECT count(*) FROM migrator.audit WHERE to_state IS NOT NULL")
+    assert run_dag(world.spec_path, tmp_path / "b", {"scope": "interval"}, day).returncode == 0
+    assert world.ctl("SELECT DISTINCT wave FROM migrator.shard") == waves
+    assert world.ctl("SELECT user_key, home, epoch FROM migrator.directory ORDER BY 1") == before
+    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE to_state IS NOT NULL") == moves
+    # and a scope=all run afterwards moves everyone else exactly once
+    assert run_dag(world.spec_path, tmp_path / "c", {"scope": "all"}).returncode == 0
+    assert world.ctl("SELECT DISTINCT epoch FROM migrator.directory") == [(1,)]

@@ -44,7 +44,7 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run_dag(spec_path: Path, base: Path, conf: dict | None = None) -> subprocess.CompletedProcess:
+def run_dag(spec_path: Path, base: Path, conf: dict | None = None, logical_date: str | None = None) -> subprocess.CompletedProcess:
     home = base / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     af_spec, conns = spec_for_airflow(spec_path, base / "spec.airflow.yaml")
@@ -53,7 +53,8 @@ def run_dag(spec_path: Path, base: Path, conf: dict | None = None) -> subprocess
     subprocess.run([bin_path("airflow"), "pools", "set", "migrator_source", "2", "copies against the source"],
                    env=env, check=True, capture_output=True, timeout=120)
     conf = {"scope": "all", "spec": str(af_spec), **(conf or {})}
-    res = subprocess.run([bin_path("airflow"), "dags", "test", "residency_migration", "-c", json.dumps(conf)],
+    args = ["dags", "test", "residency_migration"] + ([logical_date] if logical_date else []) + ["-c", json.dumps(conf)]
+    res = subprocess.run([bin_path("airflow"), *args],
                          env=env, capture_output=True, text=True, timeout=1800)
     (base / "airflow-dags-test.log").write_text(res.stdout + res.stderr)
     return res

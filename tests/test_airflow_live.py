@@ -1,0 +1,163 @@
+"""A real Airflow: scheduler, dag-processor and api-server as separate processes
+(LocalExecutor, a PostgreSQL metadata database). A run is triggered through the REST API with a conf,
+then a backfill over three daily intervals; the users each run should have moved are
+worked out here from the runs' own data intervals and the source rows."""
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from migrator.demo.airflow_run import airflow_env, bin_path, spec_for_airflow
+from migrator.embedded import free_port
+from tests.conftest import DEMO_OWNED, World
+
+pytest.importorskip("airflow.sdk")
+pytestmark = pytest.mark.airflow
+
+
+class LiveAirflow:
+    def __init__(self, home: Path, env: dict[str, str], metadata_url: str):
+        self.home, self.env = home, env
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env.update({
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
+            "AIRFLOW__API__BASE_URL": self.base,
+            "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-secret-0123456789abcdef",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        })
+        self.procs: list[subprocess.Popen] = []
+        self.token = ""
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([bin_path("airflow"), *args], env=self.env, capture_output=True, text=True, timeout=300)
+
+    def start(self) -> None:
+        assert self.cli("db", "migrate").returncode == 0
+        assert self.cli("pools", "set", "migrator_source", "2", "copies against the source").returncode == 0
+        for name, args in (("api-server", ["api-server", "--port", str(self.port)]),
+                           ("scheduler", ["scheduler"]), ("dag-processor", ["dag-processor"])):
+            log = open(self.home / f"{name}.log", "w")
+            self.procs.append(subprocess.Popen([bin_path("airflow"), *args], env=self.env, stdout=log, stderr=log))
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                with urllib.request.urlopen(f"{self.base}/auth/token", timeout=5) as r:
+                    self.token = json.load(r)["access_token"]
+                    return
+            time.sleep(1)
+        raise AssertionError("the api-server did not come up")
+
+    def api(self, method: str, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(f"{self.base}/api/v2{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def wait_for_dag(self, dag_id: str) -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                self.api("GET", f"/dags/{dag_id}")
+                return
+            time.sleep(2)
+        raise AssertionError(f"{dag_id} was never parsed")
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.api("GET", f"/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+
+    def wait_runs(self, dag_id: str, count: int, timeout: float = 900) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.runs(dag_id)
+            if len(runs) >= count and all(r["state"] in ("success", "failed") for r in runs):
+                return runs
+            time.sleep(3)
+        raise AssertionError(f"runs did not finish: {[(r['dag_run_id'], r['state']) for r in self.runs(dag_id)]}")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
+            if p.poll() is None:
+                p.kill()
+
+
+def _ts(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
+    home = tmp_path / "airflow"
+    home.mkdir()
+    af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
+    env = airflow_env(home, conns)
+    env["MIGRATOR_SPEC"] = str(af_spec)
+    env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "True"
+    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
+    af = LiveAirflow(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
+    af.start()
+    try:
+        af.wait_for_dag("residency_migration")
+        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+        # an operator's manual run from the API: every user bound for Norway
+        af.api("POST", "/dags/residency_migration/dagRuns",
+               {"logical_date": None, "conf": {"scope": "all", "regions": ["no"]}})
+        # and a backfill over three days of the seeded sign-ups
+        res = af.cli("backfill", "create", "--dag-id", "residency_migration",
+                     "--from-date", "2026-11-21", "--to-date", "2026-11-23")
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs = af.wait_runs("residency_migration", 4)
+    finally:
+        af.stop()
+    assert all(r["state"] == "success" for r in runs), [(r["dag_run_id"], r["state"]) for r in runs]
+    backfilled = [r for r in runs if r["run_type"] == "backfill"]
+    assert len(backfilled) == 3
+
+    # expected homes, from the runs' intervals and the source rows (scheduled runs count too)
+    policy = world.spec["policy"]
+    users = world.rows("us", "SELECT user_id, country_code, created_at FROM users")
+    expected: dict[int, str] = {}
+    for r in runs:
+        conf = r.get("conf") or {}
+        if conf.get("scope") == "all":
+            regions = conf.get("regions") or ["ie", "no"]
+            for uid, cc, _ in users:
+                if policy.get(cc) in regions:
+                    expected[uid] = policy[cc]
+    for r in runs:
+        if (r.get("conf") or {}).get("scope") == "all":
+            continue
+        start, end = _ts(r["data_interval_start"]), _ts(r["data_interval_end"])
+        for uid, cc, created in users:
+            if start <= created < end and policy.get(cc) not in (None, "us"):
+                expected.setdefault(uid, policy[cc])
+    moved = {int(k): h for k, h in world.ctl("SELECT user_key, home FROM migrator.directory WHERE home <> 'us'")}
+    assert moved == expected
+    # each backfilled day moved its EU users
+    for r in backfilled:
+        start, end = _ts(r["data_interval_start"]), _ts(r["data_interval_end"])
+        day = [uid for uid, cc, created in users if start <= created < end and policy.get(cc) == "ie"]
+        assert day and all(moved.get(u) == "ie" for u in day)
+    for region in ("ie", "no"):
+        ids = [u for u, h in moved.items() if h == region]
+        for table, q in DEMO_OWNED.items():
+            assert world.rows("us", q, (ids,)) == world.rows(region, q, (ids,)), table
