@@ -71,6 +71,7 @@ def main() -> None:
             seed.create_schema(d)
         seed.seed(src, users)
         spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
+        spec.pop("objects")
         spec["policy"] = {c: ("ie" if r != "us" else "us") for c, r in spec["policy"].items()}
         spec["regions"] = {"us": {"dsn": src}, "ie": {"dsn": dst}}
         spec["control"] = {"dsn": control}

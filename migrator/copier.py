@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from migrator import sqlgen
+from migrator import objects, sqlgen
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, ConflictError, describe, is_transient, retrying
 from migrator.state import Phase
@@ -199,6 +199,9 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
                     progress(len(done), total)
         finally:
             links.reset()
+        if objects.enabled(ctx):
+            moved = objects.copy_batches(ctx, sid, shard.region, batches)
+            log.info("shard %s objects: %d copied, %d already there", sid, moved["copied"], moved["skipped"])
     except BaseException as exc:
         ctl.move(sid, Phase.COPYING, Phase.FAILED, {"event": "copy failed", "error": describe(exc)}, error=describe(exc))
         raise

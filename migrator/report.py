@@ -18,12 +18,20 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
     if not ctl.exists():
         return []
     out = []
+    with ctl.connect(autocommit=True) as c:
+        has_objects = c.execute("SELECT to_regclass('migrator.object_checkpoint') IS NOT NULL").fetchone()[0]
     for s in ctl.shards(wave=wave, names=names, region=region):
         cps = ctl.checkpoints(s.shard_id)
         rows: dict[str, int] = {}
         for cp in cps.values():
             for t, n in cp["rows"].items():
                 rows[t] = rows.get(t, 0) + n
+        if has_objects:
+            with ctl.connect(autocommit=True) as c:
+                n, size = c.execute("SELECT count(*), coalesce(sum(objects), 0) FROM migrator.object_checkpoint "
+                                    "WHERE shard_id = %s", (s.shard_id,)).fetchone()
+            if n:
+                rows["objects"] = int(size)
         out.append({
             "shard_id": s.shard_id, "wave": s.wave, "name": s.name, "region": s.region, "state": s.state.value,
             "users": s.users, "batches": s.batches, "batches_done": len(cps), "rows": rows or s.plan.get("rows", {}),

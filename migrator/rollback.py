@@ -7,7 +7,7 @@ rolling_back), so no user is ever homed where their rows are being deleted.
 """
 from __future__ import annotations
 
-from migrator import sqlgen
+from migrator import objects, sqlgen
 from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.copier import ensure_ledger
@@ -37,6 +37,7 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     for attempt in retrying(ctx.spec.retry):
         with attempt:
             ensure_ledger(dst)
+    removed_objects = objects.rollback(ctx, sid, shard.region)
     for b, keys in sorted(ctl.batch_keys(sid).items()):
         for attempt in retrying(ctx.spec.retry):
             with attempt, connect(dst) as c:
@@ -54,5 +55,6 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     with ctl.connect() as c:
         ctl.clear_checkpoints(c, sid)
         ctl.transition(c, sid, Phase.ROLLING_BACK, Phase.ROLLED_BACK,
-                       {"event": "rolled back", "reason": reason, "deleted": deleted}, digest=None)
-    return {"shard_id": sid, "already": False, "deleted": deleted, "directory_flipped_back": flipped}
+                       {"event": "rolled back", "reason": reason, "deleted": deleted, "objects_deleted": removed_objects}, digest=None)
+    return {"shard_id": sid, "already": False, "deleted": deleted, "objects_deleted": removed_objects,
+            "directory_flipped_back": flipped}

@@ -26,6 +26,16 @@ def mask_dsn(dsn: str) -> str:
     return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn, flags=re.I)
 
 
+def expand_env(v: Any) -> Any:
+    """'${NAME}' references replaced by the environment's values; an unset one is an error."""
+    if isinstance(v, str):
+        missing = [m for m in _ENV.findall(v) if m not in os.environ]
+        if missing:
+            raise ValueError(f"environment variable {missing[0]} is not set")
+        return _ENV.sub(lambda m: os.environ[m.group(1)], v)
+    return v
+
+
 def _ident(v: str, what: str) -> str:
     if not _IDENT.match(v):
         raise ValueError(f"{what} {v!r} is not a plain SQL identifier")
@@ -44,12 +54,7 @@ class Store(_Strict):
     @field_validator("dsn", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            missing = [m for m in _ENV.findall(v) if m not in os.environ]
-            if missing:
-                raise ValueError(f"environment variable {missing[0]} is not set")
-            return _ENV.sub(lambda m: os.environ[m.group(1)], v)
-        return v
+        return expand_env(v)
 
     @property
     def url(self) -> str:
@@ -154,6 +159,52 @@ class EntityGraph(_Strict):
         return out
 
 
+class ObjectStore(_Strict):
+    """An S3 API endpoint and bucket of one region; keys may be '${ENV_VAR}' references."""
+
+    endpoint: str | None = None
+    bucket: str
+    region_name: str = "us-east-1"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+
+    @field_validator("endpoint", "access_key", "secret_key", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return expand_env(v)
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v):
+            raise ValueError(f"bucket name {v!r} is not a valid S3 bucket name")
+        return v
+
+
+class KeyColumn(_Strict):
+    table: str
+    column: str
+
+
+class Objects(_Strict):
+    """Where each user's objects are: keys held in a column, and/or a per-user key prefix."""
+
+    key_column: KeyColumn | None = None
+    user_prefix: str | None = Field(None, description="e.g. 'users/{user}/'; {user} is the user's key")
+    stores: dict[str, ObjectStore]
+    threads: int = Field(8, ge=1, le=64)
+    multipart_threshold_mb: int = Field(8, ge=5, le=5000)
+    part_size_mb: int = Field(8, ge=5, le=5000)
+
+    @model_validator(mode="after")
+    def _where(self) -> "Objects":
+        if self.key_column is None and self.user_prefix is None:
+            raise ValueError("objects: give key_column and/or user_prefix")
+        if self.user_prefix is not None and "{user}" not in self.user_prefix:
+            raise ValueError(f"objects.user_prefix {self.user_prefix!r} must contain {{user}}")
+        return self
+
+
 class Sharding(_Strict):
     shards_per_region: int = Field(4, ge=1, le=4096)
 
@@ -178,6 +229,7 @@ class Spec(_Strict):
     sharding: Sharding = Sharding()
     copy_: CopySettings = Field(CopySettings(), alias="copy")
     retry: RetrySettings = RetrySettings()
+    objects: Objects | None = None
 
     @field_validator("version")
     @classmethod
@@ -209,6 +261,14 @@ class Spec(_Strict):
         for code, region in self.policy.items():
             if region not in self.regions:
                 raise ValueError(f"policy {code}: region {region!r} is not among the regions")
+        if self.objects is not None:
+            g = self.entity_graph
+            kc = self.objects.key_column
+            if kc is not None and kc.table not in [g.root.table] + [t.table for t in g.tables]:
+                raise ValueError(f"objects.key_column: table {kc.table!r} is not in the entity graph")
+            for region in [self.source_region, *self.targets]:
+                if region not in self.objects.stores:
+                    raise ValueError(f"objects.stores: no store for region {region!r}")
         return self
 
     @property

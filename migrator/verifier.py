@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from migrator import sqlgen
+from migrator import objects, sqlgen
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, StateConflict, describe
 from migrator.state import Phase
@@ -93,13 +93,18 @@ def compare_shard(ctx: Context, sid: str) -> VerifyResult:
         fd = pool.submit(_aggregate, ctx, dst_dsn, batches)
         src, dst = fs.result(), fd.result()
     differences: list[dict] = []
+    if objects.enabled(ctx):
+        obj_agg, obj_diffs = objects.verify(ctx, sid, shard.region, batches)
+        src.update(obj_agg)
+        dst.update(obj_agg)
+        differences += obj_diffs
     for table, b in sorted(src.keys() | dst.keys()):
         if src.get((table, b)) != dst.get((table, b)) and len(differences) < MAX_NAMED:
             differences += _narrow(ctx, src_dsn, dst_dsn, table, batches[b])
     rows: dict[str, int] = {t: 0 for t in ctx.tables}
     for (t, _), (n, _) in src.items():
-        rows[t] += n
-    matched = src == dst
+        rows[t] = rows.get(t, 0) + n
+    matched = src == dst and not differences
     return VerifyResult(matched, shard_digest(src if matched else dst), rows, differences[:MAX_NAMED])
 
 
@@ -125,7 +130,8 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
             with ctl.connect() as c:
                 ctl.audit(c, sid, shard.state.value, shard.state.value, detail)
         return res
-    named = "; ".join(f"{d['table']} {d['pk']}: {d['problem']}" for d in res.differences[:10])
+    named = "; ".join(f"{d['table']} {d['pk']}: {d['problem']}" if "table" in d else f"object {d['object']!r}: {d['problem']}"
+                      for d in res.differences[:10])
     more = f" (+{len(res.differences) - 10} more)" if len(res.differences) > 10 else ""
     msg = f"shard {sid}: {len(res.differences)} row(s) differ between source and destination: {named}{more}"
     if shard.state in (Phase.COPIED, Phase.VERIFIED):

@@ -114,3 +114,28 @@ def test_error_classification():
     assert is_transient(pge.SerializationFailure())
     assert not is_transient(pge.UniqueViolation())
     assert not is_transient(SpecError("x"))
+
+
+@pytest.mark.parametrize("objects, needle", [
+    ({"stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}}, "give key_column and/or user_prefix"),
+    ({"user_prefix": "users/", "stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}}, "must contain {user}"),
+    ({"user_prefix": "u/{user}/", "stores": {"us": {"bucket": "media-us"}}}, "no store for region 'ie'"),
+    ({"user_prefix": "u/{user}/", "stores": {"us": {"bucket": "Bad_Bucket"}, "ie": {"bucket": "media-ie"}}},
+     "not a valid S3 bucket name"),
+    ({"key_column": {"table": "posts", "column": "k"}, "stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}},
+     "table 'posts' is not in the entity graph"),
+])
+def test_object_spec_errors(objects, needle):
+    with pytest.raises(SpecError) as e:
+        parse_spec(spec_with(lambda d: d.update(objects=objects)))
+    assert needle in str(e.value)
+
+
+def test_object_secrets_masked(monkeypatch):
+    monkeypatch.setenv("S3_SECRET", "very-secret-key")
+    spec = parse_spec(spec_with(lambda d: d.update(objects={
+        "user_prefix": "u/{user}/",
+        "stores": {"us": {"bucket": "media-us", "access_key": "AK", "secret_key": "${S3_SECRET}"},
+                   "ie": {"bucket": "media-ie"}}})))
+    assert spec.objects.stores["us"].secret_key.get_secret_value() == "very-secret-key"
+    assert "very-secret-key" not in repr(spec.objects) + str(spec.model_dump())

@@ -13,7 +13,7 @@ from rich.console import Console
 from migrator import engine, report
 from migrator.context import Context
 from migrator.demo import seed
-from migrator.embedded import Cluster
+from migrator.embedded import Cluster, LocalS3
 from migrator.spec import load_spec
 
 REGIONS = ["us", "ie", "no"]
@@ -25,10 +25,14 @@ def write_spec(folder: Path) -> Path:
     return path
 
 
-def start(users: int, base: Path) -> tuple[Cluster, dict[str, str]]:
-    """Servers for us, ie and no; the schema everywhere; the US seeded; env DSNs set."""
+def start(users: int, base: Path) -> tuple[Cluster, dict[str, LocalS3], dict[str, str]]:
+    """PostgreSQL and S3 endpoints for us, ie and no; the schema everywhere; the US seeded
+    with rows and objects; the spec's environment variables set."""
     cluster = Cluster(REGIONS, base / "servers").start()
-    env = {}
+    endpoints = {r: LocalS3(r).start() for r in REGIONS}
+    env = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo"}
+    for r, s in endpoints.items():
+        env[f"MIGRATOR_{r.upper()}_S3"] = s.endpoint
     for r in REGIONS:
         dsn = cluster[r].create_database("app")
         seed.create_schema(dsn)
@@ -36,7 +40,12 @@ def start(users: int, base: Path) -> tuple[Cluster, dict[str, str]]:
     env["MIGRATOR_CONTROL_DSN"] = cluster["us"].create_database("migrator_control")
     seed.seed(env["MIGRATOR_US_DSN"], users)
     os.environ.update(env)
-    return cluster, env
+    import boto3
+
+    for r in ("ie", "no"):
+        boto3.client("s3", endpoint_url=endpoints[r].endpoint, region_name="us-east-1").create_bucket(Bucket=f"media-{r}")
+    seed.seed_objects(endpoints["us"].endpoint, "media-us", env["MIGRATOR_US_DSN"])
+    return cluster, endpoints, env
 
 
 def _airflow_available() -> bool:
@@ -53,7 +62,7 @@ def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", qui
     base.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     console.print(f"Starting PostgreSQL servers for {', '.join(REGIONS)} under {base} ...")
-    cluster, env = start(users, base)
+    cluster, endpoints, env = start(users, base)
     try:
         spec_path = write_spec(base)
         console.print(f"Seeded {users} US users; spec at {spec_path}")
@@ -84,6 +93,8 @@ def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", qui
             doc["spec"] = str(spec_path)
         return doc
     finally:
+        for s in endpoints.values():
+            s.stop()
         if keep:
             cluster.stop()
             console.print(f"Servers stopped; their files are kept under {base}")

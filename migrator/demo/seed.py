@@ -76,3 +76,23 @@ def seed(dsn: str, users: int, videos_per_user: int = 3, logins_per_user: int = 
         for t in ("users", "videos", "comments", "login_events", "devices"):
             counts[t] = c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
     return counts
+
+
+def seed_objects(endpoint: str, bucket: str, dsn: str, threads: int = 8) -> int:
+    """Small deterministic objects: each video's object and one avatar per user."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    c.create_bucket(Bucket=bucket)
+    with psycopg.connect(dsn) as conn:
+        keys = [k for (k,) in conn.execute("SELECT object_key FROM videos")]
+        keys += [f"users/{u}/avatar.png" for (u,) in conn.execute("SELECT user_id FROM users")]
+
+    def put(k: str) -> None:
+        c.put_object(Bucket=bucket, Key=k, Body=(k.encode() * 64)[: 256 + len(k) * 11])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, keys))
+    return len(keys)

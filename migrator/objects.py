@@ -1,0 +1,182 @@
+"""Users' objects in S3: copied, verified and rolled back with their rows.
+
+Per batch of users, the object keys come from the spec's key column (read at the source
+database) and/or a listing of each user's key prefix at the source endpoint. Objects are
+copied by a bounded thread pool (see `stores.s3.copy_object`); the batch's manifest (key,
+size, SHA-256) and a checkpoint are written to the control database, so a resumed copy
+starts at the next batch and skips objects already copied. Verification re-reads the
+bytes on both sides and compares them with the manifest; the manifest digest is part of
+the shard digest. Rollback deletes exactly the manifest's keys at the destination.
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from psycopg import sql
+
+from migrator import sqlgen
+from migrator.context import Context
+from migrator.control import SCHEMA
+from migrator.errors import ConflictError, retrying
+from migrator.stores import s3
+from migrator.stores.postgres import connect
+
+DDL = f"""
+CREATE TABLE IF NOT EXISTS {SCHEMA}.object_manifest (
+  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
+  batch_no int NOT NULL,
+  key text NOT NULL,
+  size bigint NOT NULL,
+  sha256 text NOT NULL,
+  PRIMARY KEY (shard_id, key)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.object_checkpoint (
+  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
+  batch_no int NOT NULL,
+  objects int NOT NULL,
+  bytes bigint NOT NULL,
+  digest text NOT NULL,
+  at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (shard_id, batch_no)
+);
+"""
+
+
+def enabled(ctx: Context) -> bool:
+    return ctx.spec.objects is not None
+
+
+def ensure(ctx: Context) -> None:
+    with ctx.control.connect() as c:
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:ddl'))")
+        c.execute(DDL)
+
+
+def manifest_digest(entries: list[tuple[str, int, str]]) -> str:
+    text = "\n".join(f"{k}|{n}|{h}" for k, n, h in sorted(entries))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _keys(ctx: Context, users: list[str]) -> list[str]:
+    o = ctx.spec.objects
+    keys: set[str] = set()
+    if o.key_column is not None:
+        table = ctx.tables[o.key_column.table]
+        own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
+        q = sql.SQL("SELECT DISTINCT t0.{} FROM {} WHERE {} = ANY(%(keys)s::text[]::{}[]) AND t0.{} IS NOT NULL").format(
+            sql.Identifier(o.key_column.column), own.from_, own.owner, sql.SQL(ctx.key_type),
+            sql.Identifier(o.key_column.column))
+        with connect(ctx.source_dsn, autocommit=True) as c:
+            keys.update(r[0] for r in c.execute(q, {"keys": users}).fetchall())
+    if o.user_prefix is not None:
+        src = o.stores[ctx.spec.source_region]
+        cl = s3.client(src)
+        pages = cl.get_paginator("list_objects_v2")
+        for u in users:
+            for page in pages.paginate(Bucket=src.bucket, Prefix=o.user_prefix.replace("{user}", u)):
+                keys.update(obj["Key"] for obj in page.get("Contents", []))
+    return sorted(keys)
+
+
+def _stores(ctx: Context, region: str):
+    o = ctx.spec.objects
+    src, dst = o.stores[ctx.spec.source_region], o.stores[region]
+    return src, s3.client(src), dst, s3.client(dst)
+
+
+def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[str]],
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Copy the objects of every batch not yet checkpointed; returns totals."""
+    ensure(ctx)
+    o = ctx.spec.objects
+    with ctx.control.connect(autocommit=True) as c:
+        done = {b for (b,) in c.execute(f"SELECT batch_no FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))}
+    src, src_c, dst, dst_c = _stores(ctx, region)
+    threshold, part = o.multipart_threshold_mb * 2**20, o.part_size_mb * 2**20
+    copied = skipped = 0
+    with ThreadPoolExecutor(max_workers=o.threads) as pool:
+        for b in sorted(batches):
+            if b in done:
+                continue
+            for attempt in retrying(ctx.spec.retry):
+                with attempt:
+                    keys = _keys(ctx, batches[b])
+                    for k in keys:  # an object we did not write is a conflict, as with rows
+                        h = s3.head(dst_c, dst.bucket, k)
+                        if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):
+                            raise ConflictError(f"shard {sid} batch {b}: destination object {k!r} exists and was "
+                                                "not written by this tool")
+                    results = list(pool.map(
+                        lambda k: s3.copy_object(src_c, src.bucket, dst_c, dst.bucket, k, threshold, part), keys))
+            entries = [(r.key, r.size, r.sha256) for r in results]
+            with ctx.control.connect() as c:
+                with c.cursor().copy(f"COPY {SCHEMA}.object_manifest (shard_id, batch_no, key, size, sha256) FROM STDIN") as cp:
+                    for k, n, h in entries:
+                        cp.write_row((sid, b, k, n, h))
+                c.execute(f"INSERT INTO {SCHEMA}.object_checkpoint (shard_id, batch_no, objects, bytes, digest) "
+                          "VALUES (%s, %s, %s, %s, %s)",
+                          (sid, b, len(entries), sum(n for _, n, _ in entries), manifest_digest(entries)))
+            copied += sum(not r.skipped for r in results)
+            skipped += sum(r.skipped for r in results)
+    return {"copied": copied, "skipped": skipped}
+
+
+def manifest(ctx: Context, sid: str) -> dict[int, list[tuple[str, int, str]]]:
+    if not enabled(ctx):
+        return {}
+    ensure(ctx)
+    with ctx.control.connect(autocommit=True) as c:
+        rows = c.execute(f"SELECT batch_no, key, size, sha256 FROM {SCHEMA}.object_manifest WHERE shard_id = %s",
+                         (sid,)).fetchall()
+    out: dict[int, list[tuple[str, int, str]]] = {}
+    for b, k, n, h in rows:
+        out.setdefault(b, []).append((k, n, h))
+    return out
+
+
+def verify(ctx: Context, sid: str, region: str, batches: dict[int, list[str]]) -> tuple[dict, list[dict]]:
+    """Per batch (objects, manifest digest) as both endpoints now hold the bytes, and the
+    objects that differ from the manifest, named by key."""
+    o = ctx.spec.objects
+    man = manifest(ctx, sid)
+    src, src_c, dst, dst_c = _stores(ctx, region)
+    part = o.part_size_mb * 2**20
+    agg: dict[tuple[str, int], tuple[int, str]] = {}
+    diffs: list[dict] = []
+    with ThreadPoolExecutor(max_workers=o.threads) as pool:
+        for b in sorted(batches):
+            entries = man.get(b, [])
+            expected_keys = _keys(ctx, batches[b])
+            missing_from_manifest = sorted(set(expected_keys) - {k for k, _, _ in entries})
+            diffs += [{"object": k, "problem": "not copied"} for k in missing_from_manifest]
+            got_src = list(pool.map(lambda e: s3.content_sha256(src_c, src.bucket, e[0], part), entries))
+            got_dst = list(pool.map(lambda e: s3.content_sha256(dst_c, dst.bucket, e[0], part), entries))
+            for (k, n, h), s_, d_ in zip(entries, got_src, got_dst):
+                if d_ is None:
+                    diffs.append({"object": k, "problem": "missing at destination"})
+                elif d_ != (n, h):
+                    diffs.append({"object": k, "problem": "different at destination"})
+                elif s_ != (n, h):
+                    diffs.append({"object": k, "problem": "changed at source since copy"})
+            agg[("objects", b)] = (len(entries), manifest_digest(entries))
+    return agg, diffs
+
+
+def rollback(ctx: Context, sid: str, region: str) -> int:
+    """Delete the shard's copied objects at the destination; returns how many."""
+    if not enabled(ctx):
+        return 0
+    man = manifest(ctx, sid)
+    _, _, dst, dst_c = _stores(ctx, region)
+    keys = [k for entries in man.values() for k, _, _ in entries]
+    for i in range(0, len(keys), 1000):
+        chunk = keys[i:i + 1000]
+        for attempt in retrying(ctx.spec.retry):
+            with attempt:
+                dst_c.delete_objects(Bucket=dst.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+    with ctx.control.connect() as c:
+        c.execute(f"DELETE FROM {SCHEMA}.object_manifest WHERE shard_id = %s", (sid,))
+        c.execute(f"DELETE FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))
+    return len(keys)
