@@ -26,10 +26,10 @@ RETRIES = dict(retries=3, retry_delay=pendulum.duration(seconds=10), retry_expon
 
 def _spec():
     from migrator import orchestration
-    from migrator.airflow_glue import resolve_conn, spec_path
+    from migrator.airflow_glue import resolve_conn, resolve_s3, spec_path
 
     params = get_current_context()["params"]
-    return orchestration.load(spec_path(params), resolve_conn, params.get("batch_size"))
+    return orchestration.load(spec_path(params), resolve_conn, params.get("batch_size"), resolve_s3)
 
 
 def _name_instance(desc: dict) -> None:

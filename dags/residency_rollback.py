@@ -27,11 +27,11 @@ def residency_rollback():
     @classified
     def rollback_shards() -> list[dict]:
         from migrator import orchestration
-        from migrator.airflow_glue import resolve_conn, spec_path
+        from migrator.airflow_glue import resolve_conn, resolve_s3, spec_path
 
         ctx = get_current_context()
         p = ctx["params"]
-        spec = orchestration.load(spec_path(p), resolve_conn)
+        spec = orchestration.load(spec_path(p), resolve_conn, resolve_s3=resolve_s3)
         ids = orchestration.shard_ids(spec, p["wave"], p["shards"])
         if len(ids) < len(p["shards"]):
             from migrator.errors import SpecError

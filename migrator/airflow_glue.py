@@ -18,6 +18,16 @@ def resolve_conn(conn_id: str) -> str:
     return uri.replace("postgres://", "postgresql://", 1)
 
 
+def resolve_s3(conn_id: str) -> dict[str, str | None]:
+    """An S3 endpoint from an Airflow (aws) Connection: login/password are the keys and the
+    extra's endpoint_url the endpoint."""
+    from airflow.sdk import BaseHook
+
+    c = BaseHook.get_connection(conn_id)
+    extra = c.extra_dejson or {}
+    return {"endpoint": extra.get("endpoint_url"), "access_key": c.login, "secret_key": c.password}
+
+
 def spec_path(params: dict[str, Any]) -> str:
     path = params.get("spec") or os.environ.get(SPEC_ENV)
     if not path:

@@ -22,14 +22,19 @@ from migrator.verifier import verify_shard
 _CONN = re.compile(r"^conn:([A-Za-z0-9_.-]+)$")
 
 
-def load(spec_path: str, resolve_conn=None, batch_users: int | None = None) -> Spec:
-    """The spec, with `conn:<id>` DSNs taken from the orchestrator's connections."""
+def load(spec_path: str, resolve_conn=None, batch_users: int | None = None, resolve_s3=None) -> Spec:
+    """The spec, with `conn:<id>` DSNs and object stores taken from the orchestrator's
+    connections (`resolve_conn(id) -> uri`, `resolve_s3(id) -> {endpoint, access_key, secret_key}`)."""
     data = yaml.safe_load(Path(spec_path).read_text())
     stores = [*(data.get("regions") or {}).values(), data.get("control") or {}]
     for store in stores:
         m = _CONN.match(str(store.get("dsn", "")))
         if m and resolve_conn is not None:
             store["dsn"] = resolve_conn(m.group(1))
+    for store in ((data.get("objects") or {}).get("stores") or {}).values():
+        m = _CONN.match(str(store.get("endpoint", "")))
+        if m and resolve_s3 is not None:
+            store.update({k: v for k, v in resolve_s3(m.group(1)).items() if v})
     if batch_users:
         data.setdefault("copy", {})["batch_users"] = int(batch_users)
     return parse_spec(data, spec_path)

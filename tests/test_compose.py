@@ -1,6 +1,7 @@
 """docker-compose.yml cannot be started here (no Docker engine); check what can be checked."""
 from __future__ import annotations
 
+import json
 import re
 
 import yaml
@@ -23,6 +24,10 @@ def test_compose_names_every_service_and_wires_the_connections():
         uri = env[f"AIRFLOW_CONN_{conn.upper()}"]
         host = re.search(r"@([\w-]+):", uri).group(1)
         assert host in services, f"{conn} points at {host}, not a service"
+    for store in spec["objects"]["stores"].values():
+        conn = json.loads(env["AIRFLOW_CONN_" + store["endpoint"].removeprefix("conn:").upper()])
+        host = re.search(r"//([\w-]+):", conn["extra"]["endpoint_url"]).group(1)
+        assert host in services
     assert env["MIGRATOR_SPEC"].endswith("spec.compose.yaml")
     assert "migrator_source" in services["airflow-init"]["command"]
     mounts = services["airflow-scheduler"]["volumes"]

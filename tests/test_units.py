@@ -139,3 +139,20 @@ def test_object_secrets_masked(monkeypatch):
                    "ie": {"bucket": "media-ie"}}})))
     assert spec.objects.stores["us"].secret_key.get_secret_value() == "very-secret-key"
     assert "very-secret-key" not in repr(spec.objects) + str(spec.model_dump())
+
+
+def test_orchestrator_connections_fill_the_spec(tmp_path):
+    from migrator.orchestration import load
+
+    d = spec_with(lambda d: d.update(objects={"user_prefix": "u/{user}/", "stores": {
+        "us": {"bucket": "media-us", "endpoint": "conn:s3_us"}, "ie": {"bucket": "media-ie"}}}))
+    d["regions"]["ie"]["dsn"] = "conn:pg_ie"
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(d))
+    spec = load(str(p), resolve_conn=lambda i: f"postgresql://u:pw@{i}/db",
+                resolve_s3=lambda i: {"endpoint": f"http://{i}:9000", "access_key": "AK", "secret_key": "SK"},
+                batch_users=7)
+    assert spec.regions["ie"].url == "postgresql://u:pw@pg_ie/db"
+    assert spec.objects.stores["us"].endpoint == "http://s3_us:9000"
+    assert spec.objects.stores["us"].secret_key.get_secret_value() == "SK"
+    assert spec.copy_.batch_users == 7

@@ -28,7 +28,7 @@ def airflow_env(home: Path, conns: dict[str, str]) -> dict[str, str]:
 
 
 def spec_for_airflow(spec_path: Path, out: Path) -> tuple[Path, dict[str, str]]:
-    """The spec with each DSN replaced by `conn:migrator_<region>`, and those connections."""
+    """The spec with each DSN and S3 endpoint replaced by an Airflow Connection, and those connections."""
     data = yaml.safe_load(spec_path.read_text())
     conns = {}
     for region, store in data["regions"].items():
@@ -36,6 +36,13 @@ def spec_for_airflow(spec_path: Path, out: Path) -> tuple[Path, dict[str, str]]:
         store["dsn"] = f"conn:migrator_{region}"
     conns["migrator_control"] = os.path.expandvars(data["control"]["dsn"])
     data["control"]["dsn"] = "conn:migrator_control"
+    for region, store in ((data.get("objects") or {}).get("stores") or {}).items():
+        conns[f"migrator_s3_{region}"] = json.dumps({
+            "conn_type": "aws", "login": os.environ.get("AWS_ACCESS_KEY_ID"),
+            "password": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            "extra": {"endpoint_url": os.path.expandvars(store["endpoint"])},
+        })
+        store["endpoint"] = f"conn:migrator_s3_{region}"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out, conns
 
