@@ -79,7 +79,7 @@ def seed(dsn: str, users: int, videos_per_user: int = 3, logins_per_user: int = 
 
 
 def seed_objects(endpoint: str, bucket: str, dsn: str, threads: int = 8) -> int:
-    """Small deterministic objects: each video's object and one avatar per user."""
+    """Small deterministic objects under each user's prefix: an avatar and a profile card."""
     from concurrent.futures import ThreadPoolExecutor
 
     import boto3
@@ -87,8 +87,8 @@ def seed_objects(endpoint: str, bucket: str, dsn: str, threads: int = 8) -> int:
     c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     c.create_bucket(Bucket=bucket)
     with psycopg.connect(dsn) as conn:
-        keys = [k for (k,) in conn.execute("SELECT object_key FROM videos")]
-        keys += [f"users/{u}/avatar.png" for (u,) in conn.execute("SELECT user_id FROM users")]
+        users = [u for (u,) in conn.execute("SELECT user_id FROM users")]
+    keys = [f"users/{u}/avatar.png" for u in users] + [f"users/{u}/card.json" for u in users if u % 3 == 0]
 
     def put(k: str) -> None:
         c.put_object(Bucket=bucket, Key=k, Body=(k.encode() * 64)[: 256 + len(k) * 11])

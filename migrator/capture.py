@@ -1,0 +1,239 @@
+"""Change capture and the write fence, both enforced by the databases themselves.
+
+Design
+------
+Triggers, not logical decoding: they need no server configuration (wal_level, slots,
+replication rights), work the same on every PostgreSQL the tool meets, capture only the
+rows of users being moved, and the same trigger also enforces the fence, so a writer that
+ignores the directory is refused by the database.
+
+One BEFORE ROW trigger per table of the entity graph computes the row's owner (following
+the foreign-key path, as the copy does) and then:
+* if the owner is in `migrator.fenced_users`, raises SQLSTATE RMF01 ("fenced"): the
+  write is refused and the writer may retry after cutover, at the user's new home;
+* if the owner is in `migrator.capture_users`, appends (table, primary key, shard) to
+  `migrator.changes` in the writer's own transaction, so a change is logged exactly when
+  it commits.
+The migrator's own apply sessions set `migrator.apply = on` and pass through both.
+
+Triggers are installed before a shard's copy takes its first snapshot, so every change
+not in a snapshot is in the log. Catch-up re-synchronises each logged primary key from the
+current source row (upsert if present, delete if not), parents first and deletions
+children first, in one destination transaction per pass: applying a pass twice is
+harmless, so the applied position may lag what was applied. A fence waits until every
+transaction that began before it has ended (their changes are then in the log), bounded by
+a deadline. After cutover the same machinery runs the other way: destination writes are
+captured so a rollback can carry them back to the source.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import psycopg
+from psycopg import sql
+
+from migrator.catalog import Table
+from migrator.context import Context
+from migrator.spec import EntityGraph
+from migrator.stores.postgres import connect
+
+FENCED = "RMF01"
+APPLY = "SET LOCAL migrator.apply = 'on'"
+
+DDL = """
+CREATE SCHEMA IF NOT EXISTS migrator;
+CREATE TABLE IF NOT EXISTS migrator.capture_users (user_key text PRIMARY KEY, shard_id text NOT NULL);
+CREATE TABLE IF NOT EXISTS migrator.fenced_users (user_key text PRIMARY KEY, shard_id text NOT NULL);
+CREATE TABLE IF NOT EXISTS migrator.changes (
+  id bigserial PRIMARY KEY, shard_id text NOT NULL, tbl text NOT NULL, pk jsonb NOT NULL,
+  at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS changes_shard ON migrator.changes (shard_id, id);
+"""
+
+
+def _owner_expr(graph: EntityGraph, table: str, rec: str) -> str:
+    """SQL for the owner key (as text) of the row `rec` (NEW or OLD) of `table`."""
+    root = graph.root
+    q = sql.Identifier
+    if table == root.table:
+        return f"({rec}.{q(root.key).as_string(None)})::text"
+    hops = graph.path(table)
+    first = hops[0]
+    if len(hops) == 1 and list(first.fk.values()) == [root.key]:
+        (col,) = first.fk.keys()
+        return f"({rec}.{q(col).as_string(None)})::text"
+    joins, alias = [], "p1"
+    conds = " AND ".join(f"p1.{q(p).as_string(None)} = {rec}.{q(c).as_string(None)}" for c, p in first.fk.items())
+    joins.append(f"{q(graph.schema_).as_string(None)}.{q(first.parent).as_string(None)} p1")
+    for i, hop in enumerate(hops[1:], start=2):
+        nxt = f"p{i}"
+        on = " AND ".join(f"{nxt}.{q(p).as_string(None)} = {alias}.{q(c).as_string(None)}" for c, p in hop.fk.items())
+        joins.append(f"JOIN {q(graph.schema_).as_string(None)}.{q(hop.parent).as_string(None)} {nxt} ON {on}")
+        alias = nxt
+    return (f"(SELECT ({alias}.{q(root.key).as_string(None)})::text FROM {' '.join(joins)} WHERE {conds} LIMIT 1)")
+
+
+def _function(graph: EntityGraph, table: Table) -> str:
+    name = f"migrator.guard_{table.name}"
+    pk = ", ".join(f"'{c}', {{r}}.{sql.Identifier(c).as_string(None)}" for c in table.pk)
+    body = []
+    for rec, ops in (("OLD", "('UPDATE', 'DELETE')"), ("NEW", "('INSERT', 'UPDATE')")):
+        body.append(f"""
+  IF TG_OP IN {ops} THEN
+    o := {_owner_expr(graph, table.name, rec)};
+    IF o IS NOT NULL THEN
+      IF EXISTS (SELECT 1 FROM migrator.fenced_users f WHERE f.user_key = o) THEN
+        RAISE EXCEPTION 'migrator: user is fenced while their data moves; retry at their home region'
+          USING ERRCODE = '{FENCED}';
+      END IF;
+      SELECT c.shard_id INTO s FROM migrator.capture_users c WHERE c.user_key = o;
+      IF s IS NOT NULL THEN
+        INSERT INTO migrator.changes (shard_id, tbl, pk) VALUES (s, '{table.name}', jsonb_build_object({pk.format(r=rec)}));
+      END IF;
+    END IF;
+  END IF;""")
+    return f"""
+CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE o text; s text;
+BEGIN
+  IF current_setting('migrator.apply', true) = 'on' THEN
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+  END IF;{''.join(body)}
+  RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END $fn$;
+DROP TRIGGER IF EXISTS migrator_guard ON {sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)};
+CREATE TRIGGER migrator_guard BEFORE INSERT OR UPDATE OR DELETE
+  ON {sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}
+  FOR EACH ROW EXECUTE FUNCTION {name}();
+"""
+
+
+def install(ctx: Context, dsn: str) -> None:
+    """Idempotently create the log, the user lists and a guard trigger on every table."""
+    with connect(dsn) as c:
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
+        c.execute(DDL)
+        for table in ctx.tables.values():
+            c.execute(_function(ctx.spec.entity_graph, table))
+
+
+def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
+    """Drop the triggers, functions and log when no shard needs them any more."""
+    with connect(dsn) as c:
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
+        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
+            return True
+        busy = c.execute("SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users)").fetchone()[0]
+        if busy:
+            return False
+        g = ctx.spec.entity_graph
+        for table in ctx.tables.values():
+            c.execute(sql.SQL("DROP TRIGGER IF EXISTS migrator_guard ON {}.{}").format(sql.Identifier(g.schema_), sql.Identifier(table.name)))
+            c.execute(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}()")
+        c.execute("DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users")
+    return True
+
+
+def _users(conn: psycopg.Connection, table: str, sid: str, keys: list[str]) -> None:
+    with conn.cursor().copy(f"COPY migrator.{table} (user_key, shard_id) FROM STDIN") as cp:
+        for k in keys:
+            cp.write_row((k, sid))
+
+
+def start_capture(ctx: Context, dsn: str, sid: str, keys: list[str]) -> None:
+    install(ctx, dsn)
+    with connect(dsn) as c:
+        c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
+        _users(c, "capture_users", sid, keys)
+
+
+def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
+    with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
+            return
+        c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
+        c.execute("DELETE FROM migrator.changes WHERE shard_id = %s", (sid,))
+        if fence_too:
+            c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
+    uninstall_if_unused(ctx, dsn)
+
+
+def fence(dsn: str, sid: str, keys: list[str], deadline: float) -> None:
+    """Refuse the users' writes from now on, then wait (until `deadline`) for every
+    transaction that began earlier to end, so their changes are in the log."""
+    with connect(dsn) as c:
+        c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
+        _users(c, "fenced_users", sid, keys)
+        mark = c.execute("SELECT pg_current_xact_id()").fetchone()[0]
+    with connect(dsn, autocommit=True) as c:
+        while True:
+            done = c.execute("SELECT pg_snapshot_xmin(pg_current_snapshot()) > %s::text::xid8", (str(mark),)).fetchone()[0]
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("transactions that began before the fence are still running")
+            time.sleep(0.005)
+
+
+def lift(dsn: str, sid: str) -> None:
+    with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.fenced_users')").fetchone()[0] is not None:
+            c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
+
+
+def lag(dsn: str, sid: str, after: int) -> int:
+    with connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return 0
+        return c.execute("SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND id > %s", (sid, after)).fetchone()[0]
+
+
+def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit: int = 50_000) -> tuple[int, int]:
+    """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (last id applied, changes)."""
+    g = ctx.spec.entity_graph
+    with connect(src_dsn) as src:
+        src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        rows = src.execute("SELECT id, tbl, pk FROM migrator.changes WHERE shard_id = %s AND id > %s ORDER BY id LIMIT %s",
+                           (sid, after, limit)).fetchall()
+        if not rows:
+            return after, 0
+        by_table: dict[str, list] = {}
+        for _, tbl, pk in rows:
+            by_table.setdefault(tbl, [])
+            if pk not in by_table[tbl]:
+                by_table[tbl].append(pk)
+        order = [t for t in ctx.tables if t in by_table]
+        with connect(dst_dsn) as dst:
+            dst.execute(APPLY)
+            for name in order:  # parents first: upsert what the source has now
+                t = ctx.tables[name]
+                ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
+                pkcols = sql.SQL(", ").join(sql.Identifier(c) for c in t.pk)
+                cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
+                stage = sql.Identifier(f"rm_stage_{name}")
+                dst.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DROP").format(stage, ident))
+                sel = sql.SQL("SELECT {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})").format(
+                    sql.SQL(", ").join(sql.SQL("t0.{}").format(sql.Identifier(c.name)) for c in t.columns), ident, ident, pkcols)
+                with src.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sel),
+                                       {"pks": json.dumps(by_table[name])}) as out, \
+                        dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)) as inp:
+                    for block in out:
+                        inp.write(block)
+                others = [c.name for c in t.columns if c.name not in t.pk]
+                action = sql.SQL("DO NOTHING") if not others else sql.SQL("DO UPDATE SET {}").format(
+                    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others))
+                dst.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+                    ident, cols, cols, stage, pkcols, action))
+            for name in reversed(order):  # children first: delete what the source no longer has
+                t = ctx.tables[name]
+                ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
+                match = sql.SQL(" AND ").join(sql.SQL("d.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
+                smatch = sql.SQL(" AND ").join(sql.SQL("s.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
+                dst.execute(sql.SQL(
+                    "DELETE FROM {} d USING jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k WHERE {} "
+                    "AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
+                    ident, ident, match, sql.Identifier(f"rm_stage_{name}"), smatch), {"pks": json.dumps(by_table[name])})
+        src.rollback()
+    return rows[-1][0], len(rows)
