@@ -44,7 +44,9 @@ APPLY = "SET LOCAL migrator.apply = 'on'"
 DDL = """
 CREATE SCHEMA IF NOT EXISTS migrator;
 CREATE TABLE IF NOT EXISTS migrator.capture_users (user_key text PRIMARY KEY, shard_id text NOT NULL);
-CREATE TABLE IF NOT EXISTS migrator.fenced_users (user_key text PRIMARY KEY, shard_id text NOT NULL);
+CREATE TABLE IF NOT EXISTS migrator.fenced_users (
+  user_key text PRIMARY KEY, shard_id text NOT NULL, until timestamptz NOT NULL DEFAULT 'infinity'
+);
 CREATE TABLE IF NOT EXISTS migrator.changes (
   id bigserial PRIMARY KEY, shard_id text NOT NULL, tbl text NOT NULL, pk jsonb NOT NULL,
   at timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -84,7 +86,7 @@ def _function(graph: EntityGraph, table: Table) -> str:
   IF TG_OP IN {ops} THEN
     o := {_owner_expr(graph, table.name, rec)};
     IF o IS NOT NULL THEN
-      IF EXISTS (SELECT 1 FROM migrator.fenced_users f WHERE f.user_key = o) THEN
+      IF EXISTS (SELECT 1 FROM migrator.fenced_users f WHERE f.user_key = o AND f.until > clock_timestamp()) THEN
         RAISE EXCEPTION 'migrator: user is fenced while their data moves; retry at their home region'
           USING ERRCODE = '{FENCED}';
       END IF;
@@ -111,12 +113,24 @@ CREATE TRIGGER migrator_guard BEFORE INSERT OR UPDATE OR DELETE
 
 
 def install(ctx: Context, dsn: str) -> None:
-    """Idempotently create the log, the user lists and a guard trigger on every table."""
-    with connect(dsn) as c:
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
-        c.execute(DDL)
-        for table in ctx.tables.values():
-            c.execute(_function(ctx.spec.entity_graph, table))
+    """Idempotently create the log, the user lists and a guard trigger on every table.
+    Tables that already have the guard are left alone: re-creating a trigger locks its
+    table against the application's writes."""
+    from migrator.errors import retrying
+
+    g = ctx.spec.entity_graph
+    for attempt in retrying(ctx.spec.retry):
+        with attempt, connect(dsn) as c:
+            c.execute("SET LOCAL lock_timeout = '2s'")
+            c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
+            c.execute(DDL)
+            have = {r[0] for r in c.execute(
+                "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = 'migrator_guard' AND n.nspname = %s",
+                (g.schema_,))}
+            for table in ctx.tables.values():
+                if table.name not in have:
+                    c.execute(_function(g, table))
 
 
 def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
@@ -142,6 +156,7 @@ def _users(conn: psycopg.Connection, table: str, sid: str, keys: list[str]) -> N
             cp.write_row((k, sid))
 
 
+
 def start_capture(ctx: Context, dsn: str, sid: str, keys: list[str]) -> None:
     install(ctx, dsn)
     with connect(dsn) as c:
@@ -160,12 +175,20 @@ def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
     uninstall_if_unused(ctx, dsn)
 
 
-def fence(dsn: str, sid: str, keys: list[str], deadline: float) -> None:
+def fence(dsn: str, sid: str, keys: list[str], deadline: float, hold: bool = False) -> None:
     """Refuse the users' writes from now on, then wait (until `deadline`) for every
-    transaction that began earlier to end, so their changes are in the log."""
+    transaction that began earlier to end, so their changes are in the log.
+
+    The fence expires by itself at the deadline (plus a second), unless `hold`: a worker
+    killed inside the window cannot leave users unwritable. `hold_fence` makes it
+    permanent just before the directory flips."""
+    remaining = max(0.0, deadline - time.monotonic()) + 1.0
     with connect(dsn) as c:
         c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
         _users(c, "fenced_users", sid, keys)
+        if not hold:
+            c.execute("UPDATE migrator.fenced_users SET until = clock_timestamp() + make_interval(secs => %s) "
+                      "WHERE shard_id = %s", (remaining, sid))
         mark = c.execute("SELECT pg_current_xact_id()").fetchone()[0]
     with connect(dsn, autocommit=True) as c:
         while True:
@@ -175,6 +198,16 @@ def fence(dsn: str, sid: str, keys: list[str], deadline: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError("transactions that began before the fence are still running")
             time.sleep(0.005)
+
+
+def hold_fence(dsn: str, sid: str) -> None:
+    """Make the shard's fence permanent (after cutover the source stays read-only)."""
+    with connect(dsn) as c:
+        n = c.execute("UPDATE migrator.fenced_users SET until = 'infinity' WHERE shard_id = %s AND until > clock_timestamp()",
+                      (sid,)).rowcount
+        total = c.execute("SELECT count(*) FROM migrator.fenced_users WHERE shard_id = %s", (sid,)).fetchone()[0]
+        if n != total:
+            raise TimeoutError("the fence expired before it could be held")
 
 
 def lift(dsn: str, sid: str) -> None:
@@ -190,11 +223,14 @@ def lag(dsn: str, sid: str, after: int) -> int:
         return c.execute("SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND id > %s", (sid, after)).fetchone()[0]
 
 
-def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit: int = 50_000) -> tuple[int, int]:
+def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit: int = 50_000,
+          timeout_ms: int | None = None) -> tuple[int, int]:
     """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (last id applied, changes)."""
     g = ctx.spec.entity_graph
     with connect(src_dsn) as src:
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        if timeout_ms is not None:
+            src.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
         rows = src.execute("SELECT id, tbl, pk FROM migrator.changes WHERE shard_id = %s AND id > %s ORDER BY id LIMIT %s",
                            (sid, after, limit)).fetchall()
         if not rows:
@@ -207,6 +243,8 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit:
         order = [t for t in ctx.tables if t in by_table]
         with connect(dst_dsn) as dst:
             dst.execute(APPLY)
+            if timeout_ms is not None:
+                dst.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
             for name in order:  # parents first: upsert what the source has now
                 t = ctx.tables[name]
                 ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
@@ -237,3 +275,29 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit:
                     ident, ident, match, sql.Identifier(f"rm_stage_{name}"), smatch), {"pks": json.dumps(by_table[name])})
         src.rollback()
     return rows[-1][0], len(rows)
+
+
+def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str, *, until: int = 0,
+             deadline: float | None = None) -> int:
+    """Apply passes until at most `until` changes are pending; returns changes applied."""
+    ctl = ctx.control
+    pos = ctl.position(sid, direction)
+    applied = 0
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("catch-up did not finish inside the fence window")
+        if lag(src_dsn, sid, pos) <= until:
+            return applied
+        ms = None if deadline is None else int((deadline - time.monotonic()) * 1000)
+        pos, n = apply(ctx, src_dsn, dst_dsn, sid, pos, timeout_ms=ms)
+        ctl.set_position(sid, direction, pos)
+        applied += n
+
+
+def touched(dsn: str, sid: str) -> set[tuple[str, tuple]]:
+    """(table, primary key values as text) of every change logged for the shard."""
+    with connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return set()
+        rows = c.execute("SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s", (sid,)).fetchall()
+    return {(t, tuple(sorted((k, str(v)) for k, v in pk.items()))) for t, pk in rows}

@@ -66,6 +66,12 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.directory (
   epoch bigint NOT NULL DEFAULT 0,
   updated_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS {SCHEMA}.capture_pos (
+  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
+  direction text NOT NULL,
+  last_id bigint NOT NULL,
+  PRIMARY KEY (shard_id, direction)
+);
 CREATE TABLE IF NOT EXISTS {SCHEMA}.audit (
   id bigserial PRIMARY KEY,
   at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -234,6 +240,24 @@ class Control:
 
     def clear_checkpoints(self, conn: psycopg.Connection, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,))
+
+    def position(self, sid: str, direction: str) -> int:
+        with self.connect(autocommit=True) as c:
+            r = c.execute(f"SELECT last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
+                          (sid, direction)).fetchone()
+        return r[0] if r else 0
+
+    def set_position(self, sid: str, direction: str, last_id: int) -> None:
+        with self.connect() as c:
+            c.execute(f"INSERT INTO {SCHEMA}.capture_pos VALUES (%s, %s, %s) ON CONFLICT (shard_id, direction) "
+                      "DO UPDATE SET last_id = EXCLUDED.last_id", (sid, direction, last_id))
+
+    def clear_positions(self, conn: psycopg.Connection, sid: str) -> None:
+        conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))
+
+    def all_keys(self, sid: str) -> list[str]:
+        with self.connect(autocommit=True) as c:
+            return [k for (k,) in c.execute(f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s", (sid,))]
 
     # --- directory --------------------------------------------------------------------
     def homes(self, keys: list[str]) -> dict[str, tuple[str, int]]:

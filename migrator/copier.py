@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from migrator import objects, sqlgen
+from migrator import capture, objects, sqlgen
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, ConflictError, describe, is_transient, retrying
 from migrator.state import Phase
@@ -107,6 +107,7 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     src, dst = links.open()
     try:
+        dst.execute("SET LOCAL migrator.apply = 'on'")  # this tool's own writes pass the guards
         with dst.cursor() as dcur:
             for name, table in ctx.tables.items():
                 found = dcur.execute(sqlgen.existing_pks(graph, table, kt), {"keys": keys}).fetchall()
@@ -163,6 +164,8 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     if shard.state != Phase.COPYING:
         ctl.move(sid, shard.state, Phase.COPYING, {"event": "copy started"})
     try:
+        if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
+            capture.start_capture(ctx, ctx.source_dsn, sid, ctl.all_keys(sid))
         for attempt in retrying(ctx.spec.retry):
             with attempt:
                 ensure_ledger(dst_dsn)
@@ -199,6 +202,12 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
                     progress(len(done), total)
         finally:
             links.reset()
+        if ctx.spec.changes.capture:
+            from migrator.cutover import pause_point
+
+            pause_point(ctx, sid, "catch_up")
+            n = capture.catch_up(ctx, sid, ctx.source_dsn, dst_dsn, "forward", until=ctx.spec.changes.catch_up_below)
+            log.info("shard %s: %d captured change(s) applied", sid, n)
         if objects.enabled(ctx):
             moved = objects.copy_batches(ctx, sid, shard.region, batches)
             log.info("shard %s objects: %d copied, %d already there", sid, moved["copied"], moved["skipped"])

@@ -7,13 +7,80 @@ The source rows stay until a later purge.
 """
 from __future__ import annotations
 
+import logging
+import os
+import time
+
+from migrator import capture
 from migrator.context import Context
 from migrator.control import SCHEMA
-from migrator.errors import StateConflict
+from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe
 from migrator.state import Phase
+from migrator.stores.postgres import bounded
+
+log = logging.getLogger("migrator.cutover")
+
+
+class FenceWindowExceeded(TransientError):
+    """The fenced part of a cutover did not finish in its window: the fence was lifted and
+    the shard stays on the source; cutover is retried later."""
+
+
+def pause_point(ctx: Context, sid: str, name: str) -> None:
+    """A place where tests stop the process (MIGRATOR_PAUSE_AT=name) to kill it there."""
+    if os.environ.get("MIGRATOR_PAUSE_AT") == name:
+        with ctx.control.connect() as c:
+            ctx.control.audit(c, sid, None, None, {"event": f"paused at {name}"})
+        time.sleep(float(os.environ.get("MIGRATOR_PAUSE_S", "60")))
 
 
 def cutover_shard(ctx: Context, sid: str) -> int:
+    """Cut the shard over; with change capture, inside a bounded write fence."""
+    if not ctx.spec.changes.capture:
+        return _flip(ctx, sid, {})
+    ctl = ctx.control
+    shard = ctl.shard(sid)
+    if shard.state != Phase.VERIFIED:
+        raise StateConflict(f"shard {sid} is {shard.state}; only a verified shard can be cut over")
+    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
+    keys = ctl.all_keys(sid)
+    window = ctx.spec.changes.fence_window_s
+    # Lag first: fencing a shard whose backlog cannot be applied in the window would only
+    # cost the users write downtime.
+    capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below)
+    t0 = time.monotonic()
+    deadline = t0 + window
+    try:
+        with bounded(deadline):
+            capture.fence(src, sid, keys, deadline)
+            pause_point(ctx, sid, "fenced")
+            capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline)
+            capture.start_capture(ctx, dst, sid, keys)  # destination writes after the flip are logged
+            from migrator.verifier import compare_shard
+
+            res = compare_shard(ctx, sid)
+            if not res.matched:
+                raise ChecksumMismatch(f"shard {sid}: {len(res.differences)} row(s) differ inside the fence",
+                                       res.differences)
+            capture.hold_fence(src, sid)
+            if time.monotonic() > deadline:
+                raise TimeoutError("fence window exceeded")
+            fence_ms = round((time.monotonic() - t0) * 1000, 1)
+            return _flip(ctx, sid, {"fence_ms": fence_ms}, new_digest=res.digest)
+    except BaseException as exc:
+        capture.lift(src, sid)
+        capture.stop_capture(ctx, dst, sid, fence_too=True)
+        elapsed = round((time.monotonic() - t0) * 1000, 1)
+        with ctl.connect() as c:
+            ctl.audit(c, sid, "verified", "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
+        if isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in ("57014", "55P03"):
+            raise FenceWindowExceeded(
+                f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms); "
+                "the fence was lifted and the shard stays on the source") from None
+        raise
+
+
+def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None) -> int:
     """Flip the shard's users; returns how many directory rows changed."""
     ctl = ctx.control
     with ctl.connect() as c:
@@ -36,6 +103,7 @@ def cutover_shard(ctx: Context, sid: str) -> int:
                 f"shard {sid}: {users - flipped} of its {users} users are no longer homed at "
                 f"{ctx.spec.source_region}; cutover refused"
             )
+        digest = new_digest or digest
         ctl.transition(c, sid, Phase.VERIFIED, Phase.CUT_OVER,
-                       {"event": "cutover", "users": users, "to": region, "digest": digest})
+                       {"event": "cutover", "users": users, "to": region, "digest": digest, **detail}, digest=digest)
     return flipped

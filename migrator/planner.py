@@ -142,7 +142,9 @@ def plan(
         if r not in spec.targets:
             raise SpecError(f"--region {r!r}: no policy entry sends users there (targets: {', '.join(spec.targets)})")
     ctx.tables  # reads and checks the source's tables
-    targets = [r for r in spec.targets if not regions or r in regions]
+    # A wave always covers every target region, so a later `--region` run finds its
+    # shards; `regions` only narrows what is returned.
+    targets = spec.targets
     for r in targets:
         ctx.check_destination(r)
 
@@ -177,6 +179,7 @@ def plan(
     result = Plan(wave, shards, dict(unplaced))
     if not dry_run:
         _record(ctx, result)
+    result.shards = [s for s in shards if not regions or s.region in regions]
     return result
 
 

@@ -7,13 +7,38 @@ rolling_back), so no user is ever homed where their rows are being deleted.
 """
 from __future__ import annotations
 
-from migrator import objects, sqlgen
+import time
+
+from migrator import capture, objects, sqlgen
 from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.copier import ensure_ledger
 from migrator.errors import retrying
 from migrator.state import Phase
-from migrator.stores.postgres import connect
+from migrator.stores.postgres import bounded, connect
+
+
+def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
+    """Fence the destination, carry every destination write since cutover back to the
+    source and verify, before the directory flips back: a rollback loses nothing."""
+    from migrator.errors import ChecksumMismatch
+    from migrator.verifier import compare_shard
+
+    keys = ctx.control.all_keys(sid)
+    deadline = time.monotonic() + max(ctx.spec.changes.fence_window_s, 30.0)
+    try:
+        with bounded(deadline):
+            capture.fence(dst, sid, keys, deadline)
+            n = capture.catch_up(ctx, sid, dst, src, "reverse", deadline=deadline)
+            res = compare_shard(ctx, sid)
+            if not res.matched:
+                raise ChecksumMismatch(f"shard {sid}: {len(res.differences)} row(s) differ after carrying writes back",
+                                       res.differences)
+            capture.hold_fence(dst, sid)  # until the rows are gone from the destination
+        return n
+    except BaseException:
+        capture.lift(dst, sid)  # the shard stays cut over and writable at its new home
+        raise
 
 
 def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
@@ -22,6 +47,10 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     if shard.state == Phase.ROLLED_BACK:
         return {"shard_id": sid, "already": True, "deleted": {}}
     flipped = 0
+    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
+    carried = 0
+    if shard.state == Phase.CUT_OVER and ctx.spec.changes.capture:
+        carried = _carry_back(ctx, sid, src, dst)
     with ctl.connect() as c:
         if shard.state == Phase.CUT_OVER:
             flipped = c.execute(
@@ -30,9 +59,10 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
                 (ctx.spec.source_region, sid, shard.region),
             ).rowcount
         ctl.transition(c, sid, shard.state, Phase.ROLLING_BACK,
-                       {"event": "rollback started", "reason": reason, "directory_flipped_back": flipped})
+                       {"event": "rollback started", "reason": reason, "directory_flipped_back": flipped,
+                        "changes_carried_back": carried})
+    capture.lift(src, sid)  # the users are homed at the source again: let them write there
     graph, kt = ctx.spec.entity_graph, ctx.key_type
-    dst = ctx.dsn(shard.region)
     deleted = {t: 0 for t in ctx.tables}
     for attempt in retrying(ctx.spec.retry):
         with attempt:
@@ -41,6 +71,7 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     for b, keys in sorted(ctl.batch_keys(sid).items()):
         for attempt in retrying(ctx.spec.retry):
             with attempt, connect(dst) as c:
+                c.execute(capture.APPLY)  # through the destination's fence
                 counts = {}
                 # Only batches this tool wrote (their ledger row) are removed: rows that were
                 # there before, which the copy refused as a conflict, are not the shard's.
@@ -52,8 +83,11 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
                         counts[name] = c.execute(sqlgen.delete_keys(graph, ctx.tables[name], kt), {"keys": keys}).rowcount
         for t, n in counts.items():
             deleted[t] += n
+    for dsn in (src, dst):
+        capture.stop_capture(ctx, dsn, sid, fence_too=True)
     with ctl.connect() as c:
         ctl.clear_checkpoints(c, sid)
+        ctl.clear_positions(c, sid)
         ctl.transition(c, sid, Phase.ROLLING_BACK, Phase.ROLLED_BACK,
                        {"event": "rolled back", "reason": reason, "deleted": deleted, "objects_deleted": removed_objects}, digest=None)
     return {"shard_id": sid, "already": False, "deleted": deleted, "objects_deleted": removed_objects,

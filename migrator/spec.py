@@ -205,6 +205,14 @@ class Objects(_Strict):
         return self
 
 
+class ChangeSettings(_Strict):
+    """Writes made while a shard moves: captured, caught up, fenced at cutover."""
+
+    capture: bool = True
+    fence_window_s: float = Field(5.0, gt=0, le=600)
+    catch_up_below: int = Field(100, ge=0, description="fence only once this few changes are pending")
+
+
 class Sharding(_Strict):
     shards_per_region: int = Field(4, ge=1, le=4096)
 
@@ -230,6 +238,7 @@ class Spec(_Strict):
     copy_: CopySettings = Field(CopySettings(), alias="copy")
     retry: RetrySettings = RetrySettings()
     objects: Objects | None = None
+    changes: ChangeSettings = ChangeSettings()
 
     @field_validator("version")
     @classmethod

@@ -6,6 +6,9 @@ false mismatches, so every connection the migrator opens sets them the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+
 import psycopg
 
 PINNED = {
@@ -19,8 +22,26 @@ PINNED = {
 }
 
 
+_deadline: float | None = None
+
+
+@contextlib.contextmanager
+def bounded(deadline: float):
+    """Every connection opened inside gets statement and lock timeouts that end at
+    `deadline` (a time.monotonic() value): a fenced step cannot wait past its window."""
+    global _deadline
+    _deadline = deadline
+    try:
+        yield
+    finally:
+        _deadline = None
+
+
 def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5) -> psycopg.Connection:
     opts = " ".join(f"-c {k}={v.replace(' ', '')}" for k, v in PINNED.items() if k not in ("client_encoding", "application_name"))
+    if _deadline is not None:
+        ms = max(1, int((_deadline - time.monotonic()) * 1000))
+        opts += f" -c statement_timeout={ms} -c lock_timeout={ms}"
     conn = psycopg.connect(
         dsn,
         autocommit=autocommit,

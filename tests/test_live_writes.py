@@ -1,0 +1,158 @@
+"""Zero lost writes: the application keeps writing while shards move, cut over and roll back."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from tests.conftest import DEMO_OWNED, World
+from tests.workload import Writer, check
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _stop_writers(monkeypatch):
+    """Writers left running by a failing test are stopped before its servers go away."""
+    started: list[Writer] = []
+    real = Writer.start
+
+    def start(self):
+        started.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Writer, "start", start)
+    yield
+    for w in started:
+        w.stop_flag.set()
+    for w in started:
+        w.stop()
+
+
+def movers(w: World, n_per_region: int = 40) -> list[int]:
+    """Users the writer works on: some bound for each region, and some who stay."""
+    out = []
+    for codes in (["DE", "FR", "IE", "IT", "ES"], ["NO", "SE", "DK"], ["US", "CA"]):
+        out += [u for (u,) in w.rows("us", "SELECT user_id FROM users WHERE country_code = ANY(%s) ORDER BY user_id "
+                                            "LIMIT %s", (codes, n_per_region))]
+    return out
+
+
+def no_capture_left(w: World, regions=("us", "ie", "no")) -> None:
+    for r in regions:
+        assert w.rows(r, "SELECT count(*) FROM pg_trigger WHERE tgname = 'migrator_guard'")[0][0] == 0, r
+        assert w.rows(r, "SELECT to_regclass('migrator.changes')")[0][0] is None, r
+
+
+def test_writes_during_migration_are_all_kept(world: World):
+    world.write_spec(copy={"batch_users": 10})
+    writer = Writer(world.dsn, world.control, movers(world)).start()
+    time.sleep(1)
+    res = world.migrator("run", "--json")
+    time.sleep(1)  # the writer goes on at the new homes
+    acked = writer.stop()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    assert not writer.errors, writer.errors[:5]
+    assert acked.ops > 100
+    assert all(s["state"] == "cut_over" for s in json.loads(res.stdout)["shards"])
+    check(world.dsn, world.control, acked)
+    # the source of each shard is read-only after cutover, enforced by the source itself
+    uid = world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie' LIMIT 1")[0][0]
+    with pytest.raises(psycopg.Error) as e:
+        world.rows("us", "UPDATE users SET email = 'x' WHERE user_id = %s RETURNING 1", (int(uid),))
+    assert e.value.sqlstate == "RMF01"
+    fences = world.ctl("SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE to_state = 'cut_over'")
+    assert fences and all(f > 0 for (f,) in fences)
+
+
+def test_rollback_after_cutover_carries_destination_writes_back(world: World):
+    world.write_spec(copy={"batch_users": 25})
+    writer = Writer(world.dsn, world.control, movers(world)).start()
+    res = world.migrator("run")
+    assert res.returncode == 0, res.stderr
+    time.sleep(2)  # writes land at ie and no
+    at_dest = writer.acked.ops
+    res = world.migrator("rollback", "--reason", "test", "--json")
+    time.sleep(1)
+    acked = writer.stop()
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr
+    assert acked.ops > at_dest > 0 and not writer.errors, writer.errors[:5]
+    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE home <> 'us'")[0][0] == 0
+    check(world.dsn, world.control, acked)  # everything, including what was written at ie/no, is at us
+    for r in ("ie", "no"):
+        for t in DEMO_OWNED:
+            assert world.rows(r, f"SELECT count(*) FROM {t}")[0][0] == 0
+    no_capture_left(world)
+
+
+def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
+    world.write_spec(changes={"fence_window_s": 1.0}, copy={"batch_users": 50})
+    writer = Writer(world.dsn, world.control, movers(world)).start()
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    assert world.migrator("copy", "--region", "no").returncode == 0
+    assert world.migrator("verify", "--region", "no").returncode == 0
+    # the Norwegian destination stalls: a long lock on a table of the graph
+    stall = psycopg.connect(world.dsn["no"])
+    stall.execute("LOCK TABLE login_events IN ACCESS EXCLUSIVE MODE")
+    t0 = time.monotonic()
+    res = world.migrator("cutover", "--region", "no", "--json")
+    took = time.monotonic() - t0
+    stall.rollback()
+    stall.close()
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)
+    assert all(s["state"] == "verified" for s in doc["shards"])
+    assert "fence window" in " ".join(s.get("error") or "" for s in doc["shards"])
+    # the fence lifted: a Norwegian user can write at the source again
+    uid = world.ctl("SELECT user_key FROM migrator.directory WHERE user_key IN "
+                    "(SELECT user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
+                    "WHERE s.region = 'no') LIMIT 1")[0][0]
+    world.rows("us", "UPDATE users SET email = 'still-writable@example.test' WHERE user_id = %s RETURNING 1", (int(uid),))
+    assert took < 60
+    res = world.migrator("cutover", "--region", "no", "--json")  # retried later, it goes through
+    assert res.returncode == 0, res.stdout[-2000:]
+    time.sleep(0.5)
+    acked = writer.stop()
+    assert not writer.errors, writer.errors[:5]
+    check(world.dsn, world.control, acked)
+    lifted = world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'fence lifted'")[0][0]
+    assert lifted >= 1
+
+
+@pytest.mark.parametrize("where", ["catch_up", "fenced"])
+def test_killed_during_catch_up_or_fence_then_rerun(world: World, where):
+    world.write_spec(changes={"fence_window_s": 3.0}, copy={"batch_users": 50}, sharding={"shards_per_region": 1})
+    writer = Writer(world.dsn, world.control, movers(world)).start()
+    env = {**__import__("os").environ, "MIGRATOR_PAUSE_AT": where, "MIGRATOR_PAUSE_S": "120"}
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "run", "--region", "ie", "--config",
+                             str(world.spec_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = {"catch_up": "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at catch_up'",
+              "fenced": "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at fenced'"}[where]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if world.ctl(marker)[0][0]:
+                break
+        except psycopg.Error:
+            pass
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    uid = int(world.ctl("SELECT min(user_key::bigint) FROM migrator.shard_user")[0][0])
+    if where == "fenced":
+        # the fence expires by itself: the killed worker cannot leave users unwritable
+        time.sleep(4.5)
+    world.rows("us", "UPDATE users SET email = 'writable@example.test' WHERE user_id = %s RETURNING 1", (uid,))
+    res = world.migrator("run", "--region", "ie", "--json")
+    time.sleep(0.5)
+    acked = writer.stop()
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert not writer.errors, writer.errors[:5]
+    check(world.dsn, world.control, acked)

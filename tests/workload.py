@@ -1,0 +1,153 @@
+"""A writer that acts like the application: it routes each write by the directory, inserts,
+updates and deletes across the entity graph at a steady rate, retries a fenced write, and
+records every write that was acknowledged, so a test can check that none was lost."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+FENCED = "RMF01"
+
+
+@dataclass
+class Acked:
+    inserted: dict[int, int] = field(default_factory=dict)   # login event id -> user
+    deleted: set[int] = field(default_factory=set)
+    names: dict[int, str] = field(default_factory=dict)       # user -> last display_name written
+    comments: dict[int, tuple[int, str]] = field(default_factory=dict)  # comment id -> (owner, last body): two hops
+    fenced: int = 0
+    ops: int = 0
+
+
+class Writer:
+    def __init__(self, dsn: dict[str, str], control: str, users: list[int], threads: int = 2, rate_hz: float = 200,
+                 seed: int = 7):
+        self.dsn, self.control = dsn, control
+        self.parts = [users[i::threads] for i in range(threads)]
+        self.rate = rate_hz / threads
+        self.acked = Acked()
+        self.lock = threading.Lock()
+        self.stop_flag = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i, seed + i), daemon=True) for i in range(threads)]
+        self.errors: list[str] = []
+
+    def start(self) -> "Writer":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self) -> Acked:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(60)
+        return self.acked
+
+    def _home(self, ctl: psycopg.Connection, user: int) -> str:
+        try:
+            r = ctl.execute("SELECT home FROM migrator.directory WHERE user_key = %s", (str(user),)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            ctl.rollback()
+            return "us"
+        return r[0] if r else "us"
+
+    def _run(self, i: int, seed: int) -> None:
+        rnd = random.Random(seed)
+        users = self.parts[i]
+        mine: dict[int, int] = {}  # event -> user, inserted by this thread and not deleted
+        next_event = 10**9 + i * 10**7
+        conns: dict[str, psycopg.Connection] = {}
+        ctl = psycopg.connect(self.control, autocommit=True)
+        comment_of: dict[int, int] = {}
+        while not self.stop_flag.is_set():
+            user = rnd.choice(users)
+            kind = rnd.random()
+            if kind < 0.45:
+                op = ("insert", next_event)
+                next_event += 1
+            elif kind < 0.7:
+                op = ("name", f"w{i}-{rnd.randrange(10**9)}")
+            elif kind < 0.85:
+                op = ("comment", f"c{i}-{rnd.randrange(10**9)}")
+            else:
+                own = [e for e, u in mine.items() if u == user]
+                if not own:
+                    continue
+                op = ("delete", rnd.choice(own))
+            while not self.stop_flag.is_set():  # until acknowledged, as an application would
+                try:
+                    home = self._home(ctl, user)
+                except psycopg.Error:
+                    ctl.close()
+                    ctl = psycopg.connect(self.control, autocommit=True)
+                    continue
+                try:
+                    c = conns.get(home)
+                    if c is None or c.closed:
+                        c = conns[home] = psycopg.connect(self.dsn[home], autocommit=True)
+                    if op[0] == "insert":
+                        c.execute("INSERT INTO login_events VALUES (%s, %s, '192.0.2.1', now(), true)", (op[1], user))
+                        with self.lock:
+                            self.acked.inserted[op[1]] = user
+                        mine[op[1]] = user
+                    elif op[0] == "name":
+                        c.execute("UPDATE users SET display_name = %s WHERE user_id = %s", (op[1], user))
+                        with self.lock:
+                            self.acked.names[user] = op[1]
+                    elif op[0] == "comment":
+                        if user not in comment_of:
+                            r = c.execute("SELECT min(c.comment_id) FROM comments c JOIN videos v USING (video_id) "
+                                          "WHERE v.user_id = %s", (user,)).fetchone()
+                            comment_of[user] = r[0]
+                        if comment_of[user] is not None:
+                            c.execute("UPDATE comments SET body = %s WHERE comment_id = %s", (op[1], comment_of[user]))
+                            with self.lock:
+                                self.acked.comments[comment_of[user]] = (user, op[1])
+                    else:
+                        n = c.execute("DELETE FROM login_events WHERE event_id = %s", (op[1],)).rowcount
+                        if n != 1:
+                            self.errors.append(f"delete of an acknowledged insert found {n} rows")
+                        with self.lock:
+                            self.acked.deleted.add(op[1])
+                        mine.pop(op[1], None)
+                    with self.lock:
+                        self.acked.ops += 1
+                    break
+                except psycopg.Error as e:
+                    if getattr(e, "sqlstate", None) == FENCED:
+                        with self.lock:
+                            self.acked.fenced += 1
+                    elif not isinstance(e, psycopg.OperationalError):
+                        self.errors.append(f"{type(e).__name__}: {getattr(e, 'sqlstate', '')}")
+                    conns.pop(home, None)
+                    time.sleep(0.005)
+            time.sleep(1 / self.rate)
+        for c in conns.values():
+            c.close()
+        ctl.close()
+
+
+def check(dsn: dict[str, str], control: str, acked: Acked) -> None:
+    """Every acknowledged write is in its user's home region, exactly once."""
+    with psycopg.connect(control) as c:
+        homes = {int(k): h for k, h in c.execute("SELECT user_key, home FROM migrator.directory")}
+    conns = {r: psycopg.connect(d) for r, d in dsn.items()}
+    try:
+        for event, user in acked.inserted.items():
+            home = conns[homes.get(user, "us")]
+            n = home.execute("SELECT count(*) FROM login_events WHERE event_id = %s AND user_id = %s",
+                             (event, user)).fetchone()[0]
+            want = 0 if event in acked.deleted else 1
+            assert n == want, f"event {event} of user {user}: {n} row(s) in {homes.get(user, 'us')}, expected {want}"
+        for user, name in acked.names.items():
+            got = conns[homes.get(user, "us")].execute("SELECT display_name FROM users WHERE user_id = %s", (user,)).fetchone()
+            assert got == (name,), f"user {user}: last acknowledged name lost in {homes.get(user, 'us')}"
+        for comment, (user, body) in acked.comments.items():
+            got = conns[homes.get(user, "us")].execute("SELECT body FROM comments WHERE comment_id = %s", (comment,)).fetchone()
+            assert got == (body,), f"comment {comment}: last acknowledged body lost in {homes.get(user, 'us')}"
+    finally:
+        for c in conns.values():
+            c.close()
