@@ -301,3 +301,14 @@ def touched(dsn: str, sid: str) -> set[tuple[str, tuple]]:
             return set()
         rows = c.execute("SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s", (sid,)).fetchall()
     return {(t, tuple(sorted((k, str(v)) for k, v in pk.items()))) for t, pk in rows}
+
+
+def finalize(ctx: Context, sid: str, src_dsn: str, dst_dsn: str) -> None:
+    """A cut-over shard that will not be rolled back: stop capturing on both sides. The
+    source fence stays, so the moved users' source rows remain read-only until purged."""
+    with connect(src_dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is not None:
+            c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
+            c.execute("DELETE FROM migrator.changes WHERE shard_id = %s", (sid,))
+    stop_capture(ctx, dst_dsn, sid, fence_too=True)
+    uninstall_if_unused(ctx, src_dsn)

@@ -132,6 +132,13 @@ def rollback(config: Config, wave: Wave = "default", shard: Shards = None, regio
 
 
 @app.command()
+def cleanup(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None,
+            dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+    """Remove change capture of finished shards (a cut-over shard can then no longer be rolled back)."""
+    _phase_command("cleanup", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
 def status(config: Config, wave: Annotated[Optional[str], typer.Option("--wave")] = None, shard: Shards = None,
            region: Region = None, json: Json = False) -> None:
     """Each shard's phase, progress, rows and digest."""
@@ -143,11 +150,12 @@ def status(config: Config, wave: Annotated[Optional[str], typer.Option("--wave")
 def demo(users: Annotated[int, typer.Option("--users", min=10, help="synthetic US users to seed")] = 2000,
          keep: Annotated[Optional[Path], typer.Option("--keep", help="keep the servers' files in this folder")] = None,
          via: Annotated[str, typer.Option("--via", help="'airflow' (the DAG), 'cli' (the engine), or 'auto'")] = "auto",
+         with_writes: Annotated[bool, typer.Option("--with-writes", help="an application writing throughout")] = False,
          json: Json = False) -> None:
     """Start throwaway US, IE and NO servers, seed them, and migrate every shard."""
     from migrator.demo.run import run_demo
 
-    doc = run_demo(users=users, keep=keep, via=via, quiet=json)
+    doc = run_demo(users=users, keep=keep, via=via, quiet=json, with_writes=with_writes)
     report.emit(doc, json)
     raise typer.Exit(0 if doc["ok"] else 1)
 

@@ -75,9 +75,30 @@ def run_shard(ctx: Context, sid: str, *, through: Phase = Phase.CUT_OVER, progre
     return out
 
 
+def cleanup_shard(ctx: Context, sid: str) -> None:
+    """Remove what capture installed for a finished shard (cut over or rolled back)."""
+    from migrator import capture
+
+    ctl = ctx.control
+    shard = ctl.shard(sid)
+    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
+    if shard.state == Phase.CUT_OVER:
+        capture.finalize(ctx, sid, src, dst)
+        with ctl.connect() as c:
+            ctl.audit(c, sid, shard.state.value, shard.state.value, {"event": "finalized"})
+    elif shard.state == Phase.ROLLED_BACK:
+        for dsn in (src, dst):
+            capture.stop_capture(ctx, dsn, sid, fence_too=True)
+    else:
+        from migrator.errors import StateConflict
+
+        raise StateConflict(f"shard {sid} is {shard.state}; only a cut-over or rolled-back shard is cleaned up")
+
+
 def one_phase(ctx: Context, sid: str, phase: str, reason: str = "") -> Outcome:
     ctl = ctx.control
     fns = {
+        "cleanup": lambda: cleanup_shard(ctx, sid),
         "copy": lambda: copy_shard(ctx, sid),
         "verify": lambda: verify_shard(ctx, sid),
         "cutover": lambda: cutover_shard(ctx, sid),

@@ -32,7 +32,13 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                                     "WHERE shard_id = %s", (s.shard_id,)).fetchone()
             if n:
                 rows["objects"] = int(size)
+        lag = None
+        if ctx.spec.changes.capture and s.state.value in ("copying", "copied", "verified", "failed"):
+            from migrator import capture
+
+            lag = capture.lag(ctx.source_dsn, s.shard_id, ctl.position(s.shard_id, "forward"))
         out.append({
+            "lag": lag,
             "shard_id": s.shard_id, "wave": s.wave, "name": s.name, "region": s.region, "state": s.state.value,
             "users": s.users, "batches": s.batches, "batches_done": len(cps), "rows": rows or s.plan.get("rows", {}),
             "digest": s.digest, "error": s.error,
@@ -77,14 +83,16 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
     shards = doc.get("shards", [])
     tables = sorted({t for s in shards for t in s.get("rows", {})})
     t = Table(title=f"migrator {doc['command']}" + (f" (wave {doc['wave']})" if doc.get("wave") else ""))
-    for col in ["shard", "region", "state", "users", "batches", *tables, "digest"]:
+    show_lag = any(s.get("lag") is not None for s in shards)
+    for col in ["shard", "region", "state", "users", "batches", *tables, *(["lag"] if show_lag else []), "digest"]:
         t.add_column(col, justify="right" if col not in ("shard", "region", "state", "digest") else "left")
     for s in shards:
         batches = f"{s.get('batches_done', '-')}/{s.get('batches', '-')}" if "batches_done" in s else str(s.get("batches", "-"))
         state = s.get("state", "planned")
         style = {"cut_over": "green", "failed": "red", "rolled_back": "yellow"}.get(state, "")
         t.add_row(s["shard_id"] if doc.get("wave") is None and s.get("wave") not in (None, "default") else s["name"], s["region"], f"[{style}]{state}[/]" if style else state, str(s.get("users", "")), batches,
-                  *[str(s.get("rows", {}).get(x, 0)) for x in tables], (s.get("digest") or "")[:12])
+                  *[str(s.get("rows", {}).get(x, 0)) for x in tables],
+                  *([str(s.get("lag") if s.get("lag") is not None else "")] if show_lag else []), (s.get("digest") or "")[:12])
     console.print(t)
     if doc.get("unplaced_users"):
         console.print("Users left where they are (residency not placed by the policy): "
@@ -100,5 +108,9 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
             r.add_row(name, str(v["users"]), f"{v['cut_over']}/{v['shards']}", *[str(v["rows"].get(x, 0)) for x in tables])
         console.print(r)
         console.print(f"digests matched: {doc.get('digests_matched')} shard(s); took {doc.get('seconds')} s (via {doc.get('via')})")
+    if doc.get("writes"):
+        w = doc["writes"]
+        console.print(f"application writes during the migration: {w['acknowledged_writes']} acknowledged, "
+                      f"{w['fenced_retries']} fenced and retried, {w['lost_writes']} lost")
     if doc.get("dry_run"):
         console.print("[yellow]dry run: nothing was written[/]")

@@ -50,6 +50,11 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
     carried = 0
     if shard.state == Phase.CUT_OVER and ctx.spec.changes.capture:
+        if any(a["detail"].get("event") == "finalized" for a in ctl.audit_rows(sid)):
+            from migrator.errors import StateConflict
+
+            raise StateConflict(f"shard {sid} was finalized: writes at its new home are no longer captured, "
+                                "so a rollback could lose them")
         carried = _carry_back(ctx, sid, src, dst)
     with ctl.connect() as c:
         if shard.state == Phase.CUT_OVER:

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from tests.conftest import DEMO_OWNED, World
-from tests.workload import Writer, check
+from migrator.demo.workload import Writer, check
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +156,25 @@ def test_killed_during_catch_up_or_fence_then_rerun(world: World, where):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     assert not writer.errors, writer.errors[:5]
     check(world.dsn, world.control, acked)
+
+
+def test_status_shows_lag_and_cleanup_removes_capture(world: World):
+    writer = Writer(world.dsn, world.control, movers(world)).start()
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy").returncode == 0
+    time.sleep(1)  # the writer adds changes not yet caught up
+    doc = json.loads(world.migrator("status", "--json").stdout)
+    lags = [s["lag"] for s in doc["shards"]]
+    assert all(isinstance(n, int) for n in lags) and sum(lags) > 0
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0, res.stdout[-2000:]
+    acked = writer.stop()
+    check(world.dsn, world.control, acked)
+    assert world.migrator("cleanup").returncode == 0
+    no_capture_left(world, regions=("ie", "no"))
+    # the source keeps only the fence: moved users' rows stay read-only there, nothing is logged
+    assert world.rows("us", "SELECT count(*) FROM migrator.changes")[0][0] == 0
+    assert world.rows("us", "SELECT count(*) FROM migrator.capture_users")[0][0] == 0
+    assert world.rows("us", "SELECT count(*) FROM migrator.fenced_users")[0][0] > 0
+    res = world.migrator("rollback", "--json")
+    assert res.returncode == 1 and "finalized" in res.stdout

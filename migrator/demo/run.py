@@ -56,7 +56,33 @@ def _airflow_available() -> bool:
     return True
 
 
-def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", quiet: bool = False) -> dict:
+def _start_writer(env: dict[str, str]):
+    import psycopg
+
+    from migrator.demo.workload import Writer
+
+    with psycopg.connect(env["MIGRATOR_US_DSN"]) as c:
+        sample = [u for (u,) in c.execute("SELECT user_id FROM users WHERE user_id % 7 = 0 ORDER BY user_id LIMIT 300")]
+    dsn = {r: env[f"MIGRATOR_{r.upper()}_DSN"] for r in REGIONS}
+    return Writer(dsn, env["MIGRATOR_CONTROL_DSN"], sample).start()
+
+
+def _finish_writer(writer, env: dict[str, str]) -> dict:
+    from migrator.demo.workload import check
+
+    acked = writer.stop()
+    out = {"acknowledged_writes": acked.ops, "fenced_retries": acked.fenced, "errors": len(writer.errors)}
+    try:
+        check({r: env[f"MIGRATOR_{r.upper()}_DSN"] for r in REGIONS}, env["MIGRATOR_CONTROL_DSN"], acked)
+        out["lost_writes"] = 0
+    except AssertionError as e:
+        out["lost_writes"] = 1
+        out["first_loss"] = str(e)[:200]
+    return out
+
+
+def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", quiet: bool = False,
+             with_writes: bool = False) -> dict:
     console = Console(stderr=True, quiet=quiet)
     base = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="rm-demo-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -70,6 +96,9 @@ def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", qui
             via = "airflow" if _airflow_available() else "cli"
         ctx = Context(load_spec(spec_path), run_id="demo")
         extra = {"via": via, "users_seeded": users}
+        writer = _start_writer(env) if with_writes else None
+        if writer:
+            console.print("An application is writing to 300 users throughout (routed by the directory) ...")
         if via == "airflow":
             from migrator.demo.airflow_run import run_dag
 
@@ -85,6 +114,10 @@ def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", qui
             console.print("Running every shard: plan, copy, verify, cutover ...")
             _, outcomes = engine.run(ctx, "default")
             shards = report.shard_rows(ctx, "default")
+        if writer:
+            extra["writes"] = _finish_writer(writer, env)
+            ok_writes = extra["writes"]["lost_writes"] == 0 and extra["writes"]["errors"] == 0
+            outcomes.append(engine.Outcome("writes", ok_writes, error=None if ok_writes else "writes were lost"))
         doc = report.document("demo", shards, outcomes, None, extra=extra)
         doc["seconds"] = round(time.monotonic() - t0, 2)
         doc["regions"] = _per_region(shards)
