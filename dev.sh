@@ -26,7 +26,7 @@ case "$cmd" in
     exec "$VENV/bin/migrator" demo "$@"
     ;;
   test)
-    install "airflow,test"
+    install "airflow,test,bench"
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   bench)

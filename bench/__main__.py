@@ -1,8 +1,14 @@
-"""`python -m bench --scale S --json`: copy and verify against the raw psql binary pipe.
+"""`python -m bench --scale S --json`: the tool's phases against peers, in one run.
 
 Source and destination are separate PostgreSQL servers started here; the destination is
-truncated between runs; each figure is the median of --runs runs. Not yet measured here:
-reladiff, objects, fence windows (see the benchmark issue).
+truncated between runs; each figure is the median of --runs runs:
+* copy against the raw `psql \\copy ... (FORMAT binary)` pipe per table;
+* verify against reladiff (-j 4) on the same tables, and once more with one row changed
+  at the destination, which both must find;
+* object copy against a plain boto3 GET/PUT loop with the same threads (--objects);
+* with --writes: the fence window (p50/p99 over shards) and a writer's throughput during a
+  migration against without one.
+It prints one JSON document and writes a PNG chart (--chart).
 """
 from __future__ import annotations
 
@@ -10,13 +16,16 @@ import argparse
 import json
 import os
 import platform
+import re
+import resource
+import shutil
+import sys
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import psycopg
 import yaml
 
@@ -113,6 +122,93 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
             srv.stop()
 
 
+def owner_where(table: str, codes: list[str]) -> str:
+    eu = "SELECT user_id FROM users WHERE country_code IN (" + ", ".join(f"'{c}'" for c in codes) + ")"
+    if table == "users":
+        return f"user_id IN ({eu})"
+    if table == "comments":
+        return f"video_id IN (SELECT video_id FROM videos WHERE user_id IN ({eu}))"
+    return f"user_id IN ({eu})"
+
+
+def reladiff(ctx: Context, src: str, dst: str, codes: list[str], threads: int = 4) -> tuple[float, list[dict]]:
+    """reladiff over every table of the graph, limited to the moved users; seconds and the
+    differing rows it reported."""
+    exe = shutil.which("reladiff") or str(Path(sys.executable).parent / "reladiff")
+    found: list[dict] = []
+    t0 = time.perf_counter()
+    for name, table in ctx.tables.items():
+        cmd = [exe, src, name, dst, name, "--json", "-j", str(threads), "-w", owner_where(name, codes)]
+        for k in table.pk:
+            cmd += ["-k", k]
+        for c in table.columns:
+            if c.name not in table.pk:
+                cmd += ["-c", c.name]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if res.returncode != 0 or "ERROR" in res.stderr:  # it exits 0 on some failures
+            raise RuntimeError(f"reladiff failed on {name}: {res.stderr[-500:]}")
+        for line in res.stdout.splitlines():  # [sign, [key..., values...]], not always valid JSON
+            if line.strip().startswith("["):
+                strings = re.findall(r'"((?:[^"\\]|\\.)*)"', line)
+                found.append({"table": name, "sign": strings[0], "key": strings[1: 1 + len(table.pk)]})  # keys only
+    return time.perf_counter() - t0, found
+
+
+def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float = 5.0) -> dict:
+    """A writer as fast as it goes: alone, then while every shard moves with the fence."""
+    from migrator import engine
+    from migrator.demo.workload import Writer, check
+
+    truncate(dst)
+    with psycopg.connect(control) as c:
+        c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
+    with psycopg.connect(src) as c:
+        c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
+        users = [u for (u,) in c.execute("SELECT user_id FROM users WHERE user_id % 11 = 0 ORDER BY user_id LIMIT 400")]
+    dsn = {"us": src, "ie": dst}
+    w = Writer(dsn, control, users, threads=2, rate_hz=1e6).start()
+    time.sleep(seconds)
+    alone = w.stop().ops / seconds
+    wspec = dict(spec, sharding={"shards_per_region": 8})
+    ctx = Context(parse_spec(wspec))
+    w = Writer(dsn, control, users, threads=2, rate_hz=1e6, first_event=2 * 10**9).start()
+    t0 = time.perf_counter()
+    _, outcomes = engine.run(ctx, "writes")
+    elapsed = time.perf_counter() - t0
+    acked = w.stop()
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
+    check(dsn, control, acked)  # raises if a write was lost
+    with psycopg.connect(control) as c:
+        fences = sorted(f for (f,) in c.execute(
+            "SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE to_state = 'cut_over'"))
+    q = statistics.quantiles(fences, n=100, method="inclusive") if len(fences) > 1 else fences * 99
+    return {
+        "shards": len(fences), "fence_ms_p50": round(statistics.median(fences), 1), "fence_ms_p99": round(q[98], 1),
+        "writer_ops_per_s_alone": round(alone, 1), "writer_ops_per_s_during": round(acked.ops / elapsed, 1),
+        "writer_during_vs_alone": round(acked.ops / elapsed / alone, 3),
+        "fenced_retries": acked.fenced, "lost_writes": 0, "writer_errors": w.errors[:3],
+        "migration_s": round(elapsed, 2), "writer_ops_during": acked.ops,
+    }
+
+
+def chart(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["raw pipe", "tool copy", "tool verify", "reladiff"]
+    values = [doc["raw_pipe_s"], doc["copy_s"], doc["verify_s"], doc.get("reladiff_s") or 0]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bars = ax.bar(labels, values, color=["#888", "#2a7", "#27a", "#c63"])
+    ax.bar_label(bars, fmt="%.2f s")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"{doc['rows']:,} rows, scale {doc['scale']}, {doc['cores']} cores: "
+                 f"copy/pipe {doc['copy_vs_pipe']}, verify x{doc.get('verify_speedup_vs_reladiff')}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def truncate(dsn: str) -> None:
     with psycopg.connect(dsn) as c:
         c.execute("TRUNCATE " + ", ".join(TABLES) + " CASCADE")
@@ -128,6 +224,9 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it")
     ap.add_argument("--object-kb", type=int, default=256)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--no-reladiff", action="store_true")
+    ap.add_argument("--writes", action="store_true", help="measure the fence window and writer throughput")
+    ap.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     a = ap.parse_args()
     users = max(100, int(500_000 * a.scale))
     base = Path(tempfile.mkdtemp(prefix="rm-bench-"))
@@ -146,10 +245,9 @@ def main() -> None:
         spec["sharding"] = {"shards_per_region": 1}
         spec["copy"] = {"batch_users": a.batch_users}
         psql = str(bindir() / "psql")
-        pipe, copy, verify = [], [], []
+        pipe, copy, verify, rel = [], [], [], []
         rows = 0
-        peak = 0
-        proc = psutil.Process()
+        codes = [c for c, r in spec["policy"].items() if r == "ie"]
         for run in range(a.runs):
             truncate(dst)
             ctx = Context(parse_spec(spec))
@@ -168,19 +266,43 @@ def main() -> None:
             for s in p.shards:
                 assert compare_shard(ctx, s.shard_id).matched
             verify.append(time.perf_counter() - t0)
-            peak = max(peak, proc.memory_info().rss)
+            if not a.no_reladiff:
+                seconds, found = reladiff(ctx, src, dst, codes)
+                assert not found, f"reladiff reports differences on an exact copy: {found[:3]}"
+                rel.append(seconds)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         med = statistics.median
+        changed = None
+        if not a.no_reladiff:  # one row changed at the destination: both must find it
+            victim = psycopg.connect(dst, autocommit=True).execute(
+                "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
+                "RETURNING comment_id").fetchone()[0]
+            tool_found = [d for s in p.shards for d in compare_shard(ctx, s.shard_id).differences]
+            _, rel_found = reladiff(ctx, src, dst, codes)
+            changed = {
+                "row": {"table": "comments", "comment_id": victim},
+                "tool_found": tool_found == [{"table": "comments", "pk": {"comment_id": str(victim)}, "problem": "different"}],
+                "reladiff_found": sorted(f["sign"] for f in rel_found) == ["+", "-"]
+                and all(f["table"] == "comments" and f["key"] == [str(victim)] for f in rel_found),
+            }
         doc = {
             "scale": a.scale, "users": users, "rows": rows, "runs": a.runs, "cores": os.cpu_count(),
             "machine": platform.machine(),
             "raw_pipe_s": round(med(pipe), 3), "copy_s": round(med(copy), 3), "verify_s": round(med(verify), 3),
             "copy_vs_pipe": round(med(copy) / med(pipe), 3),
             "total_vs_pipe": round((med(copy) + med(verify)) / med(pipe), 3),
-            "peak_rss_mb": round(peak / 2**20, 1),
-            "note": "copy_s includes planning; reladiff and fence figures are not measured yet",
+            "peak_rss_mb": round(peak, 1),
+            "reladiff_s": round(med(rel), 3) if rel else None,
+            "verify_speedup_vs_reladiff": round(med(rel) / med(verify), 2) if rel else None,
+            "changed_row": changed,
+            "note": "copy_s includes planning; peak_rss_mb is the benchmark process's (the tool runs in it)",
         }
+        if a.writes:
+            doc["live_writes"] = bench_writes(a, src, dst, control, spec)
         if a.objects:
             doc["object_copy"] = bench_objects(a, src, control, spec, a.runs)
+        if a.chart:
+            chart(doc, a.chart)
         print(json.dumps(doc, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in doc.items()))
     finally:
         cluster.remove()

@@ -12,8 +12,9 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
-def test_bench_smoke():
-    res = subprocess.run([sys.executable, "-m", "bench", "--scale", "0.004", "--runs", "1", "--json", "--objects", "20", "--object-kb", "64"],
+def test_bench_smoke(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "bench", "--scale", "0.004", "--runs", "1", "--json", "--objects", "20", "--object-kb", "64",
+                          "--writes", "--chart", str(tmp_path / "bench.png")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout)
@@ -21,3 +22,8 @@ def test_bench_smoke():
     for key in ("raw_pipe_s", "copy_s", "verify_s", "copy_vs_pipe", "total_vs_pipe", "peak_rss_mb", "cores"):
         assert doc[key] > 0, key
     assert doc["object_copy"]["objects"] == 20 and doc["object_copy"]["objects_vs_plain"] > 0
+    assert doc["changed_row"]["tool_found"] and doc["changed_row"]["reladiff_found"]
+    assert doc["verify_speedup_vs_reladiff"] > 0
+    w = doc["live_writes"]
+    assert w["lost_writes"] == 0 and not w["writer_errors"] and w["shards"] > 0 and w["fence_ms_p99"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 1000

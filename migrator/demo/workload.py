@@ -25,7 +25,7 @@ class Acked:
 
 class Writer:
     def __init__(self, dsn: dict[str, str], control: str, users: list[int], threads: int = 2, rate_hz: float = 200,
-                 seed: int = 7):
+                 seed: int = 7, first_event: int = 10**9):
         self.dsn, self.control = dsn, control
         self.parts = [users[i::threads] for i in range(threads)]
         self.rate = rate_hz / threads
@@ -34,6 +34,7 @@ class Writer:
         self.stop_flag = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i, seed + i), daemon=True) for i in range(threads)]
         self.errors: list[str] = []
+        self.first_event = first_event
 
     def start(self) -> "Writer":
         for t in self.threads:
@@ -58,7 +59,7 @@ class Writer:
         rnd = random.Random(seed)
         users = self.parts[i]
         mine: dict[int, int] = {}  # event -> user, inserted by this thread and not deleted
-        next_event = 10**9 + i * 10**7
+        next_event = self.first_event + i * 10**7
         conns: dict[str, psycopg.Connection] = {}
         ctl = psycopg.connect(self.control, autocommit=True)
         comment_of: dict[int, int] = {}
