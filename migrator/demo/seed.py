@@ -43,14 +43,14 @@ def seed(dsn: str, users: int, videos_per_user: int = 3, logins_per_user: int = 
                    CASE WHEN i % 5 = 0 THEN NULL
                         ELSE jsonb_build_object('lang', (ARRAY['en','de','fr','nb','sv'])[1 + i % 5],
                                                 'score', round((i % 997) / 7.0, 3), 'tags', jsonb_build_array(i % 3, 'x')) END
-            FROM generate_series(1, {users}) AS i""")
+            FROM generate_series(1::bigint, {users}) AS i""")
         c.execute(f"""
             INSERT INTO videos
             SELECT (i - 1) * {videos_per_user} + j, i, 'Video ' || j || ' of ' || i,
                    CASE WHEN (i + j) % 13 = 0 THEN NULL ELSE ((i * j) % 36000) / 100.0 END,
                    'videos/' || i || '/' || ((i - 1) * {videos_per_user} + j) || '.mp4',
                    timestamptz '{START}' + make_interval(secs => i * {step} + j * 60)
-            FROM generate_series(1, {users}) AS i, generate_series(1, {videos_per_user}) AS j""")
+            FROM generate_series(1::bigint, {users}) AS i, generate_series(1, {videos_per_user}) AS j""")
         c.execute(f"""
             INSERT INTO comments
             SELECT v.video_id, v.video_id, 1 + (v.video_id * 31) % {users},
@@ -60,16 +60,16 @@ def seed(dsn: str, users: int, videos_per_user: int = 3, logins_per_user: int = 
         c.execute(f"""
             INSERT INTO login_events
             SELECT (i - 1) * {logins_per_user} + j, i,
-                   CASE WHEN j % 4 = 0 THEN ('2001:db8::' || to_hex(i) || ':' || j)::inet
+                   CASE WHEN j % 4 = 0 THEN ('2001:db8::' || to_hex(i / 65536) || ':' || to_hex(i % 65536) || ':' || j)::inet
                         ELSE ('198.51.' || (i % 250) || '.' || (j * 7 % 250))::inet END,
                    timestamptz '{START}' + make_interval(secs => i * {step} + j * 3600.123456),
                    (i + j) % 9 <> 0
-            FROM generate_series(1, {users}) AS i, generate_series(1, {logins_per_user}) AS j""")
+            FROM generate_series(1::bigint, {users}) AS i, generate_series(1, {logins_per_user}) AS j""")
         c.execute(f"""
             INSERT INTO devices
             SELECT i, d, CASE WHEN i % 7 = 0 THEN NULL ELSE '+1555' || lpad((i * 37 + d)::text, 7, '0') END,
                    (ARRAY['phone-a','phone-b','tablet'])[1 + (i + d) % 3]
-            FROM generate_series(1, {users}) AS i, generate_series(1, 2) AS d
+            FROM generate_series(1::bigint, {users}) AS i, generate_series(1, 2) AS d
             WHERE d = 1 OR i % 2 = 0""")
         c.execute("ANALYZE")
         counts = {}
