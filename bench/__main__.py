@@ -191,6 +191,35 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     }
 
 
+def bench_airflow(dst: str, control: str, spec: dict, base: Path) -> dict:
+    """The same plan through the residency_migration DAG (airflow dags test) and the CLI engine."""
+    from migrator import engine
+    from migrator.demo.airflow_run import run_dag
+
+    def reset():
+        truncate(dst)
+        with psycopg.connect(control) as c:
+            c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
+        with psycopg.connect(spec["regions"]["us"]["dsn"]) as c:
+            c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
+
+    aspec = dict(spec, sharding={"shards_per_region": 4})
+    reset()
+    t0 = time.perf_counter()
+    _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
+    cli_s = time.perf_counter() - t0
+    assert all(o.ok for o in outcomes)
+    reset()
+    path = base / "airflow-spec.yaml"
+    path.write_text(yaml.safe_dump(aspec))
+    t0 = time.perf_counter()
+    res = run_dag(path, base / "airflow")
+    airflow_s = time.perf_counter() - t0
+    assert res.returncode == 0, "the DAG run failed"
+    return {"cli_s": round(cli_s, 2), "airflow_s": round(airflow_s, 2), "airflow_vs_cli": round(airflow_s / cli_s, 2),
+            "note": "airflow_s includes `airflow db migrate` of a fresh metadata DB and task start-up"}
+
+
 def chart(doc: dict, path: Path) -> None:
     import matplotlib
 
@@ -227,6 +256,7 @@ def main() -> None:
     ap.add_argument("--no-reladiff", action="store_true")
     ap.add_argument("--writes", action="store_true", help="measure the fence window and writer throughput")
     ap.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
+    ap.add_argument("--airflow", action="store_true", help="also time the plan through the Airflow DAG")
     a = ap.parse_args()
     users = max(100, int(500_000 * a.scale))
     base = Path(tempfile.mkdtemp(prefix="rm-bench-"))
@@ -253,8 +283,9 @@ def main() -> None:
             ctx = Context(parse_spec(spec))
             pipe.append(raw_pipe(ctx, psql, src, dst, "ie"))
             truncate(dst)
-            with psycopg.connect(control) as c:
-                c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
+            for d in (control, src):
+                with psycopg.connect(d) as c:
+                    c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
             ctx = Context(parse_spec(spec))
             t0 = time.perf_counter()
             p = plan(ctx, f"bench-{run}")
@@ -301,6 +332,8 @@ def main() -> None:
             doc["live_writes"] = bench_writes(a, src, dst, control, spec)
         if a.objects:
             doc["object_copy"] = bench_objects(a, src, control, spec, a.runs)
+        if a.airflow:
+            doc["airflow"] = bench_airflow(dst, control, spec, base)
         if a.chart:
             chart(doc, a.chart)
         print(json.dumps(doc, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in doc.items()))

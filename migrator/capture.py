@@ -151,6 +151,8 @@ def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
 
 
 def _users(conn: psycopg.Connection, table: str, sid: str, keys: list[str]) -> None:
+    # A user is in one live shard; rows left by a shard whose control state is gone are replaced.
+    conn.execute(f"DELETE FROM migrator.{table} WHERE shard_id = %s OR user_key = ANY(%s)", (sid, keys))
     with conn.cursor().copy(f"COPY migrator.{table} (user_key, shard_id) FROM STDIN") as cp:
         for k in keys:
             cp.write_row((k, sid))
@@ -312,3 +314,15 @@ def finalize(ctx: Context, sid: str, src_dsn: str, dst_dsn: str) -> None:
             c.execute("DELETE FROM migrator.changes WHERE shard_id = %s", (sid,))
     stop_capture(ctx, dst_dsn, sid, fence_too=True)
     uninstall_if_unused(ctx, src_dsn)
+
+
+def touched_keys(dsn: str, sid: str) -> dict[str, list[dict]]:
+    """Table -> primary keys (as logged) of every change logged for the shard."""
+    with connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return {}
+        rows = c.execute("SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s", (sid,)).fetchall()
+    out: dict[str, list[dict]] = {}
+    for t, pk in rows:
+        out.setdefault(t, []).append(pk)
+    return out

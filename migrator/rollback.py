@@ -22,7 +22,7 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
     """Fence the destination, carry every destination write since cutover back to the
     source and verify, before the directory flips back: a rollback loses nothing."""
     from migrator.errors import ChecksumMismatch
-    from migrator.verifier import compare_shard
+    from migrator.verifier import compare_touched
 
     keys = ctx.control.all_keys(sid)
     deadline = time.monotonic() + max(ctx.spec.changes.fence_window_s, 30.0)
@@ -30,10 +30,9 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
         with bounded(deadline):
             capture.fence(dst, sid, keys, deadline)
             n = capture.catch_up(ctx, sid, dst, src, "reverse", deadline=deadline)
-            res = compare_shard(ctx, sid)
-            if not res.matched:
-                raise ChecksumMismatch(f"shard {sid}: {len(res.differences)} row(s) differ after carrying writes back",
-                                       res.differences)
+            diffs = compare_touched(ctx, sid, dst, dst)
+            if diffs:
+                raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ after carrying writes back", diffs)
             capture.hold_fence(dst, sid)  # until the rows are gone from the destination
         return n
     except BaseException:
