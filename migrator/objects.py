@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.object_checkpoint (
 """
 
 
+PER_USER_LISTING = 64  # above this many users in a batch, list the common prefix once
+
+
 def enabled(ctx: Context) -> bool:
     return ctx.spec.objects is not None
 
@@ -72,11 +75,20 @@ def _keys(ctx: Context, users: list[str]) -> list[str]:
             keys.update(r[0] for r in c.execute(q, {"keys": users}).fetchall())
     if o.user_prefix is not None:
         src = o.stores[ctx.spec.source_region]
-        cl = s3.client(src)
-        pages = cl.get_paginator("list_objects_v2")
-        for u in users:
-            for page in pages.paginate(Bucket=src.bucket, Prefix=o.user_prefix.replace("{user}", u)):
-                keys.update(obj["Key"] for obj in page.get("Contents", []))
+        pages = s3.client(src).get_paginator("list_objects_v2")
+        head, tail = o.user_prefix.split("{user}", 1)
+        if len(users) <= PER_USER_LISTING:
+            for u in users:
+                for page in pages.paginate(Bucket=src.bucket, Prefix=head + u + tail):
+                    keys.update(obj["Key"] for obj in page.get("Contents", []))
+        else:  # one listing of the common prefix beats a LIST per user for a large batch
+            wanted = set(users)
+            for page in pages.paginate(Bucket=src.bucket, Prefix=head):
+                for obj in page.get("Contents", []):
+                    rest = obj["Key"][len(head):]
+                    cut = rest.find(tail) if tail else len(rest)
+                    if cut > 0 and rest[:cut] in wanted:
+                        keys.add(obj["Key"])
     return sorted(keys)
 
 

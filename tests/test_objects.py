@@ -149,6 +149,7 @@ def ids_for(w, region):
 
 def test_objects_copied_verified_and_only_theirs(oworld):
     w = oworld
+    w.write_spec(copy={"batch_users": 100})  # large batches list the common prefix once
     res = w.migrator("run", "--json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     for region in ("ie", "no"):
