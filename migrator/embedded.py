@@ -167,6 +167,8 @@ class LocalS3:
 
     def start(self, timeout: float = 30) -> "LocalS3":
         exe = Path(sys.executable).parent / "moto_server"
+        if not exe.exists():
+            raise RuntimeError(f"no S3 endpoint program at {exe}: install moto[server] (a dependency of this package)")
         self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
