@@ -134,8 +134,23 @@ def install(ctx: Context, dsn: str) -> None:
 
 
 def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
-    """Drop the triggers, functions and log when no shard needs them any more."""
+    """Drop the triggers, functions and log when no shard needs them any more. Dropping a
+    trigger locks its table against the application's writes, so a deadlock or lock
+    timeout is retried rather than failing the shard."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+    from migrator.errors import is_transient
+
+    for attempt in Retrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(10),
+                            wait=wait_exponential(multiplier=0.1, max=2), reraise=True):
+        with attempt:
+            return _uninstall(ctx, dsn)
+    return False
+
+
+def _uninstall(ctx: Context, dsn: str) -> bool:
     with connect(dsn) as c:
+        c.execute("SET LOCAL lock_timeout = '2s'")
         c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
         if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
             return True
@@ -143,7 +158,7 @@ def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
         if busy:
             return False
         g = ctx.spec.entity_graph
-        for table in ctx.tables.values():
+        for table in reversed(list(ctx.tables.values())):  # children first, as writers lock them
             c.execute(sql.SQL("DROP TRIGGER IF EXISTS migrator_guard ON {}.{}").format(sql.Identifier(g.schema_), sql.Identifier(table.name)))
             c.execute(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}()")
         c.execute("DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users")
