@@ -5,14 +5,21 @@ Design
 A batch is a fixed set of users (formed by the planner). For each batch the source is
 read in one REPEATABLE READ snapshot and every table of the graph is streamed, parents
 first, with binary COPY straight into one destination transaction. Before that
-transaction commits, the batch's (count, sum-of-row-hashes) is computed on both sides and
-must agree, and a row is added to the destination's batch ledger. The ledger is the
-destination's own record of what this tool wrote, committed atomically with the rows:
+transaction commits, every table's row count as the source sent it (its COPY TO) must
+equal the count the destination took (its COPY FROM), and a row is added to the
+destination's batch ledger with those counts and a SHA-256 of the exact bytes streamed.
+The ledger is the destination's own record of what this tool wrote, committed atomically
+with the rows:
 
 * a crash after the destination commit but before the control checkpoint is healed on
   resume from the ledger, so a batch is never written twice;
 * rows of a batch's users found at the destination without a ledger row were written by
   someone else: a conflict, refused and named.
+
+Row contents are compared by the verify phase, one pass per table over the whole shard on
+both sides at once, which must pass before cutover. Comparing digests batch by batch as
+well (`copy.inline_digest`) finds a difference earlier but reads every row twice more;
+it is off by default.
 
 Progress (the checkpoint) is recorded only after the destination committed, so it counts
 what was committed, never what was sent.
@@ -22,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg
@@ -50,7 +59,7 @@ CREATE TABLE IF NOT EXISTS migrator.batch_ledger (
 
 
 def batch_digest(parts: dict[str, tuple[int, str]]) -> str:
-    """One digest over a batch's per-table (count, sum) pairs."""
+    """One digest over a batch's per-table (row count, stream SHA-256) pairs."""
     text = "\n".join(f"{t}|{n}|{s}" for t, (n, s) in sorted(parts.items()))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -103,6 +112,30 @@ def ledger(dsn: str, sid: str) -> dict[int, dict]:
     return {b: {"last_key": k, "rows": r, "digest": d} for b, k, r, d in rows}
 
 
+CHUNK = 64 * 1024
+
+
+def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> "hashlib._Hash":
+    """Stream a COPY TO into a COPY FROM; the SHA-256 of the bytes sent.
+
+    The source yields one message per row; handing each to the destination costs a round
+    of the driver's send loop per row, so rows are gathered into chunks first."""
+    stream = hashlib.sha256()
+    buf = bytearray()
+    for block in out:
+        buf += block
+        if len(buf) >= CHUNK:
+            chunk = bytes(buf)
+            buf.clear()
+            stream.update(chunk)
+            inp.write(chunk)
+    if buf:
+        chunk = bytes(buf)
+        stream.update(chunk)
+        inp.write(chunk)
+    return stream
+
+
 def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list[str]) -> dict:
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     src, dst = links.open()
@@ -110,7 +143,7 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
         dst.execute("SET LOCAL migrator.apply = 'on'")  # this tool's own writes pass the guards
         with dst.cursor() as dcur:
             for name, table in ctx.tables.items():
-                found = dcur.execute(sqlgen.existing_pks(graph, table, kt), {"keys": keys}).fetchall()
+                found = dcur.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(keys)).fetchall()
                 if found:
                     pks = [dict(zip(table.pk, r)) for r in found]
                     raise ConflictError(
@@ -121,20 +154,26 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
         parts: dict[str, tuple[int, str]] = {}
         with src.cursor() as scur, dst.cursor() as dcur:
             for name, table in ctx.tables.items():
-                with scur.copy(sqlgen.copy_out(graph, table, kt), {"keys": keys}) as out, \
+                with scur.copy(sqlgen.copy_out(graph, table, kt), sqlgen.keys_arg(keys)) as out, \
                         dcur.copy(sqlgen.copy_in(graph, table)) as inp:
-                    for block in out:
-                        inp.write(block)
-                rows[name] = dcur.rowcount
-                dq = sqlgen.digest_keys(graph, table, kt)
-                s_n, s_sum = scur.execute(dq, {"keys": keys}).fetchone()
-                d_n, d_sum = dcur.execute(dq, {"keys": keys}).fetchone()
-                if (s_n, s_sum) != (d_n, d_sum) or d_n != rows[name]:
+                    stream = _relay(out, inp)
+                sent, taken = scur.rowcount, dcur.rowcount
+                if sent != taken or sent < 0:
                     raise ChecksumMismatch(
-                        f"shard {sid} batch {batch_no}: table {name} differs right after copy "
-                        f"(source {s_n} rows, destination {d_n} rows)"
+                        f"shard {sid} batch {batch_no}: table {name}: the source sent {sent} rows, "
+                        f"the destination took {taken}"
                     )
-                parts[name] = (d_n, d_sum)
+                rows[name] = taken
+                parts[name] = (taken, stream.hexdigest())
+                if ctx.spec.copy_.inline_digest:
+                    dq = sqlgen.digest_keys(graph, table, kt)
+                    s_n, s_sum = scur.execute(dq, sqlgen.keys_arg(keys)).fetchone()
+                    d_n, d_sum = dcur.execute(dq, sqlgen.keys_arg(keys)).fetchone()
+                    if (s_n, s_sum) != (d_n, d_sum) or d_n != taken:
+                        raise ChecksumMismatch(
+                            f"shard {sid} batch {batch_no}: table {name} differs right after copy "
+                            f"(source {s_n} rows, destination {d_n} rows)"
+                        )
             digest = batch_digest(parts)
             dcur.execute(
                 "INSERT INTO migrator.batch_ledger (shard_id, batch_no, last_key, rows, digest) VALUES (%s, %s, %s, %s, %s)",
@@ -153,6 +192,70 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
                 except Exception:  # noqa: BLE001
                     links.reset()
         raise
+
+
+def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list[str]) -> dict:
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            if attempt.retry_state.attempt_number > 1:
+                log.warning("shard %s batch %d: retrying after a transient error (attempt %d)",
+                            sid, b, attempt.retry_state.attempt_number)
+            res = _copy_batch(ctx, links, sid, b, keys)
+    return res
+
+
+def _copy_pending(ctx: Context, sid: str, dst_dsn: str, batches: dict[int, list[str]],
+                  pending: list[int]) -> Iterator[tuple[int, dict]]:
+    """Copy the pending batches with `copy.workers` workers, yielding each as it commits.
+
+    Batches are independent (each its own users, destination transaction and ledger row),
+    so they may commit in any order; the caller checkpoints each as it is yielded. After
+    the first error no worker starts another batch; those in flight finish (and are
+    yielded) before the error is raised, so nothing committed goes unrecorded."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for b in pending:
+        todo.put(b)
+    out: queue.SimpleQueue[tuple[int, dict | None, BaseException | None]] = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def worker() -> None:
+        links = _Links(ctx.source_dsn, dst_dsn)
+        try:
+            while not stop.is_set():
+                try:
+                    b = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    out.put((b, _copy_with_retries(ctx, links, sid, b, batches[b]), None))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    stop.set()
+                    out.put((b, None, exc))
+                    return
+        finally:
+            links.reset()
+
+    n = min(ctx.spec.copy_.workers, len(pending))
+    threads = [threading.Thread(target=worker, name=f"copy-{sid}-{i}", daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    error: BaseException | None = None
+    try:
+        while any(t.is_alive() for t in threads) or not out.empty():
+            try:
+                b, res, exc = out.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if exc is not None:
+                error = error or exc
+            else:
+                yield b, res
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    if error is not None:
+        raise error
 
 
 def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | None = None) -> CopyResult:
@@ -179,29 +282,18 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
             if b not in done:
                 ctl.save_checkpoint(sid, b, entry["last_key"], entry["rows"], entry["digest"])
                 done[b] = entry
-        links = _Links(ctx.source_dsn, dst_dsn)
         copied_now = 0
         total = len(batches)
         if progress:
             progress(len(done), total)
-        try:
-            for b in sorted(batches):
-                if b in done:
-                    continue
-                for attempt in retrying(ctx.spec.retry):
-                    with attempt:
-                        if attempt.retry_state.attempt_number > 1:
-                            log.warning("shard %s batch %d: retrying after a transient error (attempt %d)",
-                                        sid, b, attempt.retry_state.attempt_number)
-                        res = _copy_batch(ctx, links, sid, b, batches[b])
-                ctl.save_checkpoint(sid, b, res["last_key"], res["rows"], res["digest"])
-                done[b] = res
-                copied_now += 1
-                log.info("shard %s batch %d committed", sid, b)
-                if progress:
-                    progress(len(done), total)
-        finally:
-            links.reset()
+        pending = [b for b in sorted(batches) if b not in done]
+        for b, res in _copy_pending(ctx, sid, dst_dsn, batches, pending):
+            ctl.save_checkpoint(sid, b, res["last_key"], res["rows"], res["digest"])
+            done[b] = res
+            copied_now += 1
+            log.info("shard %s batch %d committed", sid, b)
+            if progress:
+                progress(len(done), total)
         if ctx.spec.changes.capture:
             from migrator.cutover import pause_point
 

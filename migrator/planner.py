@@ -105,7 +105,8 @@ def _candidates(ctx: Context, since: datetime | None, until: datetime | None):
 
 
 def _measure(ctx: Context, shards: list[ShardPlan]) -> None:
-    """Rows and approximate bytes per table for each shard, one pass per table at the source."""
+    """Rows per table for each shard, one pass per table at the source, and approximate
+    bytes from each table's mean row size (zero for a table never analyzed)."""
     if not shards:
         return
     buf = io.StringIO()
@@ -118,10 +119,10 @@ def _measure(ctx: Context, shards: list[ShardPlan]) -> None:
             cp.write(buf.getvalue())
         c.execute("ANALYZE rm_keys")
         for name, table in ctx.tables.items():
-            q = sqlgen.count_and_bytes(ctx.spec.entity_graph, table, "rm_keys")
-            for b, n, size in c.execute(q).fetchall():
+            (per_row,) = c.execute(sqlgen.mean_row_bytes(ctx.spec.entity_graph, table)).fetchone()
+            for b, n in c.execute(sqlgen.count_by_group(ctx.spec.entity_graph, table, "rm_keys")).fetchall():
                 shards[b].rows[name] = n
-                shards[b].bytes += int(size)
+                shards[b].bytes += int(n * (per_row or 0))
         c.rollback()
     for s in shards:
         for name in ctx.tables:

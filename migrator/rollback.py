@@ -84,7 +84,7 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
                 ).fetchone()
                 if ours:
                     for name in reversed(list(ctx.tables)):
-                        counts[name] = c.execute(sqlgen.delete_keys(graph, ctx.tables[name], kt), {"keys": keys}).rowcount
+                        counts[name] = c.execute(sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)).rowcount
         for t, n in counts.items():
             deleted[t] += n
     for dsn in (src, dst):

@@ -219,6 +219,15 @@ class Sharding(_Strict):
 
 class CopySettings(_Strict):
     batch_users: int = Field(500, ge=1, le=1_000_000)
+    workers: int = Field(
+        2, ge=1, le=32,
+        description="batches of one shard copied at once, each on its own source and destination connection",
+    )
+    inline_digest: bool = Field(
+        False,
+        description="also compare each batch's row digests on both sides before it commits; the verify "
+        "phase compares every row before cutover either way, so this only finds a difference earlier",
+    )
 
 
 class RetrySettings(_Strict):

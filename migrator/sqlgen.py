@@ -91,7 +91,16 @@ def _cols(table: Table, alias: str = "t0") -> sql.Composable:
     return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c.name)) for c in table.columns)
 
 
-def _keys_filter(own: Ownership, key_type: str) -> sql.Composable:
+def keys_arg(keys: list[str]) -> dict[str, str]:
+    """The %(keys)s parameter of the statements below: the users' keys as one text[] literal.
+
+    One string is cheap to send however many keys a batch has (a COPY's parameters are
+    bound in the client, where adapting a list of thousands of keys one by one costs more
+    than streaming the rows), and the server still sees a constant array it can plan for."""
+    return {"keys": "{" + ",".join('"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"' for k in keys) + "}"}
+
+
+def keys_filter(own: Ownership, key_type: str) -> sql.Composable:
     # Keys travel as text[] and are cast to the root key's type on the server.
     return sql.SQL("{} = ANY(%(keys)s::text[]::{}[])").format(own.owner, sql.SQL(key_type))
 
@@ -99,7 +108,7 @@ def _keys_filter(own: Ownership, key_type: str) -> sql.Composable:
 def copy_out(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
     """COPY of the rows of a set of users (%(keys)s) in binary format."""
     own = ownership(graph, table.name)
-    q = sql.SQL("SELECT {} FROM {} WHERE {}").format(_cols(table), own.from_, _keys_filter(own, key_type))
+    q = sql.SQL("SELECT {} FROM {} WHERE {}").format(_cols(table), own.from_, keys_filter(own, key_type))
     return sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(q)
 
 
@@ -114,7 +123,7 @@ def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composab
     """(count, sum of row hashes) over a set of users' rows."""
     own = ownership(graph, table.name)
     return sql.SQL("SELECT count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}").format(
-        row_hash(table), own.from_, _keys_filter(own, key_type)
+        row_hash(table), own.from_, keys_filter(own, key_type)
     )
 
 
@@ -132,21 +141,29 @@ def pk_hashes(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable
     pk = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
     order = sql.SQL(", ").join(sql.SQL("t0.{}").format(sql.Identifier(c)) for c in table.pk)
     return sql.SQL("SELECT {}, {} FROM {} WHERE {} ORDER BY {}").format(
-        pk, row_hash(table), own.from_, _keys_filter(own, key_type), order
+        pk, row_hash(table), own.from_, keys_filter(own, key_type), order
     )
 
 
 def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5) -> sql.Composable:
     own = ownership(graph, table.name)
     pk = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
-    return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(pk, own.from_, _keys_filter(own, key_type), sql.Literal(limit))
+    return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(pk, own.from_, keys_filter(own, key_type), sql.Literal(limit))
 
 
-def count_and_bytes(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:
+def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:
+    """One pass over a table: (group, rows) for the users listed in a keys table."""
     own = ownership(graph, table.name)
+    return sql.SQL("SELECT m.b, count(*) FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b").format(
+        own.from_, sql.Identifier(keys_table), own.owner)
+
+
+def mean_row_bytes(graph: EntityGraph, table: Table) -> sql.Composable:
+    """The table's mean on-disk bytes per row, from its size and the planner's row estimate
+    (NULL while the table has no estimate, e.g. before it was first analyzed)."""
     return sql.SQL(
-        "SELECT m.b, count(*), coalesce(sum(pg_column_size(t0.*)), 0) FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b"
-    ).format(own.from_, sql.Identifier(keys_table), own.owner)
+        "SELECT pg_table_size(c.oid)::float8 / nullif(greatest(c.reltuples, 0), 0) FROM pg_class c WHERE c.oid = {}::regclass"
+    ).format(sql.Literal(f"{sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}"))
 
 
 def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
@@ -156,9 +173,9 @@ def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composab
     if own.joined == 0:
         # the owner column is on the table itself
         return sql.SQL("DELETE FROM {}.{} AS t0 WHERE {}").format(
-            sql.Identifier(schema), sql.Identifier(name), _keys_filter(own, key_type)
+            sql.Identifier(schema), sql.Identifier(name), keys_filter(own, key_type)
         )
     pk_match = sql.SQL(" AND ").join(sql.SQL("d.{0} = t0.{0}").format(sql.Identifier(c)) for c in table.pk)
     return sql.SQL("DELETE FROM {}.{} AS d WHERE EXISTS (SELECT 1 FROM {} WHERE {} AND {})").format(
-        sql.Identifier(schema), sql.Identifier(name), own.from_, pk_match, _keys_filter(own, key_type)
+        sql.Identifier(schema), sql.Identifier(name), own.from_, pk_match, keys_filter(own, key_type)
     )

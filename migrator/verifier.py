@@ -66,7 +66,7 @@ def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: lis
     sides = []
     for dsn in (src_dsn, dst_dsn):
         with connect(dsn, autocommit=True) as c:
-            sides.append({tuple(r[:-1]): r[-1] for r in c.execute(q, {"keys": keys}).fetchall()})
+            sides.append({tuple(r[:-1]): r[-1] for r in c.execute(q, sqlgen.keys_arg(keys)).fetchall()})
     src, dst = sides
     diffs = []
     for pk in sorted(src.keys() | dst.keys()):

@@ -58,3 +58,18 @@ def test_equal_rows_hash_alike_and_different_rows_do_not(db, a, b, tz):
         c.rollback()
     same = [repr(v) for v in stored[0]] == [repr(v) for v in stored[1]]
     assert (hashes[0] == hashes[1]) == same
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
+                min_size=1, max_size=20))
+def test_keys_travel_intact_as_one_array_literal(db, keys):
+    """Any text keys (quotes, backslashes, commas, braces, 'NULL', '') reach the server as
+    they are, whether the statement binds in the server or, as COPY does, in the client."""
+    dsn, _ = db
+    with connect(dsn, autocommit=True) as c:
+        got = c.execute("SELECT %(keys)s::text[]", sqlgen.keys_arg(keys)).fetchone()[0]
+        assert got == keys
+        with c.cursor() as cur, cur.copy("COPY (SELECT unnest(%(keys)s::text[])) TO STDOUT", sqlgen.keys_arg(keys)) as cp:
+            copied = [row[0] for row in cp.rows()]
+        assert copied == keys

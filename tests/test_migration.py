@@ -38,7 +38,11 @@ def assert_destination_equals_source(w: World, homes: dict[str, list[int]]) -> N
         assert total == len(ids)
 
 
-def test_whole_migration_copies_exactly_the_policy_subset(world: World):
+@pytest.mark.parametrize("copy", [None, {"workers": 1, "inline_digest": True, "batch_users": 7}],
+                         ids=["defaults", "one-worker-inline-digest"])
+def test_whole_migration_copies_exactly_the_policy_subset(world: World, copy):
+    if copy:
+        world.write_spec(copy=copy)
     res = world.migrator("run", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
@@ -102,6 +106,25 @@ def test_killed_process_resumes_without_duplicates(world: World):
     # checkpoints cover every batch exactly once
     batches = world.ctl("SELECT sum(batches) FROM migrator.shard")[0][0]
     assert world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] == batches
+
+
+def test_rows_the_destination_silently_drops_stop_the_copy(world: World):
+    """A destination trigger that swallows some rows: the batch's counts disagree, the copy
+    stops naming the table, and the batch is not committed there."""
+    world.write_spec(sharding={"shards_per_region": 1})
+    with psycopg.connect(world.dsn["ie"]) as c:
+        c.execute("""CREATE FUNCTION swallow() RETURNS trigger LANGUAGE plpgsql AS
+                     $$BEGIN IF NEW.event_id % 7 = 0 THEN RETURN NULL; END IF; RETURN NEW; END$$""")
+        c.execute("CREATE TRIGGER swallow BEFORE INSERT ON login_events FOR EACH ROW EXECUTE FUNCTION swallow()")
+    assert world.migrator("plan").returncode == 0
+    res = world.migrator("copy", "--region", "ie", "--json")
+    assert res.returncode != 0
+    assert "login_events" in res.stdout + res.stderr and "the destination took" in res.stdout + res.stderr
+    assert world.rows("ie", "SELECT count(*) FROM login_events")[0][0] == 0
+    assert world.rows("ie", "SELECT count(*) FROM users")[0][0] == 0
+    assert world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] == 0
+    states = {s for (s,) in world.ctl("SELECT state FROM migrator.shard WHERE region = 'ie'")}
+    assert states == {"failed"}
 
 
 def test_corrupted_destination_row_is_caught_and_named(world: World):
