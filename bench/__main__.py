@@ -238,6 +238,19 @@ def chart(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def growth(small: dict, large: dict) -> dict:
+    """How the copy and verify times and the peak memory grew from a smaller run to this one:
+    linear growth gives a time ratio equal to the rows ratio."""
+    t_small = small["copy_s"] + small["verify_s"]
+    t_large = large["copy_s"] + large["verify_s"]
+    return {
+        "against_scale": small["scale"], "rows_ratio": round(large["rows"] / small["rows"], 3),
+        "time_ratio": round(t_large / t_small, 3), "copy_time_ratio": round(large["copy_s"] / small["copy_s"], 3),
+        "verify_time_ratio": round(large["verify_s"] / small["verify_s"], 3),
+        "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+    }
+
+
 def truncate(dsn: str) -> None:
     with psycopg.connect(dsn) as c:
         c.execute("TRUNCATE " + ", ".join(TABLES) + " CASCADE")
@@ -257,6 +270,8 @@ def main() -> None:
     ap.add_argument("--writes", action="store_true", help="measure the fence window and writer throughput")
     ap.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     ap.add_argument("--airflow", action="store_true", help="also time the plan through the Airflow DAG")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="the JSON of a run at a smaller scale: report how time and memory grew with the data")
     a = ap.parse_args()
     users = max(100, int(500_000 * a.scale))
     base = Path(tempfile.mkdtemp(prefix="rm-bench-"))
@@ -328,6 +343,8 @@ def main() -> None:
             "changed_row": changed,
             "note": "copy_s includes planning; peak_rss_mb is the benchmark process's (the tool runs in it)",
         }
+        if a.against:
+            doc["growth"] = growth(json.loads(a.against.read_text()), doc)
         if a.writes:
             doc["live_writes"] = bench_writes(a, src, dst, control, spec)
         if a.objects:

@@ -90,7 +90,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or code in {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout"}
+        # PreconditionFailed: a source object changed between its listing and the GET
+        # conditional on the listed ETag; the retry lists the batch again.
+        return status >= 500 or code in {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
+                                         "PreconditionFailed"}
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 

@@ -62,34 +62,63 @@ def manifest_digest(entries: list[tuple[str, int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _keys(ctx: Context, users: list[str]) -> list[str]:
+def _listed(c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str]) -> dict[str, str]:
+    """Key -> ETag of the objects under the users' prefixes at one endpoint."""
+    pages = c.get_paginator("list_objects_v2")
+    found: dict[str, str] = {}
+    if len(users) <= PER_USER_LISTING:
+        for u in users:
+            for page in pages.paginate(Bucket=bucket, Prefix=prefix_head + u + prefix_tail):
+                found.update((obj["Key"], obj["ETag"]) for obj in page.get("Contents", []))
+    else:  # one listing of the common prefix beats a LIST per user for a large batch
+        wanted = set(users)
+        for page in pages.paginate(Bucket=bucket, Prefix=prefix_head):
+            for obj in page.get("Contents", []):
+                rest = obj["Key"][len(prefix_head):]
+                cut = rest.find(prefix_tail) if prefix_tail else len(rest)
+                if cut > 0 and rest[:cut] in wanted:
+                    found[obj["Key"]] = obj["ETag"]
+    return found
+
+
+def _source_objects(ctx: Context, users: list[str]) -> dict[str, str | None]:
+    """The users' object keys at the source, with the ETag the listing gave (None for a
+    key known only from the key column)."""
     o = ctx.spec.objects
-    keys: set[str] = set()
+    keys: dict[str, str | None] = {}
     if o.key_column is not None:
         table = ctx.tables[o.key_column.table]
         own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
-        q = sql.SQL("SELECT DISTINCT t0.{} FROM {} WHERE {} = ANY(%(keys)s::text[]::{}[]) AND t0.{} IS NOT NULL").format(
-            sql.Identifier(o.key_column.column), own.from_, own.owner, sql.SQL(ctx.key_type),
-            sql.Identifier(o.key_column.column))
+        col = sql.Identifier(o.key_column.column)
+        q = sql.SQL("SELECT DISTINCT t0.{} FROM {} WHERE {} AND t0.{} IS NOT NULL").format(
+            col, own.from_, sqlgen.keys_filter(own, ctx.key_type), col)
         with connect(ctx.source_dsn, autocommit=True) as c:
-            keys.update(r[0] for r in c.execute(q, {"keys": users}).fetchall())
+            keys.update((r[0], None) for r in c.execute(q, sqlgen.keys_arg(users)).fetchall())
     if o.user_prefix is not None:
         src = o.stores[ctx.spec.source_region]
-        pages = s3.client(src).get_paginator("list_objects_v2")
         head, tail = o.user_prefix.split("{user}", 1)
-        if len(users) <= PER_USER_LISTING:
-            for u in users:
-                for page in pages.paginate(Bucket=src.bucket, Prefix=head + u + tail):
-                    keys.update(obj["Key"] for obj in page.get("Contents", []))
-        else:  # one listing of the common prefix beats a LIST per user for a large batch
-            wanted = set(users)
-            for page in pages.paginate(Bucket=src.bucket, Prefix=head):
-                for obj in page.get("Contents", []):
-                    rest = obj["Key"][len(head):]
-                    cut = rest.find(tail) if tail else len(rest)
-                    if cut > 0 and rest[:cut] in wanted:
-                        keys.add(obj["Key"])
-    return sorted(keys)
+        keys.update(_listed(s3.client(src), src.bucket, head, tail, users))
+    return dict(sorted(keys.items()))
+
+
+def _keys(ctx: Context, users: list[str]) -> list[str]:
+    return list(_source_objects(ctx, users))
+
+
+def _present_at_destination(ctx: Context, dst_c, bucket: str, users: list[str], keys: list[str],
+                            pool: ThreadPoolExecutor) -> set[str]:
+    """Which of the keys the destination already holds: one listing of the users' prefixes,
+    and a HEAD only for a key outside them."""
+    o = ctx.spec.objects
+    present: set[str] = set()
+    outside = keys
+    if o.user_prefix is not None:
+        head, tail = o.user_prefix.split("{user}", 1)
+        present = set(_listed(dst_c, bucket, head, tail, users)) & set(keys)
+        prefixes = tuple(head + u + tail for u in users)
+        outside = [k for k in keys if not k.startswith(prefixes)]
+    found = pool.map(lambda k: s3.head(dst_c, bucket, k) is not None, outside)
+    return present | {k for k, there in zip(outside, found) if there}
 
 
 def _stores(ctx: Context, region: str):
@@ -114,14 +143,17 @@ def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[st
                 continue
             for attempt in retrying(ctx.spec.retry):
                 with attempt:
-                    keys = _keys(ctx, batches[b])
-                    for k in keys:  # an object we did not write is a conflict, as with rows
-                        h = s3.head(dst_c, dst.bucket, k)
+                    listed = _source_objects(ctx, batches[b])
+                    keys = list(listed)
+                    present = _present_at_destination(ctx, dst_c, dst.bucket, batches[b], keys, pool)
+                    heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
+                    for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
                         if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):
                             raise ConflictError(f"shard {sid} batch {b}: destination object {k!r} exists and was "
                                                 "not written by this tool")
                     results = list(pool.map(
-                        lambda k: s3.copy_object(src_c, src.bucket, dst_c, dst.bucket, k, threshold, part), keys))
+                        lambda k: s3.copy_object(src_c, src.bucket, dst_c, dst.bucket, k, threshold, part,
+                                                 src_etag=listed[k], dst_head=heads.get(k)), keys))
             entries = [(r.key, r.size, r.sha256) for r in results]
             with ctx.control.connect() as c:
                 with c.cursor().copy(f"COPY {SCHEMA}.object_manifest (shard_id, batch_no, key, size, sha256) FROM STDIN") as cp:

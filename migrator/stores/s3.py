@@ -49,20 +49,27 @@ def head(c, bucket: str, key: str) -> dict | None:
         raise
 
 
-def copy_object(src, src_bucket: str, dst, dst_bucket: str, key: str, threshold: int, part_size: int) -> Copied:
+def copy_object(src, src_bucket: str, dst, dst_bucket: str, key: str, threshold: int, part_size: int,
+                src_etag: str | None = None, dst_head: dict | None = None) -> Copied:
     """Stream one object across endpoints; skip it when the destination already holds this
-    source version (same ETag) with its SHA-256 recorded."""
-    src_head = src.head_object(Bucket=src_bucket, Key=key)
-    etag = src_head["ETag"].strip('"')
-    existing = head(dst, dst_bucket, key)
-    if existing is not None:
-        meta = existing.get("Metadata", {})
-        if meta.get(META_SRC_ETAG) == etag and existing["ContentLength"] == src_head["ContentLength"]:
+    source version (same ETag) with its SHA-256 recorded.
+
+    `src_etag` is the source ETag a listing gave (the GET is then conditional on it, so a
+    version changed since the listing fails rather than being copied unnoticed);
+    `dst_head` is the destination's HEAD when the caller found the key there (None: absent)."""
+    if dst_head is not None:
+        src_head = src.head_object(Bucket=src_bucket, Key=key)
+        etag = src_head["ETag"].strip('"')
+        meta = dst_head.get("Metadata", {})
+        if meta.get(META_SRC_ETAG) == etag and dst_head["ContentLength"] == src_head["ContentLength"]:
             sha_hex = meta.get(META_SHA) or content_sha256(dst, dst_bucket, key, part_size)[1]
-            return Copied(key, existing["ContentLength"], sha_hex, True)
-    body = src.get_object(Bucket=src_bucket, Key=key, IfMatch=src_head["ETag"])["Body"]
+            return Copied(key, dst_head["ContentLength"], sha_hex, True)
+        src_etag = src_head["ETag"]
+    got = src.get_object(Bucket=src_bucket, Key=key, **({"IfMatch": src_etag} if src_etag else {}))
+    etag = got["ETag"].strip('"')
+    body = got["Body"]
+    size = got["ContentLength"]
     sha = hashlib.sha256()
-    size = src_head["ContentLength"]
     if size < threshold:
         data = body.read()
         sha.update(data)
