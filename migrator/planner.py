@@ -79,10 +79,9 @@ def _taken(ctx: Context) -> set[str]:
     return {r[0] for r in moved} | {r[0] for r in busy}
 
 
-def _candidates(ctx: Context, since: datetime | None, until: datetime | None):
-    g = ctx.spec.entity_graph
-    root = g.root
-    where = []
+def _interval(ctx: Context, since: datetime | None, until: datetime | None) -> tuple[list[sql.Composable], list]:
+    root = ctx.spec.entity_graph.root
+    where: list[sql.Composable] = []
     args: list = []
     if since is not None or until is not None:
         if root.created_at is None:
@@ -93,11 +92,32 @@ def _candidates(ctx: Context, since: datetime | None, until: datetime | None):
         if until is not None:
             where.append(sql.SQL("{} < %s").format(sql.Identifier(root.created_at)))
             args.append(until)
-    q = sql.SQL("SELECT {}::text, {}::text FROM {}.{}").format(
-        sql.Identifier(root.key), sql.Identifier(root.residency), sql.Identifier(g.schema_), sql.Identifier(root.table)
-    )
+    return where, args
+
+
+def _residencies(ctx: Context, since: datetime | None, until: datetime | None) -> dict[str | None, int]:
+    """Users per stored residency value (as stored: the policy's own rule maps each value)."""
+    g = ctx.spec.entity_graph
+    where, args = _interval(ctx, since, until)
+    q = sql.SQL("SELECT {}::text, count(*) FROM {}.{}").format(
+        sql.Identifier(g.root.residency), sql.Identifier(g.schema_), sql.Identifier(g.root.table))
     if where:
         q = q + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+    q = q + sql.SQL(" GROUP BY 1")
+    with connect(ctx.source_dsn, autocommit=True) as c:
+        return dict(c.execute(q, args).fetchall())
+
+
+def _candidates(ctx: Context, since: datetime | None, until: datetime | None, values: list[str]):
+    """(key, residency) of the users whose stored residency is one of `values`."""
+    g = ctx.spec.entity_graph
+    root = g.root
+    where, args = _interval(ctx, since, until)
+    where.append(sql.SQL("{}::text = ANY(%s::text[])").format(sql.Identifier(root.residency)))
+    args.append(values)
+    q = sql.SQL("SELECT {}::text, {}::text FROM {}.{} WHERE ").format(
+        sql.Identifier(root.key), sql.Identifier(root.residency), sql.Identifier(g.schema_), sql.Identifier(root.table)
+    ) + sql.SQL(" AND ").join(where)
     with connect(ctx.source_dsn) as c, c.cursor(name="migrator_plan") as cur:
         cur.itersize = 20000
         cur.execute(q, args)
@@ -163,14 +183,18 @@ def plan(
     n = spec.sharding.shards_per_region
     groups: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
     unplaced: collections.Counter[str] = collections.Counter()
-    for key, residency in _candidates(ctx, since, until):
+    # Each stored residency value is mapped once; only the users of values that move are read.
+    moving: list[str] = []
+    for residency, count in _residencies(ctx, since, until).items():
         region = spec.region_of(residency)
         if region is None:
-            unplaced["NULL" if residency is None else "unknown:" + residency.strip().upper()[:8]] += 1
+            unplaced["NULL" if residency is None else "unknown:" + residency.strip().upper()[:8]] += count
+        elif region != spec.source_region and region in targets:
+            moving.append(residency)
+    for key, residency in _candidates(ctx, since, until, moving) if moving else ():
+        if key in taken:
             continue
-        if region == spec.source_region or region not in targets or key in taken:
-            continue
-        groups[(region, shard_index(key, n))].append(key)
+        groups[(spec.region_of(residency), shard_index(key, n))].append(key)
 
     shards = []
     for (region, idx), keys in sorted(groups.items()):
