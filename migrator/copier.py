@@ -141,15 +141,6 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
     src, dst = links.open()
     try:
         dst.execute("SET LOCAL migrator.apply = 'on'")  # this tool's own writes pass the guards
-        with dst.cursor() as dcur:
-            for name, table in ctx.tables.items():
-                found = dcur.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(keys)).fetchall()
-                if found:
-                    pks = [dict(zip(table.pk, r)) for r in found]
-                    raise ConflictError(
-                        f"shard {sid} batch {batch_no}: destination table {name} already has rows for these users "
-                        f"that this tool did not write, e.g. primary keys {pks}"
-                    )
         rows: dict[str, int] = {}
         parts: dict[str, tuple[int, str]] = {}
         with src.cursor() as scur, dst.cursor() as dcur:
@@ -194,6 +185,28 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
         raise
 
 
+def _check_no_foreign_rows(ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: dict[int, list[str]]) -> None:
+    """Refuse batches whose users already have rows at the destination: a batch not in the
+    ledger was never committed there by this tool, so such rows were written by someone else.
+
+    It runs for every pending batch before any is copied: once workers are writing, a scan
+    of a destination table would also wade through the sibling batches' uncommitted rows,
+    which statistics taken before the load do not foresee. A row written by someone else
+    during the copy is found by the verify phase as extra at the destination."""
+    graph, kt = ctx.spec.entity_graph, ctx.key_type
+    for attempt in retrying(ctx.spec.retry):
+        with attempt, connect(dst_dsn, autocommit=True) as c:
+            for b in pending:
+                for name, table in ctx.tables.items():
+                    found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batches[b])).fetchall()
+                    if found:
+                        pks = [dict(zip(table.pk, r)) for r in found]
+                        raise ConflictError(
+                            f"shard {sid} batch {b}: destination table {name} already has rows for these users "
+                            f"that this tool did not write, e.g. primary keys {pks}"
+                        )
+
+
 def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list[str]) -> dict:
     for attempt in retrying(ctx.spec.retry):
         with attempt:
@@ -235,7 +248,9 @@ def _copy_pending(ctx: Context, sid: str, dst_dsn: str, batches: dict[int, list[
         finally:
             links.reset()
 
-    n = min(ctx.spec.copy_.workers, len(pending))
+    # An inline digest reads the destination tables inside the batch's transaction; with
+    # sibling batches loading the same tables it would wade through their uncommitted rows.
+    n = 1 if ctx.spec.copy_.inline_digest else min(ctx.spec.copy_.workers, len(pending))
     threads = [threading.Thread(target=worker, name=f"copy-{sid}-{i}", daemon=True) for i in range(n)]
     for t in threads:
         t.start()
@@ -287,6 +302,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         if progress:
             progress(len(done), total)
         pending = [b for b in sorted(batches) if b not in done]
+        _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches)
         for b, res in _copy_pending(ctx, sid, dst_dsn, batches, pending):
             ctl.save_checkpoint(sid, b, res["last_key"], res["rows"], res["digest"])
             done[b] = res

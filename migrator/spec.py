@@ -226,8 +226,13 @@ class CopySettings(_Strict):
     inline_digest: bool = Field(
         False,
         description="also compare each batch's row digests on both sides before it commits; the verify "
-        "phase compares every row before cutover either way, so this only finds a difference earlier",
+        "phase compares every row before cutover either way, so this only finds a difference earlier; "
+        "batches then run one at a time",
     )
+
+
+class VerifySettings(_Strict):
+    workers: int = Field(2, ge=1, le=16, description="connections per side, each digesting a share of the tables")
 
 
 class RetrySettings(_Strict):
@@ -245,6 +250,7 @@ class Spec(_Strict):
     entity_graph: EntityGraph
     sharding: Sharding = Sharding()
     copy_: CopySettings = Field(CopySettings(), alias="copy")
+    verify: VerifySettings = VerifySettings()
     retry: RetrySettings = RetrySettings()
     objects: Objects | None = None
     changes: ChangeSettings = ChangeSettings()

@@ -5,7 +5,7 @@ an auditor). It guarantees that, at the moment each side was read, the multiset 
 shard's users' rows in every table is the same at the source and the destination: each
 side computes, in one pass per table inside its own database, (count, sum of canonical
 row hashes) per batch of users (see `sqlgen` for the digest). The two sides are read
-concurrently. Any batch that differs is narrowed to rows by comparing (primary key, row
+concurrently, each on `verify.workers` connections sharing out the tables. Any batch that differs is narrowed to rows by comparing (primary key, row
 hash) lists of just that batch, so the report names the table and primary keys of every
 differing row -- never a row's contents. The shard digest is a SHA-256 over the per-batch
 aggregates and is stored with the shard's state for the evidence trail.
@@ -41,7 +41,8 @@ def shard_digest(agg: dict[tuple[str, int], tuple[int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _aggregate(ctx: Context, dsn: str, batches: dict[int, list[str]]) -> dict[tuple[str, int], tuple[int, str]]:
+def _aggregate(ctx: Context, dsn: str, batches: dict[int, list[str]],
+               tables: list[str]) -> dict[tuple[str, int], tuple[int, str]]:
     buf = io.StringIO()
     for b, keys in batches.items():
         for k in keys:
@@ -52,11 +53,21 @@ def _aggregate(ctx: Context, dsn: str, batches: dict[int, list[str]]) -> dict[tu
         with c.cursor().copy("COPY rm_keys (k, b) FROM STDIN") as cp:
             cp.write(buf.getvalue())
         c.execute("ANALYZE rm_keys")
-        for name, table in ctx.tables.items():
-            for b, n, s in c.execute(sqlgen.digest_by_batch(ctx.spec.entity_graph, table, "rm_keys")).fetchall():
+        for name in tables:
+            q = sqlgen.digest_by_batch(ctx.spec.entity_graph, ctx.tables[name], "rm_keys")
+            for b, n, s in c.execute(q).fetchall():
                 out[(name, b)] = (n, s)
         c.rollback()
     return out
+
+
+def _groups(tables: list[str], rows: dict[str, int], n: int) -> list[list[str]]:
+    """Tables split into at most n groups of about equal rows, largest first to the lightest group."""
+    groups: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, min(n, len(tables))))]
+    for t in sorted(tables, key=lambda t: -rows.get(t, 0)):
+        i = min(range(len(groups)), key=lambda j: (groups[j][0], len(groups[j][1])))
+        groups[i] = (groups[i][0] + rows.get(t, 0), groups[i][1] + [t])
+    return [g for _, g in groups if g]
 
 
 def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: list[str]) -> list[dict]:
@@ -91,10 +102,18 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     ctx.check_destination(shard.region)
     batches = ctl.batch_keys(sid)
     src_dsn, dst_dsn = ctx.source_dsn, ctx.dsn(shard.region)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        fs = pool.submit(_aggregate, ctx, src_dsn, batches)
-        fd = pool.submit(_aggregate, ctx, dst_dsn, batches)
-        src, dst = fs.result(), fd.result()
+    # Each side is read on `verify.workers` connections at once, each taking a share of
+    # the tables, so neither side's server waits on the other's slower half.
+    groups = _groups(list(ctx.tables), shard.plan.get("rows", {}), ctx.spec.verify.workers)
+    src: dict[tuple[str, int], tuple[int, str]] = {}
+    dst: dict[tuple[str, int], tuple[int, str]] = {}
+    with ThreadPoolExecutor(max_workers=2 * len(groups)) as pool:
+        fs = [pool.submit(_aggregate, ctx, src_dsn, batches, g) for g in groups]
+        fd = [pool.submit(_aggregate, ctx, dst_dsn, batches, g) for g in groups]
+        for f in fs:
+            src.update(f.result())
+        for f in fd:
+            dst.update(f.result())
     differences: list[dict] = []
     if objects.enabled(ctx):
         obj_agg, obj_diffs = objects.verify(ctx, sid, shard.region, batches)

@@ -156,3 +156,15 @@ def test_orchestrator_connections_fill_the_spec(tmp_path):
     assert spec.objects.stores["us"].endpoint == "http://s3_us:9000"
     assert spec.objects.stores["us"].secret_key.get_secret_value() == "SK"
     assert spec.copy_.batch_users == 7
+
+
+def test_verify_groups_balance_tables_by_rows():
+    from migrator.verifier import _groups
+
+    rows = {"a": 100, "b": 60, "c": 50, "d": 10}
+    groups = _groups(list(rows), rows, 2)
+    assert sorted(t for g in groups for t in g) == sorted(rows)  # every table once
+    loads = sorted(sum(rows[t] for t in g) for g in groups)
+    assert loads == [110, 110]
+    assert _groups(["a"], rows, 4) == [["a"]]  # never an empty group
+    assert len(_groups(list(rows), {}, 3)) == 3  # unknown sizes still spread
