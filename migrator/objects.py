@@ -10,8 +10,9 @@ the shard digest. Rollback deletes exactly the manifest's keys at the destinatio
 """
 from __future__ import annotations
 
+import collections
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 from psycopg import sql
@@ -19,7 +20,7 @@ from psycopg import sql
 from migrator import sqlgen
 from migrator.context import Context
 from migrator.control import SCHEMA
-from migrator.errors import ConflictError, retrying
+from migrator.errors import ConflictError, is_transient, retrying
 from migrator.stores import s3
 from migrator.stores.postgres import connect
 
@@ -129,42 +130,78 @@ def _stores(ctx: Context, region: str):
 
 def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[str]],
                  progress: Callable[[int, int], None] | None = None) -> dict:
-    """Copy the objects of every batch not yet checkpointed; returns totals."""
+    """Copy the objects of every batch not yet checkpointed; returns totals.
+
+    Batches are pipelined: the next batch is listed and its copies queued while the
+    current one's are still running, so the threads do not idle at each batch's end. A
+    batch is checkpointed (manifest and checkpoint row) once all its objects are copied;
+    a transient error reruns that batch, whose objects already copied are then skipped."""
     ensure(ctx)
     o = ctx.spec.objects
     with ctx.control.connect(autocommit=True) as c:
         done = {b for (b,) in c.execute(f"SELECT batch_no FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))}
     src, src_c, dst, dst_c = _stores(ctx, region)
     threshold, part = o.multipart_threshold_mb * 2**20, o.part_size_mb * 2**20
-    copied = skipped = 0
-    with ThreadPoolExecutor(max_workers=o.threads) as pool:
+    totals = {"copied": 0, "skipped": 0}
+
+    def prepare(b: int, pool: ThreadPoolExecutor) -> tuple[dict[str, str | None], dict[str, dict | None]]:
+        listed = _source_objects(ctx, batches[b])
+        present = _present_at_destination(ctx, dst_c, dst.bucket, batches[b], list(listed), pool)
+        heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
+        for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
+            if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):
+                raise ConflictError(f"shard {sid} batch {b}: destination object {k!r} exists and was "
+                                    "not written by this tool")
+        return listed, heads
+
+    def submit(pool: ThreadPoolExecutor, listed: dict, heads: dict) -> list[Future]:
+        return [pool.submit(s3.copy_object, src_c, src.bucket, dst_c, dst.bucket, k, threshold, part,
+                            src_etag=etag, dst_head=heads.get(k)) for k, etag in listed.items()]
+
+    def settle(b: int, futures: list[Future], pool: ThreadPoolExecutor) -> None:
+        try:
+            results = [f.result() for f in futures]
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            for attempt in retrying(ctx.spec.retry):
+                with attempt:
+                    results = [f.result() for f in submit(pool, *prepare(b, pool))]
+        entries = [(r.key, r.size, r.sha256) for r in results]
+        with ctx.control.connect() as c:
+            with c.cursor().copy(f"COPY {SCHEMA}.object_manifest (shard_id, batch_no, key, size, sha256) FROM STDIN") as cp:
+                for k, n, h in entries:
+                    cp.write_row((sid, b, k, n, h))
+            c.execute(f"INSERT INTO {SCHEMA}.object_checkpoint (shard_id, batch_no, objects, bytes, digest) "
+                      "VALUES (%s, %s, %s, %s, %s)",
+                      (sid, b, len(entries), sum(n for _, n, _ in entries), manifest_digest(entries)))
+        totals["copied"] += sum(not r.skipped for r in results)
+        totals["skipped"] += sum(r.skipped for r in results)
+
+    pool = ThreadPoolExecutor(max_workers=o.threads)
+    inflight: collections.deque[tuple[int, list[Future]]] = collections.deque()
+    try:
         for b in sorted(batches):
             if b in done:
                 continue
-            for attempt in retrying(ctx.spec.retry):
-                with attempt:
-                    listed = _source_objects(ctx, batches[b])
-                    keys = list(listed)
-                    present = _present_at_destination(ctx, dst_c, dst.bucket, batches[b], keys, pool)
-                    heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
-                    for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
-                        if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):
-                            raise ConflictError(f"shard {sid} batch {b}: destination object {k!r} exists and was "
-                                                "not written by this tool")
-                    results = list(pool.map(
-                        lambda k: s3.copy_object(src_c, src.bucket, dst_c, dst.bucket, k, threshold, part,
-                                                 src_etag=listed[k], dst_head=heads.get(k)), keys))
-            entries = [(r.key, r.size, r.sha256) for r in results]
-            with ctx.control.connect() as c:
-                with c.cursor().copy(f"COPY {SCHEMA}.object_manifest (shard_id, batch_no, key, size, sha256) FROM STDIN") as cp:
-                    for k, n, h in entries:
-                        cp.write_row((sid, b, k, n, h))
-                c.execute(f"INSERT INTO {SCHEMA}.object_checkpoint (shard_id, batch_no, objects, bytes, digest) "
-                          "VALUES (%s, %s, %s, %s, %s)",
-                          (sid, b, len(entries), sum(n for _, n, _ in entries), manifest_digest(entries)))
-            copied += sum(not r.skipped for r in results)
-            skipped += sum(r.skipped for r in results)
-    return {"copied": copied, "skipped": skipped}
+            try:
+                for attempt in retrying(ctx.spec.retry):
+                    with attempt:
+                        listed, heads = prepare(b, pool)
+            except BaseException:
+                while inflight:  # what is already copying is finished and recorded first
+                    settle(*inflight.popleft(), pool)
+                raise
+            inflight.append((b, submit(pool, listed, heads)))
+            while len(inflight) > 1:  # one batch queued behind the one being finished
+                settle(*inflight.popleft(), pool)
+        while inflight:
+            settle(*inflight.popleft(), pool)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return totals
 
 
 def manifest(ctx: Context, sid: str) -> dict[int, list[tuple[str, int, str]]]:
@@ -209,14 +246,20 @@ def verify(ctx: Context, sid: str, region: str, batches: dict[int, list[str]]) -
 
 
 def rollback(ctx: Context, sid: str, region: str) -> int:
-    """Delete the shard's copied objects at the destination; returns how many."""
+    """Delete the shard's copied objects at the destination; returns how many.
+
+    Those are the manifest's keys and, from a batch that failed before its manifest was
+    written, any object under the shard's users' keys that carries this tool's source-ETag
+    mark; an object someone else wrote there is left alone."""
     if not enabled(ctx):
         return 0
     man = manifest(ctx, sid)
     _, _, dst, dst_c = _stores(ctx, region)
-    keys = [k for entries in man.values() for k, _, _ in entries]
-    for i in range(0, len(keys), 1000):
-        chunk = keys[i:i + 1000]
+    keys = {k for entries in man.values() for k, _, _ in entries}
+    keys |= _unrecorded(ctx, sid, dst_c, dst.bucket, keys)
+    ordered = sorted(keys)
+    for i in range(0, len(ordered), 1000):
+        chunk = ordered[i:i + 1000]
         for attempt in retrying(ctx.spec.retry):
             with attempt:
                 dst_c.delete_objects(Bucket=dst.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
@@ -224,3 +267,23 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
         c.execute(f"DELETE FROM {SCHEMA}.object_manifest WHERE shard_id = %s", (sid,))
         c.execute(f"DELETE FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))
     return len(keys)
+
+
+def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) -> set[str]:
+    """Objects this tool wrote at the destination for the shard's users but never recorded."""
+    o = ctx.spec.objects
+    batches = ctx.control.batch_keys(sid)
+    found: set[str] = set()
+    with ThreadPoolExecutor(max_workers=o.threads) as pool:
+        for users in batches.values():
+            candidates = set(_source_objects(ctx, users))
+            if o.user_prefix is not None:  # what the destination lists, and a HEAD only for keys outside
+                head, tail = o.user_prefix.split("{user}", 1)
+                prefixes = tuple(head + u + tail for u in users)
+                candidates = set(_listed(dst_c, bucket, head, tail, users)) | {
+                    k for k in candidates if not k.startswith(prefixes)}
+            candidates -= recorded
+            heads = pool.map(lambda k: s3.head(dst_c, bucket, k), sorted(candidates))
+            found |= {k for k, h in zip(sorted(candidates), heads)
+                      if h is not None and s3.META_SRC_ETAG in h.get("Metadata", {})}
+    return found

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -200,28 +201,33 @@ def plan(
     for (region, idx), keys in sorted(groups.items()):
         name = shard_name(region, idx)
         shards.append(ShardPlan(shard_id(wave, name), wave, name, region, idx, ctx.sort_keys(keys), spec.copy_.batch_users))
-    _measure(ctx, shards)
     result = Plan(wave, shards, dict(unplaced))
-    if not dry_run:
-        _record(ctx, result)
+    # Measuring reads the source; recording writes the control database: both at once.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        measured = pool.submit(_measure, ctx, shards)
+        if dry_run:
+            measured.result()
+        else:
+            _record(ctx, result, measured)
     result.shards = [s for s in shards if not regions or s.region in regions]
     return result
 
 
-def _record(ctx: Context, p: Plan) -> None:
+def _record(ctx: Context, p: Plan, measured: Future) -> None:
+    """Membership first; each shard's row counts join its record once `measured` is done,
+    in the same transaction."""
     ctl = ctx.control
     ctl.ensure()
     with ctl.connect() as c:
         c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:plan'))")
         if c.execute(f"SELECT 1 FROM {SCHEMA}.shard WHERE wave = %s LIMIT 1", (p.wave,)).fetchone():
+            measured.result()
             return  # another planner won the race; its plan stands
         for s in p.shards:
-            summary = s.summary()
             c.execute(
                 f"INSERT INTO {SCHEMA}.shard (shard_id, wave, name, region, idx, state, users, batches, plan) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (s.shard_id, s.wave, s.name, s.region, s.idx, Phase.PLANNED.value, len(s.keys), len(s.batches),
-                 json.dumps(summary)),
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, '{}')",
+                (s.shard_id, s.wave, s.name, s.region, s.idx, Phase.PLANNED.value, len(s.keys), len(s.batches)),
             )
             with c.cursor().copy(f"COPY {SCHEMA}.shard_user (shard_id, user_key, batch_no) FROM STDIN") as cp:
                 for b, keys in enumerate(s.batches):
@@ -232,5 +238,8 @@ def _record(ctx: Context, p: Plan) -> None:
                 "WHERE shard_id = %s ON CONFLICT (user_key) DO NOTHING",
                 (ctx.spec.source_region, s.shard_id),
             )
+        measured.result()
+        for s in p.shards:
+            c.execute(f"UPDATE {SCHEMA}.shard SET plan = %s WHERE shard_id = %s", (json.dumps(s.summary()), s.shard_id))
             ctl.audit(c, s.shard_id, None, Phase.PLANNED.value, {"users": len(s.keys), "rows": s.rows, "batches": len(s.batches)})
         ctl.audit(c, None, None, None, {"event": "plan", "wave": p.wave, "shards": len(p.shards), "unplaced": p.unplaced})

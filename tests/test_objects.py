@@ -211,3 +211,22 @@ def test_endpoint_outage_mid_copy_then_resume_copies_nothing_twice(oworld):
     after = listing(w, "ie")
     assert set(after) == objects_of(w, ids_for(w, "ie"))
     assert {k: after[k]["LastModified"] for k in first} == first  # nothing already there was copied again
+
+
+def test_batch_failing_midway_then_rollback_leaves_no_object_behind(oworld):
+    """A batch whose copies stopped part-way (an object its rows name is missing at the
+    source) never got a manifest; rollback still removes what it had copied."""
+    w = oworld
+    assert w.migrator("plan", "--region", "ie").returncode == 0
+    first = [int(u) for (u,) in w.ctl("SELECT user_key FROM migrator.shard_user su JOIN migrator.shard s "
+                                      "USING (shard_id) WHERE s.region = 'ie' AND su.batch_no = 0")]
+    gone = sorted(objects_of(w, first))[-1]
+    s3(w.endpoints["us"].endpoint).delete_object(Bucket=w.buckets["us"], Key=gone)
+    res = w.migrator("copy", "--region", "ie", "--json")
+    assert res.returncode == 1
+    copied = set(listing(w, "ie"))
+    recorded = {k for (k,) in w.ctl("SELECT key FROM migrator.object_manifest")}
+    assert copied - recorded, "expected objects copied by the failed batch and never recorded"
+    res = w.migrator("rollback", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stderr
+    assert set(listing(w, "ie")) == set()
