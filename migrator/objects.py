@@ -63,11 +63,39 @@ def manifest_digest(entries: list[tuple[str, int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _listed(c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str]) -> dict[str, str]:
+def _owner(key: str, head: str, tail: str) -> str | None:
+    """The user whose prefix (head + user + tail) holds the key, if any."""
+    if not key.startswith(head):
+        return None
+    rest = key[len(head):]
+    cut = rest.find(tail) if tail else len(rest)
+    return rest[:cut] if cut > 0 else None
+
+
+Index = dict[str, dict[str, str]]  # user -> key -> ETag, from one listing of the common prefix
+
+
+def _index(c, bucket: str, prefix_head: str, prefix_tail: str, users: set[str]) -> Index:
+    """One listing of the common prefix, kept for the given users only: a shard with many
+    batches lists its endpoint once instead of once per batch."""
+    out: Index = {}
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix_head):
+        for obj in page.get("Contents", []):
+            u = _owner(obj["Key"], prefix_head, prefix_tail)
+            if u in users:
+                out.setdefault(u, {})[obj["Key"]] = obj["ETag"]
+    return out
+
+
+def _listed(c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str],
+            index: Index | None = None) -> dict[str, str]:
     """Key -> ETag of the objects under the users' prefixes at one endpoint."""
     pages = c.get_paginator("list_objects_v2")
     found: dict[str, str] = {}
-    if len(users) <= PER_USER_LISTING:
+    if index is not None:
+        for u in users:
+            found.update(index.get(u, {}))
+    elif len(users) <= PER_USER_LISTING:
         for u in users:
             for page in pages.paginate(Bucket=bucket, Prefix=prefix_head + u + prefix_tail):
                 found.update((obj["Key"], obj["ETag"]) for obj in page.get("Contents", []))
@@ -75,14 +103,12 @@ def _listed(c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str]
         wanted = set(users)
         for page in pages.paginate(Bucket=bucket, Prefix=prefix_head):
             for obj in page.get("Contents", []):
-                rest = obj["Key"][len(prefix_head):]
-                cut = rest.find(prefix_tail) if prefix_tail else len(rest)
-                if cut > 0 and rest[:cut] in wanted:
+                if _owner(obj["Key"], prefix_head, prefix_tail) in wanted:
                     found[obj["Key"]] = obj["ETag"]
     return found
 
 
-def _source_objects(ctx: Context, users: list[str]) -> dict[str, str | None]:
+def _source_objects(ctx: Context, users: list[str], index: Index | None = None, src_c=None) -> dict[str, str | None]:
     """The users' object keys at the source, with the ETag the listing gave (None for a
     key known only from the key column)."""
     o = ctx.spec.objects
@@ -98,7 +124,7 @@ def _source_objects(ctx: Context, users: list[str]) -> dict[str, str | None]:
     if o.user_prefix is not None:
         src = o.stores[ctx.spec.source_region]
         head, tail = o.user_prefix.split("{user}", 1)
-        keys.update(_listed(s3.client(src), src.bucket, head, tail, users))
+        keys.update(_listed(src_c or s3.client(src), src.bucket, head, tail, users, index))
     return dict(sorted(keys.items()))
 
 
@@ -107,7 +133,7 @@ def _keys(ctx: Context, users: list[str]) -> list[str]:
 
 
 def _present_at_destination(ctx: Context, dst_c, bucket: str, users: list[str], keys: list[str],
-                            pool: ThreadPoolExecutor) -> set[str]:
+                            pool: ThreadPoolExecutor, index: Index | None = None) -> set[str]:
     """Which of the keys the destination already holds: one listing of the users' prefixes,
     and a HEAD only for a key outside them."""
     o = ctx.spec.objects
@@ -115,9 +141,9 @@ def _present_at_destination(ctx: Context, dst_c, bucket: str, users: list[str], 
     outside = keys
     if o.user_prefix is not None:
         head, tail = o.user_prefix.split("{user}", 1)
-        present = set(_listed(dst_c, bucket, head, tail, users)) & set(keys)
-        prefixes = tuple(head + u + tail for u in users)
-        outside = [k for k in keys if not k.startswith(prefixes)]
+        present = set(_listed(dst_c, bucket, head, tail, users, index)) & set(keys)
+        mine = set(users)
+        outside = [k for k in keys if _owner(k, head, tail) not in mine]
     found = pool.map(lambda k: s3.head(dst_c, bucket, k) is not None, outside)
     return present | {k for k, there in zip(outside, found) if there}
 
@@ -144,9 +170,19 @@ def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[st
     threshold, part = o.multipart_threshold_mb * 2**20, o.part_size_mb * 2**20
     totals = {"copied": 0, "skipped": 0}
 
-    def prepare(b: int, pool: ThreadPoolExecutor) -> tuple[dict[str, str | None], dict[str, dict | None]]:
-        listed = _source_objects(ctx, batches[b])
-        present = _present_at_destination(ctx, dst_c, dst.bucket, batches[b], list(listed), pool)
+    pending = [b for b in sorted(batches) if b not in done]
+    src_index = dst_index = None
+    shard_users = {u for b in pending for u in batches[b]}
+    if o.user_prefix is not None and len(shard_users) > PER_USER_LISTING:
+        head, tail = o.user_prefix.split("{user}", 1)
+        src_index = _index(src_c, src.bucket, head, tail, shard_users)
+        dst_index = _index(dst_c, dst.bucket, head, tail, shard_users)
+
+    def prepare(b: int, pool: ThreadPoolExecutor, fresh: bool = False) -> tuple[dict[str, str | None], dict[str, dict | None]]:
+        # A retry lists afresh: the shard's listings may be what went stale.
+        listed = _source_objects(ctx, batches[b], None if fresh else src_index, src_c)
+        present = _present_at_destination(ctx, dst_c, dst.bucket, batches[b], list(listed), pool,
+                                          None if fresh else dst_index)
         heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
         for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
             if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):
@@ -166,7 +202,7 @@ def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[st
                 raise
             for attempt in retrying(ctx.spec.retry):
                 with attempt:
-                    results = [f.result() for f in submit(pool, *prepare(b, pool))]
+                    results = [f.result() for f in submit(pool, *prepare(b, pool, fresh=True))]
         entries = [(r.key, r.size, r.sha256) for r in results]
         with ctx.control.connect() as c:
             with c.cursor().copy(f"COPY {SCHEMA}.object_manifest (shard_id, batch_no, key, size, sha256) FROM STDIN") as cp:
@@ -181,13 +217,11 @@ def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[st
     pool = ThreadPoolExecutor(max_workers=o.threads)
     inflight: collections.deque[tuple[int, list[Future]]] = collections.deque()
     try:
-        for b in sorted(batches):
-            if b in done:
-                continue
+        for b in pending:
             try:
                 for attempt in retrying(ctx.spec.retry):
                     with attempt:
-                        listed, heads = prepare(b, pool)
+                        listed, heads = prepare(b, pool, fresh=attempt.retry_state.attempt_number > 1)
             except BaseException:
                 while inflight:  # what is already copying is finished and recorded first
                     settle(*inflight.popleft(), pool)
@@ -279,9 +313,9 @@ def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) 
             candidates = set(_source_objects(ctx, users))
             if o.user_prefix is not None:  # what the destination lists, and a HEAD only for keys outside
                 head, tail = o.user_prefix.split("{user}", 1)
-                prefixes = tuple(head + u + tail for u in users)
+                mine = set(users)
                 candidates = set(_listed(dst_c, bucket, head, tail, users)) | {
-                    k for k in candidates if not k.startswith(prefixes)}
+                    k for k in candidates if _owner(k, head, tail) not in mine}
             candidates -= recorded
             heads = pool.map(lambda k: s3.head(dst_c, bucket, k), sorted(candidates))
             found |= {k for k, h in zip(sorted(candidates), heads)
