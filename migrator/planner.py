@@ -7,6 +7,7 @@ again: its shards are returned as they are.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,8 +38,9 @@ class ShardPlan:
     bytes: int = 0
     recorded: dict | None = None  # users and batches of a shard planned earlier (keys not loaded)
 
-    @property
+    @functools.cached_property
     def batches(self) -> list[list[str]]:
+        """The keys split into batches, formed once (recording reads them several times)."""
         return batches(self.keys, self.batch_users)
 
     @property
