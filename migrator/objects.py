@@ -90,21 +90,18 @@ def _index(c, bucket: str, prefix_head: str, prefix_tail: str, users: set[str]) 
 def _listed(c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str],
             index: Index | None = None) -> dict[str, str]:
     """Key -> ETag of the objects under the users' prefixes at one endpoint."""
-    pages = c.get_paginator("list_objects_v2")
+    if index is None and len(users) > PER_USER_LISTING:
+        # one listing of the common prefix beats a LIST per user for a large batch
+        index = _index(c, bucket, prefix_head, prefix_tail, set(users))
     found: dict[str, str] = {}
     if index is not None:
         for u in users:
             found.update(index.get(u, {}))
-    elif len(users) <= PER_USER_LISTING:
-        for u in users:
-            for page in pages.paginate(Bucket=bucket, Prefix=prefix_head + u + prefix_tail):
-                found.update((obj["Key"], obj["ETag"]) for obj in page.get("Contents", []))
-    else:  # one listing of the common prefix beats a LIST per user for a large batch
-        wanted = set(users)
-        for page in pages.paginate(Bucket=bucket, Prefix=prefix_head):
-            for obj in page.get("Contents", []):
-                if _owner(obj["Key"], prefix_head, prefix_tail) in wanted:
-                    found[obj["Key"]] = obj["ETag"]
+        return found
+    pages = c.get_paginator("list_objects_v2")
+    for u in users:
+        for page in pages.paginate(Bucket=bucket, Prefix=prefix_head + u + prefix_tail):
+            found.update((obj["Key"], obj["ETag"]) for obj in page.get("Contents", []))
     return found
 
 
