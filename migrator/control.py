@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from migrator.errors import ShardBusy, StateConflict, StateVersionError
 from migrator.state import Phase, allowed
-from migrator.stores.postgres import connect
+from migrator.stores.postgres import connect, pipe
 
 STATE_VERSION = "1"
 SCHEMA = "migrator"
@@ -105,6 +106,28 @@ class Shard:
             r["shard_id"], r["wave"], r["name"], r["region"], r["idx"], Phase(r["state"]), r["version"],
             r["users"], r["batches"], r["plan"] or {}, r["digest"], r["error"],
         )
+
+
+class ShardBatches(Mapping[int, list[str]]):
+    """A shard's batches by number (0 .. batches - 1). A batch's keys are read from the
+    control database when it is asked for, so no phase holds a whole shard's keys."""
+
+    def __init__(self, ctl: "Control", sid: str, count: int, sort: Callable[[list[str]], list[str]]):
+        self._ctl, self._sid, self._count, self._sort = ctl, sid, count, sort
+
+    def __getitem__(self, b: int) -> list[str]:
+        if not isinstance(b, int) or not 0 <= b < self._count:
+            raise KeyError(b)
+        with self._ctl.connect(autocommit=True) as c:
+            keys = [k for (k,) in c.execute(
+                f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s AND batch_no = %s", (self._sid, b))]
+        return self._sort(keys)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._count))
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def shard_id(wave: str, name: str) -> str:
@@ -214,15 +237,15 @@ class Control:
             c.close()
 
     # --- membership and checkpoints ---------------------------------------------------
-    def batch_keys(self, sid: str) -> dict[int, list[str]]:
-        with self.connect(autocommit=True) as c:
-            rows = c.execute(
-                f"SELECT batch_no, user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s ORDER BY batch_no", (sid,)
-            ).fetchall()
-        out: dict[int, list[str]] = {}
-        for b, k in rows:
-            out.setdefault(b, []).append(k)
-        return out
+    def batch_keys(self, sid: str, sort: Callable[[list[str]], list[str]] = sorted) -> ShardBatches:
+        """The shard's batches by number; each batch's keys are read when asked for."""
+        return ShardBatches(self, sid, self.shard(sid).batches, sort)
+
+    def send_members(self, sid: str, into: psycopg.Connection, table: str) -> int:
+        """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`."""
+        with self.connect() as c:
+            return pipe(c, f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user WHERE shard_id = %s) TO STDOUT",
+                        (sid,), into, sql.SQL("COPY {} (k, b) FROM STDIN").format(sql.Identifier(table)))
 
     def checkpoints(self, sid: str) -> dict[int, dict]:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:

@@ -40,7 +40,7 @@ from migrator import capture, objects, sqlgen
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, ConflictError, describe, is_transient, retrying
 from migrator.state import Phase
-from migrator.stores.postgres import connect
+from migrator.stores.postgres import connect, relay
 
 log = logging.getLogger("migrator.copier")
 
@@ -112,27 +112,10 @@ def ledger(dsn: str, sid: str) -> dict[int, dict]:
     return {b: {"last_key": k, "rows": r, "digest": d} for b, k, r, d in rows}
 
 
-CHUNK = 64 * 1024
-
-
 def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> "hashlib._Hash":
-    """Stream a COPY TO into a COPY FROM; the SHA-256 of the bytes sent.
-
-    The source yields one message per row; handing each to the destination costs a round
-    of the driver's send loop per row, so rows are gathered into chunks first."""
+    """Stream a COPY TO into a COPY FROM; the SHA-256 of the bytes sent."""
     stream = hashlib.sha256()
-    buf = bytearray()
-    for block in out:
-        buf += block
-        if len(buf) >= CHUNK:
-            chunk = bytes(buf)
-            buf.clear()
-            stream.update(chunk)
-            inp.write(chunk)
-    if buf:
-        chunk = bytes(buf)
-        stream.update(chunk)
-        inp.write(chunk)
+    relay(out, inp, stream.update)
     return stream
 
 
@@ -288,7 +271,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
             with attempt:
                 ensure_ledger(dst_dsn)
                 done_at_dest = ledger(dst_dsn, sid)
-        batches = ctl.batch_keys(sid)
+        batches = ctl.batch_keys(sid, ctx.sort_keys)
         # The destination's ledger is the truth of what is committed there: a checkpoint
         # whose ledger row is gone (e.g. a destination that lost recent commits in a
         # crash) is copied again.

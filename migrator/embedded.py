@@ -68,8 +68,9 @@ def free_port() -> int:
 class LocalPostgres:
     """One PostgreSQL server in a directory of its own."""
 
-    def __init__(self, name: str, base: Path, port: int | None = None):
+    def __init__(self, name: str, base: Path, port: int | None = None, settings: dict[str, str] | None = None):
         self.name = name
+        self.settings = {"max_connections": "100", "shared_buffers": "128MB", **(settings or {})}
         self.dir = base / name
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"
@@ -98,7 +99,7 @@ class LocalPostgres:
     def start(self) -> "LocalPostgres":
         opts = (
             f"-p {self.port} -h 127.0.0.1 -k {self.dir} -c fsync=off -c full_page_writes=off "
-            " -c max_connections=100 -c shared_buffers=128MB"
+            + " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         )
         res = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start", check=False)
         if res.returncode != 0:
@@ -131,10 +132,10 @@ class LocalPostgres:
 class Cluster:
     """A set of named servers under one temporary directory."""
 
-    def __init__(self, names: list[str], base: Path | None = None):
+    def __init__(self, names: list[str], base: Path | None = None, settings: dict[str, str] | None = None):
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="rm-pg-"))
         self.base.mkdir(parents=True, exist_ok=True)
-        self.servers = {n: LocalPostgres(n, self.base) for n in names}
+        self.servers = {n: LocalPostgres(n, self.base, settings=settings) for n in names}
 
     def start(self) -> "Cluster":
         for s in self.servers.values():

@@ -303,7 +303,7 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
 def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) -> set[str]:
     """Objects this tool wrote at the destination for the shard's users but never recorded."""
     o = ctx.spec.objects
-    batches = ctx.control.batch_keys(sid)
+    batches = ctx.control.batch_keys(sid, ctx.sort_keys)
     found: set[str] = set()
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
         for users in batches.values():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 
+from psycopg import sql
+
 
 def shard_index(key_text: str, shards: int) -> int:
     """md5 of the key's canonical text, first 60 bits, modulo the shard count."""
@@ -11,10 +13,13 @@ def shard_index(key_text: str, shards: int) -> int:
     return int(hashlib.md5(key_text.encode("utf-8")).hexdigest()[:15], 16) % shards
 
 
+def shard_index_sql(key_text: sql.Composable, shards: int) -> sql.Composable:
+    """`shard_index` computed by PostgreSQL, for a text expression: the same value for the
+    same text, so a plan formed in the database agrees with one formed here."""
+    if shards < 1:
+        raise ValueError("shards must be at least 1")
+    return sql.SQL("mod(('x' || substr(md5({}), 1, 15))::bit(60)::bigint, {})::int").format(key_text, sql.Literal(shards))
+
+
 def shard_name(region: str, index: int) -> str:
     return f"{region}-{index:02d}"
-
-
-def batches(keys: list, size: int) -> list[list]:
-    """Consecutive runs of at most `size` keys, in the order given."""
-    return [keys[i:i + size] for i in range(0, len(keys), size)]

@@ -3,26 +3,32 @@
 Membership is written to the control database once, so every later phase (and a rerun)
 works on exactly the same users and batches. A wave that already exists is not planned
 again: its shards are returned as they are.
+
+The moving users are never held here: the source streams (key, region, shard) of each
+candidate straight into a temporary table of the control database, which leaves out the
+users already moved or in a live shard, numbers the batches in key order and records the
+membership; the same table, streamed back to the source, measures each shard's rows. So
+planning takes the same memory for a thousand users as for ten million.
 """
 from __future__ import annotations
 
 import collections
-import functools
-import io
 import json
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import psycopg
 from psycopg import sql
 
 from migrator import sqlgen
-from migrator.context import Context
+from migrator.context import INTEGER_TYPES, Context
 from migrator.control import SCHEMA, shard_id
 from migrator.errors import SpecError
-from migrator.partition import batches, shard_index, shard_name
+from migrator.partition import shard_index_sql, shard_name
 from migrator.state import Phase
-from migrator.stores.postgres import connect
+from migrator.stores.postgres import connect, pipe
 
 
 @dataclass
@@ -32,26 +38,15 @@ class ShardPlan:
     name: str
     region: str
     idx: int
-    keys: list[str]
-    batch_users: int
+    users: int
+    batches: int
     rows: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
-    recorded: dict | None = None  # users and batches of a shard planned earlier (keys not loaded)
-
-    @functools.cached_property
-    def batches(self) -> list[list[str]]:
-        """The keys split into batches, formed once (recording reads them several times)."""
-        return batches(self.keys, self.batch_users)
-
-    @property
-    def users(self) -> int:
-        return self.recorded["users"] if self.recorded else len(self.keys)
 
     def summary(self) -> dict:
-        n_batches = self.recorded["batches"] if self.recorded else len(self.batches)
         return {
             "shard_id": self.shard_id, "name": self.name, "region": self.region, "users": self.users,
-            "batches": n_batches, "rows": self.rows, "approx_bytes": self.bytes,
+            "batches": self.batches, "rows": self.rows, "approx_bytes": self.bytes,
         }
 
 
@@ -67,19 +62,6 @@ class Plan:
             "wave": self.wave, "already_planned": self.already_planned,
             "shards": [s.summary() for s in self.shards], "unplaced_users": self.unplaced,
         }
-
-
-def _taken(ctx: Context) -> set[str]:
-    """Users not at the source, or already in a live shard of some wave."""
-    if not ctx.control.exists():
-        return set()
-    with ctx.control.connect(autocommit=True) as c:
-        moved = c.execute(f"SELECT user_key FROM {SCHEMA}.directory WHERE home <> %s", (ctx.spec.source_region,)).fetchall()
-        busy = c.execute(
-            f"SELECT su.user_key FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) WHERE s.state <> %s",
-            (Phase.ROLLED_BACK.value,),
-        ).fetchall()
-    return {r[0] for r in moved} | {r[0] for r in busy}
 
 
 def _interval(ctx: Context, since: datetime | None, until: datetime | None) -> tuple[list[sql.Composable], list]:
@@ -111,45 +93,65 @@ def _residencies(ctx: Context, since: datetime | None, until: datetime | None) -
         return dict(c.execute(q, args).fetchall())
 
 
-def _candidates(ctx: Context, since: datetime | None, until: datetime | None, values: list[str]):
-    """(key, residency) of the users whose stored residency is one of `values`."""
+def _candidates(ctx: Context, since: datetime | None, until: datetime | None,
+                moving: dict[str, str]) -> tuple[sql.Composable, list]:
+    """A COPY of (key, region, shard index) of the users whose stored residency moves."""
     g = ctx.spec.entity_graph
     root = g.root
     where, args = _interval(ctx, since, until)
     where.append(sql.SQL("{}::text = ANY(%s::text[])").format(sql.Identifier(root.residency)))
-    args.append(values)
-    q = sql.SQL("SELECT {}::text, {}::text FROM {}.{} WHERE ").format(
-        sql.Identifier(root.key), sql.Identifier(root.residency), sql.Identifier(g.schema_), sql.Identifier(root.table)
-    ) + sql.SQL(" AND ").join(where)
-    with connect(ctx.source_dsn) as c, c.cursor(name="migrator_plan") as cur:
-        cur.itersize = 20000
-        cur.execute(q, args)
-        yield from cur
+    values = sorted(moving)
+    key_text = sql.SQL("{}::text").format(sql.Identifier(root.key))
+    q = sql.SQL("COPY (SELECT {}, (%s::text[])[array_position(%s::text[], {}::text)], {} FROM {}.{} WHERE {}) TO STDOUT").format(
+        key_text, sql.Identifier(root.residency), shard_index_sql(key_text, ctx.spec.sharding.shards_per_region),
+        sql.Identifier(g.schema_), sql.Identifier(root.table), sql.SQL(" AND ").join(where))
+    return q, [[moving[v] for v in values], values, *args, values]
 
 
-def _measure(ctx: Context, shards: list[ShardPlan]) -> None:
-    """Rows per table for each shard, one pass per table at the source, and approximate
-    bytes from each table's mean row size (zero for a table never analyzed)."""
-    if not shards:
-        return
-    buf = io.StringIO()
-    for i, s in enumerate(shards):
-        for k in s.keys:
-            buf.write(f"{k}\t{i}\n")
-    with connect(ctx.source_dsn) as c:
-        c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(sql.SQL(ctx.key_type)))
-        with c.cursor().copy("COPY rm_keys (k, b) FROM STDIN") as cp:
-            cp.write(buf.getvalue())
-        c.execute("ANALYZE rm_keys")
-        for name, table in ctx.tables.items():
-            (per_row,) = c.execute(sqlgen.mean_row_bytes(ctx.spec.entity_graph, table)).fetchone()
-            for b, n in c.execute(sqlgen.count_by_group(ctx.spec.entity_graph, table, "rm_keys")).fetchall():
-                shards[b].rows[name] = n
-                shards[b].bytes += int(n * (per_row or 0))
-        c.rollback()
-    for s in shards:
+def _load(ctx: Context, c: psycopg.Connection, since: datetime | None, until: datetime | None,
+          moving: dict[str, str]) -> None:
+    """Fill the temporary table rm_plan (user_key, region, idx) with the moving users not
+    already moved or in a live shard of some wave."""
+    c.execute("CREATE TEMP TABLE rm_plan (user_key text NOT NULL, region text NOT NULL, idx int NOT NULL) ON COMMIT DROP")
+    if moving:
+        q, args = _candidates(ctx, since, until, moving)
+        with connect(ctx.source_dsn) as src:
+            pipe(src, q, args, c, "COPY rm_plan (user_key, region, idx) FROM STDIN")
+    c.execute("ANALYZE rm_plan")
+    if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.shard_user",)).fetchone()[0]:
+        c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.directory d WHERE d.user_key = p.user_key AND d.home <> %s",
+                  (ctx.spec.source_region,))
+        c.execute(
+            f"DELETE FROM rm_plan p USING {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) "
+            "WHERE su.user_key = p.user_key AND s.state <> %s", (Phase.ROLLED_BACK.value,))
+
+
+def _measure(ctx: Context, m: psycopg.Connection, shards: dict[int, ShardPlan]) -> None:
+    """Rows per table for each shard (rm_keys at the source: key, shard number), one pass
+    per table, and approximate bytes from each table's mean row size (zero for a table
+    never analyzed)."""
+    m.execute("ANALYZE rm_keys")
+    for name, table in ctx.tables.items():
+        (per_row,) = m.execute(sqlgen.mean_row_bytes(ctx.spec.entity_graph, table)).fetchone()
+        for b, n in m.execute(sqlgen.count_by_group(ctx.spec.entity_graph, table, "rm_keys")).fetchall():
+            shards[b].rows[name] = n
+            shards[b].bytes += int(n * (per_row or 0))
+    for s in shards.values():
         for name in ctx.tables:
             s.rows.setdefault(name, 0)
+
+
+def _existing(ctx: Context, wave: str, regions: list[str] | None) -> Plan | None:
+    if not ctx.control.exists():
+        return None
+    found = ctx.control.shards(wave=wave)
+    if not found:
+        return None
+    return Plan(wave, [
+        ShardPlan(s.shard_id, s.wave, s.name, s.region, s.idx, s.users, s.batches, s.plan.get("rows", {}),
+                  s.plan.get("approx_bytes", 0))
+        for s in found if not regions or s.region in regions
+    ], {}, already_planned=True)
 
 
 def plan(
@@ -168,80 +170,79 @@ def plan(
     ctx.tables  # reads and checks the source's tables
     # A wave always covers every target region, so a later `--region` run finds its
     # shards; `regions` only narrows what is returned.
-    targets = spec.targets
+    targets = sorted(spec.targets)
     for r in targets:
         ctx.check_destination(r)
+    if (done := _existing(ctx, wave, regions)) is not None:
+        return done
 
-    if ctx.control.exists():
-        existing = ctx.control.shards(wave=wave)
-        if existing:
-            out = [
-                ShardPlan(s.shard_id, s.wave, s.name, s.region, s.idx, [], spec.copy_.batch_users, s.plan.get("rows", {}),
-                          s.plan.get("approx_bytes", 0), recorded={"users": s.users, "batches": s.batches})
-                for s in existing if not regions or s.region in regions
-            ]
-            return Plan(wave, out, {}, already_planned=True)
-
-    taken = _taken(ctx)
-    n = spec.sharding.shards_per_region
-    groups: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
-    unplaced: collections.Counter[str] = collections.Counter()
     # Each stored residency value is mapped once; only the users of values that move are read.
-    moving: list[str] = []
+    unplaced: collections.Counter[str] = collections.Counter()
+    moving: dict[str, str] = {}
     for residency, count in _residencies(ctx, since, until).items():
         region = spec.region_of(residency)
         if region is None:
             unplaced["NULL" if residency is None else "unknown:" + residency.strip().upper()[:8]] += count
         elif region != spec.source_region and region in targets:
-            moving.append(residency)
-    for key, residency in _candidates(ctx, since, until, moving) if moving else ():
-        if key in taken:
-            continue
-        groups[(spec.region_of(residency), shard_index(key, n))].append(key)
+            moving[residency] = region
 
-    shards = []
-    for (region, idx), keys in sorted(groups.items()):
-        name = shard_name(region, idx)
-        shards.append(ShardPlan(shard_id(wave, name), wave, name, region, idx, ctx.sort_keys(keys), spec.copy_.batch_users))
-    result = Plan(wave, shards, dict(unplaced))
-    # Measuring reads the source; recording writes the control database: both at once.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        measured = pool.submit(_measure, ctx, shards)
-        if dry_run:
-            measured.result()
-        else:
-            _record(ctx, result, measured)
-    result.shards = [s for s in shards if not regions or s.region in regions]
+    ctl = ctx.control
+    if not dry_run:
+        ctl.ensure()
+    n = spec.sharding.shards_per_region
+    size = spec.copy_.batch_users
+    with ctl.connect() as c:
+        if not dry_run:
+            c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:plan'))")
+            if c.execute(f"SELECT 1 FROM {SCHEMA}.shard WHERE wave = %s LIMIT 1", (wave,)).fetchone():
+                c.rollback()  # another planner won the race; its plan stands
+                return _existing(ctx, wave, regions)
+        _load(ctx, c, since, until, moving)
+        shards: dict[int, ShardPlan] = {}  # by number: region's place among the targets * n + index
+        for region, idx, users in c.execute("SELECT region, idx, count(*) FROM rm_plan GROUP BY 1, 2 ORDER BY 1, 2"):
+            name = shard_name(region, idx)
+            shards[targets.index(region) * n + idx] = ShardPlan(
+                shard_id(wave, name), wave, name, region, idx, users, math.ceil(users / size))
+        result = Plan(wave, list(shards.values()), dict(unplaced))
+        # Measuring reads the source; recording writes the control database: both at once.
+        with connect(ctx.source_dsn) as m:
+            m.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(
+                sql.SQL(ctx.key_type)))
+            pipe(c, "COPY (SELECT user_key, (array_position(%s::text[], region) - 1) * %s + idx FROM rm_plan) TO STDOUT",
+                 (targets, n), m, "COPY rm_keys (k, b) FROM STDIN")
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                measured = pool.submit(_measure, ctx, m, shards)
+                if dry_run:
+                    measured.result()
+                    c.rollback()
+                else:
+                    _record(ctx, c, result, measured)
+            m.rollback()
+    result.shards = [s for s in result.shards if not regions or s.region in regions]
     return result
 
 
-def _record(ctx: Context, p: Plan, measured: Future) -> None:
-    """Membership first; each shard's row counts join its record once `measured` is done,
-    in the same transaction."""
+def _record(ctx: Context, c: psycopg.Connection, p: Plan, measured: Future) -> None:
+    """Membership first, batches numbered in key order; each shard's row counts join its
+    record once `measured` is done, in the same transaction."""
     ctl = ctx.control
-    ctl.ensure()
-    with ctl.connect() as c:
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:plan'))")
-        if c.execute(f"SELECT 1 FROM {SCHEMA}.shard WHERE wave = %s LIMIT 1", (p.wave,)).fetchone():
-            measured.result()
-            return  # another planner won the race; its plan stands
-        for s in p.shards:
-            c.execute(
-                f"INSERT INTO {SCHEMA}.shard (shard_id, wave, name, region, idx, state, users, batches, plan) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, '{}')",
-                (s.shard_id, s.wave, s.name, s.region, s.idx, Phase.PLANNED.value, len(s.keys), len(s.batches)),
-            )
-            with c.cursor().copy(f"COPY {SCHEMA}.shard_user (shard_id, user_key, batch_no) FROM STDIN") as cp:
-                for b, keys in enumerate(s.batches):
-                    for k in keys:
-                        cp.write_row((s.shard_id, k, b))
-            c.execute(
-                f"INSERT INTO {SCHEMA}.directory (user_key, home) SELECT user_key, %s FROM {SCHEMA}.shard_user "
-                "WHERE shard_id = %s ON CONFLICT (user_key) DO NOTHING",
-                (ctx.spec.source_region, s.shard_id),
-            )
-        measured.result()
-        for s in p.shards:
-            c.execute(f"UPDATE {SCHEMA}.shard SET plan = %s WHERE shard_id = %s", (json.dumps(s.summary()), s.shard_id))
-            ctl.audit(c, s.shard_id, None, Phase.PLANNED.value, {"users": len(s.keys), "rows": s.rows, "batches": len(s.batches)})
-        ctl.audit(c, None, None, None, {"event": "plan", "wave": p.wave, "shards": len(p.shards), "unplaced": p.unplaced})
+    for s in p.shards:
+        c.execute(
+            f"INSERT INTO {SCHEMA}.shard (shard_id, wave, name, region, idx, state, users, batches, plan) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, '{}')",
+            (s.shard_id, s.wave, s.name, s.region, s.idx, Phase.PLANNED.value, s.users, s.batches),
+        )
+    order = sql.SQL("p.user_key::numeric" if ctx.key_type in INTEGER_TYPES else 'p.user_key COLLATE "C"')
+    c.execute(sql.SQL(
+        f"INSERT INTO {SCHEMA}.shard_user (shard_id, user_key, batch_no) "
+        "SELECT m.shard_id, p.user_key, ((row_number() OVER (PARTITION BY p.region, p.idx ORDER BY {}) - 1) / %s)::int "
+        "FROM rm_plan p JOIN unnest(%s::text[], %s::int[], %s::text[]) AS m(region, idx, shard_id) USING (region, idx)"
+    ).format(order), (ctx.spec.copy_.batch_users, [s.region for s in p.shards], [s.idx for s in p.shards],
+                      [s.shard_id for s in p.shards]))
+    c.execute(f"INSERT INTO {SCHEMA}.directory (user_key, home) SELECT user_key, %s FROM rm_plan "
+              "ON CONFLICT (user_key) DO NOTHING", (ctx.spec.source_region,))
+    measured.result()
+    for s in p.shards:
+        c.execute(f"UPDATE {SCHEMA}.shard SET plan = %s WHERE shard_id = %s", (json.dumps(s.summary()), s.shard_id))
+        ctl.audit(c, s.shard_id, None, Phase.PLANNED.value, {"users": s.users, "rows": s.rows, "batches": s.batches})
+    ctl.audit(c, None, None, None, {"event": "plan", "wave": p.wave, "shards": len(p.shards), "unplaced": p.unplaced})

@@ -72,7 +72,7 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
         with attempt:
             ensure_ledger(dst)
     removed_objects = objects.rollback(ctx, sid, shard.region)
-    for b, keys in sorted(ctl.batch_keys(sid).items()):
+    for b, keys in ctl.batch_keys(sid, ctx.sort_keys).items():  # one batch's keys at a time
         for attempt in retrying(ctx.spec.retry):
             with attempt, connect(dst) as c:
                 c.execute(capture.APPLY)  # through the destination's fence

@@ -13,7 +13,6 @@ aggregates and is stored with the shard's state for the evidence trail.
 from __future__ import annotations
 
 import hashlib
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,17 +40,11 @@ def shard_digest(agg: dict[tuple[str, int], tuple[int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _aggregate(ctx: Context, dsn: str, batches: dict[int, list[str]],
-               tables: list[str]) -> dict[tuple[str, int], tuple[int, str]]:
-    buf = io.StringIO()
-    for b, keys in batches.items():
-        for k in keys:
-            buf.write(f"{k}\t{b}\n")
+def _aggregate(ctx: Context, dsn: str, sid: str, tables: list[str]) -> dict[tuple[str, int], tuple[int, str]]:
     out: dict[tuple[str, int], tuple[int, str]] = {}
     with connect(dsn) as c:
         c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(sql.SQL(ctx.key_type)))
-        with c.cursor().copy("COPY rm_keys (k, b) FROM STDIN") as cp:
-            cp.write(buf.getvalue())
+        ctx.control.send_members(sid, c, "rm_keys")  # streamed: the shard's keys are never held here
         c.execute("ANALYZE rm_keys")
         for name in tables:
             q = sqlgen.digest_by_batch(ctx.spec.entity_graph, ctx.tables[name], "rm_keys")
@@ -100,7 +93,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     ctl = ctx.control
     shard = ctl.shard(sid)
     ctx.check_destination(shard.region)
-    batches = ctl.batch_keys(sid)
+    batches = ctl.batch_keys(sid, ctx.sort_keys)
     src_dsn, dst_dsn = ctx.source_dsn, ctx.dsn(shard.region)
     # Each side is read on `verify.workers` connections at once, each taking a share of
     # the tables, so neither side's server waits on the other's slower half.
@@ -108,8 +101,8 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     src: dict[tuple[str, int], tuple[int, str]] = {}
     dst: dict[tuple[str, int], tuple[int, str]] = {}
     with ThreadPoolExecutor(max_workers=2 * len(groups)) as pool:
-        fs = [pool.submit(_aggregate, ctx, src_dsn, batches, g) for g in groups]
-        fd = [pool.submit(_aggregate, ctx, dst_dsn, batches, g) for g in groups]
+        fs = [pool.submit(_aggregate, ctx, src_dsn, sid, g) for g in groups]
+        fd = [pool.submit(_aggregate, ctx, dst_dsn, sid, g) for g in groups]
         for f in fs:
             src.update(f.result())
         for f in fd:

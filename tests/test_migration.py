@@ -10,6 +10,7 @@ import time
 import psycopg
 import pytest
 
+from migrator import partition
 from tests.conftest import DEMO_OWNED, World
 
 pytestmark = pytest.mark.integration
@@ -106,6 +107,32 @@ def test_killed_process_resumes_without_duplicates(world: World):
     # checkpoints cover every batch exactly once
     batches = world.ctl("SELECT sum(batches) FROM migrator.shard")[0][0]
     assert world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] == batches
+
+
+def test_plan_places_each_user_by_hash_in_key_ordered_batches(world: World):
+    """The plan is formed in the databases; its membership is checked here against the
+    policy, the shard hash computed in Python, and the batch size."""
+    world.write_spec(copy={"batch_users": 7}, sharding={"shards_per_region": 3})
+    assert world.migrator("plan").returncode == 0
+    homes = {str(u): r for r, ids in expected_homes(world).items() for u in ids}
+    members = world.ctl("SELECT s.region, s.idx, s.batches, su.user_key, su.batch_no "
+                        "FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id)")
+    assert {k: r for r, _, _, k, _ in members} == homes
+    assert all(idx == partition.shard_index(k, 3) for _, idx, _, k, _ in members)
+    by_batch: dict[tuple, list[int]] = {}
+    for r, idx, n, k, b in members:
+        assert 0 <= b < n
+        by_batch.setdefault((r, idx, b), []).append(int(k))
+    for (r, idx, b), keys in by_batch.items():
+        assert 0 < len(keys) <= 7
+        later = by_batch.get((r, idx, b + 1))
+        assert later is None or max(keys) < min(later), "batches follow the key order"
+        assert b == 0 or (r, idx, b - 1) in by_batch
+    assert len({(r, i) for r, i, _ in by_batch}) == len(world.ctl("SELECT 1 FROM migrator.shard"))
+    # a second wave leaves out everyone already in a live shard
+    res = world.migrator("plan", "--wave", "second", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["shards"] == []
 
 
 def test_rows_the_destination_silently_drops_stop_the_copy(world: World):

@@ -90,13 +90,6 @@ def test_shards_are_roughly_even(n):
     assert min(counts) > 4000 / n * 0.7
 
 
-@given(st.lists(st.integers(), max_size=200), st.integers(1, 50))
-def test_batches_cover_keys_in_order(keys, size):
-    bs = partition.batches(keys, size)
-    assert [k for b in bs for k in b] == keys
-    assert all(0 < len(b) <= size for b in bs)
-
-
 def test_rollback_reachable_from_every_phase_but_done():
     for p in Phase:
         if p not in (Phase.ROLLED_BACK,):

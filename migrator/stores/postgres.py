@@ -51,3 +51,37 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5) -> 
         client_encoding=PINNED["client_encoding"],
     )
     return conn
+
+
+CHUNK = 64 * 1024
+
+
+def relay(out: psycopg.Copy, inp: psycopg.Copy, seen=None) -> None:
+    """Stream a COPY TO into a COPY FROM without holding more than a chunk.
+
+    The source yields one message per row; handing each to the destination would cost a
+    round of the driver's send loop per row, so rows are gathered into chunks first.
+    `seen`, if given, is called with every chunk sent (e.g. a hash's update)."""
+    buf = bytearray()
+    for block in out:
+        buf += block
+        if len(buf) >= CHUNK:
+            chunk = bytes(buf)
+            buf.clear()
+            if seen is not None:
+                seen(chunk)
+            inp.write(chunk)
+    if buf:
+        chunk = bytes(buf)
+        if seen is not None:
+            seen(chunk)
+        inp.write(chunk)
+
+
+def pipe(src: psycopg.Connection, copy_out, params, dst: psycopg.Connection, copy_in) -> int:
+    """Rows of `copy_out` (a COPY ... TO STDOUT) at `src` into `copy_in` (a COPY ... FROM
+    STDIN) at `dst`, streamed; the number of rows `dst` took."""
+    with src.cursor() as sc, dst.cursor() as dc:
+        with sc.copy(copy_out, params) as out, dc.copy(copy_in) as inp:
+            relay(out, inp)
+        return dc.rowcount
