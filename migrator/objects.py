@@ -169,16 +169,19 @@ def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[st
 
     pending = [b for b in sorted(batches) if b not in done]
     src_index = dst_index = None
-    shard_users = {u for b in pending for u in batches[b]}
+    keys_of = {b: batches[b] for b in pending}  # read once: the listings and the copies both need them
+    shard_users = {u for keys in keys_of.values() for u in keys}
     if o.user_prefix is not None and len(shard_users) > PER_USER_LISTING:
         head, tail = o.user_prefix.split("{user}", 1)
-        src_index = _index(src_c, src.bucket, head, tail, shard_users)
-        dst_index = _index(dst_c, dst.bucket, head, tail, shard_users)
+        with ThreadPoolExecutor(max_workers=2) as lister:  # both endpoints at once
+            fs = lister.submit(_index, src_c, src.bucket, head, tail, shard_users)
+            fd = lister.submit(_index, dst_c, dst.bucket, head, tail, shard_users)
+            src_index, dst_index = fs.result(), fd.result()
 
     def prepare(b: int, pool: ThreadPoolExecutor, fresh: bool = False) -> tuple[dict[str, str | None], dict[str, dict | None]]:
         # A retry lists afresh: the shard's listings may be what went stale.
-        listed = _source_objects(ctx, batches[b], None if fresh else src_index, src_c)
-        present = _present_at_destination(ctx, dst_c, dst.bucket, batches[b], list(listed), pool,
+        listed = _source_objects(ctx, keys_of[b], None if fresh else src_index, src_c)
+        present = _present_at_destination(ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool,
                                           None if fresh else dst_index)
         heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
         for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
