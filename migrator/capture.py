@@ -35,6 +35,7 @@ from psycopg import sql
 
 from migrator.catalog import Table
 from migrator.context import Context
+from migrator.control import Control
 from migrator.spec import EntityGraph
 from migrator.stores.postgres import connect
 
@@ -165,20 +166,22 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
     return True
 
 
-def _users(conn: psycopg.Connection, table: str, sid: str, keys: list[str]) -> None:
+def _users(conn: psycopg.Connection, table: str, sid: str, members: Control) -> None:
+    """The shard's users into `table`, streamed from the control database."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS rm_members (k text NOT NULL, b int NOT NULL) ON COMMIT DROP")
+    members.send_members(sid, conn, "rm_members")
     # A user is in one live shard; rows left by a shard whose control state is gone are replaced.
-    conn.execute(f"DELETE FROM migrator.{table} WHERE shard_id = %s OR user_key = ANY(%s)", (sid, keys))
-    with conn.cursor().copy(f"COPY migrator.{table} (user_key, shard_id) FROM STDIN") as cp:
-        for k in keys:
-            cp.write_row((k, sid))
+    conn.execute(f"DELETE FROM migrator.{table} t USING rm_members m WHERE t.user_key = m.k", ())
+    conn.execute(f"DELETE FROM migrator.{table} WHERE shard_id = %s", (sid,))
+    conn.execute(f"INSERT INTO migrator.{table} (user_key, shard_id) SELECT k, %s FROM rm_members", (sid,))
+    conn.execute("DROP TABLE rm_members")
 
 
-
-def start_capture(ctx: Context, dsn: str, sid: str, keys: list[str]) -> None:
+def start_capture(ctx: Context, dsn: str, sid: str) -> None:
     install(ctx, dsn)
     with connect(dsn) as c:
         c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
-        _users(c, "capture_users", sid, keys)
+        _users(c, "capture_users", sid, ctx.control)
 
 
 def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
@@ -192,7 +195,7 @@ def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
     uninstall_if_unused(ctx, dsn)
 
 
-def fence(dsn: str, sid: str, keys: list[str], deadline: float, hold: bool = False) -> None:
+def fence(dsn: str, sid: str, members: Control, deadline: float, hold: bool = False) -> None:
     """Refuse the users' writes from now on, then wait (until `deadline`) for every
     transaction that began earlier to end, so their changes are in the log.
 
@@ -202,7 +205,7 @@ def fence(dsn: str, sid: str, keys: list[str], deadline: float, hold: bool = Fal
     remaining = max(0.0, deadline - time.monotonic()) + 1.0
     with connect(dsn) as c:
         c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
-        _users(c, "fenced_users", sid, keys)
+        _users(c, "fenced_users", sid, members)
         if not hold:
             c.execute("UPDATE migrator.fenced_users SET until = clock_timestamp() + make_interval(secs => %s) "
                       "WHERE shard_id = %s", (remaining, sid))

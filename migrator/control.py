@@ -278,10 +278,6 @@ class Control:
     def clear_positions(self, conn: psycopg.Connection, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))
 
-    def all_keys(self, sid: str) -> list[str]:
-        with self.connect(autocommit=True) as c:
-            return [k for (k,) in c.execute(f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s", (sid,))]
-
     # --- directory --------------------------------------------------------------------
     def homes(self, keys: list[str]) -> dict[str, tuple[str, int]]:
         with self.connect(autocommit=True) as c:

@@ -266,7 +266,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         ctl.move(sid, shard.state, Phase.COPYING, {"event": "copy started"})
     try:
         if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
-            capture.start_capture(ctx, ctx.source_dsn, sid, ctl.all_keys(sid))
+            capture.start_capture(ctx, ctx.source_dsn, sid)
         for attempt in retrying(ctx.spec.retry):
             with attempt:
                 ensure_ledger(dst_dsn)

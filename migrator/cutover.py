@@ -43,7 +43,6 @@ def cutover_shard(ctx: Context, sid: str) -> int:
     if shard.state != Phase.VERIFIED:
         raise StateConflict(f"shard {sid} is {shard.state}; only a verified shard can be cut over")
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
-    keys = ctl.all_keys(sid)
     window = ctx.spec.changes.fence_window_s
     # Lag first: fencing a shard whose backlog cannot be applied in the window would only
     # cost the users write downtime.
@@ -52,10 +51,10 @@ def cutover_shard(ctx: Context, sid: str) -> int:
     deadline = t0 + window
     try:
         with bounded(deadline):
-            capture.fence(src, sid, keys, deadline)
+            capture.fence(src, sid, ctl, deadline)
             pause_point(ctx, sid, "fenced")
             capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline)
-            capture.start_capture(ctx, dst, sid, keys)  # destination writes after the flip are logged
+            capture.start_capture(ctx, dst, sid)  # destination writes after the flip are logged
             from migrator.verifier import compare_touched
 
             diffs = compare_touched(ctx, sid, src, dst)

@@ -24,11 +24,10 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
     from migrator.errors import ChecksumMismatch
     from migrator.verifier import compare_touched
 
-    keys = ctx.control.all_keys(sid)
     deadline = time.monotonic() + max(ctx.spec.changes.fence_window_s, 30.0)
     try:
         with bounded(deadline):
-            capture.fence(dst, sid, keys, deadline)
+            capture.fence(dst, sid, ctx.control, deadline)
             n = capture.catch_up(ctx, sid, dst, src, "reverse", deadline=deadline)
             diffs = compare_touched(ctx, sid, dst, dst)
             if diffs:
