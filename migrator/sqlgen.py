@@ -13,9 +13,13 @@ text, hex bytea, ...; numeric keeps its scale, which is part of its value). The 
 format quotes any field holding a separator, quote or space and writes NULL as nothing and
 '' as "", so NULL, '' and 'NULL' differ and no separator can be forged; it is built in one
 C call per row, which is much cheaper than quoting and concatenating field by field. The
-row text is hashed with md5 and its first 64 bits taken as a bigint; a set of rows
-aggregates to (count, sum of those bigints) -- order-free, and unlike XOR a duplicated row
-changes it.
+row text is hashed to a bigint by PostgreSQL's own 64-bit text hash
+(`hashtextextended(text, 0)`, the hash behind hash partitioning, whose partitions rely
+on it staying the same across server upgrades); a set of rows aggregates to (count, sum of those bigints) --
+order-free, and unlike XOR a duplicated row changes it. The hash looks for accidental
+differences (lost, doubled or altered rows), not for forgeries; it costs about a third
+less per row than md5 of the same text, and the text itself is most of the cost. Both
+servers must share byte order (as every platform PostgreSQL ships for today does).
 """
 from __future__ import annotations
 
@@ -38,9 +42,9 @@ def canonical(col: Column, alias: str = "t0") -> sql.Composable:
 
 
 def row_hash(table: Table, alias: str = "t0") -> sql.Composable:
-    """A bigint from the first 64 bits of md5 over the row's canonical text."""
+    """A bigint hash of the row's canonical text."""
     fields = sql.SQL(", ").join(canonical(c, alias) for c in table.columns)
-    return sql.SQL("('x' || substr(md5(ROW({})::text), 1, 16))::bit(64)::bigint").format(fields)
+    return sql.SQL("hashtextextended(ROW({})::text, 0)").format(fields)
 
 
 @dataclass(frozen=True)
