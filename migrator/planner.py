@@ -131,6 +131,7 @@ def _measure(ctx: Context, m: psycopg.Connection, shards: dict[int, ShardPlan]) 
     per table, and approximate bytes from each table's mean row size (zero for a table
     never analyzed)."""
     m.execute("ANALYZE rm_keys")
+    sqlgen.one_pass_settings(m)
     for name, table in ctx.tables.items():
         (per_row,) = m.execute(sqlgen.mean_row_bytes(ctx.spec.entity_graph, table)).fetchone()
         for b, n in m.execute(sqlgen.count_by_group(ctx.spec.entity_graph, table, "rm_keys")).fetchall():

@@ -4,25 +4,31 @@ statements the copier, verifier and rollback run. Nothing here touches a connect
 Design: the canonical digest
 ----------------------------
 A row's digest must be equal on two servers exactly when the rows are equal, whatever the
-session's time zone or the server version. The row's text is the output of a row
-constructor, `ROW(c1, c2, ...)::text`, with timestamptz columns shifted to UTC (so the text
-does not depend on TimeZone) and json cast to jsonb (whose text is canonical); every other
-column is written by its type's output function under the session every connection pins
-(`stores.postgres.PINNED`: DateStyle ISO, extra_float_digits=1 for the shortest exact float
-text, hex bytea, ...; numeric keeps its scale, which is part of its value). The record
-format quotes any field holding a separator, quote or space and writes NULL as nothing and
-'' as "", so NULL, '' and 'NULL' differ and no separator can be forged; it is built in one
-C call per row, which is much cheaper than quoting and concatenating field by field. The
-row text is hashed to a bigint by PostgreSQL's own 64-bit text hash
-(`hashtextextended(text, 0)`, the hash behind hash partitioning, whose partitions rely
-on it staying the same across server upgrades); a set of rows aggregates to (count, sum of those bigints) --
-order-free, and unlike XOR a duplicated row changes it. The hash looks for accidental
-differences (lost, doubled or altered rows), not for forgeries; it costs about a third
-less per row than md5 of the same text, and the text itself is most of the cost. Both
-servers must share byte order (as every platform PostgreSQL ships for today does).
+session's time zone or the server version. It is PostgreSQL's record hash over the row's
+columns, `hash_record_extended(ROW(c1, c2, ...), 0)`, which combines each column's own
+64-bit hash (the hashes behind hash partitioning, whose partitions rely on them staying
+the same across server upgrades) in column order, without writing the row out as text.
+A column goes in as it is only where its type's hash tells apart every two values that
+differ: integers, boolean, uuid, bytea, date, timestamp and timestamptz (the instant, so
+the session's TimeZone plays no part), inet, and text and varchar under the "C" collation
+(their bytes). Every other type goes in as its text, written by its output function
+under the session every connection pins (`stores.postgres.PINNED`): numeric keeps its
+scale (1.0 is not 1.00), a float its shortest exact text (-0 is not 0), an interval its
+fields ('1 day' is not '24 hours'), json and jsonb their canonical jsonb text; and so a
+type without a hash of its own (a geometric type, say) can be hashed too. NULL differs from '' and 'NULL'.
+The record hash is a sum of the columns' hashes weighted by position, so it is mixed once
+more (`hashint8extended`): otherwise two rows that traded values in one column would
+leave a set's sum unchanged.
+
+A set of rows aggregates to (count, sum of the row hashes) -- order-free, and unlike XOR
+a duplicated row changes it. The hash looks for accidental differences (lost, doubled or
+altered rows), not for forgeries. Hashing the columns costs about a third of writing the
+row out as text and hashing that. It needs PostgreSQL 14 or later, and both servers of a
+comparison must share byte order (as every platform PostgreSQL ships for today does).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -31,20 +37,37 @@ from migrator.catalog import Column, Table
 from migrator.spec import EntityGraph
 
 
+# Types whose hash differs for every two values that differ (text types under "C").
+EXACT_HASH = {
+    "smallint", "integer", "bigint", "boolean", "uuid", "bytea", "date", "inet",
+    "timestamp without time zone", "timestamp with time zone", "text", "character varying",
+}
+TEXTUAL = {"text", "character varying"}
+
+
+def base_type(type_name: str) -> str:
+    """format_type() without its modifiers: 'numeric(10,2)' -> 'numeric',
+    'timestamp(3) with time zone' -> 'timestamp with time zone'."""
+    return re.sub(r"\s+", " ", re.sub(r"\([^)]*\)", "", type_name)).strip()
+
+
 def canonical(col: Column, alias: str = "t0") -> sql.Composable:
-    """A column as it enters the row text (see the module's design note)."""
+    """A column as it enters the row hash (see the module's design note)."""
     ref = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(col.name))
-    if col.type == "timestamp with time zone":
-        return sql.SQL("({} AT TIME ZONE 'UTC')").format(ref)
-    if col.type == "json":
-        return sql.SQL("{}::jsonb").format(ref)
-    return ref
+    t = base_type(col.type)
+    if t in TEXTUAL:
+        return sql.SQL('({} COLLATE "C")').format(ref)
+    if t in EXACT_HASH:
+        return ref
+    if t == "json":
+        return sql.SQL('({}::jsonb::text COLLATE "C")').format(ref)
+    return sql.SQL('({}::text COLLATE "C")').format(ref)
 
 
 def row_hash(table: Table, alias: str = "t0") -> sql.Composable:
-    """A bigint hash of the row's canonical text."""
+    """A bigint hash of the row's columns."""
     fields = sql.SQL(", ").join(canonical(c, alias) for c in table.columns)
-    return sql.SQL("hashtextextended(ROW({})::text, 0)").format(fields)
+    return sql.SQL("hashint8extended(hash_record_extended(ROW({}), 0), 0)").format(fields)
 
 
 @dataclass(frozen=True)
@@ -125,6 +148,18 @@ def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composab
     return sql.SQL("SELECT count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}").format(
         row_hash(table), own.from_, keys_filter(own, key_type)
     )
+
+
+ONE_PASS = {"enable_nestloop": "off", "work_mem": "64MB"}
+
+
+def one_pass_settings(conn) -> None:
+    """For the current transaction: the one-pass aggregates over a whole shard join every
+    row of a table with the shard's key table, which a hash join does in one pass at any
+    size; a nested loop misjudged from an estimate would take quadratic time, and a hash
+    table split into batches on disk costs a second pass. Both are ruled out here."""
+    for k, v in ONE_PASS.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (k, v))
 
 
 def digest_by_batch(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:

@@ -44,6 +44,7 @@ def _aggregate(ctx: Context, dsn: str, sid: str, tables: list[str]) -> dict[tupl
     out: dict[tuple[str, int], tuple[int, str]] = {}
     with connect(dsn) as c:
         c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(sql.SQL(ctx.key_type)))
+        sqlgen.one_pass_settings(c)
         ctx.control.send_members(sid, c, "rm_keys")  # streamed: the shard's keys are never held here
         c.execute("ANALYZE rm_keys")
         for name in tables:
