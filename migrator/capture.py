@@ -177,11 +177,34 @@ def _users(conn: psycopg.Connection, table: str, sid: str, members: Control) -> 
     conn.execute("DROP TABLE rm_members")
 
 
-def start_capture(ctx: Context, dsn: str, sid: str) -> None:
+def _wait_for_earlier(dsn: str, deadline: float, what: str) -> None:
+    """Wait until every transaction that wrote before now has ended.
+
+    The mark is a transaction id taken after the caller's change committed: a writer that
+    wrote earlier holds an older id and is waited for; a writer's statements from now on
+    see the committed change (its trigger logs or refuses them)."""
+    with connect(dsn, autocommit=True) as c:
+        mark = c.execute("SELECT pg_current_xact_id()").fetchone()[0]
+        while True:
+            done = c.execute("SELECT pg_snapshot_xmin(pg_current_snapshot()) > %s::text::xid8", (str(mark),)).fetchone()[0]
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"transactions that began before {what} are still running")
+            time.sleep(0.005)
+
+
+def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0) -> None:
+    """Log the shard's users' changes from now on; returns once no transaction that could
+    have written unlogged is still running, so a snapshot taken next misses nothing
+    (`wait_s=None`: where nobody writes the users' rows yet, e.g. the destination before
+    the directory flips)."""
     install(ctx, dsn)
     with connect(dsn) as c:
         c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
         _users(c, "capture_users", sid, ctx.control)
+    if wait_s is not None:
+        _wait_for_earlier(dsn, time.monotonic() + wait_s, "the change capture")
 
 
 def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
@@ -209,15 +232,7 @@ def fence(dsn: str, sid: str, members: Control, deadline: float, hold: bool = Fa
         if not hold:
             c.execute("UPDATE migrator.fenced_users SET until = clock_timestamp() + make_interval(secs => %s) "
                       "WHERE shard_id = %s", (remaining, sid))
-        mark = c.execute("SELECT pg_current_xact_id()").fetchone()[0]
-    with connect(dsn, autocommit=True) as c:
-        while True:
-            done = c.execute("SELECT pg_snapshot_xmin(pg_current_snapshot()) > %s::text::xid8", (str(mark),)).fetchone()[0]
-            if done:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError("transactions that began before the fence are still running")
-            time.sleep(0.005)
+    _wait_for_earlier(dsn, deadline, "the fence")
 
 
 def hold_fence(dsn: str, sid: str) -> None:

@@ -54,7 +54,7 @@ def cutover_shard(ctx: Context, sid: str) -> int:
             capture.fence(src, sid, ctl, deadline)
             pause_point(ctx, sid, "fenced")
             capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline)
-            capture.start_capture(ctx, dst, sid)  # destination writes after the flip are logged
+            capture.start_capture(ctx, dst, sid, wait_s=None)  # destination writes after the flip are logged
             from migrator.verifier import compare_touched
 
             diffs = compare_touched(ctx, sid, src, dst)

@@ -178,3 +178,28 @@ def test_status_shows_lag_and_cleanup_removes_capture(world: World):
     assert world.rows("us", "SELECT count(*) FROM migrator.fenced_users")[0][0] > 0
     res = world.migrator("rollback", "--json")
     assert res.returncode == 1 and "finalized" in res.stdout
+
+
+def test_a_write_open_when_capture_starts_reaches_the_destination(world: World):
+    """A transaction that wrote a moving user's row just before the shard's change capture
+    began (the guards already in place for another shard), and commits only later: the copy
+    waits for it, so its row is copied rather than missed by both the copy and the log."""
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy", "--region", "ie").returncode == 0  # the source's guards are installed
+    (uid,) = world.ctl("SELECT su.user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
+                       "WHERE s.region = 'no' ORDER BY 1 LIMIT 1")[0]
+    with psycopg.connect(world.dsn["us"]) as c:
+        c.execute("UPDATE users SET email = 'late@example.test' WHERE user_id = %s", (int(uid),))
+        proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "copy", "--region", "no", "--config",
+                                 str(world.spec_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(4)
+        finished_early = proc.poll() is not None
+        copied_early = world.ctl("SELECT count(*) FROM migrator.checkpoint cp JOIN migrator.shard s USING (shard_id) "
+                                 "WHERE s.region = 'no'")[0][0]
+    # committed: the copy goes on
+    assert proc.wait(120) == 0
+    assert not finished_early and copied_early == 0, "the copy did not wait for the open transaction"
+    res = world.migrator("verify", "--region", "no", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert world.rows("no", "SELECT email FROM users WHERE user_id = %s", (int(uid),)) == [("late@example.test",)]
