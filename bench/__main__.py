@@ -19,6 +19,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import sys
 import statistics
 import subprocess
@@ -287,6 +288,9 @@ def main() -> None:
     ap.add_argument("--against", type=Path, default=None,
                     help="the JSON of a run at a smaller scale: report how time and memory grew with the data")
     a = ap.parse_args()
+    # A terminated run still stops its servers (the `finally` below): a server whose
+    # postmaster is gone can leave a backend running its query on and on.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     users = max(100, int(500_000 * a.scale))
     base = Path(tempfile.mkdtemp(prefix="rm-bench-"))
     cluster = Cluster(["src", "dst"], base, settings=SERVER_SETTINGS).start()
