@@ -10,6 +10,7 @@ source version and skips it without crossing data centers again.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import boto3
@@ -21,15 +22,29 @@ META_SHA = "sha256"
 META_SRC_ETAG = "source-etag"
 
 
+_clients: dict[tuple, object] = {}
+_clients_lock = threading.Lock()
+
+
 def client(store: ObjectStore):
-    return boto3.client(
-        "s3",
-        endpoint_url=store.endpoint,
-        region_name=store.region_name,
-        aws_access_key_id=store.access_key.get_secret_value() if store.access_key else None,
-        aws_secret_access_key=store.secret_key.get_secret_value() if store.secret_key else None,
-        config=Config(connect_timeout=3, read_timeout=30, retries={"max_attempts": 1}, max_pool_connections=64),
-    )
+    """One client per endpoint and credentials for the process: a client is safe to share
+    between threads, and making one (loading the service's model) costs a good part of a
+    small shard's object copy."""
+    access = store.access_key.get_secret_value() if store.access_key else None
+    secret = store.secret_key.get_secret_value() if store.secret_key else None
+    key = (store.endpoint, store.region_name, access, secret)
+    with _clients_lock:
+        c = _clients.get(key)
+        if c is None:
+            c = _clients[key] = boto3.client(
+                "s3",
+                endpoint_url=store.endpoint,
+                region_name=store.region_name,
+                aws_access_key_id=access,
+                aws_secret_access_key=secret,
+                config=Config(connect_timeout=3, read_timeout=30, retries={"max_attempts": 1}, max_pool_connections=64),
+            )
+        return c
 
 
 @dataclass(frozen=True)
