@@ -171,7 +171,7 @@ def _users(conn: psycopg.Connection, table: str, sid: str, members: Control) -> 
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS rm_members (k text NOT NULL, b int NOT NULL) ON COMMIT DROP")
     members.send_members(sid, conn, "rm_members")
     # A user is in one live shard; rows left by a shard whose control state is gone are replaced.
-    conn.execute(f"DELETE FROM migrator.{table} t USING rm_members m WHERE t.user_key = m.k", ())
+    conn.execute(f"DELETE FROM migrator.{table} t USING rm_members m WHERE t.user_key = m.k")
     conn.execute(f"DELETE FROM migrator.{table} WHERE shard_id = %s", (sid,))
     conn.execute(f"INSERT INTO migrator.{table} (user_key, shard_id) SELECT k, %s FROM rm_members", (sid,))
     conn.execute("DROP TABLE rm_members")

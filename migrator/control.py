@@ -110,7 +110,7 @@ class Shard:
 
 class ShardBatches(Mapping[int, list[str]]):
     """A shard's batches by number (0 .. batches - 1). A batch's keys are read from the
-    control database when it is asked for, so no phase holds a whole shard's keys."""
+    control database when it is asked for, so the row phases never hold a whole shard's keys."""
 
     def __init__(self, ctl: "Control", sid: str, count: int, sort: Callable[[list[str]], list[str]]):
         self._ctl, self._sid, self._count, self._sort = ctl, sid, count, sort
