@@ -37,7 +37,7 @@ from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Control
 from migrator.spec import EntityGraph
-from migrator.stores.postgres import connect
+from migrator.stores.postgres import connect, relay
 
 FENCED = "RMF01"
 APPLY = "SET LOCAL migrator.apply = 'on'"
@@ -292,8 +292,7 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit:
                 with src.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sel),
                                        {"pks": json.dumps(by_table[name])}) as out, \
                         dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)) as inp:
-                    for block in out:
-                        inp.write(block)
+                    relay(out, inp)
                 others = [c.name for c in t.columns if c.name not in t.pk]
                 action = sql.SQL("DO NOTHING") if not others else sql.SQL("DO UPDATE SET {}").format(
                     sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others))
