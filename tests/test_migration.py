@@ -135,6 +135,33 @@ def test_plan_places_each_user_by_hash_in_key_ordered_batches(world: World):
     assert json.loads(res.stdout)["shards"] == []
 
 
+def test_plan_counts_small_shards_exactly_and_estimates_large_ones(world: World, monkeypatch):
+    """Each shard's rows per table: exact when the shard is no larger than the sample,
+    otherwise scaled up from the sampled users, and marked as such."""
+    from migrator import planner
+    from migrator.context import Context
+    from migrator.spec import parse_spec
+
+    world.write_spec(sharding={"shards_per_region": 2})
+    ctx = Context(parse_spec(world.spec))
+    monkeypatch.setattr(planner, "MEASURE_SAMPLE", 10)
+    sampled = planner.plan(ctx, "w", dry_run=True).shards
+    monkeypatch.undo()
+    counted = planner.plan(ctx, "w").shards
+    assert len(sampled) == len(counted) == 4
+    for s, c in zip(sampled, counted):
+        assert s.shard_id == c.shard_id and s.users == c.users > 10
+        assert c.sampled == c.users and c.summary()["rows_exact"]
+        assert s.sampled == 10 and not s.summary()["rows_exact"]
+        # the exact counts, against the source rows of the shard's users counted here
+        ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.shard_user WHERE shard_id = %s", (c.shard_id,))]
+        assert len(ids) == c.users
+        for table, q in DEMO_OWNED.items():
+            n = len(world.rows("us", q, (ids,)))
+            assert c.rows[table] == n, (c.name, table)
+            assert abs(s.rows[table] - n) <= 0.5 * n, (s.name, table, s.rows[table], n)
+
+
 def test_rows_the_destination_silently_drops_stop_the_copy(world: World):
     """A destination trigger that swallows some rows: the batch's counts disagree, the copy
     stops naming the table, and the batch is not committed there."""
