@@ -116,7 +116,7 @@ def _source_objects(ctx: Context, users: list[str], index: Index | None = None, 
         col = sql.Identifier(o.key_column.column)
         q = sql.SQL("SELECT DISTINCT t0.{} FROM {} WHERE {} AND t0.{} IS NOT NULL").format(
             col, own.from_, sqlgen.keys_filter(own, ctx.key_type), col)
-        with connect(ctx.source_dsn, autocommit=True) as c:
+        with connect(ctx.source_dsn, autocommit=True, keyed=True) as c:
             keys.update((r[0], None) for r in c.execute(q, sqlgen.keys_arg(users)).fetchall())
     if o.user_prefix is not None:
         src = o.stores[ctx.spec.source_region]

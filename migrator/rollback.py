@@ -73,7 +73,7 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     removed_objects = objects.rollback(ctx, sid, shard.region)
     for b, keys in ctl.batch_keys(sid, ctx.sort_keys).items():  # one batch's keys at a time
         for attempt in retrying(ctx.spec.retry):
-            with attempt, connect(dst) as c:
+            with attempt, connect(dst, keyed=True) as c:
                 c.execute(capture.APPLY)  # through the destination's fence
                 counts = {}
                 # Only batches this tool wrote (their ledger row) are removed: rows that were

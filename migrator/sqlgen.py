@@ -186,6 +186,11 @@ def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5
     return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(pk, own.from_, keys_filter(own, key_type), sql.Literal(limit))
 
 
+def any_row(graph: EntityGraph, table: Table) -> sql.Composable:
+    """One row of the table if it has any (a probe that stops at the first live row)."""
+    return sql.SQL("SELECT 1 FROM {}.{} LIMIT 1").format(sql.Identifier(graph.schema_), sql.Identifier(table.name))
+
+
 def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:
     """One pass over a table: (group, rows) for the users listed in a keys table."""
     own = ownership(graph, table.name)

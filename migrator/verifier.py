@@ -70,7 +70,7 @@ def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: lis
     q = sqlgen.pk_hashes(ctx.spec.entity_graph, table, ctx.key_type)
     sides = []
     for dsn in (src_dsn, dst_dsn):
-        with connect(dsn, autocommit=True) as c:
+        with connect(dsn, autocommit=True, keyed=True) as c:
             sides.append({tuple(r[:-1]): r[-1] for r in c.execute(q, sqlgen.keys_arg(keys)).fetchall()})
     src, dst = sides
     diffs = []

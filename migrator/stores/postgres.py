@@ -37,8 +37,21 @@ def bounded(deadline: float):
         _deadline = None
 
 
-def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5) -> psycopg.Connection:
-    opts = " ".join(f"-c {k}={v.replace(' ', '')}" for k, v in PINNED.items() if k not in ("client_encoding", "application_name"))
+# For sessions whose statements each read one batch of users (`= ANY(keys)` on the owner
+# key): such a batch is a sliver of each table and is found through the owner-key indexes.
+# Left to its costs, the planner may prefer a full scan of a large child table hashed
+# against the batch's parent rows; repeated for every batch, that makes a copy's time grow
+# with the square of the data. Here a scan is the last resort, taken only where a table has
+# no usable index.
+KEYED = {"enable_seqscan": "off"}
+
+
+def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5, keyed: bool = False) -> psycopg.Connection:
+    """A connection with the session pinned; `keyed` for per-batch statements (see KEYED)."""
+    settings = {k: v for k, v in PINNED.items() if k not in ("client_encoding", "application_name")}
+    if keyed:
+        settings.update(KEYED)
+    opts = " ".join(f"-c {k}={v.replace(' ', '')}" for k, v in settings.items())
     if _deadline is not None:
         ms = max(1, int((_deadline - time.monotonic()) * 1000))
         opts += f" -c statement_timeout={ms} -c lock_timeout={ms}"
