@@ -19,7 +19,7 @@ def test_bench_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout)
     assert doc["users"] == 10000 and doc["rows"] > 2000
-    for key in ("raw_pipe_s", "copy_s", "verify_s", "copy_vs_pipe", "total_vs_pipe", "peak_rss_mb", "cores"):
+    for key in ("raw_pipe_s", "plan_s", "copy_s", "verify_s", "copy_vs_pipe", "total_vs_pipe", "peak_rss_mb", "cores"):
         assert doc[key] > 0, key
     assert doc["object_copy"]["objects"] == 20 and doc["object_copy"]["objects_vs_plain"] > 0
     assert doc["changed_row"]["tool_found"] and doc["changed_row"]["reladiff_found"]
