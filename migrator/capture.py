@@ -9,8 +9,9 @@ ignores the directory is refused by the database.
 
 One BEFORE ROW trigger per table of the entity graph computes the row's owner (following
 the foreign-key path, as the copy does) and then:
-* if the owner is in `migrator.fenced_users`, raises SQLSTATE RMF01 ("fenced"): the
-  write is refused and the writer may retry after cutover, at the user's new home;
+* if the owner is in `migrator.fenced_users` and their shard's fence in `migrator.fences`
+  is up, raises SQLSTATE RMF01 ("fenced"): the write is refused and the writer may retry
+  after cutover, at the user's new home;
 * if the owner is in `migrator.capture_users`, appends (table, primary key, shard) to
   `migrator.changes` in the writer's own transaction, so a change is logged exactly when
   it commits.
@@ -22,8 +23,11 @@ current source row (upsert if present, delete if not), parents first and deletio
 children first, in one destination transaction per pass: applying a pass twice is
 harmless, so the applied position may lag what was applied. A fence waits until every
 transaction that began before it has ended (their changes are then in the log), bounded by
-a deadline. After cutover the same machinery runs the other way: destination writes are
-captured so a rollback can carry them back to the source.
+a deadline. The fence's user list is written before the window (`stage_fence`), and
+raising, holding or lifting the fence is one row of `migrator.fences`, so the time the
+users cannot write does not grow with the shard. After cutover the same machinery runs
+the other way: destination writes are captured so a rollback can carry them back to the
+source.
 """
 from __future__ import annotations
 
@@ -45,9 +49,9 @@ APPLY = "SET LOCAL migrator.apply = 'on'"
 DDL = """
 CREATE SCHEMA IF NOT EXISTS migrator;
 CREATE TABLE IF NOT EXISTS migrator.capture_users (user_key text PRIMARY KEY, shard_id text NOT NULL);
-CREATE TABLE IF NOT EXISTS migrator.fenced_users (
-  user_key text PRIMARY KEY, shard_id text NOT NULL, until timestamptz NOT NULL DEFAULT 'infinity'
-);
+CREATE TABLE IF NOT EXISTS migrator.fenced_users (user_key text PRIMARY KEY, shard_id text NOT NULL);
+CREATE INDEX IF NOT EXISTS fenced_users_shard ON migrator.fenced_users (shard_id);
+CREATE TABLE IF NOT EXISTS migrator.fences (shard_id text PRIMARY KEY, until timestamptz NOT NULL);
 CREATE TABLE IF NOT EXISTS migrator.changes (
   id bigserial PRIMARY KEY, shard_id text NOT NULL, tbl text NOT NULL, pk jsonb NOT NULL,
   at timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -87,7 +91,8 @@ def _function(graph: EntityGraph, table: Table) -> str:
   IF TG_OP IN {ops} THEN
     o := {_owner_expr(graph, table.name, rec)};
     IF o IS NOT NULL THEN
-      IF EXISTS (SELECT 1 FROM migrator.fenced_users f WHERE f.user_key = o AND f.until > clock_timestamp()) THEN
+      IF EXISTS (SELECT 1 FROM migrator.fenced_users f JOIN migrator.fences x ON x.shard_id = f.shard_id
+                 WHERE f.user_key = o AND x.until > clock_timestamp()) THEN
         RAISE EXCEPTION 'migrator: user is fenced while their data moves; retry at their home region'
           USING ERRCODE = '{FENCED}';
       END IF;
@@ -106,17 +111,24 @@ BEGIN
   END IF;{''.join(body)}
   RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END $fn$;
+"""
+
+
+def _trigger(graph: EntityGraph, table: Table) -> str:
+    return f"""
 DROP TRIGGER IF EXISTS migrator_guard ON {sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)};
 CREATE TRIGGER migrator_guard BEFORE INSERT OR UPDATE OR DELETE
   ON {sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}
-  FOR EACH ROW EXECUTE FUNCTION {name}();
+  FOR EACH ROW EXECUTE FUNCTION migrator.guard_{table.name}();
 """
 
 
 def install(ctx: Context, dsn: str) -> None:
     """Idempotently create the log, the user lists and a guard trigger on every table.
-    Tables that already have the guard are left alone: re-creating a trigger locks its
-    table against the application's writes."""
+    The guard functions are always replaced (that takes no lock on a table), so a guard
+    installed by an earlier version follows the current rules; a table that already has
+    the trigger keeps it: re-creating a trigger locks its table against the application's
+    writes."""
     from migrator.errors import retrying
 
     g = ctx.spec.entity_graph
@@ -130,8 +142,9 @@ def install(ctx: Context, dsn: str) -> None:
                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = 'migrator_guard' AND n.nspname = %s",
                 (g.schema_,))}
             for table in ctx.tables.values():
+                c.execute(_function(g, table))
                 if table.name not in have:
-                    c.execute(_function(g, table))
+                    c.execute(_trigger(g, table))
 
 
 def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
@@ -162,7 +175,7 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
         for table in reversed(list(ctx.tables.values())):  # children first, as writers lock them
             c.execute(sql.SQL("DROP TRIGGER IF EXISTS migrator_guard ON {}.{}").format(sql.Identifier(g.schema_), sql.Identifier(table.name)))
             c.execute(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}()")
-        c.execute("DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users")
+        c.execute("DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users, migrator.fences")
     return True
 
 
@@ -214,39 +227,49 @@ def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
         c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
         c.execute("DELETE FROM migrator.changes WHERE shard_id = %s", (sid,))
         if fence_too:
+            c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
             c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
     uninstall_if_unused(ctx, dsn)
 
 
-def fence(dsn: str, sid: str, members: Control, deadline: float, hold: bool = False) -> None:
-    """Refuse the users' writes from now on, then wait (until `deadline`) for every
-    transaction that began earlier to end, so their changes are in the log.
-
-    The fence expires by itself at the deadline (plus a second), unless `hold`: a worker
-    killed inside the window cannot leave users unwritable. `hold_fence` makes it
-    permanent just before the directory flips."""
-    remaining = max(0.0, deadline - time.monotonic()) + 1.0
+def stage_fence(dsn: str, sid: str, members: Control) -> None:
+    """Write the list of the shard's users to fence, with the fence down: their writes still
+    pass. Done before the fence window, so raising the fence is one row."""
     with connect(dsn) as c:
+        c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
         c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
         _users(c, "fenced_users", sid, members)
-        if not hold:
-            c.execute("UPDATE migrator.fenced_users SET until = clock_timestamp() + make_interval(secs => %s) "
-                      "WHERE shard_id = %s", (remaining, sid))
+
+
+def fence(dsn: str, sid: str, deadline: float) -> None:
+    """Refuse the staged users' writes from now on, then wait (until `deadline`) for every
+    transaction that began earlier to end, so their changes are in the log.
+
+    The fence expires by itself at the deadline (plus a second): a worker killed inside
+    the window cannot leave users unwritable. `hold_fence` makes it permanent just before
+    the directory flips."""
+    remaining = max(0.0, deadline - time.monotonic()) + 1.0
+    with connect(dsn) as c:
+        if c.execute("SELECT 1 FROM migrator.fenced_users WHERE shard_id = %s LIMIT 1", (sid,)).fetchone() is None:
+            raise RuntimeError(f"shard {sid}: no fence list staged")  # a caller's mistake, never a user's
+        c.execute("INSERT INTO migrator.fences (shard_id, until) VALUES (%s, clock_timestamp() + make_interval(secs => %s)) "
+                  "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until", (sid, remaining))
     _wait_for_earlier(dsn, deadline, "the fence")
 
 
 def hold_fence(dsn: str, sid: str) -> None:
     """Make the shard's fence permanent (after cutover the source stays read-only)."""
     with connect(dsn) as c:
-        n = c.execute("UPDATE migrator.fenced_users SET until = 'infinity' WHERE shard_id = %s AND until > clock_timestamp()",
+        n = c.execute("UPDATE migrator.fences SET until = 'infinity' WHERE shard_id = %s AND until > clock_timestamp()",
                       (sid,)).rowcount
-        total = c.execute("SELECT count(*) FROM migrator.fenced_users WHERE shard_id = %s", (sid,)).fetchone()[0]
-        if n != total:
+        if n != 1:
             raise TimeoutError("the fence expired before it could be held")
 
 
 def lift(dsn: str, sid: str) -> None:
     with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.fences')").fetchone()[0] is not None:
+            c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
         if c.execute("SELECT to_regclass('migrator.fenced_users')").fetchone()[0] is not None:
             c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
 

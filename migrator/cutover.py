@@ -47,28 +47,32 @@ def cutover_shard(ctx: Context, sid: str) -> int:
     # Lag first: fencing a shard whose backlog cannot be applied in the window would only
     # cost the users write downtime.
     capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below)
-    t0 = time.monotonic()
-    deadline = t0 + window
+    from migrator.verifier import compare_touched
+
+    t0: float | None = None
     try:
+        capture.stage_fence(src, sid, ctl)  # the list of users to fence, written while they still write
+        t0 = time.monotonic()
+        deadline = t0 + window
         with bounded(deadline):
-            capture.fence(src, sid, ctl, deadline)
+            capture.fence(src, sid, deadline)
             pause_point(ctx, sid, "fenced")
             capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline)
             capture.start_capture(ctx, dst, sid, wait_s=None)  # destination writes after the flip are logged
-            from migrator.verifier import compare_touched
-
             diffs = compare_touched(ctx, sid, src, dst)
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
+            checked = len(capture.touched_keys(src, sid))
             capture.hold_fence(src, sid)
             if time.monotonic() > deadline:
                 raise TimeoutError("fence window exceeded")
-            fence_ms = round((time.monotonic() - t0) * 1000, 1)
-            return _flip(ctx, sid, {"fence_ms": fence_ms, "fence_checked_tables": len(capture.touched_keys(src, sid))})
+            # The window closes when the directory's flip commits: its length is taken
+            # there, after the flip's update (see `_flip`).
+            return _flip(ctx, sid, {"fence_checked_tables": checked}, fence_t0=t0)
     except BaseException as exc:
         capture.lift(src, sid)
         capture.stop_capture(ctx, dst, sid, fence_too=True)
-        elapsed = round((time.monotonic() - t0) * 1000, 1)
+        elapsed = round((time.monotonic() - t0) * 1000, 1) if t0 is not None else 0.0
         with ctl.connect() as c:
             ctl.audit(c, sid, "verified", "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
         if isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in ("57014", "55P03"):
@@ -78,8 +82,9 @@ def cutover_shard(ctx: Context, sid: str) -> int:
         raise
 
 
-def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None) -> int:
-    """Flip the shard's users; returns how many directory rows changed."""
+def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None, fence_t0: float | None = None) -> int:
+    """Flip the shard's users; returns how many directory rows changed. With `fence_t0`
+    (when the fence went up), the audit records the fence window up to the commit."""
     ctl = ctx.control
     with ctl.connect() as c:
         row = c.execute(
@@ -102,6 +107,8 @@ def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None) -
                 f"{ctx.spec.source_region}; cutover refused"
             )
         digest = new_digest or digest
+        if fence_t0 is not None:
+            detail = {"fence_ms": round((time.monotonic() - fence_t0) * 1000, 1), **detail}
         ctl.transition(c, sid, Phase.VERIFIED, Phase.CUT_OVER,
                        {"event": "cutover", "users": users, "to": region, "digest": digest, **detail}, digest=digest)
     return flipped

@@ -26,8 +26,9 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
 
     deadline = time.monotonic() + max(ctx.spec.changes.fence_window_s, 30.0)
     try:
+        capture.stage_fence(dst, sid, ctx.control)
         with bounded(deadline):
-            capture.fence(dst, sid, ctx.control, deadline)
+            capture.fence(dst, sid, deadline)
             n = capture.catch_up(ctx, sid, dst, src, "reverse", deadline=deadline)
             diffs = compare_touched(ctx, sid, dst, dst)
             if diffs:

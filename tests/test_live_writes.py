@@ -203,3 +203,42 @@ def test_a_write_open_when_capture_starts_reaches_the_destination(world: World):
     res = world.migrator("verify", "--region", "no", "--json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     assert world.rows("no", "SELECT email FROM users WHERE user_id = %s", (int(uid),)) == [("late@example.test",)]
+
+
+def test_the_fence_is_one_switch_over_a_staged_list(world: World):
+    """The fence list is written with the fence down (the users still write); raising,
+    expiring, holding and lifting the fence each change only whether their writes pass."""
+    from migrator import capture
+    from migrator.context import Context
+    from migrator.spec import parse_spec
+
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy", "--region", "ie").returncode == 0  # the source's guards are installed
+    ctx = Context(parse_spec(world.spec))
+    (sid,) = [s.shard_id for s in ctx.control.shards() if s.region == "ie"]
+    uid = int(world.ctl("SELECT user_key FROM migrator.shard_user WHERE shard_id = %s LIMIT 1", (sid,))[0][0])
+    src = world.dsn["us"]
+
+    def writes() -> bool:
+        try:
+            world.rows("us", "UPDATE users SET email = %s WHERE user_id = %s RETURNING 1", (f"{time.time()}@x.test", uid))
+            return True
+        except psycopg.Error as e:
+            assert e.sqlstate == capture.FENCED
+            return False
+
+    capture.stage_fence(src, sid, ctx.control)
+    assert world.rows("us", "SELECT count(*) FROM migrator.fenced_users WHERE shard_id = %s", (sid,))[0][0] > 0
+    assert writes(), "a staged list alone fences nobody"
+    capture.fence(src, sid, time.monotonic() + 0.5)
+    assert not writes()
+    time.sleep(2.0)  # past the window and its one-second grace: the fence expired by itself
+    assert writes()
+    capture.fence(src, sid, time.monotonic() + 5)
+    capture.hold_fence(src, sid)
+    time.sleep(6.5)
+    assert not writes(), "a held fence does not expire"
+    capture.lift(src, sid)
+    assert writes()
+    assert world.rows("us", "SELECT count(*) FROM migrator.fenced_users WHERE shard_id = %s", (sid,))[0][0] == 0
