@@ -52,6 +52,16 @@ CREATE TABLE IF NOT EXISTS migrator.capture_users (user_key text PRIMARY KEY, sh
 CREATE TABLE IF NOT EXISTS migrator.fenced_users (user_key text PRIMARY KEY, shard_id text NOT NULL);
 CREATE INDEX IF NOT EXISTS fenced_users_shard ON migrator.fenced_users (shard_id);
 CREATE TABLE IF NOT EXISTS migrator.fences (shard_id text PRIMARY KEY, until timestamptz NOT NULL);
+DO $upgrade$ BEGIN
+  -- A list from a version that kept each user's own `until`: its fences (e.g. a cut-over
+  -- shard's, held for good) become rows of migrator.fences, so none is dropped.
+  IF EXISTS (SELECT 1 FROM information_schema.columns
+             WHERE table_schema = 'migrator' AND table_name = 'fenced_users' AND column_name = 'until') THEN
+    INSERT INTO migrator.fences (shard_id, until)
+      SELECT shard_id, max(until) FROM migrator.fenced_users GROUP BY shard_id ON CONFLICT (shard_id) DO NOTHING;
+    ALTER TABLE migrator.fenced_users DROP COLUMN until;
+  END IF;
+END $upgrade$;
 CREATE TABLE IF NOT EXISTS migrator.changes (
   id bigserial PRIMARY KEY, shard_id text NOT NULL, tbl text NOT NULL, pk jsonb NOT NULL,
   at timestamptz NOT NULL DEFAULT clock_timestamp()

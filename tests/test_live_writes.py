@@ -242,3 +242,26 @@ def test_the_fence_is_one_switch_over_a_staged_list(world: World):
     capture.lift(src, sid)
     assert writes()
     assert world.rows("us", "SELECT count(*) FROM migrator.fenced_users WHERE shard_id = %s", (sid,))[0][0] == 0
+
+
+def test_a_fence_kept_by_an_earlier_version_still_holds(world: World):
+    """A source whose fence list carries each user's own `until` (the earlier layout), with a
+    cut-over shard's users fenced for good: installing the guards keeps them fenced."""
+    from migrator import capture
+    from migrator.context import Context
+    from migrator.spec import parse_spec
+
+    (uid,) = world.rows("us", "SELECT user_id FROM users ORDER BY 1 LIMIT 1")[0]
+    with psycopg.connect(world.dsn["us"]) as c:
+        c.execute("CREATE SCHEMA migrator")
+        c.execute("CREATE TABLE migrator.fenced_users (user_key text PRIMARY KEY, shard_id text NOT NULL, "
+                  "until timestamptz NOT NULL DEFAULT 'infinity')")
+        c.execute("INSERT INTO migrator.fenced_users (user_key, shard_id) VALUES (%s, 'old/ie-0')", (str(uid),))
+    ctx = Context(parse_spec(world.spec))
+    capture.install(ctx, world.dsn["us"])
+    assert world.rows("us", "SELECT shard_id, until = 'infinity' FROM migrator.fences") == [("old/ie-0", True)]
+    with pytest.raises(psycopg.Error) as e:
+        world.rows("us", "UPDATE users SET email = 'x@x.test' WHERE user_id = %s RETURNING 1", (uid,))
+    assert e.value.sqlstate == capture.FENCED
+    capture.install(ctx, world.dsn["us"])  # a second install changes nothing
+    assert world.rows("us", "SELECT count(*) FROM migrator.fences")[0][0] == 1
