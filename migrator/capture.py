@@ -224,8 +224,7 @@ def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0
     the directory flips)."""
     install(ctx, dsn)
     with connect(dsn) as c:
-        c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
-        _users(c, "capture_users", sid, ctx.control)
+        _users(c, "capture_users", sid, ctx.control)  # replaces the shard's earlier list
     if wait_s is not None:
         _wait_for_earlier(dsn, time.monotonic() + wait_s, "the change capture")
 
@@ -247,8 +246,7 @@ def stage_fence(dsn: str, sid: str, members: Control) -> None:
     pass. Done before the fence window, so raising the fence is one row."""
     with connect(dsn) as c:
         c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
-        c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
-        _users(c, "fenced_users", sid, members)
+        _users(c, "fenced_users", sid, members)  # replaces the shard's earlier list
 
 
 def fence(dsn: str, sid: str, deadline: float) -> None:
