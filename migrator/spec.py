@@ -233,6 +233,12 @@ class CopySettings(_Strict):
 
 class VerifySettings(_Strict):
     workers: int = Field(2, ge=1, le=16, description="connections per side, each digesting a share of the tables")
+    max_hash_mb: int = Field(
+        1024, ge=128, le=65536,
+        description="memory (PostgreSQL work_mem) one verify connection may give the hash join of a table with "
+        "the shard's users or parent rows; sized to the shard's rows up to this, so the join takes one pass; "
+        "a shard too large for it is still compared exactly, in two passes",
+    )
 
 
 class RetrySettings(_Strict):

@@ -150,16 +150,30 @@ def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composab
     )
 
 
-ONE_PASS = {"enable_nestloop": "off", "work_mem": "64MB"}
+ONE_PASS = {"enable_nestloop": "off", "hash_mem_multiplier": "1"}
+HASH_ENTRY_BYTES = 96  # a hash-join entry (a key and its batch, or a parent key and its batch) with its bucket
+MIN_HASH_MB = 128
 
 
 def one_pass_settings(conn) -> None:
     """For the current transaction: the one-pass aggregates over a whole shard join every
     row of a table with the shard's key table, which a hash join does in one pass at any
-    size; a nested loop misjudged from an estimate would take quadratic time, and a hash
-    table split into batches on disk costs a second pass. Both are ruled out here."""
+    size; a nested loop misjudged from an estimate would take quadratic time. Ruled out here."""
     for k, v in ONE_PASS.items():
         conn.execute("SELECT set_config(%s, %s, true)", (k, v))
+
+
+def hash_mb(build_rows: int, max_mb: int) -> int:
+    """Memory for one hash join whose smaller side has about `build_rows` rows: enough to
+    hold it at once, so the join is one pass (a hash table split into batches on disk costs
+    a second pass over both sides), but never above max_mb."""
+    need = -(-build_rows * HASH_ENTRY_BYTES // 2**20)
+    return max(MIN_HASH_MB, min(max_mb, need + need // 4))
+
+
+def set_hash_mb(conn, mb: int) -> None:
+    """For the current transaction (with `one_pass_settings`, whose multiplier makes work_mem the hash's)."""
+    conn.execute("SELECT set_config('work_mem', %s, true)", (f"{mb}MB",))
 
 
 def digest_by_batch(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:

@@ -13,6 +13,7 @@ aggregates and is stored with the shard's state for the evidence trail.
 from __future__ import annotations
 
 import hashlib
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,14 +41,29 @@ def shard_digest(agg: dict[tuple[str, int], tuple[int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _aggregate(ctx: Context, dsn: str, sid: str, tables: list[str]) -> dict[tuple[str, int], tuple[int, str]]:
+def _build_rows(ctx: Context, users: int, rows: dict[str, int], table: str) -> int:
+    """The most rows a hash join of the table's one-pass aggregate holds: the shard's users,
+    or the shard's rows of a parent table on the table's way to its owner."""
+    parents = [hop.parent for hop in ctx.spec.entity_graph.path(table)] if table != ctx.spec.entity_graph.root.table else []
+    return max([users] + [rows.get(p, 0) for p in parents])
+
+
+def _aggregate(ctx: Context, dsn: str, sid: str, work: "queue.SimpleQueue[str]", users: int = 0,
+               rows: dict[str, int] | None = None) -> dict[tuple[str, int], tuple[int, str]]:
+    """One connection to one side: load the shard's keys, then digest tables taken from the
+    side's shared queue until it is empty."""
     out: dict[tuple[str, int], tuple[int, str]] = {}
     with connect(dsn) as c:
         c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(sql.SQL(ctx.key_type)))
         sqlgen.one_pass_settings(c)
         ctx.control.send_members(sid, c, "rm_keys")  # streamed: the shard's keys are never held here
         c.execute("ANALYZE rm_keys")
-        for name in tables:
+        while True:
+            try:
+                name = work.get_nowait()
+            except queue.Empty:
+                break
+            sqlgen.set_hash_mb(c, sqlgen.hash_mb(_build_rows(ctx, users, rows or {}, name), ctx.spec.verify.max_hash_mb))
             q = sqlgen.digest_by_batch(ctx.spec.entity_graph, ctx.tables[name], "rm_keys")
             for b, n, s in c.execute(q).fetchall():
                 out[(name, b)] = (n, s)
@@ -55,13 +71,12 @@ def _aggregate(ctx: Context, dsn: str, sid: str, tables: list[str]) -> dict[tupl
     return out
 
 
-def _groups(tables: list[str], rows: dict[str, int], n: int) -> list[list[str]]:
-    """Tables split into at most n groups of about equal rows, largest first to the lightest group."""
-    groups: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, min(n, len(tables))))]
-    for t in sorted(tables, key=lambda t: -rows.get(t, 0)):
-        i = min(range(len(groups)), key=lambda j: (groups[j][0], len(groups[j][1])))
-        groups[i] = (groups[i][0] + rows.get(t, 0), groups[i][1] + [t])
-    return [g for _, g in groups if g]
+def _largest_first(ctx: Context, tables: list[str], rows: dict[str, int]) -> list[str]:
+    """Tables by their estimated cost, the costliest first: each connection takes the next
+    table when it is done with one, so a side's connections finish close together whatever
+    the sizes (a table joined through its parents costs more per row)."""
+    g = ctx.spec.entity_graph
+    return sorted(tables, key=lambda t: (-rows.get(t, 0) * (1 + sqlgen.ownership(g, t).joined), t))
 
 
 def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: list[str]) -> list[dict]:
@@ -96,14 +111,20 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     ctx.check_destination(shard.region)
     batches = ctl.batch_keys(sid, ctx.sort_keys)
     src_dsn, dst_dsn = ctx.source_dsn, ctx.dsn(shard.region)
-    # Each side is read on `verify.workers` connections at once, each taking a share of
-    # the tables, so neither side's server waits on the other's slower half.
-    groups = _groups(list(ctx.tables), shard.plan.get("rows", {}), ctx.spec.verify.workers)
+    # Each side is read on `verify.workers` connections at once, each taking the next
+    # table from the side's queue, so neither side's server waits on its slower half.
+    est = shard.plan.get("rows", {})
+    order = _largest_first(ctx, list(ctx.tables), est)
+    n = max(1, min(ctx.spec.verify.workers, len(order)))
+    work = {side: queue.SimpleQueue() for side in ("src", "dst")}
+    for side in work:
+        for t in order:
+            work[side].put(t)
     src: dict[tuple[str, int], tuple[int, str]] = {}
     dst: dict[tuple[str, int], tuple[int, str]] = {}
-    with ThreadPoolExecutor(max_workers=2 * len(groups)) as pool:
-        fs = [pool.submit(_aggregate, ctx, src_dsn, sid, g) for g in groups]
-        fd = [pool.submit(_aggregate, ctx, dst_dsn, sid, g) for g in groups]
+    with ThreadPoolExecutor(max_workers=2 * n) as pool:
+        fs = [pool.submit(_aggregate, ctx, src_dsn, sid, work["src"], shard.users, est) for _ in range(n)]
+        fd = [pool.submit(_aggregate, ctx, dst_dsn, sid, work["dst"], shard.users, est) for _ in range(n)]
         for f in fs:
             src.update(f.result())
         for f in fd:

@@ -151,13 +151,22 @@ def test_orchestrator_connections_fill_the_spec(tmp_path):
     assert spec.copy_.batch_users == 7
 
 
-def test_verify_groups_balance_tables_by_rows():
-    from migrator.verifier import _groups
+def test_verify_takes_the_costliest_tables_first():
+    from migrator.context import Context
+    from migrator.verifier import _largest_first
 
-    rows = {"a": 100, "b": 60, "c": 50, "d": 10}
-    groups = _groups(list(rows), rows, 2)
-    assert sorted(t for g in groups for t in g) == sorted(rows)  # every table once
-    loads = sorted(sum(rows[t] for t in g) for g in groups)
-    assert loads == [110, 110]
-    assert _groups(["a"], rows, 4) == [["a"]]  # never an empty group
-    assert len(_groups(list(rows), {}, 3)) == 3  # unknown sizes still spread
+    ctx = Context(parse_spec(spec_with(lambda d: d["entity_graph"]["tables"].append(
+        {"table": "logins", "parent": "users", "fk": {"user_id": "user_id"}}))))
+    rows = {"users": 100, "videos": 300, "comments": 200, "logins": 350}
+    # comments are reached through videos: a join more per row than logins
+    assert _largest_first(ctx, list(rows), rows) == ["comments", "logins", "videos", "users"]
+    assert sorted(_largest_first(ctx, list(rows), {})) == sorted(rows)  # unknown sizes: every table still once
+
+@given(st.integers(0, 10**9), st.integers(0, 10**9), st.integers(128, 65536))
+def test_verify_hash_memory_is_bounded_and_grows_with_the_shard(a, b, cap):
+    from migrator.sqlgen import HASH_ENTRY_BYTES, MIN_HASH_MB, hash_mb
+
+    small, large = sorted((a, b))
+    assert MIN_HASH_MB <= hash_mb(small, cap) <= hash_mb(large, cap) <= max(cap, MIN_HASH_MB)
+    if large * HASH_ENTRY_BYTES <= cap * 2**20 * 0.8:  # within the cap: room for every entry
+        assert hash_mb(large, cap) * 2**20 >= large * HASH_ENTRY_BYTES
