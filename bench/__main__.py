@@ -41,9 +41,11 @@ from migrator.spec import parse_spec
 from migrator.verifier import compare_shard
 
 ROOT = Path(__file__).resolve().parent.parent
-# Both servers, for the pipe and the tool alike: buffers and WAL sized for a bulk load, so
-# a larger scale is not slowed by evictions and checkpoints that a smaller one escapes.
-SERVER_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
+def server_settings(scale: float) -> dict[str, str]:
+    """Both servers, for the pipe and the tool alike: buffers that hold the scale's data
+    (about 0.9 GB at the source per unit of scale) and WAL sized for a bulk load, so a
+    larger scale is not slowed by evictions and checkpoints that a smaller one escapes."""
+    return {"shared_buffers": f"{max(1024, round(1280 * scale))}MB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
 TABLES = ["users", "videos", "comments", "login_events", "devices"]
 
 
@@ -121,7 +123,7 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
         med = statistics.median
         mb = len(keys) * a.object_kb / 1024
         return {
-            "objects": len(keys), "object_kb": a.object_kb, "threads": a.threads,
+            "objects": len(keys), "object_kb": a.object_kb, "threads": a.threads, "runs": runs,
             "plain_loop_s": round(med(plain), 3), "tool_objects_s": round(med(tool), 3),
             "tool_objects_per_s": round(len(keys) / med(tool), 1), "tool_mb_per_s": round(mb / med(tool), 2),
             "plain_objects_per_s": round(len(keys) / med(plain), 1),
@@ -249,8 +251,8 @@ def chart(doc: dict, path: Path) -> None:
 
 
 def growth(small: dict, large: dict) -> dict:
-    """How the copy and verify times and the peak memory grew from a smaller run to this one:
-    linear growth gives a time ratio equal to the rows ratio."""
+    """How the copy and verify times and the peak memory grew from the smaller scale to this
+    one, both measured in this run: linear growth gives a time ratio equal to the rows ratio."""
     t_small = small["copy_s"] + small["verify_s"]
     t_large = large["copy_s"] + large["verify_s"]
     return {
@@ -258,8 +260,9 @@ def growth(small: dict, large: dict) -> dict:
         "time_ratio": round(t_large / t_small, 3), "copy_time_ratio": round(large["copy_s"] / small["copy_s"], 3),
         "verify_time_ratio": round(large["verify_s"] / small["verify_s"], 3),
         "raw_pipe_time_ratio": round(large["raw_pipe_s"] / small["raw_pipe_s"], 3),
-        **({"plan_time_ratio": round(large["plan_s"] / small["plan_s"], 3)} if "plan_s" in small else {}),
+        "plan_time_ratio": round(large["plan_s"] / small["plan_s"], 3),
         "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        "small": {k: small[k] for k in ("scale", "rows", "raw_pipe_s", "plan_s", "copy_s", "verify_s", "peak_rss_mb")},
     }
 
 
@@ -275,6 +278,105 @@ def truncate(dsn: str) -> None:
         c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
 
 
+def reset_peak_rss() -> None:
+    """Start the process's peak-RSS high-water mark afresh (Linux), so two scales measured
+    in one process each get their own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Dataset:
+    """One scale's data on its own source and destination servers, and one run of each
+    timed step on it."""
+
+    def __init__(self, scale: float, base: Path, batch_users: int):
+        self.scale, self.users = scale, max(100, int(500_000 * scale))
+        self.settings = server_settings(scale)
+        self.cluster = Cluster(["src", "dst"], base, settings=self.settings).start()
+        self.src, self.dst = self.cluster["src"].create_database("app"), self.cluster["dst"].create_database("app")
+        self.control = self.cluster["src"].create_database("control")
+        for d in (self.src, self.dst):
+            seed.create_schema(d)
+        seed.seed(self.src, self.users)
+        spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
+        spec.pop("objects")
+        spec["policy"] = {c: ("ie" if r != "us" else "us") for c, r in spec["policy"].items()}
+        spec["regions"] = {"us": {"dsn": self.src}, "ie": {"dsn": self.dst}}
+        spec["control"] = {"dsn": self.control}
+        spec["sharding"] = {"shards_per_region": 1}
+        spec["copy"] = {"batch_users": batch_users}
+        self.spec = spec
+        self.codes = [c for c, r in spec["policy"].items() if r == "ie"]
+        self.pipe: list[float] = []
+        self.planned: list[float] = []
+        self.copy: list[float] = []
+        self.verify: list[float] = []
+        self.rel: list[float] = []
+        self.rows = 0
+        self.peak_mb = 0.0
+        self.plan = self.ctx = None
+
+    def reset(self) -> Context:
+        truncate(self.dst)
+        for d in (self.control, self.src):
+            with psycopg.connect(d) as c:
+                c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
+        return Context(parse_spec(self.spec))
+
+    def run(self, run: int, with_reladiff: bool) -> None:
+        psql = str(bindir() / "psql")
+        reset_peak_rss()
+        # Alternate which goes first, and checkpoint both servers before each timed step,
+        # so neither pays for the other's writes.
+        for step in (("pipe", "tool") if run % 2 == 0 else ("tool", "pipe")):
+            ctx = self.reset()
+            settle(self.src, self.dst)
+            if step == "pipe":
+                self.pipe.append(raw_pipe(ctx, psql, self.src, self.dst, "ie"))
+                continue
+            t0 = time.perf_counter()
+            p = plan(ctx, f"bench-{run}")
+            t1 = time.perf_counter()
+            for s in p.shards:
+                res = copy_shard(ctx, s.shard_id)
+                self.rows = sum(res.rows.values())
+            self.planned.append(t1 - t0)
+            self.copy.append(time.perf_counter() - t1)
+        self.ctx = ctx = self.reset()  # the tool's copy again, this time to be verified
+        self.plan = p = plan(ctx, f"bench-verify-{run}")
+        for s in p.shards:
+            copy_shard(ctx, s.shard_id)
+        settle(self.src, self.dst)
+        t0 = time.perf_counter()
+        for s in p.shards:
+            assert compare_shard(ctx, s.shard_id).matched
+        self.verify.append(time.perf_counter() - t0)
+        self.peak_mb = max(self.peak_mb, peak_rss_mb())
+        if with_reladiff:
+            seconds, found = reladiff(ctx, self.src, self.dst, self.codes)
+            assert not found, f"reladiff reports differences on an exact copy: {found[:3]}"
+            self.rel.append(seconds)
+
+    def figures(self) -> dict:
+        med = statistics.median
+        return {"scale": self.scale, "users": self.users, "rows": self.rows,
+                "raw_pipe_s": round(med(self.pipe), 3), "plan_s": round(med(self.planned), 3),
+                "copy_s": round(med(self.copy), 3), "verify_s": round(med(self.verify), 3),
+                "peak_rss_mb": round(self.peak_mb, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=float, default=1.0)
@@ -284,75 +386,29 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it")
     ap.add_argument("--object-kb", type=int, default=256)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--object-runs", type=int, default=7,
+                    help="runs of the object figure (each takes seconds, and S3 request times vary a lot)")
     ap.add_argument("--no-reladiff", action="store_true")
     ap.add_argument("--writes", action="store_true", help="measure the fence window and writer throughput")
     ap.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     ap.add_argument("--airflow", action="store_true", help="also time the plan through the Airflow DAG")
-    ap.add_argument("--against", type=Path, default=None,
-                    help="the JSON of a run at a smaller scale: report how time and memory grew with the data")
+    ap.add_argument("--against-scale", type=float, default=None,
+                    help="also measure this smaller scale, on servers of its own, each run right beside this "
+                         "scale's, and report how time grew with the data")
     a = ap.parse_args()
     # A terminated run still stops its servers (the `finally` below): a server whose
     # postmaster is gone can leave a backend running its query on and on.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    users = max(100, int(500_000 * a.scale))
     base = Path(tempfile.mkdtemp(prefix="rm-bench-"))
-    cluster = Cluster(["src", "dst"], base, settings=SERVER_SETTINGS).start()
+    sets: list[Dataset] = []
     try:
-        src, dst = cluster["src"].create_database("app"), cluster["dst"].create_database("app")
-        control = cluster["src"].create_database("control")
-        for d in (src, dst):
-            seed.create_schema(d)
-        seed.seed(src, users)
-        spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
-        spec.pop("objects")
-        spec["policy"] = {c: ("ie" if r != "us" else "us") for c, r in spec["policy"].items()}
-        spec["regions"] = {"us": {"dsn": src}, "ie": {"dsn": dst}}
-        spec["control"] = {"dsn": control}
-        spec["sharding"] = {"shards_per_region": 1}
-        spec["copy"] = {"batch_users": a.batch_users}
-        psql = str(bindir() / "psql")
-        pipe, planned, copy, verify, rel = [], [], [], [], []
-        rows = 0
-        codes = [c for c, r in spec["policy"].items() if r == "ie"]
+        sets.append(big := Dataset(a.scale, base / "main", a.batch_users))
+        if a.against_scale is not None:
+            sets.append(small := Dataset(a.against_scale, base / "small", a.batch_users))
         for run in range(a.runs):
-            # Alternate which goes first, and checkpoint both servers before each timed
-            # step, so neither pays for the other's writes.
-            for step in (("pipe", "tool") if run % 2 == 0 else ("tool", "pipe")):
-                truncate(dst)
-                for d in (control, src):
-                    with psycopg.connect(d) as c:
-                        c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
-                settle(src, dst)
-                ctx = Context(parse_spec(spec))
-                if step == "pipe":
-                    pipe.append(raw_pipe(ctx, psql, src, dst, "ie"))
-                    continue
-                t0 = time.perf_counter()
-                p = plan(ctx, f"bench-{run}")
-                t1 = time.perf_counter()
-                for s in p.shards:
-                    res = copy_shard(ctx, s.shard_id)
-                    rows = sum(res.rows.values())
-                planned.append(t1 - t0)
-                copy.append(time.perf_counter() - t1)
-            truncate(dst)  # the tool's copy again, this time to be verified
-            for d in (control, src):
-                with psycopg.connect(d) as c:
-                    c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
-            ctx = Context(parse_spec(spec))
-            p = plan(ctx, f"bench-verify-{run}")
-            for s in p.shards:
-                copy_shard(ctx, s.shard_id)
-            settle(src, dst)
-            t0 = time.perf_counter()
-            for s in p.shards:
-                assert compare_shard(ctx, s.shard_id).matched
-            verify.append(time.perf_counter() - t0)
-            if not a.no_reladiff:
-                seconds, found = reladiff(ctx, src, dst, codes)
-                assert not found, f"reladiff reports differences on an exact copy: {found[:3]}"
-                rel.append(seconds)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            for ds in (sets if run % 2 == 0 else sets[::-1]):
+                ds.run(run, with_reladiff=ds is big and not a.no_reladiff)
+        src, dst, control, spec, ctx, p = big.src, big.dst, big.control, big.spec, big.ctx, big.plan
         med = statistics.median
         changed = None
         if not a.no_reladiff:  # one row changed at the destination: both must find it
@@ -360,41 +416,43 @@ def main() -> None:
                 "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
                 "RETURNING comment_id").fetchone()[0]
             tool_found = [d for s in p.shards for d in compare_shard(ctx, s.shard_id).differences]
-            _, rel_found = reladiff(ctx, src, dst, codes)
+            _, rel_found = reladiff(ctx, src, dst, big.codes)
             changed = {
                 "row": {"table": "comments", "comment_id": victim},
                 "tool_found": tool_found == [{"table": "comments", "pk": {"comment_id": str(victim)}, "problem": "different"}],
                 "reladiff_found": sorted(f["sign"] for f in rel_found) == ["+", "-"]
                 and all(f["table"] == "comments" and f["key"] == [str(victim)] for f in rel_found),
             }
+        fig = big.figures()
         doc = {
-            "scale": a.scale, "users": users, "rows": rows, "runs": a.runs, "cores": os.cpu_count(),
-            "machine": platform.machine(), "server_settings": SERVER_SETTINGS,
-            "raw_pipe_s": round(med(pipe), 3), "plan_s": round(med(planned), 3), "copy_s": round(med(copy), 3),
-            "verify_s": round(med(verify), 3),
-            "copy_vs_pipe": round(med(copy) / med(pipe), 3),
-            "total_vs_pipe": round((med(copy) + med(verify)) / med(pipe), 3),
-            "plan_copy_verify_vs_pipe": round((med(planned) + med(copy) + med(verify)) / med(pipe), 3),
-            "peak_rss_mb": round(peak, 1),
-            "reladiff_s": round(med(rel), 3) if rel else None,
-            "verify_speedup_vs_reladiff": round(med(rel) / med(verify), 2) if rel else None,
+            **{k: fig[k] for k in ("scale", "users", "rows")}, "runs": a.runs, "cores": os.cpu_count(),
+            "machine": platform.machine(), "server_settings": big.settings,
+            **{k: fig[k] for k in ("raw_pipe_s", "plan_s", "copy_s", "verify_s")},
+            "copy_vs_pipe": round(med(big.copy) / med(big.pipe), 3),
+            "total_vs_pipe": round((med(big.copy) + med(big.verify)) / med(big.pipe), 3),
+            "plan_copy_verify_vs_pipe": round((med(big.planned) + med(big.copy) + med(big.verify)) / med(big.pipe), 3),
+            "peak_rss_mb": fig["peak_rss_mb"],
+            "reladiff_s": round(med(big.rel), 3) if big.rel else None,
+            "verify_speedup_vs_reladiff": round(med(big.rel) / med(big.verify), 2) if big.rel else None,
             "changed_row": changed,
             "note": "plan_s is `migrator plan` (membership, directory rows, row estimates), timed apart from "
-                    "the copy phase copy_s; peak_rss_mb is the benchmark process's (the tool runs in it)",
+                    "the copy phase copy_s; peak_rss_mb is the benchmark process's (the tool runs in it) over this "
+                    "scale's plan, copy and verify runs",
         }
-        if a.against:
-            doc["growth"] = growth(json.loads(a.against.read_text()), doc)
+        if a.against_scale is not None:
+            doc["growth"] = growth(small.figures(), fig)
         if a.writes:
             doc["live_writes"] = bench_writes(a, src, dst, control, spec)
         if a.objects:
-            doc["object_copy"] = bench_objects(a, src, control, spec, a.runs)
+            doc["object_copy"] = bench_objects(a, src, control, spec, a.object_runs)
         if a.airflow:
             doc["airflow"] = bench_airflow(dst, control, spec, base)
         if a.chart:
             chart(doc, a.chart)
         print(json.dumps(doc, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in doc.items()))
     finally:
-        cluster.remove()
+        for ds in sets:
+            ds.cluster.remove()
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_smoke(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "bench", "--scale", "0.02", "--runs", "1", "--json", "--objects", "20", "--object-kb", "64",
-                          "--writes", "--chart", str(tmp_path / "bench.png")],
+    res = subprocess.run([sys.executable, "-m", "bench", "--scale", "0.02", "--runs", "1", "--json", "--objects", "20", "--object-kb", "64", "--object-runs", "1",
+                          "--writes", "--against-scale", "0.01", "--chart", str(tmp_path / "bench.png")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout)
@@ -26,4 +26,6 @@ def test_bench_smoke(tmp_path):
     assert doc["verify_speedup_vs_reladiff"] > 0
     w = doc["live_writes"]
     assert w["lost_writes"] == 0 and not w["writer_errors"] and w["shards"] > 0 and w["fence_ms_p99"] > 0
+    g = doc["growth"]
+    assert g["against_scale"] == 0.01 and g["rows_ratio"] > 1 and g["time_ratio"] > 0 and g["small"]["copy_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
