@@ -262,7 +262,7 @@ def growth(small: dict, large: dict) -> dict:
         "raw_pipe_time_ratio": round(large["raw_pipe_s"] / small["raw_pipe_s"], 3),
         "plan_time_ratio": round(large["plan_s"] / small["plan_s"], 3),
         "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
-        "small": {k: small[k] for k in ("scale", "rows", "raw_pipe_s", "plan_s", "copy_s", "verify_s", "peak_rss_mb")},
+        "small": small,
     }
 
 
@@ -374,7 +374,11 @@ class Dataset:
         return {"scale": self.scale, "users": self.users, "rows": self.rows,
                 "raw_pipe_s": round(med(self.pipe), 3), "plan_s": round(med(self.planned), 3),
                 "copy_s": round(med(self.copy), 3), "verify_s": round(med(self.verify), 3),
-                "peak_rss_mb": round(self.peak_mb, 1)}
+                "peak_rss_mb": round(self.peak_mb, 1),
+                "copy_vs_pipe": round(med(self.copy) / med(self.pipe), 3),
+                "total_vs_pipe": round((med(self.copy) + med(self.verify)) / med(self.pipe), 3),
+                **({"reladiff_s": round(med(self.rel), 3),
+                    "verify_speedup_vs_reladiff": round(med(self.rel) / med(self.verify), 2)} if self.rel else {})}
 
 
 def main() -> None:
@@ -407,7 +411,7 @@ def main() -> None:
             sets.append(small := Dataset(a.against_scale, base / "small", a.batch_users))
         for run in range(a.runs):
             for ds in (sets if run % 2 == 0 else sets[::-1]):
-                ds.run(run, with_reladiff=ds is big and not a.no_reladiff)
+                ds.run(run, with_reladiff=not a.no_reladiff)
         src, dst, control, spec, ctx, p = big.src, big.dst, big.control, big.spec, big.ctx, big.plan
         med = statistics.median
         changed = None
