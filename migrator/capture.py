@@ -40,6 +40,7 @@ from psycopg import sql
 from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Control
+from migrator.errors import CatchUpBlocked
 from migrator.spec import EntityGraph
 from migrator.stores.postgres import connect, relay
 
@@ -290,13 +291,15 @@ def lag(dsn: str, sid: str, after: int) -> int:
 
 
 def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit: int = 50_000,
-          timeout_ms: int | None = None) -> tuple[int, int]:
+          timeout_ms: int | None = None, lock_wait_ms: int | None = None) -> tuple[int, int]:
     """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (last id applied, changes)."""
     g = ctx.spec.entity_graph
     with connect(src_dsn) as src:
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         if timeout_ms is not None:
             src.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
+        if lock_wait_ms is not None:
+            src.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
         rows = src.execute("SELECT id, tbl, pk FROM migrator.changes WHERE shard_id = %s AND id > %s ORDER BY id LIMIT %s",
                            (sid, after, limit)).fetchall()
         if not rows:
@@ -311,6 +314,8 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit:
             dst.execute(APPLY)
             if timeout_ms is not None:
                 dst.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
+            if lock_wait_ms is not None:
+                dst.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
             for name in order:  # parents first: upsert what the source has now
                 t = ctx.tables[name]
                 ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
@@ -344,17 +349,29 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit:
 
 def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str, *, until: int = 0,
              deadline: float | None = None) -> int:
-    """Apply passes until at most `until` changes are pending; returns changes applied."""
+    """Apply passes until at most `until` changes are pending; returns changes applied.
+
+    Inside a fence the window bounds every wait. Outside one, a pass waits at most
+    `changes.lock_wait_s` for a lock another transaction holds on either side (a long
+    migration of a table, say), then gives up with a transient error rather than wait on."""
     ctl = ctx.control
     pos = ctl.position(sid, direction)
     applied = 0
+    lock_wait_s = ctx.spec.changes.lock_wait_s
     while True:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("catch-up did not finish inside the fence window")
         if lag(src_dsn, sid, pos) <= until:
             return applied
         ms = None if deadline is None else int((deadline - time.monotonic()) * 1000)
-        pos, n = apply(ctx, src_dsn, dst_dsn, sid, pos, timeout_ms=ms)
+        try:
+            pos, n = apply(ctx, src_dsn, dst_dsn, sid, pos, timeout_ms=ms,
+                           lock_wait_ms=None if deadline is not None else int(lock_wait_s * 1000))
+        except psycopg.errors.LockNotAvailable:
+            if deadline is not None:
+                raise
+            raise CatchUpBlocked(f"shard {sid}: catch-up ({direction}) waited over {lock_wait_s} s for a lock "
+                                 "another transaction holds on a table of the graph; retried later") from None
         ctl.set_position(sid, direction, pos)
         applied += n
 

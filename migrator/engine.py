@@ -46,7 +46,7 @@ def _guard(sid: str, fn: Callable[[], object]) -> Outcome:
     except ChecksumMismatch as exc:
         return Outcome(sid, False, error=str(exc), differences=exc.differences)
     except MigratorError as exc:
-        return Outcome(sid, False, error=str(exc))
+        return Outcome(sid, False, error=str(exc), transient=is_transient(exc))
     except Exception as exc:  # driver errors: classify, never echo their text (it may hold row data)
         log.error("shard %s failed: %s", sid, describe(exc))
         return Outcome(sid, False, error=describe(exc), transient=is_transient(exc))

@@ -55,6 +55,11 @@ class TransientError(MigratorError):
     """Raised by the migrator itself for conditions a retry can fix."""
 
 
+class CatchUpBlocked(TransientError):
+    """A catch-up pass outside the fence waited too long for a lock another transaction
+    holds; nothing was applied by that pass, and the step is retried later."""
+
+
 _TRANSIENT_PG = (
     pge.SerializationFailure,
     pge.DeadlockDetected,

@@ -211,6 +211,11 @@ class ChangeSettings(_Strict):
     capture: bool = True
     fence_window_s: float = Field(5.0, gt=0, le=600)
     catch_up_below: int = Field(100, ge=0, description="fence only once this few changes are pending")
+    lock_wait_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="how long a catch-up pass outside the fence waits for a lock held by another transaction "
+        "at either side before it gives up (a transient error: the step is retried later)",
+    )
 
 
 class Sharding(_Strict):

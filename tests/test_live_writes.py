@@ -125,6 +125,36 @@ def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
     assert lifted >= 1
 
 
+def test_catch_up_before_the_fence_gives_up_on_a_held_lock(world: World):
+    """A table locked at the destination while a shard still has changes to catch up: the
+    cutover gives up after `changes.lock_wait_s` with a transient error and no fence, and
+    goes through once the lock is gone."""
+    world.write_spec(changes={"catch_up_below": 0, "lock_wait_s": 1.0}, copy={"batch_users": 50})
+    assert world.migrator("copy", "--region", "no").returncode == 0
+    assert world.migrator("verify", "--region", "no").returncode == 0
+    uid = int(world.ctl("SELECT min(user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
+                        "WHERE s.region = 'no'")[0][0])
+    world.rows("us", "UPDATE users SET email = 'after-verify@example.test' WHERE user_id = %s RETURNING 1", (uid,))
+    stall = psycopg.connect(world.dsn["no"])
+    stall.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+    t0 = time.monotonic()
+    res = world.migrator("cutover", "--region", "no", "--json", timeout=120)
+    took = time.monotonic() - t0
+    stall.rollback()
+    stall.close()
+    assert res.returncode == 1
+    shards = json.loads(res.stdout)["shards"]
+    assert all(s["state"] == "verified" for s in shards)
+    assert "waited over 1.0 s for a lock" in " ".join(s.get("error") or "" for s in shards)
+    assert took < 60
+    # no fence was raised: the user still writes at the source
+    world.rows("us", "UPDATE users SET display_name = 'still writable' WHERE user_id = %s RETURNING 1", (uid,))
+    res = world.migrator("cutover", "--region", "no", "--json")
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert world.rows("no", "SELECT email, display_name FROM users WHERE user_id = %s", (uid,)) == [
+        ("after-verify@example.test", "still writable")]
+
+
 @pytest.mark.parametrize("where", ["catch_up", "fenced"])
 def test_killed_during_catch_up_or_fence_then_rerun(world: World, where):
     world.write_spec(changes={"fence_window_s": 3.0}, copy={"batch_users": 50}, sharding={"shards_per_region": 1})
