@@ -60,6 +60,15 @@ class CatchUpBlocked(TransientError):
     holds; nothing was applied by that pass, and the step is retried later."""
 
 
+class ObjectMissing(MigratorError):
+    """An object the key column names is not at the source endpoint: the rows and the
+    store disagree, which a retry does not mend."""
+
+
+class ObjectVanished(TransientError):
+    """A source object was deleted between its listing and its copy; the batch is listed again."""
+
+
 _TRANSIENT_PG = (
     pge.SerializationFailure,
     pge.DeadlockDetected,
@@ -109,6 +118,10 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, psycopg.Error):
         state = getattr(exc, "sqlstate", None)
         return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:  # botocore's ClientError: its code and call
+        code = response["Error"].get("Code", "")
+        return f"{type(exc).__name__} {code} ({getattr(exc, 'operation_name', '?')})"
     return type(exc).__name__
 
 

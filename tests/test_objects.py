@@ -224,6 +224,7 @@ def test_batch_failing_midway_then_rollback_leaves_no_object_behind(oworld):
     s3(w.endpoints["us"].endpoint).delete_object(Bucket=w.buckets["us"], Key=gone)
     res = w.migrator("copy", "--region", "ie", "--json")
     assert res.returncode == 1
+    assert f"source object {gone!r} (named by the key column) is not in bucket" in json.loads(res.stdout)["shards"][0]["error"]
     copied = set(listing(w, "ie"))
     recorded = {k for (k,) in w.ctl("SELECT key FROM migrator.object_manifest")}
     assert copied - recorded, "expected objects copied by the failed batch and never recorded"

@@ -170,3 +170,15 @@ def test_verify_hash_memory_is_bounded_and_grows_with_the_shard(a, b, cap):
     assert MIN_HASH_MB <= hash_mb(small, cap) <= hash_mb(large, cap) <= max(cap, MIN_HASH_MB)
     if large * HASH_ENTRY_BYTES <= cap * 2**20 * 0.8:  # within the cap: room for every entry
         assert hash_mb(large, cap) * 2**20 >= large * HASH_ENTRY_BYTES
+
+
+def test_describe_names_an_s3_error_by_code_and_call_never_by_its_message():
+    from botocore.exceptions import ClientError
+
+    from migrator.errors import describe
+
+    exc = ClientError({"Error": {"Code": "NoSuchKey", "Message": "users/42/diary.txt: private words"}}, "GetObject")
+    assert describe(exc) == "ClientError NoSuchKey (GetObject)"
+    assert not is_transient(exc)
+    slow = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+    assert describe(slow) == "ClientError SlowDown (PutObject)" and is_transient(slow)

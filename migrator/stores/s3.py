@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import boto3
 from botocore.config import Config
 
+from migrator.errors import ObjectMissing, ObjectVanished
 from migrator.spec import ObjectStore
 
 META_SHA = "sha256"
@@ -80,7 +81,12 @@ def copy_object(src, src_bucket: str, dst, dst_bucket: str, key: str, threshold:
             sha_hex = meta.get(META_SHA) or content_sha256(dst, dst_bucket, key, part_size)[1]
             return Copied(key, dst_head["ContentLength"], sha_hex, True)
         src_etag = src_head["ETag"]
-    got = src.get_object(Bucket=src_bucket, Key=key, **({"IfMatch": src_etag} if src_etag else {}))
+    try:
+        got = src.get_object(Bucket=src_bucket, Key=key, **({"IfMatch": src_etag} if src_etag else {}))
+    except src.exceptions.NoSuchKey:
+        if src_etag is None:
+            raise ObjectMissing(f"source object {key!r} (named by the key column) is not in bucket {src_bucket!r}") from None
+        raise ObjectVanished(f"source object {key!r} was deleted after it was listed") from None
     etag = got["ETag"].strip('"')
     body = got["Body"]
     size = got["ContentLength"]
