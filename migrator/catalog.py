@@ -56,6 +56,44 @@ ORDER BY k.ord
 """
 
 
+_INDEXES = """
+SELECT array_agg(a.attname ORDER BY k.ord)
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+WHERE n.nspname = %s AND c.relname = %s AND i.indisvalid AND i.indpred IS NULL AND k.ord <= i.indnkeyatts
+GROUP BY i.indexrelid
+"""
+
+
+def unindexed_owner_keys(conn: psycopg.Connection, graph: EntityGraph, side: str) -> list[str]:
+    """Warnings for the owner-key columns no index leads with. Every batch finds its users'
+    rows through these columns (the root's key, each table's foreign key to its parent, and
+    the parent's key it references); without an index each batch reads the whole table, so
+    a copy's time grows with the square of the data."""
+    schema = graph.schema_
+    leading: dict[str, list[list[str]]] = {}
+
+    def indexed(table: str, cols: list[str]) -> bool:
+        if table not in leading:
+            leading[table] = [r[0] for r in conn.execute(_INDEXES, (schema, table)).fetchall()]
+        return any(len(ix) >= len(cols) and set(ix[:len(cols)]) == set(cols) for ix in leading[table])
+
+    needs = [(graph.root.table, [graph.root.key])]
+    for child in graph.tables:
+        needs += [(child.table, list(child.fk.keys())), (child.parent, list(child.fk.values()))]
+    out, seen = [], set()
+    for table, cols in needs:
+        if (table, tuple(cols)) in seen or indexed(table, cols):
+            continue
+        seen.add((table, tuple(cols)))
+        out.append(f"{side}: table {schema}.{table} has no index on ({', '.join(cols)}): every batch will read the "
+                   "whole table, so the copy's time grows with the square of the data; create one before copying")
+    return out
+
+
 def read_table(conn: psycopg.Connection, schema: str, name: str) -> Table | None:
     with conn.cursor() as cur:
         cols = cur.execute(_COLS, (schema, name)).fetchall()

@@ -53,6 +53,18 @@ class Context:
             return sorted(keys, key=int)
         return sorted(keys)
 
+    def index_warnings(self, regions: list[str]) -> list[str]:
+        """Owner-key columns without an index, at the source and the given destinations
+        (see `catalog.unindexed_owner_keys`); each is logged too."""
+        sides = [(f"source {self.spec.source_region}", self.source_dsn)] + [(f"destination {r}", self.dsn(r)) for r in regions]
+        out: list[str] = []
+        for side, dsn in sides:
+            with connect(dsn, autocommit=True) as c:
+                out += catalog.unindexed_owner_keys(c, self.spec.entity_graph, side)
+        for w in out:
+            log.warning(w)
+        return out
+
     def check_destination(self, region: str) -> None:
         """Refuse a destination whose schema differs from the source's; before any write."""
         if region in self._checked:

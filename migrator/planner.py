@@ -69,11 +69,13 @@ class Plan:
     shards: list[ShardPlan]
     unplaced: dict[str, int]  # residency code (or 'NULL') -> users left where they are
     already_planned: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
             "wave": self.wave, "already_planned": self.already_planned,
             "shards": [s.summary() for s in self.shards], "unplaced_users": self.unplaced,
+            "warnings": self.warnings,
         }
 
 
@@ -190,7 +192,9 @@ def plan(
     targets = sorted(spec.targets)
     for r in targets:
         ctx.check_destination(r)
+    warnings = ctx.index_warnings(targets)
     if (done := _existing(ctx, wave, regions)) is not None:
+        done.warnings = warnings
         return done
 
     # Each stored residency value is mapped once; only the users of values that move are read.
@@ -213,14 +217,16 @@ def plan(
             c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:plan'))")
             if c.execute(f"SELECT 1 FROM {SCHEMA}.shard WHERE wave = %s LIMIT 1", (wave,)).fetchone():
                 c.rollback()  # another planner won the race; its plan stands
-                return _existing(ctx, wave, regions)
+                won = _existing(ctx, wave, regions)
+                won.warnings = warnings
+                return won
         _load(ctx, c, since, until, moving)
         shards: dict[int, ShardPlan] = {}  # by number: region's place among the targets * n + index
         for region, idx, users in c.execute("SELECT region, idx, count(*) FROM rm_plan GROUP BY 1, 2 ORDER BY 1, 2"):
             name = shard_name(region, idx)
             shards[targets.index(region) * n + idx] = ShardPlan(
                 shard_id(wave, name), wave, name, region, idx, users, math.ceil(users / size))
-        result = Plan(wave, list(shards.values()), dict(unplaced))
+        result = Plan(wave, list(shards.values()), dict(unplaced), warnings=warnings)
         # Measuring reads the source; recording writes the control database: both at once.
         with connect(ctx.source_dsn, keyed=True) as m:
             m.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(

@@ -70,6 +70,7 @@ def document(command: str, shards: list[dict], outcomes: list[Outcome] | None = 
         doc["wave"] = plan.wave
         doc["unplaced_users"] = plan.unplaced
         doc["already_planned"] = plan.already_planned
+        doc["warnings"] = plan.warnings
     if extra:
         doc.update(extra)
     return doc
@@ -97,6 +98,8 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
     if doc.get("unplaced_users"):
         console.print("Users left where they are (residency not placed by the policy): "
                       + ", ".join(f"{k}: {v}" for k, v in sorted(doc["unplaced_users"].items())))
+    for w in doc.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {w}")
     for s in shards:
         if s.get("error"):
             console.print(f"[red]{s['shard_id']}[/]: {s['error']}")

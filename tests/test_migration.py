@@ -237,3 +237,21 @@ def test_dry_run_writes_nothing(world: World):
     assert doc["dry_run"] and doc["shards"] and all(s["users"] > 0 for s in doc["shards"])
     assert world.rows("ie", "SELECT count(*) FROM users")[0][0] == 0
     assert world.ctl("SELECT to_regclass('migrator.shard')")[0][0] is None
+
+
+def test_plan_warns_of_an_owner_key_without_an_index(world: World):
+    res = world.migrator("plan", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["warnings"] == []
+    with psycopg.connect(world.dsn["us"], autocommit=True) as c:
+        c.execute("DROP INDEX comments_video")
+    with psycopg.connect(world.dsn["no"], autocommit=True) as c:
+        c.execute("DROP INDEX login_events_user")
+    res = world.migrator("plan", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    warnings = json.loads(res.stdout)["warnings"]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("source us: table public.comments has no index on (video_id)")
+    assert warnings[1].startswith("destination no: table public.login_events has no index on (user_id)")
+    text = world.migrator("plan", "--dry-run").stdout
+    assert "warning:" in text and "public.comments has no index on (video_id)" in " ".join(text.split())
