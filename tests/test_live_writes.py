@@ -130,6 +130,7 @@ def test_catch_up_before_the_fence_gives_up_on_a_held_lock(world: World):
     cutover gives up after `changes.lock_wait_s` with a transient error and no fence, and
     goes through once the lock is gone."""
     world.write_spec(changes={"catch_up_below": 0, "lock_wait_s": 1.0}, copy={"batch_users": 50})
+    assert world.migrator("plan").returncode == 0
     assert world.migrator("copy", "--region", "no").returncode == 0
     assert world.migrator("verify", "--region", "no").returncode == 0
     uid = int(world.ctl("SELECT min(user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
