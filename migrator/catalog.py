@@ -62,7 +62,7 @@ FROM pg_index i
 JOIN pg_class c ON c.oid = i.indrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
-JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum  -- NULL for an expression
 WHERE n.nspname = %s AND c.relname = %s AND i.indisvalid AND i.indpred IS NULL AND k.ord <= i.indnkeyatts
 GROUP BY i.indexrelid
 """

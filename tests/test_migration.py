@@ -247,6 +247,9 @@ def test_plan_warns_of_an_owner_key_without_an_index(world: World):
         c.execute("DROP INDEX comments_video")
     with psycopg.connect(world.dsn["no"], autocommit=True) as c:
         c.execute("DROP INDEX login_events_user")
+        # neither an index led by an expression nor a partial one serves the owner key
+        c.execute("CREATE INDEX login_events_expr ON login_events ((user_id + 0), user_id)")
+        c.execute("CREATE INDEX login_events_some ON login_events (user_id) WHERE user_id > 0")
     res = world.migrator("plan", "--dry-run", "--json")
     assert res.returncode == 0, res.stderr
     warnings = json.loads(res.stdout)["warnings"]
