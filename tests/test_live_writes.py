@@ -97,7 +97,10 @@ def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
     assert world.migrator("run", "--region", "ie").returncode == 0
     assert world.migrator("copy", "--region", "no").returncode == 0
     assert world.migrator("verify", "--region", "no").returncode == 0
-    # the Norwegian destination stalls: a long lock on a table of the graph
+    # the Norwegian destination stalls: a long lock on a table of the graph. Every pending
+    # change is left for inside the fence (a pass before it would give up on the lock after
+    # changes.lock_wait_s, the case of test_catch_up_before_the_fence_gives_up_on_a_held_lock).
+    world.write_spec(changes={"fence_window_s": 1.0, "catch_up_below": 10**9}, copy={"batch_users": 50})
     stall = psycopg.connect(world.dsn["no"])
     stall.execute("LOCK TABLE login_events IN ACCESS EXCLUSIVE MODE")
     t0 = time.monotonic()
@@ -115,6 +118,7 @@ def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
                     "WHERE s.region = 'no') LIMIT 1")[0][0]
     world.rows("us", "UPDATE users SET email = 'still-writable@example.test' WHERE user_id = %s RETURNING 1", (int(uid),))
     assert took < 60
+    world.write_spec(changes={"fence_window_s": 1.0}, copy={"batch_users": 50})
     res = world.migrator("cutover", "--region", "no", "--json")  # retried later, it goes through
     assert res.returncode == 0, res.stdout[-2000:]
     time.sleep(0.5)
