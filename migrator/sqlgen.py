@@ -150,9 +150,11 @@ def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composab
     )
 
 
-ONE_PASS = {"enable_nestloop": "off", "hash_mem_multiplier": "1"}
 HASH_ENTRY_BYTES = 96  # a hash-join entry (a key and its batch, or a parent key and its batch) with its bucket
 MIN_HASH_MB = 128
+# work_mem starts at the floor, not the server's default (4 MB), so a caller that does not
+# size it with `set_hash_mb` still gets hashes of a useful size.
+ONE_PASS = {"enable_nestloop": "off", "hash_mem_multiplier": "1", "work_mem": f"{MIN_HASH_MB}MB"}
 
 
 def one_pass_settings(conn) -> None:

@@ -107,3 +107,17 @@ def test_rows_that_trade_a_column_value_change_the_sum(db):
         after = c.execute(q).fetchone()
         c.rollback()
     assert before[0] == after[0] and before[1] != after[1]
+
+
+def test_one_pass_settings_alone_give_hashes_the_floor_not_the_server_default(db):
+    """A caller that does not size work_mem itself still gets MIN_HASH_MB for its hashes,
+    for its transaction only."""
+    dsn, _ = db
+    with connect(dsn) as c:
+        before = c.execute("SHOW work_mem").fetchone()[0]
+        sqlgen.one_pass_settings(c)
+        inside = c.execute("SELECT current_setting('work_mem'), current_setting('enable_nestloop')").fetchone()
+        c.rollback()
+        after = c.execute("SHOW work_mem").fetchone()[0]
+    assert after == before != f"{sqlgen.MIN_HASH_MB}MB"
+    assert inside == (f"{sqlgen.MIN_HASH_MB}MB", "off")
