@@ -21,7 +21,13 @@ Triggers are installed before a shard's copy takes its first snapshot, so every 
 not in a snapshot is in the log. Catch-up re-synchronises each logged primary key from the
 current source row (upsert if present, delete if not), parents first and deletions
 children first, in one destination transaction per pass: applying a pass twice is
-harmless, so the applied position may lag what was applied. A fence waits until every
+harmless, so the applied position may lag what was applied.
+
+The log is read in the order of the writers' transaction ids, never past the oldest
+transaction still running (the horizon). Ids from the log's sequence are handed out in
+the order writers reach the trigger, not the order they commit, so a position kept as "the
+last id applied" would pass over a change whose transaction commits after a later id was
+read; no transaction older than the horizon can still commit, so nothing is passed over. A fence waits until every
 transaction that began before it has ended (their changes are then in the log), bounded by
 a deadline. The fence's user list is written before the window (`stage_fence`), and
 raising, holding or lifting the fence is one row of `migrator.fences`, so the time the
@@ -65,9 +71,20 @@ DO $upgrade$ BEGIN
 END $upgrade$;
 CREATE TABLE IF NOT EXISTS migrator.changes (
   id bigserial PRIMARY KEY, shard_id text NOT NULL, tbl text NOT NULL, pk jsonb NOT NULL,
-  at timestamptz NOT NULL DEFAULT clock_timestamp()
+  at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
-CREATE INDEX IF NOT EXISTS changes_shard ON migrator.changes (shard_id, id);
+DO $upgrade$ BEGIN
+  -- A log from a version that ordered changes by id alone: its changes count as written
+  -- by the oldest transaction, so the next catch-up applies them (once more, harmlessly).
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = 'migrator' AND table_name = 'changes' AND column_name = 'xid') THEN
+    ALTER TABLE migrator.changes ADD COLUMN xid xid8 NOT NULL DEFAULT '1';
+    ALTER TABLE migrator.changes ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
+    DROP INDEX IF EXISTS migrator.changes_shard;
+  END IF;
+END $upgrade$;
+CREATE INDEX IF NOT EXISTS changes_horizon ON migrator.changes (shard_id, xid, id);
 """
 
 
@@ -283,16 +300,26 @@ def lift(dsn: str, sid: str) -> None:
             c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
 
 
-def lag(dsn: str, sid: str, after: int) -> int:
+Position = tuple[int, int]  # (horizon, last id): see `apply`
+AFTER = "(xid, id) > (%s::text::xid8, %s)"
+
+
+def lag(dsn: str, sid: str, pos: Position) -> int:
+    """Changes logged for the shard past `pos` (committed ones; a running writer's are not seen yet)."""
     with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
             return 0
-        return c.execute("SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND id > %s", (sid, after)).fetchone()[0]
+        return c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[0]
 
 
-def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit: int = 50_000,
-          timeout_ms: int | None = None, lock_wait_ms: int | None = None) -> tuple[int, int]:
-    """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (last id applied, changes)."""
+def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, limit: int = 50_000,
+          timeout_ms: int | None = None, lock_wait_ms: int | None = None) -> tuple[Position, int]:
+    """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (position, changes).
+
+    A pass reads, in (transaction id, id) order past `after`, the changes of transactions
+    older than its snapshot's horizon: each of them has ended, so its changes are all
+    visible now or never will be. With fewer than `limit` of them the new position is
+    (horizon, 0); otherwise the last change read."""
     g = ctx.spec.entity_graph
     with connect(src_dsn) as src:
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -300,15 +327,17 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit:
             src.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
         if lock_wait_ms is not None:
             src.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
-        rows = src.execute("SELECT id, tbl, pk FROM migrator.changes WHERE shard_id = %s AND id > %s ORDER BY id LIMIT %s",
-                           (sid, after, limit)).fetchall()
+        horizon = src.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()[0]
+        rows = src.execute(
+            f"SELECT id, tbl, pk, xid::text::bigint FROM migrator.changes WHERE shard_id = %s AND {AFTER} "
+            "AND xid < %s::text::xid8 ORDER BY xid, id LIMIT %s", (sid, *after, horizon, limit)).fetchall()
+        pos = (rows[-1][3], rows[-1][0]) if len(rows) == limit else (max(horizon, after[0]), 0)
         if not rows:
-            return after, 0
-        by_table: dict[str, list] = {}
-        for _, tbl, pk in rows:
-            by_table.setdefault(tbl, [])
-            if pk not in by_table[tbl]:
-                by_table[tbl].append(pk)
+            return pos, 0
+        distinct: dict[str, dict[str, dict]] = {}
+        for _, tbl, pk, _ in rows:  # each key once, however often it changed
+            distinct.setdefault(tbl, {})[json.dumps(pk, sort_keys=True)] = pk
+        by_table = {t: list(keys.values()) for t, keys in distinct.items()}
         order = [t for t in ctx.tables if t in by_table]
         with connect(dst_dsn) as dst:
             dst.execute(APPLY)
@@ -344,14 +373,17 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: int, limit:
                     "AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
                     ident, ident, match, sql.Identifier(f"rm_stage_{name}"), smatch), {"pks": json.dumps(by_table[name])})
         src.rollback()
-    return rows[-1][0], len(rows)
+    return pos, len(rows)
 
 
 def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str, *, until: int = 0,
              deadline: float | None = None) -> int:
     """Apply passes until at most `until` changes are pending; returns changes applied.
+    (With `until` = 0 outside a fence, a writer that never pauses would keep it going.)
 
-    Inside a fence the window bounds every wait. Outside one, a pass waits at most
+    Changes of transactions newer than the oldest one still writing wait for it (see
+    `apply`): a long transaction on the log's server holds the catch-up back until it ends,
+    as it holds a fence. Inside a fence the window bounds every wait. Outside one, a pass waits at most
     `changes.lock_wait_s` for a lock another transaction holds on either side (a long
     migration of a table, say), then gives up with a transient error rather than wait on."""
     ctl = ctx.control
@@ -374,6 +406,8 @@ def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str,
                                  "another transaction holds on a table of the graph; retried later") from None
         ctl.set_position(sid, direction, pos)
         applied += n
+        if n == 0:  # what is pending waits for an older transaction to end
+            time.sleep(0.005 if deadline is not None else 0.05)
 
 
 def touched(dsn: str, sid: str) -> set[tuple[str, tuple]]:

@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.capture_pos (
   last_id bigint NOT NULL,
   PRIMARY KEY (shard_id, direction)
 );
+-- The position is (horizon, last_id): every change by a transaction older than `horizon`
+-- is applied, and of that transaction's own changes those up to `last_id`. A position
+-- saved before the horizon existed reads as horizon 0: its changes are applied once more,
+-- which is harmless.
+ALTER TABLE {SCHEMA}.capture_pos ADD COLUMN IF NOT EXISTS horizon bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS {SCHEMA}.audit (
   id bigserial PRIMARY KEY,
   at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -264,16 +269,18 @@ class Control:
     def clear_checkpoints(self, conn: psycopg.Connection, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,))
 
-    def position(self, sid: str, direction: str) -> int:
+    def position(self, sid: str, direction: str) -> tuple[int, int]:
+        """(horizon, last id) of the shard's catch-up in `direction`; (0, 0) before the first pass."""
         with self.connect(autocommit=True) as c:
-            r = c.execute(f"SELECT last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
+            r = c.execute(f"SELECT horizon, last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
                           (sid, direction)).fetchone()
-        return r[0] if r else 0
+        return (r[0], r[1]) if r else (0, 0)
 
-    def set_position(self, sid: str, direction: str, last_id: int) -> None:
+    def set_position(self, sid: str, direction: str, pos: tuple[int, int]) -> None:
         with self.connect() as c:
-            c.execute(f"INSERT INTO {SCHEMA}.capture_pos VALUES (%s, %s, %s) ON CONFLICT (shard_id, direction) "
-                      "DO UPDATE SET last_id = EXCLUDED.last_id", (sid, direction, last_id))
+            c.execute(f"INSERT INTO {SCHEMA}.capture_pos (shard_id, direction, horizon, last_id) VALUES (%s, %s, %s, %s) "
+                      "ON CONFLICT (shard_id, direction) DO UPDATE SET horizon = EXCLUDED.horizon, last_id = EXCLUDED.last_id",
+                      (sid, direction, *pos))
 
     def clear_positions(self, conn: psycopg.Connection, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))

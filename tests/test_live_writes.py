@@ -240,6 +240,35 @@ def test_a_write_open_when_capture_starts_reaches_the_destination(world: World):
     assert world.rows("no", "SELECT email FROM users WHERE user_id = %s", (int(uid),)) == [("late@example.test",)]
 
 
+def test_a_change_that_commits_after_a_later_one_is_not_passed_over(world: World):
+    """Two writers of a moving shard: the first to log its change commits last. The log's
+    ids follow the order the writers reached the trigger, not the order they committed, so
+    a catch-up that ran between the two commits must not move past the first writer's
+    change: it reaches the destination and the shard cuts over."""
+    world.write_spec(sharding={"shards_per_region": 1}, changes={"catch_up_below": 0})
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy", "--region", "ie").returncode == 0
+    first, second = [int(k) for (k,) in world.ctl(
+        "SELECT su.user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
+        "WHERE s.region = 'ie' ORDER BY su.user_key::bigint LIMIT 2")]
+    slow = psycopg.connect(world.dsn["us"])
+    slow.execute("UPDATE users SET email = 'first-logged-last-committed@example.test' WHERE user_id = %s", (first,))
+    world.rows("us", "UPDATE users SET email = 'second@example.test' WHERE user_id = %s RETURNING 1", (second,))
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "verify", "--region", "ie", "--config",
+                             str(world.spec_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(8)  # a catch-up pass runs while the first writer is still open
+    except subprocess.TimeoutExpired:
+        pass
+    slow.commit()
+    slow.close()
+    assert proc.wait(120) == 0
+    res = world.migrator("cutover", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    emails = dict(world.rows("ie", "SELECT user_id, email FROM users WHERE user_id = ANY(%s)", ([first, second],)))
+    assert emails == {first: "first-logged-last-committed@example.test", second: "second@example.test"}
+
+
 def test_the_fence_is_one_switch_over_a_staged_list(world: World):
     """The fence list is written with the fence down (the users still write); raising,
     expiring, holding and lifting the fence each change only whether their writes pass."""
