@@ -54,21 +54,27 @@ def cutover_shard(ctx: Context, sid: str) -> int:
         capture.stage_fence(src, sid, ctl)  # the list of users to fence, written while they still write
         t0 = time.monotonic()
         deadline = t0 + window
+        steps = Steps(t0)
         with bounded(deadline):
             capture.fence(src, sid, deadline)
+            steps.mark("raise")
             pause_point(ctx, sid, "fenced")
             capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline)
+            steps.mark("catch_up")
             capture.start_capture(ctx, dst, sid, wait_s=None)  # destination writes after the flip are logged
+            steps.mark("destination_capture")
             diffs = compare_touched(ctx, sid, src, dst)
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
             checked = len(capture.touched_keys(src, sid))
+            steps.mark("compare")
             capture.hold_fence(src, sid)
+            steps.mark("hold")
             if time.monotonic() > deadline:
                 raise TimeoutError("fence window exceeded")
             # The window closes when the directory's flip commits: its length is taken
             # there, after the flip's update (see `_flip`).
-            return _flip(ctx, sid, {"fence_checked_tables": checked}, fence_t0=t0)
+            return _flip(ctx, sid, {"fence_checked_tables": checked}, fence_t0=t0, steps=steps)
     except BaseException as exc:
         capture.lift(src, sid)
         capture.stop_capture(ctx, dst, sid, fence_too=True)
@@ -82,7 +88,20 @@ def cutover_shard(ctx: Context, sid: str) -> int:
         raise
 
 
-def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None, fence_t0: float | None = None) -> int:
+class Steps:
+    """Milliseconds each step of the fence window took, for the audit trail."""
+
+    def __init__(self, t0: float):
+        self.last, self.ms = t0, {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = round((now - self.last) * 1000, 1)
+        self.last = now
+
+
+def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None, fence_t0: float | None = None,
+          steps: Steps | None = None) -> int:
     """Flip the shard's users; returns how many directory rows changed. With `fence_t0`
     (when the fence went up), the audit records the fence window up to the commit."""
     ctl = ctx.control
@@ -108,6 +127,9 @@ def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None, f
             )
         digest = new_digest or digest
         if fence_t0 is not None:
+            if steps is not None:
+                steps.mark("flip")
+                detail = {"fence_steps_ms": steps.ms, **detail}
             detail = {"fence_ms": round((time.monotonic() - fence_t0) * 1000, 1), **detail}
         ctl.transition(c, sid, Phase.VERIFIED, Phase.CUT_OVER,
                        {"event": "cutover", "users": users, "to": region, "digest": digest, **detail}, digest=digest)
