@@ -192,7 +192,7 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     check(dsn, control, acked)  # raises if a write was lost
     with psycopg.connect(control) as c:
         fences = sorted(f for (f,) in c.execute(
-            "SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE to_state = 'cut_over'"))
+            "SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE detail->>'event' = 'fence closed'"))
     q = statistics.quantiles(fences, n=100, method="inclusive") if len(fences) > 1 else fences * 99
     return {
         "shards": len(fences), "fence_ms_p50": round(statistics.median(fences), 1), "fence_ms_p99": round(q[98], 1),

@@ -38,6 +38,7 @@ source.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import psycopg
@@ -46,9 +47,11 @@ from psycopg import sql
 from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Control
-from migrator.errors import CatchUpBlocked
+from migrator.errors import CatchUpBlocked, describe
 from migrator.spec import EntityGraph
 from migrator.stores.postgres import connect, relay
+
+log = logging.getLogger("migrator.capture")
 
 FENCED = "RMF01"
 APPLY = "SET LOCAL migrator.apply = 'on'"
@@ -218,16 +221,22 @@ def _users(conn: psycopg.Connection, table: str, sid: str, members: Control) -> 
     conn.execute("DROP TABLE rm_members")
 
 
-def _wait_for_earlier(dsn: str, deadline: float, what: str) -> None:
-    """Wait until every transaction that wrote before now has ended.
+RUNNING = "pg_snapshot_xip(pg_current_snapshot()) x WHERE x <> ALL(%s::text[]::xid8[])"
+
+
+def _wait_for_earlier(dsn: str, deadline: float, what: str, ignore: tuple[int, ...] = ()) -> None:
+    """Wait until every transaction that wrote before now has ended (but those in `ignore`,
+    the migrator's own, which write none of the users' rows).
 
     The mark is a transaction id taken after the caller's change committed: a writer that
     wrote earlier holds an older id and is waited for; a writer's statements from now on
     see the committed change (its trigger logs or refuses them)."""
+    skip = [str(x) for x in ignore]
     with connect(dsn, autocommit=True) as c:
         mark = c.execute("SELECT pg_current_xact_id()").fetchone()[0]
         while True:
-            done = c.execute("SELECT pg_snapshot_xmin(pg_current_snapshot()) > %s::text::xid8", (str(mark),)).fetchone()[0]
+            done = c.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {RUNNING} AND x < %s::text::xid8)",
+                             (skip, str(mark))).fetchone()[0]
             if done:
                 return
             if time.monotonic() > deadline:
@@ -247,7 +256,10 @@ def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0
         _wait_for_earlier(dsn, time.monotonic() + wait_s, "the change capture")
 
 
-def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
+def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool, wait: bool = True) -> None:
+    """Forget the shard's lists and log on `dsn`, and drop the guards if no shard needs
+    them. `wait=False` (cleaning up after a failure): one try at dropping them; a table
+    locked by someone else leaves them for the next cutover or the cleanup command."""
     with connect(dsn) as c:
         if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
             return
@@ -256,7 +268,17 @@ def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool) -> None:
         if fence_too:
             c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
             c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
-    uninstall_if_unused(ctx, dsn)
+    if wait:
+        uninstall_if_unused(ctx, dsn)
+        return
+    from migrator.errors import is_transient
+
+    try:
+        _uninstall(ctx, dsn)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("guards left on a destination for now (%s); the cleanup command removes them", describe(exc))
 
 
 def stage_fence(dsn: str, sid: str, members: Control) -> None:
@@ -267,7 +289,7 @@ def stage_fence(dsn: str, sid: str, members: Control) -> None:
         _users(c, "fenced_users", sid, members)  # replaces the shard's earlier list
 
 
-def fence(dsn: str, sid: str, deadline: float) -> None:
+def fence(dsn: str, sid: str, deadline: float, ignore: tuple[int, ...] = ()) -> None:
     """Refuse the staged users' writes from now on, then wait (until `deadline`) for every
     transaction that began earlier to end, so their changes are in the log.
 
@@ -280,7 +302,19 @@ def fence(dsn: str, sid: str, deadline: float) -> None:
             raise RuntimeError(f"shard {sid}: no fence list staged")  # a caller's mistake, never a user's
         c.execute("INSERT INTO migrator.fences (shard_id, until) VALUES (%s, clock_timestamp() + make_interval(secs => %s)) "
                   "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until", (sid, remaining))
-    _wait_for_earlier(dsn, deadline, "the fence")
+    _wait_for_earlier(dsn, deadline, "the fence", ignore)
+
+
+def own_transaction(dsn: str, conn: psycopg.Connection) -> tuple[int, ...]:
+    """The id of `conn`'s open transaction when `dsn` is on the same server (the control
+    database beside the source, say), so waits on `dsn` for older transactions can leave it
+    out; empty otherwise. Recognised by its backend's pid and transaction id both."""
+    pid = conn.info.backend_pid
+    xid, short = conn.execute("SELECT pg_current_xact_id()::text, pg_current_xact_id()::xid::text").fetchone()
+    with connect(dsn, autocommit=True) as c:
+        same = c.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s AND backend_xid::text = %s)",
+                         (pid, short)).fetchone()[0]
+    return (int(xid),) if same else ()
 
 
 def hold_fence(dsn: str, sid: str) -> None:
@@ -313,13 +347,15 @@ def lag(dsn: str, sid: str, pos: Position) -> int:
 
 
 def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, limit: int = 50_000,
-          timeout_ms: int | None = None, lock_wait_ms: int | None = None) -> tuple[Position, int]:
+          timeout_ms: int | None = None, lock_wait_ms: int | None = None,
+          ignore: tuple[int, ...] = ()) -> tuple[Position, int]:
     """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (position, changes).
 
     A pass reads, in (transaction id, id) order past `after`, the changes of transactions
     older than its snapshot's horizon: each of them has ended, so its changes are all
     visible now or never will be. With fewer than `limit` of them the new position is
-    (horizon, 0); otherwise the last change read."""
+    (horizon, 0); otherwise the last change read. Transactions in `ignore` (the
+    migrator's own, which log nothing) do not hold the horizon back."""
     g = ctx.spec.entity_graph
     with connect(src_dsn) as src:
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -327,7 +363,8 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, l
             src.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
         if lock_wait_ms is not None:
             src.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
-        horizon = src.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()[0]
+        horizon = src.execute(f"SELECT coalesce((SELECT min(x) FROM {RUNNING}), pg_snapshot_xmax(pg_current_snapshot()))"
+                              "::text::bigint", ([str(x) for x in ignore],)).fetchone()[0]
         rows = src.execute(
             f"SELECT id, tbl, pk, xid::text::bigint FROM migrator.changes WHERE shard_id = %s AND {AFTER} "
             "AND xid < %s::text::xid8 ORDER BY xid, id LIMIT %s", (sid, *after, horizon, limit)).fetchall()
@@ -377,7 +414,7 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, l
 
 
 def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str, *, until: int = 0,
-             deadline: float | None = None) -> int:
+             deadline: float | None = None, ignore: tuple[int, ...] = ()) -> int:
     """Apply passes until at most `until` changes are pending; returns changes applied.
     (With `until` = 0 outside a fence, a writer that never pauses would keep it going.)
 
@@ -397,7 +434,7 @@ def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str,
             return applied
         ms = None if deadline is None else int((deadline - time.monotonic()) * 1000)
         try:
-            pos, n = apply(ctx, src_dsn, dst_dsn, sid, pos, timeout_ms=ms,
+            pos, n = apply(ctx, src_dsn, dst_dsn, sid, pos, timeout_ms=ms, ignore=ignore,
                            lock_wait_ms=None if deadline is not None else int(lock_wait_s * 1000))
         except psycopg.errors.LockNotAvailable:
             if deadline is not None:

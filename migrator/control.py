@@ -24,6 +24,7 @@ from migrator.stores.postgres import connect, pipe
 
 STATE_VERSION = "1"
 SCHEMA = "migrator"
+DIRECTORY_FILLFACTOR = 45
 
 DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -61,12 +62,21 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoint (
   at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (shard_id, batch_no)
 );
+-- Pages of the directory are kept under half full, so a cutover's flip of a shard's users
+-- writes each new row version beside the old one and leaves the key's index alone (a
+-- heap-only update): the flip runs inside the write fence, and this halves it.
 CREATE TABLE IF NOT EXISTS {SCHEMA}.directory (
   user_key text PRIMARY KEY,
   home text NOT NULL,
   epoch bigint NOT NULL DEFAULT 0,
   updated_at timestamptz NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = {DIRECTORY_FILLFACTOR});
+DO $upgrade$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = '{SCHEMA}.directory'::regclass
+                 AND 'fillfactor={DIRECTORY_FILLFACTOR}' = ANY(coalesce(reloptions, '{{}}'))) THEN
+    ALTER TABLE {SCHEMA}.directory SET (fillfactor = {DIRECTORY_FILLFACTOR});  -- pages written from now on
+  END IF;
+END $upgrade$;
 CREATE TABLE IF NOT EXISTS {SCHEMA}.capture_pos (
   shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
   direction text NOT NULL,

@@ -3,13 +3,17 @@
 The check that the shard is verified and the flip of every user's home (epoch + 1) are
 one transaction in the control database: a shard that was not verified, or whose users
 are no longer all at the source, cannot be cut over, and a half-flipped shard cannot exist.
-The source rows stay until a later purge.
+With change capture that transaction updates the directory before the write fence goes up
+and commits as the fence window's last step, so the users' write downtime does not grow
+with their number. The source rows stay until a later purge.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 from migrator import capture
 from migrator.context import Context
@@ -37,7 +41,7 @@ def pause_point(ctx: Context, sid: str, name: str) -> None:
 def cutover_shard(ctx: Context, sid: str) -> int:
     """Cut the shard over; with change capture, inside a bounded write fence."""
     if not ctx.spec.changes.capture:
-        return _flip(ctx, sid, {})
+        return _flip(ctx, sid)
     ctl = ctx.control
     shard = ctl.shard(sid)
     if shard.state != Phase.VERIFIED:
@@ -52,32 +56,40 @@ def cutover_shard(ctx: Context, sid: str) -> int:
     t0: float | None = None
     try:
         capture.stage_fence(src, sid, ctl)  # the list of users to fence, written while they still write
-        t0 = time.monotonic()
-        deadline = t0 + window
-        steps = Steps(t0)
-        with bounded(deadline):
-            capture.fence(src, sid, deadline)
-            steps.mark("raise")
-            pause_point(ctx, sid, "fenced")
-            capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline)
-            steps.mark("catch_up")
-            capture.start_capture(ctx, dst, sid, wait_s=None)  # destination writes after the flip are logged
-            steps.mark("destination_capture")
-            diffs = compare_touched(ctx, sid, src, dst)
-            if diffs:
-                raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
-            checked = len(capture.touched_keys(src, sid))
-            steps.mark("compare")
-            capture.hold_fence(src, sid)
-            steps.mark("hold")
-            if time.monotonic() > deadline:
-                raise TimeoutError("fence window exceeded")
-            # The window closes when the directory's flip commits: its length is taken
-            # there, after the flip's update (see `_flip`).
-            return _flip(ctx, sid, {"fence_checked_tables": checked}, fence_t0=t0, steps=steps)
+        # Destination writes of the shard's users are logged (for a rollback) from before the
+        # flip: until the directory says so only the migrator writes them there, and its
+        # apply sessions are not logged. Written here, the list costs the window nothing.
+        capture.start_capture(ctx, dst, sid, wait_s=None)
+        # The directory's rows are flipped in a transaction left open across the window:
+        # nobody sees the new homes before it commits, and the commit, not the update of
+        # every user's row, is what the window has to wait for.
+        with _prepared_flip(ctx, sid) as flip:
+            ours = capture.own_transaction(src, flip.conn)  # the open flip must not hold the fence up
+            pause_point(ctx, sid, "staged")
+            t0 = time.monotonic()
+            deadline = t0 + window
+            steps = Steps(t0)
+            with bounded(deadline):
+                capture.fence(src, sid, deadline, ignore=ours)
+                steps.mark("raise")
+                pause_point(ctx, sid, "fenced")
+                capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline, ignore=ours)
+                steps.mark("catch_up")
+                diffs = compare_touched(ctx, sid, src, dst)
+                if diffs:
+                    raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
+                checked = len(capture.touched_keys(src, sid))
+                steps.mark("compare")
+                capture.hold_fence(src, sid)
+                steps.mark("hold")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("fence window exceeded")
+            flip.finish({"fence_checked_tables": checked}, steps)
+        # The window closed when the flip committed, as the block above ended.
+        steps.mark("commit")
     except BaseException as exc:
         capture.lift(src, sid)
-        capture.stop_capture(ctx, dst, sid, fence_too=True)
+        capture.stop_capture(ctx, dst, sid, fence_too=True, wait=False)
         elapsed = round((time.monotonic() - t0) * 1000, 1) if t0 is not None else 0.0
         with ctl.connect() as c:
             ctl.audit(c, sid, "verified", "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
@@ -86,6 +98,14 @@ def cutover_shard(ctx: Context, sid: str) -> int:
                 f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms); "
                 "the fence was lifted and the shard stays on the source") from None
         raise
+    # Cut over: from here on nothing may lift the fence.
+    try:
+        with ctl.connect() as c:
+            ctl.audit(c, sid, "cut_over", "cut_over", {"event": "fence closed", "fence_ms": round(sum(steps.ms.values()), 1),
+                                                       "fence_steps_ms": steps.ms})
+    except Exception as exc:
+        log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
+    return flip.flipped
 
 
 class Steps:
@@ -100,14 +120,32 @@ class Steps:
         self.last = now
 
 
-def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None, fence_t0: float | None = None,
-          steps: Steps | None = None) -> int:
-    """Flip the shard's users; returns how many directory rows changed. With `fence_t0`
-    (when the fence went up), the audit records the fence window up to the commit."""
+class _Flip:
+    def __init__(self, ctx: Context, conn, sid: str, region: str, digest: str, users: int, flipped: int):
+        self.ctx, self.conn, self.sid = ctx, conn, sid
+        self.region, self.digest, self.users, self.flipped = region, digest, users, flipped
+
+    def finish(self, detail: dict, steps: Steps | None = None) -> None:
+        """The shard's move to cut_over, in the flip's transaction (committed by the caller's block)."""
+        if steps is not None:
+            steps.mark("transition")
+        self.ctx.control.transition(
+            self.conn, self.sid, Phase.VERIFIED, Phase.CUT_OVER,
+            {"event": "cutover", "users": self.users, "to": self.region, "digest": self.digest, **detail},
+            digest=self.digest)
+
+
+@contextlib.contextmanager
+def _prepared_flip(ctx: Context, sid: str) -> Iterator[_Flip]:
+    """Flip the shard's users' homes in the directory (epoch + 1) in a transaction that
+    commits when the block ends without error (after `finish`) and is rolled back
+    otherwise. The shard's row is locked throughout: only a verified shard whose users are
+    all still at the source is flipped."""
     ctl = ctx.control
     with ctl.connect() as c:
         row = c.execute(
-            f"SELECT state, digest, region, users FROM {SCHEMA}.shard WHERE shard_id = %s FOR UPDATE", (sid,)
+            # NO KEY UPDATE: rows that refer to the shard (catch-up positions) can still be written
+            f"SELECT state, digest, region, users FROM {SCHEMA}.shard WHERE shard_id = %s FOR NO KEY UPDATE", (sid,)
         ).fetchone()
         if row is None:
             raise StateConflict(f"shard {sid} does not exist")
@@ -120,17 +158,15 @@ def _flip(ctx: Context, sid: str, detail: dict, new_digest: str | None = None, f
             (region, sid, ctx.spec.source_region),
         ).rowcount
         if flipped != users:
-            c.rollback()
             raise StateConflict(
                 f"shard {sid}: {users - flipped} of its {users} users are no longer homed at "
                 f"{ctx.spec.source_region}; cutover refused"
             )
-        digest = new_digest or digest
-        if fence_t0 is not None:
-            if steps is not None:
-                steps.mark("flip")
-                detail = {"fence_steps_ms": steps.ms, **detail}
-            detail = {"fence_ms": round((time.monotonic() - fence_t0) * 1000, 1), **detail}
-        ctl.transition(c, sid, Phase.VERIFIED, Phase.CUT_OVER,
-                       {"event": "cutover", "users": users, "to": region, "digest": digest, **detail}, digest=digest)
-    return flipped
+        yield _Flip(ctx, c, sid, region, digest, users, flipped)
+
+
+def _flip(ctx: Context, sid: str) -> int:
+    """Flip the shard's users (no change capture, so no fence); returns how many directory rows changed."""
+    with _prepared_flip(ctx, sid) as flip:
+        flip.finish({})
+    return flip.flipped

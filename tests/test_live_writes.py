@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -67,8 +68,8 @@ def test_writes_during_migration_are_all_kept(world: World):
     with pytest.raises(psycopg.Error) as e:
         world.rows("us", "UPDATE users SET email = 'x' WHERE user_id = %s RETURNING 1", (int(uid),))
     assert e.value.sqlstate == "RMF01"
-    fences = world.ctl("SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE to_state = 'cut_over'")
-    assert fences and all(f > 0 for (f,) in fences)
+    fences = world.ctl("SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE detail->>'event' = 'fence closed'")
+    assert len(fences) == len(json.loads(res.stdout)["shards"]) and all(f > 0 for (f,) in fences)
 
 
 def test_rollback_after_cutover_carries_destination_writes_back(world: World):
@@ -97,19 +98,26 @@ def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
     assert world.migrator("run", "--region", "ie").returncode == 0
     assert world.migrator("copy", "--region", "no").returncode == 0
     assert world.migrator("verify", "--region", "no").returncode == 0
-    # the Norwegian destination stalls: a long lock on a table of the graph. Every pending
-    # change is left for inside the fence (a pass before it would give up on the lock after
+    # the Norwegian destination stalls just before the fence goes up (its guards and capture
+    # list are in place): a long lock on a table of the graph. Every pending change is left
+    # for inside the fence (a pass before it would give up on the lock after
     # changes.lock_wait_s, the case of test_catch_up_before_the_fence_gives_up_on_a_held_lock).
     world.write_spec(changes={"fence_window_s": 1.0, "catch_up_below": 10**9}, copy={"batch_users": 50})
+    env = {**os.environ, "MIGRATOR_PAUSE_AT": "staged", "MIGRATOR_PAUSE_S": "4", "PYTHONWARNINGS": "ignore"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", "no", "--json", "--config",
+                             str(world.spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at staged'")[0][0]:
+        assert proc.poll() is None and time.monotonic() - t0 < 120, "the cutover never reached the fence"
+        time.sleep(0.05)
     stall = psycopg.connect(world.dsn["no"])
     stall.execute("LOCK TABLE login_events IN ACCESS EXCLUSIVE MODE")
-    t0 = time.monotonic()
-    res = world.migrator("cutover", "--region", "no", "--json")
+    out, _ = proc.communicate(timeout=120)
     took = time.monotonic() - t0
     stall.rollback()
     stall.close()
-    assert res.returncode == 1
-    doc = json.loads(res.stdout)
+    assert proc.returncode == 1
+    doc = json.loads(out)
     assert all(s["state"] == "verified" for s in doc["shards"])
     assert "fence window" in " ".join(s.get("error") or "" for s in doc["shards"])
     # the fence lifted: a Norwegian user can write at the source again
