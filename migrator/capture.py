@@ -447,12 +447,23 @@ def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str,
             time.sleep(0.005 if deadline is not None else 0.05)
 
 
-def touched(dsn: str, sid: str) -> set[tuple[str, tuple]]:
-    """(table, primary key values as text) of every change logged for the shard."""
+def _span(after: Position | None, upto: Position | None) -> tuple[str, tuple]:
+    """SQL and arguments for the changes past `after` and up to `upto` (either may be open)."""
+    cond, args = "", ()
+    if after is not None:
+        cond, args = f" AND {AFTER}", tuple(after)
+    if upto is not None:
+        cond, args = cond + " AND NOT " + AFTER, args + tuple(upto)
+    return cond, args
+
+
+def touched(dsn: str, sid: str, after: Position | None = None) -> set[tuple[str, tuple]]:
+    """(table, primary key values as text) of every change logged for the shard (past `after`)."""
+    cond, args = _span(after, None)
     with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
             return set()
-        rows = c.execute("SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s", (sid,)).fetchall()
+        rows = c.execute(f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)).fetchall()
     return {(t, tuple(sorted((k, str(v)) for k, v in pk.items()))) for t, pk in rows}
 
 
@@ -467,12 +478,13 @@ def finalize(ctx: Context, sid: str, src_dsn: str, dst_dsn: str) -> None:
     uninstall_if_unused(ctx, src_dsn)
 
 
-def touched_keys(dsn: str, sid: str) -> dict[str, list[dict]]:
-    """Table -> primary keys (as logged) of every change logged for the shard."""
+def touched_keys(dsn: str, sid: str, after: Position | None = None, upto: Position | None = None) -> dict[str, list[dict]]:
+    """Table -> primary keys (as logged) of every change logged for the shard (past `after`, up to `upto`)."""
+    cond, args = _span(after, upto)
     with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
             return {}
-        rows = c.execute("SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s", (sid,)).fetchall()
+        rows = c.execute(f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)).fetchall()
     out: dict[str, list[dict]] = {}
     for t, pk in rows:
         out.setdefault(t, []).append(pk)

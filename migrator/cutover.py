@@ -65,6 +65,7 @@ def cutover_shard(ctx: Context, sid: str) -> int:
         # every user's row, is what the window has to wait for.
         with _prepared_flip(ctx, sid) as flip:
             ours = capture.own_transaction(src, flip.conn)  # the open flip must not hold the fence up
+            settled = _compare_changed_so_far(ctx, sid, src, dst, ours)
             pause_point(ctx, sid, "staged")
             t0 = time.monotonic()
             deadline = t0 + window
@@ -75,16 +76,16 @@ def cutover_shard(ctx: Context, sid: str) -> int:
                 pause_point(ctx, sid, "fenced")
                 capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline, ignore=ours)
                 steps.mark("catch_up")
-                diffs = compare_touched(ctx, sid, src, dst)
+                diffs = compare_touched(ctx, sid, src, dst, after=settled)
                 if diffs:
                     raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
-                checked = len(capture.touched_keys(src, sid))
+                checked = sum(map(len, capture.touched_keys(src, sid, after=settled).values()))
                 steps.mark("compare")
                 capture.hold_fence(src, sid)
                 steps.mark("hold")
                 if time.monotonic() > deadline:
                     raise TimeoutError("fence window exceeded")
-            flip.finish({"fence_checked_tables": checked}, steps)
+            flip.finish({"fence_checked_rows": checked}, steps)
         # The window closed when the flip committed, as the block above ended.
         steps.mark("commit")
     except BaseException as exc:
@@ -92,7 +93,10 @@ def cutover_shard(ctx: Context, sid: str) -> int:
         capture.stop_capture(ctx, dst, sid, fence_too=True, wait=False)
         elapsed = round((time.monotonic() - t0) * 1000, 1) if t0 is not None else 0.0
         with ctl.connect() as c:
-            ctl.audit(c, sid, "verified", "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
+            if t0 is None:
+                ctl.audit(c, sid, "verified", "verified", {"event": "cutover stopped before the fence", "error": describe(exc)})
+            else:
+                ctl.audit(c, sid, "verified", "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
         if isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in ("57014", "55P03"):
             raise FenceWindowExceeded(
                 f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms); "
@@ -106,6 +110,25 @@ def cutover_shard(ctx: Context, sid: str) -> int:
     except Exception as exc:
         log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
     return flip.flipped
+
+
+def _compare_changed_so_far(ctx: Context, sid: str, src: str, dst: str, ours: tuple[int, ...]) -> tuple[int, int]:
+    """Before the fence, while the users still write: catch up, then compare every row
+    changed up to the position reached. A difference on a row changed again since is left
+    for the fence (which compares every row changed past that position); any other is a
+    real one, and the cutover stops before anyone is fenced. Returns the position."""
+    from migrator.verifier import compare_touched
+
+    capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below, ignore=ours)
+    settled = ctx.control.position(sid, "forward")
+    pause_point(ctx, sid, "settled")
+    diffs = compare_touched(ctx, sid, src, dst, upto=settled)
+    if diffs:
+        later = capture.touched(src, sid, after=settled)
+        diffs = [d for d in diffs if (d["table"], tuple(sorted(d["pk"].items()))) not in later]
+        if diffs:
+            raise ChecksumMismatch(f"shard {sid}: {len(diffs)} changed row(s) differ before the fence", diffs)
+    return settled
 
 
 class Steps:

@@ -189,16 +189,16 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
     raise ChecksumMismatch(msg, res.differences)
 
 
-def compare_touched(ctx: Context, sid: str, log_dsn: str, dst_dsn: str) -> list[dict]:
-    """Inside a fence: compare, on both sides, only the rows whose keys are in the change
-    log. Every other row is unchanged since the copy's snapshot and was compared by the
-    full verification before the fence, so this keeps the fence short whatever the size
-    of the shard."""
+def compare_touched(ctx: Context, sid: str, log_dsn: str, dst_dsn: str, after=None, upto=None) -> list[dict]:
+    """Compare, on both sides, only the rows whose keys are in the change log (past log
+    position `after`, up to `upto`). Every other row is unchanged since the copy's snapshot
+    and was compared by the full verification, so a fence that compares only what changed
+    since the last such comparison stays short whatever the size of the shard."""
     import json
 
     g = ctx.spec.entity_graph
     diffs: list[dict] = []
-    for name, pks in capture.touched_keys(log_dsn, sid).items():
+    for name, pks in capture.touched_keys(log_dsn, sid, after, upto).items():
         table = ctx.tables[name]
         ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
         pkcols = sql.SQL(", ").join(sql.Identifier(c) for c in table.pk)

@@ -277,6 +277,40 @@ def test_a_change_that_commits_after_a_later_one_is_not_passed_over(world: World
     assert emails == {first: "first-logged-last-committed@example.test", second: "second@example.test"}
 
 
+def test_a_changed_row_that_differs_stops_the_cutover_before_the_fence(world: World):
+    """Rows changed since the copy are compared before the fence goes up, right after a
+    catch-up: one that still differs (here: written at the destination behind the
+    migrator's back) stops the cutover with the row named, and nobody is fenced."""
+    world.write_spec(sharding={"shards_per_region": 1}, changes={"catch_up_below": 0})
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy", "--region", "ie").returncode == 0
+    assert world.migrator("verify", "--region", "ie").returncode == 0
+    uid = int(world.ctl("SELECT min(su.user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s "
+                        "USING (shard_id) WHERE s.region = 'ie'")[0][0])
+    world.rows("us", "UPDATE users SET email = 'changed@example.test' WHERE user_id = %s RETURNING 1", (uid,))
+    env = {**os.environ, "MIGRATOR_PAUSE_AT": "settled", "MIGRATOR_PAUSE_S": "4", "PYTHONWARNINGS": "ignore"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", "ie", "--json", "--config",
+                             str(world.spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at settled'")[0][0]:
+        assert proc.poll() is None and time.monotonic() - t0 < 120, "the cutover never reached its comparison"
+        time.sleep(0.05)
+    # the change has been caught up; now the destination's copy of that row is altered
+    assert world.rows("ie", "SELECT email FROM users WHERE user_id = %s", (uid,)) == [("changed@example.test",)]
+    world.rows("ie", "UPDATE users SET email = 'tampered@example.test' WHERE user_id = %s RETURNING 1", (uid,))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    (shard,) = json.loads(out)["shards"]
+    assert shard["state"] == "verified"
+    assert "differ before the fence" in shard["error"] and "@example.test" not in out
+    assert shard["differences"] == [{"table": "users", "pk": {"user_id": str(uid)}, "problem": "different"}]
+    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'cutover stopped before the fence'")[0][0] == 1
+    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'fence lifted'")[0][0] == 0
+    assert world.ctl("SELECT home FROM migrator.directory WHERE user_key = %s", (str(uid),)) == [("us",)]
+    assert world.rows("us", "SELECT count(*) FROM migrator.fences")[0][0] == 0
+    world.rows("us", "UPDATE users SET email = 'still-writable@example.test' WHERE user_id = %s RETURNING 1", (uid,))
+
+
 def test_the_fence_is_one_switch_over_a_staged_list(world: World):
     """The fence list is written with the fence down (the users still write); raising,
     expiring, holding and lifting the fence each change only whether their writes pass."""
