@@ -112,22 +112,28 @@ def cutover_shard(ctx: Context, sid: str) -> int:
     return flip.flipped
 
 
-def _compare_changed_so_far(ctx: Context, sid: str, src: str, dst: str, ours: tuple[int, ...]) -> tuple[int, int]:
+def _compare_changed_so_far(ctx: Context, sid: str, src: str, dst: str, ours: tuple[int, ...],
+                            rounds: int = 2) -> tuple[int, int]:
     """Before the fence, while the users still write: catch up, then compare every row
     changed up to the position reached. A difference on a row changed again since is left
-    for the fence (which compares every row changed past that position); any other is a
-    real one, and the cutover stops before anyone is fenced. Returns the position."""
+    for later; any other is a real one, and the cutover stops before anyone is fenced. A
+    second round does the same for the rows changed during the first, so what the fence
+    must still compare (every row changed past the returned position) is what a writer
+    does in about one short round."""
     from migrator.verifier import compare_touched
 
-    capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below, ignore=ours)
-    settled = ctx.control.position(sid, "forward")
-    pause_point(ctx, sid, "settled")
-    diffs = compare_touched(ctx, sid, src, dst, upto=settled)
-    if diffs:
-        later = capture.touched(src, sid, after=settled)
-        diffs = [d for d in diffs if (d["table"], tuple(sorted(d["pk"].items()))) not in later]
+    settled = None
+    for _ in range(rounds):
+        capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below, ignore=ours)
+        upto = ctx.control.position(sid, "forward")
+        pause_point(ctx, sid, "settled")
+        diffs = compare_touched(ctx, sid, src, dst, after=settled, upto=upto)
         if diffs:
-            raise ChecksumMismatch(f"shard {sid}: {len(diffs)} changed row(s) differ before the fence", diffs)
+            later = capture.touched(src, sid, after=upto)
+            diffs = [d for d in diffs if (d["table"], tuple(sorted(d["pk"].items()))) not in later]
+            if diffs:
+                raise ChecksumMismatch(f"shard {sid}: {len(diffs)} changed row(s) differ before the fence", diffs)
+        settled = upto
     return settled
 
 
