@@ -191,11 +191,14 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     assert all(o.ok for o in outcomes), [o.error for o in outcomes if not o.ok]
     check(dsn, control, acked)  # raises if a write was lost
     with psycopg.connect(control) as c:
-        fences = sorted(f for (f,) in c.execute(
-            "SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE detail->>'event' = 'fence closed'"))
+        closed = [d for (d,) in c.execute("SELECT detail FROM migrator.audit WHERE detail->>'event' = 'fence closed'")]
+    fences = sorted(float(d["fence_ms"]) for d in closed)
+    steps = {k: round(statistics.median(d["fence_steps_ms"].get(k, 0.0) for d in closed), 1)
+             for k in (closed[0]["fence_steps_ms"] if closed else {})}
     q = statistics.quantiles(fences, n=100, method="inclusive") if len(fences) > 1 else fences * 99
     return {
         "shards": len(fences), "fence_ms_p50": round(statistics.median(fences), 1), "fence_ms_p99": round(q[98], 1),
+        "fence_steps_ms_p50": steps,
         "writer_ops_per_s_alone": round(alone, 1), "writer_ops_per_s_during": round(acked.ops / elapsed, 1),
         "writer_during_vs_alone": round(acked.ops / elapsed / alone, 3),
         "fenced_retries": acked.fenced, "lost_writes": 0, "writer_errors": w.errors[:3],
@@ -384,7 +387,8 @@ class Dataset:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3,
+                    help="runs of the copy and verify figures; 0 skips them (for --writes, --objects or --airflow alone)")
     ap.add_argument("--batch-users", type=int, default=20000)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it")
@@ -400,6 +404,9 @@ def main() -> None:
                     help="also measure this smaller scale, on servers of its own, each run right beside this "
                          "scale's, and report how time grew with the data")
     a = ap.parse_args()
+    if a.runs == 0 and (a.against_scale is not None or a.chart or not (a.writes or a.objects or a.airflow)):
+        ap.error("--runs 0 skips the copy and verify figures: it needs --writes, --objects or --airflow, "
+                 "and takes neither --against-scale nor --chart")
     # A terminated run still stops its servers (the `finally` below): a server whose
     # postmaster is gone can leave a backend running its query on and on.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -415,7 +422,10 @@ def main() -> None:
         src, dst, control, spec, ctx, p = big.src, big.dst, big.control, big.spec, big.ctx, big.plan
         med = statistics.median
         changed = None
-        if not a.no_reladiff:  # one row changed at the destination: both must find it
+        if a.runs == 0:  # only the figures asked for, on this scale's data
+            doc = {"scale": big.scale, "users": big.users, "runs": 0, "cores": os.cpu_count(),
+                   "machine": platform.machine(), "server_settings": big.settings}
+        elif not a.no_reladiff:  # one row changed at the destination: both must find it
             victim = psycopg.connect(dst, autocommit=True).execute(
                 "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
                 "RETURNING comment_id").fetchone()[0]
@@ -427,22 +437,23 @@ def main() -> None:
                 "reladiff_found": sorted(f["sign"] for f in rel_found) == ["+", "-"]
                 and all(f["table"] == "comments" and f["key"] == [str(victim)] for f in rel_found),
             }
-        fig = big.figures()
-        doc = {
-            **{k: fig[k] for k in ("scale", "users", "rows")}, "runs": a.runs, "cores": os.cpu_count(),
-            "machine": platform.machine(), "server_settings": big.settings,
-            **{k: fig[k] for k in ("raw_pipe_s", "plan_s", "copy_s", "verify_s")},
-            "copy_vs_pipe": round(med(big.copy) / med(big.pipe), 3),
-            "total_vs_pipe": round((med(big.copy) + med(big.verify)) / med(big.pipe), 3),
-            "plan_copy_verify_vs_pipe": round((med(big.planned) + med(big.copy) + med(big.verify)) / med(big.pipe), 3),
-            "peak_rss_mb": fig["peak_rss_mb"],
-            "reladiff_s": round(med(big.rel), 3) if big.rel else None,
-            "verify_speedup_vs_reladiff": round(med(big.rel) / med(big.verify), 2) if big.rel else None,
-            "changed_row": changed,
-            "note": "plan_s is `migrator plan` (membership, directory rows, row estimates), timed apart from "
-                    "the copy phase copy_s; peak_rss_mb is the benchmark process's (the tool runs in it) over this "
-                    "scale's plan, copy and verify runs",
-        }
+        if a.runs:
+            fig = big.figures()
+            doc = {
+                **{k: fig[k] for k in ("scale", "users", "rows")}, "runs": a.runs, "cores": os.cpu_count(),
+                "machine": platform.machine(), "server_settings": big.settings,
+                **{k: fig[k] for k in ("raw_pipe_s", "plan_s", "copy_s", "verify_s")},
+                "copy_vs_pipe": round(med(big.copy) / med(big.pipe), 3),
+                "total_vs_pipe": round((med(big.copy) + med(big.verify)) / med(big.pipe), 3),
+                "plan_copy_verify_vs_pipe": round((med(big.planned) + med(big.copy) + med(big.verify)) / med(big.pipe), 3),
+                "peak_rss_mb": fig["peak_rss_mb"],
+                "reladiff_s": round(med(big.rel), 3) if big.rel else None,
+                "verify_speedup_vs_reladiff": round(med(big.rel) / med(big.verify), 2) if big.rel else None,
+                "changed_row": changed,
+                "note": "plan_s is `migrator plan` (membership, directory rows, row estimates), timed apart from "
+                        "the copy phase copy_s; peak_rss_mb is the benchmark process's (the tool runs in it) over this "
+                        "scale's plan, copy and verify runs",
+            }
         if a.against_scale is not None:
             doc["growth"] = growth(small.figures(), fig)
         if a.writes:
