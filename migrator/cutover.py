@@ -172,6 +172,10 @@ def _prepared_flip(ctx: Context, sid: str) -> Iterator[_Flip]:
     all still at the source is flipped."""
     ctl = ctx.control
     with ctl.connect() as c:
+        # One open flip at a time: each is left out of its own fence's wait for earlier
+        # transactions but not of another's, so two open at once could wait on each other
+        # until both windows ran out. A second cutover waits here, before its fence.
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:flip'))")
         row = c.execute(
             # NO KEY UPDATE: rows that refer to the shard (catch-up positions) can still be written
             f"SELECT state, digest, region, users FROM {SCHEMA}.shard WHERE shard_id = %s FOR NO KEY UPDATE", (sid,)

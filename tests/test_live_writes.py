@@ -311,6 +311,26 @@ def test_a_changed_row_that_differs_stops_the_cutover_before_the_fence(world: Wo
     world.rows("us", "UPDATE users SET email = 'still-writable@example.test' WHERE user_id = %s RETURNING 1", (uid,))
 
 
+def test_two_cutovers_at_once_both_go_through(world: World):
+    """Two regions cut over by two processes at the same time, the control database on the
+    source's server: each holds its directory flip open across its fence window, and
+    neither window may wait on the other's open flip."""
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("plan").returncode == 0
+    for region in ("ie", "no"):
+        assert world.migrator("copy", "--region", region).returncode == 0
+        assert world.migrator("verify", "--region", region).returncode == 0
+    # both pause just before their fences, so their flips are open at the same time unless kept apart
+    env = {**os.environ, "MIGRATOR_PAUSE_AT": "staged", "MIGRATOR_PAUSE_S": "3", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", region, "--json",
+                               "--config", str(world.spec_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for region in ("ie", "no")]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert {s["state"] for out in outs for s in json.loads(out)["shards"]} == {"cut_over"}
+    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'fence lifted'")[0][0] == 0
+
+
 def test_the_fence_is_one_switch_over_a_staged_list(world: World):
     """The fence list is written with the fence down (the users still write); raising,
     expiring, holding and lifting the fence each change only whether their writes pass."""
