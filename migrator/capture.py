@@ -77,18 +77,41 @@ CREATE TABLE IF NOT EXISTS migrator.changes (
   at timestamptz NOT NULL DEFAULT clock_timestamp(),
   xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
+"""
+
+# A log from a version that ordered changes by id alone: its changes count as written by
+# the oldest transaction, so the next catch-up applies them (once more, harmlessly). Run by
+# `install` and, for a shard that is past its copy when the migrator is upgraded, by the
+# first catch-up or lag reading of the log.
+LOG_UPGRADE = """
 DO $upgrade$ BEGIN
-  -- A log from a version that ordered changes by id alone: its changes count as written
-  -- by the oldest transaction, so the next catch-up applies them (once more, harmlessly).
   IF NOT EXISTS (SELECT 1 FROM information_schema.columns
                  WHERE table_schema = 'migrator' AND table_name = 'changes' AND column_name = 'xid') THEN
     ALTER TABLE migrator.changes ADD COLUMN xid xid8 NOT NULL DEFAULT '1';
     ALTER TABLE migrator.changes ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
     DROP INDEX IF EXISTS migrator.changes_shard;
   END IF;
+  -- created only if missing: even CREATE INDEX IF NOT EXISTS waits for the writers' locks
+  IF to_regclass('migrator.changes_horizon') IS NULL THEN
+    CREATE INDEX changes_horizon ON migrator.changes (shard_id, xid, id);
+  END IF;
 END $upgrade$;
-CREATE INDEX IF NOT EXISTS changes_horizon ON migrator.changes (shard_id, xid, id);
 """
+_current_logs: set[str] = set()
+
+
+def _log_current(dsn: str) -> bool:
+    """Whether `dsn` has a change log, upgraded to the current layout if it was older."""
+    if dsn in _current_logs:
+        return True
+    with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return False
+        c.execute("SET LOCAL lock_timeout = '2s'")
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
+        c.execute(LOG_UPGRADE)
+    _current_logs.add(dsn)
+    return True
 
 
 def _owner_expr(graph: EntityGraph, table: str, rec: str) -> str:
@@ -168,6 +191,8 @@ def install(ctx: Context, dsn: str) -> None:
             c.execute("SET LOCAL lock_timeout = '2s'")
             c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
             c.execute(DDL)
+            c.execute(LOG_UPGRADE)
+            _current_logs.add(dsn)
             have = {r[0] for r in c.execute(
                 "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                 "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = 'migrator_guard' AND n.nspname = %s",
@@ -340,9 +365,9 @@ AFTER = "(xid, id) > (%s::text::xid8, %s)"
 
 def lag(dsn: str, sid: str, pos: Position) -> int:
     """Changes logged for the shard past `pos` (committed ones; a running writer's are not seen yet)."""
+    if not _log_current(dsn):
+        return 0
     with connect(dsn, autocommit=True) as c:
-        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
-            return 0
         return c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[0]
 
 

@@ -87,7 +87,12 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.capture_pos (
 -- is applied, and of that transaction's own changes those up to `last_id`. A position
 -- saved before the horizon existed reads as horizon 0: its changes are applied once more,
 -- which is harmless.
-ALTER TABLE {SCHEMA}.capture_pos ADD COLUMN IF NOT EXISTS horizon bigint NOT NULL DEFAULT 0;
+DO $upgrade$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{SCHEMA}'
+                 AND table_name = 'capture_pos' AND column_name = 'horizon') THEN
+    ALTER TABLE {SCHEMA}.capture_pos ADD COLUMN horizon bigint NOT NULL DEFAULT 0;
+  END IF;
+END $upgrade$;
 CREATE TABLE IF NOT EXISTS {SCHEMA}.audit (
   id bigserial PRIMARY KEY,
   at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -153,6 +158,7 @@ class Control:
     def __init__(self, dsn: str, run_id: str):
         self.dsn = dsn
         self.run_id = run_id
+        self._current = False  # the schema brought up to date by this process (see `ensure`)
 
     def connect(self, autocommit: bool = False) -> psycopg.Connection:
         return connect(self.dsn, autocommit=autocommit)
@@ -175,6 +181,13 @@ class Control:
                 f"control database holds state version {found}; this migrator reads version {STATE_VERSION} "
                 "and will not resume from it"
             )
+        self._current = True
+
+    def _up_to_date(self) -> None:
+        """Bring a control database written by an earlier version up to date (new columns)
+        before a column it may lack is read: a migration can outlive an upgrade of the tool."""
+        if not self._current:
+            self.ensure()
 
     # --- shards -----------------------------------------------------------------------
     def shards(self, wave: str | None = None, names: Iterable[str] | None = None, region: str | None = None) -> list[Shard]:
@@ -281,12 +294,14 @@ class Control:
 
     def position(self, sid: str, direction: str) -> tuple[int, int]:
         """(horizon, last id) of the shard's catch-up in `direction`; (0, 0) before the first pass."""
+        self._up_to_date()
         with self.connect(autocommit=True) as c:
             r = c.execute(f"SELECT horizon, last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
                           (sid, direction)).fetchone()
         return (r[0], r[1]) if r else (0, 0)
 
     def set_position(self, sid: str, direction: str, pos: tuple[int, int]) -> None:
+        self._up_to_date()
         with self.connect() as c:
             c.execute(f"INSERT INTO {SCHEMA}.capture_pos (shard_id, direction, horizon, last_id) VALUES (%s, %s, %s, %s) "
                       "ON CONFLICT (shard_id, direction) DO UPDATE SET horizon = EXCLUDED.horizon, last_id = EXCLUDED.last_id",

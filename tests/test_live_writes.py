@@ -51,6 +51,28 @@ def no_capture_left(w: World, regions=("us", "ie", "no")) -> None:
         assert w.rows(r, "SELECT to_regclass('migrator.changes')")[0][0] is None, r
 
 
+def verified_region(world: World, region: str) -> int:
+    """Plan, then copy and verify the region's shards; returns the region's first user."""
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy", "--region", region).returncode == 0
+    assert world.migrator("verify", "--region", region).returncode == 0
+    return int(world.ctl("SELECT min(su.user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s "
+                         "USING (shard_id) WHERE s.region = %s", (region,))[0][0])
+
+
+def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> subprocess.Popen:
+    """`migrator cutover --region R --json` in its own process, returned once it has paused
+    (for `seconds`) at the pause point `at`."""
+    env = {**os.environ, "MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": str(seconds), "PYTHONWARNINGS": "ignore"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", region, "--json", "--config",
+                             str(world.spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0]:
+        assert proc.poll() is None and time.monotonic() - t0 < 120, f"the cutover never reached {at}"
+        time.sleep(0.05)
+    return proc
+
+
 def test_writes_during_migration_are_all_kept(world: World):
     world.write_spec(copy={"batch_users": 10})
     writer = Writer(world.dsn, world.control, movers(world)).start()
@@ -103,13 +125,8 @@ def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
     # for inside the fence (a pass before it would give up on the lock after
     # changes.lock_wait_s, the case of test_catch_up_before_the_fence_gives_up_on_a_held_lock).
     world.write_spec(changes={"fence_window_s": 1.0, "catch_up_below": 10**9}, copy={"batch_users": 50})
-    env = {**os.environ, "MIGRATOR_PAUSE_AT": "staged", "MIGRATOR_PAUSE_S": "4", "PYTHONWARNINGS": "ignore"}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", "no", "--json", "--config",
-                             str(world.spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at staged'")[0][0]:
-        assert proc.poll() is None and time.monotonic() - t0 < 120, "the cutover never reached the fence"
-        time.sleep(0.05)
+    proc = paused_cutover(world, "no", "staged")
     stall = psycopg.connect(world.dsn["no"])
     stall.execute("LOCK TABLE login_events IN ACCESS EXCLUSIVE MODE")
     out, _ = proc.communicate(timeout=120)
@@ -142,11 +159,7 @@ def test_catch_up_before_the_fence_gives_up_on_a_held_lock(world: World):
     cutover gives up after `changes.lock_wait_s` with a transient error and no fence, and
     goes through once the lock is gone."""
     world.write_spec(changes={"catch_up_below": 0, "lock_wait_s": 1.0}, copy={"batch_users": 50})
-    assert world.migrator("plan").returncode == 0
-    assert world.migrator("copy", "--region", "no").returncode == 0
-    assert world.migrator("verify", "--region", "no").returncode == 0
-    uid = int(world.ctl("SELECT min(user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
-                        "WHERE s.region = 'no'")[0][0])
+    uid = verified_region(world, "no")
     world.rows("us", "UPDATE users SET email = 'after-verify@example.test' WHERE user_id = %s RETURNING 1", (uid,))
     stall = psycopg.connect(world.dsn["no"])
     stall.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
@@ -282,19 +295,9 @@ def test_a_changed_row_that_differs_stops_the_cutover_before_the_fence(world: Wo
     catch-up: one that still differs (here: written at the destination behind the
     migrator's back) stops the cutover with the row named, and nobody is fenced."""
     world.write_spec(sharding={"shards_per_region": 1}, changes={"catch_up_below": 0})
-    assert world.migrator("plan").returncode == 0
-    assert world.migrator("copy", "--region", "ie").returncode == 0
-    assert world.migrator("verify", "--region", "ie").returncode == 0
-    uid = int(world.ctl("SELECT min(su.user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s "
-                        "USING (shard_id) WHERE s.region = 'ie'")[0][0])
+    uid = verified_region(world, "ie")
     world.rows("us", "UPDATE users SET email = 'changed@example.test' WHERE user_id = %s RETURNING 1", (uid,))
-    env = {**os.environ, "MIGRATOR_PAUSE_AT": "settled", "MIGRATOR_PAUSE_S": "4", "PYTHONWARNINGS": "ignore"}
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", "ie", "--json", "--config",
-                             str(world.spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at settled'")[0][0]:
-        assert proc.poll() is None and time.monotonic() - t0 < 120, "the cutover never reached its comparison"
-        time.sleep(0.05)
+    proc = paused_cutover(world, "ie", "settled")
     # the change has been caught up; now the destination's copy of that row is altered
     assert world.rows("ie", "SELECT email FROM users WHERE user_id = %s", (uid,)) == [("changed@example.test",)]
     world.rows("ie", "UPDATE users SET email = 'tampered@example.test' WHERE user_id = %s RETURNING 1", (uid,))
@@ -391,3 +394,24 @@ def test_a_fence_kept_by_an_earlier_version_still_holds(world: World):
     assert e.value.sqlstate == capture.FENCED
     capture.install(ctx, world.dsn["us"])  # a second install changes nothing
     assert world.rows("us", "SELECT count(*) FROM migrator.fences")[0][0] == 1
+
+
+def test_a_change_log_from_an_earlier_version_is_upgraded_and_caught_up(world: World):
+    """A shard copied by a version whose log had no transaction ids and whose positions had
+    no horizon, then a change: the upgraded migrator verifies and cuts it over with the
+    change at the destination."""
+    uid = verified_region(world, "ie")
+    with psycopg.connect(world.dsn["us"]) as c:  # what the earlier version left
+        c.execute("DROP INDEX migrator.changes_horizon")
+        c.execute("ALTER TABLE migrator.changes DROP COLUMN xid")
+        c.execute("CREATE INDEX changes_shard ON migrator.changes (shard_id, id)")
+    with psycopg.connect(world.control) as c:
+        c.execute("ALTER TABLE migrator.capture_pos DROP COLUMN horizon")
+    world.rows("us", "UPDATE users SET email = 'logged-by-old@example.test' WHERE user_id = %s RETURNING 1", (uid,))
+    doc = json.loads(world.migrator("status", "--json").stdout)
+    assert sum(s["lag"] or 0 for s in doc["shards"] if s["region"] == "ie") >= 1
+    res = world.migrator("cutover", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert world.rows("ie", "SELECT email FROM users WHERE user_id = %s", (uid,)) == [("logged-by-old@example.test",)]
+    assert world.rows("us", "SELECT indexname FROM pg_indexes WHERE schemaname = 'migrator' AND tablename = 'changes' "
+                            "ORDER BY 1") == [("changes_horizon",), ("changes_pkey",)]
