@@ -25,10 +25,12 @@ harmless, so the applied position may lag what was applied.
 
 The log is read in the order of the writers' transaction ids, never past the oldest
 transaction still running (the horizon). Ids from the log's sequence are handed out in
-the order writers reach the trigger, not the order they commit, so a position kept as "the
-last id applied" would pass over a change whose transaction commits after a later id was
-read; no transaction older than the horizon can still commit, so nothing is passed over. A fence waits until every
-transaction that began before it has ended (their changes are then in the log), bounded by
+the order writers reach the trigger, not the order they commit, so a position kept as
+"the last id applied" would pass over a change whose transaction commits after a later id
+was read; no transaction older than the horizon can still commit, so nothing is passed
+over.
+
+A fence waits until every transaction that began before it has ended (their changes are then in the log), bounded by
 a deadline. The fence's user list is written before the window (`stage_fence`), and
 raising, holding or lifting the fence is one row of `migrator.fences`, so the time the
 users cannot write does not grow with the shard. After cutover the same machinery runs
@@ -82,7 +84,7 @@ CREATE TABLE IF NOT EXISTS migrator.changes (
 # A log from a version that ordered changes by id alone: its changes count as written by
 # the oldest transaction, so the next catch-up applies them (once more, harmlessly). Run by
 # `install` and, for a shard that is past its copy when the migrator is upgraded, by the
-# first catch-up or lag reading of the log.
+# first reading of the lag (every catch-up starts with one).
 LOG_UPGRADE = """
 DO $upgrade$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM information_schema.columns
@@ -97,21 +99,7 @@ DO $upgrade$ BEGIN
   END IF;
 END $upgrade$;
 """
-_current_logs: set[str] = set()
-
-
-def _log_current(dsn: str) -> bool:
-    """Whether `dsn` has a change log, upgraded to the current layout if it was older."""
-    if dsn in _current_logs:
-        return True
-    with connect(dsn) as c:
-        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
-            return False
-        c.execute("SET LOCAL lock_timeout = '2s'")
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
-        c.execute(LOG_UPGRADE)
-    _current_logs.add(dsn)
-    return True
+_current_logs: set[str] = set()  # servers whose log this process has seen in its current layout
 
 
 def _owner_expr(graph: EntityGraph, table: str, rec: str) -> str:
@@ -364,11 +352,18 @@ AFTER = "(xid, id) > (%s::text::xid8, %s)"
 
 
 def lag(dsn: str, sid: str, pos: Position) -> int:
-    """Changes logged for the shard past `pos` (committed ones; a running writer's are not seen yet)."""
-    if not _log_current(dsn):
-        return 0
-    with connect(dsn, autocommit=True) as c:
-        return c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[0]
+    """Changes logged for the shard past `pos` (committed ones; a running writer's are not
+    seen yet). A log from an earlier version is brought up to date first."""
+    with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return 0
+        if dsn not in _current_logs:
+            c.execute("SET LOCAL lock_timeout = '2s'")
+            c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
+            c.execute(LOG_UPGRADE)
+        n = c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[0]
+    _current_logs.add(dsn)
+    return n
 
 
 def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, limit: int = 50_000,
@@ -445,9 +440,10 @@ def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str,
 
     Changes of transactions newer than the oldest one still writing wait for it (see
     `apply`): a long transaction on the log's server holds the catch-up back until it ends,
-    as it holds a fence. Inside a fence the window bounds every wait. Outside one, a pass waits at most
-    `changes.lock_wait_s` for a lock another transaction holds on either side (a long
-    migration of a table, say), then gives up with a transient error rather than wait on."""
+    as it holds a fence. Inside a fence the window bounds every wait. Outside one, a pass
+    waits at most `changes.lock_wait_s` for a lock another transaction holds on either side
+    (a long migration of a table, say), then gives up with a transient error rather than
+    wait on."""
     ctl = ctx.control
     pos = ctl.position(sid, direction)
     applied = 0
