@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoint (
 );
 -- Pages of the directory are kept under half full, so a cutover's flip of a shard's users
 -- writes each new row version beside the old one and leaves the key's index alone (a
--- heap-only update): the flip runs inside the write fence, and this halves it.
+-- heap-only update), which halves the flip a cutover prepares before its fence.
 CREATE TABLE IF NOT EXISTS {SCHEMA}.directory (
   user_key text PRIMARY KEY,
   home text NOT NULL,

@@ -160,8 +160,8 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         if ctx.spec.changes.capture and shard.state == Phase.COPIED:
             shard_region = ctx.dsn(shard.region)
             # Rows still changing are left out of the comparison (in_flight_ok) and compared
-            # inside the fence, so the catch-up need not reach an empty log: under a writer
-            # that never pauses it would not.
+            # at cutover, so the catch-up need not reach an empty log: under a writer that
+            # never pauses it would not.
             capture.catch_up(ctx, sid, ctx.source_dsn, shard_region, "forward", until=ctx.spec.changes.catch_up_below)
         res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != Phase.CUT_OVER)
     except Exception as exc:
