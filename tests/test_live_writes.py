@@ -415,3 +415,22 @@ def test_a_change_log_from_an_earlier_version_is_upgraded_and_caught_up(world: W
     assert world.rows("ie", "SELECT email FROM users WHERE user_id = %s", (uid,)) == [("logged-by-old@example.test",)]
     assert world.rows("us", "SELECT indexname FROM pg_indexes WHERE schemaname = 'migrator' AND tablename = 'changes' "
                             "ORDER BY 1") == [("changes_horizon",), ("changes_pkey",)]
+
+
+def test_control_database_on_a_server_of_its_own(world: World):
+    """The control database away from the source (here on the Norwegian server): the flip
+    held open across the fence is on another server, nothing on the source waits for it,
+    and writes during the move are all kept."""
+    control = world.cluster["no"].create_database(f"control_apart_{int(time.time() * 1000)}")
+    world.write_spec(control={"dsn": control}, sharding={"shards_per_region": 1}, copy={"batch_users": 25})
+    writer = Writer(world.dsn, control, movers(world)).start()
+    res = world.migrator("run", "--region", "ie", "--json")
+    time.sleep(0.5)
+    acked = writer.stop()
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert not writer.errors, writer.errors[:5]
+    check(world.dsn, control, acked)
+    with psycopg.connect(control) as c:
+        closed = c.execute("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'fence closed'").fetchone()[0]
+        lifted = c.execute("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'fence lifted'").fetchone()[0]
+    assert (closed, lifted) == (1, 0)
