@@ -422,10 +422,7 @@ def main() -> None:
         src, dst, control, spec, ctx, p = big.src, big.dst, big.control, big.spec, big.ctx, big.plan
         med = statistics.median
         changed = None
-        if a.runs == 0:  # only the figures asked for, on this scale's data
-            doc = {"scale": big.scale, "users": big.users, "runs": 0, "cores": os.cpu_count(),
-                   "machine": platform.machine(), "server_settings": big.settings}
-        elif not a.no_reladiff:  # one row changed at the destination: both must find it
+        if a.runs and not a.no_reladiff:  # one row changed at the destination: both must find it
             victim = psycopg.connect(dst, autocommit=True).execute(
                 "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
                 "RETURNING comment_id").fetchone()[0]
@@ -454,6 +451,9 @@ def main() -> None:
                         "the copy phase copy_s; peak_rss_mb is the benchmark process's (the tool runs in it) over this "
                         "scale's plan, copy and verify runs",
             }
+        else:  # only the figures asked for, on this scale's data
+            doc = {"scale": big.scale, "users": big.users, "runs": 0, "cores": os.cpu_count(),
+                   "machine": platform.machine(), "server_settings": big.settings}
         if a.against_scale is not None:
             doc["growth"] = growth(small.figures(), fig)
         if a.writes:

@@ -49,7 +49,7 @@ from psycopg import sql
 from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Control
-from migrator.errors import CatchUpBlocked, describe
+from migrator.errors import CatchUpBlocked, describe, is_transient
 from migrator.spec import EntityGraph
 from migrator.stores.postgres import connect, relay
 
@@ -197,8 +197,6 @@ def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
     timeout is retried rather than failing the shard."""
     from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-    from migrator.errors import is_transient
-
     for attempt in Retrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(10),
                             wait=wait_exponential(multiplier=0.1, max=2), reraise=True):
         with attempt:
@@ -284,8 +282,6 @@ def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool, wait: boo
     if wait:
         uninstall_if_unused(ctx, dsn)
         return
-    from migrator.errors import is_transient
-
     try:
         _uninstall(ctx, dsn)
     except Exception as exc:

@@ -120,7 +120,7 @@ def _compare_changed_so_far(ctx: Context, sid: str, src: str, dst: str, ours: tu
     second round does the same for the rows changed during the first, so what the fence
     must still compare (every row changed past the returned position) is what a writer
     does in about one short round."""
-    from migrator.verifier import compare_touched
+    from migrator.verifier import compare_touched, not_changed_since
 
     settled = None
     for _ in range(rounds):
@@ -129,8 +129,7 @@ def _compare_changed_so_far(ctx: Context, sid: str, src: str, dst: str, ours: tu
         pause_point(ctx, sid, "settled")
         diffs = compare_touched(ctx, sid, src, dst, after=settled, upto=upto)
         if diffs:
-            later = capture.touched(src, sid, after=upto)
-            diffs = [d for d in diffs if (d["table"], tuple(sorted(d["pk"].items()))) not in later]
+            diffs = not_changed_since(diffs, capture.touched(src, sid, after=upto))
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} changed row(s) differ before the fence", diffs)
         settled = upto
