@@ -78,7 +78,8 @@ def residency_migration():
         _name_instance(desc)
         return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "copy")
 
-    @task(map_index_template="{{ shard_name }}")
+    # A skipped copy (already copied) must not skip what follows: none_failed.
+    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.NONE_FAILED)
     @classified
     def verify(desc: dict) -> dict:
         from migrator import orchestration
@@ -86,7 +87,7 @@ def residency_migration():
         _name_instance(desc)
         return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "verify")
 
-    @task(map_index_template="{{ shard_name }}")
+    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.NONE_FAILED)
     @classified
     def cutover(desc: dict) -> dict:
         from migrator import orchestration
@@ -101,8 +102,8 @@ def residency_migration():
 
         _name_instance(desc)
         ctx = get_current_context()
-        return orchestration.phase(_spec(), ctx["run_id"], desc["shard_id"], "rollback",
-                                   reason=f"automatic: a task of run {ctx['run_id']} failed")
+        return orchestration.rollback_if_terminal(_spec(), ctx["run_id"], desc["shard_id"],
+                                                  reason=f"automatic: a task of run {ctx['run_id']} failed for good")
 
     @task_group
     def shard(desc: dict):

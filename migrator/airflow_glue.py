@@ -45,11 +45,19 @@ def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from airflow.sdk.exceptions import AirflowFailException
 
+        from airflow.sdk.exceptions import AirflowSkipException
+
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+        except AirflowSkipException:
+            raise
         except Exception as exc:
             if is_transient(exc):
                 raise RuntimeError(f"transient: {describe(exc)}") from None
             raise AirflowFailException(describe(exc)) from None
+        if isinstance(out, dict) and out.get("skipped"):
+            # The phase's work was already done (or is not due): shown as skipped, not as work done.
+            raise AirflowSkipException(f"shard {out.get('shard_id')}: {out['skipped']}")
+        return out
 
     return wrapper

@@ -335,6 +335,27 @@ def hold_fence(dsn: str, sid: str) -> None:
             raise TimeoutError("the fence expired before it could be held")
 
 
+def hold_now(dsn: str, sid: str) -> None:
+    """Fence the shard's staged users for good at once (recovery: a cut-over shard's source
+    must refuse its users' writes)."""
+    with connect(dsn) as c:
+        c.execute("INSERT INTO migrator.fences (shard_id, until) VALUES (%s, 'infinity') "
+                  "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until", (sid,))
+
+
+HELD, UP, EXPIRED = "held", "up", "expired"
+
+
+def fences(dsn: str, sid: str | None = None) -> dict[str, str]:
+    """Shard -> its fence on `dsn`: held (for good), up (until its expiry) or expired."""
+    with connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT to_regclass('migrator.fences')").fetchone()[0] is None:
+            return {}
+        rows = c.execute("SELECT shard_id, until = 'infinity', until > clock_timestamp() FROM migrator.fences"
+                         + (" WHERE shard_id = %s" if sid else ""), (sid,) if sid else ()).fetchall()
+    return {s: HELD if held else UP if up else EXPIRED for s, held, up in rows}
+
+
 def lift(dsn: str, sid: str) -> None:
     with connect(dsn) as c:
         if c.execute("SELECT to_regclass('migrator.fences')").fetchone()[0] is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from migrator import engine, report
+from migrator import engine, recovery, report
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
 from migrator.planner import plan as make_plan
@@ -98,7 +99,7 @@ def _phase_command(phase: str, config: Path, wave: str, shard: list[str] | None,
     rows = report.shard_rows(ctx, wave, shard, region)
     if dry_run:
         _finish(report.document(phase, rows, extra={"dry_run": True, "would": phase}), as_json)
-    outcomes = [engine.one_phase(ctx, s.shard_id, phase, reason) for s in selected]
+    outcomes = engine.one_phase(ctx, selected, phase, reason)
     _finish(report.document(phase, report.shard_rows(ctx, wave, shard, region), outcomes), as_json)
 
 
@@ -111,9 +112,11 @@ def copy(config: Config, wave: Wave = "default", shard: Shards = None, region: R
 
 @app.command()
 def verify(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None, dry_run: DryRun = False,
-           json: Json = False, run_id: RunId = None) -> None:
+           json: Json = False, run_id: RunId = None,
+           recheck: Annotated[bool, typer.Option("--recheck", help="compare a verified or cut-over shard again")] = False,
+           ) -> None:
     """Compare each shard's rows at source and destination; name any rows that differ."""
-    _phase_command("verify", config, wave, shard, region, dry_run, json, run_id)
+    _phase_command("recheck" if recheck else "verify", config, wave, shard, region, dry_run, json, run_id)
 
 
 @app.command()
@@ -143,7 +146,36 @@ def status(config: Config, wave: Annotated[Optional[str], typer.Option("--wave")
            region: Region = None, json: Json = False) -> None:
     """Each shard's phase, progress, rows and digest."""
     ctx = _ctx(config, None)
-    _finish(report.document("status", report.shard_rows(ctx, wave, shard, region)), json)
+    rows = report.shard_rows(ctx, wave, shard, region)
+    due = {u.shard_id: u.due for u in recovery.unfinished(ctx, engine.select(ctx, wave, shard, region))}
+    for r in rows:
+        if r["shard_id"] in due:
+            r["unfinished"] = due[r["shard_id"]]
+    _finish(report.document("status", rows, extra={"unfinished": len(due)}), json)
+
+
+@app.command()
+def recover(config: Config, watch: Annotated[float, typer.Option(
+        "--watch", help="keep sweeping every this many seconds (0: once)", min=0)] = 0, json: Json = False) -> None:
+    """Finish or undo what a killed cutover or rollback left half done (every command does
+    this first for its own shards; this does it for all, once or on a timer)."""
+    ctx = _ctx(config, None)
+    while True:
+        done = recovery.sweep(ctx)
+        left = [u.__dict__ for u in recovery.unfinished(ctx)]
+        doc = {"command": "recover", "ok": not left, "resolved": done, "unfinished": left}
+        if not watch:
+            if json:
+                report.emit(doc, True)
+            else:
+                for sid, acts in done.items():
+                    err.print(f"{sid}: {'; '.join(acts)}")
+                for u in left:
+                    err.print(f"[yellow]{u['shard_id']}[/]: {u['due']} (its worker still holds it)")
+                if not done and not left:
+                    err.print("nothing unfinished")
+            raise typer.Exit(0)
+        time.sleep(watch)
 
 
 @app.command()

@@ -190,9 +190,13 @@ class Control:
             self.ensure()
 
     # --- shards -----------------------------------------------------------------------
-    def shards(self, wave: str | None = None, names: Iterable[str] | None = None, region: str | None = None) -> list[Shard]:
+    def shards(self, wave: str | None = None, names: Iterable[str] | None = None, region: str | None = None,
+               states: Iterable[Phase] | None = None) -> list[Shard]:
         q = f"SELECT * FROM {SCHEMA}.shard WHERE true"
         args: list[Any] = []
+        if states is not None:
+            q += " AND state = ANY(%s)"
+            args.append([p.value for p in states])
         if wave is not None:
             q += " AND wave = %s"
             args.append(wave)

@@ -39,6 +39,7 @@ import psycopg
 from migrator import capture, objects, sqlgen
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, ConflictError, describe, is_transient, retrying
+from migrator.scaffolding import pause_point
 from migrator.state import Phase
 from migrator.stores.postgres import connect, relay
 
@@ -268,47 +269,42 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     dst_dsn = ctx.dsn(shard.region)
     if shard.state != Phase.COPYING:
         ctl.move(sid, shard.state, Phase.COPYING, {"event": "copy started"})
-    try:
-        if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
-            capture.start_capture(ctx, ctx.source_dsn, sid)
-        for attempt in retrying(ctx.spec.retry):
-            with attempt:
-                ensure_ledger(dst_dsn)
-                done_at_dest = ledger(dst_dsn, sid)
-        batches = ctl.batch_keys(sid, ctx.sort_keys)
-        # The destination's ledger is the truth of what is committed there: a checkpoint
-        # whose ledger row is gone (e.g. a destination that lost recent commits in a
-        # crash) is copied again.
-        done = {b: cp for b, cp in ctl.checkpoints(sid).items() if b in done_at_dest}
-        for b, entry in done_at_dest.items():  # committed at the destination, checkpoint lost
-            if b not in done:
-                ctl.save_checkpoint(sid, b, entry["last_key"], entry["rows"], entry["digest"])
-                done[b] = entry
-        copied_now = 0
-        total = len(batches)
+    # A failure is classified (transient: resumable; terminal: failed) by `dispatch`.
+    if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
+        capture.start_capture(ctx, ctx.source_dsn, sid)
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            ensure_ledger(dst_dsn)
+            done_at_dest = ledger(dst_dsn, sid)
+    batches = ctl.batch_keys(sid, ctx.sort_keys)
+    # The destination's ledger is the truth of what is committed there: a checkpoint
+    # whose ledger row is gone (e.g. a destination that lost recent commits in a
+    # crash) is copied again.
+    done = {b: cp for b, cp in ctl.checkpoints(sid).items() if b in done_at_dest}
+    for b, entry in done_at_dest.items():  # committed at the destination, checkpoint lost
+        if b not in done:
+            ctl.save_checkpoint(sid, b, entry["last_key"], entry["rows"], entry["digest"])
+            done[b] = entry
+    copied_now = 0
+    total = len(batches)
+    if progress:
+        progress(len(done), total)
+    pending = [b for b in sorted(batches) if b not in done]
+    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches)
+    for b, res in _copy_pending(ctx, sid, dst_dsn, batches, pending):
+        ctl.save_checkpoint(sid, b, res["last_key"], res["rows"], res["digest"])
+        done[b] = res
+        copied_now += 1
+        log.info("shard %s batch %d committed", sid, b)
         if progress:
             progress(len(done), total)
-        pending = [b for b in sorted(batches) if b not in done]
-        _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches)
-        for b, res in _copy_pending(ctx, sid, dst_dsn, batches, pending):
-            ctl.save_checkpoint(sid, b, res["last_key"], res["rows"], res["digest"])
-            done[b] = res
-            copied_now += 1
-            log.info("shard %s batch %d committed", sid, b)
-            if progress:
-                progress(len(done), total)
-        if ctx.spec.changes.capture:
-            from migrator.cutover import pause_point
-
-            pause_point(ctx, sid, "catch_up")
-            n = capture.catch_up(ctx, sid, ctx.source_dsn, dst_dsn, "forward", until=ctx.spec.changes.catch_up_below)
-            log.info("shard %s: %d captured change(s) applied", sid, n)
-        if objects.enabled(ctx):
-            moved = objects.copy_batches(ctx, sid, shard.region, batches)
-            log.info("shard %s objects: %d copied, %d already there", sid, moved["copied"], moved["skipped"])
-    except BaseException as exc:
-        ctl.move(sid, Phase.COPYING, Phase.FAILED, {"event": "copy failed", "error": describe(exc)}, error=describe(exc))
-        raise
+    if ctx.spec.changes.capture:
+        pause_point(ctx, sid, "catch_up")
+        n = capture.catch_up(ctx, sid, ctx.source_dsn, dst_dsn, "forward", until=ctx.spec.changes.catch_up_below)
+        log.info("shard %s: %d captured change(s) applied", sid, n)
+    if objects.enabled(ctx):
+        moved = objects.copy_batches(ctx, sid, shard.region, batches)
+        log.info("shard %s objects: %d copied, %d already there", sid, moved["copied"], moved["skipped"])
     rows: dict[str, int] = {}
     for entry in done.values():
         for t, n in entry["rows"].items():

@@ -1,26 +1,27 @@
-"""Runs shards through their phases: copy -> verify -> cutover, one shard at a time per
-worker, each under its advisory lock. A shard that fails is recorded and the others go on;
-the caller learns which failed from the outcomes."""
+"""Runs shards through their phases (copy -> verify -> cutover, or one phase by name), one
+shard at a time per worker, each through `dispatch`. A shard that fails is recorded and the
+others go on; a shard another worker holds is waited for, so concurrent runs each report
+the shard's final state. The caller learns which failed from the outcomes."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
+from migrator import dispatch, recovery
 from migrator.context import Context
 from migrator.control import Shard
-from migrator.copier import copy_shard
-from migrator.cutover import cutover_shard
-from migrator.errors import ChecksumMismatch, MigratorError, describe, is_transient
+from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, describe
 from migrator.planner import Plan, plan
-from migrator.rollback import rollback_shard
-from migrator.state import RUNNABLE, Phase
-from migrator.verifier import verify_shard
+from migrator.state import Phase
 
 log = logging.getLogger("migrator.engine")
 
 Progress = Callable[[str, int, int], None]
+BUSY_WAIT_S = 3600.0  # how long a run waits for a shard another worker holds
 
 
 @dataclass
@@ -29,8 +30,8 @@ class Outcome:
     ok: bool
     state: str = ""
     error: str | None = None
-    transient: bool = False
     differences: list[dict] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 def select(ctx: Context, wave: str | None, names: list[str] | None, region: str | None) -> list[Shard]:
@@ -39,79 +40,60 @@ def select(ctx: Context, wave: str | None, names: list[str] | None, region: str 
     return ctx.control.shards(wave=wave, names=names, region=region)
 
 
-def _guard(sid: str, fn: Callable[[], object]) -> Outcome:
+def _outcome(ctx: Context, sid: str, fn: Callable[[], list[dispatch.Result]], want: set[str] | None) -> Outcome:
+    """Run `fn` for the shard; ok when it raised nothing and (with `want`) the shard ended in
+    one of those states."""
     try:
-        fn()
-        return Outcome(sid, True)
+        results = fn()
+        state = results[-1].state if results else ctx.control.shard(sid).state.value
+        detail = {r.phase: (r.skipped or r.detail) for r in results}
+        ok = want is None or state in want
+        return Outcome(sid, ok, state, None if ok else f"shard {sid} is {state}", detail=detail)
+    except ShardBusy:
+        raise
     except ChecksumMismatch as exc:
-        return Outcome(sid, False, error=str(exc), differences=exc.differences)
+        return Outcome(sid, False, _state(ctx, sid), error=str(exc), differences=exc.differences)
     except MigratorError as exc:
-        return Outcome(sid, False, error=str(exc), transient=is_transient(exc))
-    except Exception as exc:  # driver errors: classify, never echo their text (it may hold row data)
+        return Outcome(sid, False, _state(ctx, sid), error=str(exc))
+    except Exception as exc:  # driver errors: classified and named, never their text (it may hold row data)
         log.error("shard %s failed: %s", sid, describe(exc))
-        return Outcome(sid, False, error=describe(exc), transient=is_transient(exc))
+        return Outcome(sid, False, _state(ctx, sid), error=describe(exc))
 
 
-def run_shard(ctx: Context, sid: str, *, through: Phase = Phase.CUT_OVER, progress: Progress | None = None) -> Outcome:
-    """Advance one shard as far as `through` (copied, verified or cut_over)."""
-    ctl = ctx.control
-
-    def go() -> None:
-        with ctl.lock(sid):
-            shard = ctl.shard(sid)
-            if shard.state in (Phase.PLANNED, Phase.COPYING, Phase.FAILED):
-                copy_shard(ctx, sid, progress=(lambda d, t: progress(sid, d, t)) if progress else None)
-            if through == Phase.COPIED:
-                return
-            if ctl.shard(sid).state == Phase.COPIED:
-                verify_shard(ctx, sid)
-            if through == Phase.VERIFIED:
-                return
-            if ctl.shard(sid).state == Phase.VERIFIED:
-                cutover_shard(ctx, sid)
-
-    out = _guard(sid, go)
-    out.state = ctl.shard(sid).state.value
-    return out
+def _state(ctx: Context, sid: str) -> str:
+    try:
+        return ctx.control.shard(sid).state.value
+    except Exception:
+        return "unknown"
 
 
-def cleanup_shard(ctx: Context, sid: str) -> None:
-    """Remove what capture installed for a finished shard (cut over or rolled back)."""
-    from migrator import capture
+def each(ctx: Context, shards: list[Shard], fn: Callable[[str], list[dispatch.Result]],
+         want: set[str] | None = None) -> list[Outcome]:
+    """`fn` for every shard; a shard another worker holds is done last, once that worker lets go."""
+    outcomes: dict[str, Outcome] = {}
+    busy: list[str] = []
+    for s in shards:
+        try:
+            outcomes[s.shard_id] = _outcome(ctx, s.shard_id, lambda sid=s.shard_id: fn(sid), want)
+        except ShardBusy:
+            busy.append(s.shard_id)
+    for sid in busy:
+        end = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                outcomes[sid] = _outcome(ctx, sid, lambda sid=sid: fn(sid), want)
+                break
+            except ShardBusy as exc:
+                if time.monotonic() > end:
+                    outcomes[sid] = Outcome(sid, False, _state(ctx, sid), error=str(exc))
+                    break
+                time.sleep(0.5)
+    return [outcomes[s.shard_id] for s in shards]
 
-    ctl = ctx.control
-    shard = ctl.shard(sid)
-    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
-    if shard.state == Phase.CUT_OVER:
-        capture.finalize(ctx, sid, src, dst)
-        with ctl.connect() as c:
-            ctl.audit(c, sid, shard.state.value, shard.state.value, {"event": "finalized"})
-    elif shard.state == Phase.ROLLED_BACK:
-        for dsn in (src, dst):
-            capture.stop_capture(ctx, dsn, sid, fence_too=True)
-    else:
-        from migrator.errors import StateConflict
 
-        raise StateConflict(f"shard {sid} is {shard.state}; only a cut-over or rolled-back shard is cleaned up")
-
-
-def one_phase(ctx: Context, sid: str, phase: str, reason: str = "") -> Outcome:
-    ctl = ctx.control
-    fns = {
-        "cleanup": lambda: cleanup_shard(ctx, sid),
-        "copy": lambda: copy_shard(ctx, sid),
-        "verify": lambda: verify_shard(ctx, sid),
-        "cutover": lambda: cutover_shard(ctx, sid),
-        "rollback": lambda: rollback_shard(ctx, sid, reason),
-    }
-
-    def go() -> None:
-        with ctl.lock(sid):
-            fns[phase]()
-
-    out = _guard(sid, go)
-    out.state = ctl.shard(sid).state.value
-    return out
+def one_phase(ctx: Context, shards: list[Shard], phase: str, reason: str = "") -> list[Outcome]:
+    recovery.sweep_quietly(ctx, shards)
+    return each(ctx, shards, lambda sid: [dispatch.run_phase(ctx, sid, phase, reason)])
 
 
 def run(
@@ -125,11 +107,11 @@ def run(
     progress: Progress | None = None,
 ) -> tuple[Plan, list[Outcome]]:
     p = plan(ctx, wave, since=since, until=until, regions=[region] if region else None)
-    outcomes = []
-    for shard in select(ctx, wave, names, region):
-        if shard.state not in RUNNABLE:
-            outcomes.append(Outcome(shard.shard_id, shard.state == Phase.CUT_OVER, shard.state.value,
-                                    None if shard.state == Phase.CUT_OVER else f"shard is {shard.state}"))
-            continue
-        outcomes.append(run_shard(ctx, shard.shard_id, progress=progress))
-    return p, outcomes
+    shards = select(ctx, wave, names, region)
+    recovery.sweep_quietly(ctx, shards)
+
+    def go(sid: str) -> list[dispatch.Result]:
+        cb = (lambda d, t: progress(sid, d, t)) if progress else None
+        return dispatch.advance(ctx, sid, progress=cb)
+
+    return p, each(ctx, shards, go, want={Phase.CUT_OVER.value})

@@ -10,14 +10,12 @@ from typing import Any
 
 import yaml
 
+from migrator import dispatch
 from migrator.context import Context
-from migrator.copier import copy_shard
-from migrator.cutover import cutover_shard
+from migrator.errors import MigratorError
 from migrator.planner import plan as make_plan
-from migrator.rollback import rollback_shard
 from migrator.spec import Spec, parse_spec
 from migrator.state import Phase
-from migrator.verifier import verify_shard
 
 _CONN = re.compile(r"^conn:([A-Za-z0-9_.-]+)$")
 
@@ -60,39 +58,23 @@ def plan(spec: Spec, run_id: str, wave: str, since: datetime | None, until: date
 
 
 def phase(spec: Spec, run_id: str, shard_id: str, what: str, reason: str = "") -> dict[str, Any]:
-    """Run one phase of one shard under its lock; a phase already done is a no-op."""
+    """One phase of one shard through the dispatcher; `skipped` in the result says the work
+    was already done (the task shows it as skipped, never as work done)."""
     ctx = Context(spec, run_id)
-    ctl = ctx.control
-    with ctl.lock(shard_id):
-        state = ctl.shard(shard_id).state
-        if what == "copy":
-            if state in (Phase.PLANNED, Phase.COPYING, Phase.FAILED):
-                r = copy_shard(ctx, shard_id)
-                return {"shard_id": shard_id, "batches": r.batches, "copied_now": r.copied_now, "rows": r.rows}
-            return {"shard_id": shard_id, "skipped": state.value}
-        if what == "verify":
-            if state == Phase.COPIED:
-                r = verify_shard(ctx, shard_id)
-                return {"shard_id": shard_id, "digest": r.digest, "rows": r.rows}
-            if state not in (Phase.VERIFIED, Phase.CUT_OVER):
-                raise_state(shard_id, state, what)
-            return {"shard_id": shard_id, "skipped": state.value}
-        if what == "cutover":
-            if state == Phase.VERIFIED:
-                return {"shard_id": shard_id, "users": cutover_shard(ctx, shard_id)}
-            if state != Phase.CUT_OVER:
-                raise_state(shard_id, state, what)
-            return {"shard_id": shard_id, "skipped": state.value}
-        if what == "rollback":
-            r = rollback_shard(ctx, shard_id, reason)
-            return {"shard_id": shard_id, "deleted": r.get("deleted", {}), "already": r.get("already", False)}
-    raise ValueError(f"unknown phase {what!r}")
+    return dispatch.run_phase(ctx, shard_id, what, reason).descriptor()
 
 
-def raise_state(shard_id: str, state: Phase, what: str) -> None:
-    from migrator.errors import StateConflict
-
-    raise StateConflict(f"shard {shard_id} is {state}; cannot {what}")
+def rollback_if_terminal(spec: Spec, run_id: str, shard_id: str, reason: str) -> dict[str, Any]:
+    """The DAG's automatic rollback: only a shard that failed for good (state `failed`) is
+    rolled back; one that a transient outage stopped keeps its checkpoint and resumes when
+    its failed task is cleared."""
+    ctx = Context(spec, run_id)
+    state = ctx.control.shard(shard_id).state
+    if state != Phase.FAILED:
+        return {"shard_id": shard_id, "phase": "rollback", "state": state.value, "ran": False,
+                "skipped": f"{state}: not failed for good, so it resumes rather than rolls back "
+                           "(clear its failed task to resume it)"}
+    return phase(spec, run_id, shard_id, "rollback", reason)
 
 
 def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
@@ -102,8 +84,6 @@ def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
 
 def verdict(spec: Spec, ids: list[str]) -> dict[str, Any]:
     """The states of a run's shards; raises when any of them did not cut over."""
-    from migrator.errors import MigratorError
-
     ctx = Context(spec, "report")
     states = {s.shard_id: s.state.value for s in ctx.control.shards(names=ids)} if ids else {}
     bad = {k: v for k, v in states.items() if v != Phase.CUT_OVER.value}

@@ -57,6 +57,8 @@ def document(command: str, shards: list[dict], outcomes: list[Outcome] | None = 
                 s["error"] = o.error
             if o.differences:
                 s["differences"] = o.differences
+            if o.detail:
+                s["phases"] = o.detail  # per phase: what it did, or why it was skipped
     totals: dict[str, Any] = {"shards": len(shards), "users": sum(s.get("users", 0) for s in shards), "rows": {}}
     for s in shards:
         for t, n in s.get("rows", {}).items():
@@ -101,6 +103,9 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
     for w in doc.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}")
     for s in shards:
+        if s.get("unfinished"):
+            console.print(f"[yellow]{s['shard_id']} unfinished[/]: {s['unfinished']} (the next command or "
+                          "`migrator recover` does it)")
         if s.get("error"):
             console.print(f"[red]{s['shard_id']}[/]: {s['error']}")
     if doc.get("regions"):

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import time
 
-from migrator import capture, objects, sqlgen
+from migrator import capture, directory, objects, recovery, sqlgen
 from migrator.context import Context
-from migrator.control import SCHEMA
 from migrator.copier import ensure_ledger
-from migrator.errors import retrying
+from migrator.errors import ChecksumMismatch, StateConflict, retrying
+from migrator.scaffolding import pause_point
 from migrator.state import Phase
 from migrator.stores.postgres import bounded, connect
+from migrator.verifier import compare_touched
+from migrator.watchdog import watching
 
 
 def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
     """Fence the destination, carry every destination write since cutover back to the
-    source and verify, before the directory flips back: a rollback loses nothing."""
-    from migrator.errors import ChecksumMismatch
-    from migrator.verifier import compare_touched
-
+    source and verify; ends with the decision to roll back (the destination fence held),
+    before the directory flips back: a rollback loses nothing."""
     deadline = time.monotonic() + max(ctx.spec.changes.fence_window_s, 30.0)
     try:
         capture.stage_fence(dst, sid, ctx.control)
@@ -33,6 +33,8 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
             diffs = compare_touched(ctx, sid, dst, dst)
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ after carrying writes back", diffs)
+            if time.monotonic() > deadline:
+                raise TimeoutError("rollback's fence window exceeded")
             capture.hold_fence(dst, sid)  # until the rows are gone from the destination
         return n
     except BaseException:
@@ -40,31 +42,42 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
         raise
 
 
+def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int, int]:
+    """Carry the writes back, then flip the directory back and lift the source fence; a
+    failure after the decision is finished by recovery. (changes carried, users flipped)"""
+    src, dst = ctx.source_dsn, ctx.dsn(region)
+    with ctx.control.connect() as c:
+        ctx.control.audit(c, sid, Phase.CUT_OVER.value, Phase.CUT_OVER.value,
+                          {"event": recovery.ROLLBACK_REQUESTED, "reason": reason})
+    with watching(ctx, sid):
+        carried = _carry_back(ctx, sid, src, dst)
+        try:
+            pause_point(ctx, sid, "rollback held")
+            flipped = directory.flip_back(ctx, sid, Phase.CUT_OVER, region,
+                                          {"event": "rollback started", "reason": reason, "changes_carried_back": carried})
+            capture.lift(src, sid)  # the users are homed at the source again: let them write there
+        except BaseException:
+            for attempt in retrying(ctx.spec.retry):
+                with attempt:
+                    recovery.resolve_shard(ctx, ctx.control.shard(sid))
+            raise
+    return carried, flipped
+
+
 def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     ctl = ctx.control
     shard = ctl.shard(sid)
     if shard.state == Phase.ROLLED_BACK:
         return {"shard_id": sid, "already": True, "deleted": {}}
-    flipped = 0
+    flipped = carried = 0
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
-    carried = 0
     if shard.state == Phase.CUT_OVER and ctx.spec.changes.capture:
         if any(a["detail"].get("event") == "finalized" for a in ctl.audit_rows(sid)):
-            from migrator.errors import StateConflict
-
             raise StateConflict(f"shard {sid} was finalized: writes at its new home are no longer captured, "
                                 "so a rollback could lose them")
-        carried = _carry_back(ctx, sid, src, dst)
-    with ctl.connect() as c:
-        if shard.state == Phase.CUT_OVER:
-            flipped = c.execute(
-                f"UPDATE {SCHEMA}.directory d SET home = %s, epoch = d.epoch + 1, updated_at = now() "
-                f"FROM {SCHEMA}.shard_user su WHERE su.shard_id = %s AND su.user_key = d.user_key AND d.home = %s",
-                (ctx.spec.source_region, sid, shard.region),
-            ).rowcount
-        ctl.transition(c, sid, shard.state, Phase.ROLLING_BACK,
-                       {"event": "rollback started", "reason": reason, "directory_flipped_back": flipped,
-                        "changes_carried_back": carried})
+        carried, flipped = _undo_cutover(ctx, sid, shard.region, reason)
+    else:
+        flipped = directory.flip_back(ctx, sid, shard.state, shard.region, {"event": "rollback started", "reason": reason})
     capture.lift(src, sid)  # the users are homed at the source again: let them write there
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     deleted = {t: 0 for t in ctx.tables}

@@ -350,3 +350,18 @@ def load_spec(path: str | Path) -> Spec:
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
     return parse_spec(data, str(p))
+
+
+def to_wire(spec: Spec) -> dict[str, Any]:
+    """The spec as plain data with its secrets, for a helper process over a pipe (never a log)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, SecretStr):
+            return v.get_secret_value()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(spec.model_dump(by_alias=True))

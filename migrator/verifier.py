@@ -160,18 +160,13 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
     shard = ctl.shard(sid)
     if shard.state not in (Phase.COPIED, Phase.VERIFIED, Phase.CUT_OVER):
         raise StateConflict(f"shard {sid} is {shard.state}; only a copied shard can be verified")
-    try:
-        if ctx.spec.changes.capture and shard.state == Phase.COPIED:
-            shard_region = ctx.dsn(shard.region)
-            # Rows still changing are left out of the comparison (in_flight_ok) and compared
-            # at cutover, so the catch-up need not reach an empty log: under a writer that
-            # never pauses it would not.
-            capture.catch_up(ctx, sid, ctx.source_dsn, shard_region, "forward", until=ctx.spec.changes.catch_up_below)
-        res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != Phase.CUT_OVER)
-    except Exception as exc:
-        if shard.state == Phase.COPIED:
-            ctl.move(sid, Phase.COPIED, Phase.FAILED, {"event": "verify failed", "error": describe(exc)}, error=describe(exc))
-        raise
+    if ctx.spec.changes.capture and shard.state == Phase.COPIED:
+        shard_region = ctx.dsn(shard.region)
+        # Rows still changing are left out of the comparison (in_flight_ok) and compared
+        # at cutover, so the catch-up need not reach an empty log: under a writer that
+        # never pauses it would not.
+        capture.catch_up(ctx, sid, ctx.source_dsn, shard_region, "forward", until=ctx.spec.changes.catch_up_below)
+    res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != Phase.CUT_OVER)
     detail = {"event": "verify", "matched": res.matched, "digest": res.digest, "rows": res.rows,
               "differences": len(res.differences)}
     if res.matched:
@@ -185,11 +180,8 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
                       for d in res.differences[:10])
     more = f" (+{len(res.differences) - 10} more)" if len(res.differences) > 10 else ""
     msg = f"shard {sid}: {len(res.differences)} row(s) differ between source and destination: {named}{more}"
-    if shard.state in (Phase.COPIED, Phase.VERIFIED):
-        ctl.move(sid, shard.state, Phase.FAILED, {**detail, "named": res.differences[:50]}, error=msg[:2000])
-    else:
-        with ctl.connect() as c:
-            ctl.audit(c, sid, shard.state.value, shard.state.value, {**detail, "named": res.differences[:50]})
+    with ctl.connect() as c:  # the move to failed, where allowed, is `dispatch`'s
+        ctl.audit(c, sid, shard.state.value, shard.state.value, detail)
     raise ChecksumMismatch(msg, res.differences)
 
 

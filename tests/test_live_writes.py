@@ -304,7 +304,7 @@ def test_a_changed_row_that_differs_stops_the_cutover_before_the_fence(world: Wo
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     (shard,) = json.loads(out)["shards"]
-    assert shard["state"] == "verified"
+    assert shard["state"] == "failed"  # a difference that persists is terminal: the shard is failed, not fenced
     assert "differ before the fence" in shard["error"] and "@example.test" not in out
     assert shard["differences"] == [{"table": "users", "pk": {"user_id": str(uid)}, "problem": "different"}]
     assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'cutover stopped before the fence'")[0][0] == 1

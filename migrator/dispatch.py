@@ -1,0 +1,207 @@
+"""The one place that says whether a phase runs for a shard, and what a failure means.
+
+`decide(state, phase)` answers run, skip (the phase's work is already done, and the
+answer says so) or refuse (with the state and the next step). The command line, the
+engine's `run` and every Airflow task go through `run_phase`/`advance`, which take the
+shard's lock, resolve what a killed cutover or rollback left unfinished (`recovery`), ask
+`decide`, run the phase, and classify a failure once:
+
+* transient (a store down, a lock held too long, a fence window missed): the shard keeps
+  its state and resumes from its checkpoint when the phase runs again;
+* terminal (a difference that persists, a conflict, a constraint the destination
+  refuses): the shard moves to `failed` where the transition table allows it, which is
+  what lets an automatic rollback act;
+* a spec or state problem: nothing is recorded; the caller is told.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from migrator import recovery
+from migrator.cleanup import cleanup_shard
+from migrator.context import Context
+from migrator.copier import copy_shard
+from migrator.cutover import cutover_shard
+from migrator.errors import ChecksumMismatch, SpecError, StateConflict, describe, is_transient
+from migrator.rollback import rollback_shard
+from migrator.state import Phase, allowed
+from migrator.verifier import verify_shard
+
+log = logging.getLogger("migrator.dispatch")
+
+P = Phase
+
+
+class Verdict(StrEnum):
+    RUN = "run"
+    SKIP = "skip"
+    REFUSE = "refuse"
+
+
+PHASES = ("copy", "verify", "recheck", "cutover", "rollback", "cleanup")
+# The states each phase runs from, and those in which its work is already done.
+RUNS: dict[str, frozenset[Phase]] = {
+    "copy": frozenset({P.PLANNED, P.COPYING, P.FAILED}),
+    "verify": frozenset({P.COPIED}),
+    "recheck": frozenset({P.VERIFIED, P.CUT_OVER}),
+    "cutover": frozenset({P.VERIFIED}),
+    "rollback": frozenset(set(P) - {P.ROLLED_BACK}),
+    "cleanup": frozenset({P.CUT_OVER, P.ROLLED_BACK}),
+}
+DONE: dict[str, frozenset[Phase]] = {
+    "copy": frozenset({P.COPIED, P.VERIFIED, P.CUT_OVER}),
+    "verify": frozenset({P.VERIFIED, P.CUT_OVER}),
+    "cutover": frozenset({P.CUT_OVER}),
+    "rollback": frozenset({P.ROLLED_BACK}),
+}
+NEXT_STEP: dict[Phase, str] = {
+    P.PLANNED: "copy it first (migrator copy)",
+    P.COPYING: "finish its copy (migrator copy resumes it)",
+    P.COPIED: "verify it first (migrator verify)",
+    P.VERIFIED: "cut it over (migrator cutover) or roll it back",
+    P.CUT_OVER: "roll it back first (migrator rollback) if it must move again",
+    P.FAILED: "resume it (migrator copy, then verify) once the cause is fixed, or roll it back",
+    P.ROLLING_BACK: "finish the rollback (migrator rollback)",
+    P.ROLLED_BACK: "its users are held; move them again with migrator retry, or release them with migrator release",
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    why: str
+
+
+def decide(state: Phase, phase: str) -> Decision:
+    if phase not in RUNS:
+        raise ValueError(f"unknown phase {phase!r}")
+    if state in RUNS[phase]:
+        return Decision(Verdict.RUN, f"{phase} runs on a {state} shard")
+    if state in DONE.get(phase, frozenset()):
+        return Decision(Verdict.SKIP, f"already {state}: nothing to {phase}")
+    return Decision(Verdict.REFUSE, f"is {state}, so it cannot {phase}; next: {NEXT_STEP[state]}")
+
+
+@dataclass
+class Result:
+    shard_id: str
+    phase: str
+    state: str
+    ran: bool
+    skipped: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def descriptor(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shard_id": self.shard_id, "phase": self.phase, "state": self.state, "ran": self.ran}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        out.update(self.detail)
+        return out
+
+
+Progress = Callable[[int, int], None]
+
+
+def _copy(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    r = copy_shard(ctx, sid, progress=progress)
+    return {"batches": r.batches, "copied_now": r.copied_now, "rows": r.rows}
+
+
+def _verify(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    r = verify_shard(ctx, sid)
+    return {"digest": r.digest, "rows": r.rows}
+
+
+def _cutover(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    return {"users": cutover_shard(ctx, sid)}
+
+
+def _rollback(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    r = rollback_shard(ctx, sid, reason)
+    return {"deleted": r.get("deleted", {}), "objects_deleted": r.get("objects_deleted", 0)}
+
+
+def _cleanup(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    return cleanup_shard(ctx, sid)
+
+
+RUNNERS: dict[str, Callable[[Context, str, str, Progress | None], dict[str, Any]]] = {
+    "copy": _copy, "verify": _verify, "recheck": _verify, "cutover": _cutover, "rollback": _rollback,
+    "cleanup": _cleanup,
+}
+
+
+def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> None:
+    """The one classification of a phase's failure (see the module's docstring)."""
+    if isinstance(exc, (SpecError, StateConflict)) or not isinstance(exc, Exception):
+        return
+    ctl = ctx.control
+    what = describe(exc)
+    try:
+        state = ctl.shard(sid).state
+        if is_transient(exc):
+            with ctl.connect() as c:
+                ctl.audit(c, sid, state.value, state.value, {"event": f"{phase} interrupted", "error": what,
+                                                             "resumable": True})
+            return
+        detail: dict[str, Any] = {"event": f"{phase} failed", "error": what}
+        if isinstance(exc, ChecksumMismatch):
+            detail["named"] = exc.differences[:50]
+        if allowed(state, P.FAILED):
+            ctl.move(sid, state, P.FAILED, detail, error=what[:2000])
+        else:
+            with ctl.connect() as c:
+                ctl.audit(c, sid, state.value, state.value, detail)
+    except Exception as again:  # the control database itself is away: the failure stays unrecorded
+        log.error("shard %s: %s failed (%s); recording it failed too (%s)", sid, phase, what, describe(again))
+
+
+def step(ctx: Context, sid: str, phase: str, reason: str = "", progress: Progress | None = None) -> Result:
+    """Decide and run one phase; the caller holds the shard's lock."""
+    state = ctx.control.shard(sid).state
+    d = decide(state, phase)
+    if d.verdict == Verdict.SKIP:
+        return Result(sid, phase, state.value, False, skipped=d.why)
+    if d.verdict == Verdict.REFUSE:
+        raise StateConflict(f"shard {sid} {d.why}")
+    try:
+        detail = RUNNERS[phase](ctx, sid, reason, progress)
+    except BaseException as exc:
+        record_failure(ctx, sid, phase, exc)
+        raise
+    return Result(sid, phase, ctx.control.shard(sid).state.value, True, detail=detail)
+
+
+def _resolve(ctx: Context, sid: str) -> None:
+    try:
+        done = recovery.resolve_shard(ctx, ctx.control.shard(sid))
+        if done:
+            log.warning("shard %s: %s", sid, "; ".join(done))
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("shard %s: recovery could not run yet: %s", sid, describe(exc))
+
+
+def run_phase(ctx: Context, sid: str, phase: str, reason: str = "", progress: Progress | None = None) -> Result:
+    """One phase of one shard, under its lock, after resolving what was left unfinished."""
+    with ctx.control.lock(sid):
+        _resolve(ctx, sid)
+        return step(ctx, sid, phase, reason, progress)
+
+
+FORWARD = ("copy", "verify", "cutover")
+
+
+def advance(ctx: Context, sid: str, through: str = "cutover", progress: Progress | None = None) -> list[Result]:
+    """The forward phases in order, up to `through`, each as `decide` says."""
+    with ctx.control.lock(sid):
+        _resolve(ctx, sid)
+        out = []
+        for phase in FORWARD[: FORWARD.index(through) + 1]:
+            out.append(step(ctx, sid, phase, progress=progress))
+        return out
