@@ -29,6 +29,9 @@ Config = Annotated[Path, typer.Option("--config", "-c", help="the spec file (YAM
 Shards = Annotated[Optional[list[str]], typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]
 Region = Annotated[Optional[str], typer.Option("--region", help="only shards bound for this region")]
 Wave = Annotated[str, typer.Option("--wave", help="the wave of shards (a planned set of users)")]
+Pick = Annotated[Optional[str], typer.Option(
+    "--wave", help="the wave of the shards (default: the wave of each --shard name, which must be unique; else 'default')")]
+Reason = Annotated[str, typer.Option("--reason", help="recorded in the audit trail")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would happen; write nothing")]
 Json = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON document")]
 Since = Annotated[Optional[datetime], typer.Option("--since", help="only users created at or after this time")]
@@ -90,28 +93,33 @@ def run(config: Config, wave: Wave = "default", shard: Shards = None, region: Re
     _finish(report.document("run", report.shard_rows(ctx, wave, shard, region), outcomes, p), json)
 
 
-def _phase_command(phase: str, config: Path, wave: str, shard: list[str] | None, region: str | None, dry_run: bool,
-                   as_json: bool, run_id: str | None, reason: str = "") -> None:
+def _phase_command(phase: str, config: Path, wave: str | None, shard: list[str] | None, region: str | None,
+                   dry_run: bool, as_json: bool, run_id: str | None, reason: str = "") -> None:
     ctx = _ctx(config, run_id)
-    selected = engine.select(ctx, wave, shard, region)
-    if shard and not selected:
-        raise SpecError(f"no shard named {', '.join(shard)} in wave {wave!r}")
-    rows = report.shard_rows(ctx, wave, shard, region)
+    selected = ctx.control.resolve(wave, shard, region)
+    ids = [s.shard_id for s in selected]
+    if not selected:
+        note = f"nothing planned in wave {wave or 'default'!r}" + (f" for region {region}" if region else "") + \
+            ": run `migrator plan` first"
+        if not as_json:
+            err.print(note)
+        _finish(report.document(phase, [], extra={"note": note}), as_json)
+    rows = report.shard_rows(ctx, None, ids)
     if dry_run:
         _finish(report.document(phase, rows, extra={"dry_run": True, "would": phase}), as_json)
     outcomes = engine.one_phase(ctx, selected, phase, reason)
-    _finish(report.document(phase, report.shard_rows(ctx, wave, shard, region), outcomes), as_json)
+    _finish(report.document(phase, report.shard_rows(ctx, None, ids), outcomes), as_json)
 
 
 @app.command()
-def copy(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None, dry_run: DryRun = False,
+def copy(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None, dry_run: DryRun = False,
          json: Json = False, run_id: RunId = None) -> None:
     """Copy (or resume copying) planned shards in checkpointed batches."""
     _phase_command("copy", config, wave, shard, region, dry_run, json, run_id)
 
 
 @app.command()
-def verify(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None, dry_run: DryRun = False,
+def verify(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None, dry_run: DryRun = False,
            json: Json = False, run_id: RunId = None,
            recheck: Annotated[bool, typer.Option("--recheck", help="compare a verified or cut-over shard again")] = False,
            ) -> None:
@@ -120,25 +128,39 @@ def verify(config: Config, wave: Wave = "default", shard: Shards = None, region:
 
 
 @app.command()
-def cutover(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None,
+def cutover(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None,
             dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
     """Flip the ownership directory of verified shards to their region."""
     _phase_command("cutover", config, wave, shard, region, dry_run, json, run_id)
 
 
 @app.command()
-def rollback(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None,
-             reason: Annotated[str, typer.Option("--reason", help="recorded in the audit trail")] = "",
+def rollback(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None,
+             reason: Reason = "",
              dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
     """Undo shards: directory back to the source (if cut over), destination rows removed."""
     _phase_command("rollback", config, wave, shard, region, dry_run, json, run_id, reason)
 
 
 @app.command()
-def cleanup(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None,
+def cleanup(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None,
             dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
     """Remove change capture of finished shards (a cut-over shard can then no longer be rolled back)."""
     _phase_command("cleanup", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def release(config: Config, reason: Reason = "", wave: Pick = None, shard: Shards = None, region: Region = None,
+            json: Json = False, run_id: RunId = None) -> None:
+    """Free the held users of rolled-back shards, so a later wave may plan them."""
+    _phase_command("release", config, wave, shard, region, False, json, run_id, reason)
+
+
+@app.command()
+def retry(config: Config, reason: Reason = "", wave: Pick = None, shard: Shards = None, region: Region = None,
+          json: Json = False, run_id: RunId = None) -> None:
+    """Move the held users of rolled-back shards again, in their own wave (then `migrator run`)."""
+    _phase_command("retry", config, wave, shard, region, False, json, run_id, reason)
 
 
 @app.command()

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from migrator.errors import ShardBusy, StateConflict, StateVersionError
+from migrator.errors import ShardBusy, SpecError, StateConflict, StateVersionError
 from migrator.state import Phase, allowed
 from migrator.stores.postgres import connect, pipe
 
@@ -93,6 +93,15 @@ DO $upgrade$ BEGIN
     ALTER TABLE {SCHEMA}.capture_pos ADD COLUMN horizon bigint NOT NULL DEFAULT 0;
   END IF;
 END $upgrade$;
+-- Users of a rolled-back shard, held where they are until an operator releases them or
+-- moves them again in their own wave: no later plan takes them meanwhile.
+CREATE TABLE IF NOT EXISTS {SCHEMA}.held_users (
+  user_key text PRIMARY KEY,
+  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
+  reason text NOT NULL,
+  at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS held_users_shard ON {SCHEMA}.held_users (shard_id);
 CREATE TABLE IF NOT EXISTS {SCHEMA}.audit (
   id bigserial PRIMARY KEY,
   at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -267,6 +276,58 @@ class Control:
             yield c
         finally:
             c.close()
+
+    def resolve(self, wave: str | None, names: list[str] | None, region: str | None = None) -> list[Shard]:
+        """The shards a command names: with a wave, its shards (every name must be one of
+        them); without, each name must match a shard of exactly one wave."""
+        names = list(names or [])
+        if wave is None and not names:
+            wave = "default"
+        found = self.shards(wave=wave, names=names or None, region=region) if self.exists() else []
+        if names:
+            by_name: dict[str, list[Shard]] = {}
+            for s in found:
+                for n in names:
+                    if n in (s.name, s.shard_id):
+                        by_name.setdefault(n, []).append(s)
+            missing = [n for n in names if n not in by_name]
+            if missing:
+                where = f"wave {wave!r}" if wave is not None else "any wave"
+                raise SpecError(f"no shard named {', '.join(missing)} in {where}")
+            several = {n: ss for n, ss in by_name.items() if len(ss) > 1}
+            if several:
+                n, ss = sorted(several.items())[0]
+                raise SpecError(f"shard name {n!r} matches {len(ss)} shards ({', '.join(s.shard_id for s in ss)}); "
+                                "give --wave or the shard id")
+        return found
+
+    def hold(self, conn: psycopg.Connection, sid: str, reason: str) -> int:
+        """Hold the shard's users (in the caller's transaction); how many."""
+        self._up_to_date()
+        return conn.execute(
+            f"INSERT INTO {SCHEMA}.held_users (user_key, shard_id, reason) SELECT user_key, shard_id, %s "
+            f"FROM {SCHEMA}.shard_user WHERE shard_id = %s "
+            "ON CONFLICT (user_key) DO UPDATE SET shard_id = EXCLUDED.shard_id, reason = EXCLUDED.reason, at = now()",
+            (reason or "rolled back", sid)).rowcount
+
+    def held(self, sid: str) -> tuple[int, str | None]:
+        """(users held, reason) of the shard."""
+        self._up_to_date()
+        with self.connect(autocommit=True) as c:
+            n, reason = c.execute(f"SELECT count(*), max(reason) FROM {SCHEMA}.held_users WHERE shard_id = %s",
+                                  (sid,)).fetchone()
+        return n, reason
+
+    def release(self, conn: psycopg.Connection, sid: str) -> int:
+        return conn.execute(f"DELETE FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)).rowcount
+
+    def superseded_by(self, sid: str) -> list[str]:
+        """Live shards of other waves that now hold this (rolled-back, released) shard's users."""
+        with self.connect(autocommit=True) as c:
+            return [r[0] for r in c.execute(
+                f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
+                f"ON o.user_key = su.user_key AND o.shard_id <> su.shard_id JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
+                "WHERE su.shard_id = %s AND s.state <> %s ORDER BY 1", (sid, Phase.ROLLED_BACK.value))]
 
     # --- membership and checkpoints ---------------------------------------------------
     def batch_keys(self, sid: str, sort: Callable[[list[str]], list[str]] = sorted) -> ShardBatches:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from migrator import recovery
+from migrator import holds, recovery
 from migrator.cleanup import cleanup_shard
 from migrator.context import Context
 from migrator.copier import copy_shard
@@ -42,7 +42,7 @@ class Verdict(StrEnum):
     REFUSE = "refuse"
 
 
-PHASES = ("copy", "verify", "recheck", "cutover", "rollback", "cleanup")
+PHASES = ("copy", "verify", "recheck", "cutover", "rollback", "cleanup", "release", "retry")
 # The states each phase runs from, and those in which its work is already done.
 RUNS: dict[str, frozenset[Phase]] = {
     "copy": frozenset({P.PLANNED, P.COPYING, P.FAILED}),
@@ -51,6 +51,8 @@ RUNS: dict[str, frozenset[Phase]] = {
     "cutover": frozenset({P.VERIFIED}),
     "rollback": frozenset(set(P) - {P.ROLLED_BACK}),
     "cleanup": frozenset({P.CUT_OVER, P.ROLLED_BACK}),
+    "release": frozenset({P.ROLLED_BACK}),
+    "retry": frozenset({P.ROLLED_BACK}),
 }
 DONE: dict[str, frozenset[Phase]] = {
     "copy": frozenset({P.COPIED, P.VERIFIED, P.CUT_OVER}),
@@ -129,9 +131,17 @@ def _cleanup(ctx: Context, sid: str, reason: str, progress: Progress | None) -> 
     return cleanup_shard(ctx, sid)
 
 
+def _release(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    return holds.release(ctx, sid, reason)
+
+
+def _retry(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    return holds.move_again(ctx, sid, reason)
+
+
 RUNNERS: dict[str, Callable[[Context, str, str, Progress | None], dict[str, Any]]] = {
     "copy": _copy, "verify": _verify, "recheck": _verify, "cutover": _cutover, "rollback": _rollback,
-    "cleanup": _cleanup,
+    "cleanup": _cleanup, "release": _release, "retry": _retry,
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from migrator import dispatch, recovery
 from migrator.context import Context
 from migrator.control import Shard
-from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, describe
+from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, StateConflict, describe
 from migrator.planner import Plan, plan
 from migrator.state import Phase
 
@@ -42,12 +42,12 @@ def select(ctx: Context, wave: str | None, names: list[str] | None, region: str 
 
 def _outcome(ctx: Context, sid: str, fn: Callable[[], list[dispatch.Result]], want: set[str] | None) -> Outcome:
     """Run `fn` for the shard; ok when it raised nothing and (with `want`) the shard ended in
-    one of those states."""
+    one of those states or was superseded by a later wave."""
     try:
         results = fn()
         state = results[-1].state if results else ctx.control.shard(sid).state.value
         detail = {r.phase: (r.skipped or r.detail) for r in results}
-        ok = want is None or state in want
+        ok = want is None or state in want or "superseded" in detail
         return Outcome(sid, ok, state, None if ok else f"shard {sid} is {state}", detail=detail)
     except ShardBusy:
         raise
@@ -111,6 +111,14 @@ def run(
     recovery.sweep_quietly(ctx, shards)
 
     def go(sid: str) -> list[dispatch.Result]:
+        shard = ctx.control.shard(sid)
+        if shard.state == Phase.ROLLED_BACK:
+            later = ctx.control.superseded_by(sid)
+            if later:  # released, and moved by a later wave: nothing left for this wave to do
+                return [dispatch.Result(sid, "superseded", shard.state.value, False, skipped=", ".join(later))]
+            n, reason = ctx.control.held(sid)
+            raise StateConflict(f"shard {sid} was rolled back ({reason or 'no reason given'}); its {n} users are held: "
+                                "`migrator retry` moves them again in this wave, `migrator release` frees them")
         cb = (lambda d, t: progress(sid, d, t)) if progress else None
         return dispatch.advance(ctx, sid, progress=cb)
 

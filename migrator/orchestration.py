@@ -78,8 +78,9 @@ def rollback_if_terminal(spec: Spec, run_id: str, shard_id: str, reason: str) ->
 
 
 def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
+    """The shards named, each within one wave; a name that matches several waves is refused."""
     ctx = Context(spec, "lookup")
-    return [s.shard_id for s in ctx.control.shards(wave=wave, names=names)]
+    return [s.shard_id for s in ctx.control.resolve(wave, names)]
 
 
 def verdict(spec: Spec, ids: list[str]) -> dict[str, Any]:

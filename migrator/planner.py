@@ -139,6 +139,8 @@ def _load(ctx: Context, c: psycopg.Connection, since: datetime | None, until: da
         c.execute(
             f"DELETE FROM rm_plan p USING {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) "
             "WHERE su.user_key = p.user_key AND s.state <> %s", (Phase.ROLLED_BACK.value,))
+    if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.held_users",)).fetchone()[0]:
+        c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.held_users h WHERE h.user_key = p.user_key")
 
 
 def _measure(ctx: Context, m: psycopg.Connection, shards: dict[int, ShardPlan]) -> None:

@@ -105,7 +105,9 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     with ctl.connect() as c:
         ctl.clear_checkpoints(c, sid)
         ctl.clear_positions(c, sid)
+        held = ctl.hold(c, sid, reason)
         ctl.transition(c, sid, Phase.ROLLING_BACK, Phase.ROLLED_BACK,
-                       {"event": "rolled back", "reason": reason, "deleted": deleted, "objects_deleted": removed_objects}, digest=None)
+                       {"event": "rolled back", "reason": reason, "deleted": deleted, "objects_deleted": removed_objects,
+                        "users_held": held}, digest=None)
     return {"shard_id": sid, "already": False, "deleted": deleted, "objects_deleted": removed_objects,
             "directory_flipped_back": flipped}

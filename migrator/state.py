@@ -18,8 +18,9 @@ class Phase(StrEnum):
 P = Phase
 
 # A move not listed here is refused. COPYING -> COPYING is a resume after a crash (the
-# shard's advisory lock guarantees the previous worker is gone); ROLLED_BACK -> COPYING
-# is a fresh attempt after a rollback. Rollback is reachable from every state but itself.
+# shard's advisory lock guarantees the previous worker is gone); ROLLED_BACK -> PLANNED
+# is an operator's explicit, audited choice to move the held users again in their own
+# wave (`migrator retry`). Rollback is reachable from every state but rolled_back.
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     P.PLANNED: frozenset({P.COPYING, P.FAILED, P.ROLLING_BACK}),
     P.COPYING: frozenset({P.COPYING, P.COPIED, P.FAILED, P.ROLLING_BACK}),
@@ -28,12 +29,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     P.CUT_OVER: frozenset({P.ROLLING_BACK}),
     P.FAILED: frozenset({P.COPYING, P.ROLLING_BACK}),
     P.ROLLING_BACK: frozenset({P.ROLLING_BACK, P.ROLLED_BACK}),
-    P.ROLLED_BACK: frozenset({P.COPYING, P.ROLLING_BACK}),
+    P.ROLLED_BACK: frozenset({P.PLANNED}),
 }
-
-# Phases from which `run` continues a shard. CUT_OVER is finished work; a ROLLED_BACK
-# shard's users are free again and are planned afresh in a later wave.
-RUNNABLE = frozenset({P.PLANNED, P.COPYING, P.COPIED, P.VERIFIED, P.FAILED})
 
 
 def allowed(src: Phase, dst: Phase) -> bool:

@@ -26,7 +26,7 @@ socket.create_connection = refuse
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
-assert set(bag.dags) == {"residency_migration", "residency_rollback"}, list(bag.dags)
+assert set(bag.dags) == {"residency_migration", "residency_rollback", "residency_release"}, list(bag.dags)
 dag = bag.dags["residency_migration"]
 assert {"plan", "shard.copy", "shard.verify", "shard.cutover", "shard.rollback", "report"} <= set(dag.task_ids)
 assert dag.params["scope"] == "interval"

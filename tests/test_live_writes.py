@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import movers, no_capture_left, paused_cutover, verified_region
 from migrator.demo.workload import Writer, check
 
 pytestmark = pytest.mark.integration
@@ -34,43 +35,6 @@ def _stop_writers(monkeypatch):
         w.stop_flag.set()
     for w in started:
         w.stop()
-
-
-def movers(w: World, n_per_region: int = 40) -> list[int]:
-    """Users the writer works on: some bound for each region, and some who stay."""
-    out = []
-    for codes in (["DE", "FR", "IE", "IT", "ES"], ["NO", "SE", "DK"], ["US", "CA"]):
-        out += [u for (u,) in w.rows("us", "SELECT user_id FROM users WHERE country_code = ANY(%s) ORDER BY user_id "
-                                            "LIMIT %s", (codes, n_per_region))]
-    return out
-
-
-def no_capture_left(w: World, regions=("us", "ie", "no")) -> None:
-    for r in regions:
-        assert w.rows(r, "SELECT count(*) FROM pg_trigger WHERE tgname = 'migrator_guard'")[0][0] == 0, r
-        assert w.rows(r, "SELECT to_regclass('migrator.changes')")[0][0] is None, r
-
-
-def verified_region(world: World, region: str) -> int:
-    """Plan, then copy and verify the region's shards; returns the region's first user."""
-    assert world.migrator("plan").returncode == 0
-    assert world.migrator("copy", "--region", region).returncode == 0
-    assert world.migrator("verify", "--region", region).returncode == 0
-    return int(world.ctl("SELECT min(su.user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s "
-                         "USING (shard_id) WHERE s.region = %s", (region,))[0][0])
-
-
-def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> subprocess.Popen:
-    """`migrator cutover --region R --json` in its own process, returned once it has paused
-    (for `seconds`) at the pause point `at`."""
-    env = {**os.environ, "MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": str(seconds), "PYTHONWARNINGS": "ignore"}
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", region, "--json", "--config",
-                             str(world.spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0]:
-        assert proc.poll() is None and time.monotonic() - t0 < 120, f"the cutover never reached {at}"
-        time.sleep(0.05)
-    return proc
 
 
 def test_writes_during_migration_are_all_kept(world: World):
