@@ -14,8 +14,7 @@ def cleanup_shard(ctx: Context, sid: str) -> dict:
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
     if shard.state == Phase.CUT_OVER:
         capture.finalize(ctx, sid, src, dst)
-        with ctl.connect() as c:
-            ctl.audit(c, sid, shard.state.value, shard.state.value, {"event": "finalized"})
+        ctl.record(sid, shard.state.value, {"event": "finalized"})
         return {"finalized": True}
     for dsn in (src, dst):
         capture.stop_capture(ctx, dsn, sid, fence_too=True)

@@ -11,7 +11,7 @@ from migrator.catalog import Table
 from migrator.control import Control
 from migrator.errors import SchemaMismatch
 from migrator.spec import Spec
-from migrator.stores.postgres import connect
+from migrator.stores.postgres import connect, name_store
 
 log = logging.getLogger("migrator")
 
@@ -26,7 +26,10 @@ class Context:
     _checked: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self.control = Control(self.spec.control.url, self.run_id)
+        for region, store in self.spec.regions.items():
+            name_store(store.url, f"region {region}")
+        name_store(self.spec.control.url, "control database")
+        self.control = Control(self.spec.control.url, self.run_id, outage_s=self.spec.retry.outage_s)
 
     def dsn(self, region: str) -> str:
         return self.spec.regions[region].url

@@ -9,6 +9,7 @@ killed worker's lock dies with its connection, letting a rerun resume immediatel
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from migrator.errors import ShardBusy, SpecError, StateConflict, StateVersionError
+from migrator.errors import ShardBusy, SpecError, StateConflict, StateVersionError, riding_out
 from migrator.state import Phase, allowed
 from migrator.stores.postgres import connect, pipe
 
@@ -147,10 +148,7 @@ class ShardBatches(Mapping[int, list[str]]):
     def __getitem__(self, b: int) -> list[str]:
         if not isinstance(b, int) or not 0 <= b < self._count:
             raise KeyError(b)
-        with self._ctl.connect(autocommit=True) as c:
-            keys = [k for (k,) in c.execute(
-                f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s AND batch_no = %s", (self._sid, b))]
-        return self._sort(keys)
+        return self._sort(self._ctl.batch(self._sid, b))
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self._count))
@@ -163,20 +161,47 @@ def shard_id(wave: str, name: str) -> str:
     return f"{wave}/{name}"
 
 
+def _ridden_out(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Retry a Control method (one transaction of its own) through a transient outage of
+    the control database, for up to its `outage_s`."""
+
+    @functools.wraps(fn)
+    def wrapper(self: "Control", *args: Any, **kwargs: Any) -> Any:
+        for attempt in riding_out(self.outage_s):
+            with attempt:
+                return fn(self, *args, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
 class Control:
-    def __init__(self, dsn: str, run_id: str):
+    def __init__(self, dsn: str, run_id: str, outage_s: float = 60.0):
         self.dsn = dsn
         self.run_id = run_id
+        self.outage_s = outage_s
         self._current = False  # the schema brought up to date by this process (see `ensure`)
 
     def connect(self, autocommit: bool = False) -> psycopg.Connection:
-        return connect(self.dsn, autocommit=autocommit)
+        """A connection to the control database; establishing it rides out an outage."""
+        for attempt in riding_out(self.outage_s):
+            with attempt:
+                return connect(self.dsn, autocommit=autocommit)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @_ridden_out
+    def record(self, sid: str | None, state: str | None, detail: dict) -> None:
+        """An audit row of its own (no move of the shard's state)."""
+        with connect(self.dsn) as c:
+            self.audit(c, sid, state, state, detail)
 
     # --- schema -----------------------------------------------------------------------
+    @_ridden_out
     def exists(self) -> bool:
         with self.connect(autocommit=True) as c:
             return c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.meta",)).fetchone()[0]
 
+    @_ridden_out
     def ensure(self) -> None:
         with self.connect() as c:
             c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:ddl'))")
@@ -199,6 +224,7 @@ class Control:
             self.ensure()
 
     # --- shards -----------------------------------------------------------------------
+    @_ridden_out
     def shards(self, wave: str | None = None, names: Iterable[str] | None = None, region: str | None = None,
                states: Iterable[Phase] | None = None) -> list[Shard]:
         q = f"SELECT * FROM {SCHEMA}.shard WHERE true"
@@ -219,6 +245,7 @@ class Control:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             return [Shard.from_row(r) for r in cur.execute(q + " ORDER BY wave, region, idx", args).fetchall()]
 
+    @_ridden_out
     def shard(self, sid: str) -> Shard:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             r = cur.execute(f"SELECT * FROM {SCHEMA}.shard WHERE shard_id = %s", (sid,)).fetchone()
@@ -255,6 +282,7 @@ class Control:
         self.audit(conn, sid, row[0], to.value, detail or {})
         return Phase(row[0])
 
+    @_ridden_out
     def move(self, sid: str, expected: Phase | Iterable[Phase], to: Phase, detail: dict | None = None, **fields: Any) -> Phase:
         with self.connect() as c:
             return self.transition(c, sid, expected, to, detail, **fields)
@@ -310,6 +338,7 @@ class Control:
             "ON CONFLICT (user_key) DO UPDATE SET shard_id = EXCLUDED.shard_id, reason = EXCLUDED.reason, at = now()",
             (reason or "rolled back", sid)).rowcount
 
+    @_ridden_out
     def held(self, sid: str) -> tuple[int, str | None]:
         """(users held, reason) of the shard."""
         self._up_to_date()
@@ -321,6 +350,7 @@ class Control:
     def release(self, conn: psycopg.Connection, sid: str) -> int:
         return conn.execute(f"DELETE FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)).rowcount
 
+    @_ridden_out
     def superseded_by(self, sid: str) -> list[str]:
         """Live shards of other waves that now hold this (rolled-back, released) shard's users."""
         with self.connect(autocommit=True) as c:
@@ -334,17 +364,25 @@ class Control:
         """The shard's batches by number; each batch's keys are read when asked for."""
         return ShardBatches(self, sid, self.shard(sid).batches, sort)
 
+    @_ridden_out
+    def batch(self, sid: str, b: int) -> list[str]:
+        with self.connect(autocommit=True) as c:
+            return [k for (k,) in c.execute(
+                f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s AND batch_no = %s", (sid, b))]
+
     def send_members(self, sid: str, into: psycopg.Connection, table: str) -> int:
         """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`."""
         with self.connect() as c:
             return pipe(c, f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user WHERE shard_id = %s) TO STDOUT",
                         (sid,), into, sql.SQL("COPY {} (k, b) FROM STDIN").format(sql.Identifier(table)))
 
+    @_ridden_out
     def checkpoints(self, sid: str) -> dict[int, dict]:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(f"SELECT * FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,)).fetchall()
         return {r["batch_no"]: r for r in rows}
 
+    @_ridden_out
     def save_checkpoint(self, sid: str, batch_no: int, last_key: str, rows: dict, digest: str) -> None:
         with self.connect() as c:
             c.execute(
@@ -357,6 +395,7 @@ class Control:
     def clear_checkpoints(self, conn: psycopg.Connection, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,))
 
+    @_ridden_out
     def position(self, sid: str, direction: str) -> tuple[int, int]:
         """(horizon, last id) of the shard's catch-up in `direction`; (0, 0) before the first pass."""
         self._up_to_date()
@@ -365,6 +404,7 @@ class Control:
                           (sid, direction)).fetchone()
         return (r[0], r[1]) if r else (0, 0)
 
+    @_ridden_out
     def set_position(self, sid: str, direction: str, pos: tuple[int, int]) -> None:
         self._up_to_date()
         with self.connect() as c:
@@ -376,11 +416,7 @@ class Control:
         conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))
 
     # --- directory --------------------------------------------------------------------
-    def homes(self, keys: list[str]) -> dict[str, tuple[str, int]]:
-        with self.connect(autocommit=True) as c:
-            rows = c.execute(f"SELECT user_key, home, epoch FROM {SCHEMA}.directory WHERE user_key = ANY(%s)", (keys,)).fetchall()
-        return {k: (h, e) for k, h, e in rows}
-
+    @_ridden_out
     def audit_rows(self, sid: str | None = None) -> list[dict]:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             if sid:

@@ -98,11 +98,10 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
             raise
         capture.lift(src, sid)
         capture.stop_capture(ctx, dst, sid, fence_too=True, wait=False)
-        with ctl.connect() as c:
-            if t0 is None:
-                ctl.audit(c, sid, "verified", "verified", {"event": "cutover stopped before the fence", "error": describe(exc)})
-            else:
-                ctl.audit(c, sid, "verified", "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
+        if t0 is None:
+            ctl.record(sid, "verified", {"event": "cutover stopped before the fence", "error": describe(exc)})
+        else:
+            ctl.record(sid, "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
         if isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in ("57014", "55P03"):
             raise FenceWindowExceeded(
                 f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms); "
@@ -110,9 +109,8 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
         raise
     # Cut over: from here on nothing may lift the fence.
     try:
-        with ctl.connect() as c:
-            ctl.audit(c, sid, "cut_over", "cut_over", {"event": "fence closed", "fence_ms": round(sum(steps.ms.values()), 1),
-                                                       "fence_steps_ms": steps.ms})
+        ctl.record(sid, "cut_over", {"event": "fence closed", "fence_ms": round(sum(steps.ms.values()), 1),
+                                     "fence_steps_ms": steps.ms})
     except Exception as exc:
         log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
     return flip.flipped

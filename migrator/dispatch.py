@@ -26,7 +26,7 @@ from migrator.cleanup import cleanup_shard
 from migrator.context import Context
 from migrator.copier import copy_shard
 from migrator.cutover import cutover_shard
-from migrator.errors import ChecksumMismatch, SpecError, StateConflict, describe, is_transient
+from migrator.errors import ChecksumMismatch, SpecError, StateConflict, describe, is_transient, retrying
 from migrator.rollback import rollback_shard
 from migrator.state import Phase, allowed
 from migrator.verifier import verify_shard
@@ -154,9 +154,7 @@ def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> No
     try:
         state = ctl.shard(sid).state
         if is_transient(exc):
-            with ctl.connect() as c:
-                ctl.audit(c, sid, state.value, state.value, {"event": f"{phase} interrupted", "error": what,
-                                                             "resumable": True})
+            ctl.record(sid, state.value, {"event": f"{phase} interrupted", "error": what, "resumable": True})
             return
         detail: dict[str, Any] = {"event": f"{phase} failed", "error": what}
         if isinstance(exc, ChecksumMismatch):
@@ -164,14 +162,21 @@ def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> No
         if allowed(state, P.FAILED):
             ctl.move(sid, state, P.FAILED, detail, error=what[:2000])
         else:
-            with ctl.connect() as c:
-                ctl.audit(c, sid, state.value, state.value, detail)
+            ctl.record(sid, state.value, detail)
     except Exception as again:  # the control database itself is away: the failure stays unrecorded
         log.error("shard %s: %s failed (%s); recording it failed too (%s)", sid, phase, what, describe(again))
 
 
 def step(ctx: Context, sid: str, phase: str, reason: str = "", progress: Progress | None = None) -> Result:
-    """Decide and run one phase; the caller holds the shard's lock."""
+    """Decide and run one phase, again from its checkpoint after a transient failure (up to
+    the spec's retry attempts); the caller holds the shard's lock."""
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            return _step(ctx, sid, phase, reason, progress)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | None) -> Result:
     state = ctx.control.shard(sid).state
     d = decide(state, phase)
     if d.verdict == Verdict.SKIP:

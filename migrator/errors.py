@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import psycopg
 from psycopg import errors as pge
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 
 class MigratorError(Exception):
@@ -53,6 +53,15 @@ class StateVersionError(MigratorError):
 
 class TransientError(MigratorError):
     """Raised by the migrator itself for conditions a retry can fix."""
+
+
+class StoreUnavailable(TransientError):
+    """A store cannot be reached now (down, restarting, timing out); named with its address."""
+
+
+class StoreRefused(MigratorError):
+    """A store refuses the migrator (wrong password, no such database or role, no CONNECT
+    privilege): waiting does not mend it."""
 
 
 class CatchUpBlocked(TransientError):
@@ -111,17 +120,39 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
+# SQLSTATE classes whose primary message names objects (tables, columns, constraints,
+# privileges, types) and never a row's values; other classes' messages (data exceptions
+# quote the bad value, a trigger's RAISE may quote anything) are left out.
+_SAFE_PRIMARY = ("08", "23", "25", "40", "42", "53", "55", "57", "58", "RM")
+
+
 def describe(exc: BaseException) -> str:
-    """A one-line description safe for logs: driver errors give their class and SQLSTATE only."""
+    """A one-line description safe for logs and messages: the store, what went wrong in
+    words where that cannot carry row data, the objects named (table, column, constraint),
+    the error's class and SQLSTATE; never values."""
     if isinstance(exc, MigratorError):
         return str(exc)
     if isinstance(exc, psycopg.Error):
-        state = getattr(exc, "sqlstate", None)
-        return f"{type(exc).__name__}" + (f" (SQLSTATE {state})" if state else "")
+        state = getattr(exc, "sqlstate", None) or ""
+        diag = exc.diag
+        words = diag.message_primary if state[:2] in _SAFE_PRIMARY and diag.message_primary else ""
+        if not words and isinstance(exc, psycopg.OperationalError):
+            words = "the connection was lost" if "closed" in str(exc).lower() or "terminat" in str(exc).lower() else ""
+        named = [f"{k} {v}" for k, v in (("schema", diag.schema_name), ("table", diag.table_name),
+                                         ("column", diag.column_name), ("constraint", diag.constraint_name)) if v]
+        store = getattr(exc, "migrator_store", None)
+        head = f"{store}: " if store else ""
+        tail = f"{type(exc).__name__}" + (f", SQLSTATE {state}" if state else "")
+        body = "; ".join(x for x in [words, ", ".join(named)] if x)
+        return f"{head}{body} ({tail})" if body else f"{head}{tail}"
     response = getattr(exc, "response", None)
     if isinstance(response, dict) and "Error" in response:  # botocore's ClientError: its code and call
         code = response["Error"].get("Code", "")
-        return f"{type(exc).__name__} {code} ({getattr(exc, 'operation_name', '?')})"
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+        return f"S3 {getattr(exc, 'operation_name', '?')}: {code} (HTTP {status}, {type(exc).__name__})"
+    endpoint = getattr(exc, "kwargs", {}).get("endpoint_url") if isinstance(getattr(exc, "kwargs", None), dict) else None
+    if endpoint:  # botocore's EndpointConnectionError and its kind
+        return f"S3 endpoint {endpoint} cannot be reached ({type(exc).__name__})"
     return type(exc).__name__
 
 
@@ -131,5 +162,16 @@ def retrying(settings) -> Retrying:
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(settings.attempts),
         wait=wait_exponential(multiplier=settings.initial_wait_s, max=settings.max_wait_s),
+        reraise=True,
+    )
+
+
+def riding_out(seconds: float) -> Retrying:
+    """A tenacity policy for the control database: transient errors are retried for up to
+    `seconds` (a restart, a failover), not a fixed number of times."""
+    return Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential(multiplier=0.2, max=2.0),
         reraise=True,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,10 +34,12 @@ from psycopg import sql
 from migrator import sqlgen
 from migrator.context import INTEGER_TYPES, Context
 from migrator.control import SCHEMA, shard_id
-from migrator.errors import SpecError
+from migrator.errors import SpecError, describe, is_transient
 from migrator.partition import shard_index_sql, shard_name
 from migrator.state import Phase
 from migrator.stores.postgres import connect, pipe
+
+log = logging.getLogger("migrator.planner")
 
 
 MEASURE_SAMPLE = 2000  # users per shard whose rows are counted to estimate the shard's
@@ -192,9 +195,22 @@ def plan(
     # A wave always covers every target region, so a later `--region` run finds its
     # shards; `regions` only narrows what is returned.
     targets = sorted(spec.targets)
+    # A destination that cannot be reached now does not stop the plan: its shards are
+    # planned and wait for it (their copy fails, resumable, until it is back), and the other
+    # regions go on. A destination whose schema differs is a spec problem: nothing is planned.
+    warnings: list[str] = []
+    reachable = []
     for r in targets:
-        ctx.check_destination(r)
-    warnings = ctx.index_warnings(targets)
+        try:
+            ctx.check_destination(r)
+            reachable.append(r)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            warnings.append(f"destination {r} cannot be reached ({describe(exc)}); its shards are planned and "
+                            "wait for it")
+            log.warning(warnings[-1])
+    warnings += ctx.index_warnings(reachable)
     if (done := _existing(ctx, wave, regions)) is not None:
         done.warnings = warnings
         return done

@@ -65,8 +65,7 @@ def _due(state: Phase, src: str | None, dst: str | None) -> str | None:
 
 
 def _audit(ctx: Context, sid: str, state: Phase, event: str, **detail: object) -> None:
-    with ctx.control.connect() as c:
-        ctx.control.audit(c, sid, state.value, state.value, {"event": event, "by": "recovery", **detail})
+    ctx.control.record(sid, state.value, {"event": event, "by": "recovery", **detail})
     log.warning("shard %s: %s (recovery)", sid, event)
 
 

@@ -46,9 +46,7 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
     """Carry the writes back, then flip the directory back and lift the source fence; a
     failure after the decision is finished by recovery. (changes carried, users flipped)"""
     src, dst = ctx.source_dsn, ctx.dsn(region)
-    with ctx.control.connect() as c:
-        ctx.control.audit(c, sid, Phase.CUT_OVER.value, Phase.CUT_OVER.value,
-                          {"event": recovery.ROLLBACK_REQUESTED, "reason": reason})
+    ctx.control.record(sid, Phase.CUT_OVER.value, {"event": recovery.ROLLBACK_REQUESTED, "reason": reason})
     with watching(ctx, sid):
         carried = _carry_back(ctx, sid, src, dst)
         try:

@@ -12,6 +12,5 @@ def pause_point(ctx: Any, sid: str, name: str) -> None:
     """Stop for MIGRATOR_PAUSE_S seconds here when MIGRATOR_PAUSE_AT=name, after writing an
     audit row that says so (what a test waits for)."""
     if os.environ.get("MIGRATOR_PAUSE_AT") == name:
-        with ctx.control.connect() as c:
-            ctx.control.audit(c, sid, None, None, {"event": f"paused at {name}"})
+        ctx.control.record(sid, None, {"event": f"paused at {name}"})
         time.sleep(float(os.environ.get("MIGRATOR_PAUSE_S", "60")))

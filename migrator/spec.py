@@ -250,6 +250,11 @@ class RetrySettings(_Strict):
     attempts: int = Field(5, ge=1, le=50)
     initial_wait_s: float = Field(0.5, ge=0)
     max_wait_s: float = Field(8.0, ge=0)
+    outage_s: float = Field(
+        60.0, ge=0, le=3600,
+        description="how long a call to the control database is retried through a transient outage "
+        "(a restart, a failover) before the step fails, resumable",
+    )
 
 
 class Spec(_Strict):

@@ -173,15 +173,13 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         if shard.state == Phase.COPIED:
             ctl.move(sid, Phase.COPIED, Phase.VERIFIED, detail, digest=res.digest)
         else:
-            with ctl.connect() as c:
-                ctl.audit(c, sid, shard.state.value, shard.state.value, detail)
+            ctl.record(sid, shard.state.value, detail)
         return res
     named = "; ".join(f"{d['table']} {d['pk']}: {d['problem']}" if "table" in d else f"object {d['object']!r}: {d['problem']}"
                       for d in res.differences[:10])
     more = f" (+{len(res.differences) - 10} more)" if len(res.differences) > 10 else ""
     msg = f"shard {sid}: {len(res.differences)} row(s) differ between source and destination: {named}{more}"
-    with ctl.connect() as c:  # the move to failed, where allowed, is `dispatch`'s
-        ctl.audit(c, sid, shard.state.value, shard.state.value, detail)
+    ctl.record(sid, shard.state.value, detail)  # the move to failed, where allowed, is `dispatch`'s
     raise ChecksumMismatch(msg, res.differences)
 
 

@@ -96,7 +96,7 @@ def test_destination_server_lost_mid_copy_then_resumed(world: World):
     shard = json.loads(res.stdout)["shards"][0]
     assert shard["state"] == "copying"  # a lost server is transient: resumable, never failed
     assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'copy interrupted' "
-                     "AND detail->>'resumable' = 'true'")[0][0] == 1
+                     "AND detail->>'resumable' = 'true'")[0][0] >= 1
     kept = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
     assert 2 <= kept < shard["batches"]
     res = world.migrator("run", "--region", "ie", "--json")

@@ -178,7 +178,8 @@ def test_describe_names_an_s3_error_by_code_and_call_never_by_its_message():
     from migrator.errors import describe
 
     exc = ClientError({"Error": {"Code": "NoSuchKey", "Message": "users/42/diary.txt: private words"}}, "GetObject")
-    assert describe(exc) == "ClientError NoSuchKey (GetObject)"
+    said = describe(exc)
+    assert "NoSuchKey" in said and "GetObject" in said and "private" not in said and "42" not in said
     assert not is_transient(exc)
     slow = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
-    assert describe(slow) == "ClientError SlowDown (PutObject)" and is_transient(slow)
+    assert "SlowDown" in describe(slow) and "PutObject" in describe(slow) and is_transient(slow)

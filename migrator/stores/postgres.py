@@ -7,9 +7,15 @@ false mismatches, so every connection the migrator opens sets them the same way.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from migrator.errors import StoreRefused, StoreUnavailable
 
 PINNED = {
     "TimeZone": "UTC",
@@ -46,8 +52,91 @@ def bounded(deadline: float):
 KEYED = {"enable_seqscan": "off"}
 
 
+_NAMES: dict[str, str] = {}
+
+
+def name_store(dsn: str, name: str) -> None:
+    """What errors on connections to `dsn` call the store (e.g. 'region ie')."""
+    _NAMES[dsn] = name
+
+
+def where(dsn: str) -> str:
+    """The store's name and address, never its password: 'region ie (127.0.0.1:5432/app)'."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        info = {}
+    addr = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '?')}"
+    return f"{_NAMES.get(dsn, 'a PostgreSQL store')} ({addr})"
+
+
+# What a failed connection attempt means, from libpq's message (which names no row), and
+# whether waiting can mend it.
+_CONNECT_REASONS = [
+    (r"password authentication failed", "password authentication failed", False),
+    (r"database \".*\" does not exist", "the database does not exist", False),
+    (r"role \".*\" does not exist", "the role does not exist", False),
+    (r"no pg_hba\.conf entry", "pg_hba.conf has no entry for this client", False),
+    (r"permission denied for database", "no CONNECT privilege on the database", False),
+    (r"Connection refused", "connection refused (the server is down or not on that port)", True),
+    (r"timeout expired", "the connection timed out", True),
+    (r"starting up|shutting down|in recovery|not yet accepting", "the server is starting or stopping", True),
+    (r"too many (clients|connections)", "the server has no free connection", True),
+    (r"could not translate host name", "the host name does not resolve", True),
+]
+
+
+def _connect_error(dsn: str, exc: psycopg.Error) -> Exception:
+    text = str(exc)
+    for pattern, reason, transient in _CONNECT_REASONS:
+        if re.search(pattern, text, re.I):
+            cls = StoreUnavailable if transient else StoreRefused
+            return cls(f"{where(dsn)}: {reason}")
+    return StoreUnavailable(f"{where(dsn)}: cannot connect ({type(exc).__name__})")
+
+
+def tag(exc: BaseException, conn: Any) -> None:
+    """Mark a driver error with the store it came from (read by `errors.describe`)."""
+    if isinstance(exc, psycopg.Error) and not hasattr(exc, "migrator_store"):
+        exc.migrator_store = getattr(conn, "store", None)  # type: ignore[attr-defined]
+
+
+class StoreCursor(psycopg.Cursor):
+    """A cursor whose errors carry the name of their store."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute(*args, **kwargs)
+        except psycopg.Error as exc:
+            tag(exc, self.connection)
+            raise
+
+    @contextlib.contextmanager
+    def copy(self, *args: Any, **kwargs: Any) -> Iterator[psycopg.Copy]:
+        try:
+            with super().copy(*args, **kwargs) as cp:
+                yield cp
+        except psycopg.Error as exc:
+            tag(exc, self.connection)
+            raise
+
+
+class StoreConnection(psycopg.Connection):
+    """A connection that knows which store it is, for errors that say where."""
+
+    store: str | None = None
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except psycopg.Error as exc:
+            tag(exc, self)
+            raise
+
+
 def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5, keyed: bool = False) -> psycopg.Connection:
-    """A connection with the session pinned; `keyed` for per-batch statements (see KEYED)."""
+    """A connection with the session pinned; `keyed` for per-batch statements (see KEYED).
+    A store that cannot be reached or refuses the login is named in the error."""
     settings = {k: v for k, v in PINNED.items() if k not in ("client_encoding", "application_name")}
     if keyed:
         settings.update(KEYED)
@@ -55,14 +144,19 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5, key
     if _deadline is not None:
         ms = max(1, int((_deadline - time.monotonic()) * 1000))
         opts += f" -c statement_timeout={ms} -c lock_timeout={ms}"
-    conn = psycopg.connect(
-        dsn,
-        autocommit=autocommit,
-        connect_timeout=connect_timeout,
-        options=opts,
-        application_name=PINNED["application_name"],
-        client_encoding=PINNED["client_encoding"],
-    )
+    try:
+        conn = StoreConnection.connect(
+            dsn,
+            autocommit=autocommit,
+            connect_timeout=connect_timeout,
+            options=opts,
+            application_name=PINNED["application_name"],
+            client_encoding=PINNED["client_encoding"],
+            cursor_factory=StoreCursor,
+        )
+    except psycopg.OperationalError as exc:
+        raise _connect_error(dsn, exc) from None
+    conn.store = where(dsn)
     return conn
 
 

@@ -1,0 +1,102 @@
+"""Outages are ridden out and resumed, never turned into rollbacks; errors name the store."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from migrator.demo import seed
+from migrator.embedded import Cluster
+from tests.conftest import DEMO_OWNED, World, demo_spec
+
+pytestmark = pytest.mark.integration
+
+IE_CODES = ["IE", "DE", "FR", "IT", "ES", "NL", "PL", "PT", "AT", "BE"]
+
+
+def same_at(w: World, region: str, codes: list[str]) -> None:
+    ids = [r[0] for r in w.rows("us", "SELECT user_id FROM users WHERE country_code = ANY(%s)", (codes,))]
+    assert ids
+    for table, q in DEMO_OWNED.items():
+        assert w.rows("us", q, (ids,)) == w.rows(region, q, (ids,)), table
+
+
+@pytest.fixture
+def control_apart(cluster, tmp_path):
+    """The demo world with its control database on a server of its own, so it can stop alone."""
+    ctl = Cluster(["ctl"], base=tmp_path / "ctl").start()
+    dsn = {r: cluster[r].create_database(f"out_{tmp_path.name}"[:60]) for r in ("us", "ie", "no")}
+    for d in dsn.values():
+        with psycopg.connect(d) as c:
+            c.execute(seed.schema_sql())
+    seed.seed(dsn["us"], 400)
+    control = ctl["ctl"].create_database("control")
+    w = World(cluster, dsn, control, tmp_path / "spec.yaml", demo_spec(dsn, control, batch_users=10))
+    w.write_spec()
+    yield w, ctl["ctl"]
+    ctl.remove()
+
+
+def test_control_database_down_two_seconds_mid_run_the_run_completes(control_apart):
+    w, server = control_apart
+    assert w.migrator("plan").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "run", "--json", "--config", str(w.spec_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while w.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] < 3:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    server.stop("immediate")
+    down_mid_run = proc.poll() is None
+    time.sleep(2)
+    server.start()
+    out, err = proc.communicate(timeout=600)
+    assert down_mid_run
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert {s["state"] for s in json.loads(out)["shards"]} == {"cut_over"}
+    same_at(w, "ie", IE_CODES)
+    same_at(w, "no", ["NO", "SE", "DK"])
+
+
+def test_one_region_down_fails_only_its_shards_and_they_resume(world: World):
+    world.write_spec(retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1})
+    server = world.cluster["ie"]
+    server.stop()
+    try:
+        res = world.migrator("run", "--json")
+    finally:
+        server.start()
+    assert res.returncode == 1
+    doc = json.loads(res.stdout)
+    states = {s["name"]: s["state"] for s in doc["shards"]}
+    assert {v for k, v in states.items() if k.startswith("no-")} == {"cut_over"}
+    assert {v for k, v in states.items() if k.startswith("ie-")} == {"planned"}  # resumable, never rolled back
+    err = [s["error"] for s in doc["shards"] if s["name"].startswith("ie-")][0]
+    assert f"region ie (127.0.0.1:{server.port}/" in err and "connection refused" in err
+    assert any("destination ie cannot be reached" in x for x in doc["warnings"])
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0, res.stdout[-2000:]
+    same_at(world, "ie", IE_CODES)
+
+
+def test_a_missing_database_is_named_with_the_store_and_no_password(world: World):
+    dsn = world.dsn["ie"].rsplit("/", 1)[0].replace("postgres@", "postgres:hunter2secret@") + "/no_such_db"
+    world.write_spec(regions={**world.spec["regions"], "ie": {"dsn": dsn}})
+    res = world.migrator("plan", "--json")
+    assert res.returncode == 1
+    out = res.stdout + res.stderr
+    assert "region ie" in out and "does not exist" in out and "hunter2secret" not in out
+
+
+def test_concurrent_runs_both_exit_by_the_final_states(world: World):
+    world.write_spec(copy={"batch_users": 10})
+    assert world.migrator("plan").returncode == 0
+    cmd = [sys.executable, "-m", "migrator.cli", "run", "--json", "--config", str(world.spec_path)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+        assert {s["state"] for s in json.loads(out)["shards"]} == {"cut_over"}
