@@ -35,7 +35,7 @@ def residency_rollback():
         spec = orchestration.load(spec_path(p), resolve_conn, resolve_s3=resolve_s3)
         ids = orchestration.shard_ids(spec, p["wave"], p["shards"])  # one wave per name, or refused
         if p["dry_run"]:
-            return [{"shard_id": s, "would": "rollback"} for s in ids]
+            return [orchestration.phase(spec, ctx["run_id"], s, "rollback", dry_run=True) for s in ids]
         return [orchestration.phase(spec, ctx["run_id"], s, "rollback", reason=p["reason"]) for s in ids]
 
     rollback_shards()

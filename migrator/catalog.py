@@ -94,6 +94,19 @@ def unindexed_owner_keys(conn: psycopg.Connection, graph: EntityGraph, side: str
     return out
 
 
+_FKS = """
+SELECT array_agg(a.attname ORDER BY k.ord), array_agg(af.attname ORDER BY k.ord)
+FROM pg_constraint con
+JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+JOIN LATERAL unnest(con.conkey, con.confkey) WITH ORDINALITY AS k(a1, a2, ord) ON true
+JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.a1
+JOIN pg_attribute af ON af.attrelid = con.confrelid AND af.attnum = k.a2
+WHERE con.contype = 'f' AND n.nspname = %s AND c.relname = %s AND pn.nspname = %s AND p.relname = %s
+GROUP BY con.oid
+"""
+
+
 def read_table(conn: psycopg.Connection, schema: str, name: str) -> Table | None:
     with conn.cursor() as cur:
         cols = cur.execute(_COLS, (schema, name)).fetchall()
@@ -123,6 +136,16 @@ def read_graph(conn: psycopg.Connection, graph: EntityGraph, side: str) -> dict[
                 raise SchemaMismatch(f"{side}: table {child.table}: fk column {child.table}.{mine} does not exist")
             if theirs not in out[child.parent].names:
                 raise SchemaMismatch(f"{side}: table {child.table}: fk column {child.parent}.{theirs} does not exist")
+            mt, tt = out[child.table].column(mine).type, out[child.parent].column(theirs).type
+            if mt != tt:
+                raise SchemaMismatch(f"{side}: table {child.table}: fk {child.table}.{mine} is {mt} but "
+                                     f"{child.parent}.{theirs} is {tt}; the pairing cannot join")
+        declared = [dict(zip(cols, refs)) for cols, refs in
+                    conn.execute(_FKS, (graph.schema_, child.table, graph.schema_, child.parent)).fetchall()]
+        if child.fk not in declared:
+            pairs = ", ".join(f"{child.table}.{a} -> {child.parent}.{b}" for a, b in child.fk.items())
+            raise SchemaMismatch(f"{side}: entity_graph: table {child.table}'s fk ({pairs}) is not a foreign key "
+                                 f"the database declares from {child.table} to {child.parent}")
     return out
 
 

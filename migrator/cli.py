@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from migrator import engine, recovery, report
+from migrator import dispatch, engine, recovery, report
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
 from migrator.planner import plan as make_plan
@@ -105,8 +105,13 @@ def _phase_command(phase: str, config: Path, wave: str | None, shard: list[str] 
             err.print(note)
         _finish(report.document(phase, [], extra={"note": note}), as_json)
     rows = report.shard_rows(ctx, None, ids)
-    if dry_run:
-        _finish(report.document(phase, rows, extra={"dry_run": True, "would": phase}), as_json)
+    if dry_run:  # the dispatcher's answer for each shard, nothing run
+        would = {s.shard_id: dispatch.preview(ctx, s.shard_id, phase) for s in selected}
+        for r in rows:
+            r["would"], r["why"] = would[r["shard_id"]]["would"], would[r["shard_id"]]["why"]
+        _finish(report.document(phase, rows, extra={"dry_run": True, "phase": phase}), as_json)
+    if phase in ("copy", "verify", "recheck", "cutover"):
+        ctx.preflight({s.region for s in selected})  # spec problems exit 2 before anything is written
     outcomes = engine.one_phase(ctx, selected, phase, reason)
     _finish(report.document(phase, report.shard_rows(ctx, None, ids), outcomes), as_json)
 
@@ -151,16 +156,16 @@ def cleanup(config: Config, wave: Pick = None, shard: Shards = None, region: Reg
 
 @app.command()
 def release(config: Config, reason: Reason = "", wave: Pick = None, shard: Shards = None, region: Region = None,
-            json: Json = False, run_id: RunId = None) -> None:
+            dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
     """Free the held users of rolled-back shards, so a later wave may plan them."""
-    _phase_command("release", config, wave, shard, region, False, json, run_id, reason)
+    _phase_command("release", config, wave, shard, region, dry_run, json, run_id, reason)
 
 
 @app.command()
 def retry(config: Config, reason: Reason = "", wave: Pick = None, shard: Shards = None, region: Region = None,
-          json: Json = False, run_id: RunId = None) -> None:
+          dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
     """Move the held users of rolled-back shards again, in their own wave (then `migrator run`)."""
-    _phase_command("retry", config, wave, shard, region, False, json, run_id, reason)
+    _phase_command("retry", config, wave, shard, region, dry_run, json, run_id, reason)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from migrator import catalog
 from migrator.catalog import Table
 from migrator.control import Control
-from migrator.errors import SchemaMismatch
+from migrator.errors import SchemaMismatch, describe
 from migrator.spec import Spec
 from migrator.stores.postgres import connect, name_store
 
@@ -67,6 +67,19 @@ class Context:
         for w in out:
             log.warning(w)
         return out
+
+    def preflight(self, regions: set[str]) -> None:
+        """Spec problems against the databases (a missing table or column, an undeclared
+        foreign key, a destination that differs), found before anything is written; a
+        destination that cannot be reached now is left to the phase (a transient failure)."""
+        self.tables
+        for r in sorted(regions):
+            try:
+                self.check_destination(r)
+            except SchemaMismatch:
+                raise
+            except Exception as exc:
+                log.warning("destination %s not checked now: %s", r, describe(exc))
 
     def check_destination(self, region: str) -> None:
         """Refuse a destination whose schema differs from the source's; before any write."""

@@ -88,6 +88,13 @@ def decide(state: Phase, phase: str) -> Decision:
     return Decision(Verdict.REFUSE, f"is {state}, so it cannot {phase}; next: {NEXT_STEP[state]}")
 
 
+def preview(ctx: Context, sid: str, phase: str) -> dict[str, Any]:
+    """What `run_phase` would do now (a dry run): the shard's state and the decision."""
+    state = ctx.control.shard(sid).state
+    d = decide(state, phase)
+    return {"shard_id": sid, "phase": phase, "state": state.value, "would": d.verdict.value, "why": d.why}
+
+
 @dataclass
 class Result:
     shard_id: str

@@ -23,8 +23,9 @@ class SpecError(MigratorError):
     exit_code = 2
 
 
-class SchemaMismatch(MigratorError):
-    """A destination table differs from the source, or a spec name is not in the database."""
+class SchemaMismatch(SpecError):
+    """The spec and a database disagree (a name it uses is missing, a foreign key it names
+    is not declared, a destination table differs from the source): a spec problem."""
 
 
 class ConflictError(MigratorError):

@@ -57,10 +57,13 @@ def plan(spec: Spec, run_id: str, wave: str, since: datetime | None, until: date
     return out
 
 
-def phase(spec: Spec, run_id: str, shard_id: str, what: str, reason: str = "") -> dict[str, Any]:
+def phase(spec: Spec, run_id: str, shard_id: str, what: str, reason: str = "", dry_run: bool = False) -> dict[str, Any]:
     """One phase of one shard through the dispatcher; `skipped` in the result says the work
-    was already done (the task shows it as skipped, never as work done)."""
+    was already done (the task shows it as skipped, never as work done). A dry run says
+    what the dispatcher would do."""
     ctx = Context(spec, run_id)
+    if dry_run:
+        return dispatch.preview(ctx, shard_id, what)
     return dispatch.run_phase(ctx, shard_id, what, reason).descriptor()
 
 

@@ -326,14 +326,32 @@ class Spec(_Strict):
         return f"Spec(regions={sorted(self.regions)}, control={self.control.masked})"
 
 
+_SECRET_FIELD = re.compile(r"password|passwd|secret|key|token|dsn|credential", re.I)
+_SECRET_VALUE = re.compile(r"://|@|=|password", re.I)
+_STORE_SECTIONS = ("regions", "control")
+
+
+def _shown(loc: tuple, bad: Any) -> str:
+    """The bad value, for a message, only where it cannot be a secret: never anything under
+    a store (regions, control, objects.stores), under a field named like a secret, or a
+    string that looks like a DSN or credentials."""
+    if bad is None or isinstance(bad, (dict, list)):
+        return ""
+    parts = [str(p) for p in loc]
+    if (parts and parts[0] in _STORE_SECTIONS) or "stores" in parts or any(_SECRET_FIELD.search(p) for p in parts):
+        return ""
+    if isinstance(bad, str) and (_SECRET_VALUE.search(bad) or len(bad) > 64):
+        return ""
+    return f" (got {bad!r})"
+
+
 def _describe(err: ValidationError) -> str:
+    """Each problem's field and kind; a value only where `_shown` allows."""
     lines = []
-    for e in err.errors():
+    for e in err.errors(include_input=True, include_url=False):
         loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",)) or "spec"
         msg = e["msg"].removeprefix("Value error, ")
-        bad = e.get("input")
-        shown = "" if isinstance(bad, (dict, list)) or bad is None or "dsn" in loc else f" (got {bad!r})"
-        lines.append(f"{loc}: {msg}{shown}")
+        lines.append(f"{loc}: {msg}{_shown(e['loc'], e.get('input'))}")
     return "; ".join(lines)
 
 

@@ -28,12 +28,17 @@ def nothing_written(w: World) -> None:
      "table public.nope does not exist"),
     (lambda s: s["entity_graph"]["root"].update(residency="country"), "column users.country does not exist"),
     (lambda s: s["entity_graph"]["tables"][0]["fk"].update({"user_id": "uid"}), "fk column users.uid does not exist"),
+    (lambda s: s["entity_graph"]["tables"][1].update(parent="users", fk={"author_id": "user_id"}),
+     "comments's fk (comments.author_id -> users.user_id) is not a foreign key the database declares"),
+    (lambda s: s["entity_graph"]["tables"][3].update(fk={"device_no": "user_id"}),
+     "fk devices.device_no is integer but users.user_id is bigint"),
 ])
 def test_unknown_table_or_column_fails_before_any_write(world: World, change, needle):
+    """A spec problem found against the databases exits 2, like one in the file."""
     change(world.spec)
     world.write_spec()
     res = world.migrator("run")
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert needle in res.stderr
     nothing_written(world)
 
@@ -51,7 +56,7 @@ def test_destination_schema_differs(world: World):
     with psycopg.connect(world.dsn["no"]) as c:
         c.execute("ALTER TABLE devices ALTER COLUMN model TYPE varchar(40)")
     res = world.migrator("run")
-    assert res.returncode == 1
+    assert res.returncode == 2  # a spec problem against a database, found before anything is written
     assert "destination no: table devices column model" in res.stderr
     nothing_written(world)
 

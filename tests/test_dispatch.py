@@ -1,0 +1,170 @@
+"""One phase machine: every (state, phase) pair gets the same answer through the command
+line and through what the Airflow tasks call, and that answer is the table below, written
+out here independently of `migrator.dispatch`. Rollback from every state."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from migrator import orchestration
+from migrator.cli import app
+from migrator.spec import load_spec
+from migrator.state import Phase
+from tests.conftest import DEMO_OWNED, World
+
+pytestmark = pytest.mark.integration
+
+R, S, X = "run", "skip", "refuse"
+STATES = ["planned", "copying", "copied", "verified", "cut_over", "failed", "rolling_back", "rolled_back"]
+EXPECTED = {  # phase -> its answer in each of STATES, in order
+    "copy":     [R, R, S, S, S, R, X, X],
+    "verify":   [X, X, R, S, S, X, X, X],
+    "recheck":  [X, X, X, R, R, X, X, X],
+    "cutover":  [X, X, X, R, S, X, X, X],
+    "rollback": [R, R, R, R, R, R, R, S],
+    "cleanup":  [X, X, X, X, R, X, X, R],
+    "release":  [X, X, X, X, X, X, X, R],
+    "retry":    [X, X, X, X, X, X, X, R],
+}
+CLI = {"recheck": ["verify", "--recheck"]}
+
+
+def test_every_state_and_phase_answered_alike_by_the_cli_and_the_tasks(world: World):
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("plan").returncode == 0
+    sid = "default/ie-00"
+    spec = load_spec(world.spec_path)
+    runner = CliRunner()
+    assert set(EXPECTED) == {"copy", "verify", "recheck", "cutover", "rollback", "cleanup", "release", "retry"}
+    for i, state in enumerate(STATES):
+        with psycopg.connect(world.control) as c:
+            c.execute("UPDATE migrator.shard SET state = %s WHERE shard_id = %s", (state, sid))
+        for phase, answers in EXPECTED.items():
+            args = [*CLI.get(phase, [phase]), "--shard", "ie-00", "--dry-run", "--json", "--config", str(world.spec_path)]
+            res = runner.invoke(app, args)
+            task = orchestration.phase(spec, "test", sid, phase, dry_run=True)
+            assert task["would"] == answers[i], (state, phase, task)
+            assert task["state"] == state
+            assert res.exit_code == 0, res.output
+            (row,) = json.loads(res.output)["shards"]
+            assert (row["would"], row["why"]) == (task["would"], task["why"]), (state, phase)
+            if task["would"] == X:
+                assert "next:" in task["why"], task  # a refusal says what to do next
+
+
+def _wave(w: World, wave: str, *cmds: str) -> None:
+    for cmd in cmds:
+        res = w.migrator(cmd, "--wave", wave, "--region", "ie")
+        assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
+
+
+def _rolled_back_cleanly(w: World, wave: str) -> None:
+    res = w.migrator("rollback", "--wave", wave, "--region", "ie", "--reason", f"from {wave}", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert w.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (f"{wave}/ie-00",)) == [("rolled_back",)]
+    assert w.ctl("SELECT count(*) FROM migrator.directory WHERE home <> 'us'")[0][0] == 0
+    for t in DEMO_OWNED:
+        assert w.rows("ie", f"SELECT count(*) FROM {t}")[0][0] == 0, (wave, t)
+    for r in ("us", "ie"):
+        if w.rows(r, "SELECT to_regclass('migrator.fences')")[0][0]:
+            assert w.rows(r, "SELECT count(*) FROM migrator.fences")[0][0] == 0, (wave, r)
+    # held: the next plan leaves them alone until released
+    n = w.ctl("SELECT count(*) FROM migrator.held_users WHERE shard_id = %s", (f"{wave}/ie-00",))[0][0]
+    assert n == w.ctl("SELECT users FROM migrator.shard WHERE shard_id = %s", (f"{wave}/ie-00",))[0][0] > 0
+    res = w.migrator("release", "--wave", wave, "--shard", "ie-00", "--reason", "next state")
+    assert res.returncode == 0, res.stderr
+
+
+def _paused(w: World, at: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": "60", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while not w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0]:
+        assert proc.poll() is None and time.monotonic() - t0 < 120, f"never reached {at}"
+        time.sleep(0.05)
+    return proc
+
+
+def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: World):
+    world.write_spec(sharding={"shards_per_region": 1})
+    _wave(world, "w-planned", "plan")
+    _rolled_back_cleanly(world, "w-planned")
+
+    _wave(world, "w-copying", "plan")
+    proc = _paused(world, "catch_up", "copy", "--wave", "w-copying", "--region", "ie")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-copying/ie-00'") == [("copying",)]
+    _rolled_back_cleanly(world, "w-copying")
+
+    _wave(world, "w-copied", "plan", "copy")
+    _rolled_back_cleanly(world, "w-copied")
+    _wave(world, "w-verified", "plan", "copy", "verify")
+    _rolled_back_cleanly(world, "w-verified")
+    _wave(world, "w-cut", "plan", "copy", "verify", "cutover")
+    _rolled_back_cleanly(world, "w-cut")
+
+    _wave(world, "w-failed", "plan", "copy")
+    world.rows("ie", "UPDATE users SET email = 'tampered@example.test' WHERE user_id = "
+                     "(SELECT min(user_id) FROM users) RETURNING 1")
+    assert world.migrator("verify", "--wave", "w-failed", "--region", "ie").returncode == 1
+    assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-failed/ie-00'") == [("failed",)]
+    _rolled_back_cleanly(world, "w-failed")
+
+    # a rollback killed after it decided (destination fence held, directory not yet back)
+    _wave(world, "w-half", "plan", "copy", "verify", "cutover")
+    proc = _paused(world, "rollback held", "rollback", "--wave", "w-half", "--region", "ie", "--reason", "half")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-half/ie-00'") != [(Phase.ROLLING_BACK.value,)]:
+        assert time.monotonic() < deadline, "the rollback's flip back was not completed by recovery"
+        time.sleep(0.2)
+    reason = world.ctl("SELECT detail->>'reason' FROM migrator.audit WHERE shard_id = 'w-half/ie-00' "
+                       "AND detail->>'completed_by' = 'recovery'")
+    assert reason == [("half",)]
+    _rolled_back_cleanly(world, "w-half")
+
+
+def test_a_rolled_back_shard_is_held_then_moved_again_in_its_own_wave(world: World):
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    assert world.migrator("rollback", "--shard", "ie-00", "--reason", "ticket 7").returncode == 0
+    # a scope=all style run in a new wave leaves the held users where they are
+    res = world.migrator("run", "--wave", "later", "--region", "ie", "--json")
+    assert res.returncode == 0
+    assert all(s["users"] == 0 or not s["name"].startswith("ie-") for s in json.loads(res.stdout)["shards"])
+    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE home = 'ie'")[0][0] == 0
+    res = world.migrator("run", "--region", "ie", "--json")
+    assert res.returncode == 1 and "held" in res.stdout  # its wave's run says why it stays
+    res = world.migrator("retry", "--shard", "ie-00", "--reason", "fixed")
+    assert res.returncode == 0, res.stderr
+    res = world.migrator("run", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'moved again' "
+                     "AND detail->>'reason' = 'fixed'")[0][0] == 1
+
+
+def test_a_shard_name_in_several_waves_is_refused_with_the_list(world: World):
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("plan", "--wave", "a").returncode == 0
+    assert world.migrator("run", "--wave", "a", "--region", "ie").returncode == 0
+    assert world.migrator("rollback", "--wave", "a", "--region", "ie", "--reason", "x").returncode == 0
+    assert world.migrator("release", "--shard", "a/ie-00", "--reason", "x").returncode == 0
+    assert world.migrator("plan", "--wave", "b").returncode == 0
+    res = world.migrator("rollback", "--shard", "ie-00", "--reason", "which one?")
+    assert res.returncode == 2
+    assert "a/ie-00" in res.stderr and "b/ie-00" in res.stderr
+    # the superseded shard no longer fails its own wave's run
+    assert world.migrator("run", "--wave", "b", "--region", "ie").returncode == 0
+    res = world.migrator("run", "--wave", "a", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stdout[-2000:]
