@@ -21,7 +21,9 @@ from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_
 # in exactly one scheduled run's interval (a plain "@daily" gives zero-width intervals).
 SCHEDULE = CronDataIntervalTimetable(os.environ.get("MIGRATOR_SCHEDULE", "0 0 * * *"), timezone="UTC")
 POOL = os.environ.get("MIGRATOR_POOL", "migrator_source")
-RETRIES = dict(retries=3, retry_delay=pendulum.duration(seconds=10), retry_exponential_backoff=True)
+RETRIES = dict(retries=int(os.environ.get("MIGRATOR_TASK_RETRIES", "3")),
+               retry_delay=pendulum.duration(seconds=float(os.environ.get("MIGRATOR_TASK_RETRY_DELAY_S", "10"))),
+               retry_exponential_backoff=True)
 
 
 def _spec():
@@ -105,11 +107,24 @@ def residency_migration():
         return orchestration.rollback_if_terminal(_spec(), ctx["run_id"], desc["shard_id"],
                                                   reason=f"automatic: a task of run {ctx['run_id']} failed for good")
 
+    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ALL_DONE)
+    @classified
+    def outcome(desc: dict) -> dict:
+        """The shard's recorded state once its tasks are done: green only when it cut over.
+        It waits for cutover and rollback both, so clearing the failed tasks of a run clears
+        this too and it waits for the resumed shard."""
+        from migrator import orchestration
+
+        _name_instance(desc)
+        return orchestration.shard_outcome(_spec(), desc["shard_id"])
+
     @task_group
     def shard(desc: dict):
         c, v, k = copy(desc), verify(desc), cutover(desc)
         c >> v >> k
-        [c, v, k] >> rollback(desc)
+        rb = rollback(desc)
+        [c, v, k] >> rb
+        [k, rb] >> outcome(desc)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     @classified
@@ -119,7 +134,7 @@ def residency_migration():
         shards' recorded states, not from the group's tasks."""
         from migrator import orchestration
 
-        return orchestration.verdict(_spec(), [s["shard_id"] for s in shards])
+        return orchestration.verdict(_spec(), None if shards is None else [s["shard_id"] for s in shards])
 
     planned = plan()
     groups = shard.expand(desc=planned)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from migrator.errors import SchemaMismatch
+from migrator.errors import PrivilegeMissing, SchemaMismatch
 from migrator.spec import EntityGraph
 
 
@@ -165,3 +165,39 @@ def compare(source: dict[str, Table], dest: dict[str, Table], dest_name: str) ->
             raise SchemaMismatch(f"{dest_name}: table {name}: columns are in a different order than at the source")
         if s.pk != d.pk:
             raise SchemaMismatch(f"{dest_name}: table {name}: primary key {list(d.pk)} differs from the source's {list(s.pk)}")
+
+
+# What each side needs (README, "Privileges"): the source is read and guarded (triggers
+# log changes and enforce the fence); a destination is written and, after cutover, guarded
+# too; both keep the tool's own tables in a schema `migrator`.
+SOURCE_TABLE_PRIVILEGES = ("SELECT", "TRIGGER")
+DESTINATION_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRIGGER")
+
+
+def missing_privileges(conn: psycopg.Connection, graph: EntityGraph | None, table_privileges: tuple[str, ...],
+                       side: str) -> list[str]:
+    """What the connected role lacks on this side, each named with its object."""
+    out: list[str] = []
+    role, have_schema = conn.execute(
+        "SELECT current_user, to_regnamespace('migrator') IS NOT NULL").fetchone()
+    if have_schema:
+        if not conn.execute("SELECT has_schema_privilege('migrator', 'CREATE') AND "
+                            "has_schema_privilege('migrator', 'USAGE')").fetchone()[0]:
+            out.append(f"{side}: role {role} lacks CREATE and USAGE on schema migrator")
+    elif not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
+        out.append(f"{side}: role {role} lacks CREATE on the database (for the schema migrator)")
+    if graph is None:
+        return out
+    if not conn.execute("SELECT has_schema_privilege(%s, 'USAGE')", (graph.schema_,)).fetchone()[0]:
+        return out + [f"{side}: role {role} lacks USAGE on schema {graph.schema_}"]
+    for name in graph.ordered():
+        qualified = f'"{graph.schema_}"."{name}"'
+        for priv in table_privileges:
+            if not conn.execute("SELECT has_table_privilege(%s, %s)", (qualified, priv)).fetchone()[0]:
+                out.append(f"{side}: role {role} lacks {priv} on table {graph.schema_}.{name}")
+    return out
+
+
+def check_privileges(found: list[str]) -> None:
+    if found:
+        raise PrivilegeMissing("missing privileges (see the README's 'Privileges'): " + "; ".join(found))

@@ -81,6 +81,19 @@ class Context:
             except Exception as exc:
                 log.warning("destination %s not checked now: %s", r, describe(exc))
 
+    def check_privileges(self, regions: list[str]) -> None:
+        """Every privilege the migrator needs at the source, the given destinations and the
+        control database, all named at once; raises before anything is written."""
+        g = self.spec.entity_graph
+        sides = [(f"source {self.spec.source_region}", self.source_dsn, g, catalog.SOURCE_TABLE_PRIVILEGES)]
+        sides += [(f"destination {r}", self.dsn(r), g, catalog.DESTINATION_TABLE_PRIVILEGES) for r in regions]
+        sides.append(("control database", self.spec.control.url, None, ()))
+        found: list[str] = []
+        for side, dsn, graph, privs in sides:
+            with connect(dsn, autocommit=True) as c:
+                found += catalog.missing_privileges(c, graph, privs, side)
+        catalog.check_privileges(found)
+
     def check_destination(self, region: str) -> None:
         """Refuse a destination whose schema differs from the source's; before any write."""
         if region in self._checked:

@@ -28,6 +28,11 @@ class SchemaMismatch(SpecError):
     is not declared, a destination table differs from the source): a spec problem."""
 
 
+class PrivilegeMissing(SpecError):
+    """The role a store is reached with lacks a privilege the migrator needs; named with
+    the store, the privilege and the object. Found by `plan` before anything is written."""
+
+
 class ConflictError(MigratorError):
     """Rows for a shard's users exist at the destination that this tool did not write."""
 

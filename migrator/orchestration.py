@@ -86,8 +86,24 @@ def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
     return [s.shard_id for s in ctx.control.resolve(wave, names)]
 
 
-def verdict(spec: Spec, ids: list[str]) -> dict[str, Any]:
-    """The states of a run's shards; raises when any of them did not cut over."""
+def shard_outcome(spec: Spec, shard_id: str) -> dict[str, Any]:
+    """One shard's state for its run; raises (naming the state and the next step) unless it
+    cut over or was superseded by a later wave."""
+    ctx = Context(spec, "report")
+    shard = ctx.control.shard(shard_id)
+    if shard.state == Phase.CUT_OVER:
+        return {"shard_id": shard_id, "state": shard.state.value}
+    if shard.state == Phase.ROLLED_BACK and ctx.control.superseded_by(shard_id):
+        return {"shard_id": shard_id, "state": shard.state.value, "superseded_by": ctx.control.superseded_by(shard_id)}
+    raise MigratorError(f"shard {shard_id} is {shard.state}" + (f" ({shard.error})" if shard.error else "")
+                        + f"; next: {dispatch.NEXT_STEP[shard.state]}")
+
+
+def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
+    """The states of a run's shards; raises when any of them did not cut over, or when there
+    is no plan (the plan task failed: nothing was moved)."""
+    if ids is None:
+        raise MigratorError("the plan task did not finish, so no shard was moved; its log says why")
     ctx = Context(spec, "report")
     states = {s.shard_id: s.state.value for s in ctx.control.shards(names=ids)} if ids else {}
     bad = {k: v for k, v in states.items() if v != Phase.CUT_OVER.value}

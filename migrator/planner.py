@@ -210,6 +210,7 @@ def plan(
             warnings.append(f"destination {r} cannot be reached ({describe(exc)}); its shards are planned and "
                             "wait for it")
             log.warning(warnings[-1])
+    ctx.check_privileges(reachable)
     warnings += ctx.index_warnings(reachable)
     if (done := _existing(ctx, wave, regions)) is not None:
         done.warnings = warnings

@@ -161,3 +161,65 @@ def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
         ids = [u for u, h in moved.items() if h == region]
         for table, q in DEMO_OWNED.items():
             assert world.rows("us", q, (ids,)) == world.rows(region, q, (ids,)), table
+
+
+def _run_state(af: LiveAirflow, run_id: str, want: set[str], timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = af.api("GET", f"/dags/residency_migration/dagRuns/{run_id}")
+        if run["state"] in want:
+            return run
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} is {run['state']}, not {want}")
+
+
+def _tasks(af: LiveAirflow, run_id: str) -> list[dict]:
+    return af.api("GET", f"/dags/residency_migration/dagRuns/{run_id}/taskInstances?limit=200")["task_instances"]
+
+
+def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_ends_green(world: World, tmp_path):
+    """IE is down for the whole first attempt: planning and the Norway shards go on, the IE
+    shards fail without rolling back; IE comes back; "clear only failed tasks" resumes them
+    and the run ends green."""
+    world.write_spec(sharding={"shards_per_region": 2},
+                     retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1})
+    home = tmp_path / "airflow"
+    home.mkdir()
+    af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
+    env = airflow_env(home, conns)
+    env.update(MIGRATOR_SPEC=str(af_spec), MIGRATOR_TASK_RETRIES="1", MIGRATOR_TASK_RETRY_DELAY_S="1",
+               AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True")
+    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
+    af = LiveAirflow(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
+    ie = world.cluster["ie"]
+    af.start()
+    try:
+        af.wait_for_dag("residency_migration")
+        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+        ie.stop()
+        try:
+            run_id = af.api("POST", "/dags/residency_migration/dagRuns",
+                            {"logical_date": None, "conf": {"scope": "all"}})["dag_run_id"]
+            _run_state(af, run_id, {"failed", "success"})
+        finally:
+            ie.start()
+        first = _tasks(af, run_id)
+        states = dict(world.ctl("SELECT name, state FROM migrator.shard"))
+        assert {v for k, v in states.items() if k.startswith("no-")} == {"cut_over"}, states
+        assert {v for k, v in states.items() if k.startswith("ie-")} == {"planned"}, states  # not rolled back
+        rollbacks = {t["state"] for t in first if t["task_id"] == "shard.rollback"}
+        assert "success" not in rollbacks, first  # no rollback did work
+        af.api("POST", "/dags/residency_migration/clearTaskInstances",
+               {"dry_run": False, "only_failed": True, "dag_run_id": run_id})
+        run = _run_state(af, run_id, {"success", "failed"})
+        again = _tasks(af, run_id)
+    finally:
+        af.stop()
+    assert run["state"] == "success", [(t["task_id"], t.get("rendered_map_index"), t["state"]) for t in again]
+    assert set(dict(world.ctl("SELECT name, state FROM migrator.shard")).values()) == {"cut_over"}
+    ie_copies = [t for t in again if t["task_id"] == "shard.copy" and str(t.get("rendered_map_index")).startswith("ie-")]
+    assert ie_copies and all(t["state"] == "success" for t in ie_copies)
+    ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie'")]
+    assert ids
+    for table, q in DEMO_OWNED.items():
+        assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table

@@ -100,3 +100,21 @@ def test_concurrent_runs_both_exit_by_the_final_states(world: World):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
         assert {s["state"] for s in json.loads(out)["shards"]} == {"cut_over"}
+
+
+def test_plan_names_every_missing_privilege_before_writing(world: World):
+    role = f"limited_{world.spec_path.parent.name}"[:60].lower().replace("-", "_")
+    with psycopg.connect(world.cluster["ie"].dsn(), autocommit=True) as c:
+        c.execute(f'CREATE ROLE "{role}" LOGIN')
+    db = world.dsn["ie"].rsplit("/", 1)[1]
+    with psycopg.connect(world.dsn["ie"], autocommit=True) as c:
+        c.execute(f'REVOKE CREATE ON DATABASE "{db}" FROM PUBLIC')
+        c.execute(f'GRANT SELECT, UPDATE, DELETE, TRIGGER ON ALL TABLES IN SCHEMA public TO "{role}"')
+        c.execute(f'GRANT INSERT ON users, comments, login_events, devices TO "{role}"')  # not videos
+    limited = world.dsn["ie"].replace("postgres@", f"{role}@", 1)
+    world.write_spec(regions={**world.spec["regions"], "ie": {"dsn": limited}})
+    res = world.migrator("plan", "--json")
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"destination ie: role {role} lacks INSERT on table public.videos" in res.stderr
+    assert f"destination ie: role {role} lacks CREATE on the database" in res.stderr
+    assert world.ctl("SELECT to_regclass('migrator.shard')") == [(None,)]  # nothing planned, nothing written
