@@ -118,3 +118,41 @@ def test_plan_names_every_missing_privilege_before_writing(world: World):
     assert f"destination ie: role {role} lacks INSERT on table public.videos" in res.stderr
     assert f"destination ie: role {role} lacks CREATE on the database" in res.stderr
     assert world.ctl("SELECT to_regclass('migrator.shard')") == [(None,)]  # nothing planned, nothing written
+
+
+@pytest.mark.parametrize("statement, named, secret", [
+    ("INSERT INTO users VALUES (1, 'dup-secret@example.test', NULL, 'DE', now(), NULL), "
+     "(1, 'dup-secret@example.test', NULL, 'DE', now(), NULL)", ["users_pkey", "table users", "23505"], "dup-secret"),
+    ("INSERT INTO users VALUES (2, NULL, 'nn-secret', 'DE', now(), NULL)", ["column email", "table users", "23502"],
+     "nn-secret"),
+    ("SELECT 1 FROM users u JOIN videos v ON v.user_id::text = u.user_id", ["operator does not exist", "42883"], None),
+    ("SELECT 'value-secret'::int", ["22P02"], "value-secret"),
+])
+def test_driver_errors_name_the_store_and_objects_never_values(world: World, statement, named, secret):
+    from migrator.errors import describe
+    from migrator.stores.postgres import connect, name_store
+
+    name_store(world.dsn["ie"], "region ie")
+    with pytest.raises(psycopg.Error) as e, connect(world.dsn["ie"]) as c:
+        c.execute(statement)
+    said = describe(e.value)
+    assert said.startswith(f"region ie (127.0.0.1:{world.cluster['ie'].port}/"), said
+    for n in named:
+        assert n in said, said
+    if secret:
+        assert secret not in said
+
+
+def test_a_missing_privilege_at_run_time_is_named(world: World):
+    from migrator.errors import describe
+    from migrator.stores.postgres import connect, name_store
+
+    role = f"ro_{world.spec_path.parent.name}"[:60].lower().replace("-", "_")
+    with psycopg.connect(world.dsn["ie"], autocommit=True) as c:
+        c.execute(f'CREATE ROLE "{role}" LOGIN')
+    dsn = world.dsn["ie"].replace("postgres@", f"{role}@", 1)
+    name_store(dsn, "region ie")
+    with pytest.raises(psycopg.Error) as e, connect(dsn) as c:
+        c.execute("SELECT * FROM videos")
+    said = describe(e.value)
+    assert "region ie" in said and "permission denied for table videos" in said and "42501" in said

@@ -183,3 +183,25 @@ def test_describe_names_an_s3_error_by_code_and_call_never_by_its_message():
     assert not is_transient(exc)
     slow = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
     assert "SlowDown" in describe(slow) and "PutObject" in describe(slow) and is_transient(slow)
+
+
+def test_describe_names_an_unreachable_s3_endpoint():
+    from botocore.exceptions import EndpointConnectionError
+
+    from migrator.errors import describe
+
+    exc = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/media-ie/users/7/a.jpg")
+    assert "S3 endpoint http://127.0.0.1:9" in describe(exc) and "EndpointConnectionError" in describe(exc)
+    assert is_transient(exc)
+
+
+def test_dispatch_refusals_name_the_state_and_the_next_step():
+    from migrator.dispatch import RUNS, Verdict, decide
+    from migrator.state import Phase
+
+    for phase in RUNS:
+        for state in Phase:
+            d = decide(state, phase)
+            assert d.verdict in Verdict
+            if d.verdict == Verdict.REFUSE:
+                assert str(state) in d.why and "next:" in d.why
