@@ -29,12 +29,18 @@ case "$cmd" in
     install "airflow,test,bench"
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  lint)
+    install "airflow,test,bench"
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/mypy"
+    ;;
   bench)
     install "bench"
     exec "$VENV/bin/python" -m bench "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo [--users N] [--json] | ./dev.sh test [pytest args] | ./dev.sh bench [--scale S]" >&2
+    echo "usage: ./dev.sh demo [--users N] [--json] | ./dev.sh test [pytest args] | ./dev.sh lint | ./dev.sh bench [--scale S]" >&2
     exit 2
     ;;
 esac

@@ -11,6 +11,7 @@ truncated between runs; each figure is the median of --runs runs:
   migration against without one.
 It prints one JSON document and writes a PNG chart (--chart).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ import re
 import resource
 import shutil
 import signal
-import sys
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,25 +42,36 @@ from migrator.spec import parse_spec
 from migrator.verifier import compare_shard
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
 def server_settings(scale: float) -> dict[str, str]:
     """Both servers, for the pipe and the tool alike: buffers that hold the scale's data
     (about 0.9 GB at the source per unit of scale) and WAL sized for a bulk load, so a
     larger scale is not slowed by evictions and checkpoints that a smaller one escapes."""
-    return {"shared_buffers": f"{max(1024, round(1280 * scale))}MB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
+    return {
+        "shared_buffers": f"{max(1024, round(1280 * scale))}MB",
+        "max_wal_size": "8GB",
+        "checkpoint_timeout": "30min",
+    }
+
+
 TABLES = ["users", "videos", "comments", "login_events", "devices"]
 
 
 def raw_pipe(ctx: Context, psql: str, src: str, dst: str, region: str) -> float:
     codes = [c for c, r in ctx.spec.policy.items() if r == region]
     t0 = time.perf_counter()
-    for name, table in ctx.tables.items():
+    for name in ctx.tables:
         own = sqlgen.ownership(ctx.spec.entity_graph, name)
-        q = psycopg.sql.SQL("SELECT t0.* FROM {} WHERE {} IN (SELECT user_id FROM users WHERE country_code = ANY({}))").format(
-            own.from_, own.owner, psycopg.sql.Literal(codes))
+        q = psycopg.sql.SQL(
+            "SELECT t0.* FROM {} WHERE {} IN (SELECT user_id FROM users WHERE country_code = ANY({}))"
+        ).format(own.from_, own.owner, psycopg.sql.Literal(codes))
         with psycopg.connect(src) as c:
             text = q.as_string(c)
-        cmd = (f"{psql} '{src}' -qc \"\\copy ({text}) TO STDOUT (FORMAT binary)\" | "
-               f"{psql} '{dst}' -qc \"\\copy {name} FROM STDIN (FORMAT binary)\"")
+        cmd = (
+            f"{psql} '{src}' -qc \"\\copy ({text}) TO STDOUT (FORMAT binary)\" | "
+            f"{psql} '{dst}' -qc \"\\copy {name} FROM STDIN (FORMAT binary)\""
+        )
         subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)
     return time.perf_counter() - t0
 
@@ -67,8 +79,9 @@ def raw_pipe(ctx: Context, psql: str, src: str, dst: str, region: str) -> float:
 def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
     """objects/s and MB/s of the tool's object copy against a plain boto3 GET/PUT loop with
     the same thread count, between two S3 endpoints (moto servers) started here."""
-    import boto3
     from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
 
     from migrator import objects
     from migrator.embedded import LocalS3
@@ -80,20 +93,33 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
         cl = {r: boto3.client("s3", endpoint_url=s.endpoint, region_name="us-east-1") for r, s in servers.items()}
         cl["us"].create_bucket(Bucket="media-us")
         with psycopg.connect(src_db) as c:
-            eu = [u for (u,) in c.execute(
-                "SELECT user_id FROM users WHERE country_code = ANY(%s) ORDER BY user_id LIMIT %s",
-                ([k for k, r in spec["policy"].items() if r != "us"], a.objects))]
+            eu = [
+                u
+                for (u,) in c.execute(
+                    "SELECT user_id FROM users WHERE country_code = ANY(%s) ORDER BY user_id LIMIT %s",
+                    ([k for k, r in spec["policy"].items() if r != "us"], a.objects),
+                )
+            ]
             # The wave holds just the users who own these objects (users are created in id
             # order): the figure is the object copy's, whatever the scale of the rows.
-            (until,) = c.execute("SELECT max(created_at) + interval '1 microsecond' FROM users WHERE user_id <= %s",
-                                 (max(eu),)).fetchone()
+            (until,) = c.execute(
+                "SELECT max(created_at) + interval '1 microsecond' FROM users WHERE user_id <= %s", (max(eu),)
+            ).fetchone()
         body = os.urandom(a.object_kb * 1024)
         keys = [f"users/{u}/media.bin" for u in eu]
         with ThreadPoolExecutor(a.threads) as pool:
             list(pool.map(lambda k: cl["us"].put_object(Bucket="media-us", Key=k, Body=body), keys))
-        ospec = dict(spec, objects={"user_prefix": "users/{user}/", "threads": a.threads,
-                                    "stores": {"us": {"endpoint": servers["us"].endpoint, "bucket": "media-us"},
-                                               "ie": {"endpoint": servers["ie"].endpoint, "bucket": "media-ie"}}})
+        ospec = dict(
+            spec,
+            objects={
+                "user_prefix": "users/{user}/",
+                "threads": a.threads,
+                "stores": {
+                    "us": {"endpoint": servers["us"].endpoint, "bucket": "media-us"},
+                    "ie": {"endpoint": servers["ie"].endpoint, "bucket": "media-ie"},
+                },
+            },
+        )
         plain, tool = [], []
         for run in range(runs):
             bucket = f"plain-{run}"
@@ -123,9 +149,14 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
         med = statistics.median
         mb = len(keys) * a.object_kb / 1024
         return {
-            "objects": len(keys), "object_kb": a.object_kb, "threads": a.threads, "runs": runs,
-            "plain_loop_s": round(med(plain), 3), "tool_objects_s": round(med(tool), 3),
-            "tool_objects_per_s": round(len(keys) / med(tool), 1), "tool_mb_per_s": round(mb / med(tool), 2),
+            "objects": len(keys),
+            "object_kb": a.object_kb,
+            "threads": a.threads,
+            "runs": runs,
+            "plain_loop_s": round(med(plain), 3),
+            "tool_objects_s": round(med(tool), 3),
+            "tool_objects_per_s": round(len(keys) / med(tool), 1),
+            "tool_mb_per_s": round(mb / med(tool), 2),
             "plain_objects_per_s": round(len(keys) / med(plain), 1),
             "objects_vs_plain": round(med(plain) / med(tool), 3),
         }
@@ -162,7 +193,7 @@ def reladiff(ctx: Context, src: str, dst: str, codes: list[str], threads: int = 
         for line in res.stdout.splitlines():  # [sign, [key..., values...]], not always valid JSON
             if line.strip().startswith("["):
                 strings = re.findall(r'"((?:[^"\\]|\\.)*)"', line)
-                found.append({"table": name, "sign": strings[0], "key": strings[1: 1 + len(table.pk)]})  # keys only
+                found.append({"table": name, "sign": strings[0], "key": strings[1 : 1 + len(table.pk)]})  # keys only
     return time.perf_counter() - t0, found
 
 
@@ -193,16 +224,24 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     with psycopg.connect(control) as c:
         closed = [d for (d,) in c.execute("SELECT detail FROM migrator.audit WHERE detail->>'event' = 'fence closed'")]
     fences = sorted(float(d["fence_ms"]) for d in closed)
-    steps = {k: round(statistics.median(d["fence_steps_ms"].get(k, 0.0) for d in closed), 1)
-             for k in (closed[0]["fence_steps_ms"] if closed else {})}
+    steps = {
+        k: round(statistics.median(d["fence_steps_ms"].get(k, 0.0) for d in closed), 1)
+        for k in (closed[0]["fence_steps_ms"] if closed else {})
+    }
     q = statistics.quantiles(fences, n=100, method="inclusive") if len(fences) > 1 else fences * 99
     return {
-        "shards": len(fences), "fence_ms_p50": round(statistics.median(fences), 1), "fence_ms_p99": round(q[98], 1),
+        "shards": len(fences),
+        "fence_ms_p50": round(statistics.median(fences), 1),
+        "fence_ms_p99": round(q[98], 1),
         "fence_steps_ms_p50": steps,
-        "writer_ops_per_s_alone": round(alone, 1), "writer_ops_per_s_during": round(acked.ops / elapsed, 1),
+        "writer_ops_per_s_alone": round(alone, 1),
+        "writer_ops_per_s_during": round(acked.ops / elapsed, 1),
         "writer_during_vs_alone": round(acked.ops / elapsed / alone, 3),
-        "fenced_retries": acked.fenced, "lost_writes": 0, "writer_errors": w.errors[:3],
-        "migration_s": round(elapsed, 2), "writer_ops_during": acked.ops,
+        "fenced_retries": acked.fenced,
+        "lost_writes": 0,
+        "writer_errors": w.errors[:3],
+        "migration_s": round(elapsed, 2),
+        "writer_ops_during": acked.ops,
     }
 
 
@@ -231,8 +270,12 @@ def bench_airflow(dst: str, control: str, spec: dict, base: Path) -> dict:
     res = run_dag(path, base / "airflow")
     airflow_s = time.perf_counter() - t0
     assert res.returncode == 0, "the DAG run failed"
-    return {"cli_s": round(cli_s, 2), "airflow_s": round(airflow_s, 2), "airflow_vs_cli": round(airflow_s / cli_s, 2),
-            "note": "airflow_s includes `airflow db migrate` of a fresh metadata DB and task start-up"}
+    return {
+        "cli_s": round(cli_s, 2),
+        "airflow_s": round(airflow_s, 2),
+        "airflow_vs_cli": round(airflow_s / cli_s, 2),
+        "note": "airflow_s includes `airflow db migrate` of a fresh metadata DB and task start-up",
+    }
 
 
 def chart(doc: dict, path: Path) -> None:
@@ -247,8 +290,11 @@ def chart(doc: dict, path: Path) -> None:
     bars = ax.bar(labels, values, color=["#888", "#7a7", "#2a7", "#27a", "#c63"])
     ax.bar_label(bars, fmt="%.2f s")
     ax.set_ylabel("seconds (median)")
-    ax.set_title(f"{doc['rows']:,} rows, scale {doc['scale']}, {doc['cores']} cores: "
-                 f"copy/pipe {doc['copy_vs_pipe']}, verify x{doc.get('verify_speedup_vs_reladiff')}", fontsize=8)
+    ax.set_title(
+        f"{doc['rows']:,} rows, scale {doc['scale']}, {doc['cores']} cores: "
+        f"copy/pipe {doc['copy_vs_pipe']}, verify x{doc.get('verify_speedup_vs_reladiff')}",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -259,8 +305,10 @@ def growth(small: dict, large: dict) -> dict:
     t_small = small["copy_s"] + small["verify_s"]
     t_large = large["copy_s"] + large["verify_s"]
     return {
-        "against_scale": small["scale"], "rows_ratio": round(large["rows"] / small["rows"], 3),
-        "time_ratio": round(t_large / t_small, 3), "copy_time_ratio": round(large["copy_s"] / small["copy_s"], 3),
+        "against_scale": small["scale"],
+        "rows_ratio": round(large["rows"] / small["rows"], 3),
+        "time_ratio": round(t_large / t_small, 3),
+        "copy_time_ratio": round(large["copy_s"] / small["copy_s"], 3),
         "verify_time_ratio": round(large["verify_s"] / small["verify_s"], 3),
         "raw_pipe_time_ratio": round(large["raw_pipe_s"] / small["raw_pipe_s"], 3),
         "plan_time_ratio": round(large["plan_s"] / small["plan_s"], 3),
@@ -343,7 +391,7 @@ class Dataset:
         reset_peak_rss()
         # Alternate which goes first, and checkpoint both servers before each timed step,
         # so neither pays for the other's writes.
-        for step in (("pipe", "tool") if run % 2 == 0 else ("tool", "pipe")):
+        for step in ("pipe", "tool") if run % 2 == 0 else ("tool", "pipe"):
             ctx = self.reset()
             settle(self.src, self.dst)
             if step == "pipe":
@@ -374,39 +422,67 @@ class Dataset:
 
     def figures(self) -> dict:
         med = statistics.median
-        return {"scale": self.scale, "users": self.users, "rows": self.rows,
-                "raw_pipe_s": round(med(self.pipe), 3), "plan_s": round(med(self.planned), 3),
-                "copy_s": round(med(self.copy), 3), "verify_s": round(med(self.verify), 3),
-                "peak_rss_mb": round(self.peak_mb, 1),
-                "copy_vs_pipe": round(med(self.copy) / med(self.pipe), 3),
-                "total_vs_pipe": round((med(self.copy) + med(self.verify)) / med(self.pipe), 3),
-                **({"reladiff_s": round(med(self.rel), 3),
-                    "verify_speedup_vs_reladiff": round(med(self.rel) / med(self.verify), 2)} if self.rel else {})}
+        return {
+            "scale": self.scale,
+            "users": self.users,
+            "rows": self.rows,
+            "raw_pipe_s": round(med(self.pipe), 3),
+            "plan_s": round(med(self.planned), 3),
+            "copy_s": round(med(self.copy), 3),
+            "verify_s": round(med(self.verify), 3),
+            "peak_rss_mb": round(self.peak_mb, 1),
+            "copy_vs_pipe": round(med(self.copy) / med(self.pipe), 3),
+            "total_vs_pipe": round((med(self.copy) + med(self.verify)) / med(self.pipe), 3),
+            **(
+                {
+                    "reladiff_s": round(med(self.rel), 3),
+                    "verify_speedup_vs_reladiff": round(med(self.rel) / med(self.verify), 2),
+                }
+                if self.rel
+                else {}
+            ),
+        }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=float, default=1.0)
-    ap.add_argument("--runs", type=int, default=3,
-                    help="runs of the copy and verify figures; 0 skips them (for --writes, --objects or --airflow alone)")
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs of the copy and verify figures; 0 skips them (for --writes, --objects or --airflow alone)",
+    )
     ap.add_argument("--batch-users", type=int, default=20000)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it")
+    ap.add_argument(
+        "--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it"
+    )
     ap.add_argument("--object-kb", type=int, default=256)
     ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--object-runs", type=int, default=7,
-                    help="runs of the object figure (each takes seconds, and S3 request times vary a lot)")
+    ap.add_argument(
+        "--object-runs",
+        type=int,
+        default=7,
+        help="runs of the object figure (each takes seconds, and S3 request times vary a lot)",
+    )
     ap.add_argument("--no-reladiff", action="store_true")
     ap.add_argument("--writes", action="store_true", help="measure the fence window and writer throughput")
     ap.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     ap.add_argument("--airflow", action="store_true", help="also time the plan through the Airflow DAG")
-    ap.add_argument("--against-scale", type=float, default=None,
-                    help="also measure this smaller scale, on servers of its own, each run right beside this "
-                         "scale's, and report how time grew with the data")
+    ap.add_argument(
+        "--against-scale",
+        type=float,
+        default=None,
+        help="also measure this smaller scale, on servers of its own, each run right beside this "
+        "scale's, and report how time grew with the data",
+    )
     a = ap.parse_args()
     if a.runs == 0 and (a.against_scale is not None or a.chart or not (a.writes or a.objects or a.airflow)):
-        ap.error("--runs 0 skips the copy and verify figures: it needs --writes, --objects or --airflow, "
-                 "and takes neither --against-scale nor --chart")
+        ap.error(
+            "--runs 0 skips the copy and verify figures: it needs --writes, --objects or --airflow, "
+            "and takes neither --against-scale nor --chart"
+        )
     # A terminated run still stops its servers (the `finally` below): a server whose
     # postmaster is gone can leave a backend running its query on and on.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -417,43 +493,60 @@ def main() -> None:
         if a.against_scale is not None:
             sets.append(small := Dataset(a.against_scale, base / "small", a.batch_users))
         for run in range(a.runs):
-            for ds in (sets if run % 2 == 0 else sets[::-1]):
+            for ds in sets if run % 2 == 0 else sets[::-1]:
                 ds.run(run, with_reladiff=not a.no_reladiff)
         src, dst, control, spec, ctx, p = big.src, big.dst, big.control, big.spec, big.ctx, big.plan
         med = statistics.median
         changed = None
         if a.runs and not a.no_reladiff:  # one row changed at the destination: both must find it
-            victim = psycopg.connect(dst, autocommit=True).execute(
-                "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
-                "RETURNING comment_id").fetchone()[0]
+            victim = (
+                psycopg.connect(dst, autocommit=True)
+                .execute(
+                    "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
+                    "RETURNING comment_id"
+                )
+                .fetchone()[0]
+            )
             tool_found = [d for s in p.shards for d in compare_shard(ctx, s.shard_id).differences]
             _, rel_found = reladiff(ctx, src, dst, big.codes)
             changed = {
                 "row": {"table": "comments", "comment_id": victim},
-                "tool_found": tool_found == [{"table": "comments", "pk": {"comment_id": str(victim)}, "problem": "different"}],
+                "tool_found": tool_found
+                == [{"table": "comments", "pk": {"comment_id": str(victim)}, "problem": "different"}],
                 "reladiff_found": sorted(f["sign"] for f in rel_found) == ["+", "-"]
                 and all(f["table"] == "comments" and f["key"] == [str(victim)] for f in rel_found),
             }
         if a.runs:
             fig = big.figures()
             doc = {
-                **{k: fig[k] for k in ("scale", "users", "rows")}, "runs": a.runs, "cores": os.cpu_count(),
-                "machine": platform.machine(), "server_settings": big.settings,
+                **{k: fig[k] for k in ("scale", "users", "rows")},
+                "runs": a.runs,
+                "cores": os.cpu_count(),
+                "machine": platform.machine(),
+                "server_settings": big.settings,
                 **{k: fig[k] for k in ("raw_pipe_s", "plan_s", "copy_s", "verify_s")},
                 "copy_vs_pipe": round(med(big.copy) / med(big.pipe), 3),
                 "total_vs_pipe": round((med(big.copy) + med(big.verify)) / med(big.pipe), 3),
-                "plan_copy_verify_vs_pipe": round((med(big.planned) + med(big.copy) + med(big.verify)) / med(big.pipe), 3),
+                "plan_copy_verify_vs_pipe": round(
+                    (med(big.planned) + med(big.copy) + med(big.verify)) / med(big.pipe), 3
+                ),
                 "peak_rss_mb": fig["peak_rss_mb"],
                 "reladiff_s": round(med(big.rel), 3) if big.rel else None,
                 "verify_speedup_vs_reladiff": round(med(big.rel) / med(big.verify), 2) if big.rel else None,
                 "changed_row": changed,
                 "note": "plan_s is `migrator plan` (membership, directory rows, row estimates), timed apart from "
-                        "the copy phase copy_s; peak_rss_mb is the benchmark process's (the tool runs in it) over this "
-                        "scale's plan, copy and verify runs",
+                "the copy phase copy_s; peak_rss_mb is the benchmark process's (the tool runs in it) over this "
+                "scale's plan, copy and verify runs",
             }
         else:  # only the figures asked for, on this scale's data
-            doc = {"scale": big.scale, "users": big.users, "runs": 0, "cores": os.cpu_count(),
-                   "machine": platform.machine(), "server_settings": big.settings}
+            doc = {
+                "scale": big.scale,
+                "users": big.users,
+                "runs": 0,
+                "cores": os.cpu_count(),
+                "machine": platform.machine(),
+                "server_settings": big.settings,
+            }
         if a.against_scale is not None:
             doc["growth"] = growth(small.figures(), fig)
         if a.writes:

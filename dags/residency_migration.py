@@ -10,6 +10,7 @@ connection when the file is parsed. DSNs come from Airflow Connections named in 
 Pool: copy tasks run in the `migrator_source` pool, whose size bounds how many shards
 read from the US source at once (2 slots suit a 2-core source; one slot per spare core).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,11 @@ from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_
 # in exactly one scheduled run's interval (a plain "@daily" gives zero-width intervals).
 SCHEDULE = CronDataIntervalTimetable(os.environ.get("MIGRATOR_SCHEDULE", "0 0 * * *"), timezone="UTC")
 POOL = os.environ.get("MIGRATOR_POOL", "migrator_source")
-RETRIES = dict(retries=int(os.environ.get("MIGRATOR_TASK_RETRIES", "3")),
-               retry_delay=pendulum.duration(seconds=float(os.environ.get("MIGRATOR_TASK_RETRY_DELAY_S", "10"))),
-               retry_exponential_backoff=True)
+RETRIES = dict(
+    retries=int(os.environ.get("MIGRATOR_TASK_RETRIES", "3")),
+    retry_delay=pendulum.duration(seconds=float(os.environ.get("MIGRATOR_TASK_RETRY_DELAY_S", "10"))),
+    retry_exponential_backoff=True,
+)
 
 
 def _spec():
@@ -48,8 +51,12 @@ def _name_instance(desc: dict) -> None:
     tags=["residency"],
     params={
         "scope": Param("interval", enum=["interval", "all"], description="users created in the data interval, or all"),
-        "regions": Param([], type="array", items={"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
-                         description="target regions; empty = all"),
+        "regions": Param(
+            [],
+            type="array",
+            items={"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+            description="target regions; empty = all",
+        ),
         "shards": Param([], type="array", items={"type": "string"}, description="shard names (ie-03); empty = all"),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1000000, description="users per batch"),
         "dry_run": Param(False, type="boolean", description="plan only; write nothing"),
@@ -104,8 +111,9 @@ def residency_migration():
 
         _name_instance(desc)
         ctx = get_current_context()
-        return orchestration.rollback_if_terminal(_spec(), ctx["run_id"], desc["shard_id"],
-                                                  reason=f"automatic: a task of run {ctx['run_id']} failed for good")
+        return orchestration.rollback_if_terminal(
+            _spec(), ctx["run_id"], desc["shard_id"], reason=f"automatic: a task of run {ctx['run_id']} failed for good"
+        )
 
     @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ALL_DONE)
     @classified

@@ -1,5 +1,6 @@
 """Releases the held users of rolled-back shards (a later wave may then plan them), or
 moves them again in their own wave; either way with a reason in the audit trail."""
+
 from __future__ import annotations
 
 import pendulum
@@ -13,12 +14,19 @@ from airflow.sdk import Param, dag, get_current_context, task
     catchup=False,
     tags=["residency"],
     params={
-        "shards": Param(type="array", items={"type": "string"}, minItems=1,
-                        description="rolled-back shard ids (wave/ie-03) or names (ie-03, unique or with wave)"),
+        "shards": Param(
+            type="array",
+            items={"type": "string"},
+            minItems=1,
+            description="rolled-back shard ids (wave/ie-03) or names (ie-03, unique or with wave)",
+        ),
         "wave": Param(None, type=["null", "string"], description="the wave, when a name is in several"),
         "reason": Param(type="string", minLength=3, description="why; recorded in the audit table"),
-        "mode": Param("release", enum=["release", "retry"],
-                      description="release: free the users for a later wave; retry: plan them again in their own wave"),
+        "mode": Param(
+            "release",
+            enum=["release", "retry"],
+            description="release: free the users for a later wave; retry: plan them again in their own wave",
+        ),
         "spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC"),
     },
 )

@@ -1,5 +1,6 @@
 """Manual rollback of named shards, with a reason recorded in the audit trail. A rolled-back
 shard's users are held until released or moved again (the residency_release DAG)."""
+
 from __future__ import annotations
 
 import pendulum
@@ -13,8 +14,12 @@ from airflow.sdk import Param, dag, get_current_context, task
     catchup=False,
     tags=["residency"],
     params={
-        "shards": Param(type="array", items={"type": "string"}, minItems=1,
-                        description="shard ids (wave/ie-03) or names (ie-03, with wave)"),
+        "shards": Param(
+            type="array",
+            items={"type": "string"},
+            minItems=1,
+            description="shard ids (wave/ie-03) or names (ie-03, with wave)",
+        ),
         "wave": Param(None, type=["null", "string"], description="the wave, when shards are given by name"),
         "reason": Param(type="string", minLength=3, description="why; recorded in the audit table"),
         "dry_run": Param(False, type="boolean"),

@@ -1,10 +1,12 @@
 """The few things the DAG files need from Airflow's side: connections mapped onto the spec,
 and the library's error classes turned into Airflow's (no retry for terminal errors)."""
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from migrator.errors import describe, is_transient
 
@@ -43,9 +45,7 @@ def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         try:
             out = fn(*args, **kwargs)

@@ -37,6 +37,7 @@ users cannot write does not grow with the shard. After cutover the same machiner
 the other way: destination writes are captured so a rollback can carry them back to the
 source.
 """
+
 from __future__ import annotations
 
 import json
@@ -121,7 +122,7 @@ def _owner_expr(graph: EntityGraph, table: str, rec: str) -> str:
         on = " AND ".join(f"{nxt}.{q(p).as_string(None)} = {alias}.{q(c).as_string(None)}" for c, p in hop.fk.items())
         joins.append(f"JOIN {q(graph.schema_).as_string(None)}.{q(hop.parent).as_string(None)} {nxt} ON {on}")
         alias = nxt
-    return (f"(SELECT ({alias}.{q(root.key).as_string(None)})::text FROM {' '.join(joins)} WHERE {conds} LIMIT 1)")
+    return f"(SELECT ({alias}.{q(root.key).as_string(None)})::text FROM {' '.join(joins)} WHERE {conds} LIMIT 1)"
 
 
 def _function(graph: EntityGraph, table: Table) -> str:
@@ -140,7 +141,8 @@ def _function(graph: EntityGraph, table: Table) -> str:
       END IF;
       SELECT c.shard_id INTO s FROM migrator.capture_users c WHERE c.user_key = o;
       IF s IS NOT NULL THEN
-        INSERT INTO migrator.changes (shard_id, tbl, pk) VALUES (s, '{table.name}', jsonb_build_object({pk.format(r=rec)}));
+        INSERT INTO migrator.changes (shard_id, tbl, pk)
+          VALUES (s, '{table.name}', jsonb_build_object({pk.format(r=rec)}));
       END IF;
     END IF;
   END IF;""")
@@ -150,17 +152,18 @@ DECLARE o text; s text;
 BEGIN
   IF current_setting('migrator.apply', true) = 'on' THEN
     RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
-  END IF;{''.join(body)}
+  END IF;{"".join(body)}
   RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 END $fn$;
 """
 
 
 def _trigger(graph: EntityGraph, table: Table) -> str:
+    target = f"{sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}"
     return f"""
-DROP TRIGGER IF EXISTS migrator_guard ON {sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)};
+DROP TRIGGER IF EXISTS migrator_guard ON {target};
 CREATE TRIGGER migrator_guard BEFORE INSERT OR UPDATE OR DELETE
-  ON {sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}
+  ON {target}
   FOR EACH ROW EXECUTE FUNCTION migrator.guard_{table.name}();
 """
 
@@ -181,10 +184,15 @@ def install(ctx: Context, dsn: str) -> None:
             c.execute(DDL)
             c.execute(LOG_UPGRADE)
             _current_logs.add(dsn)
-            have = {r[0] for r in c.execute(
-                "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = 'migrator_guard' AND n.nspname = %s",
-                (g.schema_,))}
+            have = {
+                r[0]
+                for r in c.execute(
+                    "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE t.tgname = 'migrator_guard' AND n.nspname = %s",
+                    (g.schema_,),
+                )
+            }
             for table in ctx.tables.values():
                 c.execute(_function(g, table))
                 if table.name not in have:
@@ -197,8 +205,12 @@ def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
     timeout is retried rather than failing the shard."""
     from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-    for attempt in Retrying(retry=retry_if_exception(is_transient), stop=stop_after_attempt(10),
-                            wait=wait_exponential(multiplier=0.1, max=2), reraise=True):
+    for attempt in Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(10),
+        wait=wait_exponential(multiplier=0.1, max=2),
+        reraise=True,
+    ):
         with attempt:
             return _uninstall(ctx, dsn)
     return False
@@ -210,14 +222,22 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
         c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
         if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
             return True
-        busy = c.execute("SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users)").fetchone()[0]
+        busy = c.execute(
+            "SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users)"
+        ).fetchone()[0]
         if busy:
             return False
         g = ctx.spec.entity_graph
         for table in reversed(list(ctx.tables.values())):  # children first, as writers lock them
-            c.execute(sql.SQL("DROP TRIGGER IF EXISTS migrator_guard ON {}.{}").format(sql.Identifier(g.schema_), sql.Identifier(table.name)))
+            c.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS migrator_guard ON {}.{}").format(
+                    sql.Identifier(g.schema_), sql.Identifier(table.name)
+                )
+            )
             c.execute(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}()")
-        c.execute("DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users, migrator.fences")
+        c.execute(
+            "DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users, migrator.fences"
+        )
     return True
 
 
@@ -246,8 +266,9 @@ def _wait_for_earlier(dsn: str, deadline: float, what: str, ignore: tuple[int, .
     with connect(dsn, autocommit=True) as c:
         mark = c.execute("SELECT pg_current_xact_id()").fetchone()[0]
         while True:
-            done = c.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {RUNNING} AND x < %s::text::xid8)",
-                             (skip, str(mark))).fetchone()[0]
+            done = c.execute(
+                f"SELECT NOT EXISTS (SELECT 1 FROM {RUNNING} AND x < %s::text::xid8)", (skip, str(mark))
+            ).fetchone()[0]
             if done:
                 return
             if time.monotonic() > deadline:
@@ -309,8 +330,11 @@ def fence(dsn: str, sid: str, deadline: float, ignore: tuple[int, ...] = ()) -> 
     with connect(dsn) as c:
         if c.execute("SELECT 1 FROM migrator.fenced_users WHERE shard_id = %s LIMIT 1", (sid,)).fetchone() is None:
             raise RuntimeError(f"shard {sid}: no fence list staged")  # a caller's mistake, never a user's
-        c.execute("INSERT INTO migrator.fences (shard_id, until) VALUES (%s, clock_timestamp() + make_interval(secs => %s)) "
-                  "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until", (sid, remaining))
+        c.execute(
+            "INSERT INTO migrator.fences (shard_id, until) VALUES (%s, clock_timestamp() + make_interval(secs => %s)) "
+            "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until",
+            (sid, remaining),
+        )
     _wait_for_earlier(dsn, deadline, "the fence", ignore)
 
 
@@ -321,16 +345,18 @@ def own_transaction(dsn: str, conn: psycopg.Connection) -> tuple[int, ...]:
     pid = conn.info.backend_pid
     xid, short = conn.execute("SELECT pg_current_xact_id()::text, pg_current_xact_id()::xid::text").fetchone()
     with connect(dsn, autocommit=True) as c:
-        same = c.execute("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s AND backend_xid::text = %s)",
-                         (pid, short)).fetchone()[0]
+        same = c.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s AND backend_xid::text = %s)", (pid, short)
+        ).fetchone()[0]
     return (int(xid),) if same else ()
 
 
 def hold_fence(dsn: str, sid: str) -> None:
     """Make the shard's fence permanent (after cutover the source stays read-only)."""
     with connect(dsn) as c:
-        n = c.execute("UPDATE migrator.fences SET until = 'infinity' WHERE shard_id = %s AND until > clock_timestamp()",
-                      (sid,)).rowcount
+        n = c.execute(
+            "UPDATE migrator.fences SET until = 'infinity' WHERE shard_id = %s AND until > clock_timestamp()", (sid,)
+        ).rowcount
         if n != 1:
             raise TimeoutError("the fence expired before it could be held")
 
@@ -339,8 +365,11 @@ def hold_now(dsn: str, sid: str) -> None:
     """Fence the shard's staged users for good at once (recovery: a cut-over shard's source
     must refuse its users' writes)."""
     with connect(dsn) as c:
-        c.execute("INSERT INTO migrator.fences (shard_id, until) VALUES (%s, 'infinity') "
-                  "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until", (sid,))
+        c.execute(
+            "INSERT INTO migrator.fences (shard_id, until) VALUES (%s, 'infinity') "
+            "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until",
+            (sid,),
+        )
 
 
 HELD, UP, EXPIRED = "held", "up", "expired"
@@ -351,8 +380,11 @@ def fences(dsn: str, sid: str | None = None) -> dict[str, str]:
     with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.fences')").fetchone()[0] is None:
             return {}
-        rows = c.execute("SELECT shard_id, until = 'infinity', until > clock_timestamp() FROM migrator.fences"
-                         + (" WHERE shard_id = %s" if sid else ""), (sid,) if sid else ()).fetchall()
+        rows = c.execute(
+            "SELECT shard_id, until = 'infinity', until > clock_timestamp() FROM migrator.fences"
+            + (" WHERE shard_id = %s" if sid else ""),
+            (sid,) if sid else (),
+        ).fetchall()
     return {s: HELD if held else UP if up else EXPIRED for s, held, up in rows}
 
 
@@ -378,14 +410,24 @@ def lag(dsn: str, sid: str, pos: Position) -> int:
             c.execute("SET LOCAL lock_timeout = '2s'")
             c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
             c.execute(LOG_UPGRADE)
-        n = c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[0]
+        n = c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[
+            0
+        ]
     _current_logs.add(dsn)
     return n
 
 
-def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, limit: int = 50_000,
-          timeout_ms: int | None = None, lock_wait_ms: int | None = None,
-          ignore: tuple[int, ...] = ()) -> tuple[Position, int]:
+def apply(
+    ctx: Context,
+    src_dsn: str,
+    dst_dsn: str,
+    sid: str,
+    after: Position,
+    limit: int = 50_000,
+    timeout_ms: int | None = None,
+    lock_wait_ms: int | None = None,
+    ignore: tuple[int, ...] = (),
+) -> tuple[Position, int]:
     """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (position, changes).
 
     A pass reads, in (transaction id, id) order past `after`, the changes of transactions
@@ -400,11 +442,15 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, l
             src.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
         if lock_wait_ms is not None:
             src.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
-        horizon = src.execute(f"SELECT coalesce((SELECT min(x) FROM {RUNNING}), pg_snapshot_xmax(pg_current_snapshot()))"
-                              "::text::bigint", ([str(x) for x in ignore],)).fetchone()[0]
+        horizon = src.execute(
+            f"SELECT coalesce((SELECT min(x) FROM {RUNNING}), pg_snapshot_xmax(pg_current_snapshot()))::text::bigint",
+            ([str(x) for x in ignore],),
+        ).fetchone()[0]
         rows = src.execute(
             f"SELECT id, tbl, pk, xid::text::bigint FROM migrator.changes WHERE shard_id = %s AND {AFTER} "
-            "AND xid < %s::text::xid8 ORDER BY xid, id LIMIT %s", (sid, *after, horizon, limit)).fetchall()
+            "AND xid < %s::text::xid8 ORDER BY xid, id LIMIT %s",
+            (sid, *after, horizon, limit),
+        ).fetchall()
         pos = (rows[-1][3], rows[-1][0]) if len(rows) == limit else (max(horizon, after[0]), 0)
         if not rows:
             return pos, 0
@@ -426,32 +472,61 @@ def apply(ctx: Context, src_dsn: str, dst_dsn: str, sid: str, after: Position, l
                 cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
                 stage = sql.Identifier(f"rm_stage_{name}")
                 dst.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DROP").format(stage, ident))
-                sel = sql.SQL("SELECT {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})").format(
-                    sql.SQL(", ").join(sql.SQL("t0.{}").format(sql.Identifier(c.name)) for c in t.columns), ident, ident, pkcols)
-                with src.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sel),
-                                       {"pks": json.dumps(by_table[name])}) as out, \
-                        dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)) as inp:
+                sel = sql.SQL(
+                    "SELECT {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})"
+                ).format(
+                    sql.SQL(", ").join(sql.SQL("t0.{}").format(sql.Identifier(c.name)) for c in t.columns),
+                    ident,
+                    ident,
+                    pkcols,
+                )
+                with (
+                    src.cursor().copy(
+                        sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sel), {"pks": json.dumps(by_table[name])}
+                    ) as out,
+                    dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)) as inp,
+                ):
                     relay(out, inp)
                 others = [c.name for c in t.columns if c.name not in t.pk]
-                action = sql.SQL("DO NOTHING") if not others else sql.SQL("DO UPDATE SET {}").format(
-                    sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others))
-                dst.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
-                    ident, cols, cols, stage, pkcols, action))
+                action = (
+                    sql.SQL("DO NOTHING")
+                    if not others
+                    else sql.SQL("DO UPDATE SET {}").format(
+                        sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
+                    )
+                )
+                dst.execute(
+                    sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+                        ident, cols, cols, stage, pkcols, action
+                    )
+                )
             for name in reversed(order):  # children first: delete what the source no longer has
                 t = ctx.tables[name]
                 ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
                 match = sql.SQL(" AND ").join(sql.SQL("d.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
                 smatch = sql.SQL(" AND ").join(sql.SQL("s.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
-                dst.execute(sql.SQL(
-                    "DELETE FROM {} d USING jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k WHERE {} "
-                    "AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})").format(
-                    ident, ident, match, sql.Identifier(f"rm_stage_{name}"), smatch), {"pks": json.dumps(by_table[name])})
+                dst.execute(
+                    sql.SQL(
+                        "DELETE FROM {} d USING jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k WHERE {} "
+                        "AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})"
+                    ).format(ident, ident, match, sql.Identifier(f"rm_stage_{name}"), smatch),
+                    {"pks": json.dumps(by_table[name])},
+                )
         src.rollback()
     return pos, len(rows)
 
 
-def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str, *, until: int = 0,
-             deadline: float | None = None, ignore: tuple[int, ...] = ()) -> int:
+def catch_up(
+    ctx: Context,
+    sid: str,
+    src_dsn: str,
+    dst_dsn: str,
+    direction: str,
+    *,
+    until: int = 0,
+    deadline: float | None = None,
+    ignore: tuple[int, ...] = (),
+) -> int:
     """Apply passes until at most `until` changes are pending; returns changes applied.
     (With `until` = 0 outside a fence, a writer that never pauses would keep it going.)
 
@@ -472,13 +547,23 @@ def catch_up(ctx: Context, sid: str, src_dsn: str, dst_dsn: str, direction: str,
             return applied
         ms = None if deadline is None else int((deadline - time.monotonic()) * 1000)
         try:
-            pos, n = apply(ctx, src_dsn, dst_dsn, sid, pos, timeout_ms=ms, ignore=ignore,
-                           lock_wait_ms=None if deadline is not None else int(lock_wait_s * 1000))
+            pos, n = apply(
+                ctx,
+                src_dsn,
+                dst_dsn,
+                sid,
+                pos,
+                timeout_ms=ms,
+                ignore=ignore,
+                lock_wait_ms=None if deadline is not None else int(lock_wait_s * 1000),
+            )
         except psycopg.errors.LockNotAvailable:
             if deadline is not None:
                 raise
-            raise CatchUpBlocked(f"shard {sid}: catch-up ({direction}) waited over {lock_wait_s} s for a lock "
-                                 "another transaction holds on a table of the graph; retried later") from None
+            raise CatchUpBlocked(
+                f"shard {sid}: catch-up ({direction}) waited over {lock_wait_s} s for a lock "
+                "another transaction holds on a table of the graph; retried later"
+            ) from None
         ctl.set_position(sid, direction, pos)
         applied += n
         if n == 0:  # what is pending waits for an older transaction to end
@@ -501,7 +586,9 @@ def touched(dsn: str, sid: str, after: Position | None = None) -> set[tuple[str,
     with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
             return set()
-        rows = c.execute(f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)).fetchall()
+        rows = c.execute(
+            f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)
+        ).fetchall()
     return {(t, tuple(sorted((k, str(v)) for k, v in pk.items()))) for t, pk in rows}
 
 
@@ -516,13 +603,17 @@ def finalize(ctx: Context, sid: str, src_dsn: str, dst_dsn: str) -> None:
     uninstall_if_unused(ctx, src_dsn)
 
 
-def touched_keys(dsn: str, sid: str, after: Position | None = None, upto: Position | None = None) -> dict[str, list[dict]]:
+def touched_keys(
+    dsn: str, sid: str, after: Position | None = None, upto: Position | None = None
+) -> dict[str, list[dict]]:
     """Table -> primary keys (as logged) of every change logged for the shard (past `after`, up to `upto`)."""
     cond, args = _span(after, upto)
     with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
             return {}
-        rows = c.execute(f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)).fetchall()
+        rows = c.execute(
+            f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)
+        ).fetchall()
     out: dict[str, list[dict]] = {}
     for t, pk in rows:
         out.setdefault(t, []).append(pk)

@@ -1,4 +1,5 @@
 """What the databases say about the entity graph's tables, and whether two sides match."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def unindexed_owner_keys(conn: psycopg.Connection, graph: EntityGraph, side: str
     def indexed(table: str, cols: list[str]) -> bool:
         if table not in leading:
             leading[table] = [r[0] for r in conn.execute(_INDEXES, (schema, table)).fetchall()]
-        return any(len(ix) >= len(cols) and set(ix[:len(cols)]) == set(cols) for ix in leading[table])
+        return any(len(ix) >= len(cols) and set(ix[: len(cols)]) == set(cols) for ix in leading[table])
 
     needs = [(graph.root.table, [graph.root.key])]
     for child in graph.tables:
@@ -89,8 +90,10 @@ def unindexed_owner_keys(conn: psycopg.Connection, graph: EntityGraph, side: str
         if (table, tuple(cols)) in seen or indexed(table, cols):
             continue
         seen.add((table, tuple(cols)))
-        out.append(f"{side}: table {schema}.{table} has no index on ({', '.join(cols)}): every batch will read the "
-                   "whole table, so the copy's time grows with the square of the data; create one before copying")
+        out.append(
+            f"{side}: table {schema}.{table} has no index on ({', '.join(cols)}): every batch will read the "
+            "whole table, so the copy's time grows with the square of the data; create one before copying"
+        )
     return out
 
 
@@ -138,14 +141,20 @@ def read_graph(conn: psycopg.Connection, graph: EntityGraph, side: str) -> dict[
                 raise SchemaMismatch(f"{side}: table {child.table}: fk column {child.parent}.{theirs} does not exist")
             mt, tt = out[child.table].column(mine).type, out[child.parent].column(theirs).type
             if mt != tt:
-                raise SchemaMismatch(f"{side}: table {child.table}: fk {child.table}.{mine} is {mt} but "
-                                     f"{child.parent}.{theirs} is {tt}; the pairing cannot join")
-        declared = [dict(zip(cols, refs)) for cols, refs in
-                    conn.execute(_FKS, (graph.schema_, child.table, graph.schema_, child.parent)).fetchall()]
+                raise SchemaMismatch(
+                    f"{side}: table {child.table}: fk {child.table}.{mine} is {mt} but "
+                    f"{child.parent}.{theirs} is {tt}; the pairing cannot join"
+                )
+        declared = [
+            dict(zip(cols, refs))
+            for cols, refs in conn.execute(_FKS, (graph.schema_, child.table, graph.schema_, child.parent)).fetchall()
+        ]
         if child.fk not in declared:
             pairs = ", ".join(f"{child.table}.{a} -> {child.parent}.{b}" for a, b in child.fk.items())
-            raise SchemaMismatch(f"{side}: entity_graph: table {child.table}'s fk ({pairs}) is not a foreign key "
-                                 f"the database declares from {child.table} to {child.parent}")
+            raise SchemaMismatch(
+                f"{side}: entity_graph: table {child.table}'s fk ({pairs}) is not a foreign key "
+                f"the database declares from {child.table} to {child.parent}"
+            )
     return out
 
 
@@ -164,7 +173,9 @@ def compare(source: dict[str, Table], dest: dict[str, Table], dest_name: str) ->
                     )
             raise SchemaMismatch(f"{dest_name}: table {name}: columns are in a different order than at the source")
         if s.pk != d.pk:
-            raise SchemaMismatch(f"{dest_name}: table {name}: primary key {list(d.pk)} differs from the source's {list(s.pk)}")
+            raise SchemaMismatch(
+                f"{dest_name}: table {name}: primary key {list(d.pk)} differs from the source's {list(s.pk)}"
+            )
 
 
 # What each side needs (README, "Privileges"): the source is read and guarded (triggers
@@ -174,15 +185,16 @@ SOURCE_TABLE_PRIVILEGES = ("SELECT", "TRIGGER")
 DESTINATION_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRIGGER")
 
 
-def missing_privileges(conn: psycopg.Connection, graph: EntityGraph | None, table_privileges: tuple[str, ...],
-                       side: str) -> list[str]:
+def missing_privileges(
+    conn: psycopg.Connection, graph: EntityGraph | None, table_privileges: tuple[str, ...], side: str
+) -> list[str]:
     """What the connected role lacks on this side, each named with its object."""
     out: list[str] = []
-    role, have_schema = conn.execute(
-        "SELECT current_user, to_regnamespace('migrator') IS NOT NULL").fetchone()
+    role, have_schema = conn.execute("SELECT current_user, to_regnamespace('migrator') IS NOT NULL").fetchone()
     if have_schema:
-        if not conn.execute("SELECT has_schema_privilege('migrator', 'CREATE') AND "
-                            "has_schema_privilege('migrator', 'USAGE')").fetchone()[0]:
+        if not conn.execute(
+            "SELECT has_schema_privilege('migrator', 'CREATE') AND has_schema_privilege('migrator', 'USAGE')"
+        ).fetchone()[0]:
             out.append(f"{side}: role {role} lacks CREATE and USAGE on schema migrator")
     elif not conn.execute("SELECT has_database_privilege(current_database(), 'CREATE')").fetchone()[0]:
         out.append(f"{side}: role {role} lacks CREATE on the database (for the schema migrator)")

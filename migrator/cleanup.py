@@ -1,4 +1,5 @@
 """Removes what change capture installed for a finished shard."""
+
 from __future__ import annotations
 
 from migrator import capture

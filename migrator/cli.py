@@ -2,6 +2,7 @@
 
 Exit status: 0 success, 1 a shard failed, 2 a usage or spec error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
@@ -26,17 +27,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Residency Mi
 err = Console(stderr=True, soft_wrap=True)
 
 Config = Annotated[Path, typer.Option("--config", "-c", help="the spec file (YAML)")]
-Shards = Annotated[Optional[list[str]], typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]
-Region = Annotated[Optional[str], typer.Option("--region", help="only shards bound for this region")]
+Shards = Annotated[list[str] | None, typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]
+Region = Annotated[str | None, typer.Option("--region", help="only shards bound for this region")]
 Wave = Annotated[str, typer.Option("--wave", help="the wave of shards (a planned set of users)")]
-Pick = Annotated[Optional[str], typer.Option(
-    "--wave", help="the wave of the shards (default: the wave of each --shard name, which must be unique; else 'default')")]
+Pick = Annotated[
+    str | None,
+    typer.Option(
+        "--wave",
+        help="the wave of the shards (default: the wave of each --shard name, which must be unique; else 'default')",
+    ),
+]
 Reason = Annotated[str, typer.Option("--reason", help="recorded in the audit trail")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would happen; write nothing")]
 Json = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON document")]
-Since = Annotated[Optional[datetime], typer.Option("--since", help="only users created at or after this time")]
-Until = Annotated[Optional[datetime], typer.Option("--until", help="only users created before this time")]
-RunId = Annotated[Optional[str], typer.Option("--run-id", help="recorded in the audit trail")]
+Since = Annotated[datetime | None, typer.Option("--since", help="only users created at or after this time")]
+Until = Annotated[datetime | None, typer.Option("--until", help="only users created before this time")]
+RunId = Annotated[str | None, typer.Option("--run-id", help="recorded in the audit trail")]
 
 
 def _ctx(config: Path, run_id: str | None) -> Context:
@@ -52,7 +58,9 @@ def _finish(doc: dict, as_json: bool) -> None:
 def _progress(as_json: bool):
     if as_json or not sys.stderr.isatty():
         return None, None
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    )
     tasks: dict[str, int] = {}
 
     def cb(sid: str, done: int, total: int) -> None:
@@ -64,8 +72,16 @@ def _progress(as_json: bool):
 
 
 @app.command()
-def plan(config: Config, wave: Wave = "default", region: Region = None, since: Since = None, until: Until = None,
-         dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+def plan(
+    config: Config,
+    wave: Wave = "default",
+    region: Region = None,
+    since: Since = None,
+    until: Until = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Form the wave's shards: users, rows per table and bytes per shard."""
     ctx = _ctx(config, run_id)
     p = make_plan(ctx, wave, since=since, until=until, regions=[region] if region else None, dry_run=dry_run)
@@ -76,8 +92,17 @@ def plan(config: Config, wave: Wave = "default", region: Region = None, since: S
 
 
 @app.command()
-def run(config: Config, wave: Wave = "default", shard: Shards = None, region: Region = None, since: Since = None,
-        until: Until = None, dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+def run(
+    config: Config,
+    wave: Wave = "default",
+    shard: Shards = None,
+    region: Region = None,
+    since: Since = None,
+    until: Until = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Plan (if needed), then copy, verify and cut over every selected shard."""
     ctx = _ctx(config, run_id)
     if dry_run:
@@ -93,14 +118,26 @@ def run(config: Config, wave: Wave = "default", shard: Shards = None, region: Re
     _finish(report.document("run", report.shard_rows(ctx, wave, shard, region), outcomes, p), json)
 
 
-def _phase_command(phase: str, config: Path, wave: str | None, shard: list[str] | None, region: str | None,
-                   dry_run: bool, as_json: bool, run_id: str | None, reason: str = "") -> None:
+def _phase_command(
+    phase: str,
+    config: Path,
+    wave: str | None,
+    shard: list[str] | None,
+    region: str | None,
+    dry_run: bool,
+    as_json: bool,
+    run_id: str | None,
+    reason: str = "",
+) -> None:
     ctx = _ctx(config, run_id)
     selected = ctx.control.resolve(wave, shard, region)
     ids = [s.shard_id for s in selected]
     if not selected:
-        note = f"nothing planned in wave {wave or 'default'!r}" + (f" for region {region}" if region else "") + \
-            ": run `migrator plan` first"
+        note = (
+            f"nothing planned in wave {wave or 'default'!r}"
+            + (f" for region {region}" if region else "")
+            + ": run `migrator plan` first"
+        )
         if not as_json:
             err.print(note)
         _finish(report.document(phase, [], extra={"note": note}), as_json)
@@ -117,60 +154,115 @@ def _phase_command(phase: str, config: Path, wave: str | None, shard: list[str] 
 
 
 @app.command()
-def copy(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None, dry_run: DryRun = False,
-         json: Json = False, run_id: RunId = None) -> None:
+def copy(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Copy (or resume copying) planned shards in checkpointed batches."""
     _phase_command("copy", config, wave, shard, region, dry_run, json, run_id)
 
 
 @app.command()
-def verify(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None, dry_run: DryRun = False,
-           json: Json = False, run_id: RunId = None,
-           recheck: Annotated[bool, typer.Option("--recheck", help="compare a verified or cut-over shard again")] = False,
-           ) -> None:
+def verify(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+    recheck: Annotated[bool, typer.Option("--recheck", help="compare a verified or cut-over shard again")] = False,
+) -> None:
     """Compare each shard's rows at source and destination; name any rows that differ."""
     _phase_command("recheck" if recheck else "verify", config, wave, shard, region, dry_run, json, run_id)
 
 
 @app.command()
-def cutover(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None,
-            dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+def cutover(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Flip the ownership directory of verified shards to their region."""
     _phase_command("cutover", config, wave, shard, region, dry_run, json, run_id)
 
 
 @app.command()
-def rollback(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None,
-             reason: Reason = "",
-             dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+def rollback(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    reason: Reason = "",
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Undo shards: directory back to the source (if cut over), destination rows removed."""
     _phase_command("rollback", config, wave, shard, region, dry_run, json, run_id, reason)
 
 
 @app.command()
-def cleanup(config: Config, wave: Pick = None, shard: Shards = None, region: Region = None,
-            dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+def cleanup(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Remove change capture of finished shards (a cut-over shard can then no longer be rolled back)."""
     _phase_command("cleanup", config, wave, shard, region, dry_run, json, run_id)
 
 
 @app.command()
-def release(config: Config, reason: Reason = "", wave: Pick = None, shard: Shards = None, region: Region = None,
-            dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+def release(
+    config: Config,
+    reason: Reason = "",
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Free the held users of rolled-back shards, so a later wave may plan them."""
     _phase_command("release", config, wave, shard, region, dry_run, json, run_id, reason)
 
 
 @app.command()
-def retry(config: Config, reason: Reason = "", wave: Pick = None, shard: Shards = None, region: Region = None,
-          dry_run: DryRun = False, json: Json = False, run_id: RunId = None) -> None:
+def retry(
+    config: Config,
+    reason: Reason = "",
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
     """Move the held users of rolled-back shards again, in their own wave (then `migrator run`)."""
     _phase_command("retry", config, wave, shard, region, dry_run, json, run_id, reason)
 
 
 @app.command()
-def status(config: Config, wave: Annotated[Optional[str], typer.Option("--wave")] = None, shard: Shards = None,
-           region: Region = None, json: Json = False) -> None:
+def status(
+    config: Config,
+    wave: Annotated[str | None, typer.Option("--wave")] = None,
+    shard: Shards = None,
+    region: Region = None,
+    json: Json = False,
+) -> None:
     """Each shard's phase, progress, rows and digest."""
     ctx = _ctx(config, None)
     rows = report.shard_rows(ctx, wave, shard, region)
@@ -182,8 +274,11 @@ def status(config: Config, wave: Annotated[Optional[str], typer.Option("--wave")
 
 
 @app.command()
-def recover(config: Config, watch: Annotated[float, typer.Option(
-        "--watch", help="keep sweeping every this many seconds (0: once)", min=0)] = 0, json: Json = False) -> None:
+def recover(
+    config: Config,
+    watch: Annotated[float, typer.Option("--watch", help="keep sweeping every this many seconds (0: once)", min=0)] = 0,
+    json: Json = False,
+) -> None:
     """Finish or undo what a killed cutover or rollback left half done (every command does
     this first for its own shards; this does it for all, once or on a timer)."""
     ctx = _ctx(config, None)
@@ -206,11 +301,13 @@ def recover(config: Config, watch: Annotated[float, typer.Option(
 
 
 @app.command()
-def demo(users: Annotated[int, typer.Option("--users", min=10, help="synthetic US users to seed")] = 2000,
-         keep: Annotated[Optional[Path], typer.Option("--keep", help="keep the servers' files in this folder")] = None,
-         via: Annotated[str, typer.Option("--via", help="'airflow' (the DAG), 'cli' (the engine), or 'auto'")] = "auto",
-         with_writes: Annotated[bool, typer.Option("--with-writes", help="an application writing throughout")] = False,
-         json: Json = False) -> None:
+def demo(
+    users: Annotated[int, typer.Option("--users", min=10, help="synthetic US users to seed")] = 2000,
+    keep: Annotated[Path | None, typer.Option("--keep", help="keep the servers' files in this folder")] = None,
+    via: Annotated[str, typer.Option("--via", help="'airflow' (the DAG), 'cli' (the engine), or 'auto'")] = "auto",
+    with_writes: Annotated[bool, typer.Option("--with-writes", help="an application writing throughout")] = False,
+    json: Json = False,
+) -> None:
     """Start throwaway US, IE and NO servers, seed them, and migrate every shard."""
     from migrator.demo.run import run_demo
 

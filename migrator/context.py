@@ -1,5 +1,6 @@
 """What every phase needs: the spec, the control database, the run id, and the tables as
 the source and each destination have them (read and compared once, before any write)."""
+
 from __future__ import annotations
 
 import logging
@@ -59,7 +60,9 @@ class Context:
     def index_warnings(self, regions: list[str]) -> list[str]:
         """Owner-key columns without an index, at the source and the given destinations
         (see `catalog.unindexed_owner_keys`); each is logged too."""
-        sides = [(f"source {self.spec.source_region}", self.source_dsn)] + [(f"destination {r}", self.dsn(r)) for r in regions]
+        sides = [(f"source {self.spec.source_region}", self.source_dsn)] + [
+            (f"destination {r}", self.dsn(r)) for r in regions
+        ]
         out: list[str] = []
         for side, dsn in sides:
             with connect(dsn, autocommit=True) as c:
@@ -72,7 +75,7 @@ class Context:
         """Spec problems against the databases (a missing table or column, an undeclared
         foreign key, a destination that differs), found before anything is written; a
         destination that cannot be reached now is left to the phase (a transient failure)."""
-        self.tables
+        _ = self.tables  # reads and checks the source's tables
         for r in sorted(regions):
             try:
                 self.check_destination(r)

@@ -6,6 +6,7 @@ expected)`) committed together with its audit row. A worker also holds a session
 lock on the shard while it works on it, so a second worker is turned away at once and a
 killed worker's lock dies with its connection, letting a rerun resume immediately.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -131,10 +132,20 @@ class Shard:
     error: str | None
 
     @classmethod
-    def from_row(cls, r: dict) -> "Shard":
+    def from_row(cls, r: dict) -> Shard:
         return cls(
-            r["shard_id"], r["wave"], r["name"], r["region"], r["idx"], Phase(r["state"]), r["version"],
-            r["users"], r["batches"], r["plan"] or {}, r["digest"], r["error"],
+            r["shard_id"],
+            r["wave"],
+            r["name"],
+            r["region"],
+            r["idx"],
+            Phase(r["state"]),
+            r["version"],
+            r["users"],
+            r["batches"],
+            r["plan"] or {},
+            r["digest"],
+            r["error"],
         )
 
 
@@ -142,7 +153,7 @@ class ShardBatches(Mapping[int, list[str]]):
     """A shard's batches by number (0 .. batches - 1). A batch's keys are read from the
     control database when it is asked for, so the row phases never hold a whole shard's keys."""
 
-    def __init__(self, ctl: "Control", sid: str, count: int, sort: Callable[[list[str]], list[str]]):
+    def __init__(self, ctl: Control, sid: str, count: int, sort: Callable[[list[str]], list[str]]):
         self._ctl, self._sid, self._count, self._sort = ctl, sid, count, sort
 
     def __getitem__(self, b: int) -> list[str]:
@@ -166,7 +177,7 @@ def _ridden_out(fn: Callable[..., Any]) -> Callable[..., Any]:
     the control database, for up to its `outage_s`."""
 
     @functools.wraps(fn)
-    def wrapper(self: "Control", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Control, *args: Any, **kwargs: Any) -> Any:
         for attempt in riding_out(self.outage_s):
             with attempt:
                 return fn(self, *args, **kwargs)
@@ -225,8 +236,13 @@ class Control:
 
     # --- shards -----------------------------------------------------------------------
     @_ridden_out
-    def shards(self, wave: str | None = None, names: Iterable[str] | None = None, region: str | None = None,
-               states: Iterable[Phase] | None = None) -> list[Shard]:
+    def shards(
+        self,
+        wave: str | None = None,
+        names: Iterable[str] | None = None,
+        region: str | None = None,
+        states: Iterable[Phase] | None = None,
+    ) -> list[Shard]:
         q = f"SELECT * FROM {SCHEMA}.shard WHERE true"
         args: list[Any] = []
         if states is not None:
@@ -271,7 +287,8 @@ class Control:
         q = (
             f"UPDATE {SCHEMA}.shard SET state = %s, version = version + 1, updated_at = now()"
             + (f", {sets}" if sets else "")
-            + f" WHERE shard_id = %s AND state = ANY(%s) RETURNING (SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s)"
+            + " WHERE shard_id = %s AND state = ANY(%s)"
+            + f" RETURNING (SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s)"
         )
         vals = [json.dumps(v) if isinstance(v, dict) else v for v in fields.values()]
         row = conn.execute(q, [to.value, *vals, sid, [e.value for e in exp], sid]).fetchone()
@@ -283,7 +300,9 @@ class Control:
         return Phase(row[0])
 
     @_ridden_out
-    def move(self, sid: str, expected: Phase | Iterable[Phase], to: Phase, detail: dict | None = None, **fields: Any) -> Phase:
+    def move(
+        self, sid: str, expected: Phase | Iterable[Phase], to: Phase, detail: dict | None = None, **fields: Any
+    ) -> Phase:
         with self.connect() as c:
             return self.transition(c, sid, expected, to, detail, **fields)
 
@@ -298,7 +317,9 @@ class Control:
         """Hold the shard for this worker; refuse at once if another worker holds it."""
         c = self.connect(autocommit=True)
         try:
-            got = c.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"migrator:shard:{sid}",)).fetchone()[0]
+            got = c.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"migrator:shard:{sid}",)
+            ).fetchone()[0]
             if not got:
                 raise ShardBusy(f"shard {sid} is being worked on by another worker")
             yield c
@@ -325,8 +346,10 @@ class Control:
             several = {n: ss for n, ss in by_name.items() if len(ss) > 1}
             if several:
                 n, ss = sorted(several.items())[0]
-                raise SpecError(f"shard name {n!r} matches {len(ss)} shards ({', '.join(s.shard_id for s in ss)}); "
-                                "give --wave or the shard id")
+                raise SpecError(
+                    f"shard name {n!r} matches {len(ss)} shards ({', '.join(s.shard_id for s in ss)}); "
+                    "give --wave or the shard id"
+                )
         return found
 
     def hold(self, conn: psycopg.Connection, sid: str, reason: str) -> int:
@@ -336,15 +359,17 @@ class Control:
             f"INSERT INTO {SCHEMA}.held_users (user_key, shard_id, reason) SELECT user_key, shard_id, %s "
             f"FROM {SCHEMA}.shard_user WHERE shard_id = %s "
             "ON CONFLICT (user_key) DO UPDATE SET shard_id = EXCLUDED.shard_id, reason = EXCLUDED.reason, at = now()",
-            (reason or "rolled back", sid)).rowcount
+            (reason or "rolled back", sid),
+        ).rowcount
 
     @_ridden_out
     def held(self, sid: str) -> tuple[int, str | None]:
         """(users held, reason) of the shard."""
         self._up_to_date()
         with self.connect(autocommit=True) as c:
-            n, reason = c.execute(f"SELECT count(*), max(reason) FROM {SCHEMA}.held_users WHERE shard_id = %s",
-                                  (sid,)).fetchone()
+            n, reason = c.execute(
+                f"SELECT count(*), max(reason) FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)
+            ).fetchone()
         return n, reason
 
     def release(self, conn: psycopg.Connection, sid: str) -> int:
@@ -354,10 +379,16 @@ class Control:
     def superseded_by(self, sid: str) -> list[str]:
         """Live shards of other waves that now hold this (rolled-back, released) shard's users."""
         with self.connect(autocommit=True) as c:
-            return [r[0] for r in c.execute(
-                f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
-                f"ON o.user_key = su.user_key AND o.shard_id <> su.shard_id JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
-                "WHERE su.shard_id = %s AND s.state <> %s ORDER BY 1", (sid, Phase.ROLLED_BACK.value))]
+            return [
+                r[0]
+                for r in c.execute(
+                    f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
+                    "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
+                    f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
+                    "WHERE su.shard_id = %s AND s.state <> %s ORDER BY 1",
+                    (sid, Phase.ROLLED_BACK.value),
+                )
+            ]
 
     # --- membership and checkpoints ---------------------------------------------------
     def batch_keys(self, sid: str, sort: Callable[[list[str]], list[str]] = sorted) -> ShardBatches:
@@ -367,14 +398,23 @@ class Control:
     @_ridden_out
     def batch(self, sid: str, b: int) -> list[str]:
         with self.connect(autocommit=True) as c:
-            return [k for (k,) in c.execute(
-                f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s AND batch_no = %s", (sid, b))]
+            return [
+                k
+                for (k,) in c.execute(
+                    f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s AND batch_no = %s", (sid, b)
+                )
+            ]
 
     def send_members(self, sid: str, into: psycopg.Connection, table: str) -> int:
         """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`."""
         with self.connect() as c:
-            return pipe(c, f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user WHERE shard_id = %s) TO STDOUT",
-                        (sid,), into, sql.SQL("COPY {} (k, b) FROM STDIN").format(sql.Identifier(table)))
+            return pipe(
+                c,
+                f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user WHERE shard_id = %s) TO STDOUT",
+                (sid,),
+                into,
+                sql.SQL("COPY {} (k, b) FROM STDIN").format(sql.Identifier(table)),
+            )
 
     @_ridden_out
     def checkpoints(self, sid: str) -> dict[int, dict]:
@@ -386,7 +426,8 @@ class Control:
     def save_checkpoint(self, sid: str, batch_no: int, last_key: str, rows: dict, digest: str) -> None:
         with self.connect() as c:
             c.execute(
-                f"INSERT INTO {SCHEMA}.checkpoint (shard_id, batch_no, last_key, rows, digest) VALUES (%s, %s, %s, %s, %s) "
+                f"INSERT INTO {SCHEMA}.checkpoint (shard_id, batch_no, last_key, rows, digest) "
+                "VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT (shard_id, batch_no) DO UPDATE SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows, "
                 "digest = EXCLUDED.digest, at = now()",
                 (sid, batch_no, last_key, json.dumps(rows), digest),
@@ -400,17 +441,22 @@ class Control:
         """(horizon, last id) of the shard's catch-up in `direction`; (0, 0) before the first pass."""
         self._up_to_date()
         with self.connect(autocommit=True) as c:
-            r = c.execute(f"SELECT horizon, last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
-                          (sid, direction)).fetchone()
+            r = c.execute(
+                f"SELECT horizon, last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
+                (sid, direction),
+            ).fetchone()
         return (r[0], r[1]) if r else (0, 0)
 
     @_ridden_out
     def set_position(self, sid: str, direction: str, pos: tuple[int, int]) -> None:
         self._up_to_date()
         with self.connect() as c:
-            c.execute(f"INSERT INTO {SCHEMA}.capture_pos (shard_id, direction, horizon, last_id) VALUES (%s, %s, %s, %s) "
-                      "ON CONFLICT (shard_id, direction) DO UPDATE SET horizon = EXCLUDED.horizon, last_id = EXCLUDED.last_id",
-                      (sid, direction, *pos))
+            c.execute(
+                f"INSERT INTO {SCHEMA}.capture_pos (shard_id, direction, horizon, last_id) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (shard_id, direction) "
+                "DO UPDATE SET horizon = EXCLUDED.horizon, last_id = EXCLUDED.last_id",
+                (sid, direction, *pos),
+            )
 
     def clear_positions(self, conn: psycopg.Connection, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))

@@ -24,6 +24,7 @@ it is off by default.
 Progress (the checkpoint) is recorded only after the destination committed, so it counts
 what was committed, never what was sent.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ import psycopg
 
 from migrator import capture, objects, sqlgen
 from migrator.context import Context
-from migrator.errors import ChecksumMismatch, ConflictError, describe, is_transient, retrying
+from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
 from migrator.scaffolding import pause_point
 from migrator.state import Phase
 from migrator.stores.postgres import connect, relay
@@ -113,7 +114,7 @@ def ledger(dsn: str, sid: str) -> dict[int, dict]:
     return {b: {"last_key": k, "rows": r, "digest": d} for b, k, r, d in rows}
 
 
-def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> "hashlib._Hash":
+def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> hashlib._Hash:
     """Stream a COPY TO into a COPY FROM; the SHA-256 of the bytes sent."""
     stream = hashlib.sha256()
     relay(out, inp, stream.update)
@@ -129,8 +130,10 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
         parts: dict[str, tuple[int, str]] = {}
         with src.cursor() as scur, dst.cursor() as dcur:
             for name, table in ctx.tables.items():
-                with scur.copy(sqlgen.copy_out(graph, table, kt), sqlgen.keys_arg(keys)) as out, \
-                        dcur.copy(sqlgen.copy_in(graph, table)) as inp:
+                with (
+                    scur.copy(sqlgen.copy_out(graph, table, kt), sqlgen.keys_arg(keys)) as out,
+                    dcur.copy(sqlgen.copy_in(graph, table)) as inp,
+                ):
                     stream = _relay(out, inp)
                 sent, taken = scur.rowcount, dcur.rowcount
                 if sent != taken or sent < 0:
@@ -151,7 +154,8 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
                         )
             digest = batch_digest(parts)
             dcur.execute(
-                "INSERT INTO migrator.batch_ledger (shard_id, batch_no, last_key, rows, digest) VALUES (%s, %s, %s, %s, %s)",
+                "INSERT INTO migrator.batch_ledger (shard_id, batch_no, last_key, rows, digest) "
+                "VALUES (%s, %s, %s, %s, %s)",
                 (sid, batch_no, keys[-1], json.dumps(rows), digest),
             )
         dst.commit()
@@ -169,7 +173,9 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
         raise
 
 
-def _check_no_foreign_rows(ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: dict[int, list[str]]) -> None:
+def _check_no_foreign_rows(
+    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: dict[int, list[str]]
+) -> None:
     """Refuse batches whose users already have rows at the destination: a batch not in the
     ledger was never committed there by this tool, so such rows were written by someone else.
 
@@ -182,8 +188,11 @@ def _check_no_foreign_rows(ctx: Context, dst_dsn: str, sid: str, pending: list[i
         with attempt, connect(dst_dsn, autocommit=True, keyed=True) as c:
             # A table without a single row has none of these users' rows: the usual case
             # of a first copy costs one probe per table instead of one per batch.
-            occupied = {name: table for name, table in ctx.tables.items()
-                        if c.execute(sqlgen.any_row(graph, table)).fetchone() is not None}
+            occupied = {
+                name: table
+                for name, table in ctx.tables.items()
+                if c.execute(sqlgen.any_row(graph, table)).fetchone() is not None
+            }
             for b in pending if occupied else []:
                 for name, table in occupied.items():
                     found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batches[b])).fetchall()
@@ -199,14 +208,19 @@ def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list
     for attempt in retrying(ctx.spec.retry):
         with attempt:
             if attempt.retry_state.attempt_number > 1:
-                log.warning("shard %s batch %d: retrying after a transient error (attempt %d)",
-                            sid, b, attempt.retry_state.attempt_number)
+                log.warning(
+                    "shard %s batch %d: retrying after a transient error (attempt %d)",
+                    sid,
+                    b,
+                    attempt.retry_state.attempt_number,
+                )
             res = _copy_batch(ctx, links, sid, b, keys)
     return res
 
 
-def _copy_pending(ctx: Context, sid: str, dst_dsn: str, batches: dict[int, list[str]],
-                  pending: list[int]) -> Iterator[tuple[int, dict]]:
+def _copy_pending(
+    ctx: Context, sid: str, dst_dsn: str, batches: dict[int, list[str]], pending: list[int]
+) -> Iterator[tuple[int, dict]]:
     """Copy the pending batches with `copy.workers` workers, yielding each as it commits.
 
     Batches are independent (each its own users, destination transaction and ledger row),

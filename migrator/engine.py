@@ -2,6 +2,7 @@
 shard at a time per worker, each through `dispatch`. A shard that fails is recorded and the
 others go on; a shard another worker holds is waited for, so concurrent runs each report
 the shard's final state. The caller learns which failed from the outcomes."""
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,9 @@ def _state(ctx: Context, sid: str) -> str:
         return "unknown"
 
 
-def each(ctx: Context, shards: list[Shard], fn: Callable[[str], list[dispatch.Result]],
-         want: set[str] | None = None) -> list[Outcome]:
+def each(
+    ctx: Context, shards: list[Shard], fn: Callable[[str], list[dispatch.Result]], want: set[str] | None = None
+) -> list[Outcome]:
     """`fn` for every shard; a shard another worker holds is done last, once that worker lets go."""
     outcomes: dict[str, Outcome] = {}
     busy: list[str] = []
@@ -117,8 +119,10 @@ def run(
             if later:  # released, and moved by a later wave: nothing left for this wave to do
                 return [dispatch.Result(sid, "superseded", shard.state.value, False, skipped=", ".join(later))]
             n, reason = ctx.control.held(sid)
-            raise StateConflict(f"shard {sid} was rolled back ({reason or 'no reason given'}); its {n} users are held: "
-                                "`migrator retry` moves them again in this wave, `migrator release` frees them")
+            raise StateConflict(
+                f"shard {sid} was rolled back ({reason or 'no reason given'}); its {n} users are held: "
+                "`migrator retry` moves them again in this wave, `migrator release` frees them"
+            )
         cb = (lambda d, t: progress(sid, d, t)) if progress else None
         return dispatch.advance(ctx, sid, progress=cb)
 

@@ -4,6 +4,7 @@ Transient errors (a lost connection, a server shutting down, a serialization fai
 S3 throttling or 5xx) are retried with backoff; everything else is terminal. Messages
 never carry a row's contents: tables, key columns and key values only.
 """
+
 from __future__ import annotations
 
 import psycopg
@@ -111,7 +112,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, psycopg.InterfaceError):
         return "closed" in str(exc).lower()
     try:
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+        from botocore.exceptions import ClientError, ReadTimeoutError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
     except ImportError:  # pragma: no cover
         return False
     if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
@@ -121,8 +123,13 @@ def is_transient(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         # PreconditionFailed: a source object changed between its listing and the GET
         # conditional on the listed ETag; the retry lists the batch again.
-        return status >= 500 or code in {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
-                                         "PreconditionFailed"}
+        return status >= 500 or code in {
+            "Throttling",
+            "ThrottlingException",
+            "SlowDown",
+            "RequestTimeout",
+            "PreconditionFailed",
+        }
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
@@ -144,8 +151,16 @@ def describe(exc: BaseException) -> str:
         words = diag.message_primary if state[:2] in _SAFE_PRIMARY and diag.message_primary else ""
         if not words and isinstance(exc, psycopg.OperationalError):
             words = "the connection was lost" if "closed" in str(exc).lower() or "terminat" in str(exc).lower() else ""
-        named = [f"{k} {v}" for k, v in (("schema", diag.schema_name), ("table", diag.table_name),
-                                         ("column", diag.column_name), ("constraint", diag.constraint_name)) if v]
+        named = [
+            f"{k} {v}"
+            for k, v in (
+                ("schema", diag.schema_name),
+                ("table", diag.table_name),
+                ("column", diag.column_name),
+                ("constraint", diag.constraint_name),
+            )
+            if v
+        ]
         store = getattr(exc, "migrator_store", None)
         head = f"{store}: " if store else ""
         tail = f"{type(exc).__name__}" + (f", SQLSTATE {state}" if state else "")
@@ -156,7 +171,9 @@ def describe(exc: BaseException) -> str:
         code = response["Error"].get("Code", "")
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
         return f"S3 {getattr(exc, 'operation_name', '?')}: {code} (HTTP {status}, {type(exc).__name__})"
-    endpoint = getattr(exc, "kwargs", {}).get("endpoint_url") if isinstance(getattr(exc, "kwargs", None), dict) else None
+    endpoint = (
+        getattr(exc, "kwargs", {}).get("endpoint_url") if isinstance(getattr(exc, "kwargs", None), dict) else None
+    )
     if endpoint:  # botocore's EndpointConnectionError and its kind
         return f"S3 endpoint {endpoint} cannot be reached ({type(exc).__name__})"
     return type(exc).__name__

@@ -1,6 +1,7 @@
 """A rolled-back shard's users are held: no later plan takes them until an operator
 releases them (they may then be planned in a later wave) or moves them again in their own
 wave (the shard goes back to planned). Both are explicit and audited."""
+
 from __future__ import annotations
 
 from migrator.context import Context
@@ -15,8 +16,13 @@ def release(ctx: Context, sid: str, reason: str) -> dict:
     ctl = ctx.control
     with ctl.connect() as c:
         n = ctl.release(c, sid)
-        ctl.audit(c, sid, Phase.ROLLED_BACK.value, Phase.ROLLED_BACK.value,
-                  {"event": "users released", "users": n, "reason": reason})
+        ctl.audit(
+            c,
+            sid,
+            Phase.ROLLED_BACK.value,
+            Phase.ROLLED_BACK.value,
+            {"event": "users released", "users": n, "reason": reason},
+        )
     return {"released": n}
 
 
@@ -27,8 +33,9 @@ def move_again(ctx: Context, sid: str, reason: str) -> dict:
     ctl = ctx.control
     taken = ctl.superseded_by(sid)
     if taken:
-        raise StateConflict(f"shard {sid}: its users were released and are now in {', '.join(taken)}; "
-                            "it cannot move them again")
+        raise StateConflict(
+            f"shard {sid}: its users were released and are now in {', '.join(taken)}; it cannot move them again"
+        )
     with ctl.connect() as c:
         n = ctl.release(c, sid)
         ctl.transition(c, sid, Phase.ROLLED_BACK, Phase.PLANNED, {"event": "moved again", "reason": reason, "users": n})

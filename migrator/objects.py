@@ -8,12 +8,13 @@ starts at the next batch and skips objects already copied. Verification re-reads
 bytes on both sides and compares them with the manifest; the manifest digest is part of
 the shard digest. Rollback deletes exactly the manifest's keys at the destination.
 """
+
 from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 from psycopg import sql
 
@@ -67,7 +68,7 @@ def _owner(key: str, head: str, tail: str) -> str | None:
     """The user whose prefix (head + user + tail) holds the key, if any."""
     if not key.startswith(head):
         return None
-    rest = key[len(head):]
+    rest = key[len(head) :]
     cut = rest.find(tail) if tail else len(rest)
     return rest[:cut] if cut > 0 else None
 
@@ -87,8 +88,9 @@ def _index(c, bucket: str, prefix_head: str, prefix_tail: str, users: set[str]) 
     return out
 
 
-def _listed(c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str],
-            index: Index | None = None) -> dict[str, str]:
+def _listed(
+    c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str], index: Index | None = None
+) -> dict[str, str]:
     """Key -> ETag of the objects under the users' prefixes at one endpoint."""
     if index is None and len(users) > PER_USER_LISTING:
         # one listing of the common prefix beats a LIST per user for a large batch
@@ -115,7 +117,8 @@ def _source_objects(ctx: Context, users: list[str], index: Index | None = None, 
         own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
         col = sql.Identifier(o.key_column.column)
         q = sql.SQL("SELECT DISTINCT t0.{} FROM {} WHERE {} AND t0.{} IS NOT NULL").format(
-            col, own.from_, sqlgen.keys_filter(own, ctx.key_type), col)
+            col, own.from_, sqlgen.keys_filter(own, ctx.key_type), col
+        )
         with connect(ctx.source_dsn, autocommit=True, keyed=True) as c:
             keys.update((r[0], None) for r in c.execute(q, sqlgen.keys_arg(users)).fetchall())
     if o.user_prefix is not None:
@@ -129,8 +132,15 @@ def _keys(ctx: Context, users: list[str]) -> list[str]:
     return list(_source_objects(ctx, users))
 
 
-def _present_at_destination(ctx: Context, dst_c, bucket: str, users: list[str], keys: list[str],
-                            pool: ThreadPoolExecutor, index: Index | None = None) -> set[str]:
+def _present_at_destination(
+    ctx: Context,
+    dst_c,
+    bucket: str,
+    users: list[str],
+    keys: list[str],
+    pool: ThreadPoolExecutor,
+    index: Index | None = None,
+) -> set[str]:
     """Which of the keys the destination already holds: one listing of the users' prefixes,
     and a HEAD only for a key outside them."""
     o = ctx.spec.objects
@@ -151,8 +161,13 @@ def _stores(ctx: Context, region: str):
     return src, s3.client(src), dst, s3.client(dst)
 
 
-def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[str]],
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+def copy_batches(
+    ctx: Context,
+    sid: str,
+    region: str,
+    batches: dict[int, list[str]],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Copy the objects of every batch not yet checkpointed; returns totals.
 
     Batches are pipelined: the next batch is listed and its copies queued while the
@@ -178,21 +193,38 @@ def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[st
             fd = lister.submit(_index, dst_c, dst.bucket, head, tail, shard_users)
             src_index, dst_index = fs.result(), fd.result()
 
-    def prepare(b: int, pool: ThreadPoolExecutor, fresh: bool = False) -> tuple[dict[str, str | None], dict[str, dict | None]]:
+    def prepare(
+        b: int, pool: ThreadPoolExecutor, fresh: bool = False
+    ) -> tuple[dict[str, str | None], dict[str, dict | None]]:
         # A retry lists afresh: the shard's listings may be what went stale.
         listed = _source_objects(ctx, keys_of[b], None if fresh else src_index, src_c)
-        present = _present_at_destination(ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool,
-                                          None if fresh else dst_index)
+        present = _present_at_destination(
+            ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool, None if fresh else dst_index
+        )
         heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
         for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
             if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):
-                raise ConflictError(f"shard {sid} batch {b}: destination object {k!r} exists and was "
-                                    "not written by this tool")
+                raise ConflictError(
+                    f"shard {sid} batch {b}: destination object {k!r} exists and was not written by this tool"
+                )
         return listed, heads
 
     def submit(pool: ThreadPoolExecutor, listed: dict, heads: dict) -> list[Future]:
-        return [pool.submit(s3.copy_object, src_c, src.bucket, dst_c, dst.bucket, k, threshold, part,
-                            src_etag=etag, dst_head=heads.get(k)) for k, etag in listed.items()]
+        return [
+            pool.submit(
+                s3.copy_object,
+                src_c,
+                src.bucket,
+                dst_c,
+                dst.bucket,
+                k,
+                threshold,
+                part,
+                src_etag=etag,
+                dst_head=heads.get(k),
+            )
+            for k, etag in listed.items()
+        ]
 
     def settle(b: int, futures: list[Future], pool: ThreadPoolExecutor) -> None:
         try:
@@ -205,12 +237,16 @@ def copy_batches(ctx: Context, sid: str, region: str, batches: dict[int, list[st
                     results = [f.result() for f in submit(pool, *prepare(b, pool, fresh=True))]
         entries = [(r.key, r.size, r.sha256) for r in results]
         with ctx.control.connect() as c:
-            with c.cursor().copy(f"COPY {SCHEMA}.object_manifest (shard_id, batch_no, key, size, sha256) FROM STDIN") as cp:
+            with c.cursor().copy(
+                f"COPY {SCHEMA}.object_manifest (shard_id, batch_no, key, size, sha256) FROM STDIN"
+            ) as cp:
                 for k, n, h in entries:
                     cp.write_row((sid, b, k, n, h))
-            c.execute(f"INSERT INTO {SCHEMA}.object_checkpoint (shard_id, batch_no, objects, bytes, digest) "
-                      "VALUES (%s, %s, %s, %s, %s)",
-                      (sid, b, len(entries), sum(n for _, n, _ in entries), manifest_digest(entries)))
+            c.execute(
+                f"INSERT INTO {SCHEMA}.object_checkpoint (shard_id, batch_no, objects, bytes, digest) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (sid, b, len(entries), sum(n for _, n, _ in entries), manifest_digest(entries)),
+            )
         totals["copied"] += sum(not r.skipped for r in results)
         totals["skipped"] += sum(r.skipped for r in results)
 
@@ -243,8 +279,9 @@ def manifest(ctx: Context, sid: str) -> dict[int, list[tuple[str, int, str]]]:
         return {}
     ensure(ctx)
     with ctx.control.connect(autocommit=True) as c:
-        rows = c.execute(f"SELECT batch_no, key, size, sha256 FROM {SCHEMA}.object_manifest WHERE shard_id = %s",
-                         (sid,)).fetchall()
+        rows = c.execute(
+            f"SELECT batch_no, key, size, sha256 FROM {SCHEMA}.object_manifest WHERE shard_id = %s", (sid,)
+        ).fetchall()
     out: dict[int, list[tuple[str, int, str]]] = {}
     for b, k, n, h in rows:
         out.setdefault(b, []).append((k, n, h))
@@ -293,7 +330,7 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
     keys |= _unrecorded(ctx, sid, dst_c, dst.bucket, keys)
     ordered = sorted(keys)
     for i in range(0, len(ordered), 1000):
-        chunk = ordered[i:i + 1000]
+        chunk = ordered[i : i + 1000]
         for attempt in retrying(ctx.spec.retry):
             with attempt:
                 dst_c.delete_objects(Bucket=dst.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
@@ -315,9 +352,13 @@ def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) 
                 head, tail = o.user_prefix.split("{user}", 1)
                 mine = set(users)
                 candidates = set(_listed(dst_c, bucket, head, tail, users)) | {
-                    k for k in candidates if _owner(k, head, tail) not in mine}
+                    k for k in candidates if _owner(k, head, tail) not in mine
+                }
             candidates -= recorded
             heads = pool.map(lambda k: s3.head(dst_c, bucket, k), sorted(candidates))
-            found |= {k for k, h in zip(sorted(candidates), heads)
-                      if h is not None and s3.META_SRC_ETAG in h.get("Metadata", {})}
+            found |= {
+                k
+                for k, h in zip(sorted(candidates), heads)
+                if h is not None and s3.META_SRC_ETAG in h.get("Metadata", {})
+            }
     return found

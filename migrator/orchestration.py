@@ -1,6 +1,7 @@
 """What the Airflow tasks call: small functions that take and return plain descriptors
 (ids, counts, digests -- never rows), each idempotent, so a cleared or retried task is safe.
 No Airflow import here; `airflow_glue` turns errors into Airflow's terms."""
+
 from __future__ import annotations
 
 import re
@@ -44,16 +45,23 @@ def wave_for(scope: str, start: datetime | None, end: datetime | None, run_id: s
     return f"interval-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
 
 
-def plan(spec: Spec, run_id: str, wave: str, since: datetime | None, until: datetime | None,
-         regions: list[str] | None, shards: list[str] | None, dry_run: bool) -> list[dict[str, Any]]:
+def plan(
+    spec: Spec,
+    run_id: str,
+    wave: str,
+    since: datetime | None,
+    until: datetime | None,
+    regions: list[str] | None,
+    shards: list[str] | None,
+    dry_run: bool,
+) -> list[dict[str, Any]]:
     ctx = Context(spec, run_id)
     p = make_plan(ctx, wave, since=since, until=until, regions=regions or None, dry_run=dry_run)
     out = []
     for s in p.shards:
         if shards and s.name not in shards and s.shard_id not in shards:
             continue
-        out.append({"shard_id": s.shard_id, "name": s.name, "region": s.region, "users": s.users,
-                    "dry_run": dry_run})
+        out.append({"shard_id": s.shard_id, "name": s.name, "region": s.region, "users": s.users, "dry_run": dry_run})
     return out
 
 
@@ -74,9 +82,14 @@ def rollback_if_terminal(spec: Spec, run_id: str, shard_id: str, reason: str) ->
     ctx = Context(spec, run_id)
     state = ctx.control.shard(shard_id).state
     if state != Phase.FAILED:
-        return {"shard_id": shard_id, "phase": "rollback", "state": state.value, "ran": False,
-                "skipped": f"{state}: not failed for good, so it resumes rather than rolls back "
-                           "(clear its failed task to resume it)"}
+        return {
+            "shard_id": shard_id,
+            "phase": "rollback",
+            "state": state.value,
+            "ran": False,
+            "skipped": f"{state}: not failed for good, so it resumes rather than rolls back "
+            "(clear its failed task to resume it)",
+        }
     return phase(spec, run_id, shard_id, "rollback", reason)
 
 
@@ -95,8 +108,11 @@ def shard_outcome(spec: Spec, shard_id: str) -> dict[str, Any]:
         return {"shard_id": shard_id, "state": shard.state.value}
     if shard.state == Phase.ROLLED_BACK and ctx.control.superseded_by(shard_id):
         return {"shard_id": shard_id, "state": shard.state.value, "superseded_by": ctx.control.superseded_by(shard_id)}
-    raise MigratorError(f"shard {shard_id} is {shard.state}" + (f" ({shard.error})" if shard.error else "")
-                        + f"; next: {dispatch.NEXT_STEP[shard.state]}")
+    raise MigratorError(
+        f"shard {shard_id} is {shard.state}"
+        + (f" ({shard.error})" if shard.error else "")
+        + f"; next: {dispatch.NEXT_STEP[shard.state]}"
+    )
 
 
 def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
@@ -108,6 +124,8 @@ def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
     states = {s.shard_id: s.state.value for s in ctx.control.shards(names=ids)} if ids else {}
     bad = {k: v for k, v in states.items() if v != Phase.CUT_OVER.value}
     if bad:
-        raise MigratorError(f"{len(bad)} of {len(states)} shard(s) did not cut over: "
-                            + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items())))
+        raise MigratorError(
+            f"{len(bad)} of {len(states)} shard(s) did not cut over: "
+            + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
+        )
     return {"shards": len(states), "cut_over": len(states)}

@@ -1,4 +1,5 @@
 """Which shard a user falls in: a stable hash of the user's key, the same on every rerun."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,9 @@ def shard_index_sql(key_text: sql.Composable, shards: int) -> sql.Composable:
     same text, so a plan formed in the database agrees with one formed here."""
     if shards < 1:
         raise ValueError("shards must be at least 1")
-    return sql.SQL("mod(('x' || substr(md5({}), 1, 15))::bit(60)::bigint, {})::int").format(key_text, sql.Literal(shards))
+    return sql.SQL("mod(('x' || substr(md5({}), 1, 15))::bit(60)::bigint, {})::int").format(
+        key_text, sql.Literal(shards)
+    )
 
 
 def shard_name(region: str, index: int) -> str:

@@ -18,6 +18,7 @@ sample is counted exactly. The estimate sizes the work (how the verifier spreads
 over its connections, what `status` shows before a batch lands); what was copied and
 verified is counted exactly by those phases.
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,9 +61,15 @@ class ShardPlan:
 
     def summary(self) -> dict:
         return {
-            "shard_id": self.shard_id, "name": self.name, "region": self.region, "users": self.users,
-            "batches": self.batches, "rows": self.rows, "rows_exact": self.sampled == self.users,
-            "rows_sampled_users": self.sampled, "approx_bytes": self.bytes,
+            "shard_id": self.shard_id,
+            "name": self.name,
+            "region": self.region,
+            "users": self.users,
+            "batches": self.batches,
+            "rows": self.rows,
+            "rows_exact": self.sampled == self.users,
+            "rows_sampled_users": self.sampled,
+            "approx_bytes": self.bytes,
         }
 
 
@@ -76,8 +83,10 @@ class Plan:
 
     def summary(self) -> dict:
         return {
-            "wave": self.wave, "already_planned": self.already_planned,
-            "shards": [s.summary() for s in self.shards], "unplaced_users": self.unplaced,
+            "wave": self.wave,
+            "already_planned": self.already_planned,
+            "shards": [s.summary() for s in self.shards],
+            "unplaced_users": self.unplaced,
             "warnings": self.warnings,
         }
 
@@ -103,7 +112,8 @@ def _residencies(ctx: Context, since: datetime | None, until: datetime | None) -
     g = ctx.spec.entity_graph
     where, args = _interval(ctx, since, until)
     q = sql.SQL("SELECT {}::text, count(*) FROM {}.{}").format(
-        sql.Identifier(g.root.residency), sql.Identifier(g.schema_), sql.Identifier(g.root.table))
+        sql.Identifier(g.root.residency), sql.Identifier(g.schema_), sql.Identifier(g.root.table)
+    )
     if where:
         q = q + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
     q = q + sql.SQL(" GROUP BY 1")
@@ -111,8 +121,9 @@ def _residencies(ctx: Context, since: datetime | None, until: datetime | None) -
         return dict(c.execute(q, args).fetchall())
 
 
-def _candidates(ctx: Context, since: datetime | None, until: datetime | None,
-                moving: dict[str, str]) -> tuple[sql.Composable, list]:
+def _candidates(
+    ctx: Context, since: datetime | None, until: datetime | None, moving: dict[str, str]
+) -> tuple[sql.Composable, list]:
     """A COPY of (key, region, shard index) of the users whose stored residency moves."""
     g = ctx.spec.entity_graph
     root = g.root
@@ -120,28 +131,42 @@ def _candidates(ctx: Context, since: datetime | None, until: datetime | None,
     where.append(sql.SQL("{}::text = ANY(%s::text[])").format(sql.Identifier(root.residency)))
     values = sorted(moving)
     key_text = sql.SQL("{}::text").format(sql.Identifier(root.key))
-    q = sql.SQL("COPY (SELECT {}, (%s::text[])[array_position(%s::text[], {}::text)], {} FROM {}.{} WHERE {}) TO STDOUT").format(
-        key_text, sql.Identifier(root.residency), shard_index_sql(key_text, ctx.spec.sharding.shards_per_region),
-        sql.Identifier(g.schema_), sql.Identifier(root.table), sql.SQL(" AND ").join(where))
+    q = sql.SQL(
+        "COPY (SELECT {}, (%s::text[])[array_position(%s::text[], {}::text)], {} FROM {}.{} WHERE {}) TO STDOUT"
+    ).format(
+        key_text,
+        sql.Identifier(root.residency),
+        shard_index_sql(key_text, ctx.spec.sharding.shards_per_region),
+        sql.Identifier(g.schema_),
+        sql.Identifier(root.table),
+        sql.SQL(" AND ").join(where),
+    )
     return q, [[moving[v] for v in values], values, *args, values]
 
 
-def _load(ctx: Context, c: psycopg.Connection, since: datetime | None, until: datetime | None,
-          moving: dict[str, str]) -> None:
+def _load(
+    ctx: Context, c: psycopg.Connection, since: datetime | None, until: datetime | None, moving: dict[str, str]
+) -> None:
     """Fill the temporary table rm_plan (user_key, region, idx) with the moving users not
     already moved or in a live shard of some wave."""
-    c.execute("CREATE TEMP TABLE rm_plan (user_key text NOT NULL, region text NOT NULL, idx int NOT NULL) ON COMMIT DROP")
+    c.execute(
+        "CREATE TEMP TABLE rm_plan (user_key text NOT NULL, region text NOT NULL, idx int NOT NULL) ON COMMIT DROP"
+    )
     if moving:
         q, args = _candidates(ctx, since, until, moving)
         with connect(ctx.source_dsn) as src:
             pipe(src, q, args, c, "COPY rm_plan (user_key, region, idx) FROM STDIN")
     c.execute("ANALYZE rm_plan")
     if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.shard_user",)).fetchone()[0]:
-        c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.directory d WHERE d.user_key = p.user_key AND d.home <> %s",
-                  (ctx.spec.source_region,))
+        c.execute(
+            f"DELETE FROM rm_plan p USING {SCHEMA}.directory d WHERE d.user_key = p.user_key AND d.home <> %s",
+            (ctx.spec.source_region,),
+        )
         c.execute(
             f"DELETE FROM rm_plan p USING {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) "
-            "WHERE su.user_key = p.user_key AND s.state <> %s", (Phase.ROLLED_BACK.value,))
+            "WHERE su.user_key = p.user_key AND s.state <> %s",
+            (Phase.ROLLED_BACK.value,),
+        )
     if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.held_users",)).fetchone()[0]:
         c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.held_users h WHERE h.user_key = p.user_key")
 
@@ -171,11 +196,27 @@ def _existing(ctx: Context, wave: str, regions: list[str] | None) -> Plan | None
     found = ctx.control.shards(wave=wave)
     if not found:
         return None
-    return Plan(wave, [
-        ShardPlan(s.shard_id, s.wave, s.name, s.region, s.idx, s.users, s.batches, s.plan.get("rows", {}),
-                  s.plan.get("approx_bytes", 0), s.plan.get("rows_sampled_users", s.users))
-        for s in found if not regions or s.region in regions
-    ], {}, already_planned=True)
+    return Plan(
+        wave,
+        [
+            ShardPlan(
+                s.shard_id,
+                s.wave,
+                s.name,
+                s.region,
+                s.idx,
+                s.users,
+                s.batches,
+                s.plan.get("rows", {}),
+                s.plan.get("approx_bytes", 0),
+                s.plan.get("rows_sampled_users", s.users),
+            )
+            for s in found
+            if not regions or s.region in regions
+        ],
+        {},
+        already_planned=True,
+    )
 
 
 def plan(
@@ -191,7 +232,7 @@ def plan(
     for r in regions or []:
         if r not in spec.targets:
             raise SpecError(f"--region {r!r}: no policy entry sends users there (targets: {', '.join(spec.targets)})")
-    ctx.tables  # reads and checks the source's tables
+    _ = ctx.tables  # reads and checks the source's tables
     # A wave always covers every target region, so a later `--region` run finds its
     # shards; `regions` only narrows what is returned.
     targets = sorted(spec.targets)
@@ -207,8 +248,9 @@ def plan(
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            warnings.append(f"destination {r} cannot be reached ({describe(exc)}); its shards are planned and "
-                            "wait for it")
+            warnings.append(
+                f"destination {r} cannot be reached ({describe(exc)}); its shards are planned and wait for it"
+            )
             log.warning(warnings[-1])
     ctx.check_privileges(reachable)
     warnings += ctx.index_warnings(reachable)
@@ -244,15 +286,26 @@ def plan(
         for region, idx, users in c.execute("SELECT region, idx, count(*) FROM rm_plan GROUP BY 1, 2 ORDER BY 1, 2"):
             name = shard_name(region, idx)
             shards[targets.index(region) * n + idx] = ShardPlan(
-                shard_id(wave, name), wave, name, region, idx, users, math.ceil(users / size))
+                shard_id(wave, name), wave, name, region, idx, users, math.ceil(users / size)
+            )
         result = Plan(wave, list(shards.values()), dict(unplaced), warnings=warnings)
         # Measuring reads the source; recording writes the control database: both at once.
         with connect(ctx.source_dsn, keyed=True) as m:
-            m.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(
-                sql.SQL(ctx.key_type)))
-            pipe(c, "COPY (SELECT user_key, b FROM (SELECT user_key, (array_position(%s::text[], region) - 1) * %s + idx AS b, "
-                 "row_number() OVER (PARTITION BY region, idx ORDER BY hashtext(user_key)) AS r FROM rm_plan) s "
-                 "WHERE r <= %s) TO STDOUT", (targets, n, MEASURE_SAMPLE), m, "COPY rm_keys (k, b) FROM STDIN")
+            m.execute(
+                sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(
+                    sql.SQL(ctx.key_type)
+                )
+            )
+            pipe(
+                c,
+                "COPY (SELECT user_key, b FROM (SELECT user_key, "
+                "(array_position(%s::text[], region) - 1) * %s + idx AS b, "
+                "row_number() OVER (PARTITION BY region, idx ORDER BY hashtext(user_key)) AS r FROM rm_plan) s "
+                "WHERE r <= %s) TO STDOUT",
+                (targets, n, MEASURE_SAMPLE),
+                m,
+                "COPY rm_keys (k, b) FROM STDIN",
+            )
             with ThreadPoolExecutor(max_workers=1) as pool:
                 measured = pool.submit(_measure, ctx, m, shards)
                 if dry_run:
@@ -276,14 +329,26 @@ def _record(ctx: Context, c: psycopg.Connection, p: Plan, measured: Future) -> N
             (s.shard_id, s.wave, s.name, s.region, s.idx, Phase.PLANNED.value, s.users, s.batches),
         )
     order = sql.SQL("p.user_key::numeric" if ctx.key_type in INTEGER_TYPES else 'p.user_key COLLATE "C"')
-    c.execute(sql.SQL(
-        f"INSERT INTO {SCHEMA}.shard_user (shard_id, user_key, batch_no) "
-        "SELECT m.shard_id, p.user_key, ((row_number() OVER (PARTITION BY p.region, p.idx ORDER BY {}) - 1) / %s)::int "
-        "FROM rm_plan p JOIN unnest(%s::text[], %s::int[], %s::text[]) AS m(region, idx, shard_id) USING (region, idx)"
-    ).format(order), (ctx.spec.copy_.batch_users, [s.region for s in p.shards], [s.idx for s in p.shards],
-                      [s.shard_id for s in p.shards]))
-    c.execute(f"INSERT INTO {SCHEMA}.directory (user_key, home) SELECT user_key, %s FROM rm_plan "
-              "ON CONFLICT (user_key) DO NOTHING", (ctx.spec.source_region,))
+    c.execute(
+        sql.SQL(
+            f"INSERT INTO {SCHEMA}.shard_user (shard_id, user_key, batch_no) "
+            "SELECT m.shard_id, p.user_key, "
+            "((row_number() OVER (PARTITION BY p.region, p.idx ORDER BY {}) - 1) / %s)::int "
+            "FROM rm_plan p JOIN unnest(%s::text[], %s::int[], %s::text[]) AS m(region, idx, shard_id) "
+            "USING (region, idx)"
+        ).format(order),
+        (
+            ctx.spec.copy_.batch_users,
+            [s.region for s in p.shards],
+            [s.idx for s in p.shards],
+            [s.shard_id for s in p.shards],
+        ),
+    )
+    c.execute(
+        f"INSERT INTO {SCHEMA}.directory (user_key, home) SELECT user_key, %s FROM rm_plan "
+        "ON CONFLICT (user_key) DO NOTHING",
+        (ctx.spec.source_region,),
+    )
     measured.result()
     for s in p.shards:
         c.execute(f"UPDATE {SCHEMA}.shard SET plan = %s WHERE shard_id = %s", (json.dumps(s.summary()), s.shard_id))

@@ -20,6 +20,7 @@ shard, in the watchdog a cutover or rollback leaves behind it (see `watchdog`), 
 `migrator recover`. The users of a shard whose worker died cannot write at any home for
 at most the fence window plus the time until one of those runs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -109,8 +110,13 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
         d = capture.fences(dst, sid).get(sid)
         if d == capture.HELD:
             reason = _rollback_reason(ctx, sid)
-            directory.flip_back(ctx, sid, Phase.CUT_OVER, shard.region,
-                                {"event": "rollback started", "reason": reason, "completed_by": "recovery"})
+            directory.flip_back(
+                ctx,
+                sid,
+                Phase.CUT_OVER,
+                shard.region,
+                {"event": "rollback started", "reason": reason, "completed_by": "recovery"},
+            )
             capture.lift(src, sid)  # homed at the source again: they write there
             _audit(ctx, sid, Phase.ROLLING_BACK, "rollback's flip back completed; source fence lifted")
             done.append("rollback's flip back completed")
@@ -127,8 +133,9 @@ def unfinished(ctx: Context, shards: list[Shard] | None = None) -> list[Unfinish
     if not ctx.spec.changes.capture or not ctx.control.exists():
         return []
     if shards is None:
-        shards = ctx.control.shards(states=[Phase.VERIFIED, Phase.CUT_OVER, Phase.ROLLING_BACK, Phase.ROLLED_BACK,
-                                            Phase.FAILED])
+        shards = ctx.control.shards(
+            states=[Phase.VERIFIED, Phase.CUT_OVER, Phase.ROLLING_BACK, Phase.ROLLED_BACK, Phase.FAILED]
+        )
     if not shards:
         return []
     try:

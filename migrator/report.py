@@ -1,4 +1,5 @@
 """What the command line prints: one JSON document, or rich tables for a person."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 rows[t] = rows.get(t, 0) + n
         if has_objects:
             with ctl.connect(autocommit=True) as c:
-                n, size = c.execute("SELECT count(*), coalesce(sum(objects), 0) FROM migrator.object_checkpoint "
-                                    "WHERE shard_id = %s", (s.shard_id,)).fetchone()
+                n, size = c.execute(
+                    "SELECT count(*), coalesce(sum(objects), 0) FROM migrator.object_checkpoint WHERE shard_id = %s",
+                    (s.shard_id,),
+                ).fetchone()
             if n:
                 rows["objects"] = int(size)
         lag = None
@@ -37,17 +40,32 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
             from migrator import capture
 
             lag = capture.lag(ctx.source_dsn, s.shard_id, ctl.position(s.shard_id, "forward"))
-        out.append({
-            "lag": lag,
-            "shard_id": s.shard_id, "wave": s.wave, "name": s.name, "region": s.region, "state": s.state.value,
-            "users": s.users, "batches": s.batches, "batches_done": len(cps), "rows": rows or s.plan.get("rows", {}),
-            "digest": s.digest, "error": s.error,
-        })
+        out.append(
+            {
+                "lag": lag,
+                "shard_id": s.shard_id,
+                "wave": s.wave,
+                "name": s.name,
+                "region": s.region,
+                "state": s.state.value,
+                "users": s.users,
+                "batches": s.batches,
+                "batches_done": len(cps),
+                "rows": rows or s.plan.get("rows", {}),
+                "digest": s.digest,
+                "error": s.error,
+            }
+        )
     return out
 
 
-def document(command: str, shards: list[dict], outcomes: list[Outcome] | None = None, plan: Plan | None = None,
-             extra: dict | None = None) -> dict[str, Any]:
+def document(
+    command: str,
+    shards: list[dict],
+    outcomes: list[Outcome] | None = None,
+    plan: Plan | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
     by_id = {o.shard_id: o for o in outcomes or []}
     for s in shards:
         o = by_id.get(s["shard_id"])
@@ -67,7 +85,12 @@ def document(command: str, shards: list[dict], outcomes: list[Outcome] | None = 
     for s in shards:
         states[s.get("state", "planned")] = states.get(s.get("state", "planned"), 0) + 1
     totals["states"] = states
-    doc: dict[str, Any] = {"command": command, "ok": all(o.ok for o in outcomes or []), "shards": shards, "totals": totals}
+    doc: dict[str, Any] = {
+        "command": command,
+        "ok": all(o.ok for o in outcomes or []),
+        "shards": shards,
+        "totals": totals,
+    }
     if plan is not None:
         doc["wave"] = plan.wave
         doc["unplaced_users"] = plan.unplaced
@@ -90,22 +113,37 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
     for col in ["shard", "region", "state", "users", "batches", *tables, *(["lag"] if show_lag else []), "digest"]:
         t.add_column(col, justify="right" if col not in ("shard", "region", "state", "digest") else "left")
     for s in shards:
-        batches = f"{s.get('batches_done', '-')}/{s.get('batches', '-')}" if "batches_done" in s else str(s.get("batches", "-"))
+        batches = (
+            f"{s.get('batches_done', '-')}/{s.get('batches', '-')}"
+            if "batches_done" in s
+            else str(s.get("batches", "-"))
+        )
         state = s.get("state", "planned")
         style = {"cut_over": "green", "failed": "red", "rolled_back": "yellow"}.get(state, "")
-        t.add_row(s["shard_id"] if doc.get("wave") is None and s.get("wave") not in (None, "default") else s["name"], s["region"], f"[{style}]{state}[/]" if style else state, str(s.get("users", "")), batches,
-                  *[str(s.get("rows", {}).get(x, 0)) for x in tables],
-                  *([str(s.get("lag") if s.get("lag") is not None else "")] if show_lag else []), (s.get("digest") or "")[:12])
+        t.add_row(
+            s["shard_id"] if doc.get("wave") is None and s.get("wave") not in (None, "default") else s["name"],
+            s["region"],
+            f"[{style}]{state}[/]" if style else state,
+            str(s.get("users", "")),
+            batches,
+            *[str(s.get("rows", {}).get(x, 0)) for x in tables],
+            *([str(s.get("lag") if s.get("lag") is not None else "")] if show_lag else []),
+            (s.get("digest") or "")[:12],
+        )
     console.print(t)
     if doc.get("unplaced_users"):
-        console.print("Users left where they are (residency not placed by the policy): "
-                      + ", ".join(f"{k}: {v}" for k, v in sorted(doc["unplaced_users"].items())))
+        console.print(
+            "Users left where they are (residency not placed by the policy): "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(doc["unplaced_users"].items()))
+        )
     for w in doc.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}")
     for s in shards:
         if s.get("unfinished"):
-            console.print(f"[yellow]{s['shard_id']} unfinished[/]: {s['unfinished']} (the next command or "
-                          "`migrator recover` does it)")
+            console.print(
+                f"[yellow]{s['shard_id']} unfinished[/]: {s['unfinished']} (the next command or "
+                "`migrator recover` does it)"
+            )
         if s.get("error"):
             console.print(f"[red]{s['shard_id']}[/]: {s['error']}")
     if doc.get("regions"):
@@ -113,12 +151,19 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
         for col in ["region", "users", "shards cut over", *tables]:
             r.add_column(col, justify="left" if col == "region" else "right")
         for name, v in sorted(doc["regions"].items()):
-            r.add_row(name, str(v["users"]), f"{v['cut_over']}/{v['shards']}", *[str(v["rows"].get(x, 0)) for x in tables])
+            r.add_row(
+                name, str(v["users"]), f"{v['cut_over']}/{v['shards']}", *[str(v["rows"].get(x, 0)) for x in tables]
+            )
         console.print(r)
-        console.print(f"digests matched: {doc.get('digests_matched')} shard(s); took {doc.get('seconds')} s (via {doc.get('via')})")
+        console.print(
+            f"digests matched: {doc.get('digests_matched')} shard(s); "
+            f"took {doc.get('seconds')} s (via {doc.get('via')})"
+        )
     if doc.get("writes"):
         w = doc["writes"]
-        console.print(f"application writes during the migration: {w['acknowledged_writes']} acknowledged, "
-                      f"{w['fenced_retries']} fenced and retried, {w['lost_writes']} lost")
+        console.print(
+            f"application writes during the migration: {w['acknowledged_writes']} acknowledged, "
+            f"{w['fenced_retries']} fenced and retried, {w['lost_writes']} lost"
+        )
     if doc.get("dry_run"):
         console.print("[yellow]dry run: nothing was written[/]")

@@ -5,6 +5,7 @@ first, one transaction per batch, each with its ledger row). After cutover it fi
 flips the directory back to the source (epoch + 1, in the same transaction as the move to
 rolling_back), so no user is ever homed where their rows are being deleted.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,8 +52,13 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
         carried = _carry_back(ctx, sid, src, dst)
         try:
             pause_point(ctx, sid, "rollback held")
-            flipped = directory.flip_back(ctx, sid, Phase.CUT_OVER, region,
-                                          {"event": "rollback started", "reason": reason, "changes_carried_back": carried})
+            flipped = directory.flip_back(
+                ctx,
+                sid,
+                Phase.CUT_OVER,
+                region,
+                {"event": "rollback started", "reason": reason, "changes_carried_back": carried},
+            )
             capture.lift(src, sid)  # the users are homed at the source again: let them write there
         except BaseException:
             for attempt in retrying(ctx.spec.retry):
@@ -71,11 +77,15 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
     if shard.state == Phase.CUT_OVER and ctx.spec.changes.capture:
         if any(a["detail"].get("event") == "finalized" for a in ctl.audit_rows(sid)):
-            raise StateConflict(f"shard {sid} was finalized: writes at its new home are no longer captured, "
-                                "so a rollback could lose them")
+            raise StateConflict(
+                f"shard {sid} was finalized: writes at its new home are no longer captured, "
+                "so a rollback could lose them"
+            )
         carried, flipped = _undo_cutover(ctx, sid, shard.region, reason)
     else:
-        flipped = directory.flip_back(ctx, sid, shard.state, shard.region, {"event": "rollback started", "reason": reason})
+        flipped = directory.flip_back(
+            ctx, sid, shard.state, shard.region, {"event": "rollback started", "reason": reason}
+        )
     capture.lift(src, sid)  # the users are homed at the source again: let them write there
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     deleted = {t: 0 for t in ctx.tables}
@@ -95,7 +105,9 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
                 ).fetchone()
                 if ours:
                     for name in reversed(list(ctx.tables)):
-                        counts[name] = c.execute(sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)).rowcount
+                        counts[name] = c.execute(
+                            sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
+                        ).rowcount
         for t, n in counts.items():
             deleted[t] += n
     for dsn in (src, dst):
@@ -104,8 +116,24 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
         ctl.clear_checkpoints(c, sid)
         ctl.clear_positions(c, sid)
         held = ctl.hold(c, sid, reason)
-        ctl.transition(c, sid, Phase.ROLLING_BACK, Phase.ROLLED_BACK,
-                       {"event": "rolled back", "reason": reason, "deleted": deleted, "objects_deleted": removed_objects,
-                        "users_held": held}, digest=None)
-    return {"shard_id": sid, "already": False, "deleted": deleted, "objects_deleted": removed_objects,
-            "directory_flipped_back": flipped}
+        ctl.transition(
+            c,
+            sid,
+            Phase.ROLLING_BACK,
+            Phase.ROLLED_BACK,
+            {
+                "event": "rolled back",
+                "reason": reason,
+                "deleted": deleted,
+                "objects_deleted": removed_objects,
+                "users_held": held,
+            },
+            digest=None,
+        )
+    return {
+        "shard_id": sid,
+        "already": False,
+        "deleted": deleted,
+        "objects_deleted": removed_objects,
+        "directory_flipped_back": flipped,
+    }

@@ -1,6 +1,7 @@
 """Test scaffolding compiled into the tool: named places where a test stops the process
 (to kill it there, or to change a store under it). Inert unless MIGRATOR_PAUSE_AT names
 the place."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 
 Errors name the field and the bad value; DSNs are secrets, masked in every repr.
 """
+
 from __future__ import annotations
 
 import os
@@ -114,7 +115,7 @@ class EntityGraph(_Strict):
         return _ident(v, "schema")
 
     @model_validator(mode="after")
-    def _paths(self) -> "EntityGraph":
+    def _paths(self) -> EntityGraph:
         names = [self.root.table] + [t.table for t in self.tables]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -197,7 +198,7 @@ class Objects(_Strict):
     part_size_mb: int = Field(8, ge=5, le=5000)
 
     @model_validator(mode="after")
-    def _where(self) -> "Objects":
+    def _where(self) -> Objects:
         if self.key_column is None and self.user_prefix is None:
             raise ValueError("objects: give key_column and/or user_prefix")
         if self.user_prefix is not None and "{user}" not in self.user_prefix:
@@ -212,7 +213,9 @@ class ChangeSettings(_Strict):
     fence_window_s: float = Field(5.0, gt=0, le=600)
     catch_up_below: int = Field(100, ge=0, description="fence only once this few changes are pending")
     lock_wait_s: float = Field(
-        30.0, gt=0, le=3600,
+        30.0,
+        gt=0,
+        le=3600,
         description="how long a catch-up pass outside the fence waits for a lock held by another transaction "
         "at either side before it gives up (a transient error: the step is retried later)",
     )
@@ -225,7 +228,9 @@ class Sharding(_Strict):
 class CopySettings(_Strict):
     batch_users: int = Field(500, ge=1, le=1_000_000)
     workers: int = Field(
-        2, ge=1, le=32,
+        2,
+        ge=1,
+        le=32,
         description="batches of one shard copied at once, each on its own source and destination connection",
     )
     inline_digest: bool = Field(
@@ -239,7 +244,9 @@ class CopySettings(_Strict):
 class VerifySettings(_Strict):
     workers: int = Field(2, ge=1, le=16, description="connections per side, each digesting a share of the tables")
     max_hash_mb: int = Field(
-        1024, ge=128, le=65536,
+        1024,
+        ge=128,
+        le=65536,
         description="memory (PostgreSQL work_mem) one verify connection may give the hash join of a table with "
         "the shard's users or parent rows; sized to the shard's rows up to this, so the join takes one pass; "
         "a shard too large for it is still compared exactly, in two passes",
@@ -251,7 +258,9 @@ class RetrySettings(_Strict):
     initial_wait_s: float = Field(0.5, ge=0)
     max_wait_s: float = Field(8.0, ge=0)
     outage_s: float = Field(
-        60.0, ge=0, le=3600,
+        60.0,
+        ge=0,
+        le=3600,
         description="how long a call to the control database is retried through a transient outage "
         "(a restart, a failover) before the step fails, resumable",
     )
@@ -295,7 +304,7 @@ class Spec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _refs(self) -> "Spec":
+    def _refs(self) -> Spec:
         if self.source_region not in self.regions:
             raise ValueError(f"source_region {self.source_region!r} is not among the regions")
         for code, region in self.policy.items():

@@ -26,6 +26,7 @@ altered rows), not for forgeries. Hashing the columns costs about a third of wri
 row out as text and hashing that. It needs PostgreSQL 14 or later, and both servers of a
 comparison must share byte order (as every platform PostgreSQL ships for today does).
 """
+
 from __future__ import annotations
 
 import re
@@ -36,11 +37,20 @@ from psycopg import sql
 from migrator.catalog import Column, Table
 from migrator.spec import EntityGraph
 
-
 # Types whose hash differs for every two values that differ (text types under "C").
 EXACT_HASH = {
-    "smallint", "integer", "bigint", "boolean", "uuid", "bytea", "date", "inet",
-    "timestamp without time zone", "timestamp with time zone", "text", "character varying",
+    "smallint",
+    "integer",
+    "bigint",
+    "boolean",
+    "uuid",
+    "bytea",
+    "date",
+    "inet",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "text",
+    "character varying",
 }
 TEXTUAL = {"text", "character varying"}
 
@@ -84,9 +94,7 @@ def ownership(graph: EntityGraph, table: str) -> Ownership:
     last hop does not reference the root key directly."""
     schema = graph.schema_
     root = graph.root
-    parts: list[sql.Composable] = [
-        sql.SQL("{}.{} AS t0").format(sql.Identifier(schema), sql.Identifier(table))
-    ]
+    parts: list[sql.Composable] = [sql.SQL("{}.{} AS t0").format(sql.Identifier(schema), sql.Identifier(table))]
     if table == root.table:
         return Ownership(parts[0], sql.SQL("t0.{}").format(sql.Identifier(root.key)))
     hops = graph.path(table)
@@ -99,11 +107,15 @@ def ownership(graph: EntityGraph, table: str) -> Ownership:
             return Ownership(sql.SQL(" ").join(parts), owner, len(parts) - 1)
         nxt = f"t{i}"
         cond = sql.SQL(" AND ").join(
-            sql.SQL("{}.{} = {}.{}").format(sql.Identifier(nxt), sql.Identifier(p), sql.Identifier(alias), sql.Identifier(c))
+            sql.SQL("{}.{} = {}.{}").format(
+                sql.Identifier(nxt), sql.Identifier(p), sql.Identifier(alias), sql.Identifier(c)
+            )
             for c, p in hop.fk.items()
         )
         parts.append(
-            sql.SQL("JOIN {}.{} AS {} ON {}").format(sql.Identifier(schema), sql.Identifier(hop.parent), sql.Identifier(nxt), cond)
+            sql.SQL("JOIN {}.{} AS {} ON {}").format(
+                sql.Identifier(schema), sql.Identifier(hop.parent), sql.Identifier(nxt), cond
+            )
         )
         alias = nxt
     owner = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(root.key))
@@ -111,7 +123,9 @@ def ownership(graph: EntityGraph, table: str) -> Ownership:
 
 
 def _cols(table: Table, alias: str = "t0") -> sql.Composable:
-    return sql.SQL(", ").join(sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c.name)) for c in table.columns)
+    return sql.SQL(", ").join(
+        sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c.name)) for c in table.columns
+    )
 
 
 def keys_arg(keys: list[str]) -> dict[str, str]:
@@ -199,7 +213,9 @@ def pk_hashes(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable
 def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5) -> sql.Composable:
     own = ownership(graph, table.name)
     pk = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
-    return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(pk, own.from_, keys_filter(own, key_type), sql.Literal(limit))
+    return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(
+        pk, own.from_, keys_filter(own, key_type), sql.Literal(limit)
+    )
 
 
 def any_row(graph: EntityGraph, table: Table) -> sql.Composable:
@@ -211,15 +227,19 @@ def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Com
     """One pass over a table: (group, rows) for the users listed in a keys table."""
     own = ownership(graph, table.name)
     return sql.SQL("SELECT m.b, count(*) FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b").format(
-        own.from_, sql.Identifier(keys_table), own.owner)
+        own.from_, sql.Identifier(keys_table), own.owner
+    )
 
 
 def mean_row_bytes(graph: EntityGraph, table: Table) -> sql.Composable:
     """The table's mean on-disk bytes per row, from its size and the planner's row estimate
     (NULL while the table has no estimate, e.g. before it was first analyzed)."""
     return sql.SQL(
-        "SELECT pg_table_size(c.oid)::float8 / nullif(greatest(c.reltuples, 0), 0) FROM pg_class c WHERE c.oid = {}::regclass"
-    ).format(sql.Literal(f"{sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}"))
+        "SELECT pg_table_size(c.oid)::float8 / nullif(greatest(c.reltuples, 0), 0) "
+        "FROM pg_class c WHERE c.oid = {}::regclass"
+    ).format(
+        sql.Literal(f"{sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}")
+    )
 
 
 def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:

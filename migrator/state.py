@@ -1,4 +1,5 @@
 """A shard's phases and the one table of moves allowed between them."""
+
 from __future__ import annotations
 
 from enum import StrEnum

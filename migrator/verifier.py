@@ -5,11 +5,13 @@ an auditor). It guarantees that, at the moment each side was read, the multiset 
 shard's users' rows in every table is the same at the source and the destination: each
 side computes, in one pass per table inside its own database, (count, sum of canonical
 row hashes) per batch of users (see `sqlgen` for the digest). The two sides are read
-concurrently, each on `verify.workers` connections sharing out the tables. Any batch that differs is narrowed to rows by comparing (primary key, row
-hash) lists of just that batch, so the report names the table and primary keys of every
-differing row -- never a row's contents. The shard digest is a SHA-256 over the per-batch
+concurrently, each on `verify.workers` connections sharing out the tables. Any batch
+that differs is narrowed to rows by comparing (primary key, row hash) lists of just that
+batch, so the report names the table and primary keys of every differing row -- never a
+row's contents. The shard digest is a SHA-256 over the per-batch
 aggregates and is stored with the shard's state for the evidence trail.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +23,7 @@ from psycopg import sql
 
 from migrator import capture, objects, sqlgen
 from migrator.context import Context
-from migrator.errors import ChecksumMismatch, StateConflict, describe
+from migrator.errors import ChecksumMismatch, StateConflict
 from migrator.state import Phase
 from migrator.stores.postgres import connect
 
@@ -44,17 +46,24 @@ def shard_digest(agg: dict[tuple[str, int], tuple[int, str]]) -> str:
 def _build_rows(ctx: Context, users: int, rows: dict[str, int], table: str) -> int:
     """The most rows a hash join of the table's one-pass aggregate holds: the shard's users,
     or the shard's rows of a parent table on the table's way to its owner."""
-    parents = [hop.parent for hop in ctx.spec.entity_graph.path(table)] if table != ctx.spec.entity_graph.root.table else []
+    parents = (
+        [hop.parent for hop in ctx.spec.entity_graph.path(table)] if table != ctx.spec.entity_graph.root.table else []
+    )
     return max([users] + [rows.get(p, 0) for p in parents])
 
 
-def _aggregate(ctx: Context, dsn: str, sid: str, work: "queue.SimpleQueue[str]", users: int = 0,
-               rows: dict[str, int] | None = None) -> dict[tuple[str, int], tuple[int, str]]:
+def _aggregate(
+    ctx: Context, dsn: str, sid: str, work: queue.SimpleQueue[str], users: int = 0, rows: dict[str, int] | None = None
+) -> dict[tuple[str, int], tuple[int, str]]:
     """One connection to one side: load the shard's keys, then digest tables taken from the
     side's shared queue until it is empty."""
     out: dict[tuple[str, int], tuple[int, str]] = {}
     with connect(dsn) as c:
-        c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(sql.SQL(ctx.key_type)))
+        c.execute(
+            sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(
+                sql.SQL(ctx.key_type)
+            )
+        )
         sqlgen.one_pass_settings(c)
         ctx.control.send_members(sid, c, "rm_keys")  # streamed: the shard's keys are never held here
         c.execute("ANALYZE rm_keys")
@@ -63,7 +72,9 @@ def _aggregate(ctx: Context, dsn: str, sid: str, work: "queue.SimpleQueue[str]",
                 name = work.get_nowait()
             except queue.Empty:
                 break
-            sqlgen.set_hash_mb(c, sqlgen.hash_mb(_build_rows(ctx, users, rows or {}, name), ctx.spec.verify.max_hash_mb))
+            sqlgen.set_hash_mb(
+                c, sqlgen.hash_mb(_build_rows(ctx, users, rows or {}, name), ctx.spec.verify.max_hash_mb)
+            )
             q = sqlgen.digest_by_batch(ctx.spec.entity_graph, ctx.tables[name], "rm_keys")
             for b, n, s in c.execute(q).fetchall():
                 out[(name, b)] = (n, s)
@@ -167,16 +178,23 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         # never pauses it would not.
         capture.catch_up(ctx, sid, ctx.source_dsn, shard_region, "forward", until=ctx.spec.changes.catch_up_below)
     res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != Phase.CUT_OVER)
-    detail = {"event": "verify", "matched": res.matched, "digest": res.digest, "rows": res.rows,
-              "differences": len(res.differences)}
+    detail = {
+        "event": "verify",
+        "matched": res.matched,
+        "digest": res.digest,
+        "rows": res.rows,
+        "differences": len(res.differences),
+    }
     if res.matched:
         if shard.state == Phase.COPIED:
             ctl.move(sid, Phase.COPIED, Phase.VERIFIED, detail, digest=res.digest)
         else:
             ctl.record(sid, shard.state.value, detail)
         return res
-    named = "; ".join(f"{d['table']} {d['pk']}: {d['problem']}" if "table" in d else f"object {d['object']!r}: {d['problem']}"
-                      for d in res.differences[:10])
+    named = "; ".join(
+        f"{d['table']} {d['pk']}: {d['problem']}" if "table" in d else f"object {d['object']!r}: {d['problem']}"
+        for d in res.differences[:10]
+    )
     more = f" (+{len(res.differences) - 10} more)" if len(res.differences) > 10 else ""
     msg = f"shard {sid}: {len(res.differences)} row(s) differ between source and destination: {named}{more}"
     ctl.record(sid, shard.state.value, detail)  # the move to failed, where allowed, is `dispatch`'s
@@ -197,8 +215,9 @@ def compare_touched(ctx: Context, sid: str, log_dsn: str, dst_dsn: str, after=No
         ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
         pkcols = sql.SQL(", ").join(sql.Identifier(c) for c in table.pk)
         pktext = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
-        q = sql.SQL("SELECT {}, {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})").format(
-            pktext, sqlgen.row_hash(table), ident, ident, pkcols)
+        q = sql.SQL(
+            "SELECT {}, {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})"
+        ).format(pktext, sqlgen.row_hash(table), ident, ident, pkcols)
         sides = []
         for dsn in (ctx.source_dsn, dst_dsn):
             with connect(dsn, autocommit=True) as c:
@@ -206,6 +225,12 @@ def compare_touched(ctx: Context, sid: str, log_dsn: str, dst_dsn: str, after=No
         src, dst = sides
         for pk in sorted(src.keys() | dst.keys()):
             if src.get(pk) != dst.get(pk):
-                problem = "missing at destination" if pk not in dst else "extra at destination" if pk not in src else "different"
+                problem = (
+                    "missing at destination"
+                    if pk not in dst
+                    else "extra at destination"
+                    if pk not in src
+                    else "different"
+                )
                 diffs.append({"table": name, "pk": dict(zip(table.pk, pk)), "problem": problem})
     return diffs

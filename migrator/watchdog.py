@@ -6,6 +6,7 @@ resolves the shard (`recovery.resolve_shard`) as soon as the dead worker's lock 
 The helper runs in a session of its own (a signal to the worker's process group does not
 reach it), imports nothing heavy until it is needed, and gives up after `BUDGET_S`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,14 @@ def watching(ctx: Any, sid: str) -> Iterator[None]:
         return
     log = os.environ.get("MIGRATOR_WATCHDOG_LOG")
     err = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.watchdog"], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.watchdog"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        start_new_session=True,
+        close_fds=True,
+    )
     if log:
         err.close()  # type: ignore[union-attr]
     assert proc.stdin is not None

@@ -1,5 +1,6 @@
 """Real PostgreSQL servers, one per data center, started once per test session; every test
 gets databases of its own on them, so tests never see each other's rows."""
+
 from __future__ import annotations
 
 import itertools
@@ -30,7 +31,7 @@ def cluster():
 @dataclass
 class World:
     cluster: Cluster
-    dsn: dict[str, str]          # region -> app database
+    dsn: dict[str, str]  # region -> app database
     control: str
     spec_path: Path
     spec: dict
@@ -44,7 +45,10 @@ class World:
         """Runs the command line as a user would, in its own process."""
         return subprocess.run(
             [sys.executable, "-m", "migrator.cli", *args, "--config", str(self.spec_path)],
-            capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
 
     def rows(self, region: str, sql: str, args=()) -> list[tuple]:
@@ -96,7 +100,8 @@ def world(cluster, tmp_path) -> World:
 DEMO_OWNED = {
     "users": "SELECT * FROM users t WHERE t.user_id = ANY(%s) ORDER BY 1",
     "videos": "SELECT * FROM videos t WHERE t.user_id = ANY(%s) ORDER BY 1",
-    "comments": "SELECT c.* FROM comments c JOIN videos v ON v.video_id = c.video_id WHERE v.user_id = ANY(%s) ORDER BY 1",
+    "comments": "SELECT c.* FROM comments c JOIN videos v ON v.video_id = c.video_id "
+    "WHERE v.user_id = ANY(%s) ORDER BY 1",
     "login_events": "SELECT * FROM login_events t WHERE t.user_id = ANY(%s) ORDER BY 1",
     "devices": "SELECT * FROM devices t WHERE t.user_id = ANY(%s) ORDER BY 1, 2",
 }

@@ -1,5 +1,6 @@
 """Helpers the integration tests share: users to write for, a region brought to verified,
 a command stopped at a pause point."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,14 @@ def movers(w: World, n_per_region: int = 40) -> list[int]:
     """Users the writer works on: some bound for each region, and some who stay."""
     out = []
     for codes in (["DE", "FR", "IE", "IT", "ES"], ["NO", "SE", "DK"], ["US", "CA"]):
-        out += [u for (u,) in w.rows("us", "SELECT user_id FROM users WHERE country_code = ANY(%s) ORDER BY user_id "
-                                            "LIMIT %s", (codes, n_per_region))]
+        out += [
+            u
+            for (u,) in w.rows(
+                "us",
+                "SELECT user_id FROM users WHERE country_code = ANY(%s) ORDER BY user_id LIMIT %s",
+                (codes, n_per_region),
+            )
+        ]
     return out
 
 
@@ -30,8 +37,13 @@ def verified_region(world: World, region: str) -> int:
     assert world.migrator("plan").returncode == 0
     assert world.migrator("copy", "--region", region).returncode == 0
     assert world.migrator("verify", "--region", region).returncode == 0
-    return int(world.ctl("SELECT min(su.user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s "
-                         "USING (shard_id) WHERE s.region = %s", (region,))[0][0])
+    return int(
+        world.ctl(
+            "SELECT min(su.user_key::bigint) FROM migrator.shard_user su JOIN migrator.shard s "
+            "USING (shard_id) WHERE s.region = %s",
+            (region,),
+        )[0][0]
+    )
 
 
 def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> subprocess.Popen:
@@ -39,8 +51,23 @@ def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> su
     (for `seconds`) at the pause point `at`."""
     env = {**os.environ, "MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": str(seconds), "PYTHONWARNINGS": "ignore"}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", region, "--json", "--config",
-                             str(world.spec_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "migrator.cli",
+            "cutover",
+            "--region",
+            region,
+            "--json",
+            "--config",
+            str(world.spec_path),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0]:
         assert proc.poll() is None and time.monotonic() - t0 < 120, f"the cutover never reached {at}"
         time.sleep(0.05)

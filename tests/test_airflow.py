@@ -1,12 +1,10 @@
 """The DAGs: they import cleanly without I/O, and a run migrates, rolls back a bad shard
 and ends failed while the other shards cut over."""
+
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -33,7 +31,9 @@ assert dag.params["scope"] == "interval"
 print("ok")
 """
     env = {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 

@@ -2,12 +2,12 @@
 (LocalExecutor, a PostgreSQL metadata database). A run is triggered through the REST API with a conf,
 then a backfill over three daily intervals; the users each run should have moved are
 worked out here from the runs' own data intervals and the source rows."""
+
 from __future__ import annotations
 
 import contextlib
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from datetime import datetime
@@ -28,19 +28,21 @@ class LiveAirflow:
         self.home, self.env = home, env
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env.update({
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
-            "AIRFLOW__API__BASE_URL": self.base,
-            "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-secret-0123456789abcdef",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        })
+        self.env.update(
+            {
+                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
+                "AIRFLOW__API__BASE_URL": self.base,
+                "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-secret-0123456789abcdef",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            }
+        )
         self.procs: list[subprocess.Popen] = []
         self.token = ""
 
@@ -50,8 +52,11 @@ class LiveAirflow:
     def start(self) -> None:
         assert self.cli("db", "migrate").returncode == 0
         assert self.cli("pools", "set", "migrator_source", "2", "copies against the source").returncode == 0
-        for name, args in (("api-server", ["api-server", "--port", str(self.port)]),
-                           ("scheduler", ["scheduler"]), ("dag-processor", ["dag-processor"])):
+        for name, args in (
+            ("api-server", ["api-server", "--port", str(self.port)]),
+            ("scheduler", ["scheduler"]),
+            ("dag-processor", ["dag-processor"]),
+        ):
             log = open(self.home / f"{name}.log", "w")
             self.procs.append(subprocess.Popen([bin_path("airflow"), *args], env=self.env, stdout=log, stderr=log))
         deadline = time.monotonic() + 180
@@ -64,9 +69,12 @@ class LiveAirflow:
         raise AssertionError("the api-server did not come up")
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(f"{self.base}/api/v2{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.base}/api/v2{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
@@ -119,11 +127,22 @@ def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
         af.wait_for_dag("residency_migration")
         af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
         # an operator's manual run from the API: every user bound for Norway
-        af.api("POST", "/dags/residency_migration/dagRuns",
-               {"logical_date": None, "conf": {"scope": "all", "regions": ["no"]}})
+        af.api(
+            "POST",
+            "/dags/residency_migration/dagRuns",
+            {"logical_date": None, "conf": {"scope": "all", "regions": ["no"]}},
+        )
         # and a backfill over three days of the seeded sign-ups
-        res = af.cli("backfill", "create", "--dag-id", "residency_migration",
-                     "--from-date", "2026-11-21", "--to-date", "2026-11-23")
+        res = af.cli(
+            "backfill",
+            "create",
+            "--dag-id",
+            "residency_migration",
+            "--from-date",
+            "2026-11-21",
+            "--to-date",
+            "2026-11-23",
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         runs = af.wait_runs("residency_migration", 4)
     finally:
@@ -181,14 +200,20 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
     """IE is down for the whole first attempt: planning and the Norway shards go on, the IE
     shards fail without rolling back; IE comes back; "clear only failed tasks" resumes them
     and the run ends green."""
-    world.write_spec(sharding={"shards_per_region": 2},
-                     retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1})
+    world.write_spec(
+        sharding={"shards_per_region": 2},
+        retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1},
+    )
     home = tmp_path / "airflow"
     home.mkdir()
     af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
     env = airflow_env(home, conns)
-    env.update(MIGRATOR_SPEC=str(af_spec), MIGRATOR_TASK_RETRIES="1", MIGRATOR_TASK_RETRY_DELAY_S="1",
-               AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True")
+    env.update(
+        MIGRATOR_SPEC=str(af_spec),
+        MIGRATOR_TASK_RETRIES="1",
+        MIGRATOR_TASK_RETRY_DELAY_S="1",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+    )
     meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
     af = LiveAirflow(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
     ie = world.cluster["ie"]
@@ -198,8 +223,9 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
         af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
         ie.stop()
         try:
-            run_id = af.api("POST", "/dags/residency_migration/dagRuns",
-                            {"logical_date": None, "conf": {"scope": "all"}})["dag_run_id"]
+            run_id = af.api(
+                "POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}}
+            )["dag_run_id"]
             _run_state(af, run_id, {"failed", "success"})
         finally:
             ie.start()
@@ -209,15 +235,20 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
         assert {v for k, v in states.items() if k.startswith("ie-")} == {"planned"}, states  # not rolled back
         rollbacks = {t["state"] for t in first if t["task_id"] == "shard.rollback"}
         assert "success" not in rollbacks, first  # no rollback did work
-        af.api("POST", "/dags/residency_migration/clearTaskInstances",
-               {"dry_run": False, "only_failed": True, "dag_run_id": run_id})
+        af.api(
+            "POST",
+            "/dags/residency_migration/clearTaskInstances",
+            {"dry_run": False, "only_failed": True, "dag_run_id": run_id},
+        )
         run = _run_state(af, run_id, {"success", "failed"})
         again = _tasks(af, run_id)
     finally:
         af.stop()
     assert run["state"] == "success", [(t["task_id"], t.get("rendered_map_index"), t["state"]) for t in again]
     assert set(dict(world.ctl("SELECT name, state FROM migrator.shard")).values()) == {"cut_over"}
-    ie_copies = [t for t in again if t["task_id"] == "shard.copy" and str(t.get("rendered_map_index")).startswith("ie-")]
+    ie_copies = [
+        t for t in again if t["task_id"] == "shard.copy" and str(t.get("rendered_map_index")).startswith("ie-")
+    ]
     assert ie_copies and all(t["state"] == "success" for t in ie_copies)
     ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie'")]
     assert ids

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the problem, and nothing is written or lost."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import time
 import psycopg
 import pytest
 
-from migrator.demo import seed
 from tests.conftest import DEMO_OWNED, World
 
 pytestmark = pytest.mark.integration
@@ -23,16 +23,30 @@ def nothing_written(w: World) -> None:
         assert w.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] == 0
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda s: s["entity_graph"]["tables"].append({"table": "nope", "parent": "users", "fk": {"user_id": "user_id"}}),
-     "table public.nope does not exist"),
-    (lambda s: s["entity_graph"]["root"].update(residency="country"), "column users.country does not exist"),
-    (lambda s: s["entity_graph"]["tables"][0]["fk"].update({"user_id": "uid"}), "fk column users.uid does not exist"),
-    (lambda s: s["entity_graph"]["tables"][1].update(parent="users", fk={"author_id": "user_id"}),
-     "comments's fk (comments.author_id -> users.user_id) is not a foreign key the database declares"),
-    (lambda s: s["entity_graph"]["tables"][3].update(fk={"device_no": "user_id"}),
-     "fk devices.device_no is integer but users.user_id is bigint"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (
+            lambda s: s["entity_graph"]["tables"].append(
+                {"table": "nope", "parent": "users", "fk": {"user_id": "user_id"}}
+            ),
+            "table public.nope does not exist",
+        ),
+        (lambda s: s["entity_graph"]["root"].update(residency="country"), "column users.country does not exist"),
+        (
+            lambda s: s["entity_graph"]["tables"][0]["fk"].update({"user_id": "uid"}),
+            "fk column users.uid does not exist",
+        ),
+        (
+            lambda s: s["entity_graph"]["tables"][1].update(parent="users", fk={"author_id": "user_id"}),
+            "comments's fk (comments.author_id -> users.user_id) is not a foreign key the database declares",
+        ),
+        (
+            lambda s: s["entity_graph"]["tables"][3].update(fk={"device_no": "user_id"}),
+            "fk devices.device_no is integer but users.user_id is bigint",
+        ),
+    ],
+)
 def test_unknown_table_or_column_fails_before_any_write(world: World, change, needle):
     """A spec problem found against the databases exits 2, like one in the file."""
     change(world.spec)
@@ -100,15 +114,24 @@ def test_destination_server_lost_mid_copy_then_resumed(world: World):
     assert res.returncode == 1
     shard = json.loads(res.stdout)["shards"][0]
     assert shard["state"] == "copying"  # a lost server is transient: resumable, never failed
-    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'copy interrupted' "
-                     "AND detail->>'resumable' = 'true'")[0][0] >= 1
+    assert (
+        world.ctl(
+            "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'copy interrupted' "
+            "AND detail->>'resumable' = 'true'"
+        )[0][0]
+        >= 1
+    )
     kept = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
     assert 2 <= kept < shard["batches"]
     res = world.migrator("run", "--region", "ie", "--json")
     assert res.returncode == 0, res.stdout[-1500:]
     audit = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
     assert audit == shard["batches"]
-    ids = [r[0] for r in world.rows("us", "SELECT user_id FROM users WHERE country_code IN "
-                                          "('IE','DE','FR','IT','ES','NL','PL','PT','AT','BE')")]
+    ids = [
+        r[0]
+        for r in world.rows(
+            "us", "SELECT user_id FROM users WHERE country_code IN ('IE','DE','FR','IT','ES','NL','PL','PT','AT','BE')"
+        )
+    ]
     for table, q in DEMO_OWNED.items():
         assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table

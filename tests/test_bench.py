@@ -1,4 +1,5 @@
 """A tiny run of the benchmark keeps it working; its figures are not asserted on."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,33 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_smoke(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "bench", "--scale", "0.02", "--runs", "1", "--json", "--objects", "20", "--object-kb", "64", "--object-runs", "1",
-                          "--writes", "--against-scale", "0.01", "--chart", str(tmp_path / "bench.png")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--scale",
+            "0.02",
+            "--runs",
+            "1",
+            "--json",
+            "--objects",
+            "20",
+            "--object-kb",
+            "64",
+            "--object-runs",
+            "1",
+            "--writes",
+            "--against-scale",
+            "0.01",
+            "--chart",
+            str(tmp_path / "bench.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout)
     assert doc["users"] == 10000 and doc["rows"] > 2000

@@ -1,4 +1,5 @@
 """docker-compose.yml cannot be started here (no Docker engine); check what can be checked."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,20 @@ from tests.conftest import ROOT
 def test_compose_names_every_service_and_wires_the_connections():
     doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = doc["services"]
-    for name in ["airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
-                 "airflow-worker", "airflow-init", "airflow-db", "redis", "store-us", "store-ie", "store-no", "minio"]:
+    for name in [
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+        "airflow-init",
+        "airflow-db",
+        "redis",
+        "store-us",
+        "store-ie",
+        "store-no",
+        "minio",
+    ]:
         assert name in services, name
     env = services["airflow-scheduler"]["environment"]
     spec = yaml.safe_load((ROOT / "spec.compose.yaml").read_text())

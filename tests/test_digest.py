@@ -1,8 +1,9 @@
 """The canonical digest on a real server: two rows hash alike exactly when they are equal,
 whatever the session's time zone, and NULL, '' and 'NULL' are told apart."""
+
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import psycopg
@@ -24,9 +25,16 @@ values = st.tuples(
     st.one_of(st.none(), st.sampled_from([{}, {"a": 1}, {"a": 1.5}, [1, "a"]])),
     st.one_of(st.none(), st.sampled_from([b"", b"\x00", b"ab"])),
     st.one_of(st.none(), st.sampled_from([Decimal("1"), Decimal("1.0"), Decimal("-2.5")])),
-    st.one_of(st.none(), st.sampled_from([datetime(2026, 1, 1, tzinfo=timezone.utc),
-                                          datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))),
-                                          datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc)])),
+    st.one_of(
+        st.none(),
+        st.sampled_from(
+            [
+                datetime(2026, 1, 1, tzinfo=UTC),
+                datetime(2026, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))),
+                datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+            ]
+        ),
+    ),
     st.one_of(st.none(), st.sampled_from([0.1, 0.30000000000000004, 1e300, float("inf"), 0.0, -0.0])),
 )
 
@@ -49,8 +57,10 @@ def test_equal_rows_hash_alike_and_different_rows_do_not(db, a, b, tz):
     with connect(dsn) as c:
         c.execute("DELETE FROM probe")
         for i, row in enumerate((a, b)):
-            c.execute("INSERT INTO probe VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                      (i, row[0], None if row[1] is None else Jsonb(row[1]), *row[2:]))
+            c.execute(
+                "INSERT INTO probe VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (i, row[0], None if row[1] is None else Jsonb(row[1]), *row[2:]),
+            )
         c.execute(f"SET TimeZone = '{tz}'")  # the digest must not depend on it
         stored = c.execute("SELECT t, j, b, n, ts, f FROM probe ORDER BY id").fetchall()
         q = psycopg.sql.SQL("SELECT {} FROM probe t0 ORDER BY id").format(sqlgen.row_hash(table))
@@ -61,8 +71,13 @@ def test_equal_rows_hash_alike_and_different_rows_do_not(db, a, b, tz):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
-                min_size=1, max_size=20))
+@given(
+    st.lists(
+        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
+        min_size=1,
+        max_size=20,
+    )
+)
 def test_keys_travel_intact_as_one_array_literal(db, keys):
     """Any text keys (quotes, backslashes, commas, braces, 'NULL', '') reach the server as
     they are, whether the statement binds in the server or, as COPY does, in the client."""
@@ -70,7 +85,10 @@ def test_keys_travel_intact_as_one_array_literal(db, keys):
     with connect(dsn, autocommit=True) as c:
         got = c.execute("SELECT %(keys)s::text[]", sqlgen.keys_arg(keys)).fetchone()[0]
         assert got == keys
-        with c.cursor() as cur, cur.copy("COPY (SELECT unnest(%(keys)s::text[])) TO STDOUT", sqlgen.keys_arg(keys)) as cp:
+        with (
+            c.cursor() as cur,
+            cur.copy("COPY (SELECT unnest(%(keys)s::text[])) TO STDOUT", sqlgen.keys_arg(keys)) as cp,
+        ):
             copied = [row[0] for row in cp.rows()]
         assert copied == keys
 
@@ -81,16 +99,26 @@ def test_values_equal_to_the_type_but_written_differently_hash_apart(db):
     dsn, _ = db
     with connect(dsn) as c:
         c.execute("CREATE TEMP TABLE loose (id int, iv interval, n numeric, ch char(4), pt point, v varchar(8))")
-        c.execute("INSERT INTO loose VALUES (1, '1 day', 1.0, 'a', '(1,2)', 'x'), (2, '24 hours', 1.00, 'a  ', '(1,2)', 'x')")
-        cols = [catalog.Column(n, t, False) for n, t in c.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'loose'::regclass "
-            "AND attnum > 1 AND NOT attisdropped ORDER BY attnum").fetchall()]
+        c.execute(
+            "INSERT INTO loose VALUES (1, '1 day', 1.0, 'a', '(1,2)', 'x'), (2, '24 hours', 1.00, 'a  ', '(1,2)', 'x')"
+        )
+        cols = [
+            catalog.Column(n, t, False)
+            for n, t in c.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'loose'::regclass "
+                "AND attnum > 1 AND NOT attisdropped ORDER BY attnum"
+            ).fetchall()
+        ]
         for col in cols:
             t = catalog.Table("pg_temp", "loose", [col], ["id"])
             q = psycopg.sql.SQL("SELECT {} FROM loose t0 ORDER BY id").format(sqlgen.row_hash(t))
             h = [x for (x,) in c.execute(q).fetchall()]
-            texts = [x for (x,) in c.execute(psycopg.sql.SQL("SELECT {}::text FROM loose ORDER BY id").format(
-                psycopg.sql.Identifier(col.name))).fetchall()]
+            texts = [
+                x
+                for (x,) in c.execute(
+                    psycopg.sql.SQL("SELECT {}::text FROM loose ORDER BY id").format(psycopg.sql.Identifier(col.name))
+                ).fetchall()
+            ]
             assert (h[0] == h[1]) == (texts[0] == texts[1]), col
 
 

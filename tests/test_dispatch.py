@@ -1,6 +1,7 @@
 """One phase machine: every (state, phase) pair gets the same answer through the command
 line and through what the Airflow tasks call, and that answer is the table below, written
 out here independently of `migrator.dispatch`. Rollback from every state."""
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,14 @@ pytestmark = pytest.mark.integration
 R, S, X = "run", "skip", "refuse"
 STATES = ["planned", "copying", "copied", "verified", "cut_over", "failed", "rolling_back", "rolled_back"]
 EXPECTED = {  # phase -> its answer in each of STATES, in order
-    "copy":     [R, R, S, S, S, R, X, X],
-    "verify":   [X, X, R, S, S, X, X, X],
-    "recheck":  [X, X, X, R, R, X, X, X],
-    "cutover":  [X, X, X, R, S, X, X, X],
+    "copy": [R, R, S, S, S, R, X, X],
+    "verify": [X, X, R, S, S, X, X, X],
+    "recheck": [X, X, X, R, R, X, X, X],
+    "cutover": [X, X, X, R, S, X, X, X],
     "rollback": [R, R, R, R, R, R, R, S],
-    "cleanup":  [X, X, X, X, R, X, X, R],
-    "release":  [X, X, X, X, X, X, X, R],
-    "retry":    [X, X, X, X, X, X, X, R],
+    "cleanup": [X, X, X, X, R, X, X, R],
+    "release": [X, X, X, X, X, X, X, R],
+    "retry": [X, X, X, X, X, X, X, R],
 }
 CLI = {"recheck": ["verify", "--recheck"]}
 
@@ -48,7 +49,15 @@ def test_every_state_and_phase_answered_alike_by_the_cli_and_the_tasks(world: Wo
         with psycopg.connect(world.control) as c:
             c.execute("UPDATE migrator.shard SET state = %s WHERE shard_id = %s", (state, sid))
         for phase, answers in EXPECTED.items():
-            args = [*CLI.get(phase, [phase]), "--shard", "ie-00", "--dry-run", "--json", "--config", str(world.spec_path)]
+            args = [
+                *CLI.get(phase, [phase]),
+                "--shard",
+                "ie-00",
+                "--dry-run",
+                "--json",
+                "--config",
+                str(world.spec_path),
+            ]
             res = runner.invoke(app, args)
             task = orchestration.phase(spec, "test", sid, phase, dry_run=True)
             assert task["would"] == answers[i], (state, phase, task)
@@ -85,8 +94,12 @@ def _rolled_back_cleanly(w: World, wave: str) -> None:
 
 def _paused(w: World, at: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": "60", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t0 = time.monotonic()
     while not w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0]:
         assert proc.poll() is None and time.monotonic() - t0 < 120, f"never reached {at}"
@@ -114,8 +127,10 @@ def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: Wo
     _rolled_back_cleanly(world, "w-cut")
 
     _wave(world, "w-failed", "plan", "copy")
-    world.rows("ie", "UPDATE users SET email = 'tampered@example.test' WHERE user_id = "
-                     "(SELECT min(user_id) FROM users) RETURNING 1")
+    world.rows(
+        "ie",
+        "UPDATE users SET email = 'tampered@example.test' WHERE user_id = (SELECT min(user_id) FROM users) RETURNING 1",
+    )
     assert world.migrator("verify", "--wave", "w-failed", "--region", "ie").returncode == 1
     assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-failed/ie-00'") == [("failed",)]
     _rolled_back_cleanly(world, "w-failed")
@@ -126,11 +141,15 @@ def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: Wo
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 15
-    while world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-half/ie-00'") != [(Phase.ROLLING_BACK.value,)]:
+    while world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-half/ie-00'") != [
+        (Phase.ROLLING_BACK.value,)
+    ]:
         assert time.monotonic() < deadline, "the rollback's flip back was not completed by recovery"
         time.sleep(0.2)
-    reason = world.ctl("SELECT detail->>'reason' FROM migrator.audit WHERE shard_id = 'w-half/ie-00' "
-                       "AND detail->>'completed_by' = 'recovery'")
+    reason = world.ctl(
+        "SELECT detail->>'reason' FROM migrator.audit WHERE shard_id = 'w-half/ie-00' "
+        "AND detail->>'completed_by' = 'recovery'"
+    )
     assert reason == [("half",)]
     _rolled_back_cleanly(world, "w-half")
 
@@ -150,8 +169,12 @@ def test_a_rolled_back_shard_is_held_then_moved_again_in_its_own_wave(world: Wor
     assert res.returncode == 0, res.stderr
     res = world.migrator("run", "--region", "ie", "--json")
     assert res.returncode == 0, res.stdout[-2000:]
-    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'moved again' "
-                     "AND detail->>'reason' = 'fixed'")[0][0] == 1
+    assert (
+        world.ctl(
+            "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'moved again' AND detail->>'reason' = 'fixed'"
+        )[0][0]
+        == 1
+    )
 
 
 def test_a_shard_name_in_several_waves_is_refused_with_the_list(world: World):

@@ -1,4 +1,5 @@
 """Zero lost writes: the application keeps writing while shards move, cut over and roll back."""
+
 from __future__ import annotations
 
 import json
@@ -6,15 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psycopg
 import pytest
 
+from migrator.demo.workload import Writer, check
 from tests.conftest import DEMO_OWNED, World
 from tests.helpers import movers, no_capture_left, paused_cutover, verified_region
-from migrator.demo.workload import Writer, check
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,9 @@ def test_writes_during_migration_are_all_kept(world: World):
     with pytest.raises(psycopg.Error) as e:
         world.rows("us", "UPDATE users SET email = 'x' WHERE user_id = %s RETURNING 1", (int(uid),))
     assert e.value.sqlstate == "RMF01"
-    fences = world.ctl("SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE detail->>'event' = 'fence closed'")
+    fences = world.ctl(
+        "SELECT (detail->>'fence_ms')::float FROM migrator.audit WHERE detail->>'event' = 'fence closed'"
+    )
     assert len(fences) == len(json.loads(res.stdout)["shards"]) and all(f > 0 for (f,) in fences)
 
 
@@ -102,10 +104,14 @@ def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
     assert all(s["state"] == "verified" for s in doc["shards"])
     assert "fence window" in " ".join(s.get("error") or "" for s in doc["shards"])
     # the fence lifted: a Norwegian user can write at the source again
-    uid = world.ctl("SELECT user_key FROM migrator.directory WHERE user_key IN "
-                    "(SELECT user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
-                    "WHERE s.region = 'no') LIMIT 1")[0][0]
-    world.rows("us", "UPDATE users SET email = 'still-writable@example.test' WHERE user_id = %s RETURNING 1", (int(uid),))
+    uid = world.ctl(
+        "SELECT user_key FROM migrator.directory WHERE user_key IN "
+        "(SELECT user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
+        "WHERE s.region = 'no') LIMIT 1"
+    )[0][0]
+    world.rows(
+        "us", "UPDATE users SET email = 'still-writable@example.test' WHERE user_id = %s RETURNING 1", (int(uid),)
+    )
     assert took < 60
     world.write_spec(changes={"fence_window_s": 1.0}, copy={"batch_users": 50})
     res = world.migrator("cutover", "--region", "no", "--json")  # retried later, it goes through
@@ -142,7 +148,8 @@ def test_catch_up_before_the_fence_gives_up_on_a_held_lock(world: World):
     res = world.migrator("cutover", "--region", "no", "--json")
     assert res.returncode == 0, res.stdout[-2000:]
     assert world.rows("no", "SELECT email, display_name FROM users WHERE user_id = %s", (uid,)) == [
-        ("after-verify@example.test", "still writable")]
+        ("after-verify@example.test", "still writable")
+    ]
 
 
 @pytest.mark.parametrize("where", ["catch_up", "fenced"])
@@ -150,10 +157,16 @@ def test_killed_during_catch_up_or_fence_then_rerun(world: World, where):
     world.write_spec(changes={"fence_window_s": 3.0}, copy={"batch_users": 50}, sharding={"shards_per_region": 1})
     writer = Writer(world.dsn, world.control, movers(world)).start()
     env = {**__import__("os").environ, "MIGRATOR_PAUSE_AT": where, "MIGRATOR_PAUSE_S": "120"}
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "run", "--region", "ie", "--config",
-                             str(world.spec_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = {"catch_up": "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at catch_up'",
-              "fenced": "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at fenced'"}[where]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", "run", "--region", "ie", "--config", str(world.spec_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = {
+        "catch_up": "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at catch_up'",
+        "fenced": "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at fenced'",
+    }[where]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -207,16 +220,22 @@ def test_a_write_open_when_capture_starts_reaches_the_destination(world: World):
     world.write_spec(sharding={"shards_per_region": 1})
     assert world.migrator("plan").returncode == 0
     assert world.migrator("copy", "--region", "ie").returncode == 0  # the source's guards are installed
-    (uid,) = world.ctl("SELECT su.user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
-                       "WHERE s.region = 'no' ORDER BY 1 LIMIT 1")[0]
+    (uid,) = world.ctl(
+        "SELECT su.user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
+        "WHERE s.region = 'no' ORDER BY 1 LIMIT 1"
+    )[0]
     with psycopg.connect(world.dsn["us"]) as c:
         c.execute("UPDATE users SET email = 'late@example.test' WHERE user_id = %s", (int(uid),))
-        proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "copy", "--region", "no", "--config",
-                                 str(world.spec_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migrator.cli", "copy", "--region", "no", "--config", str(world.spec_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(4)
         finished_early = proc.poll() is not None
-        copied_early = world.ctl("SELECT count(*) FROM migrator.checkpoint cp JOIN migrator.shard s USING (shard_id) "
-                                 "WHERE s.region = 'no'")[0][0]
+        copied_early = world.ctl(
+            "SELECT count(*) FROM migrator.checkpoint cp JOIN migrator.shard s USING (shard_id) WHERE s.region = 'no'"
+        )[0][0]
     # committed: the copy goes on
     assert proc.wait(120) == 0
     assert not finished_early and copied_early == 0, "the copy did not wait for the open transaction"
@@ -233,14 +252,21 @@ def test_a_change_that_commits_after_a_later_one_is_not_passed_over(world: World
     world.write_spec(sharding={"shards_per_region": 1}, changes={"catch_up_below": 0})
     assert world.migrator("plan").returncode == 0
     assert world.migrator("copy", "--region", "ie").returncode == 0
-    first, second = [int(k) for (k,) in world.ctl(
-        "SELECT su.user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
-        "WHERE s.region = 'ie' ORDER BY su.user_key::bigint LIMIT 2")]
+    first, second = [
+        int(k)
+        for (k,) in world.ctl(
+            "SELECT su.user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id) "
+            "WHERE s.region = 'ie' ORDER BY su.user_key::bigint LIMIT 2"
+        )
+    ]
     slow = psycopg.connect(world.dsn["us"])
     slow.execute("UPDATE users SET email = 'first-logged-last-committed@example.test' WHERE user_id = %s", (first,))
     world.rows("us", "UPDATE users SET email = 'second@example.test' WHERE user_id = %s RETURNING 1", (second,))
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "verify", "--region", "ie", "--config",
-                             str(world.spec_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", "verify", "--region", "ie", "--config", str(world.spec_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         proc.wait(8)  # a catch-up pass runs while the first writer is still open
     except subprocess.TimeoutExpired:
@@ -271,7 +297,12 @@ def test_a_changed_row_that_differs_stops_the_cutover_before_the_fence(world: Wo
     assert shard["state"] == "failed"  # a difference that persists is terminal: the shard is failed, not fenced
     assert "differ before the fence" in shard["error"] and "@example.test" not in out
     assert shard["differences"] == [{"table": "users", "pk": {"user_id": str(uid)}, "problem": "different"}]
-    assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'cutover stopped before the fence'")[0][0] == 1
+    assert (
+        world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'cutover stopped before the fence'")[0][
+            0
+        ]
+        == 1
+    )
     assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'fence lifted'")[0][0] == 0
     assert world.ctl("SELECT home FROM migrator.directory WHERE user_key = %s", (str(uid),)) == [("us",)]
     assert world.rows("us", "SELECT count(*) FROM migrator.fences")[0][0] == 0
@@ -289,9 +320,26 @@ def test_two_cutovers_at_once_both_go_through(world: World):
         assert world.migrator("verify", "--region", region).returncode == 0
     # both pause just before their fences, so their flips are open at the same time unless kept apart
     env = {**os.environ, "MIGRATOR_PAUSE_AT": "staged", "MIGRATOR_PAUSE_S": "3", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", region, "--json",
-                               "--config", str(world.spec_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for region in ("ie", "no")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "migrator.cli",
+                "cutover",
+                "--region",
+                region,
+                "--json",
+                "--config",
+                str(world.spec_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for region in ("ie", "no")
+    ]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert {s["state"] for out in outs for s in json.loads(out)["shards"]} == {"cut_over"}
@@ -315,7 +363,9 @@ def test_the_fence_is_one_switch_over_a_staged_list(world: World):
 
     def writes() -> bool:
         try:
-            world.rows("us", "UPDATE users SET email = %s WHERE user_id = %s RETURNING 1", (f"{time.time()}@x.test", uid))
+            world.rows(
+                "us", "UPDATE users SET email = %s WHERE user_id = %s RETURNING 1", (f"{time.time()}@x.test", uid)
+            )
             return True
         except psycopg.Error as e:
             assert e.sqlstate == capture.FENCED
@@ -347,8 +397,10 @@ def test_a_fence_kept_by_an_earlier_version_still_holds(world: World):
     (uid,) = world.rows("us", "SELECT user_id FROM users ORDER BY 1 LIMIT 1")[0]
     with psycopg.connect(world.dsn["us"]) as c:
         c.execute("CREATE SCHEMA migrator")
-        c.execute("CREATE TABLE migrator.fenced_users (user_key text PRIMARY KEY, shard_id text NOT NULL, "
-                  "until timestamptz NOT NULL DEFAULT 'infinity')")
+        c.execute(
+            "CREATE TABLE migrator.fenced_users (user_key text PRIMARY KEY, shard_id text NOT NULL, "
+            "until timestamptz NOT NULL DEFAULT 'infinity')"
+        )
         c.execute("INSERT INTO migrator.fenced_users (user_key, shard_id) VALUES (%s, 'old/ie-0')", (str(uid),))
     ctx = Context(parse_spec(world.spec))
     capture.install(ctx, world.dsn["us"])
@@ -377,8 +429,9 @@ def test_a_change_log_from_an_earlier_version_is_upgraded_and_caught_up(world: W
     res = world.migrator("cutover", "--region", "ie", "--json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     assert world.rows("ie", "SELECT email FROM users WHERE user_id = %s", (uid,)) == [("logged-by-old@example.test",)]
-    assert world.rows("us", "SELECT indexname FROM pg_indexes WHERE schemaname = 'migrator' AND tablename = 'changes' "
-                            "ORDER BY 1") == [("changes_horizon",), ("changes_pkey",)]
+    assert world.rows(
+        "us", "SELECT indexname FROM pg_indexes WHERE schemaname = 'migrator' AND tablename = 'changes' ORDER BY 1"
+    ) == [("changes_horizon",), ("changes_pkey",)]
 
 
 def test_control_database_on_a_server_of_its_own(world: World):

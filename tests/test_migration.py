@@ -1,4 +1,5 @@
 """A whole migration against real servers, checked the way a user would check it."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def assert_destination_equals_source(w: World, homes: dict[str, list[int]]) -> N
         assert total == len(ids)
 
 
-@pytest.mark.parametrize("copy", [None, {"workers": 1, "inline_digest": True, "batch_users": 7}],
-                         ids=["defaults", "one-worker-inline-digest"])
+@pytest.mark.parametrize(
+    "copy",
+    [None, {"workers": 1, "inline_digest": True, "batch_users": 7}],
+    ids=["defaults", "one-worker-inline-digest"],
+)
 def test_whole_migration_copies_exactly_the_policy_subset(world: World, copy):
     if copy:
         world.write_spec(copy=copy)
@@ -57,7 +61,9 @@ def test_whole_migration_copies_exactly_the_policy_subset(world: World, copy):
     assert {h for h in directory.values()} == {"ie", "no"}
     assert {e for (e,) in world.ctl("SELECT DISTINCT epoch FROM migrator.directory")} == {1}
     # users with no or an unknown residency were reported, not moved
-    unknown = world.rows("us", "SELECT count(*) FROM users WHERE country_code IS NULL OR country_code IN ('ZZ', 'GB')")[0][0]
+    unknown = world.rows("us", "SELECT count(*) FROM users WHERE country_code IS NULL OR country_code IN ('ZZ', 'GB')")[
+        0
+    ][0]
     assert sum(doc["unplaced_users"].values()) == unknown > 0
     assert all(s["state"] == "cut_over" and s["digest"] for s in doc["shards"])
     assert doc["totals"]["users"] == sum(len(v) for v in homes.values())
@@ -76,15 +82,20 @@ def test_rerun_of_finished_shards_changes_nothing(world: World):
     epochs = world.ctl("SELECT sum(epoch) FROM migrator.directory")
     res = world.migrator("run", "--json")
     assert res.returncode == 0, res.stderr
-    assert {r: world.rows(r, "SELECT count(*), sum(hashtext(t::text)) FROM login_events t") for r in ("ie", "no")} == before
+    assert {
+        r: world.rows(r, "SELECT count(*), sum(hashtext(t::text)) FROM login_events t") for r in ("ie", "no")
+    } == before
     assert world.ctl("SELECT count(*) FROM migrator.audit WHERE to_state IS NOT NULL") == audit_before
     assert world.ctl("SELECT sum(epoch) FROM migrator.directory") == epochs
 
 
 def test_killed_process_resumes_without_duplicates(world: World):
     world.write_spec(copy={"batch_users": 5}, sharding={"shards_per_region": 1})
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "run", "--config", str(world.spec_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", "run", "--config", str(world.spec_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     done = 0
     while time.monotonic() < deadline:
@@ -115,8 +126,10 @@ def test_plan_places_each_user_by_hash_in_key_ordered_batches(world: World):
     world.write_spec(copy={"batch_users": 7}, sharding={"shards_per_region": 3})
     assert world.migrator("plan").returncode == 0
     homes = {str(u): r for r, ids in expected_homes(world).items() for u in ids}
-    members = world.ctl("SELECT s.region, s.idx, s.batches, su.user_key, su.batch_no "
-                        "FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id)")
+    members = world.ctl(
+        "SELECT s.region, s.idx, s.batches, su.user_key, su.batch_no "
+        "FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id)"
+    )
     assert {k: r for r, _, _, k, _ in members} == homes
     assert all(idx == partition.shard_index(k, 3) for _, idx, _, k, _ in members)
     by_batch: dict[tuple, list[int]] = {}
@@ -154,7 +167,9 @@ def test_plan_counts_small_shards_exactly_and_estimates_large_ones(world: World,
         assert c.sampled == c.users and c.summary()["rows_exact"]
         assert s.sampled == 10 and not s.summary()["rows_exact"]
         # the exact counts, against the source rows of the shard's users counted here
-        ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.shard_user WHERE shard_id = %s", (c.shard_id,))]
+        ids = [
+            int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.shard_user WHERE shard_id = %s", (c.shard_id,))
+        ]
         assert len(ids) == c.users
         for table, q in DEMO_OWNED.items():
             n = len(world.rows("us", q, (ids,)))

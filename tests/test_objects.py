@@ -1,5 +1,6 @@
 """Users' objects across S3 endpoints (moto's server mode over HTTP, one per data center):
 copied with their rows, verified by their bytes, resumed after an outage, rolled back."""
+
 from __future__ import annotations
 
 import json
@@ -102,9 +103,13 @@ def oworld(cluster, endpoints, tmp_path):
     spec["objects"] = {
         "key_column": {"table": "videos", "column": "object_key"},
         "user_prefix": "users/{user}/",
-        "threads": 4, "multipart_threshold_mb": 5, "part_size_mb": 5,
-        "stores": {r: {"endpoint": endpoints[r].endpoint if r != "ie" else f"http://127.0.0.1:{relay.port}",
-                       "bucket": b} for r, b in buckets.items()},
+        "threads": 4,
+        "multipart_threshold_mb": 5,
+        "part_size_mb": 5,
+        "stores": {
+            r: {"endpoint": endpoints[r].endpoint if r != "ie" else f"http://127.0.0.1:{relay.port}", "bucket": b}
+            for r, b in buckets.items()
+        },
     }
     w = World(cluster, dsn, control, tmp_path / "spec.yaml", spec)
     w.write_spec()
@@ -218,13 +223,21 @@ def test_batch_failing_midway_then_rollback_leaves_no_object_behind(oworld):
     source) never got a manifest; rollback still removes what it had copied."""
     w = oworld
     assert w.migrator("plan", "--region", "ie").returncode == 0
-    first = [int(u) for (u,) in w.ctl("SELECT user_key FROM migrator.shard_user su JOIN migrator.shard s "
-                                      "USING (shard_id) WHERE s.region = 'ie' AND su.batch_no = 0")]
+    first = [
+        int(u)
+        for (u,) in w.ctl(
+            "SELECT user_key FROM migrator.shard_user su JOIN migrator.shard s "
+            "USING (shard_id) WHERE s.region = 'ie' AND su.batch_no = 0"
+        )
+    ]
     gone = sorted(objects_of(w, first))[-1]
     s3(w.endpoints["us"].endpoint).delete_object(Bucket=w.buckets["us"], Key=gone)
     res = w.migrator("copy", "--region", "ie", "--json")
     assert res.returncode == 1
-    assert f"source object {gone!r} (named by the key column) is not in bucket" in json.loads(res.stdout)["shards"][0]["error"]
+    assert (
+        f"source object {gone!r} (named by the key column) is not in bucket"
+        in json.loads(res.stdout)["shards"][0]["error"]
+    )
     copied = set(listing(w, "ie"))
     recorded = {k for (k,) in w.ctl("SELECT key FROM migrator.object_manifest")}
     assert copied - recorded, "expected objects copied by the failed batch and never recorded"

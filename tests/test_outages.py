@@ -1,4 +1,5 @@
 """Outages are ridden out and resumed, never turned into rollbacks; errors name the store."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,12 @@ def control_apart(cluster, tmp_path):
 def test_control_database_down_two_seconds_mid_run_the_run_completes(control_apart):
     w, server = control_apart
     assert w.migrator("plan").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "run", "--json", "--config", str(w.spec_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", "run", "--json", "--config", str(w.spec_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while w.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] < 3:
         assert proc.poll() is None
         time.sleep(0.02)
@@ -120,14 +125,28 @@ def test_plan_names_every_missing_privilege_before_writing(world: World):
     assert world.ctl("SELECT to_regclass('migrator.shard')") == [(None,)]  # nothing planned, nothing written
 
 
-@pytest.mark.parametrize("statement, named, secret", [
-    ("INSERT INTO users VALUES (1, 'dup-secret@example.test', NULL, 'DE', now(), NULL), "
-     "(1, 'dup-secret@example.test', NULL, 'DE', now(), NULL)", ["users_pkey", "table users", "23505"], "dup-secret"),
-    ("INSERT INTO users VALUES (2, NULL, 'nn-secret', 'DE', now(), NULL)", ["column email", "table users", "23502"],
-     "nn-secret"),
-    ("SELECT 1 FROM users u JOIN videos v ON v.user_id::text = u.user_id", ["operator does not exist", "42883"], None),
-    ("SELECT 'value-secret'::int", ["22P02"], "value-secret"),
-])
+@pytest.mark.parametrize(
+    "statement, named, secret",
+    [
+        (
+            "INSERT INTO users VALUES (1, 'dup-secret@example.test', NULL, 'DE', now(), NULL), "
+            "(1, 'dup-secret@example.test', NULL, 'DE', now(), NULL)",
+            ["users_pkey", "table users", "23505"],
+            "dup-secret",
+        ),
+        (
+            "INSERT INTO users VALUES (2, NULL, 'nn-secret', 'DE', now(), NULL)",
+            ["column email", "table users", "23502"],
+            "nn-secret",
+        ),
+        (
+            "SELECT 1 FROM users u JOIN videos v ON v.user_id::text = u.user_id",
+            ["operator does not exist", "42883"],
+            None,
+        ),
+        ("SELECT 'value-secret'::int", ["22P02"], "value-secret"),
+    ],
+)
 def test_driver_errors_name_the_store_and_objects_never_values(world: World, statement, named, secret):
     from migrator.errors import describe
     from migrator.stores.postgres import connect, name_store

@@ -1,5 +1,6 @@
 """A cutover killed after its decision, with no watchdog beside it (its machine lost too):
 `status` shows the shard unfinished, and `migrator recover` (or any next command) finishes it."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,12 @@ def test_status_shows_an_unfinished_cutover_and_recover_finishes_it(world: World
     world.write_spec(sharding={"shards_per_region": 1})
     uid = verified_region(world, "ie")
     env = {**os.environ, "MIGRATOR_PAUSE_AT": "held", "MIGRATOR_PAUSE_S": "60", "MIGRATOR_WATCHDOG": "off"}
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "cutover", "--region", "ie", "--config",
-                             str(world.spec_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", "cutover", "--region", "ie", "--config", str(world.spec_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t0 = time.monotonic()
     while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at held'")[0][0]:
         assert proc.poll() is None and time.monotonic() - t0 < 120

@@ -1,5 +1,6 @@
 """A different schema from its spec alone: UUID root keys, composite primary and foreign
 keys, a two-hop table, text/jsonb/bytea/numeric/timestamptz columns and NULLs."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,8 @@ SELECT a.account_id, d, CASE WHEN d = 2 THEN NULL ELSE decode(md5(a.account_id::
        d * 10.10, CASE WHEN d = 3 THEN 'NaN'::float8 ELSE 0.1 * d END, date '2026-02-01' + d
 FROM crm.accounts a, generate_series(1, 3) d;
 INSERT INTO crm.revisions
-SELECT d.account_id, d.doc_no, r, CASE WHEN r = 2 THEN NULL ELSE 'rev ' || r END, timestamp '2026-03-01' + r * interval '1 day'
+SELECT d.account_id, d.doc_no, r, CASE WHEN r = 2 THEN NULL ELSE 'rev ' || r END,
+       timestamp '2026-03-01' + r * interval '1 day'
 FROM crm.documents d, generate_series(1, 2) r;
 """
 
@@ -51,8 +53,10 @@ def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
     with psycopg.connect(dsn["us"]) as c:
         c.execute(SEED)
     spec = {
-        "version": 1, "source_region": "us",
-        "regions": {r: {"dsn": d} for r, d in dsn.items()}, "control": {"dsn": control},
+        "version": 1,
+        "source_region": "us",
+        "regions": {r: {"dsn": d} for r, d in dsn.items()},
+        "control": {"dsn": control},
         "policy": {"IE": "ie", "FR": "ie", "NO": "no", "US": "us"},
         "entity_graph": {
             "schema": "crm",
@@ -62,7 +66,8 @@ def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
                 {"table": "revisions", "parent": "documents", "fk": {"account_id": "account_id", "doc_no": "doc_no"}},
             ],
         },
-        "sharding": {"shards_per_region": 3}, "copy": {"batch_users": 7},
+        "sharding": {"shards_per_region": 3},
+        "copy": {"batch_users": 7},
     }
     path = tmp_path / "crm.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -72,21 +77,31 @@ def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
     doc = json.loads(res.stdout)
     assert doc["unplaced_users"] == {"NULL": 20, "unknown:XX": 20}
     for region, codes in {"ie": ("IE", "FR"), "no": ("NO",)}.items():
-        ids = [r[0] for r in w.rows("us", "SELECT account_id FROM crm.accounts WHERE residence = ANY(%s)", (list(codes),))]
+        ids = [
+            r[0] for r in w.rows("us", "SELECT account_id FROM crm.accounts WHERE residence = ANY(%s)", (list(codes),))
+        ]
         assert ids
-        for q in ("SELECT * FROM crm.accounts WHERE account_id = ANY(%s) ORDER BY 1",
-                  "SELECT * FROM crm.documents WHERE account_id = ANY(%s) ORDER BY 1, 2",
-                  "SELECT * FROM crm.revisions WHERE account_id = ANY(%s) ORDER BY 1, 2, 3"):
+        for q in (
+            "SELECT * FROM crm.accounts WHERE account_id = ANY(%s) ORDER BY 1",
+            "SELECT * FROM crm.documents WHERE account_id = ANY(%s) ORDER BY 1, 2",
+            "SELECT * FROM crm.revisions WHERE account_id = ANY(%s) ORDER BY 1, 2, 3",
+        ):
             src, dst = w.rows("us", q, (ids,)), w.rows(region, q, (ids,))
             assert len(src) == len(dst) > 0
             assert repr(src) == repr(dst)  # NaN != NaN, so compare the exact text of every value
         assert w.rows(region, "SELECT count(*) FROM crm.accounts")[0][0] == len(ids)
     # a changed revision at the destination is named by its composite key
     acct = w.rows("ie", "SELECT account_id FROM crm.revisions ORDER BY 1 LIMIT 1")[0][0]
-    w.rows("ie", "UPDATE crm.revisions SET content = 'x' WHERE account_id = %s AND doc_no = 1 AND rev = 1 RETURNING 1", (acct,))
+    w.rows(
+        "ie",
+        "UPDATE crm.revisions SET content = 'x' WHERE account_id = %s AND doc_no = 1 AND rev = 1 RETURNING 1",
+        (acct,),
+    )
     res = w.migrator("verify", "--region", "ie", "--json")
     assert res.returncode == 0 and "already cut_over" in res.stdout  # said so: verify's work was done
     res = w.migrator("verify", "--recheck", "--region", "ie", "--json")
     assert res.returncode == 1
     named = [d for s in json.loads(res.stdout)["shards"] for d in s.get("differences", [])]
-    assert named == [{"table": "revisions", "pk": {"account_id": str(acct), "doc_no": "1", "rev": "1"}, "problem": "different"}]
+    assert named == [
+        {"table": "revisions", "pk": {"account_id": str(acct), "doc_no": "1", "rev": "1"}, "problem": "different"}
+    ]

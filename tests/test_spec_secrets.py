@@ -1,5 +1,6 @@
 """Validation messages name the field and the kind of problem, never a value that could be
 a secret; a spec problem exits 2 with nothing written."""
+
 from __future__ import annotations
 
 import copy
@@ -32,11 +33,20 @@ CASES = {
     "region as a bare DSN": (_with(["regions", "ie"], f"postgresql://app:{SECRET}@db-ie/app"), "regions.ie"),
     "control as a bare DSN": (_with(["control"], f"postgresql://app:{SECRET}@db-us/c"), "control"),
     "misspelled dsn": (_with(["regions", "ie"], {"dns": f"postgresql://app:{SECRET}@db-ie/app"}), "regions.ie.dns"),
-    "an extra password field": (_with(["regions", "ie"], {"dsn": "postgresql://app@db-ie/app", "password": SECRET}),
-                                "regions.ie.password"),
-    "a numeric secret_key": (_with(["objects"], {"user_prefix": "u/{user}/", "stores": {
-        "us": {"bucket": "media-us", "secret_key": 982374659}, "ie": {"bucket": "media-ie"}}}),
-        "objects.stores.us.secret_key"),
+    "an extra password field": (
+        _with(["regions", "ie"], {"dsn": "postgresql://app@db-ie/app", "password": SECRET}),
+        "regions.ie.password",
+    ),
+    "a numeric secret_key": (
+        _with(
+            ["objects"],
+            {
+                "user_prefix": "u/{user}/",
+                "stores": {"us": {"bucket": "media-us", "secret_key": 982374659}, "ie": {"bucket": "media-ie"}},
+            },
+        ),
+        "objects.stores.us.secret_key",
+    ),
     "a keyword DSN": (_with(["regions", "ie"], f"host=db-ie password={SECRET}"), "regions.ie"),
     "a token in a list": (_with(["regions", "ie"], ["token", SECRET]), "regions.ie"),
 }

@@ -5,6 +5,7 @@ their directory home within the stated worst case, and no write may be accepted 
 the directory does not name; a rerun then finishes the phase, and at the end every
 acknowledged write is at its user's home exactly once. Trials: MIGRATOR_TORTURE_TRIALS
 (each trial kills one cutover and one rollback); run alone with 50 or more."""
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,14 @@ def _probe(conn: psycopg.Connection, uid: int) -> str:
 
 
 def _homes(w: World, wave: str) -> dict[int, str]:
-    return {int(k): h for k, h in w.ctl(
-        "SELECT d.user_key, d.home FROM migrator.directory d JOIN migrator.shard_user su USING (user_key) "
-        "JOIN migrator.shard s USING (shard_id) WHERE s.wave = %s AND s.region = 'ie'", (wave,))}
+    return {
+        int(k): h
+        for k, h in w.ctl(
+            "SELECT d.user_key, d.home FROM migrator.directory d JOIN migrator.shard_user su USING (user_key) "
+            "JOIN migrator.shard s USING (shard_id) WHERE s.wave = %s AND s.region = 'ie'",
+            (wave,),
+        )
+    }
 
 
 def _settles(w: World, wave: str, killed_at: float, rollback: bool) -> float:
@@ -84,11 +90,17 @@ def _killed(w: World, rnd: random.Random, args: list[str], points: list[str]) ->
     point = rnd.choice(points) if rnd.random() < 0.5 else None
     if point:
         env.update(MIGRATOR_PAUSE_AT=point, MIGRATOR_PAUSE_S="30")
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     if point:
         t0 = time.monotonic()
-        while not w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {point}",))[0][0]:
+        while not w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {point}",))[0][
+            0
+        ]:
             if proc.poll() is not None or time.monotonic() - t0 > 60:
                 break  # ended before the point (e.g. nothing to do): the kill below is a no-op
             time.sleep(0.02)
@@ -112,8 +124,10 @@ def test_kills_throughout_cutover_and_rollback(world: World):
     assert not writer.errors, writer.errors[:5]
     assert acked.ops > 0
     check(world.dsn, world.control, acked)
-    print(f"torture: {TRIALS} trial(s); seconds from kill to every user writable at home: "
-          f"max {max(settled):.2f}, median {sorted(settled)[len(settled) // 2]:.2f}")
+    print(
+        f"torture: {TRIALS} trial(s); seconds from kill to every user writable at home: "
+        f"max {max(settled):.2f}, median {sorted(settled)[len(settled) // 2]:.2f}"
+    )
 
 
 def _trials(world: World, rnd: random.Random) -> list[float]:

@@ -1,4 +1,5 @@
 """Pure logic: spec validation, partitioning, state transitions, masking. No servers."""
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,10 @@ BASE = {
     "policy": {"IE": "ie", "US": "us"},
     "entity_graph": {
         "root": {"table": "users", "key": "user_id", "residency": "cc"},
-        "tables": [{"table": "videos", "parent": "users", "fk": {"user_id": "user_id"}},
-                   {"table": "comments", "parent": "videos", "fk": {"video_id": "video_id"}}],
+        "tables": [
+            {"table": "videos", "parent": "users", "fk": {"user_id": "user_id"}},
+            {"table": "comments", "parent": "videos", "fk": {"video_id": "video_id"}},
+        ],
     },
 }
 
@@ -31,18 +34,26 @@ def spec_with(mutate):
     return d
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda d: d["policy"].update({"Ireland": "ie"}), "policy: country code 'Ireland' is not ISO 3166-1 alpha-2"),
-    (lambda d: d["policy"].update({"DE": "de"}), "region 'de' is not among the regions"),
-    (lambda d: d.update(source_region="eu"), "source_region 'eu' is not among the regions"),
-    (lambda d: d["entity_graph"]["root"].pop("key"), "entity_graph.root.key: Field required"),
-    (lambda d: d["entity_graph"]["tables"][1].update(parent="posts"), "parent 'posts' is not in the entity graph"),
-    (lambda d: d["entity_graph"]["tables"].append({"table": "a", "parent": "b", "fk": {"x": "y"}}) or
-     d["entity_graph"]["tables"].append({"table": "b", "parent": "a", "fk": {"x": "y"}}), "loops"),
-    (lambda d: d["entity_graph"]["root"].update(table="users; drop"), "not a plain SQL identifier"),
-    (lambda d: d.update(shards=3), "shards: Extra inputs are not permitted"),
-    (lambda d: d["regions"]["us"].update(dsn="${NOT_SET_ANYWHERE_123}"), "NOT_SET_ANYWHERE_123 is not set"),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda d: d["policy"].update({"Ireland": "ie"}), "policy: country code 'Ireland' is not ISO 3166-1 alpha-2"),
+        (lambda d: d["policy"].update({"DE": "de"}), "region 'de' is not among the regions"),
+        (lambda d: d.update(source_region="eu"), "source_region 'eu' is not among the regions"),
+        (lambda d: d["entity_graph"]["root"].pop("key"), "entity_graph.root.key: Field required"),
+        (lambda d: d["entity_graph"]["tables"][1].update(parent="posts"), "parent 'posts' is not in the entity graph"),
+        (
+            lambda d: (
+                d["entity_graph"]["tables"].append({"table": "a", "parent": "b", "fk": {"x": "y"}})
+                or d["entity_graph"]["tables"].append({"table": "b", "parent": "a", "fk": {"x": "y"}})
+            ),
+            "loops",
+        ),
+        (lambda d: d["entity_graph"]["root"].update(table="users; drop"), "not a plain SQL identifier"),
+        (lambda d: d.update(shards=3), "shards: Extra inputs are not permitted"),
+        (lambda d: d["regions"]["us"].update(dsn="${NOT_SET_ANYWHERE_123}"), "NOT_SET_ANYWHERE_123 is not set"),
+    ],
+)
 def test_spec_errors_name_the_field(mutate, needle):
     with pytest.raises(SpecError) as e:
         parse_spec(spec_with(mutate))
@@ -109,15 +120,31 @@ def test_error_classification():
     assert not is_transient(SpecError("x"))
 
 
-@pytest.mark.parametrize("objects, needle", [
-    ({"stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}}, "give key_column and/or user_prefix"),
-    ({"user_prefix": "users/", "stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}}, "must contain {user}"),
-    ({"user_prefix": "u/{user}/", "stores": {"us": {"bucket": "media-us"}}}, "no store for region 'ie'"),
-    ({"user_prefix": "u/{user}/", "stores": {"us": {"bucket": "Bad_Bucket"}, "ie": {"bucket": "media-ie"}}},
-     "not a valid S3 bucket name"),
-    ({"key_column": {"table": "posts", "column": "k"}, "stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}},
-     "table 'posts' is not in the entity graph"),
-])
+@pytest.mark.parametrize(
+    "objects, needle",
+    [
+        (
+            {"stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}},
+            "give key_column and/or user_prefix",
+        ),
+        (
+            {"user_prefix": "users/", "stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}}},
+            "must contain {user}",
+        ),
+        ({"user_prefix": "u/{user}/", "stores": {"us": {"bucket": "media-us"}}}, "no store for region 'ie'"),
+        (
+            {"user_prefix": "u/{user}/", "stores": {"us": {"bucket": "Bad_Bucket"}, "ie": {"bucket": "media-ie"}}},
+            "not a valid S3 bucket name",
+        ),
+        (
+            {
+                "key_column": {"table": "posts", "column": "k"},
+                "stores": {"us": {"bucket": "media-us"}, "ie": {"bucket": "media-ie"}},
+            },
+            "table 'posts' is not in the entity graph",
+        ),
+    ],
+)
 def test_object_spec_errors(objects, needle):
     with pytest.raises(SpecError) as e:
         parse_spec(spec_with(lambda d: d.update(objects=objects)))
@@ -126,10 +153,19 @@ def test_object_spec_errors(objects, needle):
 
 def test_object_secrets_masked(monkeypatch):
     monkeypatch.setenv("S3_SECRET", "very-secret-key")
-    spec = parse_spec(spec_with(lambda d: d.update(objects={
-        "user_prefix": "u/{user}/",
-        "stores": {"us": {"bucket": "media-us", "access_key": "AK", "secret_key": "${S3_SECRET}"},
-                   "ie": {"bucket": "media-ie"}}})))
+    spec = parse_spec(
+        spec_with(
+            lambda d: d.update(
+                objects={
+                    "user_prefix": "u/{user}/",
+                    "stores": {
+                        "us": {"bucket": "media-us", "access_key": "AK", "secret_key": "${S3_SECRET}"},
+                        "ie": {"bucket": "media-ie"},
+                    },
+                }
+            )
+        )
+    )
     assert spec.objects.stores["us"].secret_key.get_secret_value() == "very-secret-key"
     assert "very-secret-key" not in repr(spec.objects) + str(spec.model_dump())
 
@@ -137,14 +173,23 @@ def test_object_secrets_masked(monkeypatch):
 def test_orchestrator_connections_fill_the_spec(tmp_path):
     from migrator.orchestration import load
 
-    d = spec_with(lambda d: d.update(objects={"user_prefix": "u/{user}/", "stores": {
-        "us": {"bucket": "media-us", "endpoint": "conn:s3_us"}, "ie": {"bucket": "media-ie"}}}))
+    d = spec_with(
+        lambda d: d.update(
+            objects={
+                "user_prefix": "u/{user}/",
+                "stores": {"us": {"bucket": "media-us", "endpoint": "conn:s3_us"}, "ie": {"bucket": "media-ie"}},
+            }
+        )
+    )
     d["regions"]["ie"]["dsn"] = "conn:pg_ie"
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(d))
-    spec = load(str(p), resolve_conn=lambda i: f"postgresql://u:pw@{i}/db",
-                resolve_s3=lambda i: {"endpoint": f"http://{i}:9000", "access_key": "AK", "secret_key": "SK"},
-                batch_users=7)
+    spec = load(
+        str(p),
+        resolve_conn=lambda i: f"postgresql://u:pw@{i}/db",
+        resolve_s3=lambda i: {"endpoint": f"http://{i}:9000", "access_key": "AK", "secret_key": "SK"},
+        batch_users=7,
+    )
     assert spec.regions["ie"].url == "postgresql://u:pw@pg_ie/db"
     assert spec.objects.stores["us"].endpoint == "http://s3_us:9000"
     assert spec.objects.stores["us"].secret_key.get_secret_value() == "SK"
@@ -155,12 +200,20 @@ def test_verify_takes_the_costliest_tables_first():
     from migrator.context import Context
     from migrator.verifier import _largest_first
 
-    ctx = Context(parse_spec(spec_with(lambda d: d["entity_graph"]["tables"].append(
-        {"table": "logins", "parent": "users", "fk": {"user_id": "user_id"}}))))
+    ctx = Context(
+        parse_spec(
+            spec_with(
+                lambda d: d["entity_graph"]["tables"].append(
+                    {"table": "logins", "parent": "users", "fk": {"user_id": "user_id"}}
+                )
+            )
+        )
+    )
     rows = {"users": 100, "videos": 300, "comments": 200, "logins": 350}
     # comments are reached through videos: a join more per row than logins
     assert _largest_first(ctx, list(rows), rows) == ["comments", "logins", "videos", "users"]
     assert sorted(_largest_first(ctx, list(rows), {})) == sorted(rows)  # unknown sizes: every table still once
+
 
 @given(st.integers(0, 10**9), st.integers(0, 10**9), st.integers(128, 65536))
 def test_verify_hash_memory_is_bounded_and_grows_with_the_shard(a, b, cap):

@@ -1,5 +1,6 @@
 """Runs the residency_migration DAG for the demo with `airflow dags test`, in an Airflow
 home of its own (SQLite metadata), with the stores' DSNs passed as Airflow Connections."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,15 @@ DAGS = Path(__file__).resolve().parents[2] / "dags"
 
 def airflow_env(home: Path, conns: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("MIGRATOR_AIRFLOW_LOG_LEVEL", "WARNING"),
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("MIGRATOR_AIRFLOW_LOG_LEVEL", "WARNING"),
+        }
+    )
     for conn_id, uri in conns.items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = uri
     return env
@@ -37,11 +40,14 @@ def spec_for_airflow(spec_path: Path, out: Path) -> tuple[Path, dict[str, str]]:
     conns["migrator_control"] = os.path.expandvars(data["control"]["dsn"])
     data["control"]["dsn"] = "conn:migrator_control"
     for region, store in ((data.get("objects") or {}).get("stores") or {}).items():
-        conns[f"migrator_s3_{region}"] = json.dumps({
-            "conn_type": "aws", "login": os.environ.get("AWS_ACCESS_KEY_ID"),
-            "password": os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            "extra": {"endpoint_url": os.path.expandvars(store["endpoint"])},
-        })
+        conns[f"migrator_s3_{region}"] = json.dumps(
+            {
+                "conn_type": "aws",
+                "login": os.environ.get("AWS_ACCESS_KEY_ID"),
+                "password": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                "extra": {"endpoint_url": os.path.expandvars(store["endpoint"])},
+            }
+        )
         store["endpoint"] = f"conn:migrator_s3_{region}"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out, conns
@@ -51,17 +57,23 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def run_dag(spec_path: Path, base: Path, conf: dict | None = None, logical_date: str | None = None) -> subprocess.CompletedProcess:
+def run_dag(
+    spec_path: Path, base: Path, conf: dict | None = None, logical_date: str | None = None
+) -> subprocess.CompletedProcess:
     home = base / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     af_spec, conns = spec_for_airflow(spec_path, base / "spec.airflow.yaml")
     env = airflow_env(home, conns)
     subprocess.run([bin_path("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run([bin_path("airflow"), "pools", "set", "migrator_source", "2", "copies against the source"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [bin_path("airflow"), "pools", "set", "migrator_source", "2", "copies against the source"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     conf = {"scope": "all", "spec": str(af_spec), **(conf or {})}
     args = ["dags", "test", "residency_migration"] + ([logical_date] if logical_date else []) + ["-c", json.dumps(conf)]
-    res = subprocess.run([bin_path("airflow"), *args],
-                         env=env, capture_output=True, text=True, timeout=1800)
+    res = subprocess.run([bin_path("airflow"), *args], env=env, capture_output=True, text=True, timeout=1800)
     (base / "airflow-dags-test.log").write_text(res.stdout + res.stderr)
     return res

@@ -1,4 +1,5 @@
 """`migrator demo`: the whole job on throwaway servers, no database to install."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,9 @@ def start(users: int, base: Path) -> tuple[Cluster, dict[str, LocalS3], dict[str
     import boto3
 
     for r in ("ie", "no"):
-        boto3.client("s3", endpoint_url=endpoints[r].endpoint, region_name="us-east-1").create_bucket(Bucket=f"media-{r}")
+        boto3.client("s3", endpoint_url=endpoints[r].endpoint, region_name="us-east-1").create_bucket(
+            Bucket=f"media-{r}"
+        )
     seed.seed_objects(endpoints["us"].endpoint, "media-us", env["MIGRATOR_US_DSN"])
     return cluster, endpoints, env
 
@@ -81,8 +84,9 @@ def _finish_writer(writer, env: dict[str, str]) -> dict:
     return out
 
 
-def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", quiet: bool = False,
-             with_writes: bool = False) -> dict:
+def run_demo(
+    users: int = 2000, keep: Path | None = None, via: str = "auto", quiet: bool = False, with_writes: bool = False
+) -> dict:
     console = Console(stderr=True, quiet=quiet)
     base = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="rm-demo-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -108,8 +112,10 @@ def run_demo(users: int = 2000, keep: Path | None = None, via: str = "auto", qui
             if keep:
                 extra["airflow_home"] = str(base / "airflow")
             shards = report.shard_rows(ctx, None)
-            outcomes = [engine.Outcome(s["shard_id"], s["state"] == "cut_over" and res.returncode == 0, s["state"])
-                        for s in shards] or [engine.Outcome("dag", False, error="the DAG planned no shard")]
+            outcomes = [
+                engine.Outcome(s["shard_id"], s["state"] == "cut_over" and res.returncode == 0, s["state"])
+                for s in shards
+            ] or [engine.Outcome("dag", False, error="the DAG planned no shard")]
         else:
             console.print("Running every shard: plan, copy, verify, cutover ...")
             _, outcomes = engine.run(ctx, "default")

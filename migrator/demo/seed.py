@@ -1,4 +1,5 @@
 """A deterministic synthetic US dataset for the demo, the tests and the benchmark."""
+
 from __future__ import annotations
 
 from importlib import resources
@@ -8,10 +9,26 @@ import psycopg
 # 100 slots: the share of each residency code (None: never recorded; ZZ and GB: codes the
 # demo policy does not place, so those users stay in the US and are reported).
 COUNTRIES = (
-    ["US"] * 40 + ["CA"] * 5 + ["BR"] * 5 + ["MX"] * 3 + ["JP"] * 3
-    + ["IE"] * 5 + ["DE"] * 6 + ["FR"] * 5 + ["IT"] * 3 + ["ES"] * 3 + ["NL"] * 2 + ["PL"] * 2
-    + ["NO"] * 4 + ["SE"] * 3 + ["DK"] * 2 + ["FI"] * 2 + ["IS"] * 1
-    + [None] * 3 + ["ZZ"] * 2 + ["GB"] * 1
+    ["US"] * 40
+    + ["CA"] * 5
+    + ["BR"] * 5
+    + ["MX"] * 3
+    + ["JP"] * 3
+    + ["IE"] * 5
+    + ["DE"] * 6
+    + ["FR"] * 5
+    + ["IT"] * 3
+    + ["ES"] * 3
+    + ["NL"] * 2
+    + ["PL"] * 2
+    + ["NO"] * 4
+    + ["SE"] * 3
+    + ["DK"] * 2
+    + ["FI"] * 2
+    + ["IS"] * 1
+    + [None] * 3
+    + ["ZZ"] * 2
+    + ["GB"] * 1
 )
 assert len(COUNTRIES) == 100
 
@@ -42,7 +59,8 @@ def seed(dsn: str, users: int, videos_per_user: int = 3, logins_per_user: int = 
                    timestamptz '{START}' + make_interval(secs => i * {step}),
                    CASE WHEN i % 5 = 0 THEN NULL
                         ELSE jsonb_build_object('lang', (ARRAY['en','de','fr','nb','sv'])[1 + i % 5],
-                                                'score', round((i % 997) / 7.0, 3), 'tags', jsonb_build_array(i % 3, 'x')) END
+                                                'score', round((i % 997) / 7.0, 3),
+                                                'tags', jsonb_build_array(i % 3, 'x')) END
             FROM generate_series(1::bigint, {users}) AS i""")
         c.execute(f"""
             INSERT INTO videos
@@ -54,13 +72,15 @@ def seed(dsn: str, users: int, videos_per_user: int = 3, logins_per_user: int = 
         c.execute(f"""
             INSERT INTO comments
             SELECT v.video_id, v.video_id, 1 + (v.video_id * 31) % {users},
-                   CASE WHEN v.video_id % 17 = 0 THEN NULL ELSE 'Comment on ' || v.video_id || E' \\\\ ''quoted'' ,; ' END,
+                   CASE WHEN v.video_id % 17 = 0 THEN NULL
+                        ELSE 'Comment on ' || v.video_id || E' \\\\ ''quoted'' ,; ' END,
                    v.created_at + interval '1 hour'
             FROM videos v""")
         c.execute(f"""
             INSERT INTO login_events
             SELECT (i - 1) * {logins_per_user} + j, i,
-                   CASE WHEN j % 4 = 0 THEN ('2001:db8::' || to_hex(i / 65536) || ':' || to_hex(i % 65536) || ':' || j)::inet
+                   CASE WHEN j % 4 = 0
+                        THEN ('2001:db8::' || to_hex(i / 65536) || ':' || to_hex(i % 65536) || ':' || j)::inet
                         ELSE ('198.51.' || (i % 250) || '.' || (j * 7 % 250))::inet END,
                    timestamptz '{START}' + make_interval(secs => i * {step} + j * 3600.123456),
                    (i + j) % 9 <> 0

@@ -1,6 +1,7 @@
 """A writer that acts like the application: it routes each write by the directory, inserts,
 updates and deletes across the entity graph at a steady rate, retries a fenced write, and
 records every write that was acknowledged, so a test can check that none was lost."""
+
 from __future__ import annotations
 
 import random
@@ -15,17 +16,25 @@ FENCED = "RMF01"
 
 @dataclass
 class Acked:
-    inserted: dict[int, int] = field(default_factory=dict)   # login event id -> user
+    inserted: dict[int, int] = field(default_factory=dict)  # login event id -> user
     deleted: set[int] = field(default_factory=set)
-    names: dict[int, str] = field(default_factory=dict)       # user -> last display_name written
+    names: dict[int, str] = field(default_factory=dict)  # user -> last display_name written
     comments: dict[int, tuple[int, str]] = field(default_factory=dict)  # comment id -> (owner, last body): two hops
     fenced: int = 0
     ops: int = 0
 
 
 class Writer:
-    def __init__(self, dsn: dict[str, str], control: str, users: list[int], threads: int = 2, rate_hz: float = 200,
-                 seed: int = 7, first_event: int = 10**9):
+    def __init__(
+        self,
+        dsn: dict[str, str],
+        control: str,
+        users: list[int],
+        threads: int = 2,
+        rate_hz: float = 200,
+        seed: int = 7,
+        first_event: int = 10**9,
+    ):
         self.dsn, self.control = dsn, control
         self.parts = [users[i::threads] for i in range(threads)]
         self.rate = rate_hz / threads
@@ -36,7 +45,7 @@ class Writer:
         self.errors: list[str] = []
         self.first_event = first_event
 
-    def start(self) -> "Writer":
+    def start(self) -> Writer:
         for t in self.threads:
             t.start()
         return self
@@ -100,8 +109,11 @@ class Writer:
                             self.acked.names[user] = op[1]
                     elif op[0] == "comment":
                         if user not in comment_of:
-                            r = c.execute("SELECT min(c.comment_id) FROM comments c JOIN videos v USING (video_id) "
-                                          "WHERE v.user_id = %s", (user,)).fetchone()
+                            r = c.execute(
+                                "SELECT min(c.comment_id) FROM comments c JOIN videos v USING (video_id) "
+                                "WHERE v.user_id = %s",
+                                (user,),
+                            ).fetchone()
                             comment_of[user] = r[0]
                         if comment_of[user] is not None:
                             c.execute("UPDATE comments SET body = %s WHERE comment_id = %s", (op[1], comment_of[user]))
@@ -139,15 +151,24 @@ def check(dsn: dict[str, str], control: str, acked: Acked) -> None:
     try:
         for event, user in acked.inserted.items():
             home = conns[homes.get(user, "us")]
-            n = home.execute("SELECT count(*) FROM login_events WHERE event_id = %s AND user_id = %s",
-                             (event, user)).fetchone()[0]
+            n = home.execute(
+                "SELECT count(*) FROM login_events WHERE event_id = %s AND user_id = %s", (event, user)
+            ).fetchone()[0]
             want = 0 if event in acked.deleted else 1
             assert n == want, f"event {event} of user {user}: {n} row(s) in {homes.get(user, 'us')}, expected {want}"
         for user, name in acked.names.items():
-            got = conns[homes.get(user, "us")].execute("SELECT display_name FROM users WHERE user_id = %s", (user,)).fetchone()
+            got = (
+                conns[homes.get(user, "us")]
+                .execute("SELECT display_name FROM users WHERE user_id = %s", (user,))
+                .fetchone()
+            )
             assert got == (name,), f"user {user}: last acknowledged name lost in {homes.get(user, 'us')}"
         for comment, (user, body) in acked.comments.items():
-            got = conns[homes.get(user, "us")].execute("SELECT body FROM comments WHERE comment_id = %s", (comment,)).fetchone()
+            got = (
+                conns[homes.get(user, "us")]
+                .execute("SELECT body FROM comments WHERE comment_id = %s", (comment,))
+                .fetchone()
+            )
             assert got == (body,), f"comment {comment}: last acknowledged body lost in {homes.get(user, 'us')}"
     finally:
         for c in conns.values():

@@ -4,6 +4,7 @@ TimeZone, DateStyle, IntervalStyle, extra_float_digits and bytea_output change t
 form of values; a digest computed under different settings on two sides would report
 false mismatches, so every connection the migrator opens sets them the same way.
 """
+
 from __future__ import annotations
 
 import contextlib

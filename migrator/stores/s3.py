@@ -7,6 +7,7 @@ streaming. The destination object carries the source's ETag (and, below the mult
 threshold, its SHA-256), so a rerun recognises an object it already copied from this very
 source version and skips it without crossing data centers again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,8 +66,17 @@ def head(c, bucket: str, key: str) -> dict | None:
         raise
 
 
-def copy_object(src, src_bucket: str, dst, dst_bucket: str, key: str, threshold: int, part_size: int,
-                src_etag: str | None = None, dst_head: dict | None = None) -> Copied:
+def copy_object(
+    src,
+    src_bucket: str,
+    dst,
+    dst_bucket: str,
+    key: str,
+    threshold: int,
+    part_size: int,
+    src_etag: str | None = None,
+    dst_head: dict | None = None,
+) -> Copied:
     """Stream one object across endpoints; skip it when the destination already holds this
     source version (same ETag) with its SHA-256 recorded.
 
@@ -85,7 +95,9 @@ def copy_object(src, src_bucket: str, dst, dst_bucket: str, key: str, threshold:
         got = src.get_object(Bucket=src_bucket, Key=key, **({"IfMatch": src_etag} if src_etag else {}))
     except src.exceptions.NoSuchKey:
         if src_etag is None:
-            raise ObjectMissing(f"source object {key!r} (named by the key column) is not in bucket {src_bucket!r}") from None
+            raise ObjectMissing(
+                f"source object {key!r} (named by the key column) is not in bucket {src_bucket!r}"
+            ) from None
         raise ObjectVanished(f"source object {key!r} was deleted after it was listed") from None
     etag = got["ETag"].strip('"')
     body = got["Body"]
@@ -94,8 +106,7 @@ def copy_object(src, src_bucket: str, dst, dst_bucket: str, key: str, threshold:
     if size < threshold:
         data = body.read()
         sha.update(data)
-        dst.put_object(Bucket=dst_bucket, Key=key, Body=data,
-                       Metadata={META_SHA: sha.hexdigest(), META_SRC_ETAG: etag})
+        dst.put_object(Bucket=dst_bucket, Key=key, Body=data, Metadata={META_SHA: sha.hexdigest(), META_SRC_ETAG: etag})
         return Copied(key, len(data), sha.hexdigest(), False)
     # Multipart: the source ETag goes on the object at creation; its SHA-256 is known only
     # at the end and goes to the shard's manifest (a skip later re-reads it locally).
@@ -108,8 +119,9 @@ def copy_object(src, src_bucket: str, dst, dst_bucket: str, key: str, threshold:
             r = dst.upload_part(Bucket=dst_bucket, Key=key, UploadId=up["UploadId"], PartNumber=n, Body=chunk)
             parts.append({"ETag": r["ETag"], "PartNumber": n})
             n += 1
-        dst.complete_multipart_upload(Bucket=dst_bucket, Key=key, UploadId=up["UploadId"],
-                                      MultipartUpload={"Parts": parts})
+        dst.complete_multipart_upload(
+            Bucket=dst_bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+        )
     except BaseException:
         dst.abort_multipart_upload(Bucket=dst_bucket, Key=key, UploadId=up["UploadId"])
         raise
