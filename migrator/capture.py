@@ -52,7 +52,7 @@ from migrator.context import Context
 from migrator.control import Control
 from migrator.errors import CatchUpBlocked, describe, is_transient
 from migrator.spec import EntityGraph
-from migrator.stores.postgres import connect, relay
+from migrator.stores.postgres import Conn, connect, relay
 
 log = logging.getLogger("migrator.capture")
 
@@ -241,7 +241,7 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
     return True
 
 
-def _users(conn: psycopg.Connection, table: str, sid: str, members: Control) -> None:
+def _users(conn: Conn, table: str, sid: str, members: Control) -> None:
     """The shard's users into `table`, streamed from the control database."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS rm_members (k text NOT NULL, b int NOT NULL) ON COMMIT DROP")
     members.send_members(sid, conn, "rm_members")
@@ -338,7 +338,7 @@ def fence(dsn: str, sid: str, deadline: float, ignore: tuple[int, ...] = ()) -> 
     _wait_for_earlier(dsn, deadline, "the fence", ignore)
 
 
-def own_transaction(dsn: str, conn: psycopg.Connection) -> tuple[int, ...]:
+def own_transaction(dsn: str, conn: Conn) -> tuple[int, ...]:
     """The id of `conn`'s open transaction when `dsn` is on the same server (the control
     database beside the source, say), so waits on `dsn` for older transactions can leave it
     out; empty otherwise. Recognised by its backend's pid and transaction id both."""
@@ -572,7 +572,7 @@ def catch_up(
 
 def _span(after: Position | None, upto: Position | None) -> tuple[str, tuple]:
     """SQL and arguments for the changes past `after` and up to `upto` (either may be open)."""
-    cond, args = "", ()
+    cond, args = "", ()  # type: tuple[str, tuple[int, ...]]
     if after is not None:
         cond, args = f" AND {AFTER}", tuple(after)
     if upto is not None:

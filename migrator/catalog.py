@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psycopg
-
 from migrator.errors import PrivilegeMissing, SchemaMismatch
 from migrator.spec import EntityGraph
+from migrator.stores.postgres import Conn
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ GROUP BY i.indexrelid
 """
 
 
-def unindexed_owner_keys(conn: psycopg.Connection, graph: EntityGraph, side: str) -> list[str]:
+def unindexed_owner_keys(conn: Conn, graph: EntityGraph, side: str) -> list[str]:
     """Warnings for the owner-key columns no index leads with. Every batch finds its users'
     rows through these columns (the root's key, each table's foreign key to its parent, and
     the parent's key it references); without an index each batch reads the whole table, so
@@ -110,7 +109,7 @@ GROUP BY con.oid
 """
 
 
-def read_table(conn: psycopg.Connection, schema: str, name: str) -> Table | None:
+def read_table(conn: Conn, schema: str, name: str) -> Table | None:
     with conn.cursor() as cur:
         cols = cur.execute(_COLS, (schema, name)).fetchall()
         if not cols:
@@ -119,7 +118,7 @@ def read_table(conn: psycopg.Connection, schema: str, name: str) -> Table | None
     return Table(schema, name, tuple(Column(*c) for c in cols), tuple(pk))
 
 
-def read_graph(conn: psycopg.Connection, graph: EntityGraph, side: str) -> dict[str, Table]:
+def read_graph(conn: Conn, graph: EntityGraph, side: str) -> dict[str, Table]:
     """The graph's tables as this database has them; checks every name the spec uses."""
     out: dict[str, Table] = {}
     for name in graph.ordered():
@@ -186,7 +185,7 @@ DESTINATION_TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRIGGER
 
 
 def missing_privileges(
-    conn: psycopg.Connection, graph: EntityGraph | None, table_privileges: tuple[str, ...], side: str
+    conn: Conn, graph: EntityGraph | None, table_privileges: tuple[str, ...], side: str
 ) -> list[str]:
     """What the connected role lacks on this side, each named with its object."""
     out: list[str] = []

@@ -11,7 +11,7 @@ from migrator import catalog
 from migrator.catalog import Table
 from migrator.control import Control
 from migrator.errors import SchemaMismatch, describe
-from migrator.spec import Spec
+from migrator.spec import EntityGraph, Spec
 from migrator.stores.postgres import connect, name_store
 
 log = logging.getLogger("migrator")
@@ -88,7 +88,9 @@ class Context:
         """Every privilege the migrator needs at the source, the given destinations and the
         control database, all named at once; raises before anything is written."""
         g = self.spec.entity_graph
-        sides = [(f"source {self.spec.source_region}", self.source_dsn, g, catalog.SOURCE_TABLE_PRIVILEGES)]
+        sides: list[tuple[str, str, EntityGraph | None, tuple[str, ...]]] = [
+            (f"source {self.spec.source_region}", self.source_dsn, g, catalog.SOURCE_TABLE_PRIVILEGES)
+        ]
         sides += [(f"destination {r}", self.dsn(r), g, catalog.DESTINATION_TABLE_PRIVILEGES) for r in regions]
         sides.append(("control database", self.spec.control.url, None, ()))
         found: list[str] = []

@@ -16,13 +16,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
 from migrator.errors import ShardBusy, SpecError, StateConflict, StateVersionError, riding_out
 from migrator.state import Phase, allowed
-from migrator.stores.postgres import connect, pipe
+from migrator.stores.postgres import Conn, connect, pipe
 
 STATE_VERSION = "1"
 SCHEMA = "migrator"
@@ -193,7 +192,7 @@ class Control:
         self.outage_s = outage_s
         self._current = False  # the schema brought up to date by this process (see `ensure`)
 
-    def connect(self, autocommit: bool = False) -> psycopg.Connection:
+    def connect(self, autocommit: bool = False) -> Conn:
         """A connection to the control database; establishing it rides out an outage."""
         for attempt in riding_out(self.outage_s):
             with attempt:
@@ -271,7 +270,7 @@ class Control:
 
     def transition(
         self,
-        conn: psycopg.Connection,
+        conn: Conn,
         sid: str,
         expected: Phase | Iterable[Phase],
         to: Phase,
@@ -306,14 +305,14 @@ class Control:
         with self.connect() as c:
             return self.transition(c, sid, expected, to, detail, **fields)
 
-    def audit(self, conn: psycopg.Connection, sid: str | None, src: str | None, dst: str | None, detail: dict) -> None:
+    def audit(self, conn: Conn, sid: str | None, src: str | None, dst: str | None, detail: dict) -> None:
         conn.execute(
             f"INSERT INTO {SCHEMA}.audit (run_id, shard_id, from_state, to_state, detail) VALUES (%s, %s, %s, %s, %s)",
             (self.run_id, sid, src, dst, json.dumps(detail, default=str)),
         )
 
     @contextlib.contextmanager
-    def lock(self, sid: str) -> Iterator[psycopg.Connection]:
+    def lock(self, sid: str) -> Iterator[Conn]:
         """Hold the shard for this worker; refuse at once if another worker holds it."""
         c = self.connect(autocommit=True)
         try:
@@ -352,7 +351,7 @@ class Control:
                 )
         return found
 
-    def hold(self, conn: psycopg.Connection, sid: str, reason: str) -> int:
+    def hold(self, conn: Conn, sid: str, reason: str) -> int:
         """Hold the shard's users (in the caller's transaction); how many."""
         self._up_to_date()
         return conn.execute(
@@ -372,7 +371,7 @@ class Control:
             ).fetchone()
         return n, reason
 
-    def release(self, conn: psycopg.Connection, sid: str) -> int:
+    def release(self, conn: Conn, sid: str) -> int:
         return conn.execute(f"DELETE FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)).rowcount
 
     @_ridden_out
@@ -405,7 +404,7 @@ class Control:
                 )
             ]
 
-    def send_members(self, sid: str, into: psycopg.Connection, table: str) -> int:
+    def send_members(self, sid: str, into: Conn, table: str) -> int:
         """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`."""
         with self.connect() as c:
             return pipe(
@@ -433,7 +432,7 @@ class Control:
                 (sid, batch_no, last_key, json.dumps(rows), digest),
             )
 
-    def clear_checkpoints(self, conn: psycopg.Connection, sid: str) -> None:
+    def clear_checkpoints(self, conn: Conn, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,))
 
     @_ridden_out
@@ -458,7 +457,7 @@ class Control:
                 (sid, direction, *pos),
             )
 
-    def clear_positions(self, conn: psycopg.Connection, sid: str) -> None:
+    def clear_positions(self, conn: Conn, sid: str) -> None:
         conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))
 
     # --- directory --------------------------------------------------------------------

@@ -32,7 +32,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import psycopg
@@ -42,7 +42,7 @@ from migrator.context import Context
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
 from migrator.scaffolding import pause_point
 from migrator.state import Phase
-from migrator.stores.postgres import connect, relay
+from migrator.stores.postgres import Conn, connect, relay
 
 log = logging.getLogger("migrator.copier")
 
@@ -78,10 +78,10 @@ class _Links:
 
     def __init__(self, src: str, dst: str):
         self.src_dsn, self.dst_dsn = src, dst
-        self.src: psycopg.Connection | None = None
-        self.dst: psycopg.Connection | None = None
+        self.src: Conn | None = None
+        self.dst: Conn | None = None
 
-    def open(self) -> tuple[psycopg.Connection, psycopg.Connection]:
+    def open(self) -> tuple[Conn, Conn]:
         if self.src is None or self.src.closed:
             self.src = connect(self.src_dsn, keyed=True)
             self.src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -145,8 +145,8 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
                 parts[name] = (taken, stream.hexdigest())
                 if ctx.spec.copy_.inline_digest:
                     dq = sqlgen.digest_keys(graph, table, kt)
-                    s_n, s_sum = scur.execute(dq, sqlgen.keys_arg(keys)).fetchone()
-                    d_n, d_sum = dcur.execute(dq, sqlgen.keys_arg(keys)).fetchone()
+                    ((s_n, s_sum),) = scur.execute(dq, sqlgen.keys_arg(keys)).fetchall()
+                    ((d_n, d_sum),) = dcur.execute(dq, sqlgen.keys_arg(keys)).fetchall()
                     if (s_n, s_sum) != (d_n, d_sum) or d_n != taken:
                         raise ChecksumMismatch(
                             f"shard {sid} batch {batch_no}: table {name} differs right after copy "
@@ -174,7 +174,7 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
 
 
 def _check_no_foreign_rows(
-    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: dict[int, list[str]]
+    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: Mapping[int, list[str]]
 ) -> None:
     """Refuse batches whose users already have rows at the destination: a batch not in the
     ledger was never committed there by this tool, so such rows were written by someone else.
@@ -219,7 +219,7 @@ def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list
 
 
 def _copy_pending(
-    ctx: Context, sid: str, dst_dsn: str, batches: dict[int, list[str]], pending: list[int]
+    ctx: Context, sid: str, dst_dsn: str, batches: Mapping[int, list[str]], pending: list[int]
 ) -> Iterator[tuple[int, dict]]:
     """Copy the pending batches with `copy.workers` workers, yielding each as it commits.
 
@@ -265,7 +265,7 @@ def _copy_pending(
                 continue
             if exc is not None:
                 error = error or exc
-            else:
+            elif res is not None:
                 yield b, res
     finally:
         stop.set()

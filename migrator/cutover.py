@@ -142,7 +142,8 @@ def _compare_changed_so_far(
     second round does the same for the rows changed during the first, so what the fence
     must still compare (every row changed past the returned position) is what a writer
     does in about one short round."""
-    settled = None
+    settled: tuple[int, int] | None = None
+    upto: tuple[int, int] = (0, 0)
     for _ in range(rounds):
         capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below, ignore=ours)
         upto = ctx.control.position(sid, "forward")
@@ -153,14 +154,15 @@ def _compare_changed_so_far(
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} changed row(s) differ before the fence", diffs)
         settled = upto
-    return settled
+    return upto
 
 
 class Steps:
     """Milliseconds each step of the fence window took, for the audit trail."""
 
     def __init__(self, t0: float):
-        self.last, self.ms = t0, {}
+        self.last = t0
+        self.ms: dict[str, float] = {}
 
     def mark(self, name: str) -> None:
         now = time.monotonic()

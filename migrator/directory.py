@@ -7,15 +7,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import psycopg
-
 from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.errors import StateConflict
 from migrator.state import Phase
+from migrator.stores.postgres import Conn
 
 
-def move_homes(conn: psycopg.Connection, sid: str, frm: str, to: str) -> int:
+def move_homes(conn: Conn, sid: str, frm: str, to: str) -> int:
     """Flip the shard's users homed at `frm` to `to` (epoch + 1); the number flipped."""
     return conn.execute(
         f"UPDATE {SCHEMA}.directory d SET home = %s, epoch = d.epoch + 1, updated_at = now() "
@@ -27,9 +26,7 @@ def move_homes(conn: psycopg.Connection, sid: str, frm: str, to: str) -> int:
 class Flip:
     """A cutover's directory flip, open in `conn` until the block of `prepared_flip` ends."""
 
-    def __init__(
-        self, ctx: Context, conn: psycopg.Connection, sid: str, region: str, digest: str, users: int, flipped: int
-    ):
+    def __init__(self, ctx: Context, conn: Conn, sid: str, region: str, digest: str, users: int, flipped: int):
         self.ctx, self.conn, self.sid = ctx, conn, sid
         self.region, self.digest, self.users, self.flipped = region, digest, users, flipped
 

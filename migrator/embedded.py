@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 SERVICE_USER = "rm-postgres"
 
@@ -82,7 +83,7 @@ class LocalPostgres:
         self.user = _service_user()
 
     def _run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        kw = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
+        kw: dict[str, Any] = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
         return subprocess.run(
             [str(self.bin / args[0]), *args[1:]],
             check=check,

@@ -5,6 +5,7 @@ the shard's final state. The caller learns which failed from the outcomes."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -76,14 +77,14 @@ def each(
     busy: list[str] = []
     for s in shards:
         try:
-            outcomes[s.shard_id] = _outcome(ctx, s.shard_id, lambda sid=s.shard_id: fn(sid), want)
+            outcomes[s.shard_id] = _outcome(ctx, s.shard_id, functools.partial(fn, s.shard_id), want)
         except ShardBusy:
             busy.append(s.shard_id)
     for sid in busy:
         end = time.monotonic() + BUSY_WAIT_S
         while True:
             try:
-                outcomes[sid] = _outcome(ctx, sid, lambda sid=sid: fn(sid), want)
+                outcomes[sid] = _outcome(ctx, sid, functools.partial(fn, sid), want)
                 break
             except ShardBusy as exc:
                 if time.monotonic() > end:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from psycopg import sql
@@ -22,6 +22,7 @@ from migrator import sqlgen
 from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.errors import ConflictError, is_transient, retrying
+from migrator.spec import Objects
 from migrator.stores import s3
 from migrator.stores.postgres import connect
 
@@ -51,6 +52,13 @@ PER_USER_LISTING = 64  # above this many users in a batch, list the common prefi
 
 def enabled(ctx: Context) -> bool:
     return ctx.spec.objects is not None
+
+
+def settings(ctx: Context) -> Objects:
+    """The spec's objects section; called only where `enabled` holds."""
+    if ctx.spec.objects is None:
+        raise RuntimeError("the spec has no objects section")  # a caller's mistake
+    return ctx.spec.objects
 
 
 def ensure(ctx: Context) -> None:
@@ -110,7 +118,7 @@ def _listed(
 def _source_objects(ctx: Context, users: list[str], index: Index | None = None, src_c=None) -> dict[str, str | None]:
     """The users' object keys at the source, with the ETag the listing gave (None for a
     key known only from the key column)."""
-    o = ctx.spec.objects
+    o = settings(ctx)
     keys: dict[str, str | None] = {}
     if o.key_column is not None:
         table = ctx.tables[o.key_column.table]
@@ -143,7 +151,7 @@ def _present_at_destination(
 ) -> set[str]:
     """Which of the keys the destination already holds: one listing of the users' prefixes,
     and a HEAD only for a key outside them."""
-    o = ctx.spec.objects
+    o = settings(ctx)
     present: set[str] = set()
     outside = keys
     if o.user_prefix is not None:
@@ -156,7 +164,7 @@ def _present_at_destination(
 
 
 def _stores(ctx: Context, region: str):
-    o = ctx.spec.objects
+    o = settings(ctx)
     src, dst = o.stores[ctx.spec.source_region], o.stores[region]
     return src, s3.client(src), dst, s3.client(dst)
 
@@ -165,7 +173,7 @@ def copy_batches(
     ctx: Context,
     sid: str,
     region: str,
-    batches: dict[int, list[str]],
+    batches: Mapping[int, list[str]],
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Copy the objects of every batch not yet checkpointed; returns totals.
@@ -175,7 +183,7 @@ def copy_batches(
     batch is checkpointed (manifest and checkpoint row) once all its objects are copied;
     a transient error reruns that batch, whose objects already copied are then skipped."""
     ensure(ctx)
-    o = ctx.spec.objects
+    o = settings(ctx)
     with ctx.control.connect(autocommit=True) as c:
         done = {b for (b,) in c.execute(f"SELECT batch_no FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))}
     src, src_c, dst, dst_c = _stores(ctx, region)
@@ -288,10 +296,10 @@ def manifest(ctx: Context, sid: str) -> dict[int, list[tuple[str, int, str]]]:
     return out
 
 
-def verify(ctx: Context, sid: str, region: str, batches: dict[int, list[str]]) -> tuple[dict, list[dict]]:
+def verify(ctx: Context, sid: str, region: str, batches: Mapping[int, list[str]]) -> tuple[dict, list[dict]]:
     """Per batch (objects, manifest digest) as both endpoints now hold the bytes, and the
     objects that differ from the manifest, named by key."""
-    o = ctx.spec.objects
+    o = settings(ctx)
     man = manifest(ctx, sid)
     src, src_c, dst, dst_c = _stores(ctx, region)
     part = o.part_size_mb * 2**20
@@ -342,7 +350,7 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
 
 def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) -> set[str]:
     """Objects this tool wrote at the destination for the shard's users but never recorded."""
-    o = ctx.spec.objects
+    o = settings(ctx)
     batches = ctx.control.batch_keys(sid, ctx.sort_keys)
     found: set[str] = set()
     with ThreadPoolExecutor(max_workers=o.threads) as pool:

@@ -14,7 +14,7 @@ def shard_index(key_text: str, shards: int) -> int:
     return int(hashlib.md5(key_text.encode("utf-8")).hexdigest()[:15], 16) % shards
 
 
-def shard_index_sql(key_text: sql.Composable, shards: int) -> sql.Composable:
+def shard_index_sql(key_text: sql.Composable, shards: int) -> sql.Composed:
     """`shard_index` computed by PostgreSQL, for a text expression: the same value for the
     same text, so a plan formed in the database agrees with one formed here."""
     if shards < 1:

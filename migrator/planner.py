@@ -29,16 +29,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import psycopg
 from psycopg import sql
 
 from migrator import sqlgen
 from migrator.context import INTEGER_TYPES, Context
 from migrator.control import SCHEMA, shard_id
-from migrator.errors import SpecError, describe, is_transient
+from migrator.errors import SpecError, StateConflict, describe, is_transient
 from migrator.partition import shard_index_sql, shard_name
 from migrator.state import Phase
-from migrator.stores.postgres import connect, pipe
+from migrator.stores.postgres import Conn, connect, pipe
 
 log = logging.getLogger("migrator.planner")
 
@@ -123,7 +122,7 @@ def _residencies(ctx: Context, since: datetime | None, until: datetime | None) -
 
 def _candidates(
     ctx: Context, since: datetime | None, until: datetime | None, moving: dict[str, str]
-) -> tuple[sql.Composable, list]:
+) -> tuple[sql.Composed, list]:
     """A COPY of (key, region, shard index) of the users whose stored residency moves."""
     g = ctx.spec.entity_graph
     root = g.root
@@ -144,9 +143,7 @@ def _candidates(
     return q, [[moving[v] for v in values], values, *args, values]
 
 
-def _load(
-    ctx: Context, c: psycopg.Connection, since: datetime | None, until: datetime | None, moving: dict[str, str]
-) -> None:
+def _load(ctx: Context, c: Conn, since: datetime | None, until: datetime | None, moving: dict[str, str]) -> None:
     """Fill the temporary table rm_plan (user_key, region, idx) with the moving users not
     already moved or in a live shard of some wave."""
     c.execute(
@@ -171,7 +168,7 @@ def _load(
         c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.held_users h WHERE h.user_key = p.user_key")
 
 
-def _measure(ctx: Context, m: psycopg.Connection, shards: dict[int, ShardPlan]) -> None:
+def _measure(ctx: Context, m: Conn, shards: dict[int, ShardPlan]) -> None:
     """Estimated rows per table for each shard from its sampled users (rm_keys at the
     source: key, shard number), and approximate bytes from each table's mean row size
     (zero for a table never analyzed)."""
@@ -265,7 +262,7 @@ def plan(
         region = spec.region_of(residency)
         if region is None:
             unplaced["NULL" if residency is None else "unknown:" + residency.strip().upper()[:8]] += count
-        elif region != spec.source_region and region in targets:
+        elif residency is not None and region != spec.source_region and region in targets:
             moving[residency] = region
 
     ctl = ctx.control
@@ -279,6 +276,8 @@ def plan(
             if c.execute(f"SELECT 1 FROM {SCHEMA}.shard WHERE wave = %s LIMIT 1", (wave,)).fetchone():
                 c.rollback()  # another planner won the race; its plan stands
                 won = _existing(ctx, wave, regions)
+                if won is None:  # pragma: no cover - the winner's shards are there, or it rolled back
+                    raise StateConflict(f"wave {wave}: another planner's plan vanished; plan again")
                 won.warnings = warnings
                 return won
         _load(ctx, c, since, until, moving)
@@ -318,7 +317,7 @@ def plan(
     return result
 
 
-def _record(ctx: Context, c: psycopg.Connection, p: Plan, measured: Future) -> None:
+def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
     """Membership first, batches numbered in key order; each shard's row counts join its
     record once `measured` is done, in the same transaction."""
     ctl = ctx.control

@@ -61,7 +61,7 @@ def base_type(type_name: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"\([^)]*\)", "", type_name)).strip()
 
 
-def canonical(col: Column, alias: str = "t0") -> sql.Composable:
+def canonical(col: Column, alias: str = "t0") -> sql.Composed:
     """A column as it enters the row hash (see the module's design note)."""
     ref = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(col.name))
     t = base_type(col.type)
@@ -74,7 +74,7 @@ def canonical(col: Column, alias: str = "t0") -> sql.Composable:
     return sql.SQL('({}::text COLLATE "C")').format(ref)
 
 
-def row_hash(table: Table, alias: str = "t0") -> sql.Composable:
+def row_hash(table: Table, alias: str = "t0") -> sql.Composed:
     """A bigint hash of the row's columns."""
     fields = sql.SQL(", ").join(canonical(c, alias) for c in table.columns)
     return sql.SQL("hashint8extended(hash_record_extended(ROW({}), 0), 0)").format(fields)
@@ -84,8 +84,8 @@ def row_hash(table: Table, alias: str = "t0") -> sql.Composable:
 class Ownership:
     """FROM ... JOIN ... for a table, and the expression of its owner's root key."""
 
-    from_: sql.Composable
-    owner: sql.Composable
+    from_: sql.Composed
+    owner: sql.Composed
     joined: int = 0  # how many parent tables are joined
 
 
@@ -94,7 +94,7 @@ def ownership(graph: EntityGraph, table: str) -> Ownership:
     last hop does not reference the root key directly."""
     schema = graph.schema_
     root = graph.root
-    parts: list[sql.Composable] = [sql.SQL("{}.{} AS t0").format(sql.Identifier(schema), sql.Identifier(table))]
+    parts: list[sql.Composed] = [sql.SQL("{}.{} AS t0").format(sql.Identifier(schema), sql.Identifier(table))]
     if table == root.table:
         return Ownership(parts[0], sql.SQL("t0.{}").format(sql.Identifier(root.key)))
     hops = graph.path(table)
@@ -122,7 +122,7 @@ def ownership(graph: EntityGraph, table: str) -> Ownership:
     return Ownership(sql.SQL(" ").join(parts), owner, len(parts) - 1)
 
 
-def _cols(table: Table, alias: str = "t0") -> sql.Composable:
+def _cols(table: Table, alias: str = "t0") -> sql.Composed:
     return sql.SQL(", ").join(
         sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(c.name)) for c in table.columns
     )
@@ -137,26 +137,26 @@ def keys_arg(keys: list[str]) -> dict[str, str]:
     return {"keys": "{" + ",".join('"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"' for k in keys) + "}"}
 
 
-def keys_filter(own: Ownership, key_type: str) -> sql.Composable:
+def keys_filter(own: Ownership, key_type: str) -> sql.Composed:
     # Keys travel as text[] and are cast to the root key's type on the server.
     return sql.SQL("{} = ANY(%(keys)s::text[]::{}[])").format(own.owner, sql.SQL(key_type))
 
 
-def copy_out(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+def copy_out(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:
     """COPY of the rows of a set of users (%(keys)s) in binary format."""
     own = ownership(graph, table.name)
     q = sql.SQL("SELECT {} FROM {} WHERE {}").format(_cols(table), own.from_, keys_filter(own, key_type))
     return sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(q)
 
 
-def copy_in(graph: EntityGraph, table: Table) -> sql.Composable:
+def copy_in(graph: EntityGraph, table: Table) -> sql.Composed:
     cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
     return sql.SQL("COPY {}.{} ({}) FROM STDIN (FORMAT BINARY)").format(
         sql.Identifier(graph.schema_), sql.Identifier(table.name), cols
     )
 
 
-def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:
     """(count, sum of row hashes) over a set of users' rows."""
     own = ownership(graph, table.name)
     return sql.SQL("SELECT count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}").format(
@@ -192,7 +192,7 @@ def set_hash_mb(conn, mb: int) -> None:
     conn.execute("SELECT set_config('work_mem', %s, true)", (f"{mb}MB",))
 
 
-def digest_by_batch(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:
+def digest_by_batch(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composed:
     """One pass over a table: (batch, count, sum) for the users listed in a keys table."""
     own = ownership(graph, table.name)
     return sql.SQL(
@@ -200,7 +200,7 @@ def digest_by_batch(graph: EntityGraph, table: Table, keys_table: str) -> sql.Co
     ).format(row_hash(table), own.from_, sql.Identifier(keys_table), own.owner)
 
 
-def pk_hashes(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+def pk_hashes(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:
     """Each row's primary key (as text) and hash, for naming the rows that differ."""
     own = ownership(graph, table.name)
     pk = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
@@ -210,7 +210,7 @@ def pk_hashes(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable
     )
 
 
-def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5) -> sql.Composable:
+def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5) -> sql.Composed:
     own = ownership(graph, table.name)
     pk = sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c)) for c in table.pk)
     return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT {}").format(
@@ -218,12 +218,12 @@ def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5
     )
 
 
-def any_row(graph: EntityGraph, table: Table) -> sql.Composable:
+def any_row(graph: EntityGraph, table: Table) -> sql.Composed:
     """One row of the table if it has any (a probe that stops at the first live row)."""
     return sql.SQL("SELECT 1 FROM {}.{} LIMIT 1").format(sql.Identifier(graph.schema_), sql.Identifier(table.name))
 
 
-def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composable:
+def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composed:
     """One pass over a table: (group, rows) for the users listed in a keys table."""
     own = ownership(graph, table.name)
     return sql.SQL("SELECT m.b, count(*) FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b").format(
@@ -231,7 +231,7 @@ def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Com
     )
 
 
-def mean_row_bytes(graph: EntityGraph, table: Table) -> sql.Composable:
+def mean_row_bytes(graph: EntityGraph, table: Table) -> sql.Composed:
     """The table's mean on-disk bytes per row, from its size and the planner's row estimate
     (NULL while the table has no estimate, e.g. before it was first analyzed)."""
     return sql.SQL(
@@ -242,7 +242,7 @@ def mean_row_bytes(graph: EntityGraph, table: Table) -> sql.Composable:
     )
 
 
-def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composable:
+def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:
     """Delete a set of users' rows of one table (children must go first)."""
     own = ownership(graph, table.name)
     schema, name = graph.schema_, table.name

@@ -127,7 +127,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     est = shard.plan.get("rows", {})
     order = _largest_first(ctx, list(ctx.tables), est)
     n = max(1, min(ctx.spec.verify.workers, len(order)))
-    work = {side: queue.SimpleQueue() for side in ("src", "dst")}
+    work: dict[str, queue.SimpleQueue[str]] = {side: queue.SimpleQueue() for side in ("src", "dst")}
     for side in work:
         for t in order:
             work[side].put(t)

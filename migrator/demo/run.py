@@ -121,8 +121,8 @@ def run_demo(
             _, outcomes = engine.run(ctx, "default")
             shards = report.shard_rows(ctx, "default")
         if writer:
-            extra["writes"] = _finish_writer(writer, env)
-            ok_writes = extra["writes"]["lost_writes"] == 0 and extra["writes"]["errors"] == 0
+            writes = extra["writes"] = _finish_writer(writer, env)
+            ok_writes = writes["lost_writes"] == 0 and writes["errors"] == 0
             outcomes.append(engine.Outcome("writes", ok_writes, error=None if ok_writes else "writes were lost"))
         doc = report.document("demo", shards, outcomes, None, extra=extra)
         doc["seconds"] = round(time.monotonic() - t0, 2)

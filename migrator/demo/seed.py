@@ -94,7 +94,7 @@ def seed(dsn: str, users: int, videos_per_user: int = 3, logins_per_user: int = 
         c.execute("ANALYZE")
         counts = {}
         for t in ("users", "videos", "comments", "login_events", "devices"):
-            counts[t] = c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            (counts[t],) = c.execute(f"SELECT count(*) FROM {t}").fetchall()[0]
     return counts
 
 

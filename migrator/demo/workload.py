@@ -8,6 +8,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 
@@ -75,6 +76,7 @@ class Writer:
         while not self.stop_flag.is_set():
             user = rnd.choice(users)
             kind = rnd.random()
+            op: tuple[str, Any]
             if kind < 0.45:
                 op = ("insert", next_event)
                 next_event += 1
@@ -87,6 +89,7 @@ class Writer:
                 if not own:
                     continue
                 op = ("delete", rnd.choice(own))
+            arg: Any = op[1]  # an event id or a text, by the kind of write
             while not self.stop_flag.is_set():  # until acknowledged, as an application would
                 try:
                     home = self._home(ctl, user)
@@ -99,33 +102,33 @@ class Writer:
                     if c is None or c.closed:
                         c = conns[home] = psycopg.connect(self.dsn[home], autocommit=True)
                     if op[0] == "insert":
-                        c.execute("INSERT INTO login_events VALUES (%s, %s, '192.0.2.1', now(), true)", (op[1], user))
+                        c.execute("INSERT INTO login_events VALUES (%s, %s, '192.0.2.1', now(), true)", (arg, user))
                         with self.lock:
-                            self.acked.inserted[op[1]] = user
-                        mine[op[1]] = user
+                            self.acked.inserted[arg] = user
+                        mine[arg] = user
                     elif op[0] == "name":
-                        c.execute("UPDATE users SET display_name = %s WHERE user_id = %s", (op[1], user))
+                        c.execute("UPDATE users SET display_name = %s WHERE user_id = %s", (arg, user))
                         with self.lock:
-                            self.acked.names[user] = op[1]
+                            self.acked.names[user] = arg
                     elif op[0] == "comment":
                         if user not in comment_of:
                             r = c.execute(
                                 "SELECT min(c.comment_id) FROM comments c JOIN videos v USING (video_id) "
                                 "WHERE v.user_id = %s",
                                 (user,),
-                            ).fetchone()
-                            comment_of[user] = r[0]
+                            ).fetchall()
+                            comment_of[user] = r[0][0]
                         if comment_of[user] is not None:
-                            c.execute("UPDATE comments SET body = %s WHERE comment_id = %s", (op[1], comment_of[user]))
+                            c.execute("UPDATE comments SET body = %s WHERE comment_id = %s", (arg, comment_of[user]))
                             with self.lock:
-                                self.acked.comments[comment_of[user]] = (user, op[1])
+                                self.acked.comments[comment_of[user]] = (user, arg)
                     else:
-                        n = c.execute("DELETE FROM login_events WHERE event_id = %s", (op[1],)).rowcount
+                        n = c.execute("DELETE FROM login_events WHERE event_id = %s", (arg,)).rowcount
                         if n != 1:
                             self.errors.append(f"delete of an acknowledged insert found {n} rows")
                         with self.lock:
-                            self.acked.deleted.add(op[1])
-                        mine.pop(op[1], None)
+                            self.acked.deleted.add(arg)
+                        mine.pop(arg, None)
                     with self.lock:
                         self.acked.ops += 1
                     break
@@ -153,7 +156,7 @@ def check(dsn: dict[str, str], control: str, acked: Acked) -> None:
             home = conns[homes.get(user, "us")]
             n = home.execute(
                 "SELECT count(*) FROM login_events WHERE event_id = %s AND user_id = %s", (event, user)
-            ).fetchone()[0]
+            ).fetchall()[0][0]
             want = 0 if event in acked.deleted else 1
             assert n == want, f"event {event} of user {user}: {n} row(s) in {homes.get(user, 'us')}, expected {want}"
         for user, name in acked.names.items():

@@ -11,7 +11,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -102,8 +102,13 @@ def tag(exc: BaseException, conn: Any) -> None:
         exc.migrator_store = getattr(conn, "store", None)  # type: ignore[attr-defined]
 
 
-class StoreCursor(psycopg.Cursor):
+class StoreCursor(psycopg.Cursor[Any]):
     """A cursor whose errors carry the name of their store."""
+
+    def fetchone(self) -> Any:
+        """The next row. Typed as a row: the migrator asks for one only of queries that
+        return one (an aggregate, a function's value, a RETURNING it checks)."""
+        return super().fetchone()
 
     def execute(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -122,10 +127,15 @@ class StoreCursor(psycopg.Cursor):
             raise
 
 
-class StoreConnection(psycopg.Connection):
+class StoreConnection(psycopg.Connection[Any]):
     """A connection that knows which store it is, for errors that say where."""
 
     store: str | None = None
+
+    def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool = False
+    ) -> StoreCursor:
+        return cast(StoreCursor, super().execute(query, params, prepare=prepare, binary=binary))
 
     def commit(self) -> None:
         try:
@@ -135,7 +145,10 @@ class StoreConnection(psycopg.Connection):
             raise
 
 
-def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5, keyed: bool = False) -> psycopg.Connection:
+Conn = StoreConnection  # what the migrator's modules take as a connection
+
+
+def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5, keyed: bool = False) -> StoreConnection:
     """A connection with the session pinned; `keyed` for per-batch statements (see KEYED).
     A store that cannot be reached or refuses the login is named in the error."""
     settings = {k: v for k, v in PINNED.items() if k not in ("client_encoding", "application_name")}

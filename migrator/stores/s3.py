@@ -88,7 +88,7 @@ def copy_object(
         etag = src_head["ETag"].strip('"')
         meta = dst_head.get("Metadata", {})
         if meta.get(META_SRC_ETAG) == etag and dst_head["ContentLength"] == src_head["ContentLength"]:
-            sha_hex = meta.get(META_SHA) or content_sha256(dst, dst_bucket, key, part_size)[1]
+            sha_hex = meta.get(META_SHA) or _sha_of(dst, dst_bucket, key, part_size)
             return Copied(key, dst_head["ContentLength"], sha_hex, True)
         src_etag = src_head["ETag"]
     try:
@@ -126,6 +126,14 @@ def copy_object(
         dst.abort_multipart_upload(Bucket=dst_bucket, Key=key, UploadId=up["UploadId"])
         raise
     return Copied(key, total, sha.hexdigest(), False)
+
+
+def _sha_of(c, bucket: str, key: str, part_size: int) -> str:
+    """The SHA-256 of an object that a HEAD just found; gone since, the batch is listed again."""
+    found = content_sha256(c, bucket, key, part_size)
+    if found is None:
+        raise ObjectVanished(f"object {key!r} in bucket {bucket} was deleted while it was being checked")
+    return found[1]
 
 
 def content_sha256(c, bucket: str, key: str, part_size: int) -> tuple[int, str] | None:
