@@ -89,10 +89,12 @@ def unindexed_owner_keys(conn: Conn, graph: EntityGraph, side: str) -> list[str]
         if (table, tuple(cols)) in seen or indexed(table, cols):
             continue
         seen.add((table, tuple(cols)))
-        out.append(
-            f"{side}: table {schema}.{table} has no index on ({', '.join(cols)}): every batch will read the "
-            "whole table, so the copy's time grows with the square of the data; create one before copying"
+        why = (
+            "every batch will read the whole table, so the copy's time grows with the square of the data"
+            if side.startswith("source")
+            else "every batch the copy checks and every row a rollback (or a purge) deletes will scan the table"
         )
+        out.append(f"{side}: table {schema}.{table} has no index on ({', '.join(cols)}): {why}; create one first")
     return out
 
 

@@ -38,6 +38,7 @@ Pick = Annotated[
     ),
 ]
 Reason = Annotated[str, typer.Option("--reason", help="recorded in the audit trail")]
+Strict = Annotated[bool, typer.Option("--strict", help="refuse to plan while an index the phases need is missing")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would happen; write nothing")]
 Json = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON document")]
 Since = Annotated[datetime | None, typer.Option("--since", help="only users created at or after this time")]
@@ -81,12 +82,14 @@ def plan(
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
+    strict: Strict = False,
 ) -> None:
     """Form the wave's shards: users, rows per table and bytes per shard."""
     ctx = _ctx(config, run_id)
-    p = make_plan(ctx, wave, since=since, until=until, regions=[region] if region else None, dry_run=dry_run)
+    regions = [region] if region else None
+    p = make_plan(ctx, wave, since=since, until=until, regions=regions, dry_run=dry_run, strict=strict)
     shards = [s.summary() for s in p.shards]
-    if not dry_run and not p.already_planned:
+    if not dry_run:  # the shards as recorded now: their states, progress and estimates
         shards = report.shard_rows(ctx, wave, region=region)
     _finish(report.document("plan", shards, plan=p, extra={"dry_run": dry_run}), json)
 
@@ -102,19 +105,23 @@ def run(
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
+    strict: Strict = False,
 ) -> None:
     """Plan (if needed), then copy, verify and cut over every selected shard."""
     ctx = _ctx(config, run_id)
     if dry_run:
-        p = make_plan(ctx, wave, since=since, until=until, regions=[region] if region else None, dry_run=True)
+        regions = [region] if region else None
+        p = make_plan(ctx, wave, since=since, until=until, regions=regions, dry_run=True, strict=strict)
         shards = [s.summary() for s in p.shards if not shard or s.name in shard or s.shard_id in shard]
         _finish(report.document("run", shards, plan=p, extra={"dry_run": True}), json)
     bar, cb = _progress(json)
     if bar:
         with bar:
-            p, outcomes = engine.run(ctx, wave, names=shard, region=region, since=since, until=until, progress=cb)
+            p, outcomes = engine.run(
+                ctx, wave, names=shard, region=region, since=since, until=until, progress=cb, strict=strict
+            )
     else:
-        p, outcomes = engine.run(ctx, wave, names=shard, region=region, since=since, until=until)
+        p, outcomes = engine.run(ctx, wave, names=shard, region=region, since=since, until=until, strict=strict)
     _finish(report.document("run", report.shard_rows(ctx, wave, shard, region), outcomes, p), json)
 
 

@@ -108,8 +108,9 @@ def run(
     since: datetime | None = None,
     until: datetime | None = None,
     progress: Progress | None = None,
+    strict: bool = False,
 ) -> tuple[Plan, list[Outcome]]:
-    p = plan(ctx, wave, since=since, until=until, regions=[region] if region else None)
+    p = plan(ctx, wave, since=since, until=until, regions=[region] if region else None, strict=strict)
     shards = select(ctx, wave, names, region)
     recovery.sweep_quietly(ctx, shards)
 

@@ -79,6 +79,7 @@ class Plan:
     unplaced: dict[str, int]  # residency code (or 'NULL') -> users left where they are
     already_planned: bool = False
     warnings: list[str] = field(default_factory=list)
+    staying: dict[str, int] = field(default_factory=dict)  # region -> users whose policy keeps them there
 
     def summary(self) -> dict:
         return {
@@ -86,6 +87,7 @@ class Plan:
             "already_planned": self.already_planned,
             "shards": [s.summary() for s in self.shards],
             "unplaced_users": self.unplaced,
+            "staying_users": self.staying,
             "warnings": self.warnings,
         }
 
@@ -104,6 +106,28 @@ def _interval(ctx: Context, since: datetime | None, until: datetime | None) -> t
             where.append(sql.SQL("{} < %s").format(sql.Identifier(root.created_at)))
             args.append(until)
     return where, args
+
+
+def residencies(
+    ctx: Context, since: datetime | None = None, until: datetime | None = None
+) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """(unplaced, staying, moving) for the users created in the interval: users whose
+    residency the policy does not place, by code; users the policy keeps at the source, by
+    region; and the stored residency values that move, with their region. Each stored value
+    is mapped once; only the users of values that move are read later."""
+    spec = ctx.spec
+    unplaced: collections.Counter[str] = collections.Counter()
+    staying: collections.Counter[str] = collections.Counter()
+    moving: dict[str, str] = {}
+    for residency, count in _residencies(ctx, since, until).items():
+        region = spec.region_of(residency)
+        if region is None:
+            unplaced["NULL" if residency is None else "unknown:" + residency.strip().upper()[:8]] += count
+        elif region == spec.source_region:
+            staying[region] += count
+        elif residency is not None and region in spec.targets:
+            moving[residency] = region
+    return dict(unplaced), dict(staying), moving
 
 
 def _residencies(ctx: Context, since: datetime | None, until: datetime | None) -> dict[str | None, int]:
@@ -169,22 +193,34 @@ def _load(ctx: Context, c: Conn, since: datetime | None, until: datetime | None,
 
 
 def _measure(ctx: Context, m: Conn, shards: dict[int, ShardPlan]) -> None:
-    """Estimated rows per table for each shard from its sampled users (rm_keys at the
-    source: key, shard number), and approximate bytes from each table's mean row size
-    (zero for a table never analyzed)."""
+    """Estimated rows and bytes per table for each shard from its sampled users (rm_keys at
+    the source: key, shard number), scaled up to all of its users when it was sampled."""
     m.execute("ANALYZE rm_keys")
     for b, n in m.execute("SELECT b, count(*) FROM rm_keys GROUP BY b").fetchall():
         shards[b].sampled = n
     for name, table in ctx.tables.items():
-        (per_row,) = m.execute(sqlgen.mean_row_bytes(ctx.spec.entity_graph, table)).fetchone()
-        for b, n in m.execute(sqlgen.count_by_group(ctx.spec.entity_graph, table, "rm_keys")).fetchall():
+        for b, n, size in m.execute(sqlgen.count_by_group(ctx.spec.entity_graph, table, "rm_keys")).fetchall():
             s = shards[b]
-            n = n if s.sampled == s.users else round(n * s.users / s.sampled)
-            s.rows[name] = n
-            s.bytes += int(n * (per_row or 0))
+            scale = 1.0 if s.sampled == s.users else s.users / s.sampled
+            s.rows[name] = round(n * scale)
+            s.bytes += round(int(size) * scale)
     for s in shards.values():
         for name in ctx.tables:
             s.rows.setdefault(name, 0)
+
+
+def _same_graph(ctx: Context, done: Plan) -> None:
+    """A planned wave's shards were counted over the graph's tables of that time; a spec
+    whose graph has other tables now would copy and verify other rows than were planned."""
+    for s in done.shards:
+        if s.rows and set(s.rows) != set(ctx.tables):
+            added, gone = sorted(set(ctx.tables) - set(s.rows)), sorted(set(s.rows) - set(ctx.tables))
+            raise SpecError(
+                f"wave {done.wave!r} was planned over other tables than the spec's entity graph has now"
+                + (f" (added: {', '.join(added)})" if added else "")
+                + (f" (removed: {', '.join(gone)})" if gone else "")
+                + "; plan a new wave for the new graph"
+            )
 
 
 def _existing(ctx: Context, wave: str, regions: list[str] | None) -> Plan | None:
@@ -224,6 +260,7 @@ def plan(
     until: datetime | None = None,
     regions: list[str] | None = None,
     dry_run: bool = False,
+    strict: bool = False,
 ) -> Plan:
     spec = ctx.spec
     for r in regions or []:
@@ -250,20 +287,15 @@ def plan(
             )
             log.warning(warnings[-1])
     ctx.check_privileges(reachable)
-    warnings += ctx.index_warnings(reachable)
+    missing = ctx.index_warnings(reachable)
+    if missing and (strict or spec.require_indexes):
+        raise SpecError("indexes missing (strict): " + "; ".join(missing))
+    warnings += missing
+    unplaced, staying, moving = residencies(ctx, since, until)
     if (done := _existing(ctx, wave, regions)) is not None:
-        done.warnings = warnings
+        _same_graph(ctx, done)
+        done.warnings, done.unplaced, done.staying = warnings, unplaced, staying
         return done
-
-    # Each stored residency value is mapped once; only the users of values that move are read.
-    unplaced: collections.Counter[str] = collections.Counter()
-    moving: dict[str, str] = {}
-    for residency, count in _residencies(ctx, since, until).items():
-        region = spec.region_of(residency)
-        if region is None:
-            unplaced["NULL" if residency is None else "unknown:" + residency.strip().upper()[:8]] += count
-        elif residency is not None and region != spec.source_region and region in targets:
-            moving[residency] = region
 
     ctl = ctx.control
     if not dry_run:
@@ -287,7 +319,7 @@ def plan(
             shards[targets.index(region) * n + idx] = ShardPlan(
                 shard_id(wave, name), wave, name, region, idx, users, math.ceil(users / size)
             )
-        result = Plan(wave, list(shards.values()), dict(unplaced), warnings=warnings)
+        result = Plan(wave, list(shards.values()), unplaced, warnings=warnings, staying=staying)
         # Measuring reads the source; recording writes the control database: both at once.
         with connect(ctx.source_dsn, keyed=True) as m:
             m.execute(

@@ -53,6 +53,7 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 "batches_done": len(cps),
                 "rows": rows or s.plan.get("rows", {}),
                 "digest": s.digest,
+                "approx_bytes": s.plan.get("approx_bytes", 0),
                 "error": s.error,
             }
         )
@@ -94,6 +95,7 @@ def document(
     if plan is not None:
         doc["wave"] = plan.wave
         doc["unplaced_users"] = plan.unplaced
+        doc["staying_users"] = plan.staying
         doc["already_planned"] = plan.already_planned
         doc["warnings"] = plan.warnings
     if extra:
@@ -108,10 +110,15 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
     console = console or Console(width=None if sys.stdout.isatty() else 140)
     shards = doc.get("shards", [])
     tables = sorted({t for s in shards for t in s.get("rows", {})})
-    t = Table(title=f"migrator {doc['command']}" + (f" (wave {doc['wave']})" if doc.get("wave") else ""))
+    waves = sorted({s["wave"] for s in shards if s.get("wave")})
+    wave = doc.get("wave") or (waves[0] if len(waves) == 1 else None)
+    t = Table(title=f"migrator {doc['command']}" + (f" (wave {wave})" if wave else ""))
     show_lag = any(s.get("lag") is not None for s in shards)
-    for col in ["shard", "region", "state", "users", "batches", *tables, *(["lag"] if show_lag else []), "digest"]:
-        t.add_column(col, justify="right" if col not in ("shard", "region", "state", "digest") else "left")
+    show_wave = len(waves) > 1  # shard names repeat across waves
+    cols = [*(["wave"] if show_wave else []), "shard", "region", "state", "users", "batches"]
+    cols += [f"{x} rows" for x in tables] + (["lag"] if show_lag else []) + ["digest"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("wave", "shard", "region", "state", "digest") else "right")
     for s in shards:
         batches = (
             f"{s.get('batches_done', '-')}/{s.get('batches', '-')}"
@@ -121,7 +128,8 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
         state = s.get("state", "planned")
         style = {"cut_over": "green", "failed": "red", "rolled_back": "yellow"}.get(state, "")
         t.add_row(
-            s["shard_id"] if doc.get("wave") is None and s.get("wave") not in (None, "default") else s["name"],
+            *([s.get("wave", "")] if show_wave else []),
+            s["name"],
             s["region"],
             f"[{style}]{state}[/]" if style else state,
             str(s.get("users", "")),
@@ -136,6 +144,11 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
             "Users left where they are (residency not placed by the policy): "
             + ", ".join(f"{k}: {v}" for k, v in sorted(doc["unplaced_users"].items()))
         )
+    if doc.get("staying_users"):
+        console.print(
+            "Users who stay (the policy keeps them in their region): "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(doc["staying_users"].items()))
+        )
     for w in doc.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}")
     for s in shards:
@@ -148,7 +161,7 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
             console.print(f"[red]{s['shard_id']}[/]: {s['error']}")
     if doc.get("regions"):
         r = Table(title="per region")
-        for col in ["region", "users", "shards cut over", *tables]:
+        for col in ["region", "users", "shards cut over", *[f"{x} rows" for x in tables]]:
             r.add_column(col, justify="left" if col == "region" else "right")
         for name, v in sorted(doc["regions"].items()):
             r.add_row(

@@ -279,6 +279,11 @@ class Spec(_Strict):
     retry: RetrySettings = RetrySettings()
     objects: Objects | None = None
     changes: ChangeSettings = ChangeSettings()
+    require_indexes: bool = Field(
+        False,
+        description="refuse to plan (exit 2) while an owner-key or foreign-key column of the graph has no index "
+        "at the source or a destination, instead of warning (the command line's --strict)",
+    )
 
     @field_validator("version")
     @classmethod

@@ -224,22 +224,12 @@ def any_row(graph: EntityGraph, table: Table) -> sql.Composed:
 
 
 def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composed:
-    """One pass over a table: (group, rows) for the users listed in a keys table."""
+    """One pass over a table: (group, rows, bytes) for the users listed in a keys table; the
+    bytes are the rows' stored size (`pg_column_size` of each row), so no statistics are needed."""
     own = ownership(graph, table.name)
-    return sql.SQL("SELECT m.b, count(*) FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b").format(
-        own.from_, sql.Identifier(keys_table), own.owner
-    )
-
-
-def mean_row_bytes(graph: EntityGraph, table: Table) -> sql.Composed:
-    """The table's mean on-disk bytes per row, from its size and the planner's row estimate
-    (NULL while the table has no estimate, e.g. before it was first analyzed)."""
     return sql.SQL(
-        "SELECT pg_table_size(c.oid)::float8 / nullif(greatest(c.reltuples, 0), 0) "
-        "FROM pg_class c WHERE c.oid = {}::regclass"
-    ).format(
-        sql.Literal(f"{sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}")
-    )
+        "SELECT m.b, count(*), coalesce(sum(pg_column_size(t0.*)), 0) FROM {} JOIN {} AS m ON m.k = {} GROUP BY m.b"
+    ).format(own.from_, sql.Identifier(keys_table), own.owner)
 
 
 def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:

@@ -273,3 +273,35 @@ def test_plan_warns_of_an_owner_key_without_an_index(world: World):
     assert warnings[1].startswith("destination no: table public.login_events has no index on (user_id)")
     text = world.migrator("plan", "--dry-run").stdout
     assert "warning:" in text and "public.comments has no index on (video_id)" in " ".join(text.split())
+    assert "a rollback (or a purge) deletes" in warnings[1]  # a destination's index serves deletes too
+    res = world.migrator("plan", "--dry-run", "--strict", "--json")
+    assert res.returncode == 2 and "public.comments has no index on (video_id)" in res.stderr
+    world.write_spec(require_indexes=True)
+    res = world.migrator("plan", "--json")
+    assert res.returncode == 2 and "destination no: table public.login_events" in res.stderr
+    assert world.ctl("SELECT to_regclass('migrator.shard')")[0][0] is None
+
+
+def test_reports_tell_the_truth_about_a_planned_and_a_finished_wave(world: World):
+    first = json.loads(world.migrator("plan", "--json").stdout)
+    assert first["unplaced_users"] and first["staying_users"]["us"] > 0
+    assert all(s["approx_bytes"] > 0 for s in first["shards"])
+    # the same wave planned again: the same users left where they are, not none
+    again = json.loads(world.migrator("plan", "--json").stdout)
+    assert again["already_planned"] and again["unplaced_users"] == first["unplaced_users"]
+    assert again["staying_users"] == first["staying_users"]
+    # counted independently: users whose residency the policy does not place
+    placed = list(world.spec["policy"])
+    (n,) = world.rows(
+        "us", "SELECT count(*) FROM users WHERE country_code IS NULL OR NOT country_code = ANY(%s)", (placed,)
+    )[0]
+    assert sum(first["unplaced_users"].values()) == n
+    assert world.migrator("run").returncode == 0
+    done = json.loads(world.migrator("plan", "--json").stdout)
+    assert done["totals"]["states"] == {"cut_over": len(first["shards"])}
+    # a graph that changed since the wave was planned is refused, dry run or not
+    world.spec["entity_graph"]["tables"] = [t for t in world.spec["entity_graph"]["tables"] if t["table"] != "devices"]
+    world.write_spec()
+    for args in (("plan", "--dry-run"), ("plan",)):
+        res = world.migrator(*args)
+        assert res.returncode == 2 and "removed: devices" in res.stderr, res.stderr

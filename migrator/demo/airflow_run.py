@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -58,8 +60,14 @@ def bin_path(name: str) -> str:
 
 
 def run_dag(
-    spec_path: Path, base: Path, conf: dict | None = None, logical_date: str | None = None
+    spec_path: Path,
+    base: Path,
+    conf: dict | None = None,
+    logical_date: str | None = None,
+    progress: Callable[[], None] | None = None,
+    every_s: float = 5.0,
 ) -> subprocess.CompletedProcess:
+    """`airflow dags test` of the migration DAG; `progress` is called every `every_s` while it runs."""
     home = base / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     af_spec, conns = spec_for_airflow(spec_path, base / "spec.airflow.yaml")
@@ -74,6 +82,19 @@ def run_dag(
     )
     conf = {"scope": "all", "spec": str(af_spec), **(conf or {})}
     args = ["dags", "test", "residency_migration"] + ([logical_date] if logical_date else []) + ["-c", json.dumps(conf)]
-    res = subprocess.run([bin_path("airflow"), *args], env=env, capture_output=True, text=True, timeout=1800)
-    (base / "airflow-dags-test.log").write_text(res.stdout + res.stderr)
-    return res
+    log = base / "airflow-dags-test.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([bin_path("airflow"), *args], env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 1800
+        while proc.poll() is None:
+            try:
+                proc.wait(every_s)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    break
+                if progress is not None:
+                    progress()
+    text = log.read_text()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, text, "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from migrator import engine, report
 from migrator.context import Context
 from migrator.demo import seed
 from migrator.embedded import Cluster, LocalS3
+from migrator.planner import residencies
 from migrator.spec import load_spec
 
 REGIONS = ["us", "ie", "no"]
@@ -107,7 +109,7 @@ def run_demo(
             from migrator.demo.airflow_run import run_dag
 
             console.print("Running the residency_migration DAG (airflow dags test) ...")
-            res = run_dag(spec_path, base)
+            res = run_dag(spec_path, base, progress=lambda: console.print(_progress_line(ctx)))
             extra["airflow_run_ok"] = res.returncode == 0
             if keep:
                 extra["airflow_home"] = str(base / "airflow")
@@ -124,6 +126,8 @@ def run_demo(
             writes = extra["writes"] = _finish_writer(writer, env)
             ok_writes = writes["lost_writes"] == 0 and writes["errors"] == 0
             outcomes.append(engine.Outcome("writes", ok_writes, error=None if ok_writes else "writes were lost"))
+        unplaced, staying, _ = residencies(ctx)
+        extra.update(unplaced_users=unplaced, staying_users=staying)
         doc = report.document("demo", shards, outcomes, None, extra=extra)
         doc["seconds"] = round(time.monotonic() - t0, 2)
         doc["regions"] = _per_region(shards)
@@ -140,6 +144,20 @@ def run_demo(
         else:
             cluster.remove()
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _progress_line(ctx: Context) -> str:
+    """One line of the shards' states while the DAG runs (nothing planned yet: says so)."""
+    try:
+        shards = ctx.control.shards() if ctx.control.exists() else []
+    except Exception:
+        return "  ... (the control database is not answering yet)"
+    if not shards:
+        return "  ... planning"
+    states = collections.Counter(s.state.value for s in shards)
+    done = states.get("cut_over", 0)
+    rest = ", ".join(f"{k}: {v}" for k, v in sorted(states.items()) if k != "cut_over")
+    return f"  ... {done}/{len(shards)} shards cut over" + (f" ({rest})" if rest else "")
 
 
 def _per_region(shards: list[dict]) -> dict:
