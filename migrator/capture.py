@@ -46,11 +46,12 @@ import time
 
 import psycopg
 from psycopg import sql
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Control
-from migrator.errors import CatchUpBlocked, describe, is_transient
+from migrator.errors import CatchUpBlocked, describe, is_transient, retrying
 from migrator.spec import EntityGraph
 from migrator.stores.postgres import Conn, connect, relay
 
@@ -174,7 +175,6 @@ def install(ctx: Context, dsn: str) -> None:
     installed by an earlier version follows the current rules; a table that already has
     the trigger keeps it: re-creating a trigger locks its table against the application's
     writes."""
-    from migrator.errors import retrying
 
     g = ctx.spec.entity_graph
     for attempt in retrying(ctx.spec.retry):
@@ -203,8 +203,6 @@ def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
     """Drop the triggers, functions and log when no shard needs them any more. Dropping a
     trigger locks its table against the application's writes, so a deadlock or lock
     timeout is retried rather than failing the shard."""
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
-
     for attempt in Retrying(
         retry=retry_if_exception(is_transient),
         stop=stop_after_attempt(10),

@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 SERVICE_USER = "rm-postgres"
 
 
@@ -134,15 +136,10 @@ class LocalPostgres:
         """Stop at once, as a crashed server would: no checkpoint, every connection dropped."""
         self.stop("immediate")
 
-    def running(self) -> bool:
-        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
-
     def dsn(self, db: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
 
     def create_database(self, db: str) -> str:
-        import psycopg
-
         with psycopg.connect(self.dsn(), autocommit=True) as c:
             if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
                 c.execute(f'CREATE DATABASE "{db}"')

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from migrator import capture
 from migrator.context import Context
 from migrator.engine import Outcome
 from migrator.planner import Plan
@@ -37,8 +38,6 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 rows["objects"] = int(size)
         lag = None
         if ctx.spec.changes.capture and s.state.value in ("copying", "copied", "verified", "failed"):
-            from migrator import capture
-
             lag = capture.lag(ctx.source_dsn, s.shard_id, ctl.position(s.shard_id, "forward"))
         out.append(
             {

@@ -15,6 +15,7 @@ aggregates and is stored with the shard's state for the evidence trail.
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -206,8 +207,6 @@ def compare_touched(ctx: Context, sid: str, log_dsn: str, dst_dsn: str, after=No
     position `after`, up to `upto`). Every other row is unchanged since the copy's snapshot
     and was compared by the full verification, so a fence that compares only what changed
     since the last such comparison stays short whatever the size of the shard."""
-    import json
-
     g = ctx.spec.entity_graph
     diffs: list[dict] = []
     for name, pks in capture.touched_keys(log_dsn, sid, after, upto).items():
