@@ -48,6 +48,7 @@ import psycopg
 from psycopg import sql
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from migrator import sqlgen
 from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Control
@@ -104,28 +105,6 @@ END $upgrade$;
 _current_logs: set[str] = set()  # servers whose log this process has seen in its current layout
 
 
-def _owner_expr(graph: EntityGraph, table: str, rec: str) -> str:
-    """SQL for the owner key (as text) of the row `rec` (NEW or OLD) of `table`."""
-    root = graph.root
-    q = sql.Identifier
-    if table == root.table:
-        return f"({rec}.{q(root.key).as_string(None)})::text"
-    hops = graph.path(table)
-    first = hops[0]
-    if len(hops) == 1 and list(first.fk.values()) == [root.key]:
-        (col,) = first.fk.keys()
-        return f"({rec}.{q(col).as_string(None)})::text"
-    joins, alias = [], "p1"
-    conds = " AND ".join(f"p1.{q(p).as_string(None)} = {rec}.{q(c).as_string(None)}" for c, p in first.fk.items())
-    joins.append(f"{q(graph.schema_).as_string(None)}.{q(first.parent).as_string(None)} p1")
-    for i, hop in enumerate(hops[1:], start=2):
-        nxt = f"p{i}"
-        on = " AND ".join(f"{nxt}.{q(p).as_string(None)} = {alias}.{q(c).as_string(None)}" for c, p in hop.fk.items())
-        joins.append(f"JOIN {q(graph.schema_).as_string(None)}.{q(hop.parent).as_string(None)} {nxt} ON {on}")
-        alias = nxt
-    return f"(SELECT ({alias}.{q(root.key).as_string(None)})::text FROM {' '.join(joins)} WHERE {conds} LIMIT 1)"
-
-
 def _function(graph: EntityGraph, table: Table) -> str:
     name = f"migrator.guard_{table.name}"
     pk = ", ".join(f"'{c}', {{r}}.{sql.Identifier(c).as_string(None)}" for c in table.pk)
@@ -133,7 +112,7 @@ def _function(graph: EntityGraph, table: Table) -> str:
     for rec, ops in (("OLD", "('UPDATE', 'DELETE')"), ("NEW", "('INSERT', 'UPDATE')")):
         body.append(f"""
   IF TG_OP IN {ops} THEN
-    o := {_owner_expr(graph, table.name, rec)};
+    o := {sqlgen.owner_of_record(graph, table.name, rec).as_string(None)};
     IF o IS NOT NULL THEN
       IF EXISTS (SELECT 1 FROM migrator.fenced_users f JOIN migrator.fences x ON x.shard_id = f.shard_id
                  WHERE f.user_key = o AND x.until > clock_timestamp()) THEN

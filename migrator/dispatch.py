@@ -26,7 +26,7 @@ from migrator import holds, recovery
 from migrator.cleanup import cleanup_shard
 from migrator.context import Context
 from migrator.copier import copy_shard
-from migrator.cutover import cutover_shard
+from migrator.cutover import FenceWindowExceeded, cutover_shard
 from migrator.errors import ChecksumMismatch, SpecError, StateConflict, describe, is_transient, retrying
 from migrator.rollback import rollback_shard
 from migrator.state import Phase, allowed
@@ -183,8 +183,10 @@ def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> No
 
 def step(ctx: Context, sid: str, phase: str, reason: str = "", progress: Progress | None = None) -> Result:
     """Decide and run one phase, again from its checkpoint after a transient failure (up to
-    the spec's retry attempts); the caller holds the shard's lock."""
-    for attempt in retrying(ctx.spec.retry):
+    the spec's retry attempts); the caller holds the shard's lock. A missed fence window is
+    not retried at once: each try costs the users a window of write downtime, so it waits
+    for the next run (Airflow's retry, a runbook's rerun)."""
+    for attempt in retrying(ctx.spec.retry, also_not=(FenceWindowExceeded,)):
         with attempt:
             return _step(ctx, sid, phase, reason, progress)
     raise AssertionError("unreachable")  # pragma: no cover

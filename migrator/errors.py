@@ -179,10 +179,10 @@ def describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def retrying(settings) -> Retrying:
-    """A tenacity policy that retries only transient errors."""
+def retrying(settings, also_not: tuple[type[BaseException], ...] = ()) -> Retrying:
+    """A tenacity policy that retries only transient errors (but those of `also_not`)."""
     return Retrying(
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(lambda e: is_transient(e) and not isinstance(e, also_not)),
         stop=stop_after_attempt(settings.attempts),
         wait=wait_exponential(multiplier=settings.initial_wait_s, max=settings.max_wait_s),
         reraise=True,

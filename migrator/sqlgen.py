@@ -89,37 +89,75 @@ class Ownership:
     joined: int = 0  # how many parent tables are joined
 
 
-def ownership(graph: EntityGraph, table: str) -> Ownership:
-    """Joins along the table's foreign-key path; the root itself is joined only when the
-    last hop does not reference the root key directly."""
-    schema = graph.schema_
+@dataclass(frozen=True)
+class Hop:
+    """One join along the owner-key path: the parent table, its alias, and the pairs
+    (parent column, the child's alias, child column) it is joined on."""
+
+    parent: str
+    alias: str
+    on: tuple[tuple[str, sql.Composable, str], ...]
+
+    def condition(self) -> sql.Composed:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{}.{} = {}.{}").format(sql.Identifier(self.alias), sql.Identifier(p), child, sql.Identifier(c))
+            for p, child, c in self.on
+        )
+
+    def join(self, schema: str) -> sql.Composed:
+        return sql.SQL("JOIN {}.{} AS {} ON {}").format(
+            sql.Identifier(schema), sql.Identifier(self.parent), sql.Identifier(self.alias), self.condition()
+        )
+
+
+def owner_path(
+    graph: EntityGraph, table: str, child: sql.Composable, prefix: str
+) -> tuple[list[Hop], sql.Composable, str]:
+    """The one walk along a table's foreign-key path to the root: the parents to join (aliased
+    prefix1, prefix2, ...) from the row `child` (an alias, or a trigger's NEW or OLD), and
+    (alias, column) of the owner's key. The root itself is joined only when the last hop
+    does not reference its key."""
     root = graph.root
-    parts: list[sql.Composed] = [sql.SQL("{}.{} AS t0").format(sql.Identifier(schema), sql.Identifier(table))]
     if table == root.table:
-        return Ownership(parts[0], sql.SQL("t0.{}").format(sql.Identifier(root.key)))
+        return [], child, root.key
     hops = graph.path(table)
-    alias = "t0"
+    out: list[Hop] = []
+    alias = child
     for i, hop in enumerate(hops, start=1):
-        last = i == len(hops)
-        if last and list(hop.fk.values()) == [root.key]:
+        if i == len(hops) and list(hop.fk.values()) == [root.key]:
             (mine,) = hop.fk.keys()
-            owner = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(mine))
-            return Ownership(sql.SQL(" ").join(parts), owner, len(parts) - 1)
-        nxt = f"t{i}"
-        cond = sql.SQL(" AND ").join(
-            sql.SQL("{}.{} = {}.{}").format(
-                sql.Identifier(nxt), sql.Identifier(p), sql.Identifier(alias), sql.Identifier(c)
-            )
-            for c, p in hop.fk.items()
-        )
-        parts.append(
-            sql.SQL("JOIN {}.{} AS {} ON {}").format(
-                sql.Identifier(schema), sql.Identifier(hop.parent), sql.Identifier(nxt), cond
-            )
-        )
-        alias = nxt
-    owner = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(root.key))
-    return Ownership(sql.SQL(" ").join(parts), owner, len(parts) - 1)
+            return out, alias, mine
+        nxt = f"{prefix}{i}"
+        out.append(Hop(hop.parent, nxt, tuple((p, alias, c) for c, p in hop.fk.items())))
+        alias = sql.Identifier(nxt)
+    return out, alias, root.key
+
+
+def ownership(graph: EntityGraph, table: str) -> Ownership:
+    """FROM the table (t0) JOIN its parents along the owner-key path, and the owner's key."""
+    schema = graph.schema_
+    hops, alias, col = owner_path(graph, table, sql.Identifier("t0"), "t")
+    parts = [sql.SQL("{}.{} AS t0").format(sql.Identifier(schema), sql.Identifier(table))]
+    parts += [hop.join(schema) for hop in hops]
+    owner = sql.SQL("{}.{}").format(alias, sql.Identifier(col))
+    return Ownership(sql.SQL(" ").join(parts), owner, len(hops))
+
+
+def owner_of_record(graph: EntityGraph, table: str, rec: str) -> sql.Composed:
+    """The owner's key (as text) of a trigger's row `rec` (NEW or OLD) of `table`."""
+    schema = graph.schema_
+    hops, alias, col = owner_path(graph, table, sql.SQL(rec), "p")
+    key = sql.SQL("{}.{}").format(alias, sql.Identifier(col))
+    if not hops:
+        return sql.SQL("({})::text").format(key)
+    first = hops[0]
+    parents = [
+        sql.SQL("{}.{} AS {}").format(sql.Identifier(schema), sql.Identifier(first.parent), sql.Identifier(first.alias))
+    ]
+    parents += [hop.join(schema) for hop in hops[1:]]
+    return sql.SQL("(SELECT ({})::text FROM {} WHERE {} LIMIT 1)").format(
+        key, sql.SQL(" ").join(parents), first.condition()
+    )
 
 
 def _cols(table: Table, alias: str = "t0") -> sql.Composed:
