@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
 
 import psycopg
 import pytest
+import yaml
 
 from tests.conftest import DEMO_OWNED, World
 
@@ -135,3 +137,16 @@ def test_destination_server_lost_mid_copy_then_resumed(world: World):
     ]
     for table, q in DEMO_OWNED.items():
         assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table
+
+
+SECRET = "s3cr3t-PASSWORD-9f7e"
+
+
+def test_the_command_line_exits_2_without_the_password(world):
+    spec = copy.deepcopy(world.spec)
+    spec["regions"]["ie"] = f"postgresql://app:{SECRET}@127.0.0.1:1/app"
+    world.spec_path.write_text(yaml.safe_dump(spec))
+    for cmd in ("plan", "run", "status"):
+        res = world.migrator(cmd, "--json")
+        assert res.returncode == 2, (cmd, res.stdout, res.stderr)
+        assert "regions.ie" in res.stderr and SECRET not in res.stdout + res.stderr

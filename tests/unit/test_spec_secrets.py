@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import yaml
 
 from migrator.errors import SpecError
 from migrator.spec import parse_spec
@@ -66,14 +65,3 @@ def test_a_harmless_value_is_still_shown():
     with pytest.raises(SpecError) as e:
         parse_spec(_with(["sharding"], {"shards_per_region": 0}))
     assert "sharding.shards_per_region" in str(e.value) and "(got 0)" in str(e.value)
-
-
-@pytest.mark.integration
-def test_the_command_line_exits_2_without_the_password(world):
-    spec = copy.deepcopy(world.spec)
-    spec["regions"]["ie"] = f"postgresql://app:{SECRET}@127.0.0.1:1/app"
-    world.spec_path.write_text(yaml.safe_dump(spec))
-    for cmd in ("plan", "run", "status"):
-        res = world.migrator(cmd, "--json")
-        assert res.returncode == 2, (cmd, res.stdout, res.stderr)
-        assert "regions.ie" in res.stderr and SECRET not in res.stdout + res.stderr
