@@ -46,29 +46,35 @@ def verified_region(world: World, region: str) -> int:
     )
 
 
-def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> subprocess.Popen:
-    """`migrator cutover --region R --json` in its own process, returned once it has paused
-    (for `seconds`) at the pause point `at`."""
-    env = {**os.environ, "MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": str(seconds), "PYTHONWARNINGS": "ignore"}
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "migrator.cli",
-            "cutover",
-            "--region",
-            region,
-            "--json",
-            "--config",
-            str(world.spec_path),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
+def start(w: World, *args: str, env: dict[str, str] | None = None, out: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """`migrator ARGS --config SPEC` in its own process, as a runbook would start it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)],
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        stdout=out,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0]:
-        assert proc.poll() is None and time.monotonic() - t0 < 120, f"the cutover never reached {at}"
+
+
+def reached(w: World, at: str) -> bool:
+    """Whether a command has paused at the pause point `at` (its audit row)."""
+    return bool(w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0])
+
+
+def paused(
+    w: World, at: str, *args: str, seconds: float = 60, env: dict[str, str] | None = None, out: int = subprocess.DEVNULL
+) -> subprocess.Popen:
+    """The command started and returned once it has paused (for `seconds`) at `at`."""
+    proc = start(w, *args, env={"MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": str(seconds), **(env or {})}, out=out)
+    t0 = time.monotonic()
+    while not reached(w, at):
+        assert proc.poll() is None and time.monotonic() - t0 < 120, f"{args[0]} never reached {at}"
         time.sleep(0.05)
     return proc
+
+
+def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> subprocess.Popen:
+    """`migrator cutover --region R --json` in its own process, returned once it has paused
+    (for `seconds`) at the pause point `at`."""
+    return paused(world, at, "cutover", "--region", region, "--json", seconds=seconds, out=subprocess.PIPE)

@@ -5,10 +5,7 @@ out here independently of `migrator.dispatch`. Rollback from every state."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import psycopg
@@ -20,6 +17,7 @@ from migrator.cli import app
 from migrator.spec import load_spec
 from migrator.state import Phase
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import paused
 
 pytestmark = pytest.mark.integration
 
@@ -92,28 +90,13 @@ def _rolled_back_cleanly(w: World, wave: str) -> None:
     assert res.returncode == 0, res.stderr
 
 
-def _paused(w: World, at: str, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "MIGRATOR_PAUSE_AT": at, "MIGRATOR_PAUSE_S": "60", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    t0 = time.monotonic()
-    while not w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0]:
-        assert proc.poll() is None and time.monotonic() - t0 < 120, f"never reached {at}"
-        time.sleep(0.05)
-    return proc
-
-
 def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: World):
     world.write_spec(sharding={"shards_per_region": 1})
     _wave(world, "w-planned", "plan")
     _rolled_back_cleanly(world, "w-planned")
 
     _wave(world, "w-copying", "plan")
-    proc = _paused(world, "catch_up", "copy", "--wave", "w-copying", "--region", "ie")
+    proc = paused(world, "catch_up", "copy", "--wave", "w-copying", "--region", "ie")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-copying/ie-00'") == [("copying",)]
@@ -137,7 +120,7 @@ def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: Wo
 
     # a rollback killed after it decided (destination fence held, directory not yet back)
     _wave(world, "w-half", "plan", "copy", "verify", "cutover")
-    proc = _paused(world, "rollback held", "rollback", "--wave", "w-half", "--region", "ie", "--reason", "half")
+    proc = paused(world, "rollback held", "rollback", "--wave", "w-half", "--region", "ie", "--reason", "half")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 15

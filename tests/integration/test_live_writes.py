@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 from migrator.demo.workload import Writer, check
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import movers, no_capture_left, paused_cutover, verified_region
+from tests.helpers import movers, no_capture_left, paused_cutover, start, verified_region
 
 pytestmark = pytest.mark.integration
 
@@ -319,26 +318,9 @@ def test_two_cutovers_at_once_both_go_through(world: World):
         assert world.migrator("copy", "--region", region).returncode == 0
         assert world.migrator("verify", "--region", region).returncode == 0
     # both pause just before their fences, so their flips are open at the same time unless kept apart
-    env = {**os.environ, "MIGRATOR_PAUSE_AT": "staged", "MIGRATOR_PAUSE_S": "3", "PYTHONWARNINGS": "ignore"}
+    pause = {"MIGRATOR_PAUSE_AT": "staged", "MIGRATOR_PAUSE_S": "3"}
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "migrator.cli",
-                "cutover",
-                "--region",
-                region,
-                "--json",
-                "--config",
-                str(world.spec_path),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        for region in ("ie", "no")
+        start(world, "cutover", "--region", region, "--json", env=pause, out=subprocess.PIPE) for region in ("ie", "no")
     ]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import psycopg
 import pytest
 
 from tests.conftest import World
-from tests.helpers import verified_region
+from tests.helpers import paused, verified_region
 
 pytestmark = pytest.mark.integration
 
@@ -22,17 +19,7 @@ pytestmark = pytest.mark.integration
 def test_status_shows_an_unfinished_cutover_and_recover_finishes_it(world: World):
     world.write_spec(sharding={"shards_per_region": 1})
     uid = verified_region(world, "ie")
-    env = {**os.environ, "MIGRATOR_PAUSE_AT": "held", "MIGRATOR_PAUSE_S": "60", "MIGRATOR_WATCHDOG": "off"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "migrator.cli", "cutover", "--region", "ie", "--config", str(world.spec_path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    t0 = time.monotonic()
-    while not world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at held'")[0][0]:
-        assert proc.poll() is None and time.monotonic() - t0 < 120
-        time.sleep(0.05)
+    proc = paused(world, "held", "cutover", "--region", "ie", env={"MIGRATOR_WATCHDOG": "off"})
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)

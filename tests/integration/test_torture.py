@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import psycopg
@@ -20,7 +19,7 @@ import pytest
 
 from migrator.demo.workload import Writer, check
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import movers
+from tests.helpers import movers, reached, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.torture]
 
@@ -86,21 +85,12 @@ def _settles(w: World, wave: str, killed_at: float, rollback: bool) -> float:
 
 def _killed(w: World, rnd: random.Random, args: list[str], points: list[str]) -> subprocess.Popen:
     """Start the command and SIGKILL it: at a random instant, or while paused at a point."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     point = rnd.choice(points) if rnd.random() < 0.5 else None
-    if point:
-        env.update(MIGRATOR_PAUSE_AT=point, MIGRATOR_PAUSE_S="30")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "migrator.cli", *args, "--config", str(w.spec_path)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    env = {"MIGRATOR_PAUSE_AT": point, "MIGRATOR_PAUSE_S": "30"} if point else {}
+    proc = start(w, *args, env=env)
     if point:
         t0 = time.monotonic()
-        while not w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {point}",))[0][
-            0
-        ]:
+        while not reached(w, point):
             if proc.poll() is not None or time.monotonic() - t0 > 60:
                 break  # ended before the point (e.g. nothing to do): the kill below is a no-op
             time.sleep(0.02)
