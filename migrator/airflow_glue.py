@@ -30,6 +30,37 @@ def resolve_s3(conn_id: str) -> dict[str, str | None]:
     return {"endpoint": extra.get("endpoint_url"), "access_key": c.login, "secret_key": c.password}
 
 
+def named_shards_params(what: str) -> dict[str, Any]:
+    """The Params of a manual DAG that acts on shards an operator names, with a reason."""
+    from airflow.sdk import Param
+
+    return {
+        "shards": Param(
+            type="array",
+            items={"type": "string"},
+            minItems=1,
+            description=f"{what} shard ids (wave/ie-03) or names (ie-03, unique or with wave)",
+        ),
+        "wave": Param(None, type=["null", "string"], description="the wave, when a name is in several"),
+        "reason": Param(type="string", minLength=3, description="why; recorded in the audit table"),
+        "spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC"),
+    }
+
+
+def named_phase(what: str) -> list[dict[str, Any]]:
+    """Run the manual DAG's phase (`what`, or the `mode` Param) on the shards its Params name."""
+    from airflow.sdk import get_current_context
+
+    from migrator import orchestration
+
+    ctx = get_current_context()
+    p = ctx["params"]
+    spec = orchestration.load(spec_path(p), resolve_conn, resolve_s3=resolve_s3)
+    return orchestration.named_phase(
+        spec, ctx["run_id"], p["wave"], p["shards"], p.get("mode", what), p["reason"], bool(p.get("dry_run"))
+    )
+
+
 def spec_path(params: dict[str, Any]) -> str:
     path = params.get("spec") or os.environ.get(SPEC_ENV)
     if not path:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from migrator import dispatch, recovery
+from migrator import dispatch
 from migrator.context import Context
 from migrator.control import Shard
 from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, StateConflict, describe
@@ -95,7 +95,6 @@ def each(
 
 
 def one_phase(ctx: Context, shards: list[Shard], phase: str, reason: str = "") -> list[Outcome]:
-    recovery.sweep_quietly(ctx, shards)
     return each(ctx, shards, lambda sid: [dispatch.run_phase(ctx, sid, phase, reason)])
 
 
@@ -112,7 +111,6 @@ def run(
 ) -> tuple[Plan, list[Outcome]]:
     p = plan(ctx, wave, since=since, until=until, regions=[region] if region else None, strict=strict)
     shards = select(ctx, wave, names, region)
-    recovery.sweep_quietly(ctx, shards)
 
     def go(sid: str) -> list[dispatch.Result]:
         shard = ctx.control.shard(sid)

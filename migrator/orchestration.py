@@ -75,6 +75,13 @@ def phase(spec: Spec, run_id: str, shard_id: str, what: str, reason: str = "", d
     return dispatch.run_phase(ctx, shard_id, what, reason).descriptor()
 
 
+def named_phase(
+    spec: Spec, run_id: str, wave: str | None, names: list[str], what: str, reason: str, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """One phase for each shard an operator named (each name within one wave, or refused)."""
+    return [phase(spec, run_id, s, what, reason, dry_run=dry_run) for s in shard_ids(spec, wave, names)]
+
+
 def rollback_if_terminal(spec: Spec, run_id: str, shard_id: str, reason: str) -> dict[str, Any]:
     """The DAG's automatic rollback: only a shard that failed for good (state `failed`) is
     rolled back; one that a transient outage stopped keeps its checkpoint and resumes when

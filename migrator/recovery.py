@@ -173,12 +173,3 @@ def sweep(ctx: Context, shards: list[Shard] | None = None) -> dict[str, list[str
         except Exception as exc:
             log.warning("recovery of shard %s failed for now: %s", u.shard_id, describe(exc))
     return done
-
-
-def sweep_quietly(ctx: Context, shards: list[Shard] | None = None) -> dict[str, list[str]]:
-    """`sweep`, never raising: what a command runs before its own work."""
-    try:
-        return sweep(ctx, shards)
-    except Exception as exc:
-        log.warning("recovery sweep skipped: %s", describe(exc))
-        return {}

@@ -66,8 +66,10 @@ def run_dag(
     logical_date: str | None = None,
     progress: Callable[[], None] | None = None,
     every_s: float = 5.0,
+    dag_id: str = "residency_migration",
 ) -> subprocess.CompletedProcess:
-    """`airflow dags test` of the migration DAG; `progress` is called every `every_s` while it runs."""
+    """`airflow dags test` of a DAG (the migration's by default, scope=all unless `conf` says
+    otherwise); `progress` is called every `every_s` while it runs."""
     home = base / "airflow"
     home.mkdir(parents=True, exist_ok=True)
     af_spec, conns = spec_for_airflow(spec_path, base / "spec.airflow.yaml")
@@ -80,8 +82,8 @@ def run_dag(
         capture_output=True,
         timeout=120,
     )
-    conf = {"scope": "all", "spec": str(af_spec), **(conf or {})}
-    args = ["dags", "test", "residency_migration"] + ([logical_date] if logical_date else []) + ["-c", json.dumps(conf)]
+    conf = {**({"scope": "all"} if dag_id == "residency_migration" else {}), "spec": str(af_spec), **(conf or {})}
+    args = ["dags", "test", dag_id] + ([logical_date] if logical_date else []) + ["-c", json.dumps(conf)]
     log = base / "airflow-dags-test.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([bin_path("airflow"), *args], env=env, stdout=out, stderr=subprocess.STDOUT, text=True)

@@ -78,3 +78,31 @@ def test_rerunning_a_finished_interval_changes_nothing(world: World, tmp_path):
     # and a scope=all run afterwards moves everyone else exactly once
     assert run_dag(world.spec_path, tmp_path / "c", {"scope": "all"}).returncode == 0
     assert world.ctl("SELECT DISTINCT epoch FROM migrator.directory") == [(1,)]
+
+
+def test_manual_rollback_and_release_dags_act_on_named_shards(world: World, tmp_path):
+    from migrator.demo.airflow_run import run_dag
+
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    res = run_dag(
+        world.spec_path, tmp_path / "r", {"shards": ["ie-00"], "reason": "ticket 9"}, dag_id="residency_rollback"
+    )
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert world.ctl("SELECT state FROM migrator.shard WHERE name = 'ie-00'") == [("rolled_back",)]
+    assert world.ctl("SELECT count(*) FROM migrator.directory WHERE home = 'ie'") == [(0,)]
+    for table, q in DEMO_OWNED.items():
+        assert world.rows("ie", q.replace("= ANY(%s)", "IS NOT NULL")) == [], table
+    held = world.ctl("SELECT count(*), max(reason) FROM migrator.held_users")[0]
+    assert held[0] > 0 and held[1] == "ticket 9"
+    res = run_dag(
+        world.spec_path,
+        tmp_path / "s",
+        {"shards": ["ie-00"], "reason": "fixed", "mode": "release"},
+        dag_id="residency_release",
+    )
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert world.ctl("SELECT count(*) FROM migrator.held_users") == [(0,)]
+    assert world.ctl(
+        "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'users released' AND detail->>'reason' = 'fixed'"
+    ) == [(1,)]
