@@ -21,6 +21,7 @@ from migrator import dispatch, engine, recovery, report
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
 from migrator.planner import plan as make_plan
+from migrator.schema import history
 from migrator.spec import load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Residency Migrator: move users' data by residency.")
@@ -305,6 +306,29 @@ def recover(
                     err.print("nothing unfinished")
             raise typer.Exit(0)
         time.sleep(watch)
+
+
+@app.command()
+def upgrade(
+    config: Config,
+    sql: Annotated[bool, typer.Option("--sql", help="print the SQL for a DBA; connect to nothing")] = False,
+    json: Json = False,
+) -> None:
+    """Bring the migrator's own tables in every store of the spec to the newest schema
+    revision (every command also does this on first use, under a lock)."""
+    spec = load_spec(config)
+    if sql:
+        typer.echo(history.sql_all(spec))
+        raise typer.Exit(0)
+    Context(spec)  # names the stores in errors
+    done = history.upgrade_all(spec)
+    if json:
+        report.emit({"command": "upgrade", "ok": True, "stores": done}, True)
+    else:
+        for d in done:
+            what = f"{d['from'] or 'none'} -> {d['to']}" if d["upgraded"] else f"at {d['to']}"
+            err.print(f"{d['store']}: {d['history']} tables {what}")
+    raise typer.Exit(0)
 
 
 @app.command()

@@ -19,100 +19,12 @@ from typing import Any
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from migrator.errors import ShardBusy, SpecError, StateConflict, StateVersionError, riding_out
+from migrator.errors import ShardBusy, SpecError, StateConflict, riding_out
+from migrator.schema import history, tables
 from migrator.state import Phase, allowed
 from migrator.stores.postgres import Conn, connect, pipe
 
-STATE_VERSION = "1"
-SCHEMA = "migrator"
-DIRECTORY_FILLFACTOR = 45
-
-DDL = f"""
-CREATE SCHEMA IF NOT EXISTS {SCHEMA};
-CREATE TABLE IF NOT EXISTS {SCHEMA}.meta (key text PRIMARY KEY, value text NOT NULL);
-CREATE TABLE IF NOT EXISTS {SCHEMA}.shard (
-  shard_id text PRIMARY KEY,
-  wave text NOT NULL,
-  name text NOT NULL,
-  region text NOT NULL,
-  idx int NOT NULL,
-  state text NOT NULL,
-  version bigint NOT NULL DEFAULT 0,
-  users int NOT NULL,
-  batches int NOT NULL,
-  plan jsonb NOT NULL DEFAULT '{{}}',
-  digest text,
-  error text,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS {SCHEMA}.shard_user (
-  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
-  user_key text NOT NULL,
-  batch_no int NOT NULL,
-  PRIMARY KEY (shard_id, user_key)
-);
-CREATE INDEX IF NOT EXISTS shard_user_key ON {SCHEMA}.shard_user (user_key);
-CREATE INDEX IF NOT EXISTS shard_user_batch ON {SCHEMA}.shard_user (shard_id, batch_no);
-CREATE TABLE IF NOT EXISTS {SCHEMA}.checkpoint (
-  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
-  batch_no int NOT NULL,
-  last_key text NOT NULL,
-  rows jsonb NOT NULL,
-  digest text NOT NULL,
-  at timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY (shard_id, batch_no)
-);
--- Pages of the directory are kept under half full, so a cutover's flip of a shard's users
--- writes each new row version beside the old one and leaves the key's index alone (a
--- heap-only update), which halves the flip a cutover prepares before its fence.
-CREATE TABLE IF NOT EXISTS {SCHEMA}.directory (
-  user_key text PRIMARY KEY,
-  home text NOT NULL,
-  epoch bigint NOT NULL DEFAULT 0,
-  updated_at timestamptz NOT NULL DEFAULT now()
-) WITH (fillfactor = {DIRECTORY_FILLFACTOR});
-DO $upgrade$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = '{SCHEMA}.directory'::regclass
-                 AND 'fillfactor={DIRECTORY_FILLFACTOR}' = ANY(coalesce(reloptions, '{{}}'))) THEN
-    ALTER TABLE {SCHEMA}.directory SET (fillfactor = {DIRECTORY_FILLFACTOR});  -- pages written from now on
-  END IF;
-END $upgrade$;
-CREATE TABLE IF NOT EXISTS {SCHEMA}.capture_pos (
-  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
-  direction text NOT NULL,
-  last_id bigint NOT NULL,
-  PRIMARY KEY (shard_id, direction)
-);
--- The position is (horizon, last_id): every change by a transaction older than `horizon`
--- is applied, and of that transaction's own changes those up to `last_id`. A position
--- saved before the horizon existed reads as horizon 0: its changes are applied once more,
--- which is harmless.
-DO $upgrade$ BEGIN
-  IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = '{SCHEMA}'
-                 AND table_name = 'capture_pos' AND column_name = 'horizon') THEN
-    ALTER TABLE {SCHEMA}.capture_pos ADD COLUMN horizon bigint NOT NULL DEFAULT 0;
-  END IF;
-END $upgrade$;
--- Users of a rolled-back shard, held where they are until an operator releases them or
--- moves them again in their own wave: no later plan takes them meanwhile.
-CREATE TABLE IF NOT EXISTS {SCHEMA}.held_users (
-  user_key text PRIMARY KEY,
-  shard_id text NOT NULL REFERENCES {SCHEMA}.shard ON DELETE CASCADE,
-  reason text NOT NULL,
-  at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS held_users_shard ON {SCHEMA}.held_users (shard_id);
-CREATE TABLE IF NOT EXISTS {SCHEMA}.audit (
-  id bigserial PRIMARY KEY,
-  at timestamptz NOT NULL DEFAULT clock_timestamp(),
-  run_id text NOT NULL,
-  shard_id text,
-  from_state text,
-  to_state text,
-  detail jsonb NOT NULL DEFAULT '{{}}'
-);
-"""
+SCHEMA = tables.SCHEMA
 
 
 @dataclass
@@ -193,7 +105,10 @@ class Control:
         self._current = False  # the schema brought up to date by this process (see `ensure`)
 
     def connect(self, autocommit: bool = False) -> Conn:
-        """A connection to the control database; establishing it rides out an outage."""
+        """A connection to the control database, its tables brought to the head of their
+        schema history first (once per Control); establishing it rides out an outage."""
+        if not self._current:
+            self.ensure()
         for attempt in riding_out(self.outage_s):
             with attempt:
                 return connect(self.dsn, autocommit=autocommit)
@@ -202,36 +117,20 @@ class Control:
     @_ridden_out
     def record(self, sid: str | None, state: str | None, detail: dict) -> None:
         """An audit row of its own (no move of the shard's state)."""
-        with connect(self.dsn) as c:
+        with self.connect() as c:
             self.audit(c, sid, state, state, detail)
 
     # --- schema -----------------------------------------------------------------------
     @_ridden_out
     def exists(self) -> bool:
-        with self.connect(autocommit=True) as c:
+        with connect(self.dsn, autocommit=True) as c:  # looks, creates nothing
             return c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.meta",)).fetchone()[0]
 
     @_ridden_out
     def ensure(self) -> None:
-        with self.connect() as c:
-            c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:ddl'))")
-            c.execute(DDL)
-            c.execute(
-                f"INSERT INTO {SCHEMA}.meta VALUES ('state_version', %s) ON CONFLICT (key) DO NOTHING", (STATE_VERSION,)
-            )
-            found = c.execute(f"SELECT value FROM {SCHEMA}.meta WHERE key = 'state_version'").fetchone()[0]
-        if found != STATE_VERSION:
-            raise StateVersionError(
-                f"control database holds state version {found}; this migrator reads version {STATE_VERSION} "
-                "and will not resume from it"
-            )
+        """The control tables at the head of their schema history (`migrator.schema`)."""
+        history.ensure(self.dsn, history.CONTROL)
         self._current = True
-
-    def _up_to_date(self) -> None:
-        """Bring a control database written by an earlier version up to date (new columns)
-        before a column it may lack is read: a migration can outlive an upgrade of the tool."""
-        if not self._current:
-            self.ensure()
 
     # --- shards -----------------------------------------------------------------------
     @_ridden_out
@@ -353,7 +252,6 @@ class Control:
 
     def hold(self, conn: Conn, sid: str, reason: str) -> int:
         """Hold the shard's users (in the caller's transaction); how many."""
-        self._up_to_date()
         return conn.execute(
             f"INSERT INTO {SCHEMA}.held_users (user_key, shard_id, reason) SELECT user_key, shard_id, %s "
             f"FROM {SCHEMA}.shard_user WHERE shard_id = %s "
@@ -364,7 +262,6 @@ class Control:
     @_ridden_out
     def held(self, sid: str) -> tuple[int, str | None]:
         """(users held, reason) of the shard."""
-        self._up_to_date()
         with self.connect(autocommit=True) as c:
             n, reason = c.execute(
                 f"SELECT count(*), max(reason) FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)
@@ -438,7 +335,6 @@ class Control:
     @_ridden_out
     def position(self, sid: str, direction: str) -> tuple[int, int]:
         """(horizon, last id) of the shard's catch-up in `direction`; (0, 0) before the first pass."""
-        self._up_to_date()
         with self.connect(autocommit=True) as c:
             r = c.execute(
                 f"SELECT horizon, last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
@@ -448,7 +344,6 @@ class Control:
 
     @_ridden_out
     def set_position(self, sid: str, direction: str, pos: tuple[int, int]) -> None:
-        self._up_to_date()
         with self.connect() as c:
             c.execute(
                 f"INSERT INTO {SCHEMA}.capture_pos (shard_id, direction, horizon, last_id) VALUES (%s, %s, %s, %s) "

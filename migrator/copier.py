@@ -41,23 +41,11 @@ from migrator import capture, objects, sqlgen
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
 from migrator.scaffolding import pause_point
+from migrator.schema import history
 from migrator.state import Phase
 from migrator.stores.postgres import Conn, connect, relay
 
 log = logging.getLogger("migrator.copier")
-
-LEDGER_DDL = """
-CREATE SCHEMA IF NOT EXISTS migrator;
-CREATE TABLE IF NOT EXISTS migrator.batch_ledger (
-  shard_id text NOT NULL,
-  batch_no int NOT NULL,
-  last_key text NOT NULL,
-  rows jsonb NOT NULL,
-  digest text NOT NULL,
-  at timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY (shard_id, batch_no)
-);
-"""
 
 
 def batch_digest(parts: dict[str, tuple[int, str]]) -> str:
@@ -101,9 +89,8 @@ class _Links:
 
 
 def ensure_ledger(dsn: str) -> None:
-    with connect(dsn) as c:
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:ledger'))")
-        c.execute(LEDGER_DDL)
+    """The destination's batch ledger at the head of its schema history."""
+    history.ensure(dsn, history.LEDGER)
 
 
 def ledger(dsn: str, sid: str) -> dict[int, dict]:

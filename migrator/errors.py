@@ -55,7 +55,10 @@ class ShardBusy(StateConflict):
 
 
 class StateVersionError(MigratorError):
-    """Control state written by another version of the migrator."""
+    """The migrator's tables in a store are at a schema revision this version does not
+    know (a newer version wrote them): run that version, not this one."""
+
+    exit_code = 2
 
 
 class TransientError(MigratorError):

@@ -394,28 +394,6 @@ def test_a_fence_kept_by_an_earlier_version_still_holds(world: World):
     assert world.rows("us", "SELECT count(*) FROM migrator.fences")[0][0] == 1
 
 
-def test_a_change_log_from_an_earlier_version_is_upgraded_and_caught_up(world: World):
-    """A shard copied by a version whose log had no transaction ids and whose positions had
-    no horizon, then a change: the upgraded migrator verifies and cuts it over with the
-    change at the destination."""
-    uid = verified_region(world, "ie")
-    with psycopg.connect(world.dsn["us"]) as c:  # what the earlier version left
-        c.execute("DROP INDEX migrator.changes_horizon")
-        c.execute("ALTER TABLE migrator.changes DROP COLUMN xid")
-        c.execute("CREATE INDEX changes_shard ON migrator.changes (shard_id, id)")
-    with psycopg.connect(world.control) as c:
-        c.execute("ALTER TABLE migrator.capture_pos DROP COLUMN horizon")
-    world.rows("us", "UPDATE users SET email = 'logged-by-old@example.test' WHERE user_id = %s RETURNING 1", (uid,))
-    doc = json.loads(world.migrator("status", "--json").stdout)
-    assert sum(s["lag"] or 0 for s in doc["shards"] if s["region"] == "ie") >= 1
-    res = world.migrator("cutover", "--region", "ie", "--json")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
-    assert world.rows("ie", "SELECT email FROM users WHERE user_id = %s", (uid,)) == [("logged-by-old@example.test",)]
-    assert world.rows(
-        "us", "SELECT indexname FROM pg_indexes WHERE schemaname = 'migrator' AND tablename = 'changes' ORDER BY 1"
-    ) == [("changes_horizon",), ("changes_pkey",)]
-
-
 def test_control_database_on_a_server_of_its_own(world: World):
     """The control database away from the source (here on the Norwegian server): the flip
     held open across the fence is on another server, nothing on the source waits for it,

@@ -1,0 +1,244 @@
+"""The change log: lag, catch-up passes in transaction order below the horizon, and the
+keys touched since a position."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import psycopg
+from psycopg import sql
+
+from migrator.capture.triggers import APPLY, RUNNING, logs_at_head, stop_capture, uninstall_if_unused
+from migrator.context import Context
+from migrator.errors import CatchUpBlocked
+from migrator.schema import history
+from migrator.stores.postgres import connect, relay
+
+log = logging.getLogger("migrator.capture")
+
+
+Position = tuple[int, int]  # (horizon, last id): see `apply`
+AFTER = "(xid, id) > (%s::text::xid8, %s)"
+
+
+def lag(dsn: str, sid: str, pos: Position) -> int:
+    """Changes logged for the shard past `pos` (committed ones; a running writer's are not
+    seen yet). A log from an earlier version is brought up to date first."""
+    if dsn not in logs_at_head:
+        with connect(dsn, autocommit=True) as c:
+            if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+                return 0
+        history.ensure(dsn, history.CAPTURE)
+    with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return 0
+        n = c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[
+            0
+        ]
+    logs_at_head.add(dsn)
+    return n
+
+
+def apply(
+    ctx: Context,
+    src_dsn: str,
+    dst_dsn: str,
+    sid: str,
+    after: Position,
+    limit: int = 50_000,
+    timeout_ms: int | None = None,
+    lock_wait_ms: int | None = None,
+    ignore: tuple[int, ...] = (),
+) -> tuple[Position, int]:
+    """One catch-up pass from `src_dsn`'s log to `dst_dsn`; returns (position, changes).
+
+    A pass reads, in (transaction id, id) order past `after`, the changes of transactions
+    older than its snapshot's horizon: each of them has ended, so its changes are all
+    visible now or never will be. With fewer than `limit` of them the new position is
+    (horizon, 0); otherwise the last change read. Transactions in `ignore` (the
+    migrator's own, which log nothing) do not hold the horizon back."""
+    g = ctx.spec.entity_graph
+    with connect(src_dsn) as src:
+        src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        if timeout_ms is not None:
+            src.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
+        if lock_wait_ms is not None:
+            src.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
+        horizon = src.execute(
+            f"SELECT coalesce((SELECT min(x) FROM {RUNNING}), pg_snapshot_xmax(pg_current_snapshot()))::text::bigint",
+            ([str(x) for x in ignore],),
+        ).fetchone()[0]
+        rows = src.execute(
+            f"SELECT id, tbl, pk, xid::text::bigint FROM migrator.changes WHERE shard_id = %s AND {AFTER} "
+            "AND xid < %s::text::xid8 ORDER BY xid, id LIMIT %s",
+            (sid, *after, horizon, limit),
+        ).fetchall()
+        pos = (rows[-1][3], rows[-1][0]) if len(rows) == limit else (max(horizon, after[0]), 0)
+        if not rows:
+            return pos, 0
+        distinct: dict[str, dict[str, dict]] = {}
+        for _, tbl, pk, _ in rows:  # each key once, however often it changed
+            distinct.setdefault(tbl, {})[json.dumps(pk, sort_keys=True)] = pk
+        by_table = {t: list(keys.values()) for t, keys in distinct.items()}
+        order = [t for t in ctx.tables if t in by_table]
+        with connect(dst_dsn) as dst:
+            dst.execute(APPLY)
+            if timeout_ms is not None:
+                dst.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
+            if lock_wait_ms is not None:
+                dst.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
+            for name in order:  # parents first: upsert what the source has now
+                t = ctx.tables[name]
+                ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
+                pkcols = sql.SQL(", ").join(sql.Identifier(c) for c in t.pk)
+                cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
+                stage = sql.Identifier(f"rm_stage_{name}")
+                dst.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DROP").format(stage, ident))
+                sel = sql.SQL(
+                    "SELECT {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})"
+                ).format(
+                    sql.SQL(", ").join(sql.SQL("t0.{}").format(sql.Identifier(c.name)) for c in t.columns),
+                    ident,
+                    ident,
+                    pkcols,
+                )
+                with (
+                    src.cursor().copy(
+                        sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sel), {"pks": json.dumps(by_table[name])}
+                    ) as out,
+                    dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)) as inp,
+                ):
+                    relay(out, inp)
+                others = [c.name for c in t.columns if c.name not in t.pk]
+                action = (
+                    sql.SQL("DO NOTHING")
+                    if not others
+                    else sql.SQL("DO UPDATE SET {}").format(
+                        sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
+                    )
+                )
+                dst.execute(
+                    sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+                        ident, cols, cols, stage, pkcols, action
+                    )
+                )
+            for name in reversed(order):  # children first: delete what the source no longer has
+                t = ctx.tables[name]
+                ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
+                match = sql.SQL(" AND ").join(sql.SQL("d.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
+                smatch = sql.SQL(" AND ").join(sql.SQL("s.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
+                dst.execute(
+                    sql.SQL(
+                        "DELETE FROM {} d USING jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k WHERE {} "
+                        "AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})"
+                    ).format(ident, ident, match, sql.Identifier(f"rm_stage_{name}"), smatch),
+                    {"pks": json.dumps(by_table[name])},
+                )
+        src.rollback()
+    return pos, len(rows)
+
+
+def catch_up(
+    ctx: Context,
+    sid: str,
+    src_dsn: str,
+    dst_dsn: str,
+    direction: str,
+    *,
+    until: int = 0,
+    deadline: float | None = None,
+    ignore: tuple[int, ...] = (),
+) -> int:
+    """Apply passes until at most `until` changes are pending; returns changes applied.
+    (With `until` = 0 outside a fence, a writer that never pauses would keep it going.)
+
+    Changes of transactions newer than the oldest one still writing wait for it (see
+    `apply`): a long transaction on the log's server holds the catch-up back until it ends,
+    as it holds a fence. Inside a fence the window bounds every wait. Outside one, a pass
+    waits at most `changes.lock_wait_s` for a lock another transaction holds on either side
+    (a long migration of a table, say), then gives up with a transient error rather than
+    wait on."""
+    ctl = ctx.control
+    pos = ctl.position(sid, direction)
+    applied = 0
+    lock_wait_s = ctx.spec.changes.lock_wait_s
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("catch-up did not finish inside the fence window")
+        if lag(src_dsn, sid, pos) <= until:
+            return applied
+        ms = None if deadline is None else int((deadline - time.monotonic()) * 1000)
+        try:
+            pos, n = apply(
+                ctx,
+                src_dsn,
+                dst_dsn,
+                sid,
+                pos,
+                timeout_ms=ms,
+                ignore=ignore,
+                lock_wait_ms=None if deadline is not None else int(lock_wait_s * 1000),
+            )
+        except psycopg.errors.LockNotAvailable:
+            if deadline is not None:
+                raise
+            raise CatchUpBlocked(
+                f"shard {sid}: catch-up ({direction}) waited over {lock_wait_s} s for a lock "
+                "another transaction holds on a table of the graph; retried later"
+            ) from None
+        ctl.set_position(sid, direction, pos)
+        applied += n
+        if n == 0:  # what is pending waits for an older transaction to end
+            time.sleep(0.005 if deadline is not None else 0.05)
+
+
+def _span(after: Position | None, upto: Position | None) -> tuple[str, tuple]:
+    """SQL and arguments for the changes past `after` and up to `upto` (either may be open)."""
+    cond, args = "", ()  # type: tuple[str, tuple[int, ...]]
+    if after is not None:
+        cond, args = f" AND {AFTER}", tuple(after)
+    if upto is not None:
+        cond, args = cond + " AND NOT " + AFTER, args + tuple(upto)
+    return cond, args
+
+
+def touched(dsn: str, sid: str, after: Position | None = None) -> set[tuple[str, tuple]]:
+    """(table, primary key values as text) of every change logged for the shard (past `after`)."""
+    cond, args = _span(after, None)
+    with connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return set()
+        rows = c.execute(
+            f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)
+        ).fetchall()
+    return {(t, tuple(sorted((k, str(v)) for k, v in pk.items()))) for t, pk in rows}
+
+
+def finalize(ctx: Context, sid: str, src_dsn: str, dst_dsn: str) -> None:
+    """A cut-over shard that will not be rolled back: stop capturing on both sides. The
+    source fence stays, so the moved users' source rows remain read-only until purged."""
+    with connect(src_dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is not None:
+            c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
+            c.execute("DELETE FROM migrator.changes WHERE shard_id = %s", (sid,))
+    stop_capture(ctx, dst_dsn, sid, fence_too=True)
+    uninstall_if_unused(ctx, src_dsn)
+
+
+def touched_keys(
+    dsn: str, sid: str, after: Position | None = None, upto: Position | None = None
+) -> dict[str, list[dict]]:
+    """Table -> primary keys (as logged) of every change logged for the shard (past `after`, up to `upto`)."""
+    cond, args = _span(after, upto)
+    with connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
+            return {}
+        rows = c.execute(
+            f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)
+        ).fetchall()
+    out: dict[str, list[dict]] = {}
+    for t, pk in rows:
+        out.setdefault(t, []).append(pk)
+    return out

@@ -1,0 +1,215 @@
+"""Guard triggers: installed per table of the graph, they log the changes of the users
+being moved and refuse the writes of fenced users (see the package's docstring)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from psycopg import sql
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from migrator import sqlgen
+from migrator.catalog import Table
+from migrator.context import Context
+from migrator.control import Control
+from migrator.errors import describe, is_transient, retrying
+from migrator.schema import history
+from migrator.spec import EntityGraph
+from migrator.stores.postgres import Conn, connect
+
+log = logging.getLogger("migrator.capture")
+
+FENCED = "RMF01"
+APPLY = "SET LOCAL migrator.apply = 'on'"
+
+logs_at_head: set[str] = set()  # servers whose log this process has seen at its schema head
+
+
+def _function(graph: EntityGraph, table: Table) -> str:
+    name = f"migrator.guard_{table.name}"
+    pk = ", ".join(f"'{c}', {{r}}.{sql.Identifier(c).as_string(None)}" for c in table.pk)
+    body = []
+    for rec, ops in (("OLD", "('UPDATE', 'DELETE')"), ("NEW", "('INSERT', 'UPDATE')")):
+        body.append(f"""
+  IF TG_OP IN {ops} THEN
+    o := {sqlgen.owner_of_record(graph, table.name, rec).as_string(None)};
+    IF o IS NOT NULL THEN
+      IF EXISTS (SELECT 1 FROM migrator.fenced_users f JOIN migrator.fences x ON x.shard_id = f.shard_id
+                 WHERE f.user_key = o AND x.until > clock_timestamp()) THEN
+        RAISE EXCEPTION 'migrator: user is fenced while their data moves; retry at their home region'
+          USING ERRCODE = '{FENCED}';
+      END IF;
+      SELECT c.shard_id INTO s FROM migrator.capture_users c WHERE c.user_key = o;
+      IF s IS NOT NULL THEN
+        INSERT INTO migrator.changes (shard_id, tbl, pk)
+          VALUES (s, '{table.name}', jsonb_build_object({pk.format(r=rec)}));
+      END IF;
+    END IF;
+  END IF;""")
+    return f"""
+CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE o text; s text;
+BEGIN
+  IF current_setting('migrator.apply', true) = 'on' THEN
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+  END IF;{"".join(body)}
+  RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END $fn$;
+"""
+
+
+def _trigger(graph: EntityGraph, table: Table) -> str:
+    target = f"{sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}"
+    return f"""
+DROP TRIGGER IF EXISTS migrator_guard ON {target};
+CREATE TRIGGER migrator_guard BEFORE INSERT OR UPDATE OR DELETE
+  ON {target}
+  FOR EACH ROW EXECUTE FUNCTION migrator.guard_{table.name}();
+"""
+
+
+def install(ctx: Context, dsn: str) -> None:
+    """Idempotently create the log, the user lists and a guard trigger on every table.
+    The guard functions are always replaced (that takes no lock on a table), so a guard
+    installed by an earlier version follows the current rules; a table that already has
+    the trigger keeps it: re-creating a trigger locks its table against the application's
+    writes."""
+
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            history.ensure(dsn, history.CAPTURE)
+            logs_at_head.add(dsn)
+            _guards(ctx, dsn)
+
+
+def _guards(ctx: Context, dsn: str) -> None:
+    g = ctx.spec.entity_graph
+    with connect(dsn) as c:
+        c.execute("SET LOCAL lock_timeout = '2s'")
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
+        have = {
+            r[0]
+            for r in c.execute(
+                "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE t.tgname = 'migrator_guard' AND n.nspname = %s",
+                (g.schema_,),
+            )
+        }
+        for table in ctx.tables.values():
+            c.execute(_function(g, table))
+            if table.name not in have:
+                c.execute(_trigger(g, table))
+
+
+def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
+    """Drop the triggers, functions and log when no shard needs them any more. Dropping a
+    trigger locks its table against the application's writes, so a deadlock or lock
+    timeout is retried rather than failing the shard."""
+    for attempt in Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(10),
+        wait=wait_exponential(multiplier=0.1, max=2),
+        reraise=True,
+    ):
+        with attempt:
+            return _uninstall(ctx, dsn)
+    return False
+
+
+def _uninstall(ctx: Context, dsn: str) -> bool:
+    with connect(dsn) as c:
+        c.execute("SET LOCAL lock_timeout = '2s'")
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
+        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
+            return True
+        busy = c.execute(
+            "SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users)"
+        ).fetchone()[0]
+        if busy:
+            return False
+        g = ctx.spec.entity_graph
+        for table in reversed(list(ctx.tables.values())):  # children first, as writers lock them
+            c.execute(
+                sql.SQL("DROP TRIGGER IF EXISTS migrator_guard ON {}.{}").format(
+                    sql.Identifier(g.schema_), sql.Identifier(table.name)
+                )
+            )
+            c.execute(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}()")
+        c.execute(
+            "DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users, migrator.fences, "
+            f"migrator.{history.CAPTURE.version_table}"
+        )
+    logs_at_head.discard(dsn)
+    return True
+
+
+def write_users(conn: Conn, table: str, sid: str, members: Control) -> None:
+    """The shard's users into `table`, streamed from the control database."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS rm_members (k text NOT NULL, b int NOT NULL) ON COMMIT DROP")
+    members.send_members(sid, conn, "rm_members")
+    # A user is in one live shard; rows left by a shard whose control state is gone are replaced.
+    conn.execute(f"DELETE FROM migrator.{table} t USING rm_members m WHERE t.user_key = m.k")
+    conn.execute(f"DELETE FROM migrator.{table} WHERE shard_id = %s", (sid,))
+    conn.execute(f"INSERT INTO migrator.{table} (user_key, shard_id) SELECT k, %s FROM rm_members", (sid,))
+    conn.execute("DROP TABLE rm_members")
+
+
+RUNNING = "pg_snapshot_xip(pg_current_snapshot()) x WHERE x <> ALL(%s::text[]::xid8[])"
+
+
+def wait_for_earlier(dsn: str, deadline: float, what: str, ignore: tuple[int, ...] = ()) -> None:
+    """Wait until every transaction that wrote before now has ended (but those in `ignore`,
+    the migrator's own, which write none of the users' rows).
+
+    The mark is a transaction id taken after the caller's change committed: a writer that
+    wrote earlier holds an older id and is waited for; a writer's statements from now on
+    see the committed change (its trigger logs or refuses them)."""
+    skip = [str(x) for x in ignore]
+    with connect(dsn, autocommit=True) as c:
+        mark = c.execute("SELECT pg_current_xact_id()").fetchone()[0]
+        while True:
+            done = c.execute(
+                f"SELECT NOT EXISTS (SELECT 1 FROM {RUNNING} AND x < %s::text::xid8)", (skip, str(mark))
+            ).fetchone()[0]
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"transactions that began before {what} are still running")
+            time.sleep(0.005)
+
+
+def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0) -> None:
+    """Log the shard's users' changes from now on; returns once no transaction that could
+    have written unlogged is still running, so a snapshot taken next misses nothing
+    (`wait_s=None`: where nobody writes the users' rows yet, e.g. the destination before
+    the directory flips)."""
+    install(ctx, dsn)
+    with connect(dsn) as c:
+        write_users(c, "capture_users", sid, ctx.control)  # replaces the shard's earlier list
+    if wait_s is not None:
+        wait_for_earlier(dsn, time.monotonic() + wait_s, "the change capture")
+
+
+def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool, wait: bool = True) -> None:
+    """Forget the shard's lists and log on `dsn`, and drop the guards if no shard needs
+    them. `wait=False` (cleaning up after a failure): one try at dropping them; a table
+    locked by someone else leaves them for the next cutover or the cleanup command."""
+    with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
+            return
+        c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
+        c.execute("DELETE FROM migrator.changes WHERE shard_id = %s", (sid,))
+        if fence_too:
+            c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
+            c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
+    if wait:
+        uninstall_if_unused(ctx, dsn)
+        return
+    try:
+        _uninstall(ctx, dsn)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("guards left on a destination for now (%s); the cleanup command removes them", describe(exc))

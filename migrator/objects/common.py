@@ -1,0 +1,150 @@
+"""What copy, verify and rollback of objects share: the spec's section, a batch's keys
+and their owners, the stores, the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+from psycopg import sql
+
+from migrator import sqlgen
+from migrator.context import Context
+from migrator.control import SCHEMA
+from migrator.spec import Objects
+from migrator.stores import s3
+from migrator.stores.postgres import connect
+
+PER_USER_LISTING = 64  # above this many users in a batch, list the common prefix once
+
+
+def enabled(ctx: Context) -> bool:
+    return ctx.spec.objects is not None
+
+
+def settings(ctx: Context) -> Objects:
+    """The spec's objects section; called only where `enabled` holds."""
+    if ctx.spec.objects is None:
+        raise RuntimeError("the spec has no objects section")  # a caller's mistake
+    return ctx.spec.objects
+
+
+def ensure(ctx: Context) -> None:
+    """The manifest and checkpoint tables are control tables (`migrator.schema`)."""
+    ctx.control.ensure()
+
+
+def manifest_digest(entries: list[tuple[str, int, str]]) -> str:
+    text = "\n".join(f"{k}|{n}|{h}" for k, n, h in sorted(entries))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def owner(key: str, head: str, tail: str) -> str | None:
+    """The user whose prefix (head + user + tail) holds the key, if any."""
+    if not key.startswith(head):
+        return None
+    rest = key[len(head) :]
+    cut = rest.find(tail) if tail else len(rest)
+    return rest[:cut] if cut > 0 else None
+
+
+Index = dict[str, dict[str, str]]  # user -> key -> ETag, from one listing of the common prefix
+
+
+def prefix_index(c, bucket: str, prefix_head: str, prefix_tail: str, users: set[str]) -> Index:
+    """One listing of the common prefix, kept for the given users only: a shard with many
+    batches lists its endpoint once instead of once per batch."""
+    out: Index = {}
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix_head):
+        for obj in page.get("Contents", []):
+            u = owner(obj["Key"], prefix_head, prefix_tail)
+            if u in users:
+                out.setdefault(u, {})[obj["Key"]] = obj["ETag"]
+    return out
+
+
+def listed(
+    c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str], index: Index | None = None
+) -> dict[str, str]:
+    """Key -> ETag of the objects under the users' prefixes at one endpoint."""
+    if index is None and len(users) > PER_USER_LISTING:
+        # one listing of the common prefix beats a LIST per user for a large batch
+        index = prefix_index(c, bucket, prefix_head, prefix_tail, set(users))
+    found: dict[str, str] = {}
+    if index is not None:
+        for u in users:
+            found.update(index.get(u, {}))
+        return found
+    pages = c.get_paginator("list_objects_v2")
+    for u in users:
+        for page in pages.paginate(Bucket=bucket, Prefix=prefix_head + u + prefix_tail):
+            found.update((obj["Key"], obj["ETag"]) for obj in page.get("Contents", []))
+    return found
+
+
+def source_objects(ctx: Context, users: list[str], index: Index | None = None, src_c=None) -> dict[str, str | None]:
+    """The users' object keys at the source, with the ETag the listing gave (None for a
+    key known only from the key column)."""
+    o = settings(ctx)
+    keys: dict[str, str | None] = {}
+    if o.key_column is not None:
+        table = ctx.tables[o.key_column.table]
+        own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
+        col = sql.Identifier(o.key_column.column)
+        q = sql.SQL("SELECT DISTINCT t0.{} FROM {} WHERE {} AND t0.{} IS NOT NULL").format(
+            col, own.from_, sqlgen.keys_filter(own, ctx.key_type), col
+        )
+        with connect(ctx.source_dsn, autocommit=True, keyed=True) as c:
+            keys.update((r[0], None) for r in c.execute(q, sqlgen.keys_arg(users)).fetchall())
+    if o.user_prefix is not None:
+        src = o.stores[ctx.spec.source_region]
+        head, tail = o.user_prefix.split("{user}", 1)
+        keys.update(listed(src_c or s3.client(src), src.bucket, head, tail, users, index))
+    return dict(sorted(keys.items()))
+
+
+def batch_keys(ctx: Context, users: list[str]) -> list[str]:
+    return list(source_objects(ctx, users))
+
+
+def present_at_destination(
+    ctx: Context,
+    dst_c,
+    bucket: str,
+    users: list[str],
+    keys: list[str],
+    pool: ThreadPoolExecutor,
+    index: Index | None = None,
+) -> set[str]:
+    """Which of the keys the destination already holds: one listing of the users' prefixes,
+    and a HEAD only for a key outside them."""
+    o = settings(ctx)
+    present: set[str] = set()
+    outside = keys
+    if o.user_prefix is not None:
+        head, tail = o.user_prefix.split("{user}", 1)
+        present = set(listed(dst_c, bucket, head, tail, users, index)) & set(keys)
+        mine = set(users)
+        outside = [k for k in keys if owner(k, head, tail) not in mine]
+    found = pool.map(lambda k: s3.head(dst_c, bucket, k) is not None, outside)
+    return present | {k for k, there in zip(outside, found) if there}
+
+
+def stores(ctx: Context, region: str):
+    o = settings(ctx)
+    src, dst = o.stores[ctx.spec.source_region], o.stores[region]
+    return src, s3.client(src), dst, s3.client(dst)
+
+
+def manifest(ctx: Context, sid: str) -> dict[int, list[tuple[str, int, str]]]:
+    if not enabled(ctx):
+        return {}
+    ensure(ctx)
+    with ctx.control.connect(autocommit=True) as c:
+        rows = c.execute(
+            f"SELECT batch_no, key, size, sha256 FROM {SCHEMA}.object_manifest WHERE shard_id = %s", (sid,)
+        ).fetchall()
+    out: dict[int, list[tuple[str, int, str]]] = {}
+    for b, k, n, h in rows:
+        out.setdefault(b, []).append((k, n, h))
+    return out

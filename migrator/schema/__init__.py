@@ -1,0 +1,1 @@
+"""The tool's own tables: their declaration (`tables`) and their history (`history`)."""

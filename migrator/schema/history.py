@@ -1,0 +1,199 @@
+"""Applying the tool's schema histories (Alembic) to a store, on first use or by
+`migrator upgrade`, and printing them for a DBA (`migrator upgrade --sql`).
+
+Each history has its own script location beside this module and its own version table
+in schema `migrator` (`alembic_version_control`, `..._capture`, `..._ledger`), because the
+control database may share a database with the source, where the capture history lives
+too. An upgrade runs in one transaction under the history's advisory lock (the same lock
+the code that uses those tables takes), so two workers starting at once upgrade once and
+a half-applied upgrade cannot be seen. A database at head is recognised by one read and
+costs no lock.
+
+Each history's first revision adopts the layout the tool wrote before it kept a history:
+it creates what is missing and converts what earlier versions left (idempotently), so a
+database created by any earlier version, even in the middle of a migration, is brought up
+to date in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.pool import NullPool
+
+from migrator.errors import StateVersionError
+from migrator.schema import tables
+from migrator.spec import Spec
+from migrator.stores.postgres import connect, where
+
+SCHEMA = tables.SCHEMA
+HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class History:
+    name: str
+    lock: str  # the advisory lock (hashtext) the upgrade and the tables' users share
+    metadata: sa.MetaData
+    lock_timeout: str | None = None  # where the application's writers hold locks we may wait on
+
+    @property
+    def version_table(self) -> str:
+        return f"alembic_version_{self.name}"
+
+    @property
+    def location(self) -> Path:
+        return HERE / self.name
+
+
+CONTROL = History("control", "migrator:ddl", tables.control)
+# The capture history's upgrades touch tables the application's triggers write to; a lock
+# they cannot get within 2 s is a transient failure, retried, not a stall of the writers.
+CAPTURE = History("capture", "migrator:capture", tables.capture, lock_timeout="2s")
+LEDGER = History("ledger", "migrator:ledger", tables.ledger)
+HISTORIES = {h.name: h for h in (CONTROL, CAPTURE, LEDGER)}
+
+
+def _config(h: History, buffer: io.StringIO | None = None) -> Config:
+    cfg = Config(output_buffer=buffer)
+    cfg.set_main_option("script_location", str(h.location))
+    cfg.attributes["history"] = h
+    return cfg
+
+
+@functools.cache
+def _script(name: str) -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config(HISTORIES[name]))
+
+
+def head(h: History) -> str:
+    rev = _script(h.name).get_current_head()
+    assert rev is not None, f"the {h.name} history has no revisions"
+    return rev
+
+
+def revisions(h: History) -> list[str]:
+    """Every revision of the history, oldest first."""
+    return [s.revision for s in reversed(list(_script(h.name).walk_revisions()))]
+
+
+def current(dsn: str, h: History) -> str | None:
+    """The store's revision of the history, or None where it has none yet."""
+    with connect(dsn, autocommit=True) as c:
+        if c.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{h.version_table}",)).fetchone()[0] is None:
+            return None
+        row = c.execute(f"SELECT version_num FROM {SCHEMA}.{h.version_table}").fetchone()
+    return row[0] if row else None
+
+
+def ensure(dsn: str, h: History) -> None:
+    """Bring the store's tables of history `h` to head (one read when they are); refuse a
+    store at a revision this migrator does not know (written by a newer version)."""
+    found = current(dsn, h)
+    if found != head(h):
+        if found is not None and found not in revisions(h):
+            raise StateVersionError(
+                f"{where(dsn)}: its {h.name} tables are at schema revision {found}, which this migrator "
+                f"does not know (its newest is {head(h)}); it will not read or change them"
+            )
+        upgrade(dsn, h)
+
+
+def upgrade(dsn: str, h: History) -> list[str]:
+    """Apply the revisions the store lacks, in one transaction under the history's lock;
+    returns the revisions applied (none when another process got there first)."""
+    applied: list[str] = []
+    engine = sa.create_engine("postgresql+psycopg://", creator=lambda: connect(dsn), poolclass=NullPool)
+    try:
+        with engine.connect() as conn, conn.begin():
+            if h.lock_timeout:
+                conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{h.lock_timeout}'")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock(hashtext('{h.lock}'))")
+            conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            cfg = _config(h)
+            cfg.attributes["connection"] = conn
+            cfg.attributes["applied"] = applied
+            command.upgrade(cfg, "head")
+    except sa.exc.DBAPIError as exc:  # the driver's error, classified like every other
+        if isinstance(exc.orig, Exception):
+            raise exc.orig from None
+        raise
+    finally:
+        engine.dispose()
+    return applied
+
+
+def sql(h: History, since: str | None = None) -> str:
+    """The SQL that brings a store of history `h` from `since` (default: nothing) to head,
+    as a DBA would apply it by hand, version table included; connects to nothing."""
+    buf = io.StringIO()
+    command.upgrade(_config(h, buf), f"{since}:head" if since else "head", sql=True)
+    return buf.getvalue()
+
+
+def run_env(context: Any) -> None:
+    """The body of each script location's env.py; `context` is `alembic.context`, the
+    proxy of the running EnvironmentContext."""
+    cfg = context.config
+    h: History = cfg.attributes.get("history") or HISTORIES[Path(cfg.get_main_option("script_location") or "").name]
+    opts = dict(
+        version_table=h.version_table,
+        version_table_schema=SCHEMA,
+        target_metadata=h.metadata,
+        transactional_ddl=True,
+    )
+    if context.is_offline_mode():
+        context.configure(dialect_name="postgresql", literal_binds=True, **opts)  # type: ignore[arg-type]
+        with context.begin_transaction():
+            if h.lock_timeout:
+                context.execute(f"SET LOCAL lock_timeout = '{h.lock_timeout}'")
+            context.execute(f"SELECT pg_advisory_xact_lock(hashtext('{h.lock}'))")
+            context.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            context.run_migrations()
+        return
+    applied: list[str] = cfg.attributes.get("applied", [])
+    context.configure(
+        connection=cfg.attributes["connection"],
+        on_version_apply=lambda *, step, **_: applied.append(step.up_revision_id),
+        **opts,  # type: ignore[arg-type]
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def targets(spec: Spec) -> list[tuple[str, str, History]]:
+    """(store, dsn, history) for every store of the spec: the control tables in the control
+    database, capture at the source and at each destination (a rollback captures there),
+    the batch ledger at each destination."""
+    out = [("control database", spec.control.url, CONTROL)]
+    out.append((f"source {spec.source_region}", spec.regions[spec.source_region].url, CAPTURE))
+    for r in spec.targets:
+        out += [(f"destination {r}", spec.regions[r].url, h) for h in (CAPTURE, LEDGER)]
+    return out
+
+
+def upgrade_all(spec: Spec) -> list[dict[str, Any]]:
+    """`migrator upgrade`: every store of the spec to head; what each was at and got."""
+    done = []
+    for store, dsn, h in targets(spec):
+        before = current(dsn, h)
+        ensure(dsn, h)
+        done.append({"store": store, "history": h.name, "from": before, "to": head(h), "upgraded": before != head(h)})
+    return done
+
+
+def sql_all(spec: Spec) -> str:
+    """`migrator upgrade --sql`: each history's SQL once, headed by the stores it is for."""
+    parts = []
+    for h in HISTORIES.values():
+        stores = [f"{s} ({where(d)})" for s, d, x in targets(spec) if x is h]
+        parts.append(f"-- {h.name} tables, for: {'; '.join(stores)}\n{sql(h)}")
+    return "\n".join(parts)

@@ -1,0 +1,159 @@
+"""The migrator's own tables under a schema history: `migrator upgrade`, its `--sql` for a
+DBA, stores written before the history existed upgraded in place mid-migration, and a
+store from a newer version refused."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from migrator.schema import tables
+from tests.conftest import World
+from tests.helpers import verified_region
+
+pytestmark = pytest.mark.integration
+
+HEADS = {"control": "control_0001", "capture": "capture_0001", "ledger": "ledger_0001"}
+# where each history's tables live in the test world (control database on the US server)
+WHERE = {"control": ["control"], "capture": ["us", "ie", "no"], "ledger": ["ie", "no"]}
+
+
+def _dsn(world: World, store: str) -> str:
+    return world.control if store == "control" else world.dsn[store]
+
+
+def _version(world: World, store: str, history: str) -> str | None:
+    with psycopg.connect(_dsn(world, store)) as c:
+        if c.execute("SELECT to_regclass(%s)", (f"migrator.alembic_version_{history}",)).fetchone()[0] is None:
+            return None
+        return c.execute(f"SELECT version_num FROM migrator.alembic_version_{history}").fetchone()[0]
+
+
+def _differences(dsn: str, metadata: sa.MetaData) -> list:
+    """What alembic's autogenerate finds between the database and the declared tables."""
+    engine = sa.create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))
+    names = set(metadata.tables)
+    try:
+        with engine.connect() as conn:
+            mc = MigrationContext.configure(
+                conn,
+                opts={
+                    "include_schemas": True,
+                    "compare_type": True,
+                    "include_name": lambda name, kind, parent: (
+                        name == "migrator" if kind == "schema" else kind != "table" or f"migrator.{name}" in names
+                    ),
+                },
+            )
+            return compare_metadata(mc, metadata)
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_brings_every_store_to_head_and_matches_the_declared_tables(world: World):
+    res = world.migrator("upgrade", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert {(s["store"], s["history"]) for s in doc["stores"]} == {
+        ("control database", "control"),
+        ("source us", "capture"),
+        ("destination ie", "capture"),
+        ("destination ie", "ledger"),
+        ("destination no", "capture"),
+        ("destination no", "ledger"),
+    }
+    assert all(s["upgraded"] and s["from"] is None for s in doc["stores"])
+    for history, stores in WHERE.items():
+        for store in stores:
+            assert _version(world, store, history) == HEADS[history], (store, history)
+    declared = {"control": tables.control, "capture": tables.capture, "ledger": tables.ledger}
+    assert _differences(world.control, declared["control"]) == []
+    assert _differences(world.dsn["us"], declared["capture"]) == []
+    assert _differences(world.dsn["ie"], declared["ledger"]) == []
+    assert world.ctl("SELECT reloptions FROM pg_class WHERE oid = 'migrator.directory'::regclass") == [
+        (["fillfactor=45"],)
+    ]
+    again = json.loads(world.migrator("upgrade", "--json").stdout)
+    assert not any(s["upgraded"] for s in again["stores"])
+
+
+def test_upgrade_sql_applied_by_hand_leaves_nothing_to_do(world: World, tmp_path):
+    unreachable = dict(world.spec)
+    unreachable["regions"] = {r: {"dsn": f"host=127.0.0.1 port=1 dbname=app_{r}"} for r in world.dsn}
+    unreachable["control"] = {"dsn": "host=127.0.0.1 port=1 dbname=control"}
+    path = tmp_path / "unreachable.yaml"
+    path.write_text(json.dumps(unreachable))
+    res = world.migrator("upgrade", "--sql", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    parts = dict(re.findall(r"^-- (\w+) tables, for: .*?\n(.*?)(?=^-- \w+ tables, for: |\Z)", res.stdout, re.S | re.M))
+    assert set(parts) == {"control", "capture", "ledger"}
+    assert "CREATE TABLE IF NOT EXISTS migrator.shard " in parts["control"]
+    assert "alembic_version_ledger" in parts["ledger"]
+    for history, stores in WHERE.items():  # what a DBA would do with psql
+        for store in stores:
+            with psycopg.connect(_dsn(world, store), autocommit=True) as c:
+                c.execute(parts[history])
+    doc = json.loads(world.migrator("upgrade", "--json").stdout)
+    assert not any(s["upgraded"] for s in doc["stores"]), doc
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy", "--region", "ie").returncode == 0
+
+
+def test_stores_from_before_the_history_upgrade_in_place_mid_migration(world: World):
+    """A region copied and verified, then every store put back in the layout the tool wrote
+    before it kept a history (no version tables, a state version row, positions without a
+    horizon, a change log without transaction ids, a directory without its fillfactor),
+    then a change: the upgraded migrator cuts the region over with the change at home."""
+    uid = verified_region(world, "ie")
+    for history, stores in WHERE.items():
+        for store in stores:
+            with psycopg.connect(_dsn(world, store)) as c:
+                c.execute(f"DROP TABLE IF EXISTS migrator.alembic_version_{history}")
+    with psycopg.connect(world.dsn["us"]) as c:
+        c.execute("DROP INDEX migrator.changes_horizon")
+        c.execute("ALTER TABLE migrator.changes DROP COLUMN xid")
+        c.execute("CREATE INDEX changes_shard ON migrator.changes (shard_id, id)")
+    with psycopg.connect(world.control) as c:
+        c.execute("ALTER TABLE migrator.capture_pos DROP COLUMN horizon")
+        c.execute("ALTER TABLE migrator.directory RESET (fillfactor)")
+        c.execute("INSERT INTO migrator.meta VALUES ('state_version', '1')")
+    world.rows("us", "UPDATE users SET email = 'logged-by-old@example.test' WHERE user_id = %s RETURNING 1", (uid,))
+    doc = json.loads(world.migrator("status", "--json").stdout)
+    assert sum(s["lag"] or 0 for s in doc["shards"] if s["region"] == "ie") >= 1
+    res = world.migrator("cutover", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert world.rows("ie", "SELECT email FROM users WHERE user_id = %s", (uid,)) == [("logged-by-old@example.test",)]
+    assert world.rows(
+        "us", "SELECT indexname FROM pg_indexes WHERE schemaname = 'migrator' AND tablename = 'changes' ORDER BY 1"
+    ) == [("changes_horizon",), ("changes_pkey",)]
+    assert _version(world, "control", "control") == HEADS["control"]
+    assert _version(world, "us", "capture") == HEADS["capture"]
+    assert _version(world, "ie", "ledger") is None  # the ledger is upgraded by the next copy, or:
+    doc = json.loads(world.migrator("upgrade", "--json").stdout)
+    assert [(s["store"], s["history"]) for s in doc["stores"] if s["upgraded"]] == [
+        ("destination ie", "ledger"),
+        ("destination no", "capture"),  # nothing was captured there yet
+        ("destination no", "ledger"),
+    ]
+    assert _version(world, "ie", "ledger") == HEADS["ledger"]
+    assert world.ctl("SELECT count(*) FROM migrator.meta WHERE key = 'state_version'") == [(0,)]
+    assert world.ctl("SELECT reloptions FROM pg_class WHERE oid = 'migrator.directory'::regclass") == [
+        (["fillfactor=45"],)
+    ]
+    assert _differences(world.control, tables.control) == []
+
+
+def test_a_store_at_a_revision_from_a_newer_version_is_refused(world: World):
+    assert world.migrator("plan").returncode == 0
+    with psycopg.connect(world.control) as c:
+        c.execute("UPDATE migrator.alembic_version_control SET version_num = 'control_9999'")
+    res = world.migrator("copy", "--region", "ie")
+    assert res.returncode == 2, res.stderr
+    assert "control database" in res.stderr and "control_9999" in res.stderr
+    assert world.ctl("SELECT count(*) FROM migrator.checkpoint") == [(0,)]
