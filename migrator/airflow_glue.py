@@ -92,3 +92,12 @@ def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
         return out
 
     return wrapper
+
+
+def purge_spec():
+    """The spec of the running DAG task, its connections resolved."""
+    from airflow.sdk import get_current_context
+
+    from migrator import orchestration
+
+    return orchestration.load(spec_path(get_current_context()["params"]), resolve_conn, resolve_s3=resolve_s3)

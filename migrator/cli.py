@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from migrator import dispatch, engine, recovery, report
+from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
 from migrator.planner import plan as make_plan
@@ -309,6 +310,27 @@ def recover(
 
 
 @app.command()
+def purge(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what would be deleted and pseudonymised, per table; write nothing")
+    ] = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
+    """Retire the source copy of cut-over shards past their retention: delete or pseudonymise
+    their rows and delete their objects there (the point of no return: no rollback after)."""
+    ctx = _ctx(config, run_id)
+    doc = purge_shards.run(ctx, purge_shards.select(ctx, wave, shard, region), dry_run=dry_run)
+    if not json and doc.get("note"):
+        err.print(doc["note"])
+    _finish(doc, json or dry_run)  # a dry run's per-table figures read best as the document
+
+
+@app.command()
 def upgrade(
     config: Config,
     sql: Annotated[bool, typer.Option("--sql", help="print the SQL for a DBA; connect to nothing")] = False,
@@ -337,12 +359,13 @@ def demo(
     keep: Annotated[Path | None, typer.Option("--keep", help="keep the servers' files in this folder")] = None,
     via: Annotated[str, typer.Option("--via", help="'airflow' (the DAG), 'cli' (the engine), or 'auto'")] = "auto",
     with_writes: Annotated[bool, typer.Option("--with-writes", help="an application writing throughout")] = False,
+    purge: Annotated[bool, typer.Option("--purge", help="then retire the US copy (retention 0 in the demo)")] = False,
     json: Json = False,
 ) -> None:
     """Start throwaway US, IE and NO servers, seed them, and migrate every shard."""
     from migrator.demo.run import run_demo
 
-    doc = run_demo(users=users, keep=keep, via=via, quiet=json, with_writes=with_writes)
+    doc = run_demo(users=users, keep=keep, via=via, quiet=json, with_writes=with_writes, purge=purge)
     report.emit(doc, json)
     raise typer.Exit(0 if doc["ok"] else 1)
 

@@ -14,6 +14,7 @@ import functools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -58,6 +59,16 @@ class Shard:
             r["digest"],
             r["error"],
         )
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one committed batch wrote: its last user key, rows per table and the digest of
+    the bytes streamed (a checkpoint in the control database, a ledger row at the destination)."""
+
+    last_key: str
+    rows: dict[str, int]
+    digest: str
 
 
 class ShardBatches(Mapping[int, list[str]]):
@@ -105,9 +116,10 @@ class Control:
         self._current = False  # the schema brought up to date by this process (see `ensure`)
 
     def connect(self, autocommit: bool = False) -> Conn:
-        """A connection to the control database, its tables brought to the head of their
-        schema history first (once per Control); establishing it rides out an outage."""
-        if not self._current:
+        """A connection to the control database, its tables (where there are any yet) brought
+        to the head of their schema history first (once per Control; `plan` creates them, so
+        a dry run against a fresh database leaves it empty); establishing it rides out an outage."""
+        if not self._current and self.exists():
             self.ensure()
         for attempt in riding_out(self.outage_s):
             with attempt:
@@ -313,20 +325,22 @@ class Control:
             )
 
     @_ridden_out
-    def checkpoints(self, sid: str) -> dict[int, dict]:
-        with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(f"SELECT * FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,)).fetchall()
-        return {r["batch_no"]: r for r in rows}
+    def checkpoints(self, sid: str) -> dict[int, BatchRecord]:
+        with self.connect(autocommit=True) as c:
+            rows = c.execute(
+                f"SELECT batch_no, last_key, rows, digest FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,)
+            ).fetchall()
+        return {b: BatchRecord(k, r, d) for b, k, r, d in rows}
 
     @_ridden_out
-    def save_checkpoint(self, sid: str, batch_no: int, last_key: str, rows: dict, digest: str) -> None:
+    def save_checkpoint(self, sid: str, batch_no: int, rec: BatchRecord) -> None:
         with self.connect() as c:
             c.execute(
                 f"INSERT INTO {SCHEMA}.checkpoint (shard_id, batch_no, last_key, rows, digest) "
                 "VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT (shard_id, batch_no) DO UPDATE SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows, "
                 "digest = EXCLUDED.digest, at = now()",
-                (sid, batch_no, last_key, json.dumps(rows), digest),
+                (sid, batch_no, rec.last_key, json.dumps(rec.rows), rec.digest),
             )
 
     def clear_checkpoints(self, conn: Conn, sid: str) -> None:
@@ -356,6 +370,20 @@ class Control:
         conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))
 
     # --- directory --------------------------------------------------------------------
+    @_ridden_out
+    def entered(self, sid: str, state: Phase) -> datetime | None:
+        """When the shard last moved into `state` (from another state), from the audit."""
+        with self.connect(autocommit=True) as c:
+            return c.execute(
+                f"SELECT max(at) FROM {SCHEMA}.audit WHERE shard_id = %s AND to_state = %s "
+                "AND from_state IS DISTINCT FROM to_state",
+                (sid, state.value),
+            ).fetchone()[0]
+
+    def purge_started(self, sid: str) -> str:
+        at = self.entered(sid, Phase.PURGING)
+        return at.isoformat(timespec="seconds") if at else "at an unrecorded time"
+
     @_ridden_out
     def audit_rows(self, sid: str | None = None) -> list[dict]:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:

@@ -39,6 +39,7 @@ import psycopg
 
 from migrator import capture, objects, sqlgen
 from migrator.context import Context
+from migrator.control import BatchRecord
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
 from migrator.scaffolding import pause_point
 from migrator.schema import history
@@ -93,12 +94,12 @@ def ensure_ledger(dsn: str) -> None:
     history.ensure(dsn, history.LEDGER)
 
 
-def ledger(dsn: str, sid: str) -> dict[int, dict]:
+def ledger(dsn: str, sid: str) -> dict[int, BatchRecord]:
     with connect(dsn, autocommit=True) as c:
         rows = c.execute(
             "SELECT batch_no, last_key, rows, digest FROM migrator.batch_ledger WHERE shard_id = %s", (sid,)
         ).fetchall()
-    return {b: {"last_key": k, "rows": r, "digest": d} for b, k, r, d in rows}
+    return {b: BatchRecord(k, r, d) for b, k, r, d in rows}
 
 
 def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> hashlib._Hash:
@@ -108,7 +109,7 @@ def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> hashlib._Hash:
     return stream
 
 
-def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list[str]) -> dict:
+def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list[str]) -> BatchRecord:
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     src, dst = links.open()
     try:
@@ -147,7 +148,7 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
             )
         dst.commit()
         src.rollback()
-        return {"last_key": keys[-1], "rows": rows, "digest": digest}
+        return BatchRecord(keys[-1], rows, digest)
     except BaseException as exc:
         if is_transient(exc):
             links.reset()
@@ -161,7 +162,7 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
 
 
 def _check_no_foreign_rows(
-    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: Mapping[int, list[str]]
+    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batch_users: Mapping[int, list[str]]
 ) -> None:
     """Refuse batches whose users already have rows at the destination: a batch not in the
     ledger was never committed there by this tool, so such rows were written by someone else.
@@ -182,7 +183,7 @@ def _check_no_foreign_rows(
             }
             for b in pending if occupied else []:
                 for name, table in occupied.items():
-                    found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batches[b])).fetchall()
+                    found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batch_users[b])).fetchall()
                     if found:
                         pks = [dict(zip(table.pk, r)) for r in found]
                         raise ConflictError(
@@ -191,7 +192,7 @@ def _check_no_foreign_rows(
                         )
 
 
-def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list[str]) -> dict:
+def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list[str]) -> BatchRecord:
     for attempt in retrying(ctx.spec.retry):
         with attempt:
             if attempt.retry_state.attempt_number > 1:
@@ -206,8 +207,8 @@ def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list
 
 
 def _copy_pending(
-    ctx: Context, sid: str, dst_dsn: str, batches: Mapping[int, list[str]], pending: list[int]
-) -> Iterator[tuple[int, dict]]:
+    ctx: Context, sid: str, dst_dsn: str, batch_users: Mapping[int, list[str]], pending: list[int]
+) -> Iterator[tuple[int, BatchRecord]]:
     """Copy the pending batches with `copy.workers` workers, yielding each as it commits.
 
     Batches are independent (each its own users, destination transaction and ledger row),
@@ -217,7 +218,7 @@ def _copy_pending(
     todo: queue.SimpleQueue[int] = queue.SimpleQueue()
     for b in pending:
         todo.put(b)
-    out: queue.SimpleQueue[tuple[int, dict | None, BaseException | None]] = queue.SimpleQueue()
+    out: queue.SimpleQueue[tuple[int, BatchRecord | None, BaseException | None]] = queue.SimpleQueue()
     stop = threading.Event()
 
     def worker() -> None:
@@ -229,7 +230,7 @@ def _copy_pending(
                 except queue.Empty:
                     return
                 try:
-                    out.put((b, _copy_with_retries(ctx, links, sid, b, batches[b]), None))
+                    out.put((b, _copy_with_retries(ctx, links, sid, b, batch_users[b]), None))
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                     stop.set()
                     out.put((b, None, exc))
@@ -277,23 +278,23 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         with attempt:
             ensure_ledger(dst_dsn)
             done_at_dest = ledger(dst_dsn, sid)
-    batches = ctl.batch_keys(sid, ctx.sort_keys)
+    batch_users = ctl.batch_keys(sid, ctx.sort_keys)
     # The destination's ledger is the truth of what is committed there: a checkpoint
     # whose ledger row is gone (e.g. a destination that lost recent commits in a
     # crash) is copied again.
     done = {b: cp for b, cp in ctl.checkpoints(sid).items() if b in done_at_dest}
     for b, entry in done_at_dest.items():  # committed at the destination, checkpoint lost
         if b not in done:
-            ctl.save_checkpoint(sid, b, entry["last_key"], entry["rows"], entry["digest"])
+            ctl.save_checkpoint(sid, b, entry)
             done[b] = entry
     copied_now = 0
-    total = len(batches)
+    total = len(batch_users)
     if progress:
         progress(len(done), total)
-    pending = [b for b in sorted(batches) if b not in done]
-    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches)
-    for b, res in _copy_pending(ctx, sid, dst_dsn, batches, pending):
-        ctl.save_checkpoint(sid, b, res["last_key"], res["rows"], res["digest"])
+    pending = [b for b in sorted(batch_users) if b not in done]
+    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batch_users)
+    for b, res in _copy_pending(ctx, sid, dst_dsn, batch_users, pending):
+        ctl.save_checkpoint(sid, b, res)
         done[b] = res
         copied_now += 1
         log.info("shard %s batch %d committed", sid, b)
@@ -301,14 +302,16 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
             progress(len(done), total)
     if ctx.spec.changes.capture:
         pause_point(ctx, sid, "catch_up")
-        n = capture.catch_up(ctx, sid, ctx.source_dsn, dst_dsn, "forward", until=ctx.spec.changes.catch_up_below)
+        n = capture.catch_up(
+            ctx, sid, ctx.source_dsn, dst_dsn, "forward", pending_at_most=ctx.spec.changes.catch_up_below
+        )
         log.info("shard %s: %d captured change(s) applied", sid, n)
     if objects.enabled(ctx):
-        moved = objects.copy_batches(ctx, sid, shard.region, batches)
-        log.info("shard %s objects: %d copied, %d already there", sid, moved["copied"], moved["skipped"])
+        moved = objects.copy_batches(ctx, sid, shard.region, batch_users)
+        log.info("shard %s objects: %d copied, %d already there", sid, moved.copied, moved.skipped)
     rows: dict[str, int] = {}
     for entry in done.values():
-        for t, n in entry["rows"].items():
+        for t, n in entry.rows.items():
             rows[t] = rows.get(t, 0) + n
     ctl.move(sid, Phase.COPYING, Phase.COPIED, {"event": "copied", "batches": len(done), "rows": rows}, error=None)
     return CopyResult(len(done), copied_now, rows)

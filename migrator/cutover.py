@@ -48,7 +48,7 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
     window = ctx.spec.changes.fence_window_s
     # Lag first: fencing a shard whose backlog cannot be applied in the window would only
     # cost the users write downtime.
-    capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below)
+    capture.catch_up(ctx, sid, src, dst, "forward", pending_at_most=ctx.spec.changes.catch_up_below)
     t0: float | None = None
     decided = False
     try:
@@ -145,7 +145,7 @@ def _compare_changed_so_far(
     settled: tuple[int, int] | None = None
     upto: tuple[int, int] = (0, 0)
     for _ in range(rounds):
-        capture.catch_up(ctx, sid, src, dst, "forward", until=ctx.spec.changes.catch_up_below, ignore=ours)
+        capture.catch_up(ctx, sid, src, dst, "forward", pending_at_most=ctx.spec.changes.catch_up_below, ignore=ours)
         upto = ctx.control.position(sid, "forward")
         pause_point(ctx, sid, "settled")
         diffs = compare_touched(ctx, sid, src, dst, after=settled, upto=upto)

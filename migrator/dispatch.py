@@ -27,9 +27,10 @@ from migrator.cleanup import cleanup_shard
 from migrator.context import Context
 from migrator.copier import copy_shard
 from migrator.cutover import FenceWindowExceeded, cutover_shard
-from migrator.errors import ChecksumMismatch, SpecError, StateConflict, describe, is_transient, retrying
+from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError, StateConflict, describe, is_transient, retrying
+from migrator.purge import purge_shard
 from migrator.rollback import rollback_shard
-from migrator.state import Phase, allowed
+from migrator.state import MOVED, Phase, allowed
 from migrator.verifier import verify_shard
 
 log = logging.getLogger("migrator.dispatch")
@@ -43,23 +44,26 @@ class Verdict(StrEnum):
     REFUSE = "refuse"
 
 
-PHASES = ("copy", "verify", "recheck", "cutover", "rollback", "cleanup", "release", "retry")
+PHASES = ("copy", "verify", "recheck", "cutover", "rollback", "cleanup", "release", "retry", "purge")
 # The states each phase runs from, and those in which its work is already done.
 RUNS: dict[str, frozenset[Phase]] = {
     "copy": frozenset({P.PLANNED, P.COPYING, P.FAILED}),
     "verify": frozenset({P.COPIED}),
     "recheck": frozenset({P.VERIFIED, P.CUT_OVER}),
     "cutover": frozenset({P.VERIFIED}),
-    "rollback": frozenset(set(P) - {P.ROLLED_BACK}),
+    "rollback": frozenset(set(P) - {P.ROLLED_BACK, P.PURGING, P.PURGED}),
     "cleanup": frozenset({P.CUT_OVER, P.ROLLED_BACK}),
     "release": frozenset({P.ROLLED_BACK}),
     "retry": frozenset({P.ROLLED_BACK}),
+    "purge": frozenset({P.CUT_OVER, P.PURGING}),
 }
 DONE: dict[str, frozenset[Phase]] = {
-    "copy": frozenset({P.COPIED, P.VERIFIED, P.CUT_OVER}),
-    "verify": frozenset({P.VERIFIED, P.CUT_OVER}),
-    "cutover": frozenset({P.CUT_OVER}),
+    "copy": frozenset({P.COPIED, P.VERIFIED, *MOVED}),
+    "verify": frozenset({P.VERIFIED, *MOVED}),
+    "cutover": frozenset(MOVED),
     "rollback": frozenset({P.ROLLED_BACK}),
+    "cleanup": frozenset({P.PURGED}),
+    "purge": frozenset({P.PURGED}),
 }
 NEXT_STEP: dict[Phase, str] = {
     P.PLANNED: "copy it first (migrator copy)",
@@ -70,6 +74,9 @@ NEXT_STEP: dict[Phase, str] = {
     P.FAILED: "resume it (migrator copy, then verify) once the cause is fixed, or roll it back",
     P.ROLLING_BACK: "finish the rollback (migrator rollback)",
     P.ROLLED_BACK: "its users are held; move them again with migrator retry, or release them with migrator release",
+    P.PURGING: "finish the purge (migrator purge resumes it); it can no longer be rolled back",
+    P.PURGED: "none: its source copy is retired, the point of no return; moving its users back is a new "
+    "migration from their region",
 }
 
 
@@ -139,6 +146,10 @@ def _cleanup(ctx: Context, sid: str, reason: str, progress: Progress | None) -> 
     return cleanup_shard(ctx, sid)
 
 
+def _purge(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
+    return purge_shard(ctx, sid, progress=progress)
+
+
 def _release(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
     return holds.release(ctx, sid, reason)
 
@@ -156,12 +167,13 @@ RUNNERS: dict[str, Callable[[Context, str, str, Progress | None], dict[str, Any]
     "cleanup": _cleanup,
     "release": _release,
     "retry": _retry,
+    "purge": _purge,
 }
 
 
 def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> None:
     """The one classification of a phase's failure (see the module's docstring)."""
-    if isinstance(exc, (SpecError, StateConflict)) or not isinstance(exc, Exception):
+    if isinstance(exc, (SpecError, StateConflict, PurgeRefused)) or not isinstance(exc, Exception):
         return
     ctl = ctx.control
     what = describe(exc)
@@ -198,6 +210,8 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
     if d.verdict == Verdict.SKIP:
         return Result(sid, phase, state.value, False, skipped=d.why)
     if d.verdict == Verdict.REFUSE:
+        if state in (P.PURGING, P.PURGED):
+            raise StateConflict(f"shard {sid} {d.why} (purge started {ctx.control.purge_started(sid)})")
         raise StateConflict(f"shard {sid} {d.why}")
     try:
         detail = RUNNERS[phase](ctx, sid, reason, progress)

@@ -61,6 +61,10 @@ class StateVersionError(MigratorError):
     exit_code = 2
 
 
+class PurgeRefused(MigratorError):
+    """A purge's precondition does not hold (not due yet, no key, ...): nothing was touched."""
+
+
 class TransientError(MigratorError):
     """Raised by the migrator itself for conditions a retry can fix."""
 

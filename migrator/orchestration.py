@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from migrator import dispatch
+from migrator import dispatch, purge
 from migrator.context import Context
 from migrator.errors import MigratorError
 from migrator.planner import plan as make_plan
@@ -136,3 +136,33 @@ def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
             + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
         )
     return {"shards": len(states), "cut_over": len(states)}
+
+
+def purge_select(spec: Spec, run_id: str, wave: str | None, names: list[str] | None, region: str | None) -> list[str]:
+    """The shards the purge DAG works on: those named, or every one whose purge is due."""
+    ctx = Context(spec, run_id)
+    purge.settings(ctx)
+    purge.check_policy(ctx)
+    return [s.shard_id for s in purge.select(ctx, wave, names or None, region)]
+
+
+def purge_one(spec: Spec, run_id: str, shard_id: str, dry_run: bool) -> dict[str, Any]:
+    """One shard's purge (or, in a dry run, what it would delete and pseudonymise)."""
+    if dry_run:
+        return purge.dry_run_shard(Context(spec, run_id), shard_id)
+    return phase(spec, run_id, shard_id, "purge")
+
+
+def purge_verdict(spec: Spec, ids: list[str], dry_run: bool) -> dict[str, Any]:
+    """Fails the run unless every selected shard is purged (after a real run)."""
+    if dry_run or not ids:
+        return {"shards": len(ids), "dry_run": dry_run}
+    ctx = Context(spec, "report")
+    states = {s.shard_id: s.state.value for s in ctx.control.shards(names=ids)}
+    bad = {k: v for k, v in states.items() if v != Phase.PURGED.value}
+    if bad:
+        raise MigratorError(
+            f"{len(bad)} of {len(states)} shard(s) not purged: "
+            + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
+        )
+    return {"shards": len(states), "purged": len(states)}

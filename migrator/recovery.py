@@ -30,7 +30,7 @@ from migrator import capture, directory
 from migrator.context import Context
 from migrator.control import Shard
 from migrator.errors import ShardBusy, StateConflict, describe
-from migrator.state import Phase
+from migrator.state import MOVED, Phase
 
 log = logging.getLogger("migrator.recovery")
 
@@ -54,13 +54,13 @@ def _due(state: Phase, src: str | None, dst: str | None) -> str | None:
         return "complete the cutover's flip (the source fence was held, the flip did not commit)"
     if state == Phase.VERIFIED and src is not None:
         return "lift the source fence of a cutover that did not finish"
-    if state == Phase.CUT_OVER and src != capture.HELD:
+    if state in MOVED and src != capture.HELD:
         return "hold the source fence of a cut-over shard"
     if state == Phase.CUT_OVER and dst == capture.HELD:
         return "complete the rollback's flip back (the destination fence was held, the flip back did not commit)"
     if state == Phase.CUT_OVER and dst is not None:
         return "lift the destination fence of a rollback that did not finish"
-    if state not in (Phase.VERIFIED, Phase.CUT_OVER) and src is not None:
+    if state != Phase.VERIFIED and state not in MOVED and src is not None:
         return "lift the source fence: the shard's users are homed at the source"
     return None
 
@@ -96,13 +96,13 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
             capture.lift(src, sid)
             _audit(ctx, sid, state, "source fence lifted", error=str(exc))
             done.append("source fence lifted")
-    elif state == Phase.CUT_OVER and s != capture.HELD:
+    elif state in MOVED and s != capture.HELD:
         capture.install(ctx, src)
         capture.stage_fence(src, sid, ctl)
         capture.hold_now(src, sid)
         _audit(ctx, sid, state, "source fence held")
         done.append("source fence held")
-    elif state != Phase.CUT_OVER and s is not None:
+    elif state not in MOVED and s is not None:
         capture.lift(src, sid)
         _audit(ctx, sid, state, "source fence lifted", fence=s)
         done.append("source fence lifted")
@@ -134,7 +134,7 @@ def unfinished(ctx: Context, shards: list[Shard] | None = None) -> list[Unfinish
         return []
     if shards is None:
         shards = ctx.control.shards(
-            states=[Phase.VERIFIED, Phase.CUT_OVER, Phase.ROLLING_BACK, Phase.ROLLED_BACK, Phase.FAILED]
+            states=[Phase.VERIFIED, *MOVED, Phase.ROLLING_BACK, Phase.ROLLED_BACK, Phase.FAILED]
         )
     if not shards:
         return []

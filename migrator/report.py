@@ -26,7 +26,7 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
         cps = ctl.checkpoints(s.shard_id)
         rows: dict[str, int] = {}
         for cp in cps.values():
-            for t, n in cp["rows"].items():
+            for t, n in cp.rows.items():
                 rows[t] = rows.get(t, 0) + n
         if has_objects:
             with ctl.connect(autocommit=True) as c:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -266,6 +266,69 @@ class RetrySettings(_Strict):
     )
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+class KeyRef(_Strict):
+    """Where a region's key is found by the worker: an environment variable, named here;
+    its value never appears in the spec, the control database, a log or the audit."""
+
+    env: str
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: str) -> str:
+        if not _ENV_NAME.match(v):
+            raise ValueError(f"{v!r} is not an environment variable name (upper-case letters, digits, _)")
+        return v
+
+
+class Pseudonymise(_Strict):
+    pseudonymise: list[str] = Field(description="columns whose values are replaced by keyed pseudonyms")
+
+    @field_validator("pseudonymise")
+    @classmethod
+    def _cols(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one column")
+        for c in v:
+            _ident(c, "column")
+        return v
+
+
+class Purge(_Strict):
+    """Retiring the source copy of a cut-over shard after its retention (`migrator purge`)."""
+
+    after: str = Field("7d", description="retention after cutover before the source copy goes: 30m, 12h, 7d, 0s")
+    tables: dict[str, Literal["delete", "keep"] | Pseudonymise] = Field(
+        {}, description="per table of the graph: delete (the default), keep, or {pseudonymise: [columns]}"
+    )
+    keys: dict[str, KeyRef] = Field({}, description="per destination region, where its pseudonymisation key is")
+    batch_pause_s: float = Field(0.0, ge=0, le=60, description="pause between batches, to spare the source")
+
+    @field_validator("after")
+    @classmethod
+    def _after(cls, v: str) -> str:
+        if not _DURATION.match(v.strip()):
+            raise ValueError(f"{v!r} is not a duration such as 30m, 12h or 7d")
+        return v.strip()
+
+    @property
+    def after_s(self) -> float:
+        m = _DURATION.match(self.after)
+        assert m is not None
+        return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+    def action(self, table: str) -> str:
+        a = self.tables.get(table, "delete")
+        return "pseudonymise" if isinstance(a, Pseudonymise) else a
+
+    def columns(self, table: str) -> list[str]:
+        a = self.tables.get(table)
+        return list(a.pseudonymise) if isinstance(a, Pseudonymise) else []
+
+
 class Spec(_Strict):
     version: int = 1
     source_region: str = "us"
@@ -279,6 +342,7 @@ class Spec(_Strict):
     retry: RetrySettings = RetrySettings()
     objects: Objects | None = None
     changes: ChangeSettings = ChangeSettings()
+    purge: Purge | None = None
     require_indexes: bool = Field(
         False,
         description="refuse to plan (exit 2) while an owner-key or foreign-key column of the graph has no index "
@@ -323,7 +387,38 @@ class Spec(_Strict):
             for region in [self.source_region, *self.targets]:
                 if region not in self.objects.stores:
                     raise ValueError(f"objects.stores: no store for region {region!r}")
+        if self.purge is not None:
+            self._check_purge(self.purge)
         return self
+
+    def _check_purge(self, p: Purge) -> None:
+        g = self.entity_graph
+        names = [g.root.table] + [t.table for t in g.tables]
+        for t in p.tables:
+            if t not in names:
+                raise ValueError(f"purge.tables.{t}: not a table of the entity graph")
+        for child in g.tables:  # a kept row would hold a foreign key to a deleted parent
+            if p.action(child.table) != "delete" and p.action(child.parent) == "delete":
+                raise ValueError(
+                    f"purge.tables.{child.table}: {p.action(child.table)} while its parent {child.parent} is deleted "
+                    f"(its foreign key ({', '.join(child.fk)}) would point at deleted rows); keep or pseudonymise "
+                    f"{child.parent} too, or delete {child.table}"
+                )
+        joined: dict[str, set[str]] = {g.root.table: {g.root.key}}  # columns rows are found or joined by
+        for child in g.tables:
+            joined.setdefault(child.table, set()).update(child.fk)
+            joined.setdefault(child.parent, set()).update(child.fk.values())
+        for t in p.tables:
+            for col in p.columns(t):
+                if col in joined.get(t, set()):
+                    raise ValueError(
+                        f"purge.tables.{t}: column {col} is a key the entity graph joins on; it cannot be pseudonymised"
+                    )
+                if g.root.table == t and col == g.root.residency:
+                    raise ValueError(f"purge.tables.{t}: column {col} is the residency the purge is decided by")
+        for r in p.keys:
+            if r not in self.regions or r == self.source_region:
+                raise ValueError(f"purge.keys.{r}: not a destination region")
 
     @property
     def targets(self) -> list[str]:

@@ -121,7 +121,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     ctl = ctx.control
     shard = ctl.shard(sid)
     ctx.check_destination(shard.region)
-    batches = ctl.batch_keys(sid, ctx.sort_keys)
+    batch_users = ctl.batch_keys(sid, ctx.sort_keys)
     src_dsn, dst_dsn = ctx.source_dsn, ctx.dsn(shard.region)
     # Each side is read on `verify.workers` connections at once, each taking the next
     # table from the side's queue, so neither side's server waits on its slower half.
@@ -143,13 +143,13 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
             dst.update(f.result())
     differences: list[dict] = []
     if objects.enabled(ctx):
-        obj_agg, obj_diffs = objects.verify(ctx, sid, shard.region, batches)
+        obj_agg, obj_diffs = objects.verify(ctx, sid, shard.region, batch_users)
         src.update(obj_agg)
         dst.update(obj_agg)
         differences += obj_diffs
     for table, b in sorted(src.keys() | dst.keys()):
         if src.get((table, b)) != dst.get((table, b)) and len(differences) < MAX_NAMED:
-            differences += _narrow(ctx, src_dsn, dst_dsn, table, batches[b])
+            differences += _narrow(ctx, src_dsn, dst_dsn, table, batch_users[b])
     if in_flight_ok and differences:
         differences = not_changed_since(differences, capture.touched(ctx.source_dsn, sid))
     rows: dict[str, int] = {t: 0 for t in ctx.tables}
@@ -177,7 +177,9 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         # Rows still changing are left out of the comparison (in_flight_ok) and compared
         # at cutover, so the catch-up need not reach an empty log: under a writer that
         # never pauses it would not.
-        capture.catch_up(ctx, sid, ctx.source_dsn, shard_region, "forward", until=ctx.spec.changes.catch_up_below)
+        capture.catch_up(
+            ctx, sid, ctx.source_dsn, shard_region, "forward", pending_at_most=ctx.spec.changes.catch_up_below
+        )
     res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != Phase.CUT_OVER)
     detail = {
         "event": "verify",

@@ -147,12 +147,12 @@ def catch_up(
     dst_dsn: str,
     direction: str,
     *,
-    until: int = 0,
+    pending_at_most: int = 0,
     deadline: float | None = None,
     ignore: tuple[int, ...] = (),
 ) -> int:
-    """Apply passes until at most `until` changes are pending; returns changes applied.
-    (With `until` = 0 outside a fence, a writer that never pauses would keep it going.)
+    """Apply passes until at most `pending_at_most` changes are pending; returns changes applied.
+    (With 0 outside a fence, a writer that never pauses would keep it going.)
 
     Changes of transactions newer than the oldest one still writing wait for it (see
     `apply`): a long transaction on the log's server holds the catch-up back until it ends,
@@ -167,7 +167,7 @@ def catch_up(
     while True:
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError("catch-up did not finish inside the fence window")
-        if lag(src_dsn, sid, pos) <= until:
+        if lag(src_dsn, sid, pos) <= pending_at_most:
             return applied
         ms = None if deadline is None else int((deadline - time.monotonic()) * 1000)
         try:

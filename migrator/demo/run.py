@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -13,18 +14,23 @@ from pathlib import Path
 from rich.console import Console
 
 from migrator import engine, report
+from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.demo import seed
 from migrator.embedded import Cluster, LocalS3
 from migrator.planner import residencies
 from migrator.spec import load_spec
+from migrator.state import MOVED
 
 REGIONS = ["us", "ie", "no"]
 
 
-def write_spec(folder: Path) -> Path:
+def write_spec(folder: Path, purge: bool = False) -> Path:
     path = folder / "spec.yaml"
-    path.write_text(resources.files("migrator.demo").joinpath("spec.yaml").read_text())
+    text = resources.files("migrator.demo").joinpath("spec.yaml").read_text()
+    if purge:  # no retention in the demo
+        text = text.replace("  after: 7d\n", "  after: 0s\n")
+    path.write_text(text)
     return path
 
 
@@ -34,6 +40,8 @@ def start(users: int, base: Path) -> tuple[Cluster, dict[str, LocalS3], dict[str
     cluster = Cluster(REGIONS, base / "servers").start()
     endpoints = {r: LocalS3(r).start() for r in REGIONS}
     env = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo"}
+    for r in ("ie", "no"):  # each destination's pseudonymisation key, made up for this demo and never shown
+        env[f"MIGRATOR_PSEUDONYM_KEY_{r.upper()}"] = secrets.token_hex(32)
     for r, s in endpoints.items():
         env[f"MIGRATOR_{r.upper()}_S3"] = s.endpoint
     for r in REGIONS:
@@ -87,7 +95,12 @@ def _finish_writer(writer, env: dict[str, str]) -> dict:
 
 
 def run_demo(
-    users: int = 2000, keep: Path | None = None, via: str = "auto", quiet: bool = False, with_writes: bool = False
+    users: int = 2000,
+    keep: Path | None = None,
+    via: str = "auto",
+    quiet: bool = False,
+    with_writes: bool = False,
+    purge: bool = False,
 ) -> dict:
     console = Console(stderr=True, quiet=quiet)
     base = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="rm-demo-"))
@@ -96,7 +109,7 @@ def run_demo(
     console.print(f"Starting PostgreSQL servers for {', '.join(REGIONS)} under {base} ...")
     cluster, endpoints, env = start(users, base)
     try:
-        spec_path = write_spec(base)
+        spec_path = write_spec(base, purge=purge)
         console.print(f"Seeded {users} US users; spec at {spec_path}")
         if via == "auto":
             via = "airflow" if _airflow_available() else "cli"
@@ -126,12 +139,16 @@ def run_demo(
             writes = extra["writes"] = _finish_writer(writer, env)
             ok_writes = writes["lost_writes"] == 0 and writes["errors"] == 0
             outcomes.append(engine.Outcome("writes", ok_writes, error=None if ok_writes else "writes were lost"))
+        if purge:
+            outcomes = [o for o in outcomes if o.shard_id == "writes"] + _purge(ctx, spec_path, base, via, console)
+            shards = report.shard_rows(ctx, None)
+            extra["purge"] = purge_shards.summary(ctx, [s["shard_id"] for s in shards])
         unplaced, staying, _ = residencies(ctx)
         extra.update(unplaced_users=unplaced, staying_users=staying)
         doc = report.document("demo", shards, outcomes, None, extra=extra)
         doc["seconds"] = round(time.monotonic() - t0, 2)
         doc["regions"] = _per_region(shards)
-        doc["digests_matched"] = sum(1 for s in shards if s["digest"] and s["state"] == "cut_over")
+        doc["digests_matched"] = sum(1 for s in shards if s["digest"] and s["state"] in MOVED)
         if keep:
             doc["spec"] = str(spec_path)
         return doc
@@ -144,6 +161,20 @@ def run_demo(
         else:
             cluster.remove()
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _purge(ctx: Context, spec_path: Path, base: Path, via: str, console: Console) -> list[engine.Outcome]:
+    """The purge after the migration: the residency_purge DAG, or the library directly."""
+    if via == "airflow":
+        from migrator.demo.airflow_run import run_dag
+
+        console.print("Running the residency_purge DAG (airflow dags test) ...")
+        ok = run_dag(spec_path, base / "purge", {}, dag_id="residency_purge").returncode == 0
+    else:
+        console.print("Purging the source copy of every cut-over shard ...")
+        ok = purge_shards.run(ctx, purge_shards.select(ctx, None, None, None))["ok"]
+    states = {s.shard_id: s.state.value for s in ctx.control.shards()}
+    return [engine.Outcome(sid, ok and st == "purged", st) for sid, st in states.items()]
 
 
 def _progress_line(ctx: Context) -> str:
@@ -166,7 +197,7 @@ def _per_region(shards: list[dict]) -> dict:
         r = out.setdefault(s["region"], {"users": 0, "rows": {}, "shards": 0, "cut_over": 0})
         r["users"] += s["users"]
         r["shards"] += 1
-        r["cut_over"] += s["state"] == "cut_over"
+        r["cut_over"] += s["state"] in MOVED
         for t, n in s["rows"].items():
             r["rows"][t] = r["rows"].get(t, 0) + n
     return out

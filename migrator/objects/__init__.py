@@ -11,7 +11,19 @@ the shard digest. Rollback deletes exactly the manifest's keys at the destinatio
 
 from migrator.objects.common import enabled, ensure, manifest, manifest_digest, settings
 from migrator.objects.copy import copy_batches
+from migrator.objects.purge import keys_digest, purge_batch
 from migrator.objects.rollback import rollback
 from migrator.objects.verify import verify
 
-__all__ = ["copy_batches", "enabled", "ensure", "manifest", "manifest_digest", "rollback", "settings", "verify"]
+__all__ = [
+    "copy_batches",
+    "enabled",
+    "ensure",
+    "keys_digest",
+    "manifest",
+    "manifest_digest",
+    "purge_batch",
+    "rollback",
+    "settings",
+    "verify",
+]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from migrator.context import Context
 from migrator.control import SCHEMA
@@ -22,13 +23,19 @@ from migrator.objects.common import (
 from migrator.stores import s3
 
 
+@dataclass
+class ObjectsCopied:
+    copied: int = 0  # objects copied by this call
+    skipped: int = 0  # already at the destination with the same content
+
+
 def copy_batches(
     ctx: Context,
     sid: str,
     region: str,
-    batches: Mapping[int, list[str]],
+    batch_users: Mapping[int, list[str]],
     progress: Callable[[int, int], None] | None = None,
-) -> dict:
+) -> ObjectsCopied:
     """Copy the objects of every batch not yet checkpointed; returns totals.
 
     Batches are pipelined: the next batch is listed and its copies queued while the
@@ -41,11 +48,11 @@ def copy_batches(
         done = {b for (b,) in c.execute(f"SELECT batch_no FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))}
     src, src_c, dst, dst_c = stores(ctx, region)
     threshold, part = o.multipart_threshold_mb * 2**20, o.part_size_mb * 2**20
-    totals = {"copied": 0, "skipped": 0}
+    totals = ObjectsCopied()
 
-    pending = [b for b in sorted(batches) if b not in done]
+    pending = [b for b in sorted(batch_users) if b not in done]
     src_index = dst_index = None
-    keys_of = {b: batches[b] for b in pending}  # read once: the listings and the copies both need them
+    keys_of = {b: batch_users[b] for b in pending}  # read once: the listings and the copies both need them
     shard_users = {u for keys in keys_of.values() for u in keys}
     if o.user_prefix is not None and len(shard_users) > PER_USER_LISTING:
         head, tail = o.user_prefix.split("{user}", 1)
@@ -108,8 +115,8 @@ def copy_batches(
                 "VALUES (%s, %s, %s, %s, %s)",
                 (sid, b, len(entries), sum(n for _, n, _ in entries), manifest_digest(entries)),
             )
-        totals["copied"] += sum(not r.skipped for r in results)
-        totals["skipped"] += sum(r.skipped for r in results)
+        totals.copied += sum(not r.skipped for r in results)
+        totals.skipped += sum(r.skipped for r in results)
 
     pool = ThreadPoolExecutor(max_workers=o.threads)
     inflight: collections.deque[tuple[int, list[Future]]] = collections.deque()

@@ -46,10 +46,10 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
 def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) -> set[str]:
     """Objects this tool wrote at the destination for the shard's users but never recorded."""
     o = settings(ctx)
-    batches = ctx.control.batch_keys(sid, ctx.sort_keys)
+    batch_users = ctx.control.batch_keys(sid, ctx.sort_keys)
     found: set[str] = set()
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
-        for users in batches.values():
+        for users in batch_users.values():
             candidates = set(source_objects(ctx, users))
             if o.user_prefix is not None:  # what the destination lists, and a HEAD only for keys outside
                 head, tail = o.user_prefix.split("{user}", 1)

@@ -16,7 +16,7 @@ from migrator.objects.common import (
 from migrator.stores import s3
 
 
-def verify(ctx: Context, sid: str, region: str, batches: Mapping[int, list[str]]) -> tuple[dict, list[dict]]:
+def verify(ctx: Context, sid: str, region: str, batch_users: Mapping[int, list[str]]) -> tuple[dict, list[dict]]:
     """Per batch (objects, manifest digest) as both endpoints now hold the bytes, and the
     objects that differ from the manifest, named by key."""
     o = settings(ctx)
@@ -26,9 +26,9 @@ def verify(ctx: Context, sid: str, region: str, batches: Mapping[int, list[str]]
     agg: dict[tuple[str, int], tuple[int, str]] = {}
     diffs: list[dict] = []
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
-        for b in sorted(batches):
+        for b in sorted(batch_users):
             entries = man.get(b, [])
-            expected_keys = batch_keys(ctx, batches[b])
+            expected_keys = batch_keys(ctx, batch_users[b])
             missing_from_manifest = sorted(set(expected_keys) - {k for k, _, _ in entries})
             diffs += [{"object": k, "problem": "not copied"} for k in missing_from_manifest]
             got_src = list(pool.map(lambda e: s3.content_sha256(src_c, src.bucket, e[0], part), entries))

@@ -200,6 +200,17 @@ Table(
     Index("changes_horizon", "shard_id", "xid", "id"),
 )
 
+# One row per purged batch at the source, committed with the batch's deletes (revision
+# capture_0002); it stays when the capture tables are dropped.
+Table(
+    "purge_ledger",
+    capture,
+    Column("shard_id", Text, primary_key=True),
+    Column("batch_no", Integer, primary_key=True),
+    Column("receipt", JSONB, nullable=False),
+    Column("at", TZ, nullable=False, server_default=text("clock_timestamp()")),
+)
+
 ledger = MetaData(schema=SCHEMA)
 
 # What each batch wrote at the destination, committed with the batch's rows: a resumed

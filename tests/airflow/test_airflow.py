@@ -24,10 +24,12 @@ socket.create_connection = refuse
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
-assert set(bag.dags) == {"residency_migration", "residency_rollback", "residency_release"}, list(bag.dags)
+names = {"residency_migration", "residency_rollback", "residency_release", "residency_purge"}
+assert set(bag.dags) == names, list(bag.dags)
 dag = bag.dags["residency_migration"]
 assert {"plan", "shard.copy", "shard.verify", "shard.cutover", "shard.rollback", "report"} <= set(dag.task_ids)
 assert dag.params["scope"] == "interval"
+assert {"select", "purge_shard", "report"} <= set(bag.dags["residency_purge"].task_ids)
 print("ok")
 """
     env = {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "PATH": "/usr/bin:/bin"}
@@ -106,3 +108,36 @@ def test_manual_rollback_and_release_dags_act_on_named_shards(world: World, tmp_
     assert world.ctl(
         "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'users released' AND detail->>'reason' = 'fixed'"
     ) == [(1,)]
+
+
+def test_purge_dag_purges_every_due_shard(world: World, tmp_path, monkeypatch):
+    from migrator.demo.airflow_run import run_dag
+
+    monkeypatch.setenv("TEST_PSEUDONYM_KEY_IE", "ie-test-key-0123456789abcdef")
+    world.write_spec(
+        sharding={"shards_per_region": 1},
+        purge={
+            "after": "0s",
+            "tables": {"users": {"pseudonymise": ["email", "display_name"]}, "login_events": "keep"},
+            "keys": {"ie": {"env": "TEST_PSEUDONYM_KEY_IE"}},
+        },
+    )
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    users = [
+        int(k)
+        for (k,) in world.ctl(
+            "SELECT user_key FROM migrator.shard_user JOIN migrator.shard USING (shard_id) WHERE region = 'ie'"
+        )
+    ]
+    kept = world.rows("us", "SELECT count(*) FROM login_events WHERE user_id = ANY(%s)", (users,))[0][0]
+    res = run_dag(world.spec_path, tmp_path / "p", {"dry_run": True}, dag_id="residency_purge")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert world.ctl("SELECT DISTINCT state FROM migrator.shard WHERE region = 'ie'") == [("cut_over",)]
+    res = run_dag(world.spec_path, tmp_path / "q", {}, dag_id="residency_purge")
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert world.ctl("SELECT DISTINCT state FROM migrator.shard WHERE region = 'ie'") == [("purged",)]
+    assert world.rows("us", "SELECT count(*) FROM videos WHERE user_id = ANY(%s)", (users,)) == [(0,)]
+    assert world.rows("us", "SELECT count(*) FROM login_events WHERE user_id = ANY(%s)", (users,)) == [(kept,)]
+    assert world.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s) AND email LIKE 'pz1_%%'", (users,)) == [
+        (len(users),)
+    ]

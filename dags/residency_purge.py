@@ -1,0 +1,67 @@
+"""Retires the source copy of cut-over shards past their retention (the spec's `purge`
+section): deletes or pseudonymises their rows and deletes their objects at the source.
+
+Scheduled daily; each run purges every shard that is due (or the shards named), one task
+per shard. A shard whose destination no longer verifies, or whose key is missing, fails
+its task with the reason and nothing of it purged; a transient outage is retried and a
+cleared task resumes from the purge ledger. After a purge, rollback is refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from migrator.airflow_glue import classified, purge_spec
+
+
+@dag(
+    dag_id="residency_purge",
+    schedule=os.environ.get("MIGRATOR_PURGE_SCHEDULE", "@daily"),
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["residency"],
+    doc_md=__doc__,
+    params={
+        "shards": Param([], type="array", items={"type": "string"}, description="shard ids or names; empty: all due"),
+        "wave": Param(None, type=["null", "string"], description="the wave, when a name is in several"),
+        "region": Param(None, type=["null", "string"], description="only shards bound for this region"),
+        "dry_run": Param(False, type="boolean", description="say what would be purged; change nothing"),
+        "spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC"),
+    },
+)
+def residency_purge():
+    @task
+    @classified
+    def select() -> list[str]:
+        from migrator import orchestration
+
+        ctx = get_current_context()
+        p = ctx["params"]
+        return orchestration.purge_select(purge_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"])
+
+    @task(map_index_template="{{ shard_name }}")
+    @classified
+    def purge_shard(shard_id: str) -> dict:
+        from migrator import orchestration
+
+        ctx = get_current_context()
+        ctx["shard_name"] = shard_id  # names the mapped instance in the UI
+        return orchestration.purge_one(purge_spec(), ctx["run_id"], shard_id, bool(ctx["params"]["dry_run"]))
+
+    @task(trigger_rule="all_done")
+    @classified
+    def report(ids: list[str]) -> dict:
+        from migrator import orchestration
+
+        ctx = get_current_context()
+        return orchestration.purge_verdict(purge_spec(), ids, bool(ctx["params"]["dry_run"]))
+
+    ids = select()
+    purge_shard.expand(shard_id=ids) >> report(ids)
+
+
+residency_purge()

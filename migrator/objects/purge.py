@@ -1,0 +1,54 @@
+"""Purging a shard's objects at the source: each key deleted (every version, in a versioned
+bucket) only after the destination's bytes are checked against the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+from migrator.context import Context
+from migrator.errors import ChecksumMismatch
+from migrator.objects.common import settings, stores
+from migrator.stores import s3
+
+
+def keys_digest(keys: list[str]) -> str:
+    """The SHA-256 of a sorted key list, one key per line: a receipt that names no key."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, int, str]]) -> list[str]:
+    """Check the destination copy of each manifest entry (key, size, SHA-256), then delete
+    the key's every version at the source; returns the keys deleted. Deleting a key that is
+    already gone is a no-op, so a rerun after a kill finishes the batch."""
+    if not entries:
+        return []
+    o = settings(ctx)
+    src, src_c, dst, dst_c = stores(ctx, region)
+    part = o.part_size_mb * 2**20
+    with ThreadPoolExecutor(o.threads) as pool:
+        got = list(pool.map(lambda e: s3.content_sha256(dst_c, dst.bucket, e[0], part), entries))
+    bad = [
+        {"object": k, "problem": "missing at destination" if g is None else "different at destination"}
+        for (k, n, h), g in zip(entries, got)
+        if g is None or g != (n, h)
+    ]
+    if bad:
+        raise ChecksumMismatch(
+            f"shard {sid}: {len(bad)} object(s) at destination {region} no longer match the manifest "
+            f"(first: {bad[0]['object']!r}, {bad[0]['problem']}); nothing of them was purged",
+            bad,
+        )
+
+    def delete(key: str) -> None:
+        versions = []
+        for page in src_c.get_paginator("list_object_versions").paginate(Bucket=src.bucket, Prefix=key):
+            versions += [v for v in page.get("Versions", []) + page.get("DeleteMarkers", []) if v["Key"] == key]
+        for v in versions:
+            src_c.delete_object(Bucket=src.bucket, Key=key, VersionId=v["VersionId"])
+        if not versions:
+            src_c.delete_object(Bucket=src.bucket, Key=key)
+
+    with ThreadPoolExecutor(o.threads) as pool:
+        list(pool.map(delete, [k for k, _, _ in entries]))
+    return [k for k, _, _ in entries]

@@ -1,0 +1,352 @@
+"""Retiring the source copy of a cut-over shard: the point of no return.
+
+Preconditions, checked before anything is touched (`PurgeRefused` or `ChecksumMismatch`
+otherwise): the shard is cut over for at least `purge.after`; the destination verifies
+against the source right now (rows and objects, re-read on both sides); the key of its
+region is available where a table is pseudonymised.
+
+Then, batch by batch (the copy's batches): the users' objects at the source are deleted
+once their destination bytes match the manifest, and in one source transaction every
+table of the graph, children first, loses the users' rows (`delete`) or has the listed
+columns replaced by keyed pseudonyms (`pseudonymise`, see `pseudonym`), or is left as it
+is (`keep`); the transaction also writes the batch's receipt into the source's purge
+ledger, so a batch is purged whole or not at all and a resumed purge starts at the next.
+The migrator's own session passes the guard triggers (`migrator.apply`); the source
+fence stays held, so the database keeps refusing any write that would give a moved user
+rows at the source again.
+
+The shard moves cut_over -> purging (from which rollback is refused) -> purged, with the
+receipts (per table rows deleted and pseudonymised, object keys deleted with a digest of
+the key list, the destination digest checked, times, run id) in the audit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import sql
+
+from migrator import capture, objects, pseudonym, sqlgen
+from migrator.catalog import Table
+from migrator.context import Context
+from migrator.control import Shard
+from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError, StateConflict
+from migrator.scaffolding import pause_point
+from migrator.schema import history
+from migrator.spec import Purge
+from migrator.state import Phase
+from migrator.stores.postgres import Conn, connect
+from migrator.verifier import verify_shard
+
+log = logging.getLogger("migrator.purge")
+
+Progress = Callable[[int, int], None]
+
+
+def settings(ctx: Context) -> Purge:
+    if ctx.spec.purge is None:
+        raise SpecError("the spec has no purge section: say per table what is deleted, kept or pseudonymised")
+    return ctx.spec.purge
+
+
+def check_policy(ctx: Context) -> None:
+    """The purge section against the source's tables: every pseudonymised column exists and
+    has a type a pseudonym can take (exit 2 otherwise, naming the column)."""
+    p = settings(ctx)
+    for name in p.tables:
+        table = ctx.tables[name]
+        for col in p.columns(name):
+            if col not in table.names:
+                raise SpecError(f"purge.tables.{name}: source {ctx.spec.source_region} has no column {col}")
+            why = pseudonym.unsupported(table.column(col).type)
+            if why:
+                raise SpecError(f"purge.tables.{name}.{col}: {why}")
+
+
+def _key(ctx: Context, region: str) -> bytes | None:
+    """The region's pseudonymisation key, or None when no table needs one."""
+    p = settings(ctx)
+    if not any(p.action(t) == "pseudonymise" for t in ctx.tables):
+        return None
+    ref = p.keys.get(region)
+    if ref is None:
+        raise PurgeRefused(f"no pseudonymisation key for region {region}: add purge.keys.{region} to the spec")
+    value = os.environ.get(ref.env, "")
+    if len(value) < 16:
+        raise PurgeRefused(
+            f"the pseudonymisation key for region {region} (environment variable {ref.env}, purge.keys.{region}) "
+            + ("is not set" if not value else "is shorter than 16 characters")
+            + " where this worker runs"
+        )
+    return value.encode()
+
+
+def _due(ctx: Context, sid: str) -> datetime:
+    p = settings(ctx)
+    at = ctx.control.entered(sid, Phase.CUT_OVER)
+    if at is None:
+        raise PurgeRefused(f"shard {sid}: no cutover recorded")
+    due = at.timestamp() + p.after_s
+    if time.time() < due:
+        when = datetime.fromtimestamp(due, UTC).isoformat(timespec="seconds")
+        raise PurgeRefused(
+            f"shard {sid} cut over at {at.isoformat(timespec='seconds')}; its retention "
+            f"(purge.after {p.after}) ends at {when}: nothing purged"
+        )
+    return at
+
+
+def _order(ctx: Context) -> list[Table]:
+    """The graph's tables, children first (the order rows go in)."""
+    return [ctx.tables[n] for n in reversed(list(ctx.tables))]
+
+
+def _pseudonymise(c: Conn, ctx: Context, table: Table, cols: list[str], keys: list[str], key: bytes) -> int:
+    """Replace `cols` of the users' rows of `table` with their pseudonyms; returns rows changed."""
+    g, kt = ctx.spec.entity_graph, ctx.key_type
+    own = sqlgen.ownership(g, table.name)
+    pk = [sql.SQL("t0.{}").format(sql.Identifier(x)) for x in table.pk]
+    vals = [sql.SQL("t0.{}::text").format(sql.Identifier(x)) for x in cols]
+    rows = c.execute(
+        sql.SQL("SELECT {} FROM {} WHERE {}").format(
+            sql.SQL(", ").join(pk + vals), own.from_, sqlgen.keys_filter(own, kt)
+        ),
+        sqlgen.keys_arg(keys),
+    ).fetchall()
+    if not rows:
+        return 0
+    types = [table.column(x).type for x in cols]
+    stage = sql.Identifier("rm_pseudonyms")
+    c.execute(
+        sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {}.{} WHERE false").format(
+            stage,
+            sql.SQL(", ").join(sql.Identifier(x) for x in [*table.pk, *cols]),
+            sql.Identifier(g.schema_),
+            sql.Identifier(table.name),
+        )
+    )
+    n_pk = len(table.pk)
+    with c.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(stage)) as cp:
+        for r in rows:
+            cp.write_row([*r[:n_pk], *(pseudonym.pseudonym(key, t, v) for t, v in zip(types, r[n_pk:]))])
+    changed = c.execute(
+        sql.SQL("UPDATE {}.{} AS d SET {} FROM {} AS z WHERE {}").format(
+            sql.Identifier(g.schema_),
+            sql.Identifier(table.name),
+            sql.SQL(", ").join(sql.SQL("{0} = z.{0}").format(sql.Identifier(x)) for x in cols),
+            stage,
+            sql.SQL(" AND ").join(sql.SQL("d.{0} = z.{0}").format(sql.Identifier(x)) for x in table.pk),
+        )
+    ).rowcount
+    c.execute(sql.SQL("DROP TABLE {}").format(stage))
+    return changed
+
+
+def _count(c: Conn, ctx: Context, table: Table, keys: list[str]) -> int:
+    own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
+    return c.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(own.from_, sqlgen.keys_filter(own, ctx.key_type)),
+        sqlgen.keys_arg(keys),
+    ).fetchone()[0]
+
+
+def _purge_rows(c: Conn, ctx: Context, keys: list[str], key: bytes | None) -> dict[str, dict[str, Any]]:
+    p = settings(ctx)
+    out: dict[str, dict[str, Any]] = {}
+    for table in _order(ctx):
+        action = p.action(table.name)
+        if action == "delete":
+            n = c.execute(sqlgen.delete_keys(ctx.spec.entity_graph, table, ctx.key_type), sqlgen.keys_arg(keys))
+            out[table.name] = {"action": "delete", "rows_deleted": n.rowcount}
+        elif action == "pseudonymise":
+            assert key is not None
+            cols = p.columns(table.name)
+            n_rows = _pseudonymise(c, ctx, table, cols, keys, key)
+            out[table.name] = {"action": "pseudonymise", "rows_pseudonymised": n_rows, "columns": cols}
+        else:
+            out[table.name] = {"action": "keep", "rows_kept": _count(c, ctx, table, keys)}
+    return out
+
+
+def _plan_only(ctx: Context, sid: str) -> dict[str, Any]:
+    """What a purge would delete and pseudonymise, per table, without writing anything."""
+    p = settings(ctx)
+    totals: dict[str, dict[str, Any]] = {}
+    with connect(ctx.source_dsn, autocommit=True) as c:
+        for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
+            for table in _order(ctx):
+                n = _count(c, ctx, table, keys)
+                t = totals.setdefault(table.name, {"action": p.action(table.name), "rows": 0})
+                t["rows"] += n
+                if p.columns(table.name):
+                    t["columns"] = p.columns(table.name)
+    n_objects = sum(len(v) for v in objects.manifest(ctx, sid).values())
+    return {"tables": totals, "objects": n_objects}
+
+
+def preconditions(ctx: Context, sid: str) -> dict[str, Any]:
+    """Everything checked before a purge touches anything; returns what it found."""
+    shard = ctx.control.shard(sid)
+    check_policy(ctx)
+    cut_at = _due(ctx, sid)
+    _key(ctx, shard.region)
+    res = verify_shard(ctx, sid)  # re-reads rows and objects on both sides; raises on a difference
+    return {"cut_over_at": cut_at.isoformat(), "destination_digest": res.digest}
+
+
+def dry_run_shard(ctx: Context, sid: str) -> dict[str, Any]:
+    shard = ctx.control.shard(sid)
+    if shard.state != Phase.CUT_OVER:
+        raise PurgeRefused(f"shard {sid} is {shard.state}; only a cut-over shard can be purged")
+    checked = preconditions(ctx, sid)
+    return {"shard_id": sid, "would_purge": _plan_only(ctx, sid), **checked}
+
+
+def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dict[str, Any]:
+    """Purge one cut-over (or partly purged) shard; the caller holds its lock."""
+    ctl = ctx.control
+    shard = ctl.shard(sid)
+    src = ctx.source_dsn
+    if shard.state == Phase.CUT_OVER:
+        checked = preconditions(ctx, sid)
+        ctl.move(sid, Phase.CUT_OVER, Phase.PURGING, {"event": "purge started", **checked})
+    key = _key(ctx, shard.region)
+    history.ensure(src, history.CAPTURE)
+    with connect(src, autocommit=True) as c:
+        done = {
+            b: r
+            for b, r in c.execute("SELECT batch_no, receipt FROM migrator.purge_ledger WHERE shard_id = %s", (sid,))
+        }
+    manifest = objects.manifest(ctx, sid)
+    batch_users = ctl.batch_keys(sid, ctx.sort_keys)
+    total = len(batch_users)
+    pause = settings(ctx).batch_pause_s
+    for b in sorted(batch_users):
+        if b in done:
+            continue
+        keys = batch_users[b]
+        deleted_keys = objects.purge_batch(ctx, sid, shard.region, manifest.get(b, [])) if manifest else []
+        with connect(src) as c:
+            c.execute(capture.APPLY)
+            c.execute("SET LOCAL lock_timeout = '5s'")
+            tables = _purge_rows(c, ctx, keys, key)
+            receipt = {
+                "tables": tables,
+                "objects_deleted": len(deleted_keys),
+                "objects_digest": objects.keys_digest(deleted_keys),
+            }
+            c.execute(
+                "INSERT INTO migrator.purge_ledger (shard_id, batch_no, receipt) VALUES (%s, %s, %s)",
+                (sid, b, json.dumps(receipt)),
+            )
+        done[b] = receipt
+        pause_point(ctx, sid, "purged batch")
+        log.info("shard %s: purge batch %d/%d committed", sid, len(done), total)
+        if progress:
+            progress(len(done), total)
+        if pause:
+            time.sleep(pause)
+    receipts = _totals(done)
+    capture.finalize(ctx, sid, src, ctx.dsn(shard.region))  # rollback is gone: stop capturing at the destination
+    started = ctl.entered(sid, Phase.PURGING)
+    detail = {
+        "event": "purged",
+        "receipts": receipts,
+        "batches": len(done),
+        "started_at": started.isoformat() if started else None,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+    ctl.move(sid, Phase.PURGING, Phase.PURGED, detail)
+    return {"purged": receipts, "batches": len(done)}
+
+
+def _totals(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    tables: dict[str, dict[str, Any]] = {}
+    n_obj = 0
+    digests = []
+    for b in sorted(done):
+        r = done[b]
+        n_obj += r["objects_deleted"]
+        digests.append(r["objects_digest"])
+        for t, v in r["tables"].items():
+            acc = tables.setdefault(t, {k: (0 if isinstance(x, int) else x) for k, x in v.items()})
+            for k, x in v.items():
+                if isinstance(x, int):
+                    acc[k] += x
+
+    return {
+        "tables": tables,
+        "objects_deleted": n_obj,
+        "objects_digest": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+    }
+
+
+def is_due(ctx: Context, sid: str) -> bool:
+    try:
+        _due(ctx, sid)
+        return True
+    except PurgeRefused:
+        return False
+
+
+def select(ctx: Context, wave: str | None, names: list[str] | None, region: str | None) -> list[Shard]:
+    """The shards a purge works on: those named (each then refused or purged, with the
+    reason), or else every shard of any wave whose purge is unfinished or due."""
+    ctl = ctx.control
+    if names:
+        return ctl.resolve(wave, names, region)
+    if not ctl.exists():
+        return []
+    found = ctl.shards(wave=wave, region=region, states=[Phase.CUT_OVER, Phase.PURGING])
+    return [s for s in found if s.state == Phase.PURGING or is_due(ctx, s.shard_id)]
+
+
+def run(ctx: Context, shards: list[Shard], dry_run: bool = False) -> dict[str, Any]:
+    """`migrator purge` and the residency_purge DAG: each shard through the dispatcher (or
+    what it would purge); the document the command prints."""
+    from migrator import engine, report  # engine runs phases through dispatch, which runs purges
+
+    settings(ctx)
+    check_policy(ctx)
+    ids = [s.shard_id for s in shards]
+    if dry_run:
+        would = []
+        ok = True
+        for s in shards:
+            try:
+                would.append(dry_run_shard(ctx, s.shard_id))
+            except (PurgeRefused, ChecksumMismatch, StateConflict) as exc:
+                ok = False
+                would.append({"shard_id": s.shard_id, "refused": str(exc)})
+        return {"command": "purge", "dry_run": True, "ok": ok, "shards": would}
+    outcomes = engine.one_phase(ctx, shards, "purge")
+    doc = report.document("purge", report.shard_rows(ctx, None, ids) if ids else [], outcomes)
+    if not shards:
+        doc["note"] = "no shard is due for purging"
+    return doc
+
+
+def summary(ctx: Context, ids: list[str]) -> dict[str, Any]:
+    """The purge receipts of these shards, added up (from the audit's `purged` rows)."""
+    tables: dict[str, dict[str, int]] = {}
+    out: dict[str, Any] = {"shards_purged": 0, "objects_deleted": 0, "tables": tables}
+    for sid in ids:
+        for row in ctx.control.audit_rows(sid):
+            d = row["detail"]
+            if d.get("event") != "purged":
+                continue
+            out["shards_purged"] += 1
+            out["objects_deleted"] += d["receipts"]["objects_deleted"]
+            for t, v in d["receipts"]["tables"].items():
+                acc = tables.setdefault(t, {})
+                for k, x in v.items():
+                    if isinstance(x, int):
+                        acc[k] = acc.get(k, 0) + x
+    return out

@@ -1,0 +1,219 @@
+"""Purge: the source copy of cut-over shards retired, rows deleted or pseudonymised by the
+spec, checked against the tests' own SQL and HMACs."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+
+import psycopg
+import pytest
+
+from tests.conftest import DEMO_OWNED, World
+from tests.helpers import paused
+
+pytestmark = pytest.mark.integration
+
+KEYS = {"ie": "ie-test-key-0123456789abcdef", "no": "no-test-key-0123456789abcdef"}
+PURGE = {
+    "after": "0s",
+    "tables": {
+        "users": {"pseudonymise": ["email", "display_name"]},
+        "login_events": {"pseudonymise": ["ip"]},
+        "devices": "delete",
+    },
+    "keys": {"ie": {"env": "TEST_PSEUDONYM_KEY_IE"}, "no": {"env": "TEST_PSEUDONYM_KEY_NO"}},
+}
+
+
+@pytest.fixture
+def keys(monkeypatch):
+    monkeypatch.setenv("TEST_PSEUDONYM_KEY_IE", KEYS["ie"])
+    monkeypatch.setenv("TEST_PSEUDONYM_KEY_NO", KEYS["no"])
+
+
+def _text(key: str, v: str | None) -> str | None:
+    if v is None:
+        return None
+    return "pz1_" + hmac.new(key.encode(), f"text:{v}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _inet(key: str, v: str | None) -> str | None:
+    if v is None:
+        return None
+    addr = ipaddress.ip_interface(v).ip
+    mac = int.from_bytes(hmac.new(key.encode(), f"inet:{addr}".encode(), hashlib.sha256).digest(), "big")
+    if addr.version == 4:
+        return str(ipaddress.IPv4Address((240 << 24) | (mac & ((1 << 28) - 1))))
+    return str(ipaddress.IPv6Address((0x20010DB8 << 96) | (mac & ((1 << 96) - 1))))
+
+
+def _moved(world: World) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for region, key in world.ctl(
+        "SELECT s.region, su.user_key FROM migrator.shard_user su JOIN migrator.shard s USING (shard_id)"
+    ):
+        out.setdefault(region, []).append(int(key))
+    return out
+
+
+def _snapshot(world: World, region: str, users: list[int]) -> dict[str, list[tuple]]:
+    return {t: world.rows(region, q, (users,)) for t, q in DEMO_OWNED.items()}
+
+
+def _cut_over(world: World) -> dict[str, list[int]]:
+    assert world.migrator("run").returncode == 0
+    return _moved(world)
+
+
+def test_purge_retires_the_source_copy_by_the_spec(world: World, keys):
+    world.write_spec(purge=PURGE)
+    moved = _cut_over(world)
+    before = {r: _snapshot(world, "us", u) for r, u in moved.items()}
+    res = world.migrator("purge", "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    would = json.loads(res.stdout)["shards"]
+    assert would and all(s["would_purge"]["tables"]["devices"]["action"] == "delete" for s in would)
+    assert world.rows("us", "SELECT count(*) FROM devices WHERE user_id = ANY(%s)", (moved["ie"],))[0][0] > 0
+
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads(res.stdout)
+    assert {s["state"] for s in doc["shards"]} == {"purged"}
+    receipts = [s["phases"]["purge"]["purged"]["tables"] for s in doc["shards"]]
+    assert sum(r["devices"]["rows_deleted"] for r in receipts) > 0
+    assert sum(r["users"]["rows_pseudonymised"] for r in receipts) == sum(len(u) for u in moved.values())
+    for text in (res.stdout, res.stderr):
+        assert KEYS["ie"] not in text and KEYS["no"] not in text
+
+    for region, users in moved.items():
+        old = before[region]
+        # the destination still holds exactly what the source held
+        assert _snapshot(world, region, users) == old
+        # deleted tables: nothing left at the source (comments and videos by the default, devices by name)
+        for t in ("devices", "videos", "comments"):
+            assert world.rows("us", DEMO_OWNED[t], (users,)) == [], t
+        # pseudonymised: every original value replaced by its keyed pseudonym, other columns unchanged
+        key = KEYS[region]
+        cols = [
+            c
+            for (c,) in world.rows(
+                "us",
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'users' ORDER BY ordinal_position",
+            )
+        ]
+        now = world.rows("us", DEMO_OWNED["users"], (users,))
+        assert len(now) == len(old["users"])
+        for o, n in zip(old["users"], now):
+            o, n = dict(zip(cols, o)), dict(zip(cols, n))
+            assert n["email"] == _text(key, o["email"]) and n["display_name"] == _text(key, o["display_name"])
+            assert {k: v for k, v in n.items() if k not in ("email", "display_name")} == {
+                k: v for k, v in o.items() if k not in ("email", "display_name")
+            }
+        ips = world.rows("us", "SELECT host(ip) FROM login_events WHERE user_id = ANY(%s) ORDER BY 1", (users,))
+        want = sorted(
+            (_inet(key, ip),)
+            for (ip,) in world.rows(region, "SELECT host(ip) FROM login_events WHERE user_id = ANY(%s)", (users,))
+        )
+        assert sorted(ips, key=lambda r: r[0] or "") == sorted(want, key=lambda r: r[0] or "")
+
+    # the point of no return: rollback refused, naming the purge's time
+    sid = doc["shards"][0]["shard_id"]
+    res = world.migrator("rollback", "--shard", sid, "--reason", "too late")
+    assert res.returncode != 0 and "purge started" in res.stdout + res.stderr, res.stderr
+    # the source refuses to take a purged user's rows back
+    uid = moved["ie"][0]
+    with pytest.raises(psycopg.Error) as e:
+        world.rows(
+            "us", "INSERT INTO devices (user_id, device_no, phone) VALUES (%s, 999999, '+1555') RETURNING 1", (uid,)
+        )
+    assert e.value.sqlstate == "RMF01"
+    # a second purge finds nothing to do
+    again = world.migrator("purge", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["shards"] == []
+
+
+def test_a_purge_killed_midway_resumes_and_each_batch_is_whole(world: World, keys):
+    world.write_spec(purge=PURGE, sharding={"shards_per_region": 1})
+    moved = _cut_over(world)
+    proc = paused(world, "purged batch", "purge", "--region", "ie", seconds=60)
+    proc.kill()
+    proc.wait()
+    sid = world.ctl("SELECT shard_id FROM migrator.shard WHERE region = 'ie'")[0][0]
+    assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("purging",)]
+    done = world.rows("us", "SELECT batch_no FROM migrator.purge_ledger WHERE shard_id = %s", (sid,))
+    batches = world.ctl("SELECT batches FROM migrator.shard WHERE shard_id = %s", (sid,))[0][0]
+    assert len(done) == 1 < batches
+    (b,) = done[0]
+    purged_users = [
+        int(k)
+        for (k,) in world.ctl(
+            "SELECT user_key FROM migrator.shard_user WHERE shard_id = %s AND batch_no = %s", (sid, b)
+        )
+    ]
+    rest = sorted(set(moved["ie"]) - set(purged_users))
+    assert world.rows("us", "SELECT count(*) FROM devices WHERE user_id = ANY(%s)", (purged_users,)) == [(0,)]
+    assert world.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s) AND email LIKE 'pz1_%%'", (rest,)) == [
+        (0,)
+    ]
+    res = world.migrator("purge", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("purged",)]
+    assert world.rows(
+        "us", "SELECT count(*) FROM users WHERE user_id = ANY(%s) AND email NOT LIKE 'pz1_%%'", (moved["ie"],)
+    ) == [(0,)]
+    # pseudonymised once, not twice: the resumed run left the first batch alone
+    key = KEYS["ie"]
+    emails = {
+        u: e for u, e in world.rows("ie", "SELECT user_id, email FROM users WHERE user_id = ANY(%s)", (purged_users,))
+    }
+    assert dict(world.rows("us", "SELECT user_id, email FROM users WHERE user_id = ANY(%s)", (purged_users,))) == {
+        u: _text(key, e) for u, e in emails.items()
+    }
+
+
+def test_a_purge_refuses_before_touching_anything(world: World, keys, monkeypatch):
+    world.write_spec(purge={**PURGE, "after": "7d"})
+    moved = _cut_over(world)
+    devices = world.rows("us", "SELECT count(*) FROM devices")[0][0]
+    # inside the retention: named, nothing purged; unnamed, nothing is due
+    sid = world.ctl("SELECT shard_id FROM migrator.shard WHERE region = 'ie' ORDER BY 1 LIMIT 1")[0][0]
+    res = world.migrator("purge", "--shard", sid)
+    assert res.returncode == 1 and "retention" in res.stderr + res.stdout
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["shards"] == []
+    # no key where the worker runs
+    world.write_spec(purge=PURGE)
+    monkeypatch.delenv("TEST_PSEUDONYM_KEY_IE")
+    res = world.migrator("purge", "--shard", sid)
+    assert res.returncode == 1 and "TEST_PSEUDONYM_KEY_IE" in res.stdout + res.stderr
+    monkeypatch.setenv("TEST_PSEUDONYM_KEY_IE", KEYS["ie"])
+    # a destination row changed after cutover: refused, naming the shard and the table
+    uid = moved["ie"][0]
+    shard_of = world.ctl("SELECT shard_id FROM migrator.shard_user WHERE user_key = %s", (str(uid),))[0][0]
+    world.rows("ie", "UPDATE devices SET phone = '+0000' WHERE user_id = %s RETURNING 1", (uid,))
+    res = world.migrator("purge", "--shard", shard_of, "--json")
+    assert res.returncode == 1
+    out = res.stdout + res.stderr
+    assert shard_of in out and "devices" in out and "+0000" not in out
+    assert world.rows("us", "SELECT count(*) FROM devices")[0][0] == devices
+    assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (shard_of,)) == [("cut_over",)]
+
+
+@pytest.mark.parametrize(
+    ("purge", "needle"),
+    [
+        ({"tables": {"users": "delete", "devices": "keep"}}, "purge.tables.devices"),
+        ({"tables": {"users": {"pseudonymise": ["email"]}, "devices": {"pseudonymise": ["user_id"]}}}, "joins on"),
+        ({"tables": {"users": {"pseudonymise": ["email"]}, "videos": {"pseudonymise": ["created_at"]}}}, "created_at"),
+        ({"after": "soon"}, "purge.after"),
+    ],
+)
+def test_a_purge_section_that_cannot_work_is_refused(world: World, purge, needle):
+    world.write_spec(purge=purge)
+    res = world.migrator("purge", "--dry-run")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert needle in res.stderr

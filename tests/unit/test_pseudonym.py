@@ -1,0 +1,47 @@
+"""Keyed pseudonyms: deterministic under one key, different under another, valid for their
+column types, NULL kept; checked against HMACs computed here."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from migrator import pseudonym
+
+K1, K2 = b"k" * 32, b"j" * 32
+
+
+@given(st.text(min_size=0, max_size=200))
+def test_text_pseudonyms_are_keyed_macs(v):
+    want = "pz1_" + hmac.new(K1, f"text:{v}".encode(), hashlib.sha256).hexdigest()[:32]
+    assert pseudonym.pseudonym(K1, "text", v) == want == pseudonym.pseudonym(K1, "text", v)
+    assert pseudonym.pseudonym(K2, "text", v) != want
+
+
+@given(st.integers(min_value=12, max_value=64), st.text(min_size=1, max_size=80))
+def test_varchar_pseudonyms_fit(n, v):
+    out = pseudonym.pseudonym(K1, f"character varying({n})", v)
+    assert len(out) <= n and out.startswith("pz1_")
+
+
+@given(st.ip_addresses())
+def test_inet_pseudonyms_are_reserved_addresses(addr):
+    out = ipaddress.ip_address(pseudonym.pseudonym(K1, "inet", str(addr)))
+    assert out.version == addr.version
+    assert out in ipaddress.ip_network("240.0.0.0/4" if addr.version == 4 else "2001:db8::/32")
+    assert pseudonym.pseudonym(K1, "inet", str(addr)) == str(out)
+
+
+def test_null_stays_null_and_other_types_are_refused():
+    assert pseudonym.pseudonym(K1, "text", None) is None
+    assert pseudonym.pseudonym(K1, "inet", None) is None
+    assert pseudonym.unsupported("bigint") and "bigint" in pseudonym.unsupported("bigint")
+    assert pseudonym.unsupported("character varying(8)")
+    assert pseudonym.unsupported("text") is None and pseudonym.unsupported("inet") is None
+    with pytest.raises(ValueError):
+        pseudonym.pseudonym(K1, "timestamp with time zone", "2026-01-01")
