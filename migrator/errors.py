@@ -119,11 +119,12 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, psycopg.InterfaceError):
         return "closed" in str(exc).lower()
     try:
-        from botocore.exceptions import ClientError, ReadTimeoutError
+        from botocore.exceptions import ClientError, HTTPClientError, ReadTimeoutError
         from botocore.exceptions import ConnectionError as BotoConnectionError
     except ImportError:  # pragma: no cover
         return False
-    if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+    # HTTPClientError: the connection closed or broke mid-request (ConnectionClosedError)
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, HTTPClientError)):
         return True
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ import pytest
 from migrator.demo import seed
 from migrator.embedded import LocalS3
 from tests.conftest import World, demo_spec, fresh_databases
+from tests.helpers import paused
 
 pytestmark = pytest.mark.integration
 BIG = 6 * 2**20  # above the 5 MB multipart threshold used here
@@ -244,3 +246,53 @@ def test_batch_failing_midway_then_rollback_leaves_no_object_behind(oworld):
     res = w.migrator("rollback", "--region", "ie", "--json")
     assert res.returncode == 0, res.stderr
     assert set(listing(w, "ie")) == set()
+
+
+def test_purge_deletes_every_version_of_the_moved_users_objects_and_only_theirs(oworld):
+    w = oworld
+    us = s3(w.endpoints["us"].endpoint)
+    us.put_bucket_versioning(Bucket=w.buckets["us"], VersioningConfiguration={"Status": "Enabled"})
+    moved = ids_for(w, "ie")
+    for u in moved:  # a second version of each moved user's avatar, so the purge has old ones to find
+        us.put_object(Bucket=w.buckets["us"], Key=f"users/{u}/avatar.png", Body=f"v2 of {u}".encode())
+    w.write_spec(purge={"after": "0s"})  # every table deleted: no key needed
+    assert w.migrator("run", "--region", "ie").returncode == 0
+    at_home = {k: body(w, "ie", k) for k in objects_of(w, moved)}
+    staying = set(listing(w, "us")) - objects_of(w, moved)
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    receipts = [s["phases"]["purge"]["purged"] for s in json.loads(res.stdout)["shards"]]
+    assert sum(r["objects_deleted"] for r in receipts) == len(at_home)
+    versions = []
+    for page in us.get_paginator("list_object_versions").paginate(Bucket=w.buckets["us"]):
+        versions += [v["Key"] for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+    assert not set(versions) & objects_of(w, moved)  # no version, no delete marker left
+    assert set(listing(w, "us")) == staying  # the users who stay keep theirs
+    assert {k: body(w, "ie", k) for k in at_home} == at_home
+    assert body(w, "ie", f"users/{moved[0]}/avatar.png") == f"v2 of {moved[0]}".encode()
+
+
+def test_an_endpoint_lost_mid_purge_leaves_it_resumable_then_it_finishes(oworld):
+    w = oworld
+    w.write_spec(purge={"after": "0s"})
+    assert w.migrator("run", "--region", "ie").returncode == 0
+    moved = ids_for(w, "ie")
+    proc = paused(w, "purged batch", "purge", "--json", seconds=2, out=subprocess.PIPE)
+    w.relay.down()  # the destination's endpoint, which the next batch's objects are checked against
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        w.relay.restore()
+    assert proc.returncode == 1
+    sid = w.ctl("SELECT shard_id FROM migrator.shard WHERE region = 'ie'")[0][0]
+    assert w.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("purging",)]
+    q = "SELECT detail->>'event' FROM migrator.audit WHERE shard_id = %s ORDER BY id"
+    events = [e for (e,) in w.ctl(q, (sid,))]
+    assert events[-1] == "purge interrupted" and "purge failed" not in events, events  # transient: resumable
+    done = w.rows("us", "SELECT count(*) FROM migrator.purge_ledger WHERE shard_id = %s", (sid,))[0][0]
+    assert done >= 1
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert w.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("purged",)]
+    assert not set(listing(w, "us")) & objects_of(w, moved)
+    assert w.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s)", (moved,)) == [(0,)]

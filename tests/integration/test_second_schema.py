@@ -48,7 +48,7 @@ FROM crm.documents d, generate_series(1, 2) r;
 """
 
 
-def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
+def _crm(cluster, tmp_path, **extra) -> World:
     dsn, control = fresh_databases(cluster, SCHEMA)
     with psycopg.connect(dsn["us"]) as c:
         c.execute(SEED)
@@ -68,10 +68,15 @@ def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
         },
         "sharding": {"shards_per_region": 3},
         "copy": {"batch_users": 7},
+        **extra,
     }
     path = tmp_path / "crm.yaml"
     path.write_text(yaml.safe_dump(spec))
-    w = World(cluster, dsn, control, path, spec)
+    return World(cluster, dsn, control, path, spec)
+
+
+def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
+    w = _crm(cluster, tmp_path)
     res = w.migrator("run", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
@@ -105,3 +110,33 @@ def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
     assert named == [
         {"table": "revisions", "pk": {"account_id": str(acct), "doc_no": "1", "rev": "1"}, "problem": "different"}
     ]
+
+
+def test_the_second_schema_is_purged_from_its_spec_alone(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRM_KEY_IE", "crm-ie-key-0123456789abcdef")
+    monkeypatch.setenv("CRM_KEY_NO", "crm-no-key-0123456789abcdef")
+    purge = {
+        "after": "0s",
+        "tables": {"accounts": {"pseudonymise": ["name"]}, "documents": "keep"},  # revisions: deleted
+        "keys": {"ie": {"env": "CRM_KEY_IE"}, "no": {"env": "CRM_KEY_NO"}},
+    }
+    w = _crm(cluster, tmp_path, purge=purge)
+    assert w.migrator("run").returncode == 0
+    moved = [r[0] for r in w.rows("us", "SELECT account_id FROM crm.accounts WHERE residence IN ('IE', 'FR', 'NO')")]
+    docs = w.rows("us", "SELECT * FROM crm.documents WHERE account_id = ANY(%s) ORDER BY 1, 2", (moved,))
+    names = dict(w.rows("us", "SELECT account_id, name FROM crm.accounts WHERE account_id = ANY(%s)", (moved,)))
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert w.rows("us", "SELECT count(*) FROM crm.revisions WHERE account_id = ANY(%s)", (moved,)) == [(0,)]
+    assert repr(w.rows("us", "SELECT * FROM crm.documents WHERE account_id = ANY(%s) ORDER BY 1, 2", (moved,))) == repr(
+        docs
+    )
+    now = dict(w.rows("us", "SELECT account_id, name FROM crm.accounts WHERE account_id = ANY(%s)", (moved,)))
+    assert set(now) == set(names)
+    for acct, name in names.items():
+        assert (now[acct] is None) == (name is None)
+        assert name is None or (now[acct].startswith("pz1_") and now[acct] != name)
+    staying = w.rows(
+        "us", "SELECT count(*) FROM crm.revisions r JOIN crm.accounts a USING (account_id) WHERE a.residence = 'US'"
+    )[0][0]
+    assert staying > 0  # the users who stay keep everything
