@@ -43,6 +43,8 @@ def _name_instance(desc: dict) -> None:
 
 @dag(
     dag_id="residency_migration",
+    description="Moves each interval's users to their residency region: plan, copy, verify, cut over, or roll back.",
+    doc_md=__doc__,
     schedule=SCHEDULE,
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,

@@ -19,6 +19,7 @@ from migrator.airflow_glue import classified, purge_spec
 
 @dag(
     dag_id="residency_purge",
+    description="Retires the source copy of cut-over shards after their retention (rows deleted or pseudonymised).",
     schedule=os.environ.get("MIGRATOR_PURGE_SCHEDULE", "@daily"),
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,

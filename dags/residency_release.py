@@ -11,6 +11,8 @@ from migrator.airflow_glue import classified, named_phase, named_shards_params
 
 @dag(
     dag_id="residency_release",
+    description="Releases the held users of rolled-back shards, or plans them again in their own wave.",
+    doc_md=__doc__,
     schedule=None,
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,

@@ -11,6 +11,8 @@ from migrator.airflow_glue import classified, named_phase, named_shards_params
 
 @dag(
     dag_id="residency_rollback",
+    description="Rolls back the shards an operator names, with a reason; their users are then held.",
+    doc_md=__doc__,
     schedule=None,
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,

@@ -101,10 +101,14 @@ def test_shards_are_roughly_even(n):
     assert min(counts) > 4000 / n * 0.7
 
 
-def test_rollback_reachable_from_every_phase_but_done():
+def test_rollback_reachable_from_every_phase_but_done_and_purge():
     for p in Phase:
-        if p not in (Phase.ROLLED_BACK,):
+        if p not in (Phase.ROLLED_BACK, Phase.PURGING, Phase.PURGED):
             assert allowed(p, Phase.ROLLING_BACK), p
+        else:  # a purge is the point of no return
+            assert not allowed(p, Phase.ROLLING_BACK), p
+    assert TRANSITIONS[Phase.PURGED] == frozenset()
+    assert {k for k, v in TRANSITIONS.items() if Phase.PURGING in v} == {Phase.CUT_OVER, Phase.PURGING}
     assert not allowed(Phase.CUT_OVER, Phase.COPYING)
     assert not allowed(Phase.PLANNED, Phase.CUT_OVER)
     assert all(Phase.CUT_OVER not in v for k, v in TRANSITIONS.items() if k != Phase.VERIFIED)
