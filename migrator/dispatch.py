@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from migrator import holds, recovery
+from migrator import chain, holds, recovery
 from migrator.cleanup import cleanup_shard
 from migrator.context import Context
 from migrator.copier import copy_shard
@@ -218,7 +218,10 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
     except BaseException as exc:
         record_failure(ctx, sid, phase, exc)
         raise
-    return Result(sid, phase, ctx.control.shard(sid).state.value, True, detail=detail)
+    shard = ctx.control.shard(sid)
+    if phase in EVIDENT:  # the region it concerns keeps the audit chain's head from now on
+        chain.publish_quietly(ctx.control, ctx.dsn(shard.region), sid, phase)
+    return Result(sid, phase, shard.state.value, True, detail=detail)
 
 
 def _resolve(ctx: Context, sid: str) -> None:
@@ -240,6 +243,7 @@ def run_phase(ctx: Context, sid: str, phase: str, reason: str = "", progress: Pr
 
 
 FORWARD = ("copy", "verify", "cutover")
+EVIDENT = ("cutover", "rollback", "purge")  # phases after which the destination keeps the chain's head
 
 
 def advance(ctx: Context, sid: str, through: str = "cutover", progress: Progress | None = None) -> list[Result]:

@@ -64,6 +64,7 @@ class World:
 def demo_spec(dsn: dict[str, str], control: str, batch_users: int = 50, shards: int = 2) -> dict:
     spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
     spec.pop("objects")  # tests that need object stores add their own
+    spec.pop("purge")  # and those that purge, their purge section
     spec["regions"] = {r: {"dsn": d} for r, d in dsn.items()}
     spec["control"] = {"dsn": control}
     spec["copy"] = {"batch_users": batch_users}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from migrator import audit as audit_checks
 from migrator import engine, report
 from migrator import purge as purge_shards
 from migrator.context import Context
@@ -144,6 +145,10 @@ def run_demo(
             outcomes = [o for o in outcomes if o.shard_id == "writes"] + _purge(ctx, spec_path, base, via, console)
             shards = report.shard_rows(ctx, None)
             extra["purge"] = purge_shards.summary(ctx, [s["shard_id"] for s in shards])
+        checked = extra["audit"] = audit_checks.run(ctx)  # what an independent monitor would check, reading only
+        outcomes.append(
+            engine.Outcome("audit", checked["ok"], error=None if checked["ok"] else "the audit found drift")
+        )
         unplaced, staying, _ = residencies(ctx)
         extra.update(unplaced_users=unplaced, staying_users=staying)
         doc = report.document("demo", shards, outcomes, None, extra=extra)

@@ -141,6 +141,14 @@ Table(
     Column("from_state", Text),
     Column("to_state", Text),
     Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    # the hash chain (revision control_0002): set when the row is sealed (`Control.seal`)
+    Column("xid", XID8, nullable=False, server_default=text("pg_current_xact_id()")),
+    Column("seq", BigInteger),
+    Column("content", Text),
+    Column("prev_sha256", Text),
+    Column("sha256", Text),
+    Index("audit_seq", "seq", unique=True),
+    Index("audit_unsealed", "xid", "id", postgresql_where=text("seq IS NULL")),
 )
 
 Table(
@@ -212,6 +220,18 @@ Table(
 )
 
 ledger = MetaData(schema=SCHEMA)
+
+# The control database's audit chain head, as of each cutover, rollback and purge of a
+# shard bound here (revision ledger_0002).
+Table(
+    "audit_heads",
+    ledger,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("sha256", Text, nullable=False),
+    Column("shard_id", Text, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("at", TZ, nullable=False, server_default=NOW),
+)
 
 # What each batch wrote at the destination, committed with the batch's rows: a resumed
 # copy believes the destination, not the control database.

@@ -1,0 +1,146 @@
+"""`migrator audit`: what an independent monitor can check from the stores alone, reading
+only (every session it opens is read-only, so credentials that can only SELECT suffice).
+
+* the audit chain (`chain.verify`) against the heads kept in each destination region;
+* residency itself: every user the directory homes in a destination region has their row
+  there; no destination holds a row of a user not homed there (a stray row); and for each
+  purged shard, no row of its users is back in a table the purge deletes at the source,
+  and no value in a pseudonymised column there is anything but a pseudonym.
+
+Findings name their kind, region, table and how many rows, never a row's content or a
+user's key. A store that cannot be read is an error naming it, never a false "ok".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from migrator import chain, pseudonym, sqlgen
+from migrator.context import Context
+from migrator.control import SCHEMA
+from migrator.state import Phase
+from migrator.stores.postgres import Conn, connect
+
+
+def _read(dsn: str) -> Conn:
+    c = connect(dsn, autocommit=True)
+    c.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    return c
+
+
+def _has(c: Conn, name: str) -> bool:
+    return c.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
+
+def _owners(c: Conn, ctx: Context, table: str) -> set[str]:
+    own = sqlgen.ownership(ctx.spec.entity_graph, table)
+    return {k for (k,) in c.execute(sql.SQL("SELECT DISTINCT ({})::text FROM {}").format(own.owner, own.from_))}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    spec, g = ctx.spec, ctx.spec.entity_graph
+    findings: list[dict[str, Any]] = []
+    with _read(spec.control.url) as c:
+        if not _has(c, f"{SCHEMA}.directory"):
+            return {"command": "audit", "ok": True, "note": "nothing migrated yet", "findings": []}
+        homes: dict[str, set[str]] = {}
+        for key, home in c.execute(f"SELECT user_key, home FROM {SCHEMA}.directory"):
+            homes.setdefault(home, set()).add(key)
+        purged = {
+            k
+            for (k,) in c.execute(
+                f"SELECT su.user_key FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) "
+                "WHERE s.state = %s",
+                (Phase.PURGED.value,),
+            )
+        }
+        has_chain = c.execute(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'audit' AND column_name = 'seq')",
+            (SCHEMA,),
+        ).fetchone()[0]
+        rows = []
+        if has_chain:
+            with c.cursor(row_factory=dict_row) as cur:
+                rows = cur.execute(
+                    f"SELECT id, at, run_id, shard_id, from_state, to_state, detail, seq, content, prev_sha256, "
+                    f"sha256 FROM {SCHEMA}.audit"
+                ).fetchall()
+    heads: dict[str, list[tuple[int, str]]] = {}
+    regions: dict[str, Any] = {}
+    tables = list(ctx.tables)
+    for r in spec.targets:
+        with _read(ctx.dsn(r)) as c:
+            if _has(c, "migrator.audit_heads"):
+                heads[r] = [(s, h) for s, h in c.execute("SELECT seq, sha256 FROM migrator.audit_heads ORDER BY seq")]
+            homed = homes.get(r, set())
+            per: dict[str, int] = {}
+            for t in tables:
+                owners = _owners(c, ctx, t)
+                per[t] = len(owners)
+                stray = owners - homed
+                if stray:
+                    findings.append(
+                        {"kind": "stray rows at a destination", "region": r, "table": t, "users": len(stray)}
+                    )
+                if t == g.root.table and homed - owners:
+                    findings.append(
+                        {
+                            "kind": "users homed here without their row",
+                            "region": r,
+                            "table": t,
+                            "users": len(homed - owners),
+                        }
+                    )
+            regions[r] = {"users_homed": len(homed), "users_with_rows": per}
+    if purged and spec.purge is not None:
+        p = spec.purge
+        with _read(ctx.source_dsn) as c:
+            for t in tables:
+                action = p.action(t)
+                if action == "delete":
+                    back = _owners(c, ctx, t) & purged
+                    if back:
+                        findings.append(
+                            {
+                                "kind": "purged users' rows back at the source",
+                                "region": spec.source_region,
+                                "table": t,
+                                "users": len(back),
+                            }
+                        )
+                elif action == "pseudonymise":
+                    own = sqlgen.ownership(g, t)
+                    for col in p.columns(t):
+                        typ = ctx.tables[t].column(col).type
+                        q = sql.SQL("SELECT ({})::text, t0.{}::text FROM {}").format(
+                            own.owner, sql.Identifier(col), own.from_
+                        )
+                        bad = sum(1 for k, v in c.execute(q) if k in purged and not pseudonym.is_pseudonym(typ, v))
+                        if bad:
+                            findings.append(
+                                {
+                                    "kind": "original values in a pseudonymised column",
+                                    "region": spec.source_region,
+                                    "table": t,
+                                    "column": col,
+                                    "rows": bad,
+                                }
+                            )
+    checked_chain: dict[str, Any] = (
+        chain.verify(rows, heads)
+        if has_chain
+        else {"ok": False, "findings": [{"kind": "the control database has no audit chain (run `migrator upgrade`)"}]}
+    )
+    findings = checked_chain["findings"] + findings
+    return {
+        "command": "audit",
+        "ok": not findings,
+        "chain": {k: v for k, v in checked_chain.items() if k != "findings"}
+        | {"heads": {r: len(h) for r, h in heads.items()}},
+        "residency": {"regions": regions, "purged_users": len(purged)},
+        "findings": findings,
+    }
