@@ -14,7 +14,7 @@ import os
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from migrator.airflow_glue import classified, purge_spec
+from migrator.airflow_glue import classified, task_spec
 
 
 @dag(
@@ -42,7 +42,7 @@ def residency_purge():
 
         ctx = get_current_context()
         p = ctx["params"]
-        return orchestration.purge_select(purge_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"])
+        return orchestration.purge_select(task_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"])
 
     @task(map_index_template="{{ shard_name }}")
     @classified
@@ -51,7 +51,7 @@ def residency_purge():
 
         ctx = get_current_context()
         ctx["shard_name"] = shard_id  # names the mapped instance in the UI
-        return orchestration.purge_one(purge_spec(), ctx["run_id"], shard_id, bool(ctx["params"]["dry_run"]))
+        return orchestration.purge_one(task_spec(), ctx["run_id"], shard_id, bool(ctx["params"]["dry_run"]))
 
     @task(trigger_rule="all_done")
     @classified
@@ -59,7 +59,7 @@ def residency_purge():
         from migrator import orchestration
 
         ctx = get_current_context()
-        return orchestration.purge_verdict(purge_spec(), ids, bool(ctx["params"]["dry_run"]))
+        return orchestration.purge_verdict(task_spec(), ids, bool(ctx["params"]["dry_run"]))
 
     ids = select()
     purge_shard.expand(shard_id=ids) >> report(ids)

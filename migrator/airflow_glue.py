@@ -94,8 +94,8 @@ def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def purge_spec():
-    """The spec of the running DAG task, its connections resolved."""
+def task_spec():
+    """The spec of the running DAG task (its `spec` Param or $MIGRATOR_SPEC), connections resolved."""
     from airflow.sdk import get_current_context
 
     from migrator import orchestration

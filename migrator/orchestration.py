@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from migrator import dispatch, purge
+from migrator import audit, dispatch, purge
 from migrator.context import Context
 from migrator.errors import MigratorError
 from migrator.planner import plan as make_plan
@@ -166,3 +166,16 @@ def purge_verdict(spec: Spec, ids: list[str], dry_run: bool) -> dict[str, Any]:
             + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
         )
     return {"shards": len(states), "purged": len(states)}
+
+
+def audit_check(spec: Spec, run_id: str) -> dict[str, Any]:
+    """The residency_audit DAG's check: `migrator audit`; raises naming every finding's kind,
+    region and table (never a row's content), so the run fails and its alerting reaches someone."""
+    doc = audit.run(Context(spec, run_id))
+    if not doc["ok"]:
+        named = "; ".join(
+            f["kind"] + "".join(f" {k} {f[k]}" for k in ("region", "table", "column", "seq") if k in f)
+            for f in doc["findings"][:20]
+        )
+        raise MigratorError(f"the audit found {len(doc['findings'])} problem(s): {named}")
+    return {"ok": True, "sealed": doc.get("chain", {}).get("sealed", 0)}

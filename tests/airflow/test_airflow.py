@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import psycopg
 import pytest
 
 from tests.conftest import DEMO_OWNED, ROOT, World
@@ -24,7 +25,7 @@ socket.create_connection = refuse
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
-names = {"residency_migration", "residency_rollback", "residency_release", "residency_purge"}
+names = {"residency_migration", "residency_rollback", "residency_release", "residency_purge", "residency_audit"}
 assert set(bag.dags) == names, list(bag.dags)
 dag = bag.dags["residency_migration"]
 assert {"plan", "shard.copy", "shard.verify", "shard.cutover", "shard.rollback", "report"} <= set(dag.task_ids)
@@ -141,3 +142,14 @@ def test_purge_dag_purges_every_due_shard(world: World, tmp_path, monkeypatch):
     assert world.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s) AND email LIKE 'pz1_%%'", (users,)) == [
         (len(users),)
     ]
+    # the hourly audit is green, and fails naming the drift once a stray row appears
+    res = run_dag(world.spec_path, tmp_path / "a", {}, dag_id="residency_audit")
+    assert res.returncode == 0, res.stdout[-3000:]
+    stray = world.rows("us", "SELECT user_id FROM users WHERE country_code = 'US' ORDER BY 1 LIMIT 1")[0][0]
+    with psycopg.connect(world.dsn["ie"]) as c:
+        c.execute("SET migrator.apply = 'on'")
+        c.execute("SET session_replication_role = replica")  # past the foreign key: its user is not here
+        c.execute("INSERT INTO devices (user_id, device_no, phone) VALUES (%s, 1, NULL)", (stray,))
+    res = run_dag(world.spec_path, tmp_path / "b", {}, dag_id="residency_audit")
+    assert res.returncode != 0
+    assert "stray rows at a destination region ie table devices" in res.stdout, res.stdout[-3000:]

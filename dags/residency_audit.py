@@ -1,0 +1,42 @@
+"""Checks, reading only, what an independent monitor would: the audit trail's hash chain
+against the heads kept in each destination region, and residency itself (no stray row at a
+destination, every moved user's row at home, nothing of a purged user back at the source).
+
+Hourly by default (`MIGRATOR_AUDIT_SCHEDULE`). A finding fails the run, named by kind,
+region and table (never a row's content), so a failure callback or alert reaches a person;
+green otherwise. Give it read-only Connections: it needs SELECT and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from migrator.airflow_glue import classified, task_spec
+
+
+@dag(
+    dag_id="residency_audit",
+    description="Checks the audit chain and residency from the stores alone; fails on any drift.",
+    doc_md=__doc__,
+    schedule=os.environ.get("MIGRATOR_AUDIT_SCHEDULE", "@hourly"),
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["residency"],
+    params={"spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC")},
+)
+def residency_audit():
+    @task
+    @classified
+    def audit() -> dict:
+        from migrator import orchestration
+
+        return orchestration.audit_check(task_spec(), get_current_context()["run_id"])
+
+    audit()
+
+
+residency_audit()
