@@ -18,7 +18,7 @@ from migrator.context import Context
 from migrator.control import Shard
 from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, StateConflict, describe
 from migrator.planner import Plan, plan
-from migrator.state import Phase
+from migrator.state import MOVED, Phase
 
 log = logging.getLogger("migrator.engine")
 
@@ -126,4 +126,4 @@ def run(
         cb = (lambda d, t: progress(sid, d, t)) if progress else None
         return dispatch.advance(ctx, sid, progress=cb)
 
-    return p, each(ctx, shards, go, want={Phase.CUT_OVER.value})
+    return p, each(ctx, shards, go, want={s.value for s in MOVED})  # cut over, or purged since

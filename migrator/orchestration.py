@@ -16,7 +16,7 @@ from migrator.context import Context
 from migrator.errors import MigratorError
 from migrator.planner import plan as make_plan
 from migrator.spec import Spec, parse_spec
-from migrator.state import Phase
+from migrator.state import MOVED, Phase
 
 _CONN = re.compile(r"^conn:([A-Za-z0-9_.-]+)$")
 
@@ -111,7 +111,7 @@ def shard_outcome(spec: Spec, shard_id: str) -> dict[str, Any]:
     cut over or was superseded by a later wave."""
     ctx = Context(spec, "report")
     shard = ctx.control.shard(shard_id)
-    if shard.state == Phase.CUT_OVER:
+    if shard.state in MOVED:  # cut over, or already purged since
         return {"shard_id": shard_id, "state": shard.state.value}
     if shard.state == Phase.ROLLED_BACK and ctx.control.superseded_by(shard_id):
         return {"shard_id": shard_id, "state": shard.state.value, "superseded_by": ctx.control.superseded_by(shard_id)}
@@ -127,15 +127,20 @@ def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
     is no plan (the plan task failed: nothing was moved)."""
     if ids is None:
         raise MigratorError("the plan task did not finish, so no shard was moved; its log says why")
+    return {"shards": len(ids), "cut_over": _all_in(spec, ids, MOVED, "did not cut over")}
+
+
+def _all_in(spec: Spec, ids: list[str], wanted: frozenset[Phase], failing: str) -> int:
+    """How many of the shards are in one of the wanted states; raises naming the others."""
     ctx = Context(spec, "report")
-    states = {s.shard_id: s.state.value for s in ctx.control.shards(names=ids)} if ids else {}
-    bad = {k: v for k, v in states.items() if v != Phase.CUT_OVER.value}
+    states = {s.shard_id: s.state for s in ctx.control.shards(names=ids)} if ids else {}
+    bad = {k: v for k, v in states.items() if v not in wanted}
     if bad:
         raise MigratorError(
-            f"{len(bad)} of {len(states)} shard(s) did not cut over: "
+            f"{len(bad)} of {len(states)} shard(s) {failing}: "
             + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
         )
-    return {"shards": len(states), "cut_over": len(states)}
+    return len(states)
 
 
 def purge_select(spec: Spec, run_id: str, wave: str | None, names: list[str] | None, region: str | None) -> list[str]:
@@ -157,15 +162,7 @@ def purge_verdict(spec: Spec, ids: list[str], dry_run: bool) -> dict[str, Any]:
     """Fails the run unless every selected shard is purged (after a real run)."""
     if dry_run or not ids:
         return {"shards": len(ids), "dry_run": dry_run}
-    ctx = Context(spec, "report")
-    states = {s.shard_id: s.state.value for s in ctx.control.shards(names=ids)}
-    bad = {k: v for k, v in states.items() if v != Phase.PURGED.value}
-    if bad:
-        raise MigratorError(
-            f"{len(bad)} of {len(states)} shard(s) not purged: "
-            + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
-        )
-    return {"shards": len(states), "purged": len(states)}
+    return {"shards": len(ids), "purged": _all_in(spec, ids, frozenset({Phase.PURGED}), "not purged")}
 
 
 def audit_check(spec: Spec, run_id: str) -> dict[str, Any]:
