@@ -364,6 +364,7 @@ class Dataset:
         spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
         spec.pop("objects")
         spec.pop("purge")  # the benchmark does not purge (yet)
+        spec.pop("evidence")
         spec["policy"] = {c: ("ie" if r != "us" else "us") for c, r in spec["policy"].items()}
         spec["regions"] = {"us": {"dsn": self.src}, "ie": {"dsn": self.dst}}
         spec["control"] = {"dsn": self.control}

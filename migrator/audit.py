@@ -18,7 +18,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from migrator import chain, pseudonym, sqlgen
+from migrator import chain, evidence, pseudonym, sqlgen
 from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.state import Phase
@@ -57,6 +57,12 @@ def run(ctx: Context) -> dict[str, Any]:
                 (Phase.PURGED.value,),
             )
         }
+        members: dict[str, dict[int, list[str]]] = {}
+        for sid, key, b in c.execute(f"SELECT shard_id, user_key, batch_no FROM {SCHEMA}.shard_user"):
+            members.setdefault(sid, {}).setdefault(b, []).append(key)
+        for batches in members.values():
+            for b in batches:
+                batches[b] = ctx.sort_keys(batches[b])
         has_chain = c.execute(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
             "AND table_name = 'audit' AND column_name = 'seq')",
@@ -95,7 +101,9 @@ def run(ctx: Context) -> dict[str, Any]:
                             "users": len(homed - owners),
                         }
                     )
-            regions[r] = {"users_homed": len(homed), "users_with_rows": per}
+            n_manifests, found = evidence.check(c, ctx, r, members)
+            findings += found
+            regions[r] = {"users_homed": len(homed), "users_with_rows": per, "manifests": n_manifests}
     if purged and spec.purge is not None:
         p = spec.purge
         with _read(ctx.source_dsn) as c:

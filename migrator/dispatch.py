@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from migrator import chain, holds, recovery
+from migrator import chain, evidence, holds, recovery
 from migrator.cleanup import cleanup_shard
 from migrator.context import Context
 from migrator.copier import copy_shard
@@ -219,9 +219,22 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
         record_failure(ctx, sid, phase, exc)
         raise
     shard = ctx.control.shard(sid)
-    if phase in EVIDENT:  # the region it concerns keeps the audit chain's head from now on
-        chain.publish_quietly(ctx.control, ctx.dsn(shard.region), sid, phase)
+    if phase in EVIDENT:
+        _keep_evidence(ctx, sid, shard.region, shard.state, phase)
     return Result(sid, phase, shard.state.value, True, detail=detail)
+
+
+def _keep_evidence(ctx: Context, sid: str, region: str, state: Phase, phase: str) -> None:
+    """The signed manifest and the audit chain's head, kept in the region the move concerns.
+    A failure here is logged and audited, never raised: the move has happened."""
+    try:
+        kept = evidence.write(ctx, sid, phase)
+        if kept:
+            ctx.control.record(sid, state.value, {"event": "manifest kept", "region": region, **kept})
+    except Exception as exc:  # noqa: BLE001 - evidence must not undo a finished move
+        log.warning("shard %s: no manifest kept in %s now: %s", sid, region, describe(exc))
+        ctx.control.record(sid, state.value, {"event": "manifest not kept", "error": describe(exc)})
+    chain.publish_quietly(ctx.control, ctx.dsn(region), sid, phase)
 
 
 def _resolve(ctx: Context, sid: str) -> None:

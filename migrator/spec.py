@@ -329,6 +329,32 @@ class Purge(_Strict):
         return list(a.pseudonymise) if isinstance(a, Pseudonymise) else []
 
 
+class RegionEvidence(_Strict):
+    """A destination region's evidence keys, held where that region's workers run."""
+
+    signing: KeyRef = Field(description="Ed25519 private key: 64 hex digits (its 32-byte seed)")
+    pseudonym: KeyRef | None = Field(None, description="HMAC key naming the users in its manifests")
+    public_key: str | None = Field(None, description="the Ed25519 public key (64 hex digits), for `migrator audit`")
+
+    @field_validator("public_key", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return expand_env(v)
+
+    @field_validator("public_key")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("must be 64 lower-case hex digits (a raw Ed25519 public key)")
+        return v
+
+
+class Evidence(_Strict):
+    """Signed manifests per shard, kept in its destination region (`migrator.evidence`)."""
+
+    regions: dict[str, RegionEvidence] = Field(description="per destination region")
+
+
 class Spec(_Strict):
     version: int = 1
     source_region: str = "us"
@@ -343,6 +369,7 @@ class Spec(_Strict):
     objects: Objects | None = None
     changes: ChangeSettings = ChangeSettings()
     purge: Purge | None = None
+    evidence: Evidence | None = None
     require_indexes: bool = Field(
         False,
         description="refuse to plan (exit 2) while an owner-key or foreign-key column of the graph has no index "
@@ -419,6 +446,13 @@ class Spec(_Strict):
         for r in p.keys:
             if r not in self.regions or r == self.source_region:
                 raise ValueError(f"purge.keys.{r}: not a destination region")
+
+    @model_validator(mode="after")
+    def _evidence(self) -> Spec:
+        for r in self.evidence.regions if self.evidence else {}:
+            if r not in self.regions or r == self.source_region:
+                raise ValueError(f"evidence.regions.{r}: not a destination region")
+        return self
 
     @property
     def targets(self) -> list[str]:

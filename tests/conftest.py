@@ -65,6 +65,7 @@ def demo_spec(dsn: dict[str, str], control: str, batch_users: int = 50, shards: 
     spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
     spec.pop("objects")  # tests that need object stores add their own
     spec.pop("purge")  # and those that purge, their purge section
+    spec.pop("evidence")  # and those that keep manifests, their keys
     spec["regions"] = {r: {"dsn": d} for r, d in dsn.items()}
     spec["control"] = {"dsn": control}
     spec["copy"] = {"batch_users": batch_users}

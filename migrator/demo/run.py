@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from migrator import audit as audit_checks
-from migrator import engine, report
+from migrator import engine, evidence, report
 from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.demo import seed
@@ -42,8 +42,11 @@ def start(users: int, base: Path) -> tuple[Cluster, dict[str, LocalS3], dict[str
     endpoints = {r: LocalS3(r).start() for r in REGIONS}
     # long enough for Airflow to mask them in task logs (it skips secrets under 5 characters, and says so)
     env = {"AWS_ACCESS_KEY_ID": "demo-access-key", "AWS_SECRET_ACCESS_KEY": "demo-secret-access-key"}
-    for r in ("ie", "no"):  # each destination's pseudonymisation key, made up for this demo and never shown
+    for r in ("ie", "no"):  # each destination's keys, made up for this demo and never shown
         env[f"MIGRATOR_PSEUDONYM_KEY_{r.upper()}"] = secrets.token_hex(32)
+        env[f"MIGRATOR_EVIDENCE_PSEUDONYM_{r.upper()}"] = secrets.token_hex(32)
+        signing = env[f"MIGRATOR_EVIDENCE_SIGNING_{r.upper()}"] = secrets.token_hex(32)
+        env[f"MIGRATOR_EVIDENCE_PUBLIC_{r.upper()}"] = evidence.public_key(signing)
     for r, s in endpoints.items():
         env[f"MIGRATOR_{r.upper()}_S3"] = s.endpoint
     for r in REGIONS:

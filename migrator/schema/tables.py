@@ -245,3 +245,16 @@ Table(
     Column("digest", Text, nullable=False),
     Column("at", TZ, nullable=False, server_default=NOW),
 )
+
+# Signed manifests, one per cutover, rollback and purge of a shard bound here (ledger_0003).
+Table(
+    "manifests",
+    ledger,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("shard_id", Text, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("doc", Text, nullable=False),
+    Column("signature", Text, nullable=False),
+    Column("at", TZ, nullable=False, server_default=NOW),
+    Index("manifests_shard", "shard_id", "id"),
+)

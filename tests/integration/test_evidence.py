@@ -1,0 +1,83 @@
+"""Signed manifests kept in the destination region, checked by `migrator audit` as a reader:
+a changed destination row, a changed manifest and a signature from another key are named."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.conftest import World
+from tests.integration.test_audit import _audit, _reader
+
+pytestmark = pytest.mark.integration
+
+SEED = "11" * 32
+OTHER = "22" * 32
+PSEUDONYM_KEY = "evidence-pseudonym-key-0123456789"
+
+
+def _pub(seed: str) -> str:
+    key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed)).public_key()
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
+def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_SIGNING_IE", SEED)
+    monkeypatch.setenv("TEST_PSEUDONYMS_IE", PSEUDONYM_KEY)
+    ev = {
+        "regions": {
+            "ie": {
+                "signing": {"env": "TEST_SIGNING_IE"},
+                "pseudonym": {"env": "TEST_PSEUDONYMS_IE"},
+                "public_key": _pub(SEED),
+            }
+        }
+    }
+    world.write_spec(evidence=ev, sharding={"shards_per_region": 1})
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    ((sid, text, signature),) = world.rows("ie", "SELECT shard_id, doc, signature FROM migrator.manifests")
+    doc = json.loads(text)
+    # canonical, signed with the region's key (checked here with the public key alone)
+    assert text == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    pub = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(SEED)).public_key()
+    pub.verify(bytes.fromhex(signature), text.encode())
+    users = [k for (k,) in world.ctl("SELECT user_key FROM migrator.shard_user WHERE shard_id = %s", (sid,))]
+    assert doc["users"]["count"] == len(users)  # named only by keyed pseudonyms, recomputed here
+    assert doc["users"]["pseudonyms"] == sorted(
+        hmac.new(PSEUDONYM_KEY.encode(), u.encode(), hashlib.sha256).hexdigest() for u in users
+    )
+    assert doc["tables"]["users"]["rows"] == len(users) and doc["event"] == "cutover"
+    spec = _reader(world, tmp_path)
+    rc, out = _audit(world, spec)
+    assert rc == 0 and out["residency"]["regions"]["ie"]["manifests"] == 1, out
+    # a destination row changed after cutover
+    uid = int(users[0])
+    world.rows("ie", "UPDATE users SET display_name = 'changed' WHERE user_id = %s RETURNING 1", (uid,))
+    rc, out = _audit(world, spec)
+    assert rc == 1
+    assert {(f["kind"], f.get("shard"), f.get("table")) for f in out["findings"]} == {
+        ("destination rows differ from the shard's manifest", sid, "users")
+    }
+    assert "changed" not in json.dumps(out)
+    # a manifest changed, and one re-signed with another key
+    with psycopg.connect(world.dsn["ie"]) as c:
+        c.execute('UPDATE migrator.manifests SET doc = replace(doc, \'"event":"cutover"\', \'"event":"forged"\')')
+    rc, out = _audit(world, spec)
+    assert rc == 1 and "manifest signature invalid (changed, or signed with another key)" in {
+        f["kind"] for f in out["findings"]
+    }
+    forged = json.loads(world.rows("ie", "SELECT doc FROM migrator.manifests")[0][0])
+    other = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(OTHER))
+    body = json.dumps(forged, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    with psycopg.connect(world.dsn["ie"]) as c:
+        c.execute("UPDATE migrator.manifests SET signature = %s", (other.sign(body.encode()).hex(),))
+    rc, out = _audit(world, spec)
+    assert rc == 1 and "manifest signature invalid (changed, or signed with another key)" in {
+        f["kind"] for f in out["findings"]
+    }
