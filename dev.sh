@@ -27,6 +27,10 @@ case "$cmd" in
     ;;
   test)
     install "airflow,test,bench"
+    # the browser tests drive Debian's chromium (Playwright downloads no browser here)
+    if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+    fi
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   lint)

@@ -63,6 +63,28 @@ def run(ctx: Context) -> dict[str, Any]:
         for batches in members.values():
             for b in batches:
                 batches[b] = ctx.sort_keys(batches[b])
+        timeline = []
+        for at, sid, region, users, to_state, detail in c.execute(
+            f"SELECT a.at, a.shard_id, s.region, s.users, a.to_state, a.detail FROM {SCHEMA}.audit a "
+            f"JOIN {SCHEMA}.shard s USING (shard_id) WHERE (a.to_state IS DISTINCT FROM a.from_state "
+            "AND a.to_state IN ('cut_over', 'rolled_back', 'purged')) OR a.detail->>'event' = 'fence closed' "
+            "ORDER BY a.id"
+        ):
+            event = "fence closed" if detail.get("event") == "fence closed" else to_state
+            entry = {"at": at.isoformat(), "shard_id": sid, "region": region, "users": users, "event": event}
+            if event == "fence closed":
+                entry["fence_ms"] = detail.get("fence_ms")
+            if event == "purged":
+                entry["receipts"] = detail.get("receipts")
+            timeline.append(entry)
+        waves = {
+            w: {"shards": n, "first": a.isoformat() if a else None, "last": b.isoformat() if b else None}
+            for w, n, a, b in c.execute(
+                f"SELECT s.wave, count(DISTINCT s.shard_id), min(a.at), max(a.at) FROM {SCHEMA}.shard s "
+                f"LEFT JOIN {SCHEMA}.audit a ON a.shard_id = s.shard_id AND a.to_state = 'cut_over' "
+                "AND a.from_state IS DISTINCT FROM a.to_state GROUP BY s.wave"
+            )
+        }
         has_chain = c.execute(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
             "AND table_name = 'audit' AND column_name = 'seq')",
@@ -150,5 +172,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "chain": {k: v for k, v in checked_chain.items() if k != "findings"}
         | {"heads": {r: len(h) for r, h in heads.items()}},
         "residency": {"regions": regions, "purged_users": len(purged)},
+        "timeline": timeline,
+        "waves": waves,
         "findings": findings,
     }

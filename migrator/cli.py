@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from migrator import audit as audit_checks
-from migrator import dispatch, engine, recovery, report
+from migrator import audit_report, dispatch, engine, recovery, report
 from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
@@ -332,10 +332,21 @@ def purge(
 
 
 @app.command()
-def audit(config: Config, json: Json = False) -> None:
-    """Check, reading only, the audit chain against the heads kept in each region and
-    residency itself (stray rows, purged rows back at the source); exit 1 on any finding."""
-    doc = audit_checks.run(Context(load_spec(config), "audit"))
+def audit(
+    config: Config,
+    html: Annotated[Path | None, typer.Option("--html", help="also write the report for people here")] = None,
+    records: Annotated[Path | None, typer.Option("--records", help="write the records of processing here")] = None,
+    json: Json = False,
+) -> None:
+    """Check, reading only, the audit chain against the heads kept in each region, the signed
+    manifests, and residency itself (stray rows, purged rows back at the source); exit 1 on
+    any finding."""
+    spec = load_spec(config)
+    doc = audit_checks.run(Context(spec, "audit"))
+    if html is not None:
+        doc["html"] = str(audit_report.write_html(doc, html))
+    if records is not None:
+        doc["records"] = [str(p) for p in audit_report.write_records(doc, spec, records)]
     if json:
         report.emit(doc, True)
     else:

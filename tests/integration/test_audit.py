@@ -14,11 +14,12 @@ import pytest
 import yaml
 from psycopg.types.json import Jsonb
 
-from tests.conftest import World
+from tests.conftest import ROOT, World
 
 pytestmark = pytest.mark.integration
 
 KEY = "ie-audit-key-0123456789abcdef"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: browsers are not downloaded here
 
 
 def _reader(world: World, tmp_path) -> str:
@@ -141,3 +142,34 @@ def test_residency_drift_is_found_and_a_store_away_is_no_false_ok(world: World, 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     res = _cli(str(tmp_path / "bad.yaml"), "audit", "--json")
     assert res.returncode == 1 and "region ie" in res.stderr and '"ok": true' not in res.stdout
+
+
+@pytest.mark.browser
+def test_the_html_report_and_records_read_in_a_browser(world: World, tmp_path, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    monkeypatch.setenv("TEST_AUDIT_KEY_IE", KEY)
+    world.write_spec(purge={"after": "0s", "keys": {"ie": {"env": "TEST_AUDIT_KEY_IE"}}})
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    assert world.migrator("purge").returncode == 0
+    spec = _reader(world, tmp_path)
+    page_path, records = tmp_path / "audit.html", tmp_path / "records"
+    res = _cli(spec, "audit", "--json", "--html", str(page_path), "--records", str(records))
+    assert res.returncode == 0, res.stderr
+    (record,) = records.glob("records-*.md")
+    text = record.read_text()
+    assert "from region us to ie" in text and "Retention at the source after cutover: 0s" in text
+    shots = ROOT / "tests" / "output"
+    shots.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1000, "height": 1400})
+        page.goto(page_path.as_uri())
+        assert page.locator("#status").inner_text() == "all checks passed"
+        assert page.locator("img[alt='users moved over time']").evaluate("i => i.naturalWidth") > 100
+        assert page.locator("img[alt='fence windows']").evaluate("i => i.naturalWidth") > 100
+        cells = page.locator("td").all_inner_texts()
+        assert "ie" in cells and "devices" in cells  # a region row and a purge receipt
+        page.screenshot(path=str(shots / "audit-report.png"), full_page=True)
+        browser.close()
+    assert (shots / "audit-report.png").stat().st_size > 10_000
