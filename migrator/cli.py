@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from migrator import audit as audit_checks
-from migrator import audit_report, dispatch, engine, recovery, report
+from migrator import audit_report, chain, dispatch, engine, recovery, report
 from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
@@ -369,10 +369,11 @@ def upgrade(
     if sql:
         typer.echo(history.sql_all(spec))
         raise typer.Exit(0)
-    Context(spec)  # names the stores in errors
+    ctx = Context(spec)  # names the stores in errors
     done = history.upgrade_all(spec)
+    sealed = chain.seal(ctx.control)  # audit rows written before the chain existed join it now
     if json:
-        report.emit({"command": "upgrade", "ok": True, "stores": done}, True)
+        report.emit({"command": "upgrade", "ok": True, "stores": done, "audit_rows_sealed": sealed}, True)
     else:
         for d in done:
             what = f"{d['from'] or 'none'} -> {d['to']}" if d["upgraded"] else f"at {d['to']}"

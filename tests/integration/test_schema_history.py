@@ -123,6 +123,11 @@ def test_stores_from_before_the_history_upgrade_in_place_mid_migration(world: Wo
         c.execute("ALTER TABLE migrator.capture_pos DROP COLUMN horizon")
         c.execute("ALTER TABLE migrator.directory RESET (fillfactor)")
         c.execute("INSERT INTO migrator.meta VALUES ('state_version', '1')")
+        c.execute("DROP INDEX migrator.audit_seq, migrator.audit_unsealed")
+        c.execute(
+            "ALTER TABLE migrator.audit DROP COLUMN xid, DROP COLUMN seq, DROP COLUMN content, "
+            "DROP COLUMN prev_sha256, DROP COLUMN sha256"
+        )
     world.rows("us", "UPDATE users SET email = 'logged-by-old@example.test' WHERE user_id = %s RETURNING 1", (uid,))
     doc = json.loads(world.migrator("status", "--json").stdout)
     assert sum(s["lag"] or 0 for s in doc["shards"] if s["region"] == "ie") >= 1
@@ -136,6 +141,12 @@ def test_stores_from_before_the_history_upgrade_in_place_mid_migration(world: Wo
     assert _version(world, "us", "capture") == HEADS["capture"]
     assert _version(world, "ie", "ledger") == HEADS["ledger"]  # the cutover kept the audit chain's head there
     doc = json.loads(world.migrator("upgrade", "--json").stdout)
+    # every audit row, those written before the chain existed first, is in the chain now
+    assert world.ctl("SELECT count(*) FILTER (WHERE seq IS NULL), count(*) FROM migrator.audit")[0][0] == 0
+    assert (
+        world.ctl("SELECT min(seq), max(seq), count(*) FROM migrator.audit")[0][1:]
+        == (world.ctl("SELECT count(*), count(*) FROM migrator.audit")[0])
+    )
     assert [(s["store"], s["history"]) for s in doc["stores"] if s["upgraded"]] == [
         ("destination no", "capture"),  # nothing was moved there yet
         ("destination no", "ledger"),
