@@ -10,6 +10,7 @@ green otherwise. Give it read-only Connections: it needs SELECT and nothing else
 from __future__ import annotations
 
 import os
+from datetime import datetime
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
@@ -34,7 +35,11 @@ def residency_audit():
     def audit() -> dict:
         from migrator import orchestration
 
-        return orchestration.audit_check(task_spec(), get_current_context()["run_id"])
+        ctx = get_current_context()
+        # incremental: shards active since the previous run's interval began (a manual run: all)
+        prev = ctx.get("prev_data_interval_start_success")
+        since = datetime.fromisoformat(str(prev)) if prev else None  # a pendulum time, or its text
+        return orchestration.audit_check(task_spec(), ctx["run_id"], since=since)
 
     audit()
 

@@ -336,13 +336,16 @@ def audit(
     config: Config,
     html: Annotated[Path | None, typer.Option("--html", help="also write the report for people here")] = None,
     records: Annotated[Path | None, typer.Option("--records", help="write the records of processing here")] = None,
+    since: Annotated[
+        datetime | None, typer.Option("--since", help="recompute manifests' digests only for shards active since")
+    ] = None,
     json: Json = False,
 ) -> None:
     """Check, reading only, the audit chain against the heads kept in each region, the signed
     manifests, and residency itself (stray rows, purged rows back at the source); exit 1 on
     any finding."""
     spec = load_spec(config)
-    doc = audit_checks.run(Context(spec, "audit"))
+    doc = audit_checks.run(Context(spec, "audit"), since=since)
     if html is not None:
         doc["html"] = str(audit_report.write_html(doc, html))
     if records is not None:

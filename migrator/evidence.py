@@ -167,7 +167,7 @@ def check(c: Conn, ctx: Context, region: str, members: dict[str, dict[int, list[
                 findings.append({"kind": "manifest signature invalid (changed, or signed with another key)", **where})
                 continue
         doc = json.loads(text)
-        if sid not in members or doc.get("state") == "rolled_back":
+        if sid not in members or doc.get("state") == "rolled_back":  # not asked for (--since), or moved back
             continue
         now = table_digests(c, ctx, members[sid])
         for t, want in sorted(doc.get("tables", {}).items()):

@@ -165,10 +165,10 @@ def purge_verdict(spec: Spec, ids: list[str], dry_run: bool) -> dict[str, Any]:
     return {"shards": len(ids), "purged": _all_in(spec, ids, frozenset({Phase.PURGED}), "not purged")}
 
 
-def audit_check(spec: Spec, run_id: str) -> dict[str, Any]:
+def audit_check(spec: Spec, run_id: str, since: datetime | None = None) -> dict[str, Any]:
     """The residency_audit DAG's check: `migrator audit`; raises naming every finding's kind,
     region and table (never a row's content), so the run fails and its alerting reaches someone."""
-    doc = audit.run(Context(spec, run_id))
+    doc = audit.run(Context(spec, run_id), since=since)
     if not doc["ok"]:
         named = "; ".join(
             f["kind"] + "".join(f" {k} {f[k]}" for k in ("region", "table", "column", "seq") if k in f)

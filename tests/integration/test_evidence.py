@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.conftest import World
-from tests.integration.test_audit import _audit, _reader
+from tests.integration.test_audit import _audit, _cli, _reader
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +65,11 @@ def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, m
         ("destination rows differ from the shard's manifest", sid, "users")
     }
     assert "changed" not in json.dumps(out)
+    # incremental: a shard without audit activity since is not recomputed; one with activity is
+    res = _cli(spec, "audit", "--json", "--since", "2999-01-01T00:00:00")
+    assert res.returncode == 0, res.stdout[-2000:]
+    res = _cli(spec, "audit", "--json", "--since", "2000-01-01T00:00:00")
+    assert res.returncode == 1
     # a manifest changed, and one re-signed with another key
     with psycopg.connect(world.dsn["ie"]) as c:
         c.execute('UPDATE migrator.manifests SET doc = replace(doc, \'"event":"cutover"\', \'"event":"forged"\')')
