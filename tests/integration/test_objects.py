@@ -208,7 +208,8 @@ def test_endpoint_outage_mid_copy_then_resume_copies_nothing_twice(oworld):
     res = w.migrator("copy", "--region", "ie", "--json")
     t.join()
     assert res.returncode == 1
-    assert json.loads(res.stdout)["shards"][0]["state"] == "failed"
+    # an endpoint gone is transient: the shard keeps its state and resumes (never `failed`)
+    assert json.loads(res.stdout)["shards"][0]["state"] == "copying"
     first = {k: o["LastModified"] for k, o in listing(w, "ie").items()}
     assert first
     w.relay.restore()
