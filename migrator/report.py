@@ -171,6 +171,21 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
             f"digests matched: {doc.get('digests_matched')} shard(s); "
             f"took {doc.get('seconds')} s (via {doc.get('via')})"
         )
+    if doc.get("purge"):
+        pg = doc["purge"]
+        deleted = sum(v.get("rows_deleted", 0) for v in pg["tables"].values())
+        pseudo = sum(v.get("rows_pseudonymised", 0) for v in pg["tables"].values())
+        console.print(
+            f"purged at the source: {pg['shards_purged']} shard(s), {deleted} rows deleted, "
+            f"{pseudo} rows pseudonymised, {pg['objects_deleted']} objects deleted"
+        )
+    if doc.get("audit"):
+        a = doc["audit"]
+        manifests = sum(v.get("manifests", 0) for v in a.get("residency", {}).get("regions", {}).values())
+        console.print(
+            ("audit: all checks passed" if a["ok"] else f"[red]audit: {len(a['findings'])} finding(s)[/]")
+            + f" ({a.get('chain', {}).get('sealed', 0)} audit rows in the chain, {manifests} signed manifests)"
+        )
     if doc.get("writes"):
         w = doc["writes"]
         console.print(
