@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from migrator import audit as audit_checks
-from migrator import audit_report, chain, dispatch, engine, recovery, report
+from migrator import audit_report, chain, dispatch, engine, orchestration, recovery, report
 from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
@@ -325,7 +325,7 @@ def purge(
     """Retire the source copy of cut-over shards past their retention: delete or pseudonymise
     their rows and delete their objects there (the point of no return: no rollback after)."""
     ctx = _ctx(config, run_id)
-    doc = purge_shards.run(ctx, purge_shards.select(ctx, wave, shard, region), dry_run=dry_run)
+    doc = orchestration.purge_document(ctx, purge_shards.select(ctx, wave, shard, region), dry_run=dry_run)
     if not json and doc.get("note"):
         err.print(doc["note"])
     _finish(doc, json or dry_run)  # a dry run's per-table figures read best as the document

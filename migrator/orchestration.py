@@ -11,9 +11,10 @@ from typing import Any
 
 import yaml
 
-from migrator import audit, dispatch, purge
+from migrator import audit, dispatch, engine, purge, report
 from migrator.context import Context
-from migrator.errors import MigratorError
+from migrator.control import Shard
+from migrator.errors import ChecksumMismatch, MigratorError, PurgeRefused, StateConflict
 from migrator.planner import plan as make_plan
 from migrator.spec import Spec, parse_spec
 from migrator.state import MOVED, Phase
@@ -176,3 +177,26 @@ def audit_check(spec: Spec, run_id: str, since: datetime | None = None) -> dict[
         )
         raise MigratorError(f"the audit found {len(doc['findings'])} problem(s): {named}")
     return {"ok": True, "sealed": doc.get("chain", {}).get("sealed", 0)}
+
+
+def purge_document(ctx: Context, shards: list[Shard], dry_run: bool = False) -> dict[str, Any]:
+    """`migrator purge` and the residency_purge DAG: each shard through the dispatcher (or
+    what it would purge); the document the command prints."""
+    purge.settings(ctx)
+    purge.check_policy(ctx)
+    ids = [s.shard_id for s in shards]
+    if dry_run:
+        would = []
+        ok = True
+        for s in shards:
+            try:
+                would.append(purge.dry_run_shard(ctx, s.shard_id))
+            except (PurgeRefused, ChecksumMismatch, StateConflict) as exc:
+                ok = False
+                would.append({"shard_id": s.shard_id, "refused": str(exc)})
+        return {"command": "purge", "dry_run": True, "ok": ok, "shards": would}
+    outcomes = engine.one_phase(ctx, shards, "purge")
+    doc = report.document("purge", report.shard_rows(ctx, None, ids) if ids else [], outcomes)
+    if not shards:
+        doc["note"] = "no shard is due for purging"
+    return doc

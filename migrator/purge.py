@@ -37,7 +37,7 @@ from migrator import capture, objects, pseudonym, sqlgen
 from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Shard
-from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError, StateConflict
+from migrator.errors import PurgeRefused, SpecError
 from migrator.scaffolding import pause_point
 from migrator.schema import history
 from migrator.spec import Purge
@@ -306,31 +306,6 @@ def select(ctx: Context, wave: str | None, names: list[str] | None, region: str 
         return []
     found = ctl.shards(wave=wave, region=region, states=[Phase.CUT_OVER, Phase.PURGING])
     return [s for s in found if s.state == Phase.PURGING or is_due(ctx, s.shard_id)]
-
-
-def run(ctx: Context, shards: list[Shard], dry_run: bool = False) -> dict[str, Any]:
-    """`migrator purge` and the residency_purge DAG: each shard through the dispatcher (or
-    what it would purge); the document the command prints."""
-    from migrator import engine, report  # engine runs phases through dispatch, which runs purges
-
-    settings(ctx)
-    check_policy(ctx)
-    ids = [s.shard_id for s in shards]
-    if dry_run:
-        would = []
-        ok = True
-        for s in shards:
-            try:
-                would.append(dry_run_shard(ctx, s.shard_id))
-            except (PurgeRefused, ChecksumMismatch, StateConflict) as exc:
-                ok = False
-                would.append({"shard_id": s.shard_id, "refused": str(exc)})
-        return {"command": "purge", "dry_run": True, "ok": ok, "shards": would}
-    outcomes = engine.one_phase(ctx, shards, "purge")
-    doc = report.document("purge", report.shard_rows(ctx, None, ids) if ids else [], outcomes)
-    if not shards:
-        doc["note"] = "no shard is due for purging"
-    return doc
 
 
 def summary(ctx: Context, ids: list[str]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from migrator import audit as audit_checks
-from migrator import engine, evidence, report
+from migrator import engine, evidence, orchestration, report
 from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.demo import seed
@@ -181,7 +181,7 @@ def _purge(ctx: Context, spec_path: Path, base: Path, via: str, console: Console
         ok = run_dag(spec_path, base / "purge", {}, dag_id="residency_purge").returncode == 0
     else:
         console.print("Purging the source copy of every cut-over shard ...")
-        ok = purge_shards.run(ctx, purge_shards.select(ctx, None, None, None))["ok"]
+        ok = orchestration.purge_document(ctx, purge_shards.select(ctx, None, None, None))["ok"]
     states = {s.shard_id: s.state.value for s in ctx.control.shards()}
     return [engine.Outcome(sid, ok and st == "purged", st) for sid, st in states.items()]
 
