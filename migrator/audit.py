@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 from migrator import chain, evidence, pseudonym, sqlgen
 from migrator.context import Context
 from migrator.control import SCHEMA
-from migrator.state import Phase
+from migrator.state import MOVED, Phase
 from migrator.stores.postgres import Conn, connect
 
 
@@ -61,6 +61,11 @@ def run(ctx: Context, since: datetime | None = None) -> dict[str, Any]:
                 (Phase.PURGED.value,),
             )
         }
+        moved_to: dict[str, set[str]] = {}
+        for sid, region in c.execute(
+            f"SELECT shard_id, region FROM {SCHEMA}.shard WHERE state = ANY(%s)", ([p.value for p in MOVED],)
+        ):
+            moved_to.setdefault(region, set()).add(sid)
         members: dict[str, dict[int, list[str]]] = {}
         for sid, key, b in c.execute(f"SELECT shard_id, user_key, batch_no FROM {SCHEMA}.shard_user"):
             members.setdefault(sid, {}).setdefault(b, []).append(key)
@@ -132,7 +137,7 @@ def run(ctx: Context, since: datetime | None = None) -> dict[str, Any]:
                             "users": len(homed - owners),
                         }
                     )
-            n_manifests, found = evidence.check(c, ctx, r, members)
+            n_manifests, found = evidence.check(c, ctx, r, members, moved_to.get(r, set()))
             findings += found
             regions[r] = {"users_homed": len(homed), "users_with_rows": per, "manifests": n_manifests}
     if purged and spec.purge is not None:

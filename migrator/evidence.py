@@ -145,17 +145,26 @@ def write(ctx: Context, sid: str, event: str) -> dict[str, Any] | None:
     return {"manifest": mid, "signature": signature[:16]}
 
 
-def check(c: Conn, ctx: Context, region: str, members: dict[str, dict[int, list[str]]]) -> tuple[int, list[dict]]:
+def check(
+    c: Conn, ctx: Context, region: str, members: dict[str, dict[int, list[str]]], moved_here: set[str]
+) -> tuple[int, list[dict]]:
     """The latest manifest of each shard kept in `region`: its signature under the region's
-    public key and the destination's digests now; returns (manifests checked, findings)."""
+    public key and the destination's digests now; and a manifest for every shard moved here
+    (`moved_here`) where the spec asks for them. Returns (manifests checked, findings)."""
     ev = ctx.spec.evidence
     pub = ev.regions[region].public_key if ev and region in ev.regions else None
-    if c.execute("SELECT to_regclass('migrator.manifests')").fetchone()[0] is None:
-        return 0, []
-    latest = c.execute(
-        "SELECT DISTINCT ON (shard_id) shard_id, doc, signature FROM migrator.manifests ORDER BY shard_id, id DESC"
-    ).fetchall()
+    kept = c.execute("SELECT to_regclass('migrator.manifests')").fetchone()[0] is not None
+    latest = (
+        c.execute(
+            "SELECT DISTINCT ON (shard_id) shard_id, doc, signature FROM migrator.manifests ORDER BY shard_id, id DESC"
+        ).fetchall()
+        if kept
+        else []
+    )
     findings: list[dict] = []
+    if ev is not None and region in ev.regions:
+        for sid in sorted(moved_here - {row[0] for row in latest}):
+            findings.append({"kind": "no manifest kept for a shard moved here", "region": region, "shard": sid})
     for sid, text, signature in latest:
         where = {"region": region, "shard": sid}
         if pub is None:

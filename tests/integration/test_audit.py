@@ -134,8 +134,8 @@ def test_residency_drift_is_found_and_a_store_away_is_no_false_ok(world: World, 
     assert ("stray rows at a destination", "ie", "users") in found
     assert ("purged users' rows back at the source", "us", "videos") in found
     assert ("original values in a pseudonymised column", "us", "users") in found
-    out = json.dumps(doc)
-    assert "back@example.test" not in out and str(purged) not in out.replace('"users": 1', "")
+    assert "back@example.test" not in json.dumps(doc)  # no row content, no user key in a finding
+    assert all(str(v) != str(purged) for f in doc["findings"] for k, v in f.items() if k not in ("users", "rows"))
     # a store that cannot be read: an error naming it, not "ok"
     bad = yaml.safe_load(open(spec))
     bad["regions"]["ie"]["dsn"] = "postgresql://auditor@127.0.0.1:1/app"

@@ -86,3 +86,10 @@ def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, m
     assert rc == 1 and "manifest signature invalid (changed, or signed with another key)" in {
         f["kind"] for f in out["findings"]
     }
+    # and removed altogether
+    with psycopg.connect(world.dsn["ie"]) as c:
+        c.execute("DELETE FROM migrator.manifests")
+    rc, out = _audit(world, spec)
+    assert rc == 1 and ("no manifest kept for a shard moved here", sid) in {
+        (f["kind"], f.get("shard")) for f in out["findings"]
+    }
