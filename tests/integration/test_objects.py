@@ -297,3 +297,31 @@ def test_an_endpoint_lost_mid_purge_leaves_it_resumable_then_it_finishes(oworld)
     assert w.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("purged",)]
     assert not set(listing(w, "us")) & objects_of(w, moved)
     assert w.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s)", (moved,)) == [(0,)]
+
+
+def test_a_signed_manifest_is_kept_beside_the_objects_in_the_region(oworld, monkeypatch):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    w = oworld
+    seed = "33" * 32
+    pub = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed)).public_key()
+    monkeypatch.setenv("TEST_OBJ_SIGNING_IE", seed)
+    w.write_spec(
+        evidence={
+            "regions": {
+                "ie": {
+                    "signing": {"env": "TEST_OBJ_SIGNING_IE"},
+                    "public_key": pub.public_bytes(Encoding.Raw, PublicFormat.Raw).hex(),
+                }
+            }
+        }
+    )
+    assert w.migrator("run", "--region", "ie").returncode == 0
+    kept = {k: body(w, "ie", k) for k in listing(w, "ie") if k.startswith("evidence/")}
+    (doc_key,) = [k for k in kept if k.endswith(".json")]
+    assert doc_key + ".sig" in kept
+    pub.verify(bytes.fromhex(kept[doc_key + ".sig"].decode()), kept[doc_key])  # raises if not signed by the region
+    doc = json.loads(kept[doc_key])
+    assert doc["objects"]["count"] == len(objects_of(w, ids_for(w, "ie"))) and doc["event"] == "cutover"
+    assert w.rows("ie", "SELECT doc FROM migrator.manifests") == [(kept[doc_key].decode(),)]
