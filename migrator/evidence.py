@@ -68,7 +68,8 @@ def build(ctx: Context, sid: str, event: str) -> dict[str, Any]:
     region = shard.region
     ev = ctx.spec.evidence
     assert ev is not None and region in ev.regions
-    batch_users = {b: ctl.batch_keys(sid, ctx.sort_keys)[b] for b in range(shard.batches)}
+    batches = ctl.batch_keys(sid, ctx.sort_keys)  # each batch's keys read once, in turn
+    batch_users = {b: batches[b] for b in batches}
     with connect(ctx.dsn(region), autocommit=True) as c:
         tables = table_digests(c, ctx, batch_users)
     users: list[str] = []
