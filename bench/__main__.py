@@ -76,6 +76,40 @@ def raw_pipe(ctx: Context, psql: str, src: str, dst: str, region: str) -> float:
     return time.perf_counter() - t0
 
 
+def parallel_pipe(ctx: Context, psql: str, src: str, dst: str, region: str, workers: int) -> float:
+    """What a user would write by hand to match the tool's `copy.workers`: that many raw
+    pipes at once, each moving every table (parents first, as the foreign keys need) for
+    its share of the users (user_id modulo the workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    codes = [c for c, r in ctx.spec.policy.items() if r == region]
+    texts: list[list[tuple[str, str]]] = []
+    with psycopg.connect(src) as c:
+        for k in range(workers):
+            lane = []
+            for name in ctx.tables:
+                own = sqlgen.ownership(ctx.spec.entity_graph, name)
+                q = psycopg.sql.SQL(
+                    "SELECT t0.* FROM {} WHERE {} IN (SELECT user_id FROM users WHERE country_code = ANY({}) "
+                    "AND user_id % {} = {})"
+                ).format(own.from_, own.owner, psycopg.sql.Literal(codes), workers, k)
+                lane.append((name, q.as_string(c)))
+            texts.append(lane)
+
+    def run_lane(lane: list[tuple[str, str]]) -> None:
+        for name, text in lane:
+            cmd = (
+                f"{psql} '{src}' -qc \"\\copy ({text}) TO STDOUT (FORMAT binary)\" | "
+                f"{psql} '{dst}' -qc \"\\copy {name} FROM STDIN (FORMAT binary)\""
+            )
+            subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run_lane, texts))
+    return time.perf_counter() - t0
+
+
 def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
     """objects/s and MB/s of the tool's object copy against a plain boto3 GET/PUT loop with
     the same thread count, between two S3 endpoints (moto servers) started here."""
@@ -363,7 +397,10 @@ class Dataset:
         seed.seed(self.src, self.users)
         spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
         spec.pop("objects")
-        spec.pop("purge")  # the benchmark does not purge (yet)
+        purge = spec.pop("purge")  # only the lifecycle runs purge
+        purge["keys"] = {"ie": purge["keys"]["ie"]}
+        os.environ.setdefault(purge["keys"]["ie"]["env"], "bench-pseudonym-key-" + "0" * 16)
+        self.purge = purge
         spec.pop("evidence")
         spec["policy"] = {c: ("ie" if r != "us" else "us") for c, r in spec["policy"].items()}
         spec["regions"] = {"us": {"dsn": self.src}, "ie": {"dsn": self.dst}}
@@ -373,6 +410,9 @@ class Dataset:
         self.spec = spec
         self.codes = [c for c, r in spec["policy"].items() if r == "ie"]
         self.pipe: list[float] = []
+        self.ppipe: list[float] = []
+        self.lives: list[dict[str, float]] = []  # per run: plan, copy, verify, cutover, purge seconds
+        self.rollbacks: list[dict[str, float]] = []  # per run: copy and rollback seconds
         self.planned: list[float] = []
         self.copy: list[float] = []
         self.verify: list[float] = []
@@ -391,13 +431,17 @@ class Dataset:
     def run(self, run: int, with_reladiff: bool) -> None:
         psql = str(bindir() / "psql")
         reset_peak_rss()
-        # Alternate which goes first, and checkpoint both servers before each timed step,
-        # so neither pays for the other's writes.
-        for step in ("pipe", "tool") if run % 2 == 0 else ("tool", "pipe"):
+        # Rotate which goes first, and checkpoint both servers before each timed step,
+        # so none pays for another's writes.
+        steps = ["pipe", "parallel pipe", "tool"]
+        for step in steps[run % 3 :] + steps[: run % 3]:
             ctx = self.reset()
             settle(self.src, self.dst)
             if step == "pipe":
                 self.pipe.append(raw_pipe(ctx, psql, self.src, self.dst, "ie"))
+                continue
+            if step == "parallel pipe":
+                self.ppipe.append(parallel_pipe(ctx, psql, self.src, self.dst, "ie", ctx.spec.copy_.workers))
                 continue
             t0 = time.perf_counter()
             p = plan(ctx, f"bench-{run}")
@@ -422,6 +466,58 @@ class Dataset:
             assert not found, f"reladiff reports differences on an exact copy: {found[:3]}"
             self.rel.append(seconds)
 
+    def lifecycle(self, run: int, last: str) -> None:
+        """The whole life of the shard, each phase timed as `migrator` runs it: plan, copy,
+        verify, cutover, then `last` (purge, on a copy of the source made for the run from
+        the seeded database; or rollback of the cut-over shard, on the source itself)."""
+        from migrator import dispatch
+
+        spec = dict(self.spec, purge=dict(self.purge, after="0s"))
+        src = self.src
+        if last == "purge":
+            with psycopg.connect(self.cluster["src"].dsn(), autocommit=True) as c:
+                # cloning needs the template to itself; earlier runs' contexts may keep idle sessions
+                c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'app'")
+                c.execute("DROP DATABASE IF EXISTS app_purge")
+                c.execute("CREATE DATABASE app_purge TEMPLATE app STRATEGY FILE_COPY")
+            src = self.cluster["src"].dsn("app_purge")
+            spec["regions"] = dict(spec["regions"], us={"dsn": src})
+        self.reset()
+        ctx = Context(parse_spec(spec))
+        settle(src, self.dst)
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        p = plan(ctx, f"life-{last}-{run}")
+        times["plan"] = time.perf_counter() - t0
+        for phase in ("copy", "verify", "cutover", last):
+            t0 = time.perf_counter()
+            for s in p.shards:
+                dispatch.run_phase(ctx, s.shard_id, phase, reason="benchmark")
+            times[phase] = time.perf_counter() - t0
+            want = {"copy": "copied", "verify": "verified", "cutover": "cut_over", "purge": "purged"}
+            for s in p.shards:
+                state = ctx.control.shard(s.shard_id).state.value
+                assert state == want.get(phase, "rolled_back"), f"{phase}: shard {s.shard_id} is {state}"
+        (self.lives if last == "purge" else self.rollbacks).append(times)
+        if last == "purge":
+            with psycopg.connect(self.cluster["src"].dsn(), autocommit=True) as c:
+                c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'app_purge'")
+                c.execute("DROP DATABASE app_purge")
+
+    def life_figures(self) -> dict:
+        med = statistics.median
+        out: dict = {}
+        if self.lives:
+            phases = list(self.lives[0])
+            out["lifecycle_s"] = {k: round(med(t[k] for t in self.lives), 3) for k in phases}
+            out["lifecycle_total_s"] = round(med(sum(t.values()) for t in self.lives), 3)
+            out["lifecycle_vs_parallel_pipe"] = round(out["lifecycle_total_s"] / med(self.ppipe), 3)
+            out["purge_vs_copy"] = round(med(t["purge"] / t["copy"] for t in self.lives), 3)
+        if self.rollbacks:
+            out["rollback_s"] = round(med(t["rollback"] for t in self.rollbacks), 3)
+            out["rollback_vs_copy"] = round(med(t["rollback"] / t["copy"] for t in self.rollbacks), 3)
+        return out
+
     def figures(self) -> dict:
         med = statistics.median
         return {
@@ -434,6 +530,8 @@ class Dataset:
             "verify_s": round(med(self.verify), 3),
             "peak_rss_mb": round(self.peak_mb, 1),
             "copy_vs_pipe": round(med(self.copy) / med(self.pipe), 3),
+            "parallel_pipe_s": round(med(self.ppipe), 3),
+            "copy_vs_parallel_pipe": round(med(self.copy) / med(self.ppipe), 3),
             "total_vs_pipe": round((med(self.copy) + med(self.verify)) / med(self.pipe), 3),
             **(
                 {
@@ -456,6 +554,12 @@ def main() -> None:
         help="runs of the copy and verify figures; 0 skips them (for --writes, --objects or --airflow alone)",
     )
     ap.add_argument("--batch-users", type=int, default=20000)
+    ap.add_argument(
+        "--lifecycle-runs",
+        type=int,
+        default=None,
+        help="runs of the whole lifecycle (plan to purge, and plan to rollback); default: --runs",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it"
@@ -480,6 +584,8 @@ def main() -> None:
         "scale's, and report how time grew with the data",
     )
     a = ap.parse_args()
+    if a.lifecycle_runs is None:
+        a.lifecycle_runs = a.runs
     if a.runs == 0 and (a.against_scale is not None or a.chart or not (a.writes or a.objects or a.airflow)):
         ap.error(
             "--runs 0 skips the copy and verify figures: it needs --writes, --objects or --airflow, "
@@ -518,6 +624,10 @@ def main() -> None:
                 "reladiff_found": sorted(f["sign"] for f in rel_found) == ["+", "-"]
                 and all(f["table"] == "comments" and f["key"] == [str(victim)] for f in rel_found),
             }
+        # after the changed row: each lifecycle starts from an empty destination
+        for run in range(a.lifecycle_runs if a.runs else 0):
+            for last in ("purge", "rollback") if run % 2 == 0 else ("rollback", "purge"):
+                big.lifecycle(run, last)
         if a.runs:
             fig = big.figures()
             doc = {
@@ -532,6 +642,10 @@ def main() -> None:
                 "plan_copy_verify_vs_pipe": round(
                     (med(big.planned) + med(big.copy) + med(big.verify)) / med(big.pipe), 3
                 ),
+                "parallel_pipe_s": fig["parallel_pipe_s"],
+                "copy_workers": ctx.spec.copy_.workers,
+                "copy_vs_parallel_pipe": fig["copy_vs_parallel_pipe"],
+                **big.life_figures(),
                 "peak_rss_mb": fig["peak_rss_mb"],
                 "reladiff_s": round(med(big.rel), 3) if big.rel else None,
                 "verify_speedup_vs_reladiff": round(med(big.rel) / med(big.verify), 2) if big.rel else None,

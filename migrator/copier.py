@@ -30,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -41,6 +39,7 @@ from migrator import capture, objects, sqlgen
 from migrator.context import Context
 from migrator.control import BatchRecord
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
+from migrator.lanes import in_lanes
 from migrator.scaffolding import pause_point
 from migrator.schema import history
 from migrator.state import Phase
@@ -209,58 +208,19 @@ def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list
 def _copy_pending(
     ctx: Context, sid: str, dst_dsn: str, batch_users: Mapping[int, list[str]], pending: list[int]
 ) -> Iterator[tuple[int, BatchRecord]]:
-    """Copy the pending batches with `copy.workers` workers, yielding each as it commits.
-
-    Batches are independent (each its own users, destination transaction and ledger row),
-    so they may commit in any order; the caller checkpoints each as it is yielded. After
-    the first error no worker starts another batch; those in flight finish (and are
-    yielded) before the error is raised, so nothing committed goes unrecorded."""
-    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for b in pending:
-        todo.put(b)
-    out: queue.SimpleQueue[tuple[int, BatchRecord | None, BaseException | None]] = queue.SimpleQueue()
-    stop = threading.Event()
-
-    def worker() -> None:
-        links = _Links(ctx.source_dsn, dst_dsn)
-        try:
-            while not stop.is_set():
-                try:
-                    b = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    out.put((b, _copy_with_retries(ctx, links, sid, b, batch_users[b]), None))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                    stop.set()
-                    out.put((b, None, exc))
-                    return
-        finally:
-            links.reset()
-
+    """Copy the pending batches with `copy.workers` lanes (each on its own source and
+    destination connections), yielding each as it commits; the caller checkpoints it."""
     # An inline digest reads the destination tables inside the batch's transaction; with
     # sibling batches loading the same tables it would wade through their uncommitted rows.
-    n = 1 if ctx.spec.copy_.inline_digest else min(ctx.spec.copy_.workers, len(pending))
-    threads = [threading.Thread(target=worker, name=f"copy-{sid}-{i}", daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    error: BaseException | None = None
-    try:
-        while any(t.is_alive() for t in threads) or not out.empty():
-            try:
-                b, res, exc = out.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if exc is not None:
-                error = error or exc
-            elif res is not None:
-                yield b, res
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    if error is not None:
-        raise error
+    n = 1 if ctx.spec.copy_.inline_digest else ctx.spec.copy_.workers
+    yield from in_lanes(
+        pending,
+        lambda links, b: _copy_with_retries(ctx, links, sid, b, batch_users[b]),
+        n,
+        f"copy-{sid}",
+        setup=lambda: _Links(ctx.source_dsn, dst_dsn),
+        teardown=lambda links: links.reset(),
+    )
 
 
 def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | None = None) -> CopyResult:

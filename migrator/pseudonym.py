@@ -16,10 +16,10 @@ Other types are refused before anything is touched (`unsupported`).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import Any
 
 TAG = "pz1_"
@@ -50,7 +50,7 @@ def unsupported(type_name: str) -> str | None:
 
 
 def _mac(key: bytes, tag: str, value: str) -> bytes:
-    return hmac.new(key, f"{tag}:{value}".encode(), hashlib.sha256).digest()
+    return hmac.digest(key, f"{tag}:{value}".encode(), "sha256")
 
 
 def _limit(type_name: str) -> int | None:
@@ -58,23 +58,43 @@ def _limit(type_name: str) -> int | None:
     return int(m.group(1)) if m and m.group(1) else None
 
 
-def pseudonym(key: bytes, type_name: str, value: Any) -> Any:
-    """The pseudonym of `value` for a column of `type_name` (None for None)."""
-    if value is None:
-        return None
+_V4 = re.compile(r"^((?:\d{1,3}\.){3}\d{1,3})(?:/\d+)?$")  # PostgreSQL's own text: no leading zeros
+_V4_RANGE, _V4_BITS = 240 << 24, (1 << 28) - 1
+
+
+def _inet(key: bytes, value: Any) -> str:
+    text = str(value)
+    m = _V4.match(text)
+    if m:  # the common case, without parsing
+        mac = int.from_bytes(_mac(key, "inet", m.group(1)), "big")
+        return ".".join(str(b) for b in (_V4_RANGE | (mac & _V4_BITS)).to_bytes(4, "big"))
+    addr = ipaddress.ip_interface(text).ip
+    mac = int.from_bytes(_mac(key, "inet", str(addr)), "big")
+    if addr.version == 4:
+        return str(ipaddress.IPv4Address(_V4_RANGE | (mac & _V4_BITS)))
+    return str(ipaddress.IPv6Address((0x20010DB8 << 96) | (mac & ((1 << 96) - 1))))
+
+
+def pseudonymiser(key: bytes, type_name: str) -> Callable[[Any], Any]:
+    """The pseudonym function for one column of `type_name` (None stays None)."""
     k = kind(type_name)
     if k == "text":
-        digits = _mac(key, "text", str(value)).hex()[: TEXT_BITS // 4]
-        limit = _limit(type_name)
-        out = TAG + digits
-        return out[:limit] if limit else out
+        limit = _limit(type_name) or len(TAG) + TEXT_BITS // 4
+
+        def text(value: Any) -> Any:
+            if value is None:
+                return None
+            return (TAG + _mac(key, "text", str(value)).hex()[: TEXT_BITS // 4])[:limit]
+
+        return text
     if k == "inet":
-        addr = ipaddress.ip_interface(str(value)).ip
-        mac = int.from_bytes(_mac(key, "inet", str(addr)), "big")
-        if addr.version == 4:
-            return str(ipaddress.IPv4Address((240 << 24) | (mac & ((1 << 28) - 1))))
-        return str(ipaddress.IPv6Address((0x20010DB8 << 96) | (mac & ((1 << 96) - 1))))
+        return lambda value: None if value is None else _inet(key, value)
     raise ValueError(unsupported(type_name))
+
+
+def pseudonym(key: bytes, type_name: str, value: Any) -> Any:
+    """The pseudonym of `value` for a column of `type_name` (None for None)."""
+    return pseudonymiser(key, type_name)(value)
 
 
 def is_pseudonym(type_name: str, value: Any) -> bool:

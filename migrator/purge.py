@@ -38,6 +38,7 @@ from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Shard
 from migrator.errors import PurgeRefused, SpecError
+from migrator.lanes import in_lanes
 from migrator.scaffolding import pause_point
 from migrator.schema import history
 from migrator.spec import Purge
@@ -122,7 +123,7 @@ def _pseudonymise(c: Conn, ctx: Context, table: Table, cols: list[str], keys: li
     ).fetchall()
     if not rows:
         return 0
-    types = [table.column(x).type for x in cols]
+    makers = [pseudonym.pseudonymiser(key, table.column(x).type) for x in cols]
     stage = sql.Identifier("rm_pseudonyms")
     c.execute(
         sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {}.{} WHERE false").format(
@@ -135,7 +136,7 @@ def _pseudonymise(c: Conn, ctx: Context, table: Table, cols: list[str], keys: li
     n_pk = len(table.pk)
     with c.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(stage)) as cp:
         for r in rows:
-            cp.write_row([*r[:n_pk], *(pseudonym.pseudonym(key, t, v) for t, v in zip(types, r[n_pk:]))])
+            cp.write_row([*r[:n_pk], *(make(v) for make, v in zip(makers, r[n_pk:]))])
     changed = c.execute(
         sql.SQL("UPDATE {}.{} AS d SET {} FROM {} AS z WHERE {}").format(
             sql.Identifier(g.schema_),
@@ -209,6 +210,33 @@ def dry_run_shard(ctx: Context, sid: str) -> dict[str, Any]:
     return {"shard_id": sid, "would_purge": _plan_only(ctx, sid), **checked}
 
 
+def _purge_batch(
+    ctx: Context,
+    sid: str,
+    region: str,
+    b: int,
+    keys: list[str],
+    manifest: list[tuple[str, int, str]],
+    key: bytes | None,
+) -> dict[str, Any]:
+    """The batch's source objects, then its rows and receipt in one source transaction."""
+    deleted_keys = objects.purge_batch(ctx, sid, region, manifest) if manifest else []
+    with connect(ctx.source_dsn) as c:
+        c.execute(capture.APPLY)
+        c.execute("SET LOCAL lock_timeout = '5s'")
+        tables = _purge_rows(c, ctx, keys, key)
+        receipt = {
+            "tables": tables,
+            "objects_deleted": len(deleted_keys),
+            "objects_digest": objects.keys_digest(deleted_keys),
+        }
+        c.execute(
+            "INSERT INTO migrator.purge_ledger (shard_id, batch_no, receipt) VALUES (%s, %s, %s)",
+            (sid, b, json.dumps(receipt)),
+        )
+    return receipt
+
+
 def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dict[str, Any]:
     """Purge one cut-over (or partly purged) shard; the caller holds its lock."""
     ctl = ctx.control
@@ -228,31 +256,22 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
     batch_users = ctl.batch_keys(sid, ctx.sort_keys)
     total = len(batch_users)
     pause = settings(ctx).batch_pause_s
-    for b in sorted(batch_users):
-        if b in done:
-            continue
-        keys = batch_users[b]
-        deleted_keys = objects.purge_batch(ctx, sid, shard.region, manifest.get(b, [])) if manifest else []
-        with connect(src) as c:
-            c.execute(capture.APPLY)
-            c.execute("SET LOCAL lock_timeout = '5s'")
-            tables = _purge_rows(c, ctx, keys, key)
-            receipt = {
-                "tables": tables,
-                "objects_deleted": len(deleted_keys),
-                "objects_digest": objects.keys_digest(deleted_keys),
-            }
-            c.execute(
-                "INSERT INTO migrator.purge_ledger (shard_id, batch_no, receipt) VALUES (%s, %s, %s)",
-                (sid, b, json.dumps(receipt)),
-            )
-        done[b] = receipt
+    pending = [b for b in sorted(batch_users) if b not in done]
+
+    def one(_: None, b: int) -> dict[str, Any]:
+        receipt = _purge_batch(ctx, sid, shard.region, b, batch_users[b], manifest.get(b, []), key)
         pause_point(ctx, sid, "purged batch")
-        log.info("shard %s: purge batch %d/%d committed", sid, len(done), total)
+        if pause:
+            time.sleep(pause)  # this lane's pause: the source's own writers go first
+        return receipt
+
+    # Batches hold disjoint users, each purged in its own source transaction with its
+    # receipt: lanes as the copy's.
+    for b, receipt in in_lanes(pending, one, ctx.spec.copy_.workers, "purge"):
+        done[b] = receipt
+        log.info("shard %s: purge batch %d committed (%d/%d)", sid, b, len(done), total)
         if progress:
             progress(len(done), total)
-        if pause:
-            time.sleep(pause)
     receipts = _totals(done)
     capture.finalize(ctx, sid, src, ctx.dsn(shard.region))  # rollback is gone: stop capturing at the destination
     started = ctl.entered(sid, Phase.PURGING)

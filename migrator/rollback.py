@@ -14,6 +14,7 @@ from migrator import capture, directory, objects, recovery, sqlgen
 from migrator.context import Context
 from migrator.copier import ensure_ledger
 from migrator.errors import ChecksumMismatch, StateConflict, retrying
+from migrator.lanes import in_lanes
 from migrator.scaffolding import pause_point
 from migrator.state import Phase
 from migrator.stores.postgres import bounded, connect
@@ -68,6 +69,26 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
     return carried, flipped
 
 
+def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str]) -> dict[str, int]:
+    """Remove one batch's rows from the destination, children first, with its ledger row."""
+    graph, kt = ctx.spec.entity_graph, ctx.key_type
+    for attempt in retrying(ctx.spec.retry):
+        with attempt, connect(dst, keyed=True) as c:
+            c.execute(capture.APPLY)  # through the destination's fence
+            counts = {}
+            # Only batches this tool wrote (their ledger row) are removed: rows that were
+            # there before, which the copy refused as a conflict, are not the shard's.
+            ours = c.execute(
+                "DELETE FROM migrator.batch_ledger WHERE shard_id = %s AND batch_no = %s RETURNING 1", (sid, b)
+            ).fetchone()
+            if ours:
+                for name in reversed(list(ctx.tables)):
+                    counts[name] = c.execute(
+                        sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
+                    ).rowcount
+    return counts
+
+
 def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     ctl = ctx.control
     shard = ctl.shard(sid)
@@ -87,27 +108,16 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
             ctx, sid, shard.state, shard.region, {"event": "rollback started", "reason": reason}
         )
     capture.lift(src, sid)  # the users are homed at the source again: let them write there
-    graph, kt = ctx.spec.entity_graph, ctx.key_type
     deleted = {t: 0 for t in ctx.tables}
     for attempt in retrying(ctx.spec.retry):
         with attempt:
             ensure_ledger(dst)
     removed_objects = objects.rollback(ctx, sid, shard.region)
-    for b, keys in ctl.batch_keys(sid, ctx.sort_keys).items():  # one batch's keys at a time
-        for attempt in retrying(ctx.spec.retry):
-            with attempt, connect(dst, keyed=True) as c:
-                c.execute(capture.APPLY)  # through the destination's fence
-                counts = {}
-                # Only batches this tool wrote (their ledger row) are removed: rows that were
-                # there before, which the copy refused as a conflict, are not the shard's.
-                ours = c.execute(
-                    "DELETE FROM migrator.batch_ledger WHERE shard_id = %s AND batch_no = %s RETURNING 1", (sid, b)
-                ).fetchone()
-                if ours:
-                    for name in reversed(list(ctx.tables)):
-                        counts[name] = c.execute(
-                            sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
-                        ).rowcount
+    batch_users = ctl.batch_keys(sid, ctx.sort_keys)  # one batch's keys at a time
+    # Batches hold disjoint users, each deleted in its own transaction: lanes as the copy's.
+    for _, counts in in_lanes(
+        batch_users, lambda _, b: _delete_batch(ctx, sid, dst, b, batch_users[b]), ctx.spec.copy_.workers, "rollback"
+    ):
         for t, n in counts.items():
             deleted[t] += n
     for dsn in (src, dst):

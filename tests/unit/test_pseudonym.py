@@ -45,3 +45,11 @@ def test_null_stays_null_and_other_types_are_refused():
     assert pseudonym.unsupported("text") is None and pseudonym.unsupported("inet") is None
     with pytest.raises(ValueError):
         pseudonym.pseudonym(K1, "timestamp with time zone", "2026-01-01")
+
+
+@given(st.ip_addresses(v=4), st.sampled_from(["", "/32", "/24"]))
+def test_ipv4_pseudonyms_are_the_keyed_mac_of_the_address(addr, mask):
+    # as PostgreSQL's inet::text prints it, with or without the mask
+    mac = int.from_bytes(hmac.new(K1, f"inet:{addr}".encode(), hashlib.sha256).digest(), "big")
+    want = str(ipaddress.IPv4Address((240 << 24) | (mac & ((1 << 28) - 1))))
+    assert pseudonym.pseudonym(K1, "inet", f"{addr}{mask}") == want
