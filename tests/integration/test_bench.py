@@ -33,19 +33,37 @@ def test_bench_smoke(tmp_path):
             "--writes",
             "--against-scale",
             "0.01",
+            "--airflow",
             "--chart",
             str(tmp_path / "bench.png"),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(res.stdout)
     assert doc["users"] == 10000 and doc["rows"] > 2000
-    for key in ("raw_pipe_s", "plan_s", "copy_s", "verify_s", "copy_vs_pipe", "total_vs_pipe", "peak_rss_mb", "cores"):
+    for key in (
+        "raw_pipe_s",
+        "parallel_pipe_s",
+        "plan_s",
+        "copy_s",
+        "verify_s",
+        "copy_vs_pipe",
+        "copy_vs_parallel_pipe",
+        "total_vs_pipe",
+        "lifecycle_total_s",
+        "lifecycle_vs_parallel_pipe",
+        "rollback_vs_copy",
+        "purge_vs_copy",
+        "peak_rss_mb",
+        "cores",
+    ):
         assert doc[key] > 0, key
+    assert set(doc["lifecycle_s"]) == {"plan", "copy", "verify", "cutover", "purge"}
+    assert doc["airflow"]["airflow_vs_cli"] > 0 and doc["airflow"]["executor"] == "LocalExecutor"
     assert doc["object_copy"]["objects"] == 20 and doc["object_copy"]["objects_vs_plain"] > 0
     assert doc["changed_row"]["tool_found"] and doc["changed_row"]["reladiff_found"]
     assert doc["verify_speedup_vs_reladiff"] > 0
