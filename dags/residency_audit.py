@@ -13,9 +13,9 @@ import os
 from datetime import datetime
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
-from migrator.airflow_glue import classified, task_spec
+from migrator.airflow_glue import classified, spec_param, task_spec
 
 
 @dag(
@@ -27,7 +27,7 @@ from migrator.airflow_glue import classified, task_spec
     catchup=False,
     max_active_runs=1,
     tags=["residency"],
-    params={"spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC")},
+    params={"spec": spec_param()},
 )
 def residency_audit():
     @task

@@ -18,6 +18,8 @@ import os
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task, task_group
 
+from migrator.airflow_glue import destination_regions, dry_run_param, regions_param, shards_param, spec_param
+
 # A cron with data intervals: each run covers [previous tick, this tick), so every user is
 # in exactly one scheduled run's interval (a plain "@daily" gives zero-width intervals).
 SCHEDULE = CronDataIntervalTimetable(os.environ.get("MIGRATOR_SCHEDULE", "0 0 * * *"), timezone="UTC")
@@ -27,6 +29,12 @@ RETRIES = dict(
     retry_delay=pendulum.duration(seconds=float(os.environ.get("MIGRATOR_TASK_RETRY_DELAY_S", "10"))),
     retry_exponential_backoff=True,
 )
+
+
+# Each destination region's shards get a task group and a Celery queue of that name; a
+# deployment without a readable spec at parse time has a single "shard" group.
+REGIONS = destination_regions()
+GROUPS = REGIONS or ["shard"]
 
 
 def _spec():
@@ -53,24 +61,21 @@ def _name_instance(desc: dict) -> None:
     tags=["residency"],
     params={
         "scope": Param("interval", enum=["interval", "all"], description="users created in the data interval, or all"),
-        "regions": Param(
-            [],
-            type="array",
-            items={"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
-            description="target regions; empty = all",
-        ),
-        "shards": Param([], type="array", items={"type": "string"}, description="shard names (ie-03); empty = all"),
+        "regions": regions_param(),
+        "shards": shards_param("these"),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1000000, description="users per batch"),
-        "dry_run": Param(False, type="boolean", description="plan only; write nothing"),
-        "spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC"),
+        "dry_run": dry_run_param("plan only: log and return the plan's table, write nothing"),
+        "spec": spec_param(),
     },
 )
 def residency_migration():
     from migrator.airflow_glue import classified
 
-    @task
+    @task(multiple_outputs=True)
     @classified
-    def plan() -> list[dict]:
+    def plan() -> dict[str, list[dict]]:
+        """The plan's table in the log and in the `table` XCom (dry runs too); each
+        destination region's shards under its own key, for that region's group."""
         from migrator import orchestration
 
         ctx = get_current_context()
@@ -78,8 +83,10 @@ def residency_migration():
         start, end = ctx.get("data_interval_start"), ctx.get("data_interval_end")
         wave = orchestration.wave_for(p["scope"], start, end, ctx["run_id"])
         since, until = (None, None) if p["scope"] == "all" else (start, end)
-        shards = orchestration.plan(_spec(), ctx["run_id"], wave, since, until, p["regions"], p["shards"], p["dry_run"])
-        return [s for s in shards if not s["dry_run"]]
+        shards = orchestration.plan(
+            _spec(), ctx["run_id"], wave, since, until, p["regions"] or [], p["shards"] or [], bool(p["dry_run"])
+        )
+        return orchestration.by_region(shards, GROUPS)
 
     @task(map_index_template="{{ shard_name }}", pool=POOL)
     @classified
@@ -128,13 +135,21 @@ def residency_migration():
         _name_instance(desc)
         return orchestration.shard_outcome(_spec(), desc["shard_id"])
 
-    @task_group
-    def shard(desc: dict):
-        c, v, k = copy(desc), verify(desc), cutover(desc)
-        c >> v >> k
-        rb = rollback(desc)
-        [c, v, k] >> rb
-        [k, rb] >> outcome(desc)
+    def shard_group(region: str):
+        """The shard tasks of one destination region, on its Celery queue (named as the region)."""
+        q = {"queue": region} if region in REGIONS else {}
+
+        @task_group(group_id=region)
+        def shard(desc: dict):
+            c = copy.override(**q)(desc)
+            v = verify.override(**q)(desc)
+            k = cutover.override(**q)(desc)
+            c >> v >> k
+            rb = rollback.override(**q)(desc)
+            [c, v, k] >> rb
+            [k, rb] >> outcome(desc)
+
+        return shard
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     @classified
@@ -147,8 +162,8 @@ def residency_migration():
         return orchestration.verdict(_spec(), None if shards is None else [s["shard_id"] for s in shards])
 
     planned = plan()
-    groups = shard.expand(desc=planned)
-    groups >> report(planned)
+    groups = [shard_group(g).expand(desc=planned[g]) for g in GROUPS]
+    groups >> report(planned["all"])
 
 
 residency_migration()

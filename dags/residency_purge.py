@@ -14,7 +14,7 @@ import os
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from migrator.airflow_glue import classified, task_spec
+from migrator.airflow_glue import classified, dry_run_param, regions_param, shards_param, spec_param, task_spec
 
 
 @dag(
@@ -27,11 +27,11 @@ from migrator.airflow_glue import classified, task_spec
     tags=["residency"],
     doc_md=__doc__,
     params={
-        "shards": Param([], type="array", items={"type": "string"}, description="shard ids or names; empty: all due"),
+        "shards": shards_param("these due"),
         "wave": Param(None, type=["null", "string"], description="the wave, when a name is in several"),
-        "region": Param(None, type=["null", "string"], description="only shards bound for this region"),
-        "dry_run": Param(False, type="boolean", description="say what would be purged; change nothing"),
-        "spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC"),
+        "region": regions_param(many=False),
+        "dry_run": dry_run_param("say what would be purged; change nothing"),
+        "spec": spec_param(),
     },
 )
 def residency_purge():

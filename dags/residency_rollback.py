@@ -4,9 +4,9 @@ shard's users are held until released or moved again (the residency_release DAG)
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import dag, task
 
-from migrator.airflow_glue import classified, named_phase, named_shards_params
+from migrator.airflow_glue import classified, dry_run_param, named_phase, named_shards_params
 
 
 @dag(
@@ -17,7 +17,7 @@ from migrator.airflow_glue import classified, named_phase, named_shards_params
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     tags=["residency"],
-    params={**named_shards_params("the"), "dry_run": Param(False, type="boolean")},
+    params={**named_shards_params("the"), "dry_run": dry_run_param("say what would be rolled back; change nothing")},
 )
 def residency_rollback():
     @task

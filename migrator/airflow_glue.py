@@ -30,20 +30,97 @@ def resolve_s3(conn_id: str) -> dict[str, str | None]:
     return {"endpoint": extra.get("endpoint_url"), "access_key": c.login, "secret_key": c.password}
 
 
+SPECS_ENV = "MIGRATOR_SPECS"  # the specs a run may choose: "name=path;name=path"
+REGION = "^[a-z][a-z0-9_]*$"
+SHARD = "^([^/]+/)?[a-z][a-z0-9_]*-[0-9]+$"  # ie-03, or wave/ie-03
+
+
+def configured_specs() -> dict[str, str]:
+    """The specs an operator may choose by name in a run's form ($MIGRATOR_SPECS); the
+    default ($MIGRATOR_SPEC) is always there as "default". No run can name a free path."""
+    out = {}
+    if os.environ.get(SPEC_ENV):
+        out["default"] = os.environ[SPEC_ENV]
+    for item in os.environ.get(SPECS_ENV, "").split(";"):
+        name, _, path = item.partition("=")
+        if name.strip() and path.strip():
+            out[name.strip()] = path.strip()
+    return out
+
+
+def destination_regions() -> list[str]:
+    """The destination regions of the default spec, read (YAML only, no connection) when
+    the DAG file is parsed: each gets its shard group and Celery queue."""
+    import yaml
+
+    path = os.environ.get(SPEC_ENV)
+    if not path or not os.path.exists(path):
+        return []
+    data = yaml.safe_load(open(path).read()) or {}
+    source = data.get("source_region", "us")
+    return sorted({r for r in (data.get("policy") or {}).values() if r != source})
+
+
+def spec_param():
+    from airflow.sdk import Param
+
+    names = sorted(configured_specs())
+    return Param(
+        None,
+        type=["null", "string"],
+        enum=[None, *names],
+        description=f"one of the configured specs ({SPECS_ENV}); empty: the default ($MIGRATOR_SPEC)",
+    )
+
+
+def shards_param(what: str, required: bool = False):
+    from airflow.sdk import Param
+
+    if required:
+        return Param(
+            type="array",
+            items={"type": "string", "pattern": SHARD},
+            minItems=1,
+            description=f"{what} shard ids (wave/ie-03) or names (ie-03, unique or with wave)",
+        )
+    return Param(
+        None,
+        type=["null", "array"],
+        items={"type": "string", "pattern": SHARD},
+        description=f"{what} shard names (ie-03) or ids (wave/ie-03); empty: all",
+    )
+
+
+def regions_param(many: bool = True):
+    from airflow.sdk import Param
+
+    regions = destination_regions()
+    item: dict[str, Any] = {"type": "string", "pattern": REGION, **({"enum": regions} if regions else {})}
+    if many:
+        return Param(None, type=["null", "array"], items=item, description="destination regions; empty: all")
+    return Param(
+        None,
+        type=["null", "string"],
+        **({"enum": [None, *regions]} if regions else {"pattern": REGION}),
+        description="only shards bound for this region; empty: all",
+    )
+
+
+def dry_run_param(what: str):
+    from airflow.sdk import Param
+
+    return Param(False, type=["null", "boolean"], description=what)
+
+
 def named_shards_params(what: str) -> dict[str, Any]:
     """The Params of a manual DAG that acts on shards an operator names, with a reason."""
     from airflow.sdk import Param
 
     return {
-        "shards": Param(
-            type="array",
-            items={"type": "string"},
-            minItems=1,
-            description=f"{what} shard ids (wave/ie-03) or names (ie-03, unique or with wave)",
-        ),
+        "shards": shards_param(what, required=True),
         "wave": Param(None, type=["null", "string"], description="the wave, when a name is in several"),
         "reason": Param(type="string", minLength=3, description="why; recorded in the audit table"),
-        "spec": Param(None, type=["null", "string"], description="spec file; default $MIGRATOR_SPEC"),
+        "spec": spec_param(),
     }
 
 
@@ -62,12 +139,18 @@ def named_phase(what: str) -> list[dict[str, Any]]:
 
 
 def spec_path(params: dict[str, Any]) -> str:
-    path = params.get("spec") or os.environ.get(SPEC_ENV)
-    if not path:
-        from airflow.sdk.exceptions import AirflowFailException
+    """The spec file a run uses: the configured one its `spec` Param names, or the default."""
+    from airflow.sdk.exceptions import AirflowFailException
 
-        raise AirflowFailException(f"no spec: set the 'spec' param or the {SPEC_ENV} environment variable")
-    return path
+    specs = configured_specs()
+    name = params.get("spec") or "default"
+    if name not in specs:
+        if name == "default":
+            raise AirflowFailException(f"no spec: set the {SPEC_ENV} environment variable (or {SPECS_ENV})")
+        raise AirflowFailException(
+            f"spec {name!r} is not one of the configured specs ({', '.join(sorted(specs)) or 'none'}; {SPECS_ENV})"
+        )
+    return specs[name]
 
 
 def classified(fn: Callable[..., Any]) -> Callable[..., Any]:

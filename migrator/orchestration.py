@@ -4,6 +4,7 @@ No Airflow import here; `airflow_glue` turns errors into Airflow's terms."""
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import datetime
 from pathlib import Path
@@ -14,11 +15,12 @@ import yaml
 from migrator import audit, dispatch, engine, purge, report
 from migrator.context import Context
 from migrator.control import Shard
-from migrator.errors import ChecksumMismatch, MigratorError, PurgeRefused, StateConflict
+from migrator.errors import ChecksumMismatch, MigratorError, PurgeRefused, SpecError, StateConflict
 from migrator.planner import plan as make_plan
 from migrator.spec import Spec, parse_spec
 from migrator.state import MOVED, Phase
 
+log = logging.getLogger("migrator.orchestration")
 _CONN = re.compile(r"^conn:([A-Za-z0-9_.-]+)$")
 
 
@@ -56,13 +58,69 @@ def plan(
     shards: list[str] | None,
     dry_run: bool,
 ) -> list[dict[str, Any]]:
+    """The wave's shards (planned, or only worked out in a dry run), each with its users,
+    estimated rows per table and bytes; the table is logged for the run's log."""
     ctx = Context(spec, run_id)
     p = make_plan(ctx, wave, since=since, until=until, regions=regions or None, dry_run=dry_run)
     out = []
     for s in p.shards:
         if shards and s.name not in shards and s.shard_id not in shards:
             continue
-        out.append({"shard_id": s.shard_id, "name": s.name, "region": s.region, "users": s.users, "dry_run": dry_run})
+        out.append({**s.summary(), "dry_run": dry_run})
+    log.info("%s", plan_table(wave, out, dry_run))
+    return out
+
+
+def plan_table(wave: str, shards: list[dict[str, Any]], dry_run: bool) -> str:
+    """The plan as a plain-text table: shard, region, users, batches, rows per table, bytes."""
+    tables = sorted({t for s in shards for t in s["rows"]})
+    head = ["shard", "region", "users", "batches", *tables, "approx MB"]
+    rows = [
+        [
+            s["name"],
+            s["region"],
+            str(s["users"]),
+            str(s["batches"]),
+            *(("" if t not in s["rows"] else f"{s['rows'][t]}{'' if s['rows_exact'] else '~'}") for t in tables),
+            f"{s['approx_bytes'] / 1e6:.1f}",
+        ]
+        for s in shards
+    ]
+    rows.append(
+        [
+            "total",
+            "",
+            str(sum(s["users"] for s in shards)),
+            str(sum(s["batches"] for s in shards)),
+            *(str(sum(s["rows"].get(t, 0) for s in shards)) for t in tables),
+            f"{sum(s['approx_bytes'] for s in shards) / 1e6:.1f}",
+        ]
+    )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [f"{'dry run: ' if dry_run else ''}wave {wave}: {len(shards)} shard(s) (~ estimated rows)"]
+    lines += [
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def by_region(shards: list[dict[str, Any]], groups: list[str]) -> dict[str, Any]:
+    """The plan task's outputs: each group's shards to map over (none in a dry run), all of
+    them for the report, and the plan itself. A lone group named "shard" takes every
+    region; otherwise a region without a group is refused (the DAG file was parsed with
+    another spec)."""
+    moving = [s for s in shards if not s["dry_run"]]
+    out: dict[str, Any] = {g: [] for g in groups}
+    for s in moving:
+        g = "shard" if groups == ["shard"] else s["region"]
+        if g not in out:
+            raise SpecError(
+                f"shard {s['shard_id']}: region {s['region']!r} has no task group in this DAG "
+                f"(it has {', '.join(groups)}); the DAG file was parsed with another spec"
+            )
+        out[g].append(s)
+    out["all"] = moving
+    out["plan"] = shards
     return out
 
 

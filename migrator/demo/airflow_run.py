@@ -74,6 +74,7 @@ def run_dag(
     home.mkdir(parents=True, exist_ok=True)
     af_spec, conns = spec_for_airflow(spec_path, base / "spec.airflow.yaml")
     env = airflow_env(home, conns)
+    env["MIGRATOR_SPEC"] = str(af_spec)
     subprocess.run([bin_path("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     subprocess.run(
         [bin_path("airflow"), "pools", "set", "migrator_source", "2", "copies against the source"],
@@ -82,7 +83,7 @@ def run_dag(
         capture_output=True,
         timeout=120,
     )
-    conf = {**({"scope": "all"} if dag_id == "residency_migration" else {}), "spec": str(af_spec), **(conf or {})}
+    conf = {**({"scope": "all"} if dag_id == "residency_migration" else {}), **(conf or {})}
     args = ["dags", "test", dag_id] + ([logical_date] if logical_date else []) + ["-c", json.dumps(conf)]
     log = base / "airflow-dags-test.log"
     with open(log, "w") as out:

@@ -5,108 +5,16 @@ worked out here from the runs' own data intervals and the source rows."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import subprocess
-import time
-import urllib.request
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-from migrator.demo.airflow_run import airflow_env, bin_path, spec_for_airflow
-from migrator.embedded import free_port
+from migrator.demo.airflow_run import airflow_env, spec_for_airflow
+from migrator.demo.airflow_services import AirflowServices
 from tests.conftest import DEMO_OWNED, World
 
 pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
-
-
-class LiveAirflow:
-    def __init__(self, home: Path, env: dict[str, str], metadata_url: str):
-        self.home, self.env = home, env
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env.update(
-            {
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
-                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                "AIRFLOW__CORE__PARALLELISM": "4",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
-                "AIRFLOW__API__BASE_URL": self.base,
-                "AIRFLOW__API_AUTH__JWT_SECRET": "test-only-secret-0123456789abcdef",
-                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-            }
-        )
-        self.procs: list[subprocess.Popen] = []
-        self.token = ""
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([bin_path("airflow"), *args], env=self.env, capture_output=True, text=True, timeout=300)
-
-    def start(self) -> None:
-        assert self.cli("db", "migrate").returncode == 0
-        assert self.cli("pools", "set", "migrator_source", "2", "copies against the source").returncode == 0
-        for name, args in (
-            ("api-server", ["api-server", "--port", str(self.port)]),
-            ("scheduler", ["scheduler"]),
-            ("dag-processor", ["dag-processor"]),
-        ):
-            log = open(self.home / f"{name}.log", "w")
-            self.procs.append(subprocess.Popen([bin_path("airflow"), *args], env=self.env, stdout=log, stderr=log))
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                with urllib.request.urlopen(f"{self.base}/auth/token", timeout=5) as r:
-                    self.token = json.load(r)["access_token"]
-                    return
-            time.sleep(1)
-        raise AssertionError("the api-server did not come up")
-
-    def api(self, method: str, path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(
-            f"{self.base}/api/v2{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.load(r)
-
-    def wait_for_dag(self, dag_id: str) -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                self.api("GET", f"/dags/{dag_id}")
-                return
-            time.sleep(2)
-        raise AssertionError(f"{dag_id} was never parsed")
-
-    def runs(self, dag_id: str) -> list[dict]:
-        return self.api("GET", f"/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
-
-    def wait_runs(self, dag_id: str, count: int, timeout: float = 900) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            runs = self.runs(dag_id)
-            if len(runs) >= count and all(r["state"] in ("success", "failed") for r in runs):
-                return runs
-            time.sleep(3)
-        raise AssertionError(f"runs did not finish: {[(r['dag_run_id'], r['state']) for r in self.runs(dag_id)]}")
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
-            if p.poll() is None:
-                p.kill()
 
 
 def _ts(s: str) -> datetime:
@@ -121,7 +29,7 @@ def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
     env["MIGRATOR_SPEC"] = str(af_spec)
     env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "True"
     meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
-    af = LiveAirflow(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
+    af = AirflowServices(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
     af.start()
     try:
         af.wait_for_dag("residency_migration")
@@ -182,20 +90,6 @@ def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
             assert world.rows("us", q, (ids,)) == world.rows(region, q, (ids,)), table
 
 
-def _run_state(af: LiveAirflow, run_id: str, want: set[str], timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = af.api("GET", f"/dags/residency_migration/dagRuns/{run_id}")
-        if run["state"] in want:
-            return run
-        time.sleep(2)
-    raise AssertionError(f"run {run_id} is {run['state']}, not {want}")
-
-
-def _tasks(af: LiveAirflow, run_id: str) -> list[dict]:
-    return af.api("GET", f"/dags/residency_migration/dagRuns/{run_id}/taskInstances?limit=200")["task_instances"]
-
-
 def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_ends_green(world: World, tmp_path):
     """IE is down for the whole first attempt: planning and the Norway shards go on, the IE
     shards fail without rolling back; IE comes back; "clear only failed tasks" resumes them
@@ -215,7 +109,7 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
     )
     meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
-    af = LiveAirflow(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
+    af = AirflowServices(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
     ie = world.cluster["ie"]
     af.start()
     try:
@@ -226,28 +120,28 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
             run_id = af.api(
                 "POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}}
             )["dag_run_id"]
-            _run_state(af, run_id, {"failed", "success"})
+            af.run_state("residency_migration", run_id, {"failed", "success"})
         finally:
             ie.start()
-        first = _tasks(af, run_id)
+        first = af.tasks("residency_migration", run_id)
         states = dict(world.ctl("SELECT name, state FROM migrator.shard"))
         assert {v for k, v in states.items() if k.startswith("no-")} == {"cut_over"}, states
         assert {v for k, v in states.items() if k.startswith("ie-")} == {"planned"}, states  # not rolled back
-        rollbacks = {t["state"] for t in first if t["task_id"] == "shard.rollback"}
+        rollbacks = {t["state"] for t in first if t["task_id"].endswith(".rollback")}
         assert "success" not in rollbacks, first  # no rollback did work
         af.api(
             "POST",
             "/dags/residency_migration/clearTaskInstances",
             {"dry_run": False, "only_failed": True, "dag_run_id": run_id},
         )
-        run = _run_state(af, run_id, {"success", "failed"})
-        again = _tasks(af, run_id)
+        run = af.run_state("residency_migration", run_id, {"success", "failed"})
+        again = af.tasks("residency_migration", run_id)
     finally:
         af.stop()
     assert run["state"] == "success", [(t["task_id"], t.get("rendered_map_index"), t["state"]) for t in again]
     assert set(dict(world.ctl("SELECT name, state FROM migrator.shard")).values()) == {"cut_over"}
     ie_copies = [
-        t for t in again if t["task_id"] == "shard.copy" and str(t.get("rendered_map_index")).startswith("ie-")
+        t for t in again if t["task_id"] == "ie.copy"
     ]
     assert ie_copies and all(t["state"] == "success" for t in ie_copies)
     ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie'")]

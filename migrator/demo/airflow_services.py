@@ -1,0 +1,200 @@
+"""A real Airflow for the demo, the tests and the benchmark: api-server, scheduler and
+dag-processor as separate processes over a PostgreSQL metadata database, with the
+LocalExecutor or the CeleryExecutor (and then its workers, one process each, serving the
+queues they are given).
+
+Every process writes its log under the Airflow home (`<name>.log`) and its pid into
+`<home>/pids`, so `stop_home` can end a detached set from another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from migrator.demo.airflow_run import bin_path
+from migrator.embedded import free_port
+
+POOL = ("migrator_source", "2", "copies against the source")
+
+
+class AirflowServices:
+    def __init__(
+        self,
+        home: Path,
+        env: dict[str, str],
+        metadata_url: str,
+        *,
+        executor: str = "LocalExecutor",
+        broker_url: str | None = None,
+        port: int | None = None,
+        parallelism: int = 4,
+        detach: bool = False,
+    ):
+        self.home, self.env, self.detach = home, env, detach
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env.update(
+            {
+                "AIRFLOW__CORE__EXECUTOR": executor,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
+                "AIRFLOW__API__BASE_URL": self.base,
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or os.urandom(24).hex(),
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            }
+        )
+        if broker_url:
+            self.env["AIRFLOW__CELERY__BROKER_URL"] = broker_url
+            self.env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + metadata_url
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.token = ""
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [bin_path("airflow"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "a")  # noqa: SIM115 - the child holds it
+        proc = subprocess.Popen(
+            [bin_path("airflow"), *args],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # its own process group: stopped with its children
+        )
+        log.close()
+        self.procs[name] = proc
+        with open(self.home / "pids", "a") as f:
+            f.write(f"{proc.pid}\n")
+        return proc
+
+    def start(self) -> AirflowServices:
+        res = self.cli("db", "migrate")
+        if res.returncode != 0:
+            raise RuntimeError(f"airflow db migrate failed: {res.stderr[-1500:]}")
+        self.cli("pools", "set", *POOL)
+        self.spawn("api-server", "api-server", "--port", str(self.port))
+        self.spawn("scheduler", "scheduler")
+        self.spawn("dag-processor", "dag-processor")
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                with urllib.request.urlopen(f"{self.base}/auth/token", timeout=5) as r:
+                    self.token = json.load(r)["access_token"]
+                    return self
+            time.sleep(1)
+        raise RuntimeError(f"the api-server did not come up (see {self.home / 'api-server.log'})")
+
+    def worker(self, name: str, queues: list[str], concurrency: int = 2) -> subprocess.Popen:
+        """A Celery worker process serving `queues`."""
+        return self.spawn(
+            name,
+            "celery",
+            "worker",
+            "--queues",
+            ",".join(queues),
+            "--concurrency",
+            str(concurrency),
+            "--celery-hostname",
+            f"{name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        )
+
+    def api(self, method: str, path: str, body: dict | None = None) -> Any:
+        req = urllib.request.Request(
+            f"{self.base}/api/v2{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                self.api("GET", f"/dags/{dag_id}")
+                return
+            time.sleep(2)
+        raise RuntimeError(f"{dag_id} was never parsed")
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.api("GET", f"/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+
+    def run_state(self, dag_id: str, run_id: str, want: set[str], timeout: float = 900) -> dict:
+        deadline = time.monotonic() + timeout
+        run: dict = {}
+        while time.monotonic() < deadline:
+            run = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] in want:
+                return run
+            time.sleep(1)
+        raise RuntimeError(f"run {run_id} is {run.get('state')}, not {want}")
+
+    def wait_runs(self, dag_id: str, count: int, timeout: float = 900) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.runs(dag_id)
+            if len(runs) >= count and all(r["state"] in ("success", "failed") for r in runs):
+                return runs
+            time.sleep(3)
+        raise RuntimeError(f"runs did not finish: {[(r['dag_run_id'], r['state']) for r in self.runs(dag_id)]}")
+
+    def tasks(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=500")["task_instances"]
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(30)
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        with contextlib.suppress(FileNotFoundError):
+            (self.home / "pids").unlink()
+
+
+def stop_home(home: Path) -> int:
+    """End the process groups a detached set wrote into `<home>/pids`; how many were running."""
+    try:
+        pids = [int(x) for x in (home / "pids").read_text().split()]
+    except FileNotFoundError:
+        return 0
+    running = 0
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+            running += 1
+    deadline = time.monotonic() + 30
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    (home / "pids").unlink()
+    return running
