@@ -28,8 +28,12 @@ case "$cmd" in
   test)
     install "airflow,test,bench"
     # the browser tests drive Debian's chromium (Playwright downloads no browser here)
-    if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+    # and the Celery tests start Debian's redis-server as their broker
+    missing=""
+    command -v chromium >/dev/null || missing="$missing chromium"
+    command -v redis-server >/dev/null || missing="$missing redis-server"
+    if [ -n "$missing" ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null
     fi
     exec "$VENV/bin/python" -m pytest "$@"
     ;;

@@ -71,11 +71,11 @@ def _name_instance(desc: dict) -> None:
 def residency_migration():
     from migrator.airflow_glue import classified
 
-    @task(multiple_outputs=True)
+    @task
     @classified
     def plan() -> dict[str, list[dict]]:
-        """The plan's table in the log and in the `table` XCom (dry runs too); each
-        destination region's shards under its own key, for that region's group."""
+        """The plan's table in the log; returns it (dry runs too) with each destination
+        region's shards under its own key, for that region's group."""
         from migrator import orchestration
 
         ctx = get_current_context()
@@ -153,17 +153,24 @@ def residency_migration():
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     @classified
-    def report(shards: list[dict]) -> dict:
+    def report(planned: dict[str, list[dict]]) -> dict:
         """Ends the run failed if any of its shards did not cut over: a rolled-back shard's
         group ends green (its rollback task succeeded), so the verdict comes from the
         shards' recorded states, not from the group's tasks."""
         from migrator import orchestration
 
+        shards = None if planned is None else planned["all"]
         return orchestration.verdict(_spec(), None if shards is None else [s["shard_id"] for s in shards])
 
+    @task
+    def shards_of(planned: dict[str, list[dict]], group: str) -> list[dict]:
+        """One group's shards from the plan (mapping cannot pick a key of a task's output)."""
+        return planned[group]
+
     planned = plan()
-    groups = [shard_group(g).expand(desc=planned[g]) for g in GROUPS]
-    groups >> report(planned["all"])
+    verdict = report(planned)
+    for g in GROUPS:
+        shard_group(g).expand(desc=shards_of.override(task_id=f"{g}_shards")(planned, g)) >> verdict
 
 
 residency_migration()

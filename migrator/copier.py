@@ -260,6 +260,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         log.info("shard %s batch %d committed", sid, b)
         if progress:
             progress(len(done), total)
+        pause_point(ctx, sid, "copied batch")
     if ctx.spec.changes.capture:
         pause_point(ctx, sid, "catch_up")
         n = capture.catch_up(

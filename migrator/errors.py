@@ -50,10 +50,6 @@ class StateConflict(MigratorError):
     """A compare-and-set on a shard's state lost: another worker moved it, or the move is not allowed."""
 
 
-class ShardBusy(StateConflict):
-    """Another worker holds the shard."""
-
-
 class StateVersionError(MigratorError):
     """The migrator's tables in a store are at a schema revision this version does not
     know (a newer version wrote them): run that version, not this one."""
@@ -67,6 +63,11 @@ class PurgeRefused(MigratorError):
 
 class TransientError(MigratorError):
     """Raised by the migrator itself for conditions a retry can fix."""
+
+
+class ShardBusy(StateConflict, TransientError):
+    """Another worker holds the shard: transient, since its holder finishes or dies (a dead
+    holder's session, and so its lock, ends with its connection); a retry waits for it."""
 
 
 class StoreUnavailable(TransientError):

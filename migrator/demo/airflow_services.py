@@ -68,11 +68,11 @@ class AirflowServices:
             [bin_path("airflow"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.home / f"{name}.log", "a")  # noqa: SIM115 - the child holds it
         proc = subprocess.Popen(
             [bin_path("airflow"), *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=log,
             start_new_session=True,  # its own process group: stopped with its children
@@ -100,8 +100,10 @@ class AirflowServices:
             time.sleep(1)
         raise RuntimeError(f"the api-server did not come up (see {self.home / 'api-server.log'})")
 
-    def worker(self, name: str, queues: list[str], concurrency: int = 2) -> subprocess.Popen:
-        """A Celery worker process serving `queues`."""
+    def worker(
+        self, name: str, queues: list[str], concurrency: int = 2, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """A Celery worker process serving `queues` (with `env` added to its environment)."""
         return self.spawn(
             name,
             "celery",
@@ -114,6 +116,7 @@ class AirflowServices:
             f"{name}@%h",
             "--without-mingle",
             "--without-gossip",
+            env=env,
         )
 
     def api(self, method: str, path: str, body: dict | None = None) -> Any:

@@ -40,6 +40,59 @@ print("ok")
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
+def test_each_destination_region_has_its_group_on_its_queue_and_the_form_checks_values(world: World, tmp_path):
+    code = """
+import sys
+from airflow.dag_processing.dagbag import DagBag
+import copy
+bag = DagBag(dag_folder=sys.argv[1])
+assert not bag.import_errors, bag.import_errors
+dag = bag.dags["residency_migration"]
+for region in ("ie", "no"):
+    for step in ("copy", "verify", "cutover", "rollback"):
+        assert dag.get_task(f"{region}.{step}").queue == region
+assert dag.get_task("plan").queue == "default"
+schema = {k: dag.params.get_param(k).schema for k in dag.params}
+for optional in ("regions", "shards", "dry_run", "batch_size", "spec"):
+    assert "null" in schema[optional]["type"], optional
+assert schema["regions"]["items"]["enum"] == ["ie", "no"]
+assert schema["spec"]["enum"] == [None, "default", "other"]
+def refused(**conf):
+    try:
+        for k, v in conf.items():
+            copy.copy(dag.params.get_param(k)).resolve(v)
+    except Exception:
+        return True
+    return False
+assert refused(regions=["IE"]) and refused(batch_size=0) and refused(shards=["ie 03"]) and refused(spec="/etc/passwd")
+assert not refused(regions=["ie"], shards=["ie-03"], batch_size=5, spec="other")
+print("ok")
+"""
+    env = {
+        "AIRFLOW_HOME": str(tmp_path),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "PATH": "/usr/bin:/bin",
+        "MIGRATOR_SPEC": str(world.spec_path),
+        "MIGRATOR_SPECS": f"other={world.spec_path}",
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_a_run_names_only_a_configured_spec(monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from migrator.airflow_glue import spec_path
+
+    monkeypatch.setenv("MIGRATOR_SPEC", "/srv/spec.yaml")
+    monkeypatch.setenv("MIGRATOR_SPECS", "eu2=/srv/eu2.yaml")
+    assert spec_path({}) == "/srv/spec.yaml" and spec_path({"spec": "eu2"}) == "/srv/eu2.yaml"
+    with pytest.raises(AirflowFailException, match="not one of the configured specs"):
+        spec_path({"spec": "/etc/passwd"})
+
+
 def test_dag_run_migrates_and_rolls_back_a_bad_shard(world: World, tmp_path):
     from migrator.demo.airflow_run import run_dag
 

@@ -140,9 +140,7 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
         af.stop()
     assert run["state"] == "success", [(t["task_id"], t.get("rendered_map_index"), t["state"]) for t in again]
     assert set(dict(world.ctl("SELECT name, state FROM migrator.shard")).values()) == {"cut_over"}
-    ie_copies = [
-        t for t in again if t["task_id"] == "ie.copy"
-    ]
+    ie_copies = [t for t in again if t["task_id"] == "ie.copy"]
     assert ie_copies and all(t["state"] == "success" for t in ie_copies)
     ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie'")]
     assert ids

@@ -1,0 +1,143 @@
+"""Airflow with the CeleryExecutor: Debian's redis-server as the broker (started here on a
+port of its own), PostgreSQL as the metadata database, and one Celery worker per
+destination region, each a separate process serving its region's queue beside the
+default one. A scheduled run moves every shard; the Irish worker is killed (SIGKILL, its
+whole process group) while it copies, a replacement starts as a supervisor would start
+one, and the run still ends green with every row at its home exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from migrator.demo.airflow_run import airflow_env, spec_for_airflow
+from migrator.demo.airflow_services import AirflowServices
+from migrator.embedded import free_port
+from tests.conftest import DEMO_OWNED, World
+
+pytest.importorskip("airflow.providers.celery")
+pytestmark = [pytest.mark.airflow, pytest.mark.celery]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (./dev.sh test installs Debian's package)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    import redis
+
+    client = redis.Redis(port=port)
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+            time.sleep(0.2)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _paused_copies(world: World) -> int:
+    if world.ctl("SELECT to_regclass('migrator.audit')")[0][0] is None:
+        return 0  # not planned yet
+    return world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at copied batch'")[0][0]
+
+
+def test_celery_workers_per_region_and_a_worker_killed_mid_copy(world: World, tmp_path, redis_url):
+    world.write_spec(sharding={"shards_per_region": 2}, copy={"batch_users": 20})
+    home = tmp_path / "airflow"
+    home.mkdir()
+    af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
+    env = airflow_env(home, conns)
+    env.update(
+        MIGRATOR_SPEC=str(af_spec),
+        # a monthly interval: the run the scheduler makes on unpausing covers every seeded user
+        MIGRATOR_SCHEDULE="0 0 1 * *",
+        MIGRATOR_TASK_RETRIES="3",
+        MIGRATOR_TASK_RETRY_DELAY_S="1",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+        # a task whose worker is gone is failed (and retried) after 20 s without a heartbeat
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="20",
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="5",
+    )
+    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
+    af = AirflowServices(
+        home,
+        env,
+        meta.replace("postgresql://", "postgresql+psycopg://", 1),
+        executor="CeleryExecutor",
+        broker_url=redis_url,
+    ).start()
+    try:
+        # the Irish worker stops after its first committed batch of each shard, to be killed there
+        ie = af.worker(
+            "worker-ie", ["default", "ie"], env={"MIGRATOR_PAUSE_AT": "copied batch", "MIGRATOR_PAUSE_S": "600"}
+        )
+        af.worker("worker-no", ["default", "no"])
+        af.wait_for_dag("residency_migration")
+        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+        deadline = time.monotonic() + 300
+        while _paused_copies(world) == 0:
+            assert time.monotonic() < deadline, "no Irish copy reached its first batch"
+            time.sleep(0.5)
+        # the worker and every process it started (task supervisors start their own sessions):
+        # all gone at once, as when its machine is lost
+        doomed = [ie.pid, *(c.pid for c in psutil.Process(ie.pid).children(recursive=True))]
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        ie.wait()
+        af.worker("worker-ie-2", ["default", "ie"])
+        deadline = time.monotonic() + 900
+        run = None
+        while time.monotonic() < deadline:
+            runs = af.runs("residency_migration")
+            if runs and runs[0]["state"] in ("success", "failed"):
+                run = runs[0]
+                break
+            time.sleep(3)
+        assert run is not None, "the scheduled run did not finish"
+        tis = af.tasks("residency_migration", run["dag_run_id"])
+    finally:
+        af.stop()
+        with contextlib.suppress(Exception):
+            print((home / "worker-ie-2.log").read_text()[-3000:])
+    assert run["run_type"] == "scheduled"
+    assert run["state"] == "success", [(t["task_id"], t.get("rendered_map_index"), t["state"]) for t in tis]
+    by_task: dict[str, list[dict]] = {}
+    for t in tis:
+        by_task.setdefault(t["task_id"], []).append(t)
+    for region in ("ie", "no"):
+        for step in ("copy", "verify", "cutover"):
+            mine = by_task[f"{region}.{step}"]
+            assert mine and all(t["queue"] == region for t in mine), (region, step)
+            assert all(str(t["rendered_map_index"]).startswith(f"{region}-") for t in mine)
+    assert by_task["plan"][0]["queue"] == "default"
+    # an Irish copy ran again after its worker was killed, and resumed from its checkpoint
+    assert any(t["try_number"] > 1 for t in by_task["ie.copy"]), by_task["ie.copy"]
+    states = dict(world.ctl("SELECT name, state FROM migrator.shard"))
+    assert set(states.values()) == {"cut_over"}, states
+    for region in ("ie", "no"):
+        ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = %s", (region,))]
+        assert ids
+        for table, q in DEMO_OWNED.items():
+            # equal row for row: nothing lost, nothing written twice
+            assert world.rows("us", q, (ids,)) == world.rows(region, q, (ids,)), (region, table)
+        n = world.rows(region, "SELECT count(*), count(DISTINCT user_id) FROM users")[0]
+        assert n[0] == n[1] == len(ids)
