@@ -96,8 +96,14 @@ def regions_param(many: bool = True):
 
     regions = destination_regions()
     item: dict[str, Any] = {"type": "string", "pattern": REGION, **({"enum": regions} if regions else {})}
-    if many:
-        return Param(None, type=["null", "array"], items=item, description="destination regions; empty: all")
+    if many:  # with examples, the form offers the regions as a multi-select
+        return Param(
+            None,
+            type=["null", "array"],
+            items=item,
+            **({"examples": regions} if regions else {}),
+            description="destination regions; empty: all",
+        )
     return Param(
         None,
         type=["null", "string"],

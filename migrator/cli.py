@@ -29,6 +29,13 @@ from migrator.spec import load_spec
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Residency Migrator: move users' data by residency.")
 err = Console(stderr=True, soft_wrap=True)
 
+
+def json_text(doc: dict) -> str:
+    import json
+
+    return json.dumps(doc, indent=2, default=str)
+
+
 Config = Annotated[Path, typer.Option("--config", "-c", help="the spec file (YAML)")]
 Shards = Annotated[list[str] | None, typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]
 Region = Annotated[str | None, typer.Option("--region", help="only shards bound for this region")]
@@ -391,11 +398,47 @@ def demo(
     via: Annotated[str, typer.Option("--via", help="'airflow' (the DAG), 'cli' (the engine), or 'auto'")] = "auto",
     with_writes: Annotated[bool, typer.Option("--with-writes", help="an application writing throughout")] = False,
     purge: Annotated[bool, typer.Option("--purge", help="then retire the US copy (retention 0 in the demo)")] = False,
+    ui: Annotated[
+        Path | None,
+        typer.Option(
+            "--ui",
+            help="seed, then leave the stores and Airflow's UI running under this folder on fixed ports "
+            "(migrate from the UI); `--stop` ends them",
+        ),
+    ] = None,
+    stop: Annotated[Path | None, typer.Option("--stop", help="end the --ui demo running under this folder")] = None,
+    port_base: Annotated[
+        int, typer.Option("--port-base", min=1024, max=65000, help="--ui: PostgreSQL at +0..2, S3 +10..12, UI +20")
+    ] = 55430,
     json: Json = False,
 ) -> None:
     """Start throwaway US, IE and NO servers, seed them, and migrate every shard."""
     from migrator.demo.run import run_demo
 
+    if stop is not None or ui is not None:
+        from migrator.demo import ui as ui_demo
+
+        if stop is not None:
+            stopped = ui_demo.stop_ui(stop)
+            if json:
+                print(json_text(stopped))
+            else:
+                err.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in stopped["stopped"].items()))
+            return
+        assert ui is not None
+        if not json:
+            err.print(f"Starting the stores and Airflow under {ui} (a minute or two) ...")
+        info = ui_demo.start_ui(ui, users=users, port_base=port_base)
+        if json:
+            print(json_text(info))
+        else:
+            err.print(
+                f"Airflow UI: [bold]{info['url']}[/]  login: {info['user']} / {info['password']}\n"
+                f"Stores and keys: source {info['env_file']}  (spec: {info['spec']})\n"
+                f"PostgreSQL: {info['postgres']}  S3: {info['s3']}\n"
+                f"Nothing is migrated yet: trigger residency_migration from the UI. End it all with: {info['stop']}"
+            )
+        return
     doc = run_demo(users=users, keep=keep, via=via, quiet=json, with_writes=with_writes, purge=purge)
     report.emit(doc, json)
     raise typer.Exit(0 if doc["ok"] else 1)

@@ -149,10 +149,16 @@ class LocalPostgres:
 class Cluster:
     """A set of named servers under one temporary directory."""
 
-    def __init__(self, names: list[str], base: Path | None = None, settings: dict[str, str] | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        base: Path | None = None,
+        settings: dict[str, str] | None = None,
+        ports: dict[str, int] | None = None,
+    ):
         self.base = Path(base) if base else Path(tempfile.mkdtemp(prefix="rm-pg-"))
         self.base.mkdir(parents=True, exist_ok=True)
-        self.servers = {n: LocalPostgres(n, self.base, settings=settings) for n in names}
+        self.servers = {n: LocalPostgres(n, self.base, (ports or {}).get(n), settings) for n in names}
 
     def start(self) -> Cluster:
         for s in self.servers.values():
@@ -183,12 +189,15 @@ class LocalS3:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> LocalS3:
+    def start(self, timeout: float = 30, detach: bool = False) -> LocalS3:
         exe = Path(sys.executable).parent / "moto_server"
         if not exe.exists():
             raise RuntimeError(f"no S3 endpoint program at {exe}: install moto[server] (a dependency of this package)")
         self.proc = subprocess.Popen(
-            [str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=detach,  # detached: outlives the process that started it
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

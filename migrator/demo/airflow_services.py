@@ -36,9 +36,11 @@ class AirflowServices:
         broker_url: str | None = None,
         port: int | None = None,
         parallelism: int = 4,
-        detach: bool = False,
+        credentials: tuple[str, str] | None = None,
     ):
-        self.home, self.env, self.detach = home, env, detach
+        """`credentials`: a user of the simple auth manager for the REST API; without them
+        every user is an admin and no login is asked for."""
+        self.home, self.env, self.credentials = home, env, credentials
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env.update(
@@ -48,7 +50,7 @@ class AirflowServices:
                 "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
                 "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
                 "AIRFLOW__CORE__PARALLELISM": str(parallelism),
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": str(credentials is None),
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
                 "AIRFLOW__API__BASE_URL": self.base,
                 "AIRFLOW__API__HOST": "127.0.0.1",
@@ -75,7 +77,7 @@ class AirflowServices:
             env={**self.env, **(env or {})},
             stdout=log,
             stderr=log,
-            start_new_session=True,  # its own process group: stopped with its children
+            start_new_session=True,  # its own session: stopped with every process it starts
         )
         log.close()
         self.procs[name] = proc
@@ -94,7 +96,16 @@ class AirflowServices:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                with urllib.request.urlopen(f"{self.base}/auth/token", timeout=5) as r:
+                if self.credentials:
+                    user, password = self.credentials
+                    req = urllib.request.Request(
+                        f"{self.base}/auth/token",
+                        data=json.dumps({"username": user, "password": password}).encode(),
+                        headers={"Content-Type": "application/json"},
+                    )
+                else:
+                    req = urllib.request.Request(f"{self.base}/auth/token")
+                with urllib.request.urlopen(req, timeout=5) as r:
                     self.token = json.load(r)["access_token"]
                     return self
             time.sleep(1)
@@ -164,40 +175,51 @@ class AirflowServices:
         return self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=500")["task_instances"]
 
     def stop(self) -> None:
+        _end_sessions([p.pid for p in self.procs.values()])
         for p in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(30)
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            p.wait()
         with contextlib.suppress(FileNotFoundError):
             (self.home / "pids").unlink()
 
 
+def _session(sid: int) -> list[int]:
+    """The live processes of a session: a service and everything it started, including
+    task processes that took process groups of their own."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid:
+                    out.append(int(entry))
+    return out
+
+
+def _end_sessions(sids: list[int], grace_s: float = 30) -> int:
+    """SIGTERM every process of these sessions, SIGKILL what is left after the grace; how
+    many sessions were running."""
+    running = 0
+    for sid in sids:
+        pids = _session(sid)
+        running += bool(pids)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_session(sid) for sid in sids):
+        time.sleep(0.3)
+    for sid in sids:
+        for pid in _session(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return running
+
+
 def stop_home(home: Path) -> int:
-    """End the process groups a detached set wrote into `<home>/pids`; how many were running."""
+    """End the sessions a detached set wrote into `<home>/pids`; how many were running."""
     try:
         pids = [int(x) for x in (home / "pids").read_text().split()]
     except FileNotFoundError:
         return 0
-    running = 0
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-            running += 1
-    deadline = time.monotonic() + 30
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.3)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+    running = _end_sessions(pids)
     (home / "pids").unlink()
     return running

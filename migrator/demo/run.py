@@ -35,11 +35,18 @@ def write_spec(folder: Path, purge: bool = False) -> Path:
     return path
 
 
-def start(users: int, base: Path) -> tuple[Cluster, dict[str, LocalS3], dict[str, str]]:
-    """PostgreSQL and S3 endpoints for us, ie and no; the schema everywhere; the US seeded
-    with rows and objects; the spec's environment variables set."""
-    cluster = Cluster(REGIONS, base / "servers").start()
-    endpoints = {r: LocalS3(r).start() for r in REGIONS}
+def start(
+    users: int,
+    base: Path,
+    pg_ports: dict[str, int] | None = None,
+    s3_ports: dict[str, int] | None = None,
+    detach: bool = False,
+) -> tuple[Cluster, dict[str, LocalS3], dict[str, str]]:
+    """PostgreSQL and S3 endpoints for us, ie and no (on these ports, or free ones); the
+    schema everywhere; the US seeded with rows and objects; the spec's environment
+    variables set. Detached S3 endpoints outlive this process."""
+    cluster = Cluster(REGIONS, base / "servers", ports=pg_ports).start()
+    endpoints = {r: LocalS3(r, (s3_ports or {}).get(r)).start(detach=detach) for r in REGIONS}
     # long enough for Airflow to mask them in task logs (it skips secrets under 5 characters, and says so)
     env = {"AWS_ACCESS_KEY_ID": "demo-access-key", "AWS_SECRET_ACCESS_KEY": "demo-secret-access-key"}
     for r in ("ie", "no"):  # each destination's keys, made up for this demo and never shown

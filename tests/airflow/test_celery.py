@@ -53,6 +53,15 @@ def redis_url(tmp_path):
     proc.wait(10)
 
 
+def _session(sid: int) -> list[int]:
+    out = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc.pid)
+    return out
+
+
 def _paused_copies(world: World) -> int:
     if world.ctl("SELECT to_regclass('migrator.audit')")[0][0] is None:
         return 0  # not planned yet
@@ -96,13 +105,16 @@ def test_celery_workers_per_region_and_a_worker_killed_mid_copy(world: World, tm
         while _paused_copies(world) == 0:
             assert time.monotonic() < deadline, "no Irish copy reached its first batch"
             time.sleep(0.5)
-        # the worker and every process it started (task supervisors start their own sessions):
-        # all gone at once, as when its machine is lost
-        doomed = [ie.pid, *(c.pid for c in psutil.Process(ie.pid).children(recursive=True))]
+        # the worker and every process of its session (task processes take process groups of
+        # their own, and outlive their parents): all gone at once, as when its machine is lost
+        doomed = _session(ie.pid)
+        assert len(doomed) > 2, doomed  # the worker, its pool, the paused task
         for pid in doomed:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         ie.wait()
+        time.sleep(1)
+        assert not _session(ie.pid)
         af.worker("worker-ie-2", ["default", "ie"])
         deadline = time.monotonic() + 900
         run = None
