@@ -1,0 +1,216 @@
+"""The operator's way in, in a real browser: `migrator demo --ui` leaves the stores and
+Airflow running; Debian's chromium (driven by Playwright) logs in, finds the project's
+DAGs and their docs, submits a dry run for Ireland from the trigger form and reads the
+plan in the plan task's log, runs the migration for real, and rolls a shard back through
+a form that refuses an empty reason. What moved is checked in the stores with SQL written
+here. Screenshots go to tests/output/ui-*.png."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import DEMO_OWNED, ROOT
+
+pytest.importorskip("airflow.sdk")
+sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = [pytest.mark.airflow, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: browsers are not downloaded here
+OUT = ROOT / "tests" / "output"
+
+
+def _free_base() -> int:
+    """A base port with the 21 ports the demo takes above it free."""
+    for base in range(47000, 60000, 97):
+        try:
+            for port in range(base, base + 21):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free range of ports")
+
+
+def _migrator(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "migrator.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ui-demo")
+    res = _migrator("demo", "--ui", str(folder), "--users", "400", "--port-base", str(_free_base()), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
+    env = {}
+    for line in Path(info["env_file"]).read_text().splitlines():
+        if line.startswith("export "):
+            k, _, v = line[len("export ") :].partition("=")
+            env[k] = v.strip("'")
+    info["env"] = env
+    try:
+        yield info
+    finally:
+        stopped = _migrator("demo", "--stop", str(folder), "--json", timeout=180)
+        assert stopped.returncode == 0, stopped.stderr[-2000:]
+
+
+class Api:
+    def __init__(self, info: dict):
+        self.base = info["url"]
+        req = urllib.request.Request(
+            f"{self.base}/auth/token",
+            data=json.dumps({"username": info["user"], "password": info["password"]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            self.token = json.load(r)["access_token"]
+
+    def get(self, path: str) -> dict:
+        req = urllib.request.Request(f"{self.base}/api/v2{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def wait(self, dag_id: str, run_id: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(2)
+        raise AssertionError(f"{dag_id} run {run_id} did not finish")
+
+
+def _login(page, info: dict) -> None:
+    page.goto(info["url"])
+    page.get_by_label("Username").fill(info["user"])
+    page.get_by_label("Password").fill(info["password"])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_load_state("networkidle")
+
+
+def _trigger_form(page, info: dict, dag_id: str):
+    page.goto(f"{info['url']}/dags/{dag_id}")
+    page.wait_for_load_state("networkidle")
+    page.get_by_role("button", name=re.compile("^Trigger")).first.click()
+    return page.get_by_role("dialog")
+
+
+def _choose(page, combobox, value: str) -> None:
+    combobox.click()
+    page.keyboard.type(value)
+    page.keyboard.press("Enter")
+
+
+def _submitted_run(page, dag_id: str) -> str:
+    page.wait_for_url(re.compile(rf".*/dags/{dag_id}/runs/.+"), timeout=30000)
+    return urllib.request.unquote(page.url.rsplit("/runs/", 1)[1].split("/")[0])
+
+
+def _sql(dsn: str, q: str, args=()) -> list[tuple]:
+    with psycopg.connect(dsn) as c:
+        return c.execute(q, args).fetchall()
+
+
+def test_an_operator_runs_the_migration_from_the_ui(demo):
+    OUT.mkdir(exist_ok=True)
+    api, env = Api(demo), demo["env"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        _login(page, demo)
+
+        # the project's DAGs, and only them, with their docs
+        page.goto(f"{demo['url']}/dags")
+        page.wait_for_load_state("networkidle")
+        listed = page.inner_text("body")
+        names = ["residency_migration", "residency_rollback", "residency_release", "residency_purge", "residency_audit"]
+        assert all(n in listed for n in names) and "example_" not in listed
+        assert re.search(r"\b5 Dags\b", listed), listed[:500]
+        page.screenshot(path=str(OUT / "ui-dags.png"))
+        page.goto(f"{demo['url']}/dags/residency_migration")
+        page.wait_for_load_state("networkidle")
+        page.get_by_role("button", name="Dag Docs").click()
+        assert page.get_by_text("Scheduled residency runs", exact=False).first.is_visible()
+        page.keyboard.press("Escape")
+
+        # a dry run for Ireland from the form: the plan is in the plan task's log
+        form = _trigger_form(page, demo, "residency_migration")
+        _choose(page, form.get_by_role("combobox", name="scope"), "all")
+        _choose(page, form.get_by_role("combobox", name="Select one or multiple values"), "ie")
+        form.locator("label:has(input[name=element_dry_run])").click()
+        assert form.get_by_role("checkbox", name="dry_run").is_checked()
+        form.screenshot(path=str(OUT / "ui-dry-run-form.png"))
+        form.get_by_role("button", name="Trigger").click()
+        dry = _submitted_run(page, "residency_migration")
+        assert api.wait("residency_migration", dry)["state"] == "success"
+        page.goto(f"{demo['url']}/dags/residency_migration/runs/{dry}/tasks/plan")
+        page.get_by_text("dry run: wave").first.wait_for(timeout=30000)
+        log = page.inner_text("body")
+        assert "ie-00" in log and "no-00" not in log, log[:2000]
+        page.screenshot(path=str(OUT / "ui-dry-run-plan.png"), full_page=True)
+        # and it wrote nothing: no shard planned
+        if _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT to_regclass('migrator.shard')")[0][0]:
+            assert _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT count(*) FROM migrator.shard") == [(0,)]
+
+        # the real run, every region
+        form = _trigger_form(page, demo, "residency_migration")
+        _choose(page, form.get_by_role("combobox", name="scope"), "all")
+        form.get_by_role("button", name="Trigger").click()
+        real = _submitted_run(page, "residency_migration")
+        assert api.wait("residency_migration", real, timeout=900)["state"] == "success"
+        tis = api.get(f"/dags/residency_migration/dagRuns/{real}/taskInstances?limit=200")["task_instances"]
+        cut = {t["rendered_map_index"] for t in tis if t["task_id"].endswith(".cutover") and t["state"] == "success"}
+        page.goto(f"{demo['url']}/dags/residency_migration/runs/{real}")
+        page.wait_for_load_state("networkidle")
+        page.get_by_role("button", name="Expand all task groups").click()
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(OUT / "ui-run.png"), full_page=True)
+
+        # a rollback needs a reason: the form will not submit without one
+        form = _trigger_form(page, demo, "residency_rollback")
+        form.get_by_role("textbox", name="Enter each string on a new line").fill("ie-00")
+        assert form.get_by_role("button", name="Trigger").is_disabled()
+        assert "This field is required" in form.inner_text()
+        form.screenshot(path=str(OUT / "ui-rollback-form.png"))
+        form.get_by_role("group").filter(has_text=re.compile(r"^reason")).get_by_role("textbox").fill(
+            "ticket 42: rolled back from the UI"
+        )
+        assert form.get_by_role("button", name="Trigger").is_enabled()
+        form.get_by_role("button", name="Trigger").click()
+        rb = _submitted_run(page, "residency_rollback")
+        assert api.wait("residency_rollback", rb)["state"] == "success"
+        browser.close()
+
+    # what the stores say, independently of the UI
+    ctl = env["MIGRATOR_CONTROL_DSN"]
+    states = dict(_sql(ctl, "SELECT name, state FROM migrator.shard"))
+    assert states.pop("ie-00") == "rolled_back"
+    assert set(states.values()) == {"cut_over"} and len(states) == 7, states
+    assert cut == {*states, "ie-00"}
+    reason = _sql(
+        ctl,
+        "SELECT count(*) FROM migrator.audit "
+        "WHERE detail->>'event' = 'rolled back' AND detail->>'reason' LIKE 'ticket 42%%'",
+    )
+    assert reason == [(1,)]
+    for region in ("ie", "no"):
+        ids = [int(k) for (k,) in _sql(ctl, "SELECT user_key FROM migrator.directory WHERE home = %s", (region,))]
+        assert ids
+        for table, q in DEMO_OWNED.items():
+            assert _sql(env["MIGRATOR_US_DSN"], q, (ids,)) == _sql(env[f"MIGRATOR_{region.upper()}_DSN"], q, (ids,)), (
+                region,
+                table,
+            )
