@@ -97,13 +97,10 @@ def regions_param(many: bool = True):
     regions = destination_regions()
     item: dict[str, Any] = {"type": "string", "pattern": REGION, **({"enum": regions} if regions else {})}
     if many:  # with examples, the form offers the regions as a multi-select
-        return Param(
-            None,
-            type=["null", "array"],
-            items=item,
-            **({"examples": regions} if regions else {}),
-            description="destination regions; empty: all",
-        )
+        schema: dict[str, Any] = {"type": ["null", "array"], "items": item}
+        if regions:
+            schema["examples"] = regions
+        return Param(None, description="destination regions; empty: all", **schema)
     return Param(
         None,
         type=["null", "string"],

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -101,11 +102,18 @@ def ledger(dsn: str, sid: str) -> dict[int, BatchRecord]:
     return {b: BatchRecord(k, r, d) for b, k, r, d in rows}
 
 
-def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> hashlib._Hash:
-    """Stream a COPY TO into a COPY FROM; the SHA-256 of the bytes sent."""
+def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> tuple[hashlib._Hash, int]:
+    """Stream a COPY TO into a COPY FROM; the SHA-256 of the bytes sent, and their count."""
     stream = hashlib.sha256()
-    relay(out, inp, stream.update)
-    return stream
+    sent = 0
+
+    def seen(chunk: bytes) -> None:
+        nonlocal sent
+        stream.update(chunk)
+        sent += len(chunk)
+
+    relay(out, inp, seen)
+    return stream, sent
 
 
 def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list[str]) -> BatchRecord:
@@ -115,13 +123,15 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
         dst.execute("SET LOCAL migrator.apply = 'on'")  # this tool's own writes pass the guards
         rows: dict[str, int] = {}
         parts: dict[str, tuple[int, str]] = {}
+        moved_bytes, t0 = 0, time.monotonic()
         with src.cursor() as scur, dst.cursor() as dcur:
             for name, table in ctx.tables.items():
                 with (
                     scur.copy(sqlgen.copy_out(graph, table, kt), sqlgen.keys_arg(keys)) as out,
                     dcur.copy(sqlgen.copy_in(graph, table)) as inp,
                 ):
-                    stream = _relay(out, inp)
+                    stream, sent_bytes = _relay(out, inp)
+                    moved_bytes += sent_bytes
                 sent, taken = scur.rowcount, dcur.rowcount
                 if sent != taken or sent < 0:
                     raise ChecksumMismatch(
@@ -147,6 +157,18 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
             )
         dst.commit()
         src.rollback()
+        took = max(time.monotonic() - t0, 1e-6)
+        n = sum(rows.values())
+        log.info(
+            "shard %s batch %d: %d rows, %.1f MB in %.2f s (%.0f rows/s, %.1f MB/s)",
+            sid,
+            batch_no,
+            n,
+            moved_bytes / 1e6,
+            took,
+            n / took,
+            moved_bytes / 1e6 / took,
+        )
         return BatchRecord(keys[-1], rows, digest)
     except BaseException as exc:
         if is_transient(exc):
@@ -223,6 +245,11 @@ def _copy_pending(
     )
 
 
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | None = None) -> CopyResult:
     """Copy every batch of the shard not yet committed; the caller holds the shard's lock."""
     ctl = ctx.control
@@ -253,11 +280,14 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         progress(len(done), total)
     pending = [b for b in sorted(batch_users) if b not in done]
     _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batch_users)
+    started = time.monotonic()
     for b, res in _copy_pending(ctx, sid, dst_dsn, batch_users, pending):
         ctl.save_checkpoint(sid, b, res)
         done[b] = res
         copied_now += 1
-        log.info("shard %s batch %d committed", sid, b)
+        left = total - len(done)
+        eta = (time.monotonic() - started) / copied_now * left
+        log.info("shard %s: batch %d/%d committed (batch %d), ETA %s", sid, len(done), total, b, _duration(eta))
         if progress:
             progress(len(done), total)
         pause_point(ctx, sid, "copied batch")

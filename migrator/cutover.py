@@ -110,12 +110,17 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
             ) from None
         raise
     # Cut over: from here on nothing may lift the fence.
+    fence_ms = round(sum(steps.ms.values()), 1)
+    log.info(
+        "shard %s cut over: %d users homed at %s; fence window %.1f ms (%s)",
+        sid,
+        flip.flipped,
+        ctl.shard(sid).region,
+        fence_ms,
+        ", ".join(f"{k} {v:.1f} ms" for k, v in steps.ms.items()),
+    )
     try:
-        ctl.record(
-            sid,
-            "cut_over",
-            {"event": "fence closed", "fence_ms": round(sum(steps.ms.values()), 1), "fence_steps_ms": steps.ms},
-        )
+        ctl.record(sid, "cut_over", {"event": "fence closed", "fence_ms": fence_ms, "fence_steps_ms": steps.ms})
     except Exception as exc:
         log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
     return flip.flipped

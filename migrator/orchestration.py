@@ -186,6 +186,12 @@ def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
     is no plan (the plan task failed: nothing was moved)."""
     if ids is None:
         raise MigratorError("the plan task did not finish, so no shard was moved; its log says why")
+    if ids:  # every shard's state, in the report task's log, whatever the verdict
+        ctx = Context(spec, "report")
+        rows = [
+            f"{s.name:<10} {s.region:<6} {s.state.value:<12} {s.users:>7} users" for s in ctx.control.shards(names=ids)
+        ]
+        log.info("%d shard(s):\n%s", len(rows), "\n".join(rows))
     return {"shards": len(ids), "cut_over": _all_in(spec, ids, MOVED, "did not cut over")}
 
 

@@ -18,7 +18,8 @@ def test_compose_names_every_service_and_wires_the_connections():
         "airflow-scheduler",
         "airflow-dag-processor",
         "airflow-triggerer",
-        "airflow-worker",
+        "airflow-worker-ie",
+        "airflow-worker-no",
         "airflow-init",
         "airflow-db",
         "redis",
@@ -45,3 +46,17 @@ def test_compose_names_every_service_and_wires_the_connections():
     assert "migrator_source" in services["airflow-init"]["command"]
     mounts = services["airflow-scheduler"]["volumes"]
     assert "./dags:/opt/airflow/dags" in mounts
+
+
+def test_compose_serves_each_destination_region_queue():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    spec = yaml.safe_load((ROOT / "spec.compose.yaml").read_text())
+    destinations = {r for r in spec["policy"].values() if r != spec.get("source_region", "us")}
+    served = {}
+    for name, svc in services.items():
+        m = re.search(r"celery worker --queues ([\w,]+)", str(svc.get("command", "")))
+        if m:
+            served[name] = set(m.group(1).split(","))
+    assert destinations == {"ie", "no"}
+    for region in destinations:  # the queue the DAG gives that region's shard tasks
+        assert any(region in q and "default" in q for q in served.values()), (region, served)
