@@ -18,6 +18,7 @@ import os
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task, task_group
 
+from migrator.airflow_approval import CutoverApproval, approve_param
 from migrator.airflow_glue import destination_regions, dry_run_param, regions_param, shards_param, spec_param
 
 # A cron with data intervals: each run covers [previous tick, this tick), so every user is
@@ -65,6 +66,7 @@ def _name_instance(desc: dict) -> None:
         "shards": shards_param("these"),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1000000, description="users per batch"),
         "dry_run": dry_run_param("plan only: log and return the plan's table, write nothing"),
+        "approve_cutover": approve_param(),
         "spec": spec_param(),
     },
 )
@@ -143,10 +145,11 @@ def residency_migration():
         def shard(desc: dict):
             c = copy.override(**q)(desc)
             v = verify.override(**q)(desc)
+            a = CutoverApproval(task_id="approve", group=region, trigger_rule=TriggerRule.NONE_FAILED)
             k = cutover.override(**q)(desc)
-            c >> v >> k
+            c >> v >> a >> k
             rb = rollback.override(**q)(desc)
-            [c, v, k] >> rb
+            [c, v, a, k] >> rb
             [k, rb] >> outcome(desc)
 
         return shard

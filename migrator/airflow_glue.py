@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from migrator.errors import describe, is_transient
+from migrator.errors import describe, retry_later
 
 SPEC_ENV = "MIGRATOR_SPEC"
 
@@ -169,7 +169,7 @@ def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
         except AirflowSkipException:
             raise
         except Exception as exc:
-            if is_transient(exc):
+            if retry_later(exc):
                 raise RuntimeError(f"transient: {describe(exc)}") from None
             raise AirflowFailException(describe(exc)) from None
         if isinstance(out, dict) and out.get("skipped"):

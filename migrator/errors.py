@@ -50,6 +50,10 @@ class StateConflict(MigratorError):
     """A compare-and-set on a shard's state lost: another worker moved it, or the move is not allowed."""
 
 
+class ShardBusy(StateConflict):
+    """Another worker holds the shard."""
+
+
 class StateVersionError(MigratorError):
     """The migrator's tables in a store are at a schema revision this version does not
     know (a newer version wrote them): run that version, not this one."""
@@ -63,11 +67,6 @@ class PurgeRefused(MigratorError):
 
 class TransientError(MigratorError):
     """Raised by the migrator itself for conditions a retry can fix."""
-
-
-class ShardBusy(StateConflict, TransientError):
-    """Another worker holds the shard: transient, since its holder finishes or dies (a dead
-    holder's session, and so its lock, ends with its connection); a retry waits for it."""
 
 
 class StoreUnavailable(TransientError):
@@ -104,6 +103,14 @@ _TRANSIENT_PG = (
     pge.QueryCanceled,
     pge.TooManyConnections,
 )
+
+
+def retry_later(exc: BaseException) -> bool:
+    """Whether an orchestrator should run the task again later: a transient error, or a
+    shard another worker still holds (its holder finishes or dies, and a dead holder's
+    lock ends with its database session). The command line waits for a busy shard
+    itself (`engine.each`)."""
+    return isinstance(exc, ShardBusy) or is_transient(exc)
 
 
 def is_transient(exc: BaseException) -> bool:

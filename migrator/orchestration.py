@@ -181,6 +181,36 @@ def shard_outcome(spec: Spec, shard_id: str) -> dict[str, Any]:
     )
 
 
+def approval_summary(spec: Spec, shard_id: str) -> str:
+    """What an approver sees before a shard's cutover (Markdown): its users, and the rows and
+    digest its last verify compared on both sides. Counts and digests only, no user data."""
+    ctx = Context(spec, "approval")
+    shard = ctx.control.shard(shard_id)
+    last: dict[str, Any] = next(
+        (a["detail"] for a in reversed(ctx.control.audit_rows(shard_id)) if a["detail"].get("event") == "verify"), {}
+    )
+    rows = last.get("rows") or {}
+    lines = [
+        f"**Shard {shard.name}** ({shard_id}): {shard.users} users to **{shard.region}**, state `{shard.state.value}`.",
+        "",
+        f"Last verify: {'matched' if last.get('matched') else 'NOT matched'}, digest `{last.get('digest') or '-'}`.",
+        "",
+        "| table | rows (source = destination) |",
+        "|---|---:|",
+        *(f"| {t} | {n} |" for t, n in sorted(rows.items())),
+        "",
+        "Approve: the cutover fences these users for a moment and homes them in the destination. "
+        "Reject: the shard is rolled back, with your reason in the audit trail.",
+    ]
+    return "\n".join(lines)
+
+
+def reject_cutover(spec: Spec, run_id: str, shard_id: str, who: str, reason: str) -> dict[str, Any]:
+    """An approver rejected the shard's cutover: roll it back, the reason recorded."""
+    why = f"cutover rejected by {who}: {reason or 'no reason given'}"
+    return phase(spec, run_id, shard_id, "rollback", reason=why)
+
+
 def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
     """The states of a run's shards; raises when any of them did not cut over, or when there
     is no plan (the plan task failed: nothing was moved)."""

@@ -1,8 +1,10 @@
 """The operator's way in, in a real browser: `migrator demo --ui` leaves the stores and
 Airflow running; Debian's chromium (driven by Playwright) logs in, finds the project's
 DAGs and their docs, submits a dry run for Ireland from the trigger form and reads the
-plan in the plan task's log, runs the migration for real, and rolls a shard back through
-a form that refuses an empty reason. What moved is checked in the stores with SQL written
+plan in the plan task's log, runs the migration for real with an approval before each
+cutover (answered through the REST API: all approved but one, rejected with a reason,
+which rolls that shard back), and rolls another shard back through a form that refuses
+an empty reason. What moved is checked in the stores with SQL written
 here. Screenshots go to tests/output/ui-*.png."""
 
 from __future__ import annotations
@@ -78,10 +80,18 @@ class Api:
         with urllib.request.urlopen(req, timeout=10) as r:
             self.token = json.load(r)["access_token"]
 
-    def get(self, path: str) -> dict:
-        req = urllib.request.Request(f"{self.base}/api/v2{path}", headers={"Authorization": f"Bearer {self.token}"})
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(
+            f"{self.base}/api/v2{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
+
+    def get(self, path: str) -> dict:
+        return self.call("GET", path)
 
     def wait(self, dag_id: str, run_id: str, timeout: float = 600) -> dict:
         deadline = time.monotonic() + timeout
@@ -122,6 +132,31 @@ def _submitted_run(page, dag_id: str) -> str:
 def _sql(dsn: str, q: str, args=()) -> list[tuple]:
     with psycopg.connect(dsn) as c:
         return c.execute(q, args).fetchall()
+
+
+def _answer_approvals(api: Api, ctl: str, run: str, reject: str, reason: str) -> int:
+    """As an approver's tool would, through the REST API: wait for every shard's approval
+    request, check what it shows, approve all but the shard `reject`, reject that one."""
+    deadline = time.monotonic() + 600
+    while True:
+        tis = api.get(f"/dags/residency_migration/dagRuns/{run}/taskInstances?limit=300")["task_instances"]
+        waiting = [t for t in tis if t["task_id"].endswith(".approve") and t["state"] == "awaiting_input"]
+        planned = [t for t in tis if t["task_id"].endswith(".approve") and t["map_index"] >= 0]
+        if planned and len(waiting) == len(planned):
+            break
+        assert time.monotonic() < deadline, [(t["task_id"], t["map_index"], t["state"]) for t in tis]
+        time.sleep(2)
+    # nothing is cut over before its approval
+    assert {s for (s,) in _sql(ctl, "SELECT DISTINCT state FROM migrator.shard")} <= {"verified", "planned"}
+    for t in waiting:
+        path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/{t['task_id']}/{t['map_index']}/hitlDetails"
+        d = api.get(path)
+        name = re.match(r"Cut over shard ([a-z]+-\d+) to [a-z]+\?$", d["subject"]).group(1)
+        assert "Last verify: matched" in d["body"] and "| users |" in d["body"], d["body"]
+        assert set(d["params"]) == {"reason"}  # the approver is asked for a reason only
+        answer = {"chosen_options": ["Reject"], "params_input": {"reason": reason}} if name == reject else None
+        api.call("PATCH", path, answer or {"chosen_options": ["Approve"], "params_input": {}})
+    return len(waiting)
 
 
 def test_an_operator_runs_the_migration_from_the_ui(demo):
@@ -165,12 +200,15 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         if _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT to_regclass('migrator.shard')")[0][0]:
             assert _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT count(*) FROM migrator.shard") == [(0,)]
 
-        # the real run, every region
+        # the real run, every region, each cutover waiting for an approval: one is rejected
         form = _trigger_form(page, demo, "residency_migration")
         _choose(page, form.get_by_role("combobox", name="scope"), "all")
+        form.locator("label:has(input[name=element_approve_cutover])").click()
         form.get_by_role("button", name="Trigger").click()
         real = _submitted_run(page, "residency_migration")
-        assert api.wait("residency_migration", real, timeout=900)["state"] == "success"
+        asked = _answer_approvals(api, env["MIGRATOR_CONTROL_DSN"], real, "no-03", "ticket 7: not this week")
+        assert asked == 8
+        assert api.wait("residency_migration", real, timeout=900)["state"] == "failed"  # no-03 did not cut over
         tis = api.get(f"/dags/residency_migration/dagRuns/{real}/taskInstances?limit=200")["task_instances"]
         cut = {t["rendered_map_index"] for t in tis if t["task_id"].endswith(".cutover") and t["state"] == "success"}
         page.goto(f"{demo['url']}/dags/residency_migration/runs/{real}")
@@ -194,12 +232,16 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         assert api.wait("residency_rollback", rb)["state"] == "success"
         browser.close()
 
-    # what the stores say, independently of the UI
+    # what the stores say, independently of the UI (the run's own wave: the approval test's
+    # Norwegian shards came before)
     ctl = env["MIGRATOR_CONTROL_DSN"]
-    states = dict(_sql(ctl, "SELECT name, state FROM migrator.shard"))
-    assert states.pop("ie-00") == "rolled_back"
-    assert set(states.values()) == {"cut_over"} and len(states) == 7, states
+    wave = "all-" + re.sub(r"[^A-Za-z0-9_.-]", "_", real)[:80]
+    states = dict(_sql(ctl, "SELECT name, state FROM migrator.shard WHERE wave = %s", (wave,)))
+    assert states.pop("ie-00") == "rolled_back" and states.pop("no-03") == "rolled_back"
+    assert set(states.values()) == {"cut_over"} and len(states) == 6, states
     assert cut == {*states, "ie-00"}
+    rejected = _sql(ctl, "SELECT detail->>'reason' FROM migrator.audit WHERE detail->>'event' = 'rolled back'")
+    assert ("cutover rejected by operator: ticket 7: not this week",) in rejected
     reason = _sql(
         ctl,
         "SELECT count(*) FROM migrator.audit "
