@@ -5,6 +5,8 @@ destination, every moved user's row at home, nothing of a purged user back at th
 Hourly by default (`MIGRATOR_AUDIT_SCHEDULE`). A finding fails the run, named by kind,
 region and table (never a row's content), so a failure callback or alert reaches a person;
 green otherwise. Give it read-only Connections: it needs SELECT and nothing else.
+
+Procedures: RUNBOOK.md in the project.
 """
 
 from __future__ import annotations

@@ -9,6 +9,16 @@ connection when the file is parsed. DSNs come from Airflow Connections named in 
 
 Pool: copy tasks run in the `migrator_source` pool, whose size bounds how many shards
 read from the US source at once (2 slots suit a 2-core source; one slot per spare core).
+
+Params: `scope` (interval or all), `regions` and `shards` (empty: all), `batch_size`,
+`dry_run` (log and return the plan only), `approve_cutover` (wait for an approval in
+Required Actions before each shard's cutover), `spec` (one of the configured specs).
+
+What failing means: a red `copy`/`verify`/`cutover` after an outage leaves its shard
+resumable (clear the failed tasks once the store is back); a shard in state `failed`
+(a checksum mismatch, a conflict) is rolled back by its `rollback` task; the `report`
+fails the run when any shard did not cut over and its log lists every shard's state.
+Procedures: RUNBOOK.md in the project.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Scheduled daily; each run purges every shard that is due (or the shards named), 
 per shard. A shard whose destination no longer verifies, or whose key is missing, fails
 its task with the reason and nothing of it purged; a transient outage is retried and a
 cleared task resumes from the purge ledger. After a purge, rollback is refused.
+
+Procedures: RUNBOOK.md in the project.
 """
 
 from __future__ import annotations

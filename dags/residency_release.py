@@ -1,5 +1,8 @@
 """Releases the held users of rolled-back shards (a later wave may then plan them), or
-moves them again in their own wave; either way with a reason in the audit trail."""
+moves them again in their own wave; either way with a reason in the audit trail.
+
+Procedures: RUNBOOK.md in the project.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Manual rollback of named shards, with a reason recorded in the audit trail. A rolled-back
-shard's users are held until released or moved again (the residency_release DAG)."""
+shard's users are held until released or moved again (the residency_release DAG).
+
+Procedures: RUNBOOK.md in the project.
+"""
 
 from __future__ import annotations
 
