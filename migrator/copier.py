@@ -45,6 +45,7 @@ from migrator.scaffolding import pause_point
 from migrator.schema import history
 from migrator.state import Phase
 from migrator.stores.postgres import Conn, connect, relay
+from migrator.throttle import Throttle
 
 log = logging.getLogger("migrator.copier")
 
@@ -235,9 +236,17 @@ def _copy_pending(
     # An inline digest reads the destination tables inside the batch's transaction; with
     # sibling batches loading the same tables it would wade through their uncommitted rows.
     n = 1 if ctx.spec.copy_.inline_digest else ctx.spec.copy_.workers
+    throttle = Throttle(ctx, sid)
+
+    def one(links: _Links, b: int) -> BatchRecord:
+        throttle.before_batch()
+        res = _copy_with_retries(ctx, links, sid, b, batch_users[b])
+        throttle.copied(sum(res.rows.values()))
+        return res
+
     yield from in_lanes(
         pending,
-        lambda links, b: _copy_with_retries(ctx, links, sid, b, batch_users[b]),
+        one,
         n,
         f"copy-{sid}",
         setup=lambda: _Links(ctx.source_dsn, dst_dsn),

@@ -36,6 +36,14 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 ).fetchone()
             if n:
                 rows["objects"] = int(size)
+        throttled = None
+        if s.state.value in ("copying", "copied", "verified", "failed"):
+            with ctl.connect(autocommit=True) as c:
+                (throttled,) = c.execute(
+                    "SELECT sum((detail->>'waited_s')::float) FROM migrator.audit "
+                    "WHERE shard_id = %s AND detail->>'event' = 'copy throttled'",
+                    (s.shard_id,),
+                ).fetchone()
         lag = None
         if ctx.spec.changes.capture and s.state.value in ("copying", "copied", "verified", "failed"):
             lag = capture.lag(ctx.source_dsn, s.shard_id, ctl.position(s.shard_id, "forward"))
@@ -54,6 +62,7 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 "digest": s.digest,
                 "approx_bytes": s.plan.get("approx_bytes", 0),
                 "error": s.error,
+                **({"throttled_s": round(throttled, 1)} if throttled else {}),
             }
         )
     return out

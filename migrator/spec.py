@@ -225,8 +225,23 @@ class Sharding(_Strict):
     shards_per_region: int = Field(4, ge=1, le=4096)
 
 
+class Throttle(_Strict):
+    """When the copy holds back for the source's own work: before each batch it waits while
+    any limit is exceeded, and keeps the shard's rate under a ceiling."""
+
+    max_active: int | None = Field(
+        None, ge=1, description="other backends running a query at the source above which the copy waits"
+    )
+    max_lock_waits: int | None = Field(
+        None, ge=0, description="backends waiting for a lock at the source above which the copy waits"
+    )
+    max_rows_per_s: int | None = Field(None, ge=1, description="rows per second one shard's copy may move at most")
+    check_every_s: float = Field(1.0, gt=0, le=60, description="how often a waiting copy looks again")
+
+
 class CopySettings(_Strict):
     batch_users: int = Field(500, ge=1, le=1_000_000)
+    throttle: Throttle = Field(Throttle(), description="holding back while the source is busy")
     workers: int = Field(
         2,
         ge=1,
