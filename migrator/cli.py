@@ -6,6 +6,7 @@ Exit status: 0 success, 1 a shard failed, 2 a usage or spec error.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from migrator import audit as audit_checks
-from migrator import audit_report, chain, dispatch, engine, orchestration, recovery, report
+from migrator import audit_report, chain, dispatch, engine, metrics, orchestration, recovery, report
 from migrator import purge as purge_shards
 from migrator.context import Context
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
@@ -27,6 +28,24 @@ from migrator.schema import history
 from migrator.spec import load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Residency Migrator: move users' data by residency.")
+
+
+@app.callback()
+def _options(
+    metrics_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--metrics-file",
+            envvar="MIGRATOR_METRICS_FILE",
+            help="write the run's metrics here at the end, as a Prometheus text file (node_exporter's textfile "
+            "collector)",
+        ),
+    ] = None,
+) -> None:
+    if metrics_file is not None:
+        os.environ["MIGRATOR_METRICS_FILE"] = str(metrics_file)
+
+
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -465,6 +484,11 @@ def main() -> None:
     except Exception as e:  # a driver error: its class, never its text (which may quote a row)
         err.print(f"[red]error:[/] {describe(e)}")
         sys.exit(1)
+    finally:
+        try:
+            metrics.write()
+        except OSError as e:
+            err.print(f"[red]error:[/] the metrics file could not be written: {describe(e)}")
 
 
 if __name__ == "__main__":

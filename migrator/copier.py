@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from migrator import capture, objects, sqlgen
+from migrator import capture, metrics, objects, sqlgen
 from migrator.context import Context
 from migrator.control import BatchRecord
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
@@ -117,7 +117,7 @@ def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> tuple[hashlib._Hash, int]:
     return stream, sent
 
 
-def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list[str]) -> BatchRecord:
+def _copy_batch(ctx: Context, links: _Links, sid: str, region: str, batch_no: int, keys: list[str]) -> BatchRecord:
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     src, dst = links.open()
     try:
@@ -160,6 +160,7 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, batch_no: int, keys: list
         src.rollback()
         took = max(time.monotonic() - t0, 1e-6)
         n = sum(rows.values())
+        metrics.batch_copied(sid, region, rows, moved_bytes)
         log.info(
             "shard %s batch %d: %d rows, %.1f MB in %.2f s (%.0f rows/s, %.1f MB/s)",
             sid,
@@ -214,7 +215,7 @@ def _check_no_foreign_rows(
                         )
 
 
-def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list[str]) -> BatchRecord:
+def _copy_with_retries(ctx: Context, links: _Links, sid: str, region: str, b: int, keys: list[str]) -> BatchRecord:
     for attempt in retrying(ctx.spec.retry):
         with attempt:
             if attempt.retry_state.attempt_number > 1:
@@ -224,12 +225,12 @@ def _copy_with_retries(ctx: Context, links: _Links, sid: str, b: int, keys: list
                     b,
                     attempt.retry_state.attempt_number,
                 )
-            res = _copy_batch(ctx, links, sid, b, keys)
+            res = _copy_batch(ctx, links, sid, region, b, keys)
     return res
 
 
 def _copy_pending(
-    ctx: Context, sid: str, dst_dsn: str, batch_users: Mapping[int, list[str]], pending: list[int]
+    ctx: Context, sid: str, region: str, dst_dsn: str, batch_users: Mapping[int, list[str]], pending: list[int]
 ) -> Iterator[tuple[int, BatchRecord]]:
     """Copy the pending batches with `copy.workers` lanes (each on its own source and
     destination connections), yielding each as it commits; the caller checkpoints it."""
@@ -240,7 +241,7 @@ def _copy_pending(
 
     def one(links: _Links, b: int) -> BatchRecord:
         throttle.before_batch()
-        res = _copy_with_retries(ctx, links, sid, b, batch_users[b])
+        res = _copy_with_retries(ctx, links, sid, region, b, batch_users[b])
         throttle.copied(sum(res.rows.values()))
         return res
 
@@ -290,7 +291,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     pending = [b for b in sorted(batch_users) if b not in done]
     _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batch_users)
     started = time.monotonic()
-    for b, res in _copy_pending(ctx, sid, dst_dsn, batch_users, pending):
+    for b, res in _copy_pending(ctx, sid, shard.region, dst_dsn, batch_users, pending):
         ctl.save_checkpoint(sid, b, res)
         done[b] = res
         copied_now += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from migrator import capture, directory, recovery
+from migrator import capture, directory, metrics, recovery
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe, retrying
 from migrator.scaffolding import pause_point
@@ -111,11 +111,13 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
         raise
     # Cut over: from here on nothing may lift the fence.
     fence_ms = round(sum(steps.ms.values()), 1)
+    region = ctl.shard(sid).region
+    metrics.fence_window(sid, region, fence_ms)
     log.info(
         "shard %s cut over: %d users homed at %s; fence window %.1f ms (%s)",
         sid,
         flip.flipped,
-        ctl.shard(sid).region,
+        region,
         fence_ms,
         ", ".join(f"{k} {v:.1f} ms" for k, v in steps.ms.items()),
     )

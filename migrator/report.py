@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from migrator import capture
+from migrator import capture, metrics
 from migrator.context import Context
 from migrator.engine import Outcome
 from migrator.planner import Plan
@@ -47,6 +47,8 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
         lag = None
         if ctx.spec.changes.capture and s.state.value in ("copying", "copied", "verified", "failed"):
             lag = capture.lag(ctx.source_dsn, s.shard_id, ctl.position(s.shard_id, "forward"))
+            if lag is not None:
+                metrics.lag(s.shard_id, s.region, int(lag))
         out.append(
             {
                 "lag": lag,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from migrator import capture, objects, sqlgen
+from migrator import capture, metrics, objects, sqlgen
 from migrator.context import Context
 from migrator.errors import ChecksumMismatch, StateConflict
 from migrator.state import Phase
@@ -199,6 +199,7 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         for d in res.differences[:10]
     )
     more = f" (+{len(res.differences) - 10} more)" if len(res.differences) > 10 else ""
+    metrics.mismatched(sid, shard.region, len(res.differences))
     msg = f"shard {sid}: {len(res.differences)} row(s) differ between source and destination: {named}{more}"
     ctl.record(sid, shard.state.value, detail)  # the move to failed, where allowed, is `dispatch`'s
     raise ChecksumMismatch(msg, res.differences)
