@@ -231,24 +231,17 @@ def reladiff(ctx: Context, src: str, dst: str, codes: list[str], threads: int = 
     return time.perf_counter() - t0, found
 
 
-def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float = 5.0) -> dict:
-    """A writer as fast as it goes: alone, then while every shard moves with the fence."""
+def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: list[int], first_event: int) -> dict:
     from migrator import engine
     from migrator.demo.workload import Writer, check
 
     truncate(dst)
-    with psycopg.connect(control) as c:
-        c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
-    with psycopg.connect(src) as c:
-        c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
-        users = [u for (u,) in c.execute("SELECT user_id FROM users WHERE user_id % 11 = 0 ORDER BY user_id LIMIT 400")]
+    for d in (control, src):
+        with psycopg.connect(d) as c:
+            c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
     dsn = {"us": src, "ie": dst}
-    w = Writer(dsn, control, users, threads=2, rate_hz=1e6).start()
-    time.sleep(seconds)
-    alone = w.stop().ops / seconds
-    wspec = dict(spec, sharding={"shards_per_region": 8})
-    ctx = Context(parse_spec(wspec))
-    w = Writer(dsn, control, users, threads=2, rate_hz=1e6, first_event=2 * 10**9).start()
+    ctx = Context(parse_spec(spec))
+    w = Writer(dsn, control, users, threads=2, rate_hz=1e6, first_event=first_event).start()
     t0 = time.perf_counter()
     _, outcomes = engine.run(ctx, "writes")
     elapsed = time.perf_counter() - t0
@@ -257,25 +250,61 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     check(dsn, control, acked)  # raises if a write was lost
     with psycopg.connect(control) as c:
         closed = [d for (d,) in c.execute("SELECT detail FROM migrator.audit WHERE detail->>'event' = 'fence closed'")]
+        (rows,) = c.execute(
+            "SELECT sum(r.n::bigint) FROM migrator.audit a, jsonb_each_text(a.detail->'rows') AS r(t, n) "
+            "WHERE a.detail->>'event' = 'copied'"
+        ).fetchone()
+    return {"elapsed": elapsed, "acked": acked, "errors": w.errors, "closed": closed, "rows": rows or 0}
+
+
+def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float = 5.0) -> dict:
+    """A writer as fast as it goes: alone, then while every shard moves with the fence, and
+    once more with the copy's throttle holding each shard to a third of the rate the first
+    migration averaged."""
+    from migrator.demo.workload import Writer
+
+    truncate(dst)
+    for d in (control, src):
+        with psycopg.connect(d) as c:
+            c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
+    with psycopg.connect(src) as c:
+        users = [u for (u,) in c.execute("SELECT user_id FROM users WHERE user_id % 11 = 0 ORDER BY user_id LIMIT 400")]
+    dsn = {"us": src, "ie": dst}
+    w = Writer(dsn, control, users, threads=2, rate_hz=1e6).start()
+    time.sleep(seconds)
+    alone = w.stop().ops / seconds
+    wspec = dict(spec, sharding={"shards_per_region": 8})
+    free = _migrate_with_writer(src, dst, control, wspec, users, 2 * 10**9)
+    # shards move one after another: each held to a third of the rate the migration averaged
+    ceiling = max(1, int(free["rows"] / free["elapsed"] / 3))
+    tspec = dict(wspec, copy={**wspec.get("copy", {}), "throttle": {"max_rows_per_s": ceiling}})
+    held = _migrate_with_writer(src, dst, control, tspec, users, 3 * 10**9)
+    closed = free["closed"]
     fences = sorted(float(d["fence_ms"]) for d in closed)
     steps = {
         k: round(statistics.median(d["fence_steps_ms"].get(k, 0.0) for d in closed), 1)
         for k in (closed[0]["fence_steps_ms"] if closed else {})
     }
     q = statistics.quantiles(fences, n=100, method="inclusive") if len(fences) > 1 else fences * 99
+    during = free["acked"].ops / free["elapsed"]
+    during_held = held["acked"].ops / held["elapsed"]
     return {
         "shards": len(fences),
         "fence_ms_p50": round(statistics.median(fences), 1),
         "fence_ms_p99": round(q[98], 1),
         "fence_steps_ms_p50": steps,
         "writer_ops_per_s_alone": round(alone, 1),
-        "writer_ops_per_s_during": round(acked.ops / elapsed, 1),
-        "writer_during_vs_alone": round(acked.ops / elapsed / alone, 3),
-        "fenced_retries": acked.fenced,
+        "writer_ops_per_s_during": round(during, 1),
+        "writer_during_vs_alone": round(during / alone, 3),
+        "throttle_rows_per_s_per_shard": ceiling,
+        "writer_ops_per_s_during_throttled": round(during_held, 1),
+        "writer_during_vs_alone_throttled": round(during_held / alone, 3),
+        "migration_s": round(free["elapsed"], 2),
+        "migration_throttled_s": round(held["elapsed"], 2),
+        "fenced_retries": free["acked"].fenced,
         "lost_writes": 0,
-        "writer_errors": w.errors[:3],
-        "migration_s": round(elapsed, 2),
-        "writer_ops_during": acked.ops,
+        "writer_errors": (free["errors"] + held["errors"])[:3],
+        "writer_ops_during": free["acked"].ops,
     }
 
 

@@ -69,6 +69,7 @@ def test_bench_smoke(tmp_path):
     assert doc["verify_speedup_vs_reladiff"] > 0
     w = doc["live_writes"]
     assert w["lost_writes"] == 0 and not w["writer_errors"] and w["shards"] > 0 and w["fence_ms_p99"] > 0
+    assert w["writer_during_vs_alone_throttled"] > 0 and w["throttle_rows_per_s_per_shard"] > 0
     g = doc["growth"]
     assert g["against_scale"] == 0.01 and g["rows_ratio"] > 1 and g["time_ratio"] > 0 and g["small"]["copy_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
