@@ -254,7 +254,7 @@ def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: li
             "SELECT sum(r.n::bigint) FROM migrator.audit a, jsonb_each_text(a.detail->'rows') AS r(t, n) "
             "WHERE a.detail->>'event' = 'copied'"
         ).fetchone()
-    return {"elapsed": elapsed, "acked": acked, "errors": w.errors, "closed": closed, "rows": rows or 0}
+    return {"elapsed": elapsed, "acked": acked, "errors": w.errors, "closed": closed, "rows": int(rows or 0)}
 
 
 def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float = 5.0) -> dict:

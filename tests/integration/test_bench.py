@@ -33,7 +33,6 @@ def test_bench_smoke(tmp_path):
             "--writes",
             "--against-scale",
             "0.01",
-            "--airflow",
             "--chart",
             str(tmp_path / "bench.png"),
         ],
@@ -63,7 +62,7 @@ def test_bench_smoke(tmp_path):
     ):
         assert doc[key] > 0, key
     assert set(doc["lifecycle_s"]) == {"plan", "copy", "verify", "cutover", "purge"}
-    assert doc["airflow"]["airflow_vs_cli"] > 0 and doc["airflow"]["executor"] == "LocalExecutor"
+    # the Airflow figure (a live scheduler, about a minute more) runs with `python -m bench --airflow`
     assert doc["object_copy"]["objects"] == 20 and doc["object_copy"]["objects_vs_plain"] > 0
     assert doc["changed_row"]["tool_found"] and doc["changed_row"]["reladiff_found"]
     assert doc["verify_speedup_vs_reladiff"] > 0
