@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.conftest import World
 
@@ -78,3 +79,17 @@ def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> su
     """`migrator cutover --region R --json` in its own process, returned once it has paused
     (for `seconds`) at the pause point `at`."""
     return paused(world, at, "cutover", "--region", region, "--json", seconds=seconds, out=subprocess.PIPE)
+
+
+def airflow_for(world: World, tmp_path: Path, **env: str) -> tuple[Path, dict[str, str], str]:
+    """An Airflow home for the world's spec (its stores as Connections, `env` added, DAGs
+    paused at creation) and a metadata database on the world's US server: (home, env, URL)."""
+    from migrator.demo.airflow_run import airflow_env, spec_for_airflow
+
+    home = tmp_path / "airflow"
+    home.mkdir()
+    af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
+    out = airflow_env(home, conns)
+    out.update(MIGRATOR_SPEC=str(af_spec), AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True", **env)
+    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
+    return home, out, meta.replace("postgresql://", "postgresql+psycopg://", 1)

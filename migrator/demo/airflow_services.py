@@ -25,110 +25,30 @@ from migrator.embedded import free_port
 POOL = ("migrator_source", "2", "copies against the source")
 
 
-class AirflowServices:
-    def __init__(
-        self,
-        home: Path,
-        env: dict[str, str],
-        metadata_url: str,
-        *,
-        executor: str = "LocalExecutor",
-        broker_url: str | None = None,
-        port: int | None = None,
-        parallelism: int = 4,
-        credentials: tuple[str, str] | None = None,
-    ):
-        """`credentials`: a user of the simple auth manager for the REST API; without them
-        every user is an admin and no login is asked for."""
-        self.home, self.env, self.credentials = home, env, credentials
-        self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env.update(
-            {
-                "AIRFLOW__CORE__EXECUTOR": executor,
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
-                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                "AIRFLOW__CORE__PARALLELISM": str(parallelism),
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": str(credentials is None),
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
-                "AIRFLOW__API__BASE_URL": self.base,
-                "AIRFLOW__API__HOST": "127.0.0.1",
-                "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or os.urandom(24).hex(),
-                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-            }
-        )
-        if broker_url:
-            self.env["AIRFLOW__CELERY__BROKER_URL"] = broker_url
-            self.env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + metadata_url
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.token = ""
+class RestClient:
+    """Airflow's REST API as an operator's tool uses it: a token (from a simple-auth user, or
+    none needed when every user is an admin), then JSON calls."""
 
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [bin_path("airflow"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+    def __init__(self, base: str, credentials: tuple[str, str] | None = None):
+        self.base, self.credentials, self.token = base, credentials, ""
 
-    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.home / f"{name}.log", "a")  # noqa: SIM115 - the child holds it
-        proc = subprocess.Popen(
-            [bin_path("airflow"), *args],
-            env={**self.env, **(env or {})},
-            stdout=log,
-            stderr=log,
-            start_new_session=True,  # its own session: stopped with every process it starts
-        )
-        log.close()
-        self.procs[name] = proc
-        with open(self.home / "pids", "a") as f:
-            f.write(f"{proc.pid}\n")
-        return proc
-
-    def start(self) -> AirflowServices:
-        res = self.cli("db", "migrate")
-        if res.returncode != 0:
-            raise RuntimeError(f"airflow db migrate failed: {res.stderr[-1500:]}")
-        self.cli("pools", "set", *POOL)
-        self.spawn("api-server", "api-server", "--port", str(self.port))
-        self.spawn("scheduler", "scheduler")
-        self.spawn("dag-processor", "dag-processor")
-        deadline = time.monotonic() + 180
+    def login(self, timeout: float = 30) -> bool:
+        """Get a token, waiting up to `timeout` for the api-server; whether it answered."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
+                body = None
                 if self.credentials:
                     user, password = self.credentials
-                    req = urllib.request.Request(
-                        f"{self.base}/auth/token",
-                        data=json.dumps({"username": user, "password": password}).encode(),
-                        headers={"Content-Type": "application/json"},
-                    )
-                else:
-                    req = urllib.request.Request(f"{self.base}/auth/token")
+                    body = json.dumps({"username": user, "password": password}).encode()
+                req = urllib.request.Request(
+                    f"{self.base}/auth/token", data=body, headers={"Content-Type": "application/json"}
+                )
                 with urllib.request.urlopen(req, timeout=5) as r:
                     self.token = json.load(r)["access_token"]
-                    return self
+                    return True
             time.sleep(1)
-        raise RuntimeError(f"the api-server did not come up (see {self.home / 'api-server.log'})")
-
-    def worker(
-        self, name: str, queues: list[str], concurrency: int = 2, env: dict[str, str] | None = None
-    ) -> subprocess.Popen:
-        """A Celery worker process serving `queues` (with `env` added to its environment)."""
-        return self.spawn(
-            name,
-            "celery",
-            "worker",
-            "--queues",
-            ",".join(queues),
-            "--concurrency",
-            str(concurrency),
-            "--celery-hostname",
-            f"{name}@%h",
-            "--without-mingle",
-            "--without-gossip",
-            env=env,
-        )
+        return False
 
     def api(self, method: str, path: str, body: dict | None = None) -> Any:
         req = urllib.request.Request(
@@ -173,6 +93,97 @@ class AirflowServices:
 
     def tasks(self, dag_id: str, run_id: str) -> list[dict]:
         return self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=500")["task_instances"]
+
+
+class AirflowServices(RestClient):
+    def __init__(
+        self,
+        home: Path,
+        env: dict[str, str],
+        metadata_url: str,
+        *,
+        executor: str = "LocalExecutor",
+        broker_url: str | None = None,
+        port: int | None = None,
+        parallelism: int = 4,
+        credentials: tuple[str, str] | None = None,
+    ):
+        """`credentials`: a user of the simple auth manager for the REST API; without them
+        every user is an admin and no login is asked for."""
+        self.home, self.env = home, env
+        self.port = port or free_port()
+        super().__init__(f"http://127.0.0.1:{self.port}", credentials)
+        self.env.update(
+            {
+                "AIRFLOW__CORE__EXECUTOR": executor,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": metadata_url,  # psycopg 3 is async too
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__CORE__PARALLELISM": str(parallelism),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": str(credentials is None),
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
+                "AIRFLOW__API__BASE_URL": self.base,
+                "AIRFLOW__API__HOST": "127.0.0.1",
+                "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or os.urandom(24).hex(),
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            }
+        )
+        if broker_url:
+            self.env["AIRFLOW__CELERY__BROKER_URL"] = broker_url
+            self.env["AIRFLOW__CELERY__RESULT_BACKEND"] = "db+" + metadata_url
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [bin_path("airflow"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "a")  # noqa: SIM115 - the child holds it
+        proc = subprocess.Popen(
+            [bin_path("airflow"), *args],
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # its own session: stopped with every process it starts
+        )
+        log.close()
+        self.procs[name] = proc
+        with open(self.home / "pids", "a") as f:
+            f.write(f"{proc.pid}\n")
+        return proc
+
+    def start(self) -> AirflowServices:
+        res = self.cli("db", "migrate")
+        if res.returncode != 0:
+            raise RuntimeError(f"airflow db migrate failed: {res.stderr[-1500:]}")
+        self.cli("pools", "set", *POOL)
+        self.spawn("api-server", "api-server", "--port", str(self.port))
+        self.spawn("scheduler", "scheduler")
+        self.spawn("dag-processor", "dag-processor")
+        if not self.login(timeout=180):
+            raise RuntimeError(f"the api-server did not come up (see {self.home / 'api-server.log'})")
+        return self
+
+    def worker(
+        self, name: str, queues: list[str], concurrency: int = 2, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """A Celery worker process serving `queues` (with `env` added to its environment)."""
+        return self.spawn(
+            name,
+            "celery",
+            "worker",
+            "--queues",
+            ",".join(queues),
+            "--concurrency",
+            str(concurrency),
+            "--celery-hostname",
+            f"{name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            env=env,
+        )
 
     def stop(self) -> None:
         _end_sessions([p.pid for p in self.procs.values()])

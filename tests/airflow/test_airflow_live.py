@@ -9,9 +9,9 @@ from datetime import datetime
 
 import pytest
 
-from migrator.demo.airflow_run import airflow_env, spec_for_airflow
 from migrator.demo.airflow_services import AirflowServices
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import airflow_for
 
 pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
@@ -22,14 +22,8 @@ def _ts(s: str) -> datetime:
 
 
 def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
-    home = tmp_path / "airflow"
-    home.mkdir()
-    af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
-    env = airflow_env(home, conns)
-    env["MIGRATOR_SPEC"] = str(af_spec)
-    env["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "True"
-    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
-    af = AirflowServices(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
+    home, env, meta = airflow_for(world, tmp_path)
+    af = AirflowServices(home, env, meta)
     af.start()
     try:
         af.wait_for_dag("residency_migration")
@@ -98,18 +92,8 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
         sharding={"shards_per_region": 2},
         retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1},
     )
-    home = tmp_path / "airflow"
-    home.mkdir()
-    af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
-    env = airflow_env(home, conns)
-    env.update(
-        MIGRATOR_SPEC=str(af_spec),
-        MIGRATOR_TASK_RETRIES="1",
-        MIGRATOR_TASK_RETRY_DELAY_S="1",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
-    )
-    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
-    af = AirflowServices(home, env, meta.replace("postgresql://", "postgresql+psycopg://", 1))
+    home, env, meta = airflow_for(world, tmp_path, MIGRATOR_TASK_RETRIES="1", MIGRATOR_TASK_RETRY_DELAY_S="1")
+    af = AirflowServices(home, env, meta)
     ie = world.cluster["ie"]
     af.start()
     try:

@@ -17,10 +17,10 @@ import time
 import psutil
 import pytest
 
-from migrator.demo.airflow_run import airflow_env, spec_for_airflow
 from migrator.demo.airflow_services import AirflowServices
 from migrator.embedded import free_port
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import airflow_for
 
 pytest.importorskip("airflow.providers.celery")
 pytestmark = [pytest.mark.airflow, pytest.mark.celery]
@@ -70,26 +70,21 @@ def _paused_copies(world: World) -> int:
 
 def test_celery_workers_per_region_and_a_worker_killed_mid_copy(world: World, tmp_path, redis_url):
     world.write_spec(sharding={"shards_per_region": 2}, copy={"batch_users": 20})
-    home = tmp_path / "airflow"
-    home.mkdir()
-    af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
-    env = airflow_env(home, conns)
-    env.update(
-        MIGRATOR_SPEC=str(af_spec),
+    home, env, meta = airflow_for(
+        world,
+        tmp_path,
         # a monthly interval: the run the scheduler makes on unpausing covers every seeded user
         MIGRATOR_SCHEDULE="0 0 1 * *",
         MIGRATOR_TASK_RETRIES="3",
         MIGRATOR_TASK_RETRY_DELAY_S="1",
-        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
         # a task whose worker is gone is failed (and retried) after 20 s without a heartbeat
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="20",
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="5",
     )
-    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
     af = AirflowServices(
         home,
         env,
-        meta.replace("postgresql://", "postgresql+psycopg://", 1),
+        meta,
         executor="CeleryExecutor",
         broker_url=redis_url,
     ).start()

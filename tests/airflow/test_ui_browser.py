@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from migrator.demo.airflow_services import RestClient
 from tests.conftest import DEMO_OWNED, ROOT
 
 pytest.importorskip("airflow.sdk")
@@ -69,38 +70,14 @@ def demo(tmp_path_factory):
         assert stopped.returncode == 0, stopped.stderr[-2000:]
 
 
-class Api:
-    def __init__(self, info: dict):
-        self.base = info["url"]
-        req = urllib.request.Request(
-            f"{self.base}/auth/token",
-            data=json.dumps({"username": info["user"], "password": info["password"]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            self.token = json.load(r)["access_token"]
+def _api(info: dict) -> RestClient:
+    api = RestClient(info["url"], (info["user"], info["password"]))
+    assert api.login(), "the demo's api-server does not answer"
+    return api
 
-    def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(
-            f"{self.base}/api/v2{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.load(r)
 
-    def get(self, path: str) -> dict:
-        return self.call("GET", path)
-
-    def wait(self, dag_id: str, run_id: str, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
-            if run["state"] in ("success", "failed"):
-                return run
-            time.sleep(2)
-        raise AssertionError(f"{dag_id} run {run_id} did not finish")
+def _finished(api: RestClient, dag_id: str, run_id: str, timeout: float = 600) -> str:
+    return api.run_state(dag_id, run_id, {"success", "failed"}, timeout)["state"]
 
 
 def _login(page, info: dict) -> None:
@@ -134,12 +111,12 @@ def _sql(dsn: str, q: str, args=()) -> list[tuple]:
         return c.execute(q, args).fetchall()
 
 
-def _answer_approvals(api: Api, ctl: str, run: str, reject: str, reason: str) -> int:
+def _answer_approvals(api: RestClient, ctl: str, run: str, reject: str, reason: str) -> int:
     """As an approver's tool would, through the REST API: wait for every shard's approval
     request, check what it shows, approve all but the shard `reject`, reject that one."""
     deadline = time.monotonic() + 600
     while True:
-        tis = api.get(f"/dags/residency_migration/dagRuns/{run}/taskInstances?limit=300")["task_instances"]
+        tis = api.api("GET", f"/dags/residency_migration/dagRuns/{run}/taskInstances?limit=300")["task_instances"]
         waiting = [t for t in tis if t["task_id"].endswith(".approve") and t["state"] == "awaiting_input"]
         planned = [t for t in tis if t["task_id"].endswith(".approve") and t["map_index"] >= 0]
         if planned and len(waiting) == len(planned):
@@ -150,18 +127,18 @@ def _answer_approvals(api: Api, ctl: str, run: str, reject: str, reason: str) ->
     assert {s for (s,) in _sql(ctl, "SELECT DISTINCT state FROM migrator.shard")} <= {"verified", "planned"}
     for t in waiting:
         path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/{t['task_id']}/{t['map_index']}/hitlDetails"
-        d = api.get(path)
+        d = api.api("GET", path)
         name = re.match(r"Cut over shard ([a-z]+-\d+) to [a-z]+\?$", d["subject"]).group(1)
         assert "Last verify: matched" in d["body"] and "| users |" in d["body"], d["body"]
         assert set(d["params"]) == {"reason"}  # the approver is asked for a reason only
         answer = {"chosen_options": ["Reject"], "params_input": {"reason": reason}} if name == reject else None
-        api.call("PATCH", path, answer or {"chosen_options": ["Approve"], "params_input": {}})
+        api.api("PATCH", path, answer or {"chosen_options": ["Approve"], "params_input": {}})
     return len(waiting)
 
 
 def test_an_operator_runs_the_migration_from_the_ui(demo):
     OUT.mkdir(exist_ok=True)
-    api, env = Api(demo), demo["env"]
+    api, env = _api(demo), demo["env"]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -190,7 +167,7 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         form.screenshot(path=str(OUT / "ui-dry-run-form.png"))
         form.get_by_role("button", name="Trigger").click()
         dry = _submitted_run(page, "residency_migration")
-        assert api.wait("residency_migration", dry)["state"] == "success"
+        assert _finished(api, "residency_migration", dry) == "success"
         page.goto(f"{demo['url']}/dags/residency_migration/runs/{dry}/tasks/plan")
         page.get_by_text("dry run: wave").first.wait_for(timeout=30000)
         log = page.inner_text("body")
@@ -208,8 +185,8 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         real = _submitted_run(page, "residency_migration")
         asked = _answer_approvals(api, env["MIGRATOR_CONTROL_DSN"], real, "no-03", "ticket 7: not this week")
         assert asked == 8
-        assert api.wait("residency_migration", real, timeout=900)["state"] == "failed"  # no-03 did not cut over
-        tis = api.get(f"/dags/residency_migration/dagRuns/{real}/taskInstances?limit=200")["task_instances"]
+        assert _finished(api, "residency_migration", real, timeout=900) == "failed"  # no-03 did not cut over
+        tis = api.api("GET", f"/dags/residency_migration/dagRuns/{real}/taskInstances?limit=200")["task_instances"]
         cut = {t["rendered_map_index"] for t in tis if t["task_id"].endswith(".cutover") and t["state"] == "success"}
         page.goto(f"{demo['url']}/dags/residency_migration/runs/{real}")
         page.wait_for_load_state("networkidle")
@@ -229,7 +206,7 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         assert form.get_by_role("button", name="Trigger").is_enabled()
         form.get_by_role("button", name="Trigger").click()
         rb = _submitted_run(page, "residency_rollback")
-        assert api.wait("residency_rollback", rb)["state"] == "success"
+        assert _finished(api, "residency_rollback", rb) == "success"
         browser.close()
 
     # what the stores say, independently of the UI (the run's own wave: the approval test's
