@@ -488,7 +488,10 @@ def main() -> None:
         try:
             metrics.write()
         except OSError as e:
-            err.print(f"[red]error:[/] the metrics file could not be written: {describe(e)}")
+            err.print(
+                f"[red]error:[/] the metrics file {os.environ.get(metrics.FILE_ENV)} could not be written: "
+                f"{e.strerror or describe(e)}"
+            )
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ class AirflowServices(RestClient):
         )
 
     def stop(self) -> None:
-        _end_sessions([p.pid for p in self.procs.values()])
+        end_sessions([p.pid for p in self.procs.values()])
         for p in self.procs.values():
             p.wait()
         with contextlib.suppress(FileNotFoundError):
@@ -205,7 +205,7 @@ def _session(sid: int) -> list[int]:
     return out
 
 
-def _end_sessions(sids: list[int], grace_s: float = 30) -> int:
+def end_sessions(sids: list[int], grace_s: float = 30) -> int:
     """SIGTERM every process of these sessions, SIGKILL what is left after the grace; how
     many sessions were running."""
     running = 0
@@ -231,6 +231,6 @@ def stop_home(home: Path) -> int:
         pids = [int(x) for x in (home / "pids").read_text().split()]
     except FileNotFoundError:
         return 0
-    running = _end_sessions(pids)
+    running = end_sessions(pids)
     (home / "pids").unlink()
     return running

@@ -12,18 +12,14 @@ keep their objects in memory: they hold them while they run, until `--stop`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import shlex
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from migrator.demo.airflow_run import airflow_env, spec_for_airflow
-from migrator.demo.airflow_services import AirflowServices, stop_home
+from migrator.demo.airflow_services import AirflowServices, end_sessions, stop_home
 from migrator.demo.run import REGIONS, start, write_spec
 from migrator.embedded import LocalPostgres
 from migrator.errors import SpecError
@@ -119,12 +115,8 @@ def stop_ui(folder: Path) -> dict:
     airflow = stop_home(folder / "airflow")
     s3 = 0
     pids = folder / "s3.pids"
-    if pids.exists():
-        for pid in (int(x) for x in pids.read_text().split()):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-                s3 += 1
-        time.sleep(0.5)
+    if pids.exists():  # each endpoint was started in a session of its own
+        s3 = end_sessions([int(x) for x in pids.read_text().split()])
         pids.unlink()
     servers = 0
     for r in REGIONS:
