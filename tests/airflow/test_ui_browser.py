@@ -80,17 +80,30 @@ def _finished(api: RestClient, dag_id: str, run_id: str, timeout: float = 600) -
     return api.run_state(dag_id, run_id, {"success", "failed"}, timeout)["state"]
 
 
+def _goto(page, url: str) -> None:
+    """Open `url`; a navigation the app itself was still making (its redirect after the
+    login) aborts the first try, so it is tried again once that one has settled."""
+    try:
+        page.goto(url)
+    except sync_api.Error as exc:
+        if "ERR_ABORTED" not in str(exc):
+            raise
+        page.wait_for_load_state("networkidle")
+        page.goto(url)
+    page.wait_for_load_state("networkidle")
+
+
 def _login(page, info: dict) -> None:
     page.goto(info["url"])
     page.get_by_label("Username").fill(info["user"])
     page.get_by_label("Password").fill(info["password"])
     page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth" not in url, timeout=60000)  # the app's redirect after the login
     page.wait_for_load_state("networkidle")
 
 
 def _trigger_form(page, info: dict, dag_id: str):
-    page.goto(f"{info['url']}/dags/{dag_id}")
-    page.wait_for_load_state("networkidle")
+    _goto(page, f"{info['url']}/dags/{dag_id}")
     page.get_by_role("button", name=re.compile("^Trigger")).first.click()
     return page.get_by_role("dialog")
 
@@ -145,15 +158,13 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         _login(page, demo)
 
         # the project's DAGs, and only them, with their docs
-        page.goto(f"{demo['url']}/dags")
-        page.wait_for_load_state("networkidle")
+        _goto(page, f"{demo['url']}/dags")
         listed = page.inner_text("body")
         names = ["residency_migration", "residency_rollback", "residency_release", "residency_purge", "residency_audit"]
         assert all(n in listed for n in names) and "example_" not in listed
         assert re.search(r"\b5 Dags\b", listed), listed[:500]
         page.screenshot(path=str(OUT / "ui-dags.png"))
-        page.goto(f"{demo['url']}/dags/residency_migration")
-        page.wait_for_load_state("networkidle")
+        _goto(page, f"{demo['url']}/dags/residency_migration")
         page.get_by_role("button", name="Dag Docs").click()
         assert page.get_by_text("Scheduled residency runs", exact=False).first.is_visible()
         page.keyboard.press("Escape")
@@ -168,7 +179,7 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         form.get_by_role("button", name="Trigger").click()
         dry = _submitted_run(page, "residency_migration")
         assert _finished(api, "residency_migration", dry) == "success"
-        page.goto(f"{demo['url']}/dags/residency_migration/runs/{dry}/tasks/plan")
+        _goto(page, f"{demo['url']}/dags/residency_migration/runs/{dry}/tasks/plan")
         page.get_by_text("dry run: wave").first.wait_for(timeout=30000)
         log = page.inner_text("body")
         assert "ie-00" in log and "no-00" not in log, log[:2000]
@@ -188,8 +199,7 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         assert _finished(api, "residency_migration", real, timeout=900) == "failed"  # no-03 did not cut over
         tis = api.api("GET", f"/dags/residency_migration/dagRuns/{real}/taskInstances?limit=200")["task_instances"]
         cut = {t["rendered_map_index"] for t in tis if t["task_id"].endswith(".cutover") and t["state"] == "success"}
-        page.goto(f"{demo['url']}/dags/residency_migration/runs/{real}")
-        page.wait_for_load_state("networkidle")
+        _goto(page, f"{demo['url']}/dags/residency_migration/runs/{real}")
         page.get_by_role("button", name="Expand all task groups").click()
         page.wait_for_timeout(1500)
         page.screenshot(path=str(OUT / "ui-run.png"), full_page=True)
