@@ -28,7 +28,7 @@ import os
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task, task_group
 
-from migrator.airflow_approval import CutoverApproval, approve_param
+from migrator.airflow_approval import CutoverApproval, approve_param, rejection
 from migrator.airflow_glue import destination_regions, dry_run_param, regions_param, shards_param, spec_param
 
 # A cron with data intervals: each run covers [previous tick, this tick), so every user is
@@ -123,7 +123,11 @@ def residency_migration():
         from migrator import orchestration
 
         _name_instance(desc)
-        return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "cutover")
+        ctx = get_current_context()
+        rejected = rejection(ctx["ti"])
+        if rejected:  # its approval rolled it back (Airflow skips no downstream task inside a mapped group)
+            return {"shard_id": desc["shard_id"], "skipped": rejected}
+        return orchestration.phase(_spec(), ctx["run_id"], desc["shard_id"], "cutover")
 
     @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ONE_FAILED)
     @classified

@@ -56,34 +56,15 @@ class CutoverApproval(ApprovalOperator):
         if not (required_by_default() if asked is None else asked):
             self.log.info("shard %s: no approval asked for (approve_cutover is off): approved", desc["name"])
             return {"chosen_options": [self.APPROVE], "params_input": {}, "asked": False}
-        answered = self._earlier_answer(context)
-        if answered is not None:  # a retry of a task that was answered: the answer stands
-            self.log.info("shard %s: answered already (%s)", desc["name"], answered["chosen_options"][0])
-            return self.execute_complete(context, answered)
+        if context["ti"].try_number > 1:
+            # Airflow retried this task (e.g. the executor's report of the pause came after the
+            # answer resumed it). Its earlier try's answer is in that try's history, which a
+            # task cannot read, so the approver is asked again; nothing was cut over meanwhile.
+            self.log.warning("shard %s: try %s of its approval: asking again", desc["name"], context["ti"].try_number)
         self.subject = f"Cut over shard {desc['name']} to {desc['region']}?"
         self.body = orchestration.approval_summary(self._spec(context), desc["shard_id"])
         self.log.info("shard %s: waiting for an approval in Required Actions", desc["name"])
         return super().execute(context)
-
-    def _earlier_answer(self, context: Any) -> dict[str, Any] | None:
-        """The response an earlier try of this task instance received, if any. Airflow can
-        retry a task answered just as it paused (its executor's report of the pause arriving
-        after the resume); asking again would leave an answered shard waiting."""
-        ti = context["ti"]
-        if ti.try_number <= 1:
-            return None
-        from airflow.sdk.execution_time.hitl import get_hitl_detail_content_detail
-
-        prior = get_hitl_detail_content_detail(ti.id)
-        if not prior.response_received or not prior.chosen_options:
-            return None
-        user = prior.responded_by_user
-        return {
-            "chosen_options": prior.chosen_options,
-            "params_input": prior.params_input or {},
-            "responded_at": prior.responded_at,
-            "responded_by_user": user.model_dump() if user is not None else None,
-        }
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         from migrator import orchestration
@@ -96,6 +77,17 @@ class CutoverApproval(ApprovalOperator):
             self.log.info("shard %s: cutover rejected; rolling it back", desc["name"])
             orchestration.reject_cutover(self._spec(context), context["run_id"], desc["shard_id"], who, reason)
         return ret
+
+
+def rejection(ti: Any) -> str | None:
+    """Why the approval before this cutover task (same group, same map index) rejected it,
+    or None when it approved or asked nothing."""
+    group = ti.task_id.rpartition(".")[0]
+    answer = ti.xcom_pull(task_ids=f"{group}.approve" if group else "approve", map_indexes=ti.map_index)
+    if not isinstance(answer, dict) or (answer.get("chosen_options") or [None])[0] != CutoverApproval.REJECT:
+        return None
+    who = (answer.get("responded_by_user") or {}).get("name") or "an approver"
+    return f"cutover rejected by {who}; the shard was rolled back"
 
 
 def approve_param() -> Param:
