@@ -259,3 +259,83 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
                 region,
                 table,
             )
+
+
+def _runbook_sections() -> list[tuple[str, list[str]]]:
+    """Every command of RUNBOOK.md, by section, as the runbook prints it."""
+    sections: list[tuple[str, list[str]]] = []
+    title, inside = "", False
+    for line in (ROOT / "RUNBOOK.md").read_text().splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("```"):
+            inside = not inside
+            if inside:
+                sections.append((title, []))
+        elif inside and line.split("#")[0].strip():
+            sections[-1][1].append(line.split("  #")[0].strip())
+    return sections
+
+
+def test_every_runbook_command_runs_against_the_demo(demo, tmp_path):
+    """Each command block of RUNBOOK.md, run as an operator would paste it (a shell with the
+    demo's env file sourced, $SPEC and WAVE filled in) against the demo's servers, after the
+    UI test left them, on its shard ie-03: each ends as the runbook says, and the stores
+    (read with SQL written here) show what the command did."""
+    env, ctl = demo["env"], demo["env"]["MIGRATOR_CONTROL_DSN"]
+    # the demo's spec with the retention at 0, so that the purge block can purge
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(Path(env["MIGRATOR_DEMO_SPEC"]).read_text().replace("  after: 7d\n", "  after: 0s\n"))
+    venv_bin = str(Path(sys.executable).parent)
+
+    def shell(cmd: str) -> subprocess.CompletedProcess:
+        script = f"source {demo['env_file']} && export PATH={venv_bin}:$PATH SPEC={spec} && cd {tmp_path} && {cmd}"
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600)
+
+    def state() -> str:
+        return _sql(ctl, "SELECT state FROM migrator.shard WHERE name = 'ie-03' AND wave = %s", (wave,))[0][0]
+
+    def homes() -> set[str]:
+        q = "SELECT DISTINCT d.home FROM migrator.directory d JOIN migrator.shard_user su ON su.user_key = d.user_key "
+        return {h for (h,) in _sql(ctl, q + "WHERE su.shard_id = %s", (f"{wave}/ie-03",))}
+
+    waves = []
+    if _sql(ctl, "SELECT to_regclass('migrator.shard')")[0][0]:
+        waves = _sql(ctl, "SELECT wave FROM migrator.shard WHERE name = 'ie-03' AND state = 'cut_over'")
+    if not waves:  # on its own, without the UI test before it: a wave of its own
+        assert shell("migrator run --config $SPEC --wave runbook").returncode == 0
+        waves = [("runbook",)]
+    wave = waves[0][0]
+    # what a command may end with, where the runbook's section assumes an earlier state
+    # than the shard is in here: refused, naming the state and the next step
+    refused = {"migrator retry --config $SPEC --wave WAVE --shard ie-03": "is cut_over, so it cannot retry; next:"}
+    ran = 0
+    for title, commands in _runbook_sections():
+        if title.startswith("Purging"):  # the shard moved again after the hold's `retry`
+            assert shell(f"migrator run --config $SPEC --wave {wave} --shard ie-03").returncode == 0
+            assert state() == "cut_over"
+        for cmd in commands:
+            res = shell(cmd.replace("WAVE", wave))
+            ran += 1
+            out = " ".join((res.stdout + res.stderr).split())  # as read, whatever the terminal wrapped
+            assert "Traceback" not in out, (cmd, out[-2000:])
+            why = next((v for k, v in refused.items() if cmd.startswith(k)), None)
+            if why:
+                assert res.returncode == 1 and why in out, (cmd, out[-2000:])
+                continue
+            assert res.returncode == 0, (cmd, out[-2000:])
+            if cmd.endswith("--dry-run"):
+                assert ("dry run" in out or '"dry_run": true' in out) and state() == "cut_over", out[-2000:]
+            if "status" in cmd and "--json" in cmd:
+                assert json.loads(res.stdout)["shards"][0]["state"] == "cut_over"
+            if cmd.startswith("migrator rollback") and "--dry-run" not in cmd:
+                assert state() == "rolled_back" and homes() == {"us"}
+            if cmd.startswith("migrator release"):
+                assert state() == "rolled_back"
+            if cmd.startswith("migrator retry --config $SPEC --shard"):
+                assert state() == "planned"
+            if cmd.startswith("migrator purge") and "--dry-run" not in cmd:
+                assert state() == "purged" and homes() == {"ie"}
+            if cmd.startswith("migrator audit"):
+                assert (tmp_path / "audit.html").stat().st_size > 0 and any((tmp_path / "records").iterdir())
+    assert ran == sum(len(c) for _, c in _runbook_sections()) >= 15
