@@ -175,8 +175,10 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
 
         # the project's DAGs, and only them, with their docs
         _goto(page, f"{demo['url']}/dags")
-        listed = page.inner_text("body")
         names = ["residency_migration", "residency_rollback", "residency_release", "residency_purge", "residency_audit"]
+        for n in names:  # the list renders after the page has loaded
+            page.get_by_text(n, exact=True).first.wait_for(timeout=60000)
+        listed = page.inner_text("body")
         assert all(n in listed for n in names) and "example_" not in listed
         assert re.search(r"\b5 Dags\b", listed), listed[:500]
         page.screenshot(path=str(OUT / "ui-dags.png"))
