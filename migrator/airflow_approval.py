@@ -72,7 +72,7 @@ class CutoverApproval(ApprovalOperator):
         desc = self._shard(context)
         ret = super().execute_complete(context=context, event=event)
         if ret["chosen_options"][0] == self.REJECT:
-            who = (ret.get("responded_by_user") or {}).get("name") or "an approver"
+            who = _approver(ret)
             reason = str((ret.get("params_input") or {}).get("reason") or "")
             self.log.info("shard %s: cutover rejected; rolling it back", desc["name"])
             orchestration.reject_cutover(self._spec(context), context["run_id"], desc["shard_id"], who, reason)
@@ -86,8 +86,11 @@ def rejection(ti: Any) -> str | None:
     answer = ti.xcom_pull(task_ids=f"{group}.approve" if group else "approve", map_indexes=ti.map_index)
     if not isinstance(answer, dict) or (answer.get("chosen_options") or [None])[0] != CutoverApproval.REJECT:
         return None
-    who = (answer.get("responded_by_user") or {}).get("name") or "an approver"
-    return f"cutover rejected by {who}; the shard was rolled back"
+    return f"cutover rejected by {_approver(answer)}; the shard was rolled back"
+
+
+def _approver(answer: dict[str, Any]) -> str:
+    return (answer.get("responded_by_user") or {}).get("name") or "an approver"
 
 
 def approve_param() -> Param:
