@@ -30,6 +30,9 @@ class Context:
         for region, store in self.spec.regions.items():
             name_store(store.url, f"region {region}")
         name_store(self.spec.control.url, "control database")
+        standby = self.spec.copy_.throttle.standby
+        if standby is not None:
+            name_store(standby.url, f"the standby of region {self.spec.source_region}")
         self.control = Control(self.spec.control.url, self.run_id, outage_s=self.spec.retry.outage_s)
 
     def dsn(self, region: str) -> str:
@@ -75,7 +78,10 @@ class Context:
         """Spec problems against the databases (a missing table or column, an undeclared
         foreign key, a destination that differs), found before anything is written; a
         destination that cannot be reached now is left to the phase (a transient failure)."""
+        from migrator.throttle import check_standby  # the throttle's module needs this one
+
         _ = self.tables  # reads and checks the source's tables
+        check_standby(self)
         for r in sorted(regions):
             try:
                 self.check_destination(r)

@@ -129,6 +129,22 @@ class LocalPostgres:
             raise RuntimeError(f"PostgreSQL server {self.name} did not start: {res.stderr.strip()} {tail}")
         return self
 
+    def standby(self, name: str) -> LocalPostgres:
+        """A streaming standby of this (running) server, started beside it: a base backup
+        taken over the replication protocol, with the settings to follow this server."""
+        replica = LocalPostgres(name, self.dir.parent, settings=self.settings)
+        replica.dir.mkdir(parents=True, exist_ok=True)
+        if self.user:
+            _make_reachable(replica.dir)
+            os.chown(replica.dir, self.user.pw_uid, self.user.pw_gid)
+        self._run(
+            "pg_basebackup",
+            *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"),
+            *("-D", str(replica.data), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
+            timeout=300,
+        )
+        return replica.start()
+
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
 

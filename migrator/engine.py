@@ -19,6 +19,7 @@ from migrator.control import Shard
 from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, StateConflict, describe
 from migrator.planner import Plan, plan
 from migrator.state import MOVED, Phase
+from migrator.throttle import check_standby
 
 log = logging.getLogger("migrator.engine")
 
@@ -109,6 +110,7 @@ def run(
     progress: Progress | None = None,
     strict: bool = False,
 ) -> tuple[Plan, list[Outcome]]:
+    check_standby(ctx)
     p = plan(ctx, wave, since=since, until=until, regions=[region] if region else None, strict=strict)
     shards = select(ctx, wave, names, region)
 

@@ -236,7 +236,19 @@ class Throttle(_Strict):
         None, ge=0, description="backends waiting for a lock at the source above which the copy waits"
     )
     max_rows_per_s: int | None = Field(None, ge=1, description="rows per second one shard's copy may move at most")
+    standby: Store | None = Field(
+        None, description="a streaming standby of the source whose replay lag the copy watches (max_replay_lag_s)"
+    )
+    max_replay_lag_s: float | None = Field(
+        None, gt=0, description="seconds the standby's replay may lag behind the source before the copy waits"
+    )
     check_every_s: float = Field(1.0, gt=0, le=60, description="how often a waiting copy looks again")
+
+    @model_validator(mode="after")
+    def _standby_and_lag(self) -> Throttle:
+        if (self.standby is None) != (self.max_replay_lag_s is None):
+            raise ValueError("standby and max_replay_lag_s go together: give both or neither")
+        return self
 
 
 class CopySettings(_Strict):

@@ -1,6 +1,7 @@
 """The copy's throttle: before each batch, wait while the source is busier than the spec's
-`copy.throttle` allows (other backends running a query, backends waiting for a lock), and
-keep a shard's copy under a rows-per-second ceiling. Each pause is logged and recorded in
+`copy.throttle` allows (other backends running a query, backends waiting for a lock, a
+streaming standby's replay lagging behind), and keep a shard's copy under a
+rows-per-second ceiling. Each pause is logged and recorded in
 the shard's audit trail (`copy throttled`, with the reason and how long), so the task log
 and `migrator status --json` show it.
 """
@@ -12,8 +13,8 @@ import threading
 import time
 
 from migrator.context import Context
-from migrator.errors import retrying
-from migrator.stores.postgres import connect
+from migrator.errors import SpecError, describe, is_transient, retrying
+from migrator.stores.postgres import connect, where
 
 log = logging.getLogger("migrator.throttle")
 
@@ -23,6 +24,36 @@ SELECT count(*) FILTER (WHERE state = 'active' AND backend_type = 'client backen
        count(*) FILTER (WHERE wait_event_type = 'Lock')
 FROM pg_stat_activity WHERE datname = current_database()
 """
+
+# Seconds the standby's replay is behind what it has received: 0 when it has replayed all
+# of it (an idle source), else the age of the last transaction it replayed; NULL when the
+# server is not in recovery.
+_REPLAY_LAG = """
+SELECT CASE WHEN NOT pg_is_in_recovery() THEN NULL
+            WHEN pg_last_wal_receive_lsn() IS NULL OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0
+            ELSE extract(epoch FROM clock_timestamp()
+                                    - coalesce(pg_last_xact_replay_timestamp(), pg_postmaster_start_time()))
+       END
+"""
+
+
+def check_standby(ctx: Context) -> None:
+    """A configured standby that answers must be one (in recovery): a spec problem, found
+    before anything is written; one that does not answer now is left to the copy, which
+    waits for it."""
+    t = ctx.spec.copy_.throttle
+    if t.standby is None:
+        return
+    try:
+        with connect(t.standby.url, autocommit=True) as c:
+            (standby,) = c.execute("SELECT pg_is_in_recovery()").fetchone()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("%s not checked now: %s", where(t.standby.url), describe(exc))
+        return
+    if not standby:
+        raise SpecError(f"copy.throttle.standby: {where(t.standby.url)} is not in recovery, so it is not a standby")
 
 
 class Throttle:
@@ -38,28 +69,51 @@ class Throttle:
     @property
     def enabled(self) -> bool:
         t = self.limits
-        return t.max_active is not None or t.max_lock_waits is not None or t.max_rows_per_s is not None
+        return any(x is not None for x in (t.max_active, t.max_lock_waits, t.max_rows_per_s, t.max_replay_lag_s))
 
-    def _busy(self) -> str | None:
+    def _busy(self) -> tuple[str, str] | None:
+        """(what is busy, why in words) while the source is busier than the limits, else None."""
         t = self.limits
-        if t.max_active is None and t.max_lock_waits is None:
-            return None
-        for attempt in retrying(self.ctx.spec.retry):
-            with attempt, connect(self.ctx.source_dsn, autocommit=True) as c:
-                active, waiting = c.execute(_LOAD).fetchone()
-        if t.max_active is not None and active > t.max_active:
-            return f"{active} other queries running at the source (max_active {t.max_active})"
-        if t.max_lock_waits is not None and waiting > t.max_lock_waits:
-            return f"{waiting} backends waiting for a lock at the source (max_lock_waits {t.max_lock_waits})"
+        if t.max_active is not None or t.max_lock_waits is not None:
+            for attempt in retrying(self.ctx.spec.retry):
+                with attempt, connect(self.ctx.source_dsn, autocommit=True) as c:
+                    active, waiting = c.execute(_LOAD).fetchone()
+            if t.max_active is not None and active > t.max_active:
+                return "active", f"{active} other queries running at the source (max_active {t.max_active})"
+            if t.max_lock_waits is not None and waiting > t.max_lock_waits:
+                why = f"{waiting} backends waiting for a lock at the source (max_lock_waits {t.max_lock_waits})"
+                return "locks", why
+        if t.standby is not None and t.max_replay_lag_s is not None:
+            lagging = self._lagging(t.standby.url, t.max_replay_lag_s)
+            return ("standby", lagging) if lagging else None
+        return None
+
+    def _lagging(self, dsn: str, limit: float) -> str | None:
+        """Why the standby holds the copy back, or None. A standby that does not answer
+        holds it back too (its lag cannot be seen), until it answers again; one that is not
+        a standby at all is a spec problem."""
+        try:
+            with connect(dsn, autocommit=True) as c:
+                lag = c.execute(_REPLAY_LAG).fetchone()[0]
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            return f"{describe(exc)}: the standby's replay lag is unknown"
+        if lag is None:
+            raise SpecError(f"copy.throttle.standby: {where(dsn)} is not in recovery, so it is not a standby")
+        if lag > limit:
+            return f"{where(dsn)} replays {lag:.1f} s behind the source (max_replay_lag_s {limit:g})"
         return None
 
     def before_batch(self) -> None:
         """Wait while the source is busy, or while the shard is ahead of its rate ceiling."""
         if not self.enabled:
             return
-        waited, reasons = 0.0, []
-        while (why := self._busy()) is not None:
-            if why not in reasons:
+        waited, reasons, seen = 0.0, [], set()
+        while (busy := self._busy()) is not None:
+            what, why = busy
+            if what not in seen:  # each cause once per pause, in its first words
+                seen.add(what)
                 reasons.append(why)
                 log.info("shard %s: copy paused: %s", self.sid, why)
             time.sleep(self.limits.check_every_s)

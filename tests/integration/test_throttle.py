@@ -10,6 +10,8 @@ import time
 import psycopg
 import pytest
 
+from migrator.demo import seed
+from migrator.embedded import LocalPostgres
 from tests.conftest import DEMO_OWNED, World
 
 pytestmark = pytest.mark.integration
@@ -68,3 +70,85 @@ def test_bad_throttle_settings_are_refused(world: World):
     world.write_spec(copy={"throttle": {"max_rows_per_s": 0}})
     res = world.migrator("plan")
     assert res.returncode == 2 and "max_rows_per_s" in res.stderr
+
+
+def _own_source_with_standby(world: World, tmp_path):
+    """A source server of the test's own (the shared one must not be paused) with the
+    demo's 400 users, and a streaming standby of it."""
+    primary = LocalPostgres("primary", tmp_path).init().start()
+    src = primary.create_database("app")
+    with psycopg.connect(src) as c:
+        c.execute(seed.schema_sql())
+    seed.seed(src, 400)
+    return primary, src, primary.standby("standby")
+
+
+def _lag(dsn: str) -> float:
+    """The standby's replay lag in seconds, as this test reads it (0 when it is caught up)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute(
+            "SELECT extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) "
+            "WHERE pg_last_wal_receive_lsn() > pg_last_wal_replay_lsn()"
+        ).fetchone()
+    return float(row[0]) if row and row[0] is not None else 0.0
+
+
+def test_the_copy_waits_while_a_standby_replays_behind(world: World, tmp_path):
+    primary, src, standby = _own_source_with_standby(world, tmp_path)
+    try:
+        world.write_spec(
+            regions=dict(world.spec["regions"], us={"dsn": src}),
+            copy={
+                "batch_users": 50,
+                "throttle": {"standby": {"dsn": standby.dsn("app")}, "max_replay_lag_s": 1, "check_every_s": 0.2},
+            },
+        )
+        assert world.migrator("plan", "--region", "ie").returncode == 0
+        with psycopg.connect(standby.dsn("app"), autocommit=True) as c:
+            c.execute("SELECT pg_wal_replay_pause()")
+        with psycopg.connect(src, autocommit=True) as c:  # the application writes on
+            c.execute("UPDATE users SET display_name = display_name WHERE user_id = (SELECT min(user_id) FROM users)")
+        deadline = time.monotonic() + 30
+        while _lag(standby.dsn("app")) <= 1.5:
+            assert time.monotonic() < deadline, "the paused standby did not fall behind"
+            time.sleep(0.2)
+
+        def resume():
+            with psycopg.connect(standby.dsn("app"), autocommit=True) as c:
+                c.execute("SELECT pg_wal_replay_resume()")
+
+        timer = threading.Timer(3.0, resume)
+        timer.start()
+        t0 = time.monotonic()
+        res = world.migrator("copy", "--region", "ie")
+        timer.join()
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert time.monotonic() - t0 >= 3.0  # nothing finished before the standby caught up
+        paused = _throttled(world)
+        reasons = [r for d in paused for r in d["reasons"]]
+        assert any("the standby of region us" in r and "behind the source (max_replay_lag_s 1)" in r for r in reasons)
+        assert sum(d["waited_s"] for d in paused) >= 2
+        assert all(len(d["reasons"]) == 1 for d in paused)  # one cause, named once per pause
+        assert world.migrator("run", "--region", "ie").returncode == 0
+        ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie'")]
+        assert ids
+        with psycopg.connect(src) as s, psycopg.connect(world.dsn["ie"]) as d:
+            for table, q in DEMO_OWNED.items():
+                assert s.execute(q, (ids,)).fetchall() == d.execute(q, (ids,)).fetchall(), table
+
+        # a standby that is not one (the source itself) is a spec problem, named, exit 2
+        world.write_spec(
+            copy={"batch_users": 50, "throttle": {"standby": {"dsn": src}, "max_replay_lag_s": 1}},
+        )
+        res = world.migrator("run", "--region", "no")
+        assert res.returncode == 2 and "is not in recovery, so it is not a standby" in res.stderr, res.stderr[-2000:]
+        assert "postgres@" not in res.stderr
+    finally:
+        standby.stop("immediate")
+        primary.stop("immediate")
+
+
+def test_a_standby_without_its_lag_setting_is_refused(world: World):
+    world.write_spec(copy={"throttle": {"standby": {"dsn": world.dsn["us"]}}})
+    res = world.migrator("plan")
+    assert res.returncode == 2 and "standby and max_replay_lag_s go together" in res.stderr
