@@ -254,13 +254,27 @@ def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: li
             "SELECT sum(r.n::bigint) FROM migrator.audit a, jsonb_each_text(a.detail->'rows') AS r(t, n) "
             "WHERE a.detail->>'event' = 'copied'"
         ).fetchone()
-    return {"elapsed": elapsed, "acked": acked, "errors": w.errors, "closed": closed, "rows": int(rows or 0)}
+        # the seconds the shards spent copying (from entering `copying` to `copied`), summed
+        (copying,) = c.execute(
+            "SELECT sum(extract(epoch FROM d.at - s.at)) FROM migrator.audit d JOIN LATERAL ("
+            "  SELECT max(a.at) AS at FROM migrator.audit a WHERE a.shard_id = d.shard_id AND a.to_state = 'copying'"
+            "  AND a.from_state IS DISTINCT FROM 'copying' AND a.at <= d.at) s ON true "
+            "WHERE d.detail->>'event' = 'copied'"
+        ).fetchone()
+    return {
+        "elapsed": elapsed,
+        "acked": acked,
+        "errors": w.errors,
+        "closed": closed,
+        "rows": int(rows or 0),
+        "copying_s": float(copying or 0),
+    }
 
 
 def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float = 5.0) -> dict:
     """A writer as fast as it goes: alone, then while every shard moves with the fence, and
-    once more with the copy's throttle holding each shard to a third of the rate the first
-    migration averaged."""
+    once more with the copy's throttle holding each shard to a third of the rate its copy
+    reached the first time (copying_s: the seconds the shards spent copying, summed)."""
     from migrator.demo.workload import Writer
 
     truncate(dst)
@@ -273,10 +287,11 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     w = Writer(dsn, control, users, threads=2, rate_hz=1e6).start()
     time.sleep(seconds)
     alone = w.stop().ops / seconds
-    wspec = dict(spec, sharding={"shards_per_region": 8})
+    # batches small enough for the throttle to act between them (it waits before a batch)
+    wspec = dict(spec, sharding={"shards_per_region": 8}, copy={**spec.get("copy", {}), "batch_users": 1000})
     free = _migrate_with_writer(src, dst, control, wspec, users, 2 * 10**9)
-    # shards move one after another: each held to a third of the rate the migration averaged
-    ceiling = max(1, int(free["rows"] / free["elapsed"] / 3))
+    # each shard held to a third of the rate its copy reached without the throttle
+    ceiling = max(1, int(free["rows"] / max(free["copying_s"], 1e-3) / 3))
     tspec = dict(wspec, copy={**wspec.get("copy", {}), "throttle": {"max_rows_per_s": ceiling}})
     held = _migrate_with_writer(src, dst, control, tspec, users, 3 * 10**9)
     closed = free["closed"]
@@ -301,6 +316,8 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
         "writer_during_vs_alone_throttled": round(during_held / alone, 3),
         "migration_s": round(free["elapsed"], 2),
         "migration_throttled_s": round(held["elapsed"], 2),
+        "copying_s": round(free["copying_s"], 2),
+        "copying_throttled_s": round(held["copying_s"], 2),
         "fenced_retries": free["acked"].fenced,
         "lost_writes": 0,
         "writer_errors": (free["errors"] + held["errors"])[:3],
