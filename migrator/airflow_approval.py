@@ -30,7 +30,9 @@ class CutoverApproval(ApprovalOperator):
         kwargs.pop("params", None)  # the DAG's own: the run's, not questions for the approver
         super().__init__(
             subject="Cut over a shard?",
-            params={"reason": Param("", type="string", description="why (recorded when you reject)")},
+            # optional (null allowed): a required field would keep the UI's Approve button
+            # disabled until the approver typed a reason that only a rejection records
+            params={"reason": Param(None, type=["null", "string"], description="why (recorded when you reject)")},
             map_index_template="{{ shard_name }}",
             **kwargs,
         )

@@ -1,11 +1,13 @@
 """The operator's way in, in a real browser: `migrator demo --ui` leaves the stores and
 Airflow running; Debian's chromium (driven by Playwright) logs in, finds the project's
 DAGs and their docs, submits a dry run for Ireland from the trigger form and reads the
-plan in the plan task's log, runs the migration for real with an approval before each
-cutover (answered through the REST API: all approved but one, rejected with a reason,
-which rolls that shard back), and rolls another shard back through a form that refuses
-an empty reason. What moved is checked in the stores with SQL written
-here. Screenshots go to tests/output/ui-*.png."""
+plan in the plan task's log, starts a three-day backfill from the trigger dialog (its
+runs move each day's sign-ups), runs the migration for real with an approval before each
+cutover (all approved but one, rejected with a reason, which rolls that shard back; one
+approved and the rejected one answered by clicking in the approval's Required Actions
+tab, the others through the REST API), and rolls another shard back through a form that
+refuses an empty reason. What moved is checked in the stores with SQL written here.
+Screenshots go to tests/output/ui-*.png."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
 from migrator.demo.airflow_services import RestClient
 from tests.conftest import DEMO_OWNED, ROOT
@@ -105,7 +109,7 @@ def _login(page, info: dict) -> None:
 def _trigger_form(page, info: dict, dag_id: str):
     _goto(page, f"{info['url']}/dags/{dag_id}")
     page.get_by_role("button", name=re.compile("^Trigger")).first.click()
-    return page.get_by_role("dialog")
+    return page.locator("[role=dialog][data-scope=dialog]")  # not the date pickers' popovers
 
 
 def _choose(page, combobox, value: str) -> None:
@@ -119,6 +123,27 @@ def _submitted_run(page, dag_id: str) -> str:
     return urllib.request.unquote(page.url.rsplit("/runs/", 1)[1].split("/")[0])
 
 
+def _backfill_runs(api: RestClient, timeout: float = 600) -> list[dict]:
+    """The backfill's three runs, once all have ended: each succeeded, one per day."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = api.api("GET", "/dags/residency_migration/dagRuns?limit=100")["dag_runs"]
+        bf = [r for r in runs if r["run_type"] == "backfill"]
+        if len(bf) == 3 and all(r["state"] in ("success", "failed") for r in bf):
+            break
+        assert time.monotonic() < deadline, [(r["dag_run_id"], r["state"]) for r in bf]
+        time.sleep(3)
+    assert all(r["state"] == "success" for r in bf), [(r["dag_run_id"], r["state"]) for r in bf]
+    days = sorted(r["data_interval_start"][:10] for r in bf)
+    assert days == ["2026-11-21", "2026-11-22", "2026-11-23"], days
+    return [{"start": r["data_interval_start"], "end": r["data_interval_end"]} for r in bf]
+
+
+def _wave(run: str) -> str:
+    """The wave a manual run of every user plans (the DAG's naming, as its docs give it)."""
+    return "all-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run)[:80]
+
+
 def _sql(dsn: str, q: str, args=()) -> list[tuple]:
     with psycopg.connect(dsn) as c:
         return c.execute(q, args).fetchall()
@@ -130,21 +155,49 @@ def _approvals(api: RestClient, run: str) -> tuple[list[dict], list[dict]]:
     return planned, [t for t in planned if t["state"] == "awaiting_input"]
 
 
-def _answer(api: RestClient, run: str, t: dict, reject: str, reason: str) -> str:
+def _answer_in_ui(page, url: str, run: str, t: dict, reason: str | None) -> None:
+    """As an approver in the browser: the approval task's Required Actions tab, its
+    summary read, then Approve, or the reason typed and Reject."""
+    _goto(page, f"{url}/dags/residency_migration/runs/{run}/tasks/{t['task_id']}/mapped/{t['map_index']}")
+    try:
+        page.get_by_role("link", name=re.compile("^Required Action")).click()  # "(1)", "s (2)"
+    except sync_api.Error:
+        page.screenshot(path=str(OUT / "ui-approval-failed.png"), full_page=True)
+        (OUT / "ui-approval-failed.txt").write_text(page.url + "\n" + page.inner_text("body"))
+        raise
+    page.get_by_text("Last verify: matched").first.wait_for(timeout=30000)
+    assert page.get_by_text("rows (source = destination)").first.is_visible()
+    if reason is None:
+        page.get_by_role("button", name="Approve", exact=True).click()  # no reason needed to approve
+    else:
+        page.get_by_role("group").filter(has_text=re.compile(r"^reason")).get_by_role("textbox").fill(reason)
+        page.screenshot(path=str(OUT / "ui-reject.png"), full_page=True)
+        page.get_by_role("button", name="Reject", exact=True).click()
+    page.get_by_text("response successful").first.wait_for(timeout=30000)
+
+
+def _answer(api: RestClient, run: str, t: dict, reject: str, reason: str, ui=None) -> str:
     path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/{t['task_id']}/{t['map_index']}/hitlDetails"
     d = api.api("GET", path)
     name = re.match(r"Cut over shard ([a-z]+-\d+) to [a-z]+\?$", d["subject"]).group(1)
     assert "Last verify: matched" in d["body"] and "| users |" in d["body"], d["body"]
     assert set(d["params"]) == {"reason"}  # the approver is asked for a reason only
+    if ui is not None and name in ui["shards"]:
+        _answer_in_ui(ui["page"], ui["url"], run, t, reason if name == reject else None)
+        d = api.api("GET", path)
+        assert d["response_received"] and d["chosen_options"] == ["Reject" if name == reject else "Approve"], d
+        ui["answered"].add(name)
+        return name
     answer = {"chosen_options": ["Reject"], "params_input": {"reason": reason}} if name == reject else None
     api.api("PATCH", path, answer or {"chosen_options": ["Approve"], "params_input": {}})
     return name
 
 
-def _answer_approvals(api: RestClient, ctl: str, run: str, reject: str, reason: str) -> set[str]:
-    """As an approver's tool would, through the REST API: wait for every shard's approval
-    request, check what it shows, approve all but the shard `reject`, reject that one; and
-    answer again whatever asks again (a try Airflow retried) until the run ends."""
+def _answer_approvals(api: RestClient, ctl: str, run: str, reject: str, reason: str, ui=None) -> set[str]:
+    """As an approver would: wait for every shard's approval request, check what it shows,
+    approve all but the shard `reject`, reject that one; and answer again whatever asks
+    again (a try Airflow retried) until the run ends. The shards in `ui["shards"]` are
+    answered in the browser, the others through the REST API, as an approver's tool would."""
     deadline = time.monotonic() + 600
     while True:
         planned, waiting = _approvals(api, run)
@@ -152,9 +205,12 @@ def _answer_approvals(api: RestClient, ctl: str, run: str, reject: str, reason: 
             break
         assert time.monotonic() < deadline, [(t["task_id"], t["map_index"], t["state"]) for t in planned]
         time.sleep(2)
-    # nothing is cut over before its approval
-    assert {s for (s,) in _sql(ctl, "SELECT DISTINCT state FROM migrator.shard")} <= {"verified", "planned"}
-    answered = {(t["task_id"], t["map_index"], t["try_number"]): _answer(api, run, t, reject, reason) for t in waiting}
+    # nothing of this run is cut over before its approval
+    states = _sql(ctl, "SELECT DISTINCT state FROM migrator.shard WHERE wave = %s", (_wave(run),))
+    assert {s for (s,) in states} <= {"verified", "planned"}
+    answered = {
+        (t["task_id"], t["map_index"], t["try_number"]): _answer(api, run, t, reject, reason, ui) for t in waiting
+    }
     while api.api("GET", f"/dags/residency_migration/dagRuns/{run}")["state"] not in ("success", "failed"):
         assert time.monotonic() < deadline + 900, "the run did not end"
         for t in _approvals(api, run)[1]:
@@ -206,14 +262,32 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         if _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT to_regclass('migrator.shard')")[0][0]:
             assert _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT count(*) FROM migrator.shard") == [(0,)]
 
-        # the real run, every region, each cutover waiting for an approval: one is rejected
+        # a three-day backfill from the trigger dialog: each run moves its day's sign-ups
+        form = _trigger_form(page, demo, "residency_migration")
+        form.get_by_text("Backfill", exact=True).first.click()
+        for i, day in enumerate(["2026/11/21", "2026/11/23"]):  # From, To
+            form.get_by_test_id("datetime-input").nth(i).click()
+            picker = page.locator("[data-scope=popover][data-part=content]:visible").last
+            picker.get_by_placeholder("YYYY/MM/DD").fill(day)
+            picker.get_by_placeholder("HH:mm").fill("00:00")
+            page.keyboard.press("Escape")  # closes the picker, not the dialog
+        form.get_by_text("3 runs will be triggered.").wait_for(timeout=30000)
+        form.screenshot(path=str(OUT / "ui-backfill-form.png"))
+        form.get_by_role("button", name="Run Backfill").click()
+        page.get_by_text("Backfill generated").first.wait_for(timeout=30000)
+        backfilled = _backfill_runs(api)
+
+        # the real run, every region, each cutover waiting for an approval: one is rejected;
+        # ie-01 is approved and no-03 rejected in the browser, the others through the API
         form = _trigger_form(page, demo, "residency_migration")
         _choose(page, form.get_by_role("combobox", name="scope"), "all")
         form.locator("label:has(input[name=element_approve_cutover])").click()
         form.get_by_role("button", name="Trigger").click()
         real = _submitted_run(page, "residency_migration")
-        asked = _answer_approvals(api, env["MIGRATOR_CONTROL_DSN"], real, "no-03", "ticket 7: not this week")
+        ui = {"page": page, "url": demo["url"], "shards": {"ie-01", "no-03"}, "answered": set()}
+        asked = _answer_approvals(api, env["MIGRATOR_CONTROL_DSN"], real, "no-03", "ticket 7: not this week", ui)
         assert len(asked) == 8 and "no-03" in asked
+        assert ui["answered"] == {"ie-01", "no-03"}
         assert _finished(api, "residency_migration", real, timeout=900) == "failed"  # no-03 did not cut over
         tis = api.api("GET", f"/dags/residency_migration/dagRuns/{real}/taskInstances?limit=200")["task_instances"]
         cut = {t["rendered_map_index"] for t in tis if t["task_id"].endswith(".cutover") and t["state"] == "success"}
@@ -225,6 +299,8 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         # a rollback needs a reason: the form will not submit without one
         form = _trigger_form(page, demo, "residency_rollback")
         form.get_by_role("textbox", name="Enter each string on a new line").fill("ie-00")
+        # the backfill's waves have an ie-00 too: the wave says which
+        form.get_by_role("group").filter(has_text=re.compile(r"^wave")).get_by_role("textbox").fill(_wave(real))
         assert form.get_by_role("button", name="Trigger").is_disabled()
         assert "This field is required" in form.inner_text()
         form.screenshot(path=str(OUT / "ui-rollback-form.png"))
@@ -240,7 +316,7 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
     # what the stores say, independently of the UI (the run's own wave: the approval test's
     # Norwegian shards came before)
     ctl = env["MIGRATOR_CONTROL_DSN"]
-    wave = "all-" + re.sub(r"[^A-Za-z0-9_.-]", "_", real)[:80]
+    wave = _wave(real)
     states = dict(_sql(ctl, "SELECT name, state FROM migrator.shard WHERE wave = %s", (wave,)))
     assert states.pop("ie-00") == "rolled_back" and states.pop("no-03") == "rolled_back"
     assert set(states.values()) == {"cut_over"} and len(states) == 6, states
@@ -253,6 +329,20 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         "WHERE detail->>'event' = 'rolled back' AND detail->>'reason' LIKE 'ticket 42%%'",
     )
     assert reason == [(1,)]
+    # each backfilled day's EU sign-ups were moved by that day's run (before the real run)
+    policy = yaml.safe_load(Path(demo["spec"]).read_text())["policy"]
+    users = _sql(env["MIGRATOR_US_DSN"], "SELECT user_id, country_code, created_at FROM users")
+    for r in backfilled:
+        start, end = (datetime.fromisoformat(r[k].replace("Z", "+00:00")) for k in ("start", "end"))
+        day = {u: policy[cc] for u, cc, at in users if start <= at < end and policy.get(cc) in ("ie", "no")}
+        assert day, (start, end)
+        moved = _sql(
+            ctl,
+            "SELECT d.user_key, d.home FROM migrator.directory d JOIN migrator.shard_user u USING (user_key) "
+            "JOIN migrator.shard s ON s.shard_id = u.shard_id WHERE s.wave LIKE %s",
+            (f"interval-{start:%Y%m%dT%H%M}-%",),
+        )
+        assert {int(k): h for k, h in moved} == day, r
     for region in ("ie", "no"):
         ids = [int(k) for (k,) in _sql(ctl, "SELECT user_key FROM migrator.directory WHERE home = %s", (region,))]
         assert ids
@@ -303,14 +393,14 @@ def test_every_runbook_command_runs_against_the_demo(demo, tmp_path):
 
     waves = []
     if _sql(ctl, "SELECT to_regclass('migrator.shard')")[0][0]:
-        waves = _sql(ctl, "SELECT wave FROM migrator.shard WHERE name = 'ie-03' AND state = 'cut_over'")
+        waves = _sql(ctl, "SELECT wave FROM migrator.shard WHERE name = 'ie-03' AND state = 'cut_over' ORDER BY wave")
     if not waves:  # on its own, without the UI test before it: a wave of its own
         assert shell("migrator run --config $SPEC --wave runbook").returncode == 0
         waves = [("runbook",)]
     wave = waves[0][0]
     # what a command may end with, where the runbook's section assumes an earlier state
     # than the shard is in here: refused, naming the state and the next step
-    refused = {"migrator retry --config $SPEC --wave WAVE --shard ie-03": "is cut_over, so it cannot retry; next:"}
+    refused = {'--shard ie-03 --reason "INC-123': "is cut_over, so it cannot retry; next:"}
     ran = 0
     for title, commands in _runbook_sections():
         if title.startswith("Purging"):  # the shard moved again after the hold's `retry`
@@ -321,7 +411,7 @@ def test_every_runbook_command_runs_against_the_demo(demo, tmp_path):
             ran += 1
             out = " ".join((res.stdout + res.stderr).split())  # as read, whatever the terminal wrapped
             assert "Traceback" not in out, (cmd, out[-2000:])
-            why = next((v for k, v in refused.items() if cmd.startswith(k)), None)
+            why = next((v for k, v in refused.items() if k in cmd), None)
             if why:
                 assert res.returncode == 1 and why in out, (cmd, out[-2000:])
                 continue
@@ -334,7 +424,7 @@ def test_every_runbook_command_runs_against_the_demo(demo, tmp_path):
                 assert state() == "rolled_back" and homes() == {"us"}
             if cmd.startswith("migrator release"):
                 assert state() == "rolled_back"
-            if cmd.startswith("migrator retry --config $SPEC --shard"):
+            if cmd.startswith("migrator retry") and "INC-124" in cmd:
                 assert state() == "planned"
             if cmd.startswith("migrator purge") and "--dry-run" not in cmd:
                 assert state() == "purged" and homes() == {"ie"}
