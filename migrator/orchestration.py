@@ -42,9 +42,12 @@ def load(spec_path: str, resolve_conn=None, batch_users: int | None = None, reso
     return parse_spec(data, spec_path)
 
 
+RUN_WAVE = "all-"  # a run's own wave: no other run names it
+
+
 def wave_for(scope: str, start: datetime | None, end: datetime | None, run_id: str) -> str:
     if scope == "all" or start is None or end is None:
-        return "all-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:80]
+        return RUN_WAVE + re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:80]
     return f"interval-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
 
 
@@ -61,7 +64,10 @@ def plan(
     """The wave's shards (planned, or only worked out in a dry run), each with its users,
     estimated rows per table and bytes; the table is logged for the run's log."""
     ctx = Context(spec, run_id)
-    p = make_plan(ctx, wave, since=since, until=until, regions=regions or None, dry_run=dry_run)
+    # a run's own wave ("all-<run id>") is planned for its regions only; an interval's wave
+    # is shared by every run of the interval, so it covers every region
+    own = wave.startswith(RUN_WAVE)
+    p = make_plan(ctx, wave, since=since, until=until, regions=regions or None, dry_run=dry_run, only_regions=own)
     out = []
     for s in p.shards:
         if shards and s.name not in shards and s.shard_id not in shards:

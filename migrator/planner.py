@@ -261,14 +261,17 @@ def plan(
     regions: list[str] | None = None,
     dry_run: bool = False,
     strict: bool = False,
+    only_regions: bool = False,
 ) -> Plan:
     spec = ctx.spec
     for r in regions or []:
         if r not in spec.targets:
             raise SpecError(f"--region {r!r}: no policy entry sends users there (targets: {', '.join(spec.targets)})")
     _ = ctx.tables  # reads and checks the source's tables
-    # A wave always covers every target region, so a later `--region` run finds its
-    # shards; `regions` only narrows what is returned.
+    # A wave covers every target region, so a later `--region` run finds its shards;
+    # `regions` only narrows what is returned. A wave that no later run will name (a
+    # manual Airflow run's own) plans only `regions` (`only_regions`): the others' users
+    # would otherwise sit in shards nothing runs, and every later wave would pass them by.
     targets = sorted(spec.targets)
     # A destination that cannot be reached now does not stop the plan: its shards are
     # planned and wait for it (their copy fails, resumable, until it is back), and the other
@@ -292,6 +295,8 @@ def plan(
         raise SpecError("indexes missing (strict): " + "; ".join(missing))
     warnings += missing
     unplaced, staying, moving = residencies(ctx, since, until)
+    if only_regions and regions:
+        moving = {value: r for value, r in moving.items() if r in regions}
     if (done := _existing(ctx, wave, regions)) is not None:
         _same_graph(ctx, done)
         done.warnings, done.unplaced, done.staying = warnings, unplaced, staying

@@ -1,10 +1,12 @@
 """A real Airflow: scheduler, dag-processor and api-server as separate processes
-(LocalExecutor, a PostgreSQL metadata database). A run is triggered through the REST API with a conf,
+(LocalExecutor, a PostgreSQL metadata database). A run is triggered through the REST API with a conf
+and an approval before each cutover (one approval task cleared while it waits asks again),
 then a backfill over three daily intervals; the users each run should have moved are
 worked out here from the runs' own data intervals and the source rows."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import pytest
@@ -21,6 +23,59 @@ def _ts(s: str) -> datetime:
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
+def _approvals(af: AirflowServices, run: str) -> list[dict]:
+    return [t for t in af.tasks("residency_migration", run) if t["task_id"] == "no.approve" and t["map_index"] >= 0]
+
+
+def _waiting(af: AirflowServices, run: str, count: int, try_number: int = 1, timeout: float = 300) -> list[dict]:
+    """The run's approval tasks once `count` of them wait for an answer in this try."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [t for t in _approvals(af, run) if t["state"] == "awaiting_input" and t["try_number"] >= try_number]
+        if len(found) >= count:
+            return found
+        assert time.monotonic() < deadline, [(t["map_index"], t["state"], t["try_number"]) for t in _approvals(af, run)]
+        time.sleep(1)
+
+
+def _approve_with_one_asked_again(af: AirflowServices, world: World, run: str) -> None:
+    """Both Norwegian shards wait for approval; the first one's approval task is cleared
+    as an operator's "Clear" would (a new try): it asks again, nothing is cut over
+    meanwhile, and an answer to a later try is what cuts it over. Whatever asks is
+    answered until the run ends (Airflow may go through more than one new try)."""
+    first = min(_waiting(af, run, 2), key=lambda t: t["map_index"])["map_index"]
+    af.api(
+        "POST",
+        "/dags/residency_migration/clearTaskInstances",
+        {
+            "dry_run": False,
+            "dag_run_id": run,
+            "task_ids": [["no.approve", first]],
+            "only_failed": False,
+            "include_downstream": False,
+        },
+    )
+    _waiting(af, run, 1, try_number=2)
+    assert {s for (s,) in world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'")} == {"verified"}
+    answered: set[tuple[int, int]] = set()
+    deadline = time.monotonic() + 600
+    while af.api("GET", f"/dags/residency_migration/dagRuns/{run}")["state"] not in ("success", "failed"):
+        assert time.monotonic() < deadline, "the run did not end"
+        for t in _approvals(af, run):
+            if t["state"] != "awaiting_input" or (t["map_index"], t["try_number"]) in answered:
+                continue
+            path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/no.approve/{t['map_index']}/hitlDetails"
+            assert "Last verify: matched" in af.api("GET", path)["body"]  # the same question, on every try
+            af.api("PATCH", path, {"chosen_options": ["Approve"], "params_input": {}})
+            answered.add((t["map_index"], t["try_number"]))
+        time.sleep(1)
+    assert af.api("GET", f"/dags/residency_migration/dagRuns/{run}")["state"] == "success"
+    assert max(n for m, n in answered if m == first) >= 2  # the cleared task was answered on a new try
+    assert {s for (s,) in world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'")} == {"cut_over"}
+    # the run's own wave planned Norway only: Ireland's users are left to the intervals' runs
+    assert world.ctl("SELECT DISTINCT region FROM migrator.shard WHERE wave LIKE 'all-%%'") == [("no",)]
+
+
 def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
     home, env, meta = airflow_for(world, tmp_path)
     af = AirflowServices(home, env, meta)
@@ -28,12 +83,14 @@ def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
     try:
         af.wait_for_dag("residency_migration")
         af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
-        # an operator's manual run from the API: every user bound for Norway
-        af.api(
+        # an operator's manual run from the API: every user bound for Norway, each cutover
+        # approved first; one approval task is cleared while it waits, and asks again
+        manual = af.api(
             "POST",
             "/dags/residency_migration/dagRuns",
-            {"logical_date": None, "conf": {"scope": "all", "regions": ["no"]}},
-        )
+            {"logical_date": None, "conf": {"scope": "all", "regions": ["no"], "approve_cutover": True}},
+        )["dag_run_id"]
+        _approve_with_one_asked_again(af, world, manual)
         # and a backfill over three days of the seeded sign-ups
         res = af.cli(
             "backfill",
