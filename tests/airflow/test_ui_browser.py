@@ -173,7 +173,6 @@ def _answer_in_ui(page, url: str, run: str, t: dict, reason: str | None) -> None
         page.get_by_role("group").filter(has_text=re.compile(r"^reason")).get_by_role("textbox").fill(reason)
         page.screenshot(path=str(OUT / "ui-reject.png"), full_page=True)
         page.get_by_role("button", name="Reject", exact=True).click()
-    page.get_by_text("response successful").first.wait_for(timeout=30000)
 
 
 def _answer(api: RestClient, run: str, t: dict, reject: str, reason: str, ui=None) -> str:
@@ -184,8 +183,11 @@ def _answer(api: RestClient, run: str, t: dict, reject: str, reason: str, ui=Non
     assert set(d["params"]) == {"reason"}  # the approver is asked for a reason only
     if ui is not None and name in ui["shards"]:
         _answer_in_ui(ui["page"], ui["url"], run, t, reason if name == reject else None)
-        d = api.api("GET", path)
-        assert d["response_received"] and d["chosen_options"] == ["Reject" if name == reject else "Approve"], d
+        deadline = time.monotonic() + 60  # the click's answer, as the API then has it
+        while not (d := api.api("GET", path))["response_received"]:
+            assert time.monotonic() < deadline, d
+            time.sleep(1)
+        assert d["chosen_options"] == ["Reject" if name == reject else "Approve"], d
         ui["answered"].add(name)
         return name
     answer = {"chosen_options": ["Reject"], "params_input": {"reason": reason}} if name == reject else None
@@ -292,8 +294,13 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         tis = api.api("GET", f"/dags/residency_migration/dagRuns/{real}/taskInstances?limit=200")["task_instances"]
         cut = {t["rendered_map_index"] for t in tis if t["task_id"].endswith(".cutover") and t["state"] == "success"}
         _goto(page, f"{demo['url']}/dags/residency_migration/runs/{real}")
-        page.get_by_role("button", name="Expand all task groups").click()
-        page.wait_for_timeout(1500)
+        page.get_by_text("report", exact=True).first.wait_for(timeout=60000)  # the grid has rendered
+        # the screenshot's groups expanded where the grid offers it (the button follows the
+        # view the approver's pages left behind)
+        expand = page.get_by_role("button", name="Expand all task groups")
+        if expand.count():
+            expand.first.click()
+            page.wait_for_timeout(1500)
         page.screenshot(path=str(OUT / "ui-run.png"), full_page=True)
 
         # a rollback needs a reason: the form will not submit without one
