@@ -53,7 +53,11 @@ def check_standby(ctx: Context) -> None:
         log.warning("%s not checked now: %s", where(t.standby.url), describe(exc))
         return
     if not standby:
-        raise SpecError(f"copy.throttle.standby: {where(t.standby.url)} is not in recovery, so it is not a standby")
+        raise _not_a_standby(t.standby.url)
+
+
+def _not_a_standby(dsn: str) -> SpecError:
+    return SpecError(f"copy.throttle.standby: {where(dsn)} is not in recovery, so it is not a standby")
 
 
 class Throttle:
@@ -100,7 +104,7 @@ class Throttle:
                 raise
             return f"{describe(exc)}: the standby's replay lag is unknown"
         if lag is None:
-            raise SpecError(f"copy.throttle.standby: {where(dsn)} is not in recovery, so it is not a standby")
+            raise _not_a_standby(dsn)
         if lag > limit:
             return f"{where(dsn)} replays {lag:.1f} s behind the source (max_replay_lag_s {limit:g})"
         return None
