@@ -152,3 +152,40 @@ def test_a_standby_without_its_lag_setting_is_refused(world: World):
     world.write_spec(copy={"throttle": {"standby": {"dsn": world.dsn["us"]}}})
     res = world.migrator("plan")
     assert res.returncode == 2 and "standby and max_replay_lag_s go together" in res.stderr
+
+
+def test_a_stopped_standby_holds_the_copy_until_it_is_back(world: World, tmp_path):
+    """The standby is stopped before the copy: its lag cannot be seen, so the copy waits
+    (saying why), nothing is copied meanwhile; the standby comes back and the copy ends
+    with the destination equal to the source."""
+    primary, src, standby = _own_source_with_standby(world, tmp_path)
+    try:
+        world.write_spec(
+            regions=dict(world.spec["regions"], us={"dsn": src}),
+            retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2},
+            copy={
+                "batch_users": 50,
+                "throttle": {"standby": {"dsn": standby.dsn("app")}, "max_replay_lag_s": 5, "check_every_s": 0.2},
+            },
+        )
+        assert world.migrator("plan", "--region", "ie").returncode == 0
+        standby.stop("immediate")
+        restart = threading.Timer(4.0, standby.start)
+        restart.start()
+        res = world.migrator("copy", "--region", "ie")
+        restart.join()
+        assert res.returncode == 0, res.stderr[-2000:]
+        paused = _throttled(world)
+        reasons = [r for d in paused for r in d["reasons"]]
+        assert any("the standby of region us" in r and "replay lag is unknown" in r for r in reasons), reasons
+        assert all("postgres@" not in r for r in reasons)  # named by address, never by DSN
+        assert sum(d["waited_s"] for d in paused) >= 2
+        assert world.migrator("run", "--region", "ie").returncode == 0
+        ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie'")]
+        assert ids
+        with psycopg.connect(src) as s, psycopg.connect(world.dsn["ie"]) as d:
+            for table, q in DEMO_OWNED.items():
+                assert s.execute(q, (ids,)).fetchall() == d.execute(q, (ids,)).fetchall(), table
+    finally:
+        standby.stop("immediate")
+        primary.stop("immediate")
