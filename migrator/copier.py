@@ -236,7 +236,7 @@ def _copy_pending(
     destination connections), yielding each as it commits; the caller checkpoints it."""
     # An inline digest reads the destination tables inside the batch's transaction; with
     # sibling batches loading the same tables it would wade through their uncommitted rows.
-    n = 1 if ctx.spec.copy_.inline_digest else ctx.spec.copy_.workers
+    n = ctx.spec.copy_.lanes
     throttle = Throttle(ctx, sid)
 
     def one(links: _Links, b: int) -> BatchRecord:

@@ -9,6 +9,11 @@ candidate straight into a temporary table of the control database, which leaves 
 users already moved or in a live shard, numbers the batches in key order and records the
 membership. So planning takes the same memory for a thousand users as for ten million.
 
+A shard's batches hold at most `copy.batch_users` users each, as evenly as they divide,
+and their number is a multiple of the lanes that copy, roll back and purge them
+(`copy.workers`): three batches on two lanes would leave one lane idle for the last
+third of every phase.
+
 Each shard's rows per table are estimated, not counted: counting them exactly is a pass
 over every table of the graph, about a fifth of the whole copy's time. A fixed sample of
 each shard's users (MEASURE_SAMPLE, picked by a hash of the key, which is unrelated to
@@ -42,7 +47,13 @@ from migrator.stores.postgres import Conn, connect, pipe
 log = logging.getLogger("migrator.planner")
 
 
-MEASURE_SAMPLE = 2000  # users per shard whose rows are counted to estimate the shard's
+MEASURE_SAMPLE = 2000  # users per shard whose rows are counted to estimate the shard's rows
+
+
+def batch_count(users: int, batch_users: int, lanes: int) -> int:
+    """Batches of at most `batch_users`, rounded up to a multiple of `lanes` (never more
+    batches than users)."""
+    return min(users, math.ceil(math.ceil(users / batch_users) / lanes) * lanes)
 
 
 @dataclass
@@ -322,7 +333,7 @@ def plan(
         for region, idx, users in c.execute("SELECT region, idx, count(*) FROM rm_plan GROUP BY 1, 2 ORDER BY 1, 2"):
             name = shard_name(region, idx)
             shards[targets.index(region) * n + idx] = ShardPlan(
-                shard_id(wave, name), wave, name, region, idx, users, math.ceil(users / size)
+                shard_id(wave, name), wave, name, region, idx, users, batch_count(users, size, spec.copy_.lanes)
             )
         result = Plan(wave, list(shards.values()), unplaced, warnings=warnings, staying=staying)
         # Measuring reads the source; recording writes the control database: both at once.
@@ -368,13 +379,16 @@ def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
     c.execute(
         sql.SQL(
             f"INSERT INTO {SCHEMA}.shard_user (shard_id, user_key, batch_no) "
+            # the shard's users in key order, cut into its batches as evenly as they go
             "SELECT m.shard_id, p.user_key, "
-            "((row_number() OVER (PARTITION BY p.region, p.idx ORDER BY {}) - 1) / %s)::int "
-            "FROM rm_plan p JOIN unnest(%s::text[], %s::int[], %s::text[]) AS m(region, idx, shard_id) "
+            "((row_number() OVER (PARTITION BY p.region, p.idx ORDER BY {}) - 1) * m.batches "
+            "/ count(*) OVER (PARTITION BY p.region, p.idx))::int "
+            "FROM rm_plan p JOIN unnest(%s::int[], %s::text[], %s::int[], %s::text[]) "
+            "AS m(batches, region, idx, shard_id) "
             "USING (region, idx)"
         ).format(order),
         (
-            ctx.spec.copy_.batch_users,
+            [s.batches for s in p.shards],
             [s.region for s in p.shards],
             [s.idx for s in p.shards],
             [s.shard_id for s in p.shards],

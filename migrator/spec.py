@@ -267,6 +267,11 @@ class CopySettings(_Strict):
         "batches then run one at a time",
     )
 
+    @property
+    def lanes(self) -> int:
+        """How many of a shard's batches its phases work on at once."""
+        return 1 if self.inline_digest else self.workers
+
 
 class VerifySettings(_Strict):
     workers: int = Field(2, ge=1, le=16, description="connections per side, each digesting a share of the tables")

@@ -279,6 +279,17 @@ def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed
         return sql.SQL("DELETE FROM {}.{} AS t0 WHERE {}").format(
             sql.Identifier(schema), sql.Identifier(name), keys_filter(own, key_type)
         )
+    if len(table.pk) == 1:
+        # The batch's primary keys first (an init plan through the owner-key joins), then
+        # each row by its key: a semi-join of the table with itself would read all of it.
+        return sql.SQL("DELETE FROM {}.{} AS d WHERE d.{} = ANY(ARRAY(SELECT t0.{} FROM {} WHERE {}))").format(
+            sql.Identifier(schema),
+            sql.Identifier(name),
+            sql.Identifier(table.pk[0]),
+            sql.Identifier(table.pk[0]),
+            own.from_,
+            keys_filter(own, key_type),
+        )
     pk_match = sql.SQL(" AND ").join(sql.SQL("d.{0} = t0.{0}").format(sql.Identifier(c)) for c in table.pk)
     return sql.SQL("DELETE FROM {}.{} AS d WHERE EXISTS (SELECT 1 FROM {} WHERE {} AND {})").format(
         sql.Identifier(schema), sql.Identifier(name), own.from_, pk_match, keys_filter(own, key_type)

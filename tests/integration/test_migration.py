@@ -142,6 +142,12 @@ def test_plan_places_each_user_by_hash_in_key_ordered_batches(world: World):
         assert later is None or max(keys) < min(later), "batches follow the key order"
         assert b == 0 or (r, idx, b - 1) in by_batch
     assert len({(r, i) for r, i, _ in by_batch}) == len(world.ctl("SELECT 1 FROM migrator.shard"))
+    # as even as they divide, and as many as a multiple of the two lanes that copy them
+    for r, idx, n in {(r, idx, n) for r, idx, n, _, _ in members}:
+        sizes = [len(keys) for (r2, i2, _), keys in by_batch.items() if (r2, i2) == (r, idx)]
+        assert len(sizes) == n and max(sizes) - min(sizes) <= 1
+        assert n % 2 == 0 or n == sum(sizes), (r, idx, sizes)
+        assert max(sizes) <= 7 and (n == 2 or 7 * (n - 2) < sum(sizes)), "no more batches than it takes"
     # a second wave leaves out everyone already in a live shard
     res = world.migrator("plan", "--wave", "second", "--json")
     assert res.returncode == 0, res.stderr
