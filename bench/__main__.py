@@ -341,12 +341,6 @@ def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Pa
             c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
 
     aspec = dict(spec, sharding={"shards_per_region": 4})
-    reset()
-    t0 = time.perf_counter()
-    _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
-    cli_s = time.perf_counter() - t0
-    assert all(o.ok for o in outcomes)
-    reset()
     path = base / "airflow-spec.yaml"
     path.write_text(yaml.safe_dump(aspec))
     home = base / "airflow"
@@ -359,16 +353,30 @@ def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Pa
     )
     meta = cluster["src"].create_database("airflow").replace("postgresql://", "postgresql+psycopg://", 1)
     af = AirflowServices(home, env, meta).start()
-    try:
-        af.wait_for_dag("residency_migration")
-        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+
+    def through_airflow() -> float:
+        reset()
         t0 = time.perf_counter()
         run = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})
         done = af.run_state("residency_migration", run["dag_run_id"], {"success", "failed"}, timeout=3600)
-        airflow_s = time.perf_counter() - t0
+        assert done["state"] == "success", "the DAG run failed"
+        return time.perf_counter() - t0
+
+    try:
+        af.wait_for_dag("residency_migration")
+        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+        # One whole run first, untimed: the executor starts a worker process the first time
+        # it has more tasks at once than workers (4 s each here), which a scheduler that has
+        # been running has long done.
+        through_airflow()
+        reset()
+        t0 = time.perf_counter()
+        _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
+        cli_s = time.perf_counter() - t0
+        assert all(o.ok for o in outcomes)
+        airflow_s = through_airflow()
     finally:
         af.stop()
-    assert done["state"] == "success", "the DAG run failed"
     return {
         "cli_s": round(cli_s, 2),
         "airflow_s": round(airflow_s, 2),
@@ -376,7 +384,7 @@ def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Pa
         "executor": "LocalExecutor",
         "shards": len(outcomes),
         "note": "airflow_s is from the REST API's trigger to the run's end, under a scheduler, dag-processor "
-        "and api-server already running (their start-up is not counted)",
+        "and api-server already running (their start-up is not counted) that have run the migration once before",
     }
 
 

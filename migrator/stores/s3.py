@@ -14,9 +14,6 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-import boto3
-from botocore.config import Config
-
 from migrator.errors import ObjectMissing, ObjectVanished
 from migrator.spec import ObjectStore
 
@@ -35,6 +32,11 @@ def client(store: ObjectStore):
     access = store.access_key.get_secret_value() if store.access_key else None
     secret = store.secret_key.get_secret_value() if store.secret_key else None
     key = (store.endpoint, store.region_name, access, secret)
+    # imported here: boto3 takes a fifth of a second to import, which every Airflow task
+    # would pay whether or not its spec has objects
+    import boto3
+    from botocore.config import Config
+
     with _clients_lock:
         c = _clients.get(key)
         if c is None:
