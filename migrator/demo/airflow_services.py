@@ -22,7 +22,7 @@ from typing import Any
 from migrator.demo.airflow_run import bin_path
 from migrator.embedded import free_port
 
-POOL = ("migrator_source", "2", "copies against the source")
+POOL = ("migrator_source", 2, "copies against the source")  # name, slots, description
 
 
 class RestClient:
@@ -107,10 +107,12 @@ class AirflowServices(RestClient):
         port: int | None = None,
         parallelism: int = 4,
         credentials: tuple[str, str] | None = None,
+        pool_slots: int | None = None,
     ):
         """`credentials`: a user of the simple auth manager for the REST API; without them
         every user is an admin and no login is asked for."""
         self.home, self.env = home, env
+        self.pool_slots = POOL[1] if pool_slots is None else pool_slots
         self.port = port or free_port()
         super().__init__(f"http://127.0.0.1:{self.port}", credentials)
         self.env.update(
@@ -158,7 +160,7 @@ class AirflowServices(RestClient):
         res = self.cli("db", "migrate")
         if res.returncode != 0:
             raise RuntimeError(f"airflow db migrate failed: {res.stderr[-1500:]}")
-        self.cli("pools", "set", *POOL)
+        self.cli("pools", "set", POOL[0], str(self.pool_slots), POOL[2])
         self.spawn("api-server", "api-server", "--port", str(self.port))
         self.spawn("scheduler", "scheduler")
         self.spawn("dag-processor", "dag-processor")
