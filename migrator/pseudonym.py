@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,13 @@ def _inet(key: bytes, value: Any) -> str:
     if m:  # the common case, without parsing
         mac = int.from_bytes(_mac(key, "inet", m.group(1)), "big")
         return ".".join(str(b) for b in (_V4_RANGE | (mac & _V4_BITS)).to_bytes(4, "big"))
-    addr = ipaddress.ip_interface(text).ip
+    head = text.partition("/")[0]  # PostgreSQL's text: address/prefix length
+    try:  # parsed in C: a third of the time an IPv6 pseudonym takes
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(
+            socket.inet_pton(socket.AF_INET6, head)
+        )
+    except OSError:
+        addr = ipaddress.ip_address(head)
     mac = int.from_bytes(_mac(key, "inet", str(addr)), "big")
     if addr.version == 4:
         return str(ipaddress.IPv4Address(_V4_RANGE | (mac & _V4_BITS)))

@@ -110,43 +110,41 @@ def _order(ctx: Context) -> list[Table]:
 
 
 def _pseudonymise(c: Conn, ctx: Context, table: Table, cols: list[str], keys: list[str], key: bytes) -> int:
-    """Replace `cols` of the users' rows of `table` with their pseudonyms; returns rows changed."""
-    g, kt = ctx.spec.entity_graph, ctx.key_type
-    own = sqlgen.ownership(g, table.name)
-    pk = [sql.SQL("t0.{}").format(sql.Identifier(x)) for x in table.pk]
-    vals = [sql.SQL("t0.{}::text").format(sql.Identifier(x)) for x in cols]
-    rows = c.execute(
-        sql.SQL("SELECT {} FROM {} WHERE {}").format(
-            sql.SQL(", ").join(pk + vals), own.from_, sqlgen.keys_filter(own, kt)
-        ),
-        sqlgen.keys_arg(keys),
-    ).fetchall()
-    if not rows:
-        return 0
-    makers = [pseudonym.pseudonymiser(key, table.column(x).type) for x in cols]
-    stage = sql.Identifier("rm_pseudonyms")
-    c.execute(
-        sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {}.{} WHERE false").format(
-            stage,
-            sql.SQL(", ").join(sql.Identifier(x) for x in [*table.pk, *cols]),
-            sql.Identifier(g.schema_),
-            sql.Identifier(table.name),
+    """Replace `cols` of the users' rows of `table` with their pseudonyms; returns rows changed.
+
+    Each column's distinct values come to the worker (a user's address recurs across their
+    logins), are keyed here (the key never reaches the source) and go back as a map in a
+    temporary table that one UPDATE reads."""
+    g, kt, arg = ctx.spec.entity_graph, ctx.key_type, sqlgen.keys_arg(keys)
+    stages: dict[str, str] = {}
+    for i, col in enumerate(cols):
+        values = [v for (v,) in c.execute(sqlgen.distinct_values(g, table, col, kt), arg)]
+        if not values:
+            continue  # no value to replace: NULL stays NULL
+        make = pseudonym.pseudonymiser(key, table.column(col).type)
+        stage = stages[col] = f"rm_pseudonyms_{i}"
+        # v: the value as text; p: its pseudonym, of the column's own type
+        c.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT t.{}::text AS v, t.{} AS p FROM {}.{} AS t WHERE false"
+            ).format(
+                sql.Identifier(stage),
+                sql.Identifier(col),
+                sql.Identifier(col),
+                sql.Identifier(g.schema_),
+                sql.Identifier(table.name),
+            )
         )
-    )
-    n_pk = len(table.pk)
-    with c.cursor().copy(sql.SQL("COPY {} FROM STDIN").format(stage)) as cp:
-        for r in rows:
-            cp.write_row([*r[:n_pk], *(make(v) for make, v in zip(makers, r[n_pk:]))])
-    changed = c.execute(
-        sql.SQL("UPDATE {}.{} AS d SET {} FROM {} AS z WHERE {}").format(
-            sql.Identifier(g.schema_),
-            sql.Identifier(table.name),
-            sql.SQL(", ").join(sql.SQL("{0} = z.{0}").format(sql.Identifier(x)) for x in cols),
-            stage,
-            sql.SQL(" AND ").join(sql.SQL("d.{0} = z.{0}").format(sql.Identifier(x)) for x in table.pk),
-        )
-    ).rowcount
-    c.execute(sql.SQL("DROP TABLE {}").format(stage))
+        with c.cursor().copy(sql.SQL("COPY {} (v, p) FROM STDIN").format(sql.Identifier(stage))) as cp:
+            for v in values:
+                cp.write_row((v, make(v)))
+        c.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (v)").format(sql.Identifier(stage)))
+        c.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(stage)))
+    if not stages:
+        return _count(c, ctx, table, keys)
+    changed = c.execute(sqlgen.replace_values(g, table, stages, kt), arg).rowcount
+    for stage in stages.values():
+        c.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(stage)))
     return changed
 
 

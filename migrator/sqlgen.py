@@ -270,27 +270,50 @@ def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Com
     ).format(own.from_, sql.Identifier(keys_table), own.owner)
 
 
-def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:
-    """Delete a set of users' rows of one table (children must go first)."""
+def owned(graph: EntityGraph, table: Table, key_type: str) -> tuple[sql.Identifier, sql.Composed]:
+    """The alias and condition for a statement on `table` itself (DELETE, UPDATE) that
+    picks the rows of a set of users (%(keys)s)."""
     own = ownership(graph, table.name)
-    schema, name = graph.schema_, table.name
-    if own.joined == 0:
-        # the owner column is on the table itself
-        return sql.SQL("DELETE FROM {}.{} AS t0 WHERE {}").format(
-            sql.Identifier(schema), sql.Identifier(name), keys_filter(own, key_type)
-        )
+    if own.joined == 0:  # the owner column is on the table itself
+        return sql.Identifier("t0"), keys_filter(own, key_type)
     if len(table.pk) == 1:
         # The batch's primary keys first (an init plan through the owner-key joins), then
         # each row by its key: a semi-join of the table with itself would read all of it.
-        return sql.SQL("DELETE FROM {}.{} AS d WHERE d.{} = ANY(ARRAY(SELECT t0.{} FROM {} WHERE {}))").format(
-            sql.Identifier(schema),
-            sql.Identifier(name),
-            sql.Identifier(table.pk[0]),
-            sql.Identifier(table.pk[0]),
-            own.from_,
-            keys_filter(own, key_type),
+        return sql.Identifier("d"), sql.SQL("d.{} = ANY(ARRAY(SELECT t0.{} FROM {} WHERE {}))").format(
+            sql.Identifier(table.pk[0]), sql.Identifier(table.pk[0]), own.from_, keys_filter(own, key_type)
         )
     pk_match = sql.SQL(" AND ").join(sql.SQL("d.{0} = t0.{0}").format(sql.Identifier(c)) for c in table.pk)
-    return sql.SQL("DELETE FROM {}.{} AS d WHERE EXISTS (SELECT 1 FROM {} WHERE {} AND {})").format(
-        sql.Identifier(schema), sql.Identifier(name), own.from_, pk_match, keys_filter(own, key_type)
+    return sql.Identifier("d"), sql.SQL("EXISTS (SELECT 1 FROM {} WHERE {} AND {})").format(
+        own.from_, pk_match, keys_filter(own, key_type)
+    )
+
+
+def delete_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:
+    """Delete a set of users' rows of one table (children must go first)."""
+    alias, cond = owned(graph, table, key_type)
+    return sql.SQL("DELETE FROM {}.{} AS {} WHERE {}").format(
+        sql.Identifier(graph.schema_), sql.Identifier(table.name), alias, cond
+    )
+
+
+def distinct_values(graph: EntityGraph, table: Table, column: str, key_type: str) -> sql.Composed:
+    """The distinct non-null values, as text, of one column over a set of users' rows."""
+    alias, cond = owned(graph, table, key_type)
+    return sql.SQL("SELECT DISTINCT {0}.{1}::text FROM {2}.{3} AS {0} WHERE {4} AND {0}.{1} IS NOT NULL").format(
+        alias, sql.Identifier(column), sql.Identifier(graph.schema_), sql.Identifier(table.name), cond
+    )
+
+
+def replace_values(graph: EntityGraph, table: Table, stages: dict[str, str], key_type: str) -> sql.Composed:
+    """Set each column of `stages` in a set of users' rows to what its stage table (v: the
+    value as text, p: its replacement) maps the value to; NULL stays NULL."""
+    alias, cond = owned(graph, table, key_type)
+    sets = [
+        sql.SQL("{0} = (SELECT z.p FROM {1} AS z WHERE z.v = {2}.{0}::text)").format(
+            sql.Identifier(col), sql.Identifier(stage), alias
+        )
+        for col, stage in stages.items()
+    ]
+    return sql.SQL("UPDATE {}.{} AS {} SET {} WHERE {}").format(
+        sql.Identifier(graph.schema_), sql.Identifier(table.name), alias, sql.SQL(", ").join(sets), cond
     )

@@ -220,3 +220,25 @@ def test_a_purge_section_that_cannot_work_is_refused(world: World, purge, needle
     res = world.migrator("purge", "--dry-run")
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert needle in res.stderr
+
+
+def test_a_child_table_is_pseudonymised_through_its_parents(world: World, keys):
+    # comments belong to their user through videos: the purge finds them by that path
+    world.write_spec(
+        purge=dict(PURGE, tables={"videos": "keep", "comments": {"pseudonymise": ["body"]}, "users": "keep"})
+    )
+    moved = _cut_over(world)
+    comments = DEMO_OWNED["comments"]
+    everyone = [uid for (uid,) in world.rows("us", "SELECT user_id FROM users")]
+    stay = sorted(set(everyone) - {u for us in moved.values() for u in us})
+    before = {r: world.rows("us", comments, (u,)) for r, u in moved.items()}
+    stayed = world.rows("us", comments, (stay,))
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for region, users in moved.items():
+        now = world.rows("us", comments, (users,))
+        assert len(now) == len(before[region]) and any(o[3] is None for o in before[region])
+        for o, n in zip(before[region], now):
+            # comment_id, video_id, author_id, body, created_at: only the body changed
+            assert n[3] == _text(KEYS[region], o[3]) and n[:3] + n[4:] == o[:3] + o[4:]
+    assert world.rows("us", comments, (stay,)) == stayed  # the users who stay keep their comments as they were
