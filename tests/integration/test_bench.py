@@ -57,6 +57,10 @@ def test_bench_smoke(tmp_path):
         "lifecycle_vs_parallel_pipe",
         "rollback_vs_copy",
         "purge_vs_copy",
+        "raw_purge_s",
+        "purge_vs_raw_purge",
+        "lifecycle_to_cutover_vs_parallel_pipe",
+        "pipe_and_raw_purge_vs_parallel_pipe",
         "peak_rss_mb",
         "cores",
     ):
