@@ -220,6 +220,10 @@ def _purge_batch(
     """The batch's source objects, then its rows and receipt in one source transaction."""
     deleted_keys = objects.purge_batch(ctx, sid, region, manifest) if manifest else []
     with connect(ctx.source_dsn) as c:
+        # one snapshot for the batch: the values keyed are exactly those its UPDATEs replace
+        # (the fence already keeps the users' rows still; a conflict would be a retried
+        # serialization failure, never a value replaced by NULL)
+        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         c.execute(capture.APPLY)
         c.execute("SET LOCAL lock_timeout = '5s'")
         tables = _purge_rows(c, ctx, keys, key)
