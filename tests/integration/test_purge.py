@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import subprocess
+import time
 
 import psycopg
 import pytest
@@ -242,3 +244,29 @@ def test_a_child_table_is_pseudonymised_through_its_parents(world: World, keys):
             # comment_id, video_id, author_id, body, created_at: only the body changed
             assert n[3] == _text(KEYS[region], o[3]) and n[:3] + n[4:] == o[:3] + o[4:]
     assert world.rows("us", comments, (stay,)) == stayed  # the users who stay keep their comments as they were
+
+
+def test_the_source_down_mid_purge_is_ridden_out(world: World, keys):
+    # the source (and the control database on the same server) stops between two batches
+    # for two seconds; the purge waits for it and finishes, every batch whole
+    world.write_spec(purge=PURGE, sharding={"shards_per_region": 1}, retry={"outage_s": 30})
+    moved = _cut_over(world)
+    proc = paused(world, "purged batch", "purge", "--region", "ie", seconds=3, out=subprocess.PIPE)
+    server = world.cluster["us"]
+    server.stop("immediate")
+    time.sleep(2)
+    server.start()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    sid = world.ctl("SELECT shard_id FROM migrator.shard WHERE region = 'ie'")[0][0]
+    assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("purged",)]
+    batches = world.ctl("SELECT batches FROM migrator.shard WHERE shard_id = %s", (sid,))[0][0]
+    ledger = world.rows("us", "SELECT batch_no FROM migrator.purge_ledger WHERE shard_id = %s ORDER BY 1", (sid,))
+    assert [b for (b,) in ledger] == list(range(batches))
+    users = moved["ie"]
+    assert world.rows("us", "SELECT count(*) FROM devices WHERE user_id = ANY(%s)", (users,)) == [(0,)]
+    assert world.rows(
+        "us", "SELECT count(*) FROM users WHERE user_id = ANY(%s) AND email NOT LIKE 'pz1_%%'", (users,)
+    ) == [(0,)]
+    assert world.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s)", (users,)) == [(len(users),)]
+    assert KEYS["ie"] not in out
