@@ -21,11 +21,11 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from migrator.errors import ShardBusy, SpecError, StateConflict, riding_out
-from migrator.schema import history, tables
+from migrator.schema import history
 from migrator.state import Phase, allowed
 from migrator.stores.postgres import Conn, connect, pipe
 
-SCHEMA = tables.SCHEMA
+SCHEMA = history.SCHEMA
 
 
 @dataclass

@@ -13,6 +13,10 @@ Each history's first revision adopts the layout the tool wrote before it kept a 
 it creates what is missing and converts what earlier versions left (idempotently), so a
 database created by any earlier version, even in the middle of a migration, is brought up
 to date in place.
+
+Alembic and SQLAlchemy are imported only to upgrade or print SQL: every task process and
+command checks its stores at head, and that check is one read against each history's
+`head` declared here (a test holds each equal to its script directory's head).
 """
 
 from __future__ import annotations
@@ -21,20 +25,18 @@ import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from sqlalchemy.pool import NullPool
+from typing import TYPE_CHECKING, Any
 
 from migrator.errors import StateVersionError
-from migrator.schema import tables
+from migrator.schema import SCHEMA
 from migrator.spec import Spec
 from migrator.stores.postgres import connect, where
 
-SCHEMA = tables.SCHEMA
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
 HERE = Path(__file__).parent
 
 
@@ -42,8 +44,14 @@ HERE = Path(__file__).parent
 class History:
     name: str
     lock: str  # the advisory lock (hashtext) the upgrade and the tables' users share
-    metadata: sa.MetaData
+    head: str  # the newest revision in its script directory
     lock_timeout: str | None = None  # where the application's writers hold locks we may wait on
+
+    @property
+    def metadata(self) -> sa.MetaData:
+        from migrator.schema import tables
+
+        return getattr(tables, self.name)
 
     @property
     def version_table(self) -> str:
@@ -54,15 +62,17 @@ class History:
         return HERE / self.name
 
 
-CONTROL = History("control", "migrator:ddl", tables.control)
+CONTROL = History("control", "migrator:ddl", "control_0002")
 # The capture history's upgrades touch tables the application's triggers write to; a lock
 # they cannot get within 2 s is a transient failure, retried, not a stall of the writers.
-CAPTURE = History("capture", "migrator:capture", tables.capture, lock_timeout="2s")
-LEDGER = History("ledger", "migrator:ledger", tables.ledger)
+CAPTURE = History("capture", "migrator:capture", "capture_0002", lock_timeout="2s")
+LEDGER = History("ledger", "migrator:ledger", "ledger_0003")
 HISTORIES = {h.name: h for h in (CONTROL, CAPTURE, LEDGER)}
 
 
 def _config(h: History, buffer: io.StringIO | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config(output_buffer=buffer)
     cfg.set_main_option("script_location", str(h.location))
     cfg.attributes["history"] = h
@@ -71,13 +81,14 @@ def _config(h: History, buffer: io.StringIO | None = None) -> Config:
 
 @functools.cache
 def _script(name: str) -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_config(HISTORIES[name]))
 
 
-def head(h: History) -> str:
-    rev = _script(h.name).get_current_head()
-    assert rev is not None, f"the {h.name} history has no revisions"
-    return rev
+def script_head(h: History) -> str | None:
+    """The newest revision in the history's script directory, as Alembic reads it."""
+    return _script(h.name).get_current_head()
 
 
 def revisions(h: History) -> list[str]:
@@ -98,11 +109,11 @@ def ensure(dsn: str, h: History) -> None:
     """Bring the store's tables of history `h` to head (one read when they are); refuse a
     store at a revision this migrator does not know (written by a newer version)."""
     found = current(dsn, h)
-    if found != head(h):
+    if found != h.head:
         if found is not None and found not in revisions(h):
             raise StateVersionError(
                 f"{where(dsn)}: its {h.name} tables are at schema revision {found}, which this migrator "
-                f"does not know (its newest is {head(h)}); it will not read or change them"
+                f"does not know (its newest is {h.head}); it will not read or change them"
             )
         upgrade(dsn, h)
 
@@ -110,6 +121,10 @@ def ensure(dsn: str, h: History) -> None:
 def upgrade(dsn: str, h: History) -> list[str]:
     """Apply the revisions the store lacks, in one transaction under the history's lock;
     returns the revisions applied (none when another process got there first)."""
+    import sqlalchemy as sa
+    from alembic import command
+    from sqlalchemy.pool import NullPool
+
     applied: list[str] = []
     engine = sa.create_engine("postgresql+psycopg://", creator=lambda: connect(dsn), poolclass=NullPool)
     try:
@@ -134,6 +149,8 @@ def upgrade(dsn: str, h: History) -> list[str]:
 def sql(h: History, since: str | None = None) -> str:
     """The SQL that brings a store of history `h` from `since` (default: nothing) to head,
     as a DBA would apply it by hand, version table included; connects to nothing."""
+    from alembic import command
+
     buf = io.StringIO()
     command.upgrade(_config(h, buf), f"{since}:head" if since else "head", sql=True)
     return buf.getvalue()
@@ -186,7 +203,7 @@ def upgrade_all(spec: Spec) -> list[dict[str, Any]]:
     for store, dsn, h in targets(spec):
         before = current(dsn, h)
         ensure(dsn, h)
-        done.append({"store": store, "history": h.name, "from": before, "to": head(h), "upgraded": before != head(h)})
+        done.append({"store": store, "history": h.name, "from": before, "to": h.head, "upgraded": before != h.head})
     return done
 
 

@@ -27,7 +27,8 @@ from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 from sqlalchemy.dialects.postgresql.base import ischema_names
 from sqlalchemy.types import UserDefinedType
 
-SCHEMA = "migrator"
+from migrator.schema import SCHEMA
+
 DIRECTORY_FILLFACTOR = 45
 
 

@@ -262,3 +262,27 @@ def test_dispatch_refusals_name_the_state_and_the_next_step():
             assert d.verdict in Verdict
             if d.verdict == Verdict.REFUSE:
                 assert str(state) in d.why and "next:" in d.why
+
+
+def test_each_history_declares_its_script_directorys_head():
+    """The head each history declares (the one read a store's check costs) is the newest
+    revision Alembic finds in its script directory."""
+    from migrator.schema import history
+
+    for h in history.HISTORIES.values():
+        assert h.head == history.script_head(h), h.name
+        assert history.revisions(h)[-1] == h.head
+
+
+def test_a_task_process_imports_no_alembic():
+    """What an Airflow task or a command imports to run a phase leaves Alembic and SQLAlchemy
+    (half a second of every process's start) for an upgrade."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, migrator.orchestration, migrator.cli, migrator.airflow_glue; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'sqlalchemy'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
