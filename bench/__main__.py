@@ -359,10 +359,33 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     }
 
 
-def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Path) -> dict:
+def busy_intervals(tasks: list[dict]) -> tuple[float, float, float]:
+    """(first start, last end, seconds during which at least one task instance was running)
+    of a run's task instances, from their start and end dates."""
+    from datetime import datetime
+
+    spans = sorted(
+        (datetime.fromisoformat(t["start_date"]).timestamp(), datetime.fromisoformat(t["end_date"]).timestamp())
+        for t in tasks
+        if t.get("start_date") and t.get("end_date")
+    )
+    busy, cur_start, cur_end = 0.0, *spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start = start
+        cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return spans[0][0], max(e for _, e in spans), busy
+
+
+def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Path, runs: int) -> dict:
     """The same plan through the residency_migration DAG under a real scheduler, dag-processor
     and api-server (LocalExecutor, PostgreSQL metadata), triggered through the REST API and
-    timed from the trigger to the run's end; against the CLI engine on the same plan."""
+    timed from the trigger to the run's end; against the CLI engine on the same plan, the
+    two alternating, `runs` of each (medians). Where the DAG's time went, from its task
+    instances: in tasks (at least one running) or between them (none running: the
+    scheduler handing over, a task process starting)."""
     from migrator import engine
     from migrator.demo.airflow_run import airflow_env, spec_for_airflow
     from migrator.demo.airflow_services import AirflowServices
@@ -391,13 +414,32 @@ def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Pa
     # share the cores; on 2 cores, 2 slots measured 1.34, 1.48 and 1.72 of the CLI, 1 slot 1.16 and 1.58).
     slots = max(1, (os.cpu_count() or 2) // 2)
     af = AirflowServices(home, env, meta, pool_slots=slots).start()
+    cli: list[float] = []
+    dag: list[float] = []
+    split: list[dict[str, float]] = []
+    per_task: dict[str, list[float]] = {}
 
     def through_airflow() -> float:
         reset()
         t0 = time.perf_counter()
         run = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})
         done = af.run_state("residency_migration", run["dag_run_id"], {"success", "failed"}, timeout=3600)
+        elapsed = time.perf_counter() - t0
         assert done["state"] == "success", "the DAG run failed"
+        tis = af.tasks("residency_migration", run["dag_run_id"])
+        first, last, busy = busy_intervals(tis)
+        span = last - first
+        split.append({"in_tasks_s": busy, "between_tasks_s": span - busy, "around_s": elapsed - span})
+        for t in tis:
+            if t.get("duration") is not None and t["state"] == "success":
+                per_task.setdefault(t["task_id"].split(".")[-1], []).append(float(t["duration"]))
+        return elapsed
+
+    def through_cli() -> float:
+        reset()
+        t0 = time.perf_counter()
+        _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
+        assert all(o.ok for o in outcomes) and len(outcomes) == 4
         return time.perf_counter() - t0
 
     try:
@@ -407,23 +449,30 @@ def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Pa
         # it has more tasks at once than workers (4 s each here), which a scheduler that has
         # been running has long done.
         through_airflow()
-        reset()
-        t0 = time.perf_counter()
-        _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
-        cli_s = time.perf_counter() - t0
-        assert all(o.ok for o in outcomes)
-        airflow_s = through_airflow()
+        split.clear()
+        per_task.clear()
+        for run in range(runs):
+            for step in (through_cli, through_airflow) if run % 2 == 0 else (through_airflow, through_cli):
+                (cli if step is through_cli else dag).append(step())
     finally:
         af.stop()
+    med = statistics.median
     return {
-        "cli_s": round(cli_s, 2),
-        "airflow_s": round(airflow_s, 2),
-        "airflow_vs_cli": round(airflow_s / cli_s, 3),
+        "runs": runs,
+        "cli_s": round(med(cli), 2),
+        "airflow_s": round(med(dag), 2),
+        "airflow_vs_cli": round(med(dag) / med(cli), 3),
+        "cli_s_each": [round(x, 2) for x in cli],
+        "airflow_s_each": [round(x, 2) for x in dag],
+        "airflow_split_s": {k: round(med(d[k] for d in split), 2) for k in split[0]},
+        "task_s_median": {k: round(med(v), 2) for k, v in sorted(per_task.items())},
         "executor": "LocalExecutor",
         "pool_slots": slots,
-        "shards": len(outcomes),
+        "shards": 4,
         "note": "airflow_s is from the REST API's trigger to the run's end, under a scheduler, dag-processor "
-        "and api-server already running (their start-up is not counted) that have run the migration once before",
+        "and api-server already running (their start-up is not counted) that have run the migration once before; "
+        "airflow_split_s: in_tasks_s while at least one task instance ran, between_tasks_s while none did, "
+        "around_s from the trigger to the first task's start and from the last task's end to the run's end",
     }
 
 
@@ -736,6 +785,9 @@ def main() -> None:
     ap.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     ap.add_argument("--airflow", action="store_true", help="also time the plan through the Airflow DAG")
     ap.add_argument(
+        "--airflow-runs", type=int, default=3, help="timed runs of the DAG and of the CLI each, for --airflow (medians)"
+    )
+    ap.add_argument(
         "--against-scale",
         type=float,
         default=None,
@@ -829,7 +881,7 @@ def main() -> None:
         if a.objects:
             doc["object_copy"] = bench_objects(a, src, control, spec, a.object_runs)
         if a.airflow:
-            doc["airflow"] = bench_airflow(big.cluster, dst, control, spec, base)
+            doc["airflow"] = bench_airflow(big.cluster, dst, control, spec, base, a.airflow_runs)
         if a.chart:
             chart(doc, a.chart)
         print(json.dumps(doc, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in doc.items()))
