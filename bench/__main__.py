@@ -267,7 +267,7 @@ def reladiff(ctx: Context, src: str, dst: str, codes: list[str], threads: int = 
 
 def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: list[int], first_event: int) -> dict:
     from migrator import engine
-    from migrator.demo.workload import Writer, check
+    from migrator.demo.workload import WriterProcess, check
 
     truncate(dst)
     for d in (control, src):
@@ -275,7 +275,7 @@ def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: li
             c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
     dsn = {"us": src, "ie": dst}
     ctx = Context(parse_spec(spec))
-    w = Writer(dsn, control, users, threads=2, rate_hz=1e6, first_event=first_event).start()
+    w = WriterProcess(dsn, control, users, threads=2, rate_hz=1e6, first_event=first_event).start()
     t0 = time.perf_counter()
     _, outcomes = engine.run(ctx, "writes")
     elapsed = time.perf_counter() - t0
@@ -309,7 +309,7 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     """A writer as fast as it goes: alone, then while every shard moves with the fence, and
     once more with the copy's throttle holding each shard to a third of the rate its copy
     reached the first time (copying_s: the seconds the shards spent copying, summed)."""
-    from migrator.demo.workload import Writer
+    from migrator.demo.workload import WriterProcess
 
     truncate(dst)
     for d in (control, src):
@@ -318,7 +318,7 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     with psycopg.connect(src) as c:
         users = [u for (u,) in c.execute("SELECT user_id FROM users WHERE user_id % 11 = 0 ORDER BY user_id LIMIT 400")]
     dsn = {"us": src, "ie": dst}
-    w = Writer(dsn, control, users, threads=2, rate_hz=1e6).start()
+    w = WriterProcess(dsn, control, users, threads=2, rate_hz=1e6).start()
     time.sleep(seconds)
     alone = w.stop().ops / seconds
     # batches small enough for the throttle to act between them (it waits before a batch)
@@ -379,7 +379,9 @@ def busy_intervals(tasks: list[dict]) -> tuple[float, float, float]:
     return spans[0][0], max(e for _, e in spans), busy
 
 
-def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Path, runs: int) -> dict:
+def bench_airflow(
+    cluster: Cluster, dst: str, control: str, spec: dict, base: Path, runs: int, idle_sleep_s: float | None
+) -> dict:
     """The same plan through the residency_migration DAG under a real scheduler, dag-processor
     and api-server (LocalExecutor, PostgreSQL metadata), triggered through the REST API and
     timed from the trigger to the run's end; against the CLI engine on the same plan, the
@@ -408,6 +410,8 @@ def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Pa
     env.update(
         MIGRATOR_SPEC=str(af_spec), MIGRATOR_SCHEDULE="0 0 1 1 *", AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True"
     )
+    if idle_sleep_s is not None:
+        env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] = str(idle_sleep_s)
     meta = cluster["src"].create_database("airflow").replace("postgresql://", "postgresql+psycopg://", 1)
     # The pool's slots are the shards copying from the source at once: the source's cores
     # over 2, as the README's capacity section says (here source, destination and tool
@@ -468,6 +472,7 @@ def bench_airflow(cluster: Cluster, dst: str, control: str, spec: dict, base: Pa
         "task_s_median": {k: round(med(v), 2) for k, v in sorted(per_task.items())},
         "executor": "LocalExecutor",
         "pool_slots": slots,
+        "scheduler_idle_sleep_s": float(af.env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"]),
         "shards": 4,
         "note": "airflow_s is from the REST API's trigger to the run's end, under a scheduler, dag-processor "
         "and api-server already running (their start-up is not counted) that have run the migration once before; "
@@ -788,6 +793,12 @@ def main() -> None:
         "--airflow-runs", type=int, default=3, help="timed runs of the DAG and of the CLI each, for --airflow (medians)"
     )
     ap.add_argument(
+        "--airflow-idle-sleep",
+        type=float,
+        default=None,
+        help="the scheduler's scheduler_idle_sleep_time for --airflow (default: the demo's Airflow's)",
+    )
+    ap.add_argument(
         "--against-scale",
         type=float,
         default=None,
@@ -881,7 +892,7 @@ def main() -> None:
         if a.objects:
             doc["object_copy"] = bench_objects(a, src, control, spec, a.object_runs)
         if a.airflow:
-            doc["airflow"] = bench_airflow(big.cluster, dst, control, spec, base, a.airflow_runs)
+            doc["airflow"] = bench_airflow(big.cluster, dst, control, spec, base, a.airflow_runs, a.airflow_idle_sleep)
         if a.chart:
             chart(doc, a.chart)
         print(json.dumps(doc, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in doc.items()))

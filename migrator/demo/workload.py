@@ -4,6 +4,7 @@ records every write that was acknowledged, so a test can check that none was los
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import threading
 import time
@@ -144,6 +145,47 @@ class Writer:
         for c in conns.values():
             c.close()
         ctl.close()
+
+
+class WriterProcess:
+    """The same writer in a process of its own, as the application is: its threads share no
+    interpreter lock with the migrator's (for the benchmark, where the writer's throughput
+    is the figure). `start` returns once the writer is about to write."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        mp = multiprocessing.get_context("spawn")
+        self._ready, self._stop, self._out, self._ops = mp.Event(), mp.Event(), mp.Queue(), mp.Value("q", 0)
+        self._proc = mp.Process(target=_serve, args=(args, kwargs, self._ready, self._stop, self._out, self._ops))
+        self._proc.daemon = True
+        self.errors: list[str] = []
+
+    def start(self) -> WriterProcess:
+        self._proc.start()
+        if not self._ready.wait(120):
+            self._proc.kill()
+            raise RuntimeError("the writer process did not start")
+        return self
+
+    def stop(self) -> Acked:
+        self._stop.set()
+        acked, self.errors = self._out.get(timeout=120)
+        self._proc.join(60)
+        return acked
+
+    @property
+    def ops(self) -> int:
+        """Writes acknowledged so far (as of a tenth of a second ago)."""
+        return int(self._ops.value)
+
+
+def _serve(args: tuple, kwargs: dict, ready: Any, stop: Any, out: Any, ops: Any) -> None:
+    w = Writer(*args, **kwargs)
+    ready.set()
+    w.start()
+    while not stop.wait(0.1):
+        ops.value = w.acked.ops
+    acked = w.stop()
+    out.put((acked, w.errors))
 
 
 def check(dsn: dict[str, str], control: str, acked: Acked) -> None:
