@@ -154,8 +154,8 @@ class WriterProcess:
 
     def __init__(self, *args: Any, **kwargs: Any):
         mp = multiprocessing.get_context("spawn")
-        self._ready, self._stop, self._out, self._ops = mp.Event(), mp.Event(), mp.Queue(), mp.Value("q", 0)
-        self._proc = mp.Process(target=_serve, args=(args, kwargs, self._ready, self._stop, self._out, self._ops))
+        self._ready, self._stop, self._out = mp.Event(), mp.Event(), mp.Queue()
+        self._proc = mp.Process(target=_serve, args=(args, kwargs, self._ready, self._stop, self._out))
         self._proc.daemon = True
         self.errors: list[str] = []
 
@@ -172,18 +172,12 @@ class WriterProcess:
         self._proc.join(60)
         return acked
 
-    @property
-    def ops(self) -> int:
-        """Writes acknowledged so far (as of a tenth of a second ago)."""
-        return int(self._ops.value)
 
-
-def _serve(args: tuple, kwargs: dict, ready: Any, stop: Any, out: Any, ops: Any) -> None:
+def _serve(args: tuple, kwargs: dict, ready: Any, stop: Any, out: Any) -> None:
     w = Writer(*args, **kwargs)
     ready.set()
     w.start()
-    while not stop.wait(0.1):
-        ops.value = w.acked.ops
+    stop.wait()
     acked = w.stop()
     out.put((acked, w.errors))
 
