@@ -380,7 +380,15 @@ def busy_intervals(tasks: list[dict]) -> tuple[float, float, float]:
 
 
 def bench_airflow(
-    cluster: Cluster, dst: str, control: str, spec: dict, base: Path, runs: int, idle_sleep_s: float | None
+    cluster: Cluster,
+    dst: str,
+    control: str,
+    spec: dict,
+    base: Path,
+    runs: int,
+    idle_sleep_s: float | None,
+    preload: bool = True,
+    slots: int | None = None,
 ) -> dict:
     """The same plan through the residency_migration DAG under a real scheduler, dag-processor
     and api-server (LocalExecutor, PostgreSQL metadata), triggered through the REST API and
@@ -406,6 +414,8 @@ def bench_airflow(
     home.mkdir(exist_ok=True)
     af_spec, conns = spec_for_airflow(path, base / "spec.airflow.yaml")
     env = airflow_env(home, conns)
+    if not preload:
+        (home / "config" / "airflow_local_settings.py").unlink()
     # no scheduled run before the triggered one: the first yearly interval ends in the future
     env.update(
         MIGRATOR_SPEC=str(af_spec), MIGRATOR_SCHEDULE="0 0 1 1 *", AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True"
@@ -416,7 +426,7 @@ def bench_airflow(
     # The pool's slots are the shards copying from the source at once: the source's cores
     # over 2, as the README's capacity section says (here source, destination and tool
     # share the cores; on 2 cores, 2 slots measured 1.34, 1.48 and 1.72 of the CLI, 1 slot 1.16 and 1.58).
-    slots = max(1, (os.cpu_count() or 2) // 2)
+    slots = slots or max(1, (os.cpu_count() or 2) // 2)
     af = AirflowServices(home, env, meta, pool_slots=slots).start()
     cli: list[float] = []
     dag: list[float] = []
@@ -473,6 +483,7 @@ def bench_airflow(
         "executor": "LocalExecutor",
         "pool_slots": slots,
         "scheduler_idle_sleep_s": float(af.env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"]),
+        "preload": preload,
         "shards": 4,
         "note": "airflow_s is from the REST API's trigger to the run's end, under a scheduler, dag-processor "
         "and api-server already running (their start-up is not counted) that have run the migration once before; "
@@ -799,6 +810,17 @@ def main() -> None:
         help="the scheduler's scheduler_idle_sleep_time for --airflow (default: the demo's Airflow's)",
     )
     ap.add_argument(
+        "--airflow-pool-slots",
+        type=int,
+        default=None,
+        help="for --airflow: the migrator_source pool's slots (default: the cores over 2)",
+    )
+    ap.add_argument(
+        "--airflow-no-preload",
+        action="store_true",
+        help="for --airflow: no airflow_local_settings preload (each task process imports the migrator itself)",
+    )
+    ap.add_argument(
         "--against-scale",
         type=float,
         default=None,
@@ -892,7 +914,17 @@ def main() -> None:
         if a.objects:
             doc["object_copy"] = bench_objects(a, src, control, spec, a.object_runs)
         if a.airflow:
-            doc["airflow"] = bench_airflow(big.cluster, dst, control, spec, base, a.airflow_runs, a.airflow_idle_sleep)
+            doc["airflow"] = bench_airflow(
+                big.cluster,
+                dst,
+                control,
+                spec,
+                base,
+                a.airflow_runs,
+                a.airflow_idle_sleep,
+                not a.airflow_no_preload,
+                a.airflow_pool_slots,
+            )
         if a.chart:
             chart(doc, a.chart)
         print(json.dumps(doc, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in doc.items()))

@@ -51,13 +51,13 @@ class CutoverApproval(ApprovalOperator):
         return orchestration.load(spec_path(context["params"]), resolve_conn, resolve_s3=resolve_s3)
 
     def execute(self, context: Any) -> Any:
-        from migrator import orchestration
-
         desc = self._shard(context)
         asked = context["params"].get("approve_cutover")
         if not (required_by_default() if asked is None else asked):
             self.log.info("shard %s: no approval asked for (approve_cutover is off): approved", desc["name"])
             return {"chosen_options": [self.APPROVE], "params_input": {}, "asked": False}
+        from migrator import orchestration  # only when asking: a task's start pays for this import
+
         if context["ti"].try_number > 1:
             # Airflow retried this task (e.g. the executor's report of the pause came after the
             # answer resumed it). Its earlier try's answer is in that try's history, which a

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,9 +15,15 @@ from pathlib import Path
 import yaml
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
+LOCAL_SETTINGS = Path(__file__).with_name("airflow_local_settings.py")
 
 
 def airflow_env(home: Path, conns: dict[str, str]) -> dict[str, str]:
+    """The environment of an Airflow home of its own for the migrator's DAGs, with `conns`
+    as Airflow Connections; the home gets the migrator's airflow_local_settings (what
+    every task imports, imported before tasks fork)."""
+    (home / "config").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(LOCAL_SETTINGS, home / "config" / "airflow_local_settings.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env.update(
         {

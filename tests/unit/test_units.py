@@ -286,3 +286,30 @@ def test_a_task_process_imports_no_alembic():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_airflow_home_preloads_what_tasks_import_and_nothing_of_airflow(tmp_path):
+    """The Airflow home the demo, tests and bench set up (and docker-compose.yml mounts) has
+    an airflow_local_settings that imports what every task imports, so the scheduler or
+    worker that forks a task has it already, and imports no Airflow module: Airflow imports
+    it while initialising."""
+    import subprocess
+    import sys
+
+    from migrator.demo.airflow_run import airflow_env
+    from tests.conftest import ROOT
+
+    env = airflow_env(tmp_path, {})
+    settings = tmp_path / "config" / "airflow_local_settings.py"
+    assert env["AIRFLOW_HOME"] == str(tmp_path) and settings.is_file()
+    code = (
+        f"import sys; sys.path.insert(0, {str(settings.parent)!r}); import airflow_local_settings as s; "
+        "print(s.__all__, 'migrator.orchestration' in sys.modules, "
+        "sorted({m for m in sys.modules if m.startswith('airflow')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] True ['airflow_local_settings']"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["airflow-scheduler"]["volumes"]
+    source = next(m.split(":")[0] for m in mounts if ":/opt/airflow/config/airflow_local_settings.py" in m)
+    assert (ROOT / source).read_text() == settings.read_text()

@@ -1,0 +1,13 @@
+"""Airflow's local settings for the migrator's DAGs: copied (demo, tests, bench) or mounted
+(docker-compose.yml) as $AIRFLOW_HOME/config/airflow_local_settings.py, which Airflow
+imports in each of its processes as it initialises.
+
+The scheduler (LocalExecutor) and a Celery worker fork every task process from themselves,
+so what they import here a task's start need not import again. They keep the code they
+started with: restart them after upgrading the migrator. Only modules that import nothing
+of Airflow belong here (this file is imported while Airflow initialises)."""
+
+import migrator.airflow_glue  # noqa: F401
+import migrator.orchestration  # noqa: F401
+
+__all__: list[str] = []  # no cluster policies or settings of Airflow's here
