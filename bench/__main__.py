@@ -379,6 +379,14 @@ def busy_intervals(tasks: list[dict]) -> tuple[float, float, float]:
     return spans[0][0], max(e for _, e in spans), busy
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (every core, every process)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
 def bench_airflow(
     cluster: Cluster,
     dst: str,
@@ -433,12 +441,16 @@ def bench_airflow(
     split: list[dict[str, float]] = []
     per_task: dict[str, list[float]] = {}
 
+    cpu: dict[str, list[float]] = {"cli": [], "airflow": []}
+
     def through_airflow() -> float:
         reset()
+        c0 = busy_cpu_s()
         t0 = time.perf_counter()
         run = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})
         done = af.run_state("residency_migration", run["dag_run_id"], {"success", "failed"}, timeout=3600)
         elapsed = time.perf_counter() - t0
+        cpu["airflow"].append(busy_cpu_s() - c0)
         assert done["state"] == "success", "the DAG run failed"
         tis = af.tasks("residency_migration", run["dag_run_id"])
         first, last, busy = busy_intervals(tis)
@@ -451,10 +463,13 @@ def bench_airflow(
 
     def through_cli() -> float:
         reset()
+        c0 = busy_cpu_s()
         t0 = time.perf_counter()
         _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
+        elapsed = time.perf_counter() - t0
+        cpu["cli"].append(busy_cpu_s() - c0)
         assert all(o.ok for o in outcomes) and len(outcomes) == 4
-        return time.perf_counter() - t0
+        return elapsed
 
     try:
         af.wait_for_dag("residency_migration")
@@ -465,6 +480,9 @@ def bench_airflow(
         through_airflow()
         split.clear()
         per_task.clear()
+        c0 = busy_cpu_s()
+        time.sleep(5)
+        idle_cpu = (busy_cpu_s() - c0) / 5
         for run in range(runs):
             for step in (through_cli, through_airflow) if run % 2 == 0 else (through_airflow, through_cli):
                 (cli if step is through_cli else dag).append(step())
@@ -480,6 +498,8 @@ def bench_airflow(
         "airflow_s_each": [round(x, 2) for x in dag],
         "airflow_split_s": {k: round(med(d[k] for d in split), 2) for k in split[0]},
         "task_s_median": {k: round(med(v), 2) for k, v in sorted(per_task.items())},
+        "machine_cpu_s": {k: round(med(v), 1) for k, v in cpu.items()},
+        "idle_airflow_cores": round(idle_cpu, 3),
         "executor": "LocalExecutor",
         "pool_slots": slots,
         "scheduler_idle_sleep_s": float(af.env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"]),
@@ -488,7 +508,9 @@ def bench_airflow(
         "note": "airflow_s is from the REST API's trigger to the run's end, under a scheduler, dag-processor "
         "and api-server already running (their start-up is not counted) that have run the migration once before; "
         "airflow_split_s: in_tasks_s while at least one task instance ran, between_tasks_s while none did, "
-        "around_s from the trigger to the first task's start and from the last task's end to the run's end",
+        "around_s from the trigger to the first task's start and from the last task's end to the run's end; "
+        "machine_cpu_s: CPU seconds the whole machine spent (all processes) during each CLI and DAG run; "
+        "idle_airflow_cores: the machine's busy cores with Airflow running and nothing triggered",
     }
 
 

@@ -66,7 +66,7 @@ def test_bench_smoke(tmp_path):
     ):
         assert doc[key] > 0, key
     assert set(doc["lifecycle_s"]) == {"plan", "copy", "verify", "cutover", "purge"}
-    # the Airflow figure (a live scheduler, about a minute more) runs with `python -m bench --airflow`
+    # the Airflow figure (a live scheduler): tests/airflow/test_bench_airflow.py
     assert doc["object_copy"]["objects"] == 20 and doc["object_copy"]["objects_vs_plain"] > 0
     assert doc["changed_row"]["tool_found"] and doc["changed_row"]["reladiff_found"]
     assert doc["verify_speedup_vs_reladiff"] > 0

@@ -1,0 +1,35 @@
+"""A tiny run of the benchmark's Airflow figure keeps it working (a real scheduler,
+dag-processor and api-server, one DAG run and one CLI run); its figures are not asserted on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytest.importorskip("airflow.sdk")
+pytestmark = pytest.mark.airflow
+
+
+def test_bench_airflow_smoke():
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--scale", "0.02", "--runs", "0", "--objects", "0"]
+        + ["--airflow", "--airflow-runs", "1", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = json.loads(res.stdout)["airflow"]
+    assert a["runs"] == 1 and a["shards"] == 4 and a["executor"] == "LocalExecutor"
+    assert a["cli_s"] > 0 and a["airflow_s"] > 0 and a["airflow_vs_cli"] > 0
+    # every task of a shard's path ran (and succeeded) in the timed run
+    assert {"plan", "copy", "verify", "approve", "cutover", "outcome", "report"} <= set(a["task_s_median"])
+    split = a["airflow_split_s"]
+    assert split["in_tasks_s"] > 0 and abs(sum(split.values()) - a["airflow_s"]) < 0.5
+    assert a["machine_cpu_s"]["airflow"] > 0 and a["machine_cpu_s"]["cli"] > 0
