@@ -30,6 +30,7 @@ from migrator.cutover import FenceWindowExceeded, cutover_shard
 from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError, StateConflict, describe, is_transient, retrying
 from migrator.purge import purge_shard
 from migrator.rollback import rollback_shard
+from migrator.scaffolding import pause_point
 from migrator.state import MOVED, Phase, allowed
 from migrator.verifier import verify_shard
 
@@ -208,6 +209,8 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
     state = ctx.control.shard(sid).state
     d = decide(state, phase)
     if d.verdict == Verdict.SKIP:
+        if phase in EVIDENT:
+            _keep_owed_evidence(ctx, sid, state)
         return Result(sid, phase, state.value, False, skipped=d.why)
     if d.verdict == Verdict.REFUSE:
         if state in (P.PURGING, P.PURGED):
@@ -220,6 +223,7 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
         raise
     shard = ctx.control.shard(sid)
     if phase in EVIDENT:
+        pause_point(ctx, sid, "moved")
         _keep_evidence(ctx, sid, shard.region, shard.state, phase)
     return Result(sid, phase, shard.state.value, True, detail=detail)
 
@@ -235,6 +239,21 @@ def _keep_evidence(ctx: Context, sid: str, region: str, state: Phase, phase: str
         log.warning("shard %s: no manifest kept in %s now: %s", sid, region, describe(exc))
         ctx.control.record(sid, state.value, {"event": "manifest not kept", "error": describe(exc)})
     chain.publish_quietly(ctx.control, ctx.dsn(region), sid, phase)
+
+
+def _keep_owed_evidence(ctx: Context, sid: str, state: Phase) -> None:
+    """A rerun of a cutover, rollback or purge whose work is done keeps the manifest its
+    move is still owed: one killed between the move and its manifest, one whose region was
+    away then, one completed by recovery. Like `_keep_evidence`, never raises."""
+    event = OWED.get(state)
+    try:
+        if event is None or not evidence.owed(ctx, sid, event):
+            return
+    except Exception as exc:  # noqa: BLE001 - the move has happened; the next rerun looks again
+        log.warning("shard %s: whether its manifest is kept could not be read now: %s", sid, describe(exc))
+        return
+    log.info("shard %s: its %s manifest was never kept: keeping it now", sid, event)
+    _keep_evidence(ctx, sid, ctx.control.shard(sid).region, state, event)
 
 
 def _resolve(ctx: Context, sid: str) -> None:
@@ -257,6 +276,7 @@ def run_phase(ctx: Context, sid: str, phase: str, reason: str = "", progress: Pr
 
 FORWARD = ("copy", "verify", "cutover")
 EVIDENT = ("cutover", "rollback", "purge")  # phases after which the destination keeps the chain's head
+OWED = {P.CUT_OVER: "cutover", P.ROLLED_BACK: "rollback", P.PURGED: "purge"}  # the manifest each end state is owed
 
 
 def advance(ctx: Context, sid: str, through: str = "cutover", progress: Progress | None = None) -> list[Result]:

@@ -146,6 +146,22 @@ def write(ctx: Context, sid: str, event: str) -> dict[str, Any] | None:
     return {"manifest": mid, "signature": signature[:16]}
 
 
+def owed(ctx: Context, sid: str, event: str) -> bool:
+    """Whether the spec asks for manifests in the shard's region and the shard's latest
+    manifest there is not one of `event` (none kept, or one from before its last move)."""
+    ev = ctx.spec.evidence
+    region = ctx.control.shard(sid).region
+    if ev is None or region not in ev.regions:
+        return False
+    with connect(ctx.dsn(region)) as c:
+        if c.execute("SELECT to_regclass('migrator.manifests')").fetchone()[0] is None:
+            return True
+        row = c.execute(
+            "SELECT event FROM migrator.manifests WHERE shard_id = %s ORDER BY id DESC LIMIT 1", (sid,)
+        ).fetchone()
+    return row is None or row[0] != event
+
+
 def check(
     c: Conn, ctx: Context, region: str, members: dict[str, dict[int, list[str]]], moved_here: set[str]
 ) -> tuple[int, list[dict]]:

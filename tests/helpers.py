@@ -59,7 +59,10 @@ def start(w: World, *args: str, env: dict[str, str] | None = None, out: int = su
 
 
 def reached(w: World, at: str) -> bool:
-    """Whether a command has paused at the pause point `at` (its audit row)."""
+    """Whether a command has paused at the pause point `at` (its audit row; none before
+    the command has made the control schema)."""
+    if not w.ctl("SELECT to_regclass('migrator.audit')")[0][0]:
+        return False
     return bool(w.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {at}",))[0][0])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 
 import psycopg
 import pytest
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.conftest import World
+from tests.helpers import paused, start
 from tests.integration.test_audit import _audit, _cli, _reader
 
 pytestmark = pytest.mark.integration
@@ -27,7 +29,7 @@ def _pub(seed: str) -> str:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
 
 
-def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, monkeypatch):
+def _with_evidence(world: World, monkeypatch) -> None:
     monkeypatch.setenv("TEST_SIGNING_IE", SEED)
     monkeypatch.setenv("TEST_PSEUDONYMS_IE", PSEUDONYM_KEY)
     ev = {
@@ -40,6 +42,10 @@ def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, m
         }
     }
     world.write_spec(evidence=ev, sharding={"shards_per_region": 1})
+
+
+def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, monkeypatch):
+    _with_evidence(world, monkeypatch)
     assert world.migrator("run", "--region", "ie").returncode == 0
     ((sid, text, signature),) = world.rows("ie", "SELECT shard_id, doc, signature FROM migrator.manifests")
     doc = json.loads(text)
@@ -93,3 +99,45 @@ def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, m
     assert rc == 1 and ("no manifest kept for a shard moved here", sid) in {
         (f["kind"], f.get("shard")) for f in out["findings"]
     }
+
+
+def _manifests(world: World) -> list[tuple[str, str]]:
+    if world.rows("ie", "SELECT to_regclass('migrator.manifests')")[0][0] is None:
+        return []
+    return world.rows("ie", "SELECT shard_id, event FROM migrator.manifests ORDER BY id")
+
+
+def test_a_move_killed_before_its_manifest_gets_it_when_the_phase_is_run_again(world: World, tmp_path, monkeypatch):
+    """Killed (SIGKILL) after the cutover committed and before its manifest was kept: the
+    audit names the shard as moved without one, and running the cutover again keeps it
+    (once: a third run keeps nothing more). The same for a rollback killed there."""
+    _with_evidence(world, monkeypatch)
+    proc = paused(world, "moved", "run", "--region", "ie")
+    proc.kill()
+    proc.wait()
+    ((sid, state),) = world.ctl("SELECT shard_id, state FROM migrator.shard WHERE region = 'ie'")
+    assert state == "cut_over" and _manifests(world) == []
+    rc, out = _audit(world, _reader(world, tmp_path))
+    assert rc == 1 and ("no manifest kept for a shard moved here", sid) in {
+        (f["kind"], f.get("shard")) for f in out["findings"]
+    }
+    for _ in range(2):
+        res = world.migrator("cutover", "--region", "ie", "--json")
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert _manifests(world) == [(sid, "cutover")]
+    rc, out = _audit(world, _reader(world, tmp_path))
+    assert rc == 0, out.get("findings") or out
+    # paused at the same place again: a second "paused at moved" row
+    proc = start(world, "rollback", "--region", "ie", "--reason", "killed", env={"MIGRATOR_PAUSE_AT": "moved"})
+    q = "SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at moved'"
+    deadline = time.monotonic() + 120
+    while world.ctl(q)[0][0] < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the rollback never reached its manifest"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("rolled_back",)]
+    assert _manifests(world) == [(sid, "cutover")]
+    res = world.migrator("rollback", "--region", "ie", "--reason", "again", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert _manifests(world) == [(sid, "cutover"), (sid, "rollback")]
