@@ -86,6 +86,10 @@ class LocalPostgres:
 
     def _run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         kw: dict[str, Any] = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
+        if self.user and self.dir.exists():
+            # again before each command: a directory above may have been closed since (pytest
+            # takes group and other access off its temporary root as each session starts)
+            _make_reachable(self.dir)
         return subprocess.run(
             [str(self.bin / args[0]), *args[1:]],
             check=check,
