@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -550,6 +551,68 @@ def chart(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# Each figure's target (the benchmark issues'), checked against whatever this run measured:
+# (name, path into the document, "<=" / ">=" / "<", the bound or how to work it out from the
+# document, where it applies, and whether this run's document is such a run).
+Bound = float | Callable[[dict], float]
+
+
+def _always(doc: dict) -> bool:
+    return True
+
+
+TARGETS: list[tuple[str, tuple[str, ...], str, Bound, str, Callable[[dict], bool]]] = [
+    ("copy_vs_pipe", ("copy_vs_pipe",), "<=", 1.15, "", _always),
+    ("total_vs_pipe", ("total_vs_pipe",), "<=", 1.6, "", _always),
+    ("copy_vs_parallel_pipe", ("copy_vs_parallel_pipe",), "<=", 1.05, "", _always),
+    ("lifecycle_vs_parallel_pipe", ("lifecycle_vs_parallel_pipe",), "<=", 1.3, "the purge in", _always),
+    ("rollback_vs_copy", ("rollback_vs_copy",), "<=", 1.0, "", _always),
+    ("purge_vs_copy", ("purge_vs_copy",), "<=", 0.5, "", _always),
+    ("verify_speedup_vs_reladiff", ("verify_speedup_vs_reladiff",), ">=", 5.0, "", _always),
+    ("peak_rss_mb", ("peak_rss_mb",), "<=", 300.0, "", _always),
+    # growth as good as linear, within a tenth: 4.4 for scale 4 against 1
+    (
+        "growth_time_ratio",
+        ("growth", "time_ratio"),
+        "<=",
+        lambda d: 1.1 * d["growth"]["rows_ratio"],
+        "",
+        _always,
+    ),
+    ("objects_vs_plain", ("object_copy", "objects_vs_plain"), ">=", 0.9, "", _always),
+    ("fence_ms_p99", ("live_writes", "fence_ms_p99"), "<", 300.0, "", _always),
+    (
+        "writer_during_vs_alone_throttled",
+        ("live_writes", "writer_during_vs_alone_throttled"),
+        ">=",
+        0.6,
+        "",
+        _always,
+    ),
+    ("airflow_vs_cli", ("airflow", "airflow_vs_cli"), "<=", 1.15, "at scale 1", lambda d: d.get("scale") == 1),
+]
+
+
+def targets(doc: dict) -> dict[str, dict]:
+    """Each target this run measured: its value, the target, and whether it was met (None
+    where the target is for another scale)."""
+    out: dict[str, dict] = {}
+    for name, path, op, bound, where, applies in TARGETS:
+        v: object = doc
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        if not isinstance(v, int | float):
+            continue
+        b = bound(doc) if callable(bound) else bound
+        met = v <= b if op == "<=" else v >= b if op == ">=" else v < b
+        out[name] = {
+            "value": v,
+            "target": f"{op} {b:.3g}" + (f" ({where})" if where else ""),
+            "met": met if applies(doc) else None,
+        }
+    return out
+
+
 def growth(small: dict, large: dict) -> dict:
     """How the copy and verify times and the peak memory grew from the smaller scale to this
     one, both measured in this run: linear growth gives a time ratio equal to the rows ratio."""
@@ -947,6 +1010,7 @@ def main() -> None:
                 not a.airflow_no_preload,
                 a.airflow_pool_slots,
             )
+        doc["targets"] = targets(doc)
         if a.chart:
             chart(doc, a.chart)
         print(json.dumps(doc, indent=2) if a.json else "\n".join(f"{k}: {v}" for k, v in doc.items()))

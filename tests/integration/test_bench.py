@@ -76,3 +76,11 @@ def test_bench_smoke(tmp_path):
     g = doc["growth"]
     assert g["against_scale"] == 0.01 and g["rows_ratio"] > 1 and g["time_ratio"] > 0 and g["small"]["copy_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    # each target the run measured, with the figure's own value and whether it was met
+    t = doc["targets"]
+    assert {"copy_vs_parallel_pipe", "lifecycle_vs_parallel_pipe", "rollback_vs_copy", "purge_vs_copy"} <= set(t)
+    assert {"fence_ms_p99", "writer_during_vs_alone_throttled", "growth_time_ratio", "objects_vs_plain"} <= set(t)
+    assert t["rollback_vs_copy"]["value"] == doc["rollback_vs_copy"]
+    assert t["rollback_vs_copy"]["met"] is (doc["rollback_vs_copy"] <= 1.0)
+    assert t["fence_ms_p99"]["met"] is (w["fence_ms_p99"] < 300)
+    assert all(isinstance(x["met"], bool) for x in t.values())
