@@ -15,3 +15,11 @@ def pause_point(ctx: Any, sid: str, name: str) -> None:
     if os.environ.get("MIGRATOR_PAUSE_AT") == name:
         ctx.control.record(sid, None, {"event": f"paused at {name}"})
         time.sleep(float(os.environ.get("MIGRATOR_PAUSE_S", "60")))
+
+
+def pause_here(name: str) -> None:
+    """Stop for MIGRATOR_PAUSE_S seconds here when MIGRATOR_PAUSE_AT=name, writing nothing:
+    for places inside a transaction of a store, which a test watches from that store (a
+    schema upgrade between two revisions)."""
+    if os.environ.get("MIGRATOR_PAUSE_AT") == name:
+        time.sleep(float(os.environ.get("MIGRATOR_PAUSE_S", "60")))

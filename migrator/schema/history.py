@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migrator.errors import StateVersionError
+from migrator.scaffolding import pause_here
 from migrator.schema import SCHEMA
 from migrator.spec import Spec
 from migrator.stores.postgres import connect, where
@@ -177,9 +178,14 @@ def run_env(context: Any) -> None:
             context.run_migrations()
         return
     applied: list[str] = cfg.attributes.get("applied", [])
+
+    def done(*, step: Any, **_: Any) -> None:
+        applied.append(step.up_revision_id)
+        pause_here(f"upgraded {step.up_revision_id}")  # still inside the upgrade's one transaction
+
     context.configure(
         connection=cfg.attributes["connection"],
-        on_version_apply=lambda *, step, **_: applied.append(step.up_revision_id),
+        on_version_apply=done,
         **opts,  # type: ignore[arg-type]
     )
     with context.begin_transaction():

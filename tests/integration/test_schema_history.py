@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import psycopg
 import pytest
@@ -15,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 
 from migrator.schema import tables
 from tests.conftest import World
-from tests.helpers import verified_region
+from tests.helpers import start, verified_region
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +82,45 @@ def test_upgrade_brings_every_store_to_head_and_matches_the_declared_tables(worl
     ]
     again = json.loads(world.migrator("upgrade", "--json").stdout)
     assert not any(s["upgraded"] for s in again["stores"])
+
+
+def _paused_in_transaction(dsn: str) -> bool:
+    """A session holding an advisory lock and the exclusive locks of tables it has created
+    in its open transaction, idle in it for over a second (no upgrade pauses that long
+    between two statements of its own)."""
+    with psycopg.connect(dsn) as c:
+        return bool(
+            c.execute(
+                "SELECT count(*) FROM pg_stat_activity a WHERE a.state = 'idle in transaction' "
+                "AND a.state_change < now() - interval '1 second' AND a.pid <> pg_backend_pid() "
+                "AND EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'advisory') "
+                "AND EXISTS (SELECT FROM pg_locks l WHERE l.pid = a.pid AND l.locktype = 'relation' "
+                "            AND l.mode = 'AccessExclusiveLock')"
+            ).fetchone()[0]
+        )
+
+
+def test_an_upgrade_killed_between_two_revisions_leaves_the_store_as_it_was(world: World):
+    """`migrator upgrade` killed (SIGKILL) after the control history's first revision and
+    before its second, inside the one transaction: the control database has nothing of
+    the migrator's (no schema, no version), and the next upgrade brings it to head."""
+    proc = start(world, "upgrade", env={"MIGRATOR_PAUSE_AT": "upgraded control_0001", "MIGRATOR_PAUSE_S": "60"})
+    deadline = time.monotonic() + 60
+    while not _paused_in_transaction(world.control):
+        assert proc.poll() is None and time.monotonic() < deadline, "the upgrade never paused after control_0001"
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10  # the server sees its client gone and rolls the transaction back
+    while _version(world, "control", "control") is not None or world.ctl("SELECT to_regnamespace('migrator')")[0][0]:
+        assert time.monotonic() < deadline, "the killed upgrade's work is still in the control database"
+        time.sleep(0.1)
+    res = world.migrator("upgrade", "--json")
+    assert res.returncode == 0, res.stderr
+    ((store,),) = [[s] for s in json.loads(res.stdout)["stores"] if s["history"] == "control"]
+    assert store["from"] is None and store["upgraded"]
+    assert _version(world, "control", "control") == HEADS["control"]
+    assert _differences(world.control, tables.control) == []
 
 
 def test_upgrade_sql_applied_by_hand_leaves_nothing_to_do(world: World, tmp_path):
