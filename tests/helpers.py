@@ -1,15 +1,22 @@
 """Helpers the integration tests share: users to write for, a region brought to verified,
-a command stopped at a pause point."""
+a command stopped at a pause point, a live Airflow for the world, the benchmark run."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from tests.conftest import World
+from tests.conftest import ROOT, World
+
+if TYPE_CHECKING:
+    from migrator.demo.airflow_services import AirflowServices
 
 
 def movers(w: World, n_per_region: int = 40) -> list[int]:
@@ -96,3 +103,33 @@ def airflow_for(world: World, tmp_path: Path, **env: str) -> tuple[Path, dict[st
     out.update(MIGRATOR_SPEC=str(af_spec), AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True", **env)
     meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
     return home, out, meta.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@contextmanager
+def live_airflow(world: World, tmp_path: Path, **env: str) -> Iterator[AirflowServices]:
+    """A scheduler, dag-processor and api-server for the world (see `airflow_for`), with
+    `residency_migration` parsed and unpaused; stopped at the end."""
+    from migrator.demo.airflow_services import AirflowServices
+
+    home, out, meta = airflow_for(world, tmp_path, **env)
+    af = AirflowServices(home, out, meta).start()
+    try:
+        af.wait_for_dag("residency_migration")
+        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+        yield af
+    finally:
+        af.stop()
+
+
+def trigger(af: AirflowServices, conf: dict[str, Any]) -> str:
+    """A manual run of `residency_migration` through the REST API, as an operator's tool would; its id."""
+    return af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+
+
+def bench(*args: str, timeout: float = 900) -> dict[str, Any]:
+    """`python -m bench ARGS --json` as a user runs it; its document (the run must succeed)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout)

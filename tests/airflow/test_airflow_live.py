@@ -13,7 +13,7 @@ import pytest
 
 from migrator.demo.airflow_services import AirflowServices
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import airflow_for
+from tests.helpers import airflow_for, live_airflow, trigger
 
 pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
@@ -77,19 +77,10 @@ def _approve_with_one_asked_again(af: AirflowServices, world: World, run: str) -
 
 
 def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
-    home, env, meta = airflow_for(world, tmp_path)
-    af = AirflowServices(home, env, meta)
-    af.start()
-    try:
-        af.wait_for_dag("residency_migration")
-        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+    with live_airflow(world, tmp_path) as af:
         # an operator's manual run from the API: every user bound for Norway, each cutover
         # approved first; one approval task is cleared while it waits, and asks again
-        manual = af.api(
-            "POST",
-            "/dags/residency_migration/dagRuns",
-            {"logical_date": None, "conf": {"scope": "all", "regions": ["no"], "approve_cutover": True}},
-        )["dag_run_id"]
+        manual = trigger(af, {"scope": "all", "regions": ["no"], "approve_cutover": True})
         _approve_with_one_asked_again(af, world, manual)
         # and a backfill over three days of the seeded sign-ups
         res = af.cli(
@@ -104,8 +95,6 @@ def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
         )
         assert res.returncode == 0, res.stderr[-2000:]
         runs = af.wait_runs("residency_migration", 4)
-    finally:
-        af.stop()
     assert all(r["state"] == "success" for r in runs), [(r["dag_run_id"], r["state"]) for r in runs]
     backfilled = [r for r in runs if r["run_type"] == "backfill"]
     assert len(backfilled) == 3

@@ -14,7 +14,7 @@ import pytest
 
 from migrator.demo.airflow_services import AirflowServices
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import airflow_for
+from tests.helpers import live_airflow, trigger
 
 pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
@@ -33,17 +33,8 @@ def _states(world: World) -> set[str]:
 
 def test_the_scheduler_killed_while_cutovers_wait_for_approval(world: World, tmp_path):
     world.write_spec(sharding={"shards_per_region": 2})
-    home, env, meta = airflow_for(world, tmp_path)
-    af = AirflowServices(home, env, meta)
-    af.start()
-    try:
-        af.wait_for_dag("residency_migration")
-        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
-        run = af.api(
-            "POST",
-            "/dags/residency_migration/dagRuns",
-            {"logical_date": None, "conf": {"scope": "all", "regions": ["no"], "approve_cutover": True}},
-        )["dag_run_id"]
+    with live_airflow(world, tmp_path) as af:
+        run = trigger(af, {"scope": "all", "regions": ["no"], "approve_cutover": True})
         deadline = time.monotonic() + 300
         while len([t for t in _approvals(af, run) if t["state"] == "awaiting_input"]) < 2:
             assert time.monotonic() < deadline, [(t["map_index"], t["state"]) for t in _approvals(af, run)]
@@ -74,8 +65,6 @@ def test_the_scheduler_killed_while_cutovers_wait_for_approval(world: World, tmp
             time.sleep(1)
         state = af.api("GET", RUN_STATE.format(run=run))["state"]
         tis = af.tasks("residency_migration", run)
-    finally:
-        af.stop()
     assert state == "success", [(t["task_id"], t.get("map_index"), t["state"]) for t in tis]
     assert second in answered
     # the answer given while no scheduler ran is the one that counted: that approval was not asked again

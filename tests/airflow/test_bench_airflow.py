@@ -3,29 +3,16 @@ dag-processor and api-server, one DAG run and one CLI run); its figures are not 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import bench
 
 pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
 
 
 def test_bench_airflow_smoke():
-    res = subprocess.run(
-        [sys.executable, "-m", "bench", "--scale", "0.02", "--runs", "0", "--objects", "0"]
-        + ["--airflow", "--airflow-runs", "1", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    doc = json.loads(res.stdout)
+    doc = bench("--scale", "0.02", "--runs", "0", "--objects", "0", "--airflow", "--airflow-runs", "1")
     a = doc["airflow"]
     # its target is for scale 1: reported, not judged, here
     assert doc["targets"]["airflow_vs_cli"] == {

@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import bench
 
 pytestmark = pytest.mark.integration
 
 
 def test_bench_smoke(tmp_path):
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--scale",
-            "0.02",
-            "--runs",
-            "1",
-            "--json",
-            "--objects",
-            "20",
-            "--object-kb",
-            "64",
-            "--object-runs",
-            "1",
-            "--writes",
-            "--against-scale",
-            "0.01",
-            "--chart",
-            str(tmp_path / "bench.png"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    doc = bench(
+        *("--scale", "0.02", "--runs", "1", "--objects", "20", "--object-kb", "64", "--object-runs", "1"),
+        *("--writes", "--against-scale", "0.01", "--chart", str(tmp_path / "bench.png")),
         timeout=600,
     )
-    assert res.returncode == 0, res.stderr[-2000:]
-    doc = json.loads(res.stdout)
     assert doc["users"] == 10000 and doc["rows"] > 2000
     for key in (
         "raw_pipe_s",

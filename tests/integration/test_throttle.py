@@ -104,11 +104,20 @@ def test_the_copy_waits_while_a_standby_replays_behind(world: World, tmp_path):
             },
         )
         assert world.migrator("plan", "--region", "ie").returncode == 0
+        touch = "UPDATE users SET display_name = display_name WHERE user_id = (SELECT min(user_id) FROM users)"
+        # a write the standby has replayed before its replay is paused: the lag is counted from
+        # the last transaction it replayed, and there is none until then
+        with psycopg.connect(src, autocommit=True) as c:
+            c.execute(touch)
+            (written,) = c.execute("SELECT pg_current_wal_lsn()").fetchone()
+        deadline = time.monotonic() + 30
         with psycopg.connect(standby.dsn("app"), autocommit=True) as c:
+            while not c.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (written,)).fetchone()[0]:
+                assert time.monotonic() < deadline, "the standby did not replay the write"
+                time.sleep(0.1)
             c.execute("SELECT pg_wal_replay_pause()")
         with psycopg.connect(src, autocommit=True) as c:  # the application writes on
-            c.execute("UPDATE users SET display_name = display_name WHERE user_id = (SELECT min(user_id) FROM users)")
-        deadline = time.monotonic() + 30
+            c.execute(touch)
         while _lag(standby.dsn("app")) <= 1.5:
             assert time.monotonic() < deadline, "the paused standby did not fall behind"
             time.sleep(0.2)
