@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -551,64 +552,53 @@ def chart(doc: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-# Each figure's target (the benchmark issues'), checked against whatever this run measured:
-# (name, path into the document, "<=" / ">=" / "<", the bound or how to work it out from the
-# document, where it applies, and whether this run's document is such a run).
-Bound = float | Callable[[dict], float]
+@dataclass(frozen=True)
+class Target:
+    """A figure's target (the benchmark issues'): its path in the document, the comparison,
+    the bound (or how to work it out from the document), and which runs it is set for."""
+
+    name: str
+    path: tuple[str, ...]
+    op: str  # "<=", ">=" or "<"
+    bound: float | Callable[[dict], float]
+    where: str = ""
+    applies: Callable[[dict], bool] = lambda doc: True
 
 
-def _always(doc: dict) -> bool:
-    return True
-
-
-TARGETS: list[tuple[str, tuple[str, ...], str, Bound, str, Callable[[dict], bool]]] = [
-    ("copy_vs_pipe", ("copy_vs_pipe",), "<=", 1.15, "", _always),
-    ("total_vs_pipe", ("total_vs_pipe",), "<=", 1.6, "", _always),
-    ("copy_vs_parallel_pipe", ("copy_vs_parallel_pipe",), "<=", 1.05, "", _always),
-    ("lifecycle_vs_parallel_pipe", ("lifecycle_vs_parallel_pipe",), "<=", 1.3, "the purge in", _always),
-    ("rollback_vs_copy", ("rollback_vs_copy",), "<=", 1.0, "", _always),
-    ("purge_vs_copy", ("purge_vs_copy",), "<=", 0.5, "", _always),
-    ("verify_speedup_vs_reladiff", ("verify_speedup_vs_reladiff",), ">=", 5.0, "", _always),
-    ("peak_rss_mb", ("peak_rss_mb",), "<=", 300.0, "", _always),
+TARGETS = [
+    Target("copy_vs_pipe", ("copy_vs_pipe",), "<=", 1.15),
+    Target("total_vs_pipe", ("total_vs_pipe",), "<=", 1.6),
+    Target("copy_vs_parallel_pipe", ("copy_vs_parallel_pipe",), "<=", 1.05),
+    Target("lifecycle_vs_parallel_pipe", ("lifecycle_vs_parallel_pipe",), "<=", 1.3, "the purge in"),
+    Target("rollback_vs_copy", ("rollback_vs_copy",), "<=", 1.0),
+    Target("purge_vs_copy", ("purge_vs_copy",), "<=", 0.5),
+    Target("verify_speedup_vs_reladiff", ("verify_speedup_vs_reladiff",), ">=", 5.0),
+    Target("peak_rss_mb", ("peak_rss_mb",), "<=", 300.0),
     # growth as good as linear, within a tenth: 4.4 for scale 4 against 1
-    (
-        "growth_time_ratio",
-        ("growth", "time_ratio"),
-        "<=",
-        lambda d: 1.1 * d["growth"]["rows_ratio"],
-        "",
-        _always,
-    ),
-    ("objects_vs_plain", ("object_copy", "objects_vs_plain"), ">=", 0.9, "", _always),
-    ("fence_ms_p99", ("live_writes", "fence_ms_p99"), "<", 300.0, "", _always),
-    (
-        "writer_during_vs_alone_throttled",
-        ("live_writes", "writer_during_vs_alone_throttled"),
-        ">=",
-        0.6,
-        "",
-        _always,
-    ),
-    ("airflow_vs_cli", ("airflow", "airflow_vs_cli"), "<=", 1.15, "at scale 1", lambda d: d.get("scale") == 1),
+    Target("growth_time_ratio", ("growth", "time_ratio"), "<=", lambda d: 1.1 * d["growth"]["rows_ratio"]),
+    Target("objects_vs_plain", ("object_copy", "objects_vs_plain"), ">=", 0.9),
+    Target("fence_ms_p99", ("live_writes", "fence_ms_p99"), "<", 300.0),
+    Target("writer_during_vs_alone_throttled", ("live_writes", "writer_during_vs_alone_throttled"), ">=", 0.6),
+    Target("airflow_vs_cli", ("airflow", "airflow_vs_cli"), "<=", 1.15, "at scale 1", lambda d: d.get("scale") == 1),
 ]
 
 
 def targets(doc: dict) -> dict[str, dict]:
     """Each target this run measured: its value, the target, and whether it was met (None
-    where the target is for another scale)."""
+    where the target is set for another scale)."""
     out: dict[str, dict] = {}
-    for name, path, op, bound, where, applies in TARGETS:
+    for t in TARGETS:
         v: object = doc
-        for k in path:
+        for k in t.path:
             v = v.get(k) if isinstance(v, dict) else None
         if not isinstance(v, int | float):
             continue
-        b = bound(doc) if callable(bound) else bound
-        met = v <= b if op == "<=" else v >= b if op == ">=" else v < b
-        out[name] = {
+        b = t.bound(doc) if callable(t.bound) else t.bound
+        met = v <= b if t.op == "<=" else v >= b if t.op == ">=" else v < b
+        out[t.name] = {
             "value": v,
-            "target": f"{op} {b:.3g}" + (f" ({where})" if where else ""),
-            "met": met if applies(doc) else None,
+            "target": f"{t.op} {b:.3g}" + (f" ({t.where})" if t.where else ""),
+            "met": met if t.applies(doc) else None,
         }
     return out
 

@@ -14,7 +14,7 @@ def pause_point(ctx: Any, sid: str, name: str) -> None:
     audit row that says so (what a test waits for)."""
     if os.environ.get("MIGRATOR_PAUSE_AT") == name:
         ctx.control.record(sid, None, {"event": f"paused at {name}"})
-        time.sleep(float(os.environ.get("MIGRATOR_PAUSE_S", "60")))
+        pause_here(name)
 
 
 def pause_here(name: str) -> None:
