@@ -117,6 +117,12 @@ def test_a_move_killed_before_its_manifest_gets_it_when_the_phase_is_run_again(w
     proc.wait()
     ((sid, state),) = world.ctl("SELECT shard_id, state FROM migrator.shard WHERE region = 'ie'")
     assert state == "cut_over" and _manifests(world) == []
+    # nobody is locked out: a moved user writes at their new home, and the source refuses them
+    uid = int(world.ctl("SELECT min(user_key::bigint) FROM migrator.shard_user WHERE shard_id = %s", (sid,))[0][0])
+    touch = "UPDATE users SET display_name = %s WHERE user_id = %s RETURNING 1"
+    assert world.rows("ie", touch, ("written-at-ie", uid)) == [(1,)]
+    with pytest.raises(psycopg.Error):
+        world.rows("us", touch, ("written-at-us", uid))
     rc, out = _audit(world, _reader(world, tmp_path))
     assert rc == 1 and ("no manifest kept for a shard moved here", sid) in {
         (f["kind"], f.get("shard")) for f in out["findings"]
@@ -138,6 +144,10 @@ def test_a_move_killed_before_its_manifest_gets_it_when_the_phase_is_run_again(w
     proc.wait()
     assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("rolled_back",)]
     assert _manifests(world) == [(sid, "cutover")]
+    # home at the source again, with the write made at the destination meanwhile, and writable there
+    assert world.rows("us", "SELECT display_name FROM users WHERE user_id = %s", (uid,)) == [("written-at-ie",)]
+    assert world.rows("us", touch, ("written-at-us", uid)) == [(1,)]
     res = world.migrator("rollback", "--region", "ie", "--reason", "again", "--json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert _manifests(world) == [(sid, "cutover"), (sid, "rollback")]
+    assert world.rows("us", "SELECT display_name FROM users WHERE user_id = %s", (uid,)) == [("written-at-us",)]
