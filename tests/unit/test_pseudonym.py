@@ -53,3 +53,34 @@ def test_ipv4_pseudonyms_are_the_keyed_mac_of_the_address(addr, mask):
     mac = int.from_bytes(hmac.new(K1, f"inet:{addr}".encode(), hashlib.sha256).digest(), "big")
     want = str(ipaddress.IPv4Address((240 << 24) | (mac & ((1 << 28) - 1))))
     assert pseudonym.pseudonym(K1, "inet", f"{addr}{mask}") == want
+
+
+def _ipv6_reference(key: bytes, text: str) -> str:
+    """The IPv6 pseudonym computed with ipaddress alone: the MAC of the address as ipaddress
+    prints it, its low 96 bits under 2001:db8::/32 (what every earlier purge wrote)."""
+    addr = ipaddress.IPv6Address(text.partition("/")[0])
+    mac = int.from_bytes(hmac.new(key, f"inet:{addr}".encode(), hashlib.sha256).digest(), "big")
+    return str(ipaddress.IPv6Address((0x20010DB8 << 96) | (mac & ((1 << 96) - 1))))
+
+
+_HEXTET = st.sampled_from([0, 0, 0, 1, 0xFFFF, 0xDB8]) | st.integers(0, 0xFFFF)
+
+
+@given(
+    st.ip_addresses(v=6)
+    | st.lists(_HEXTET, min_size=8, max_size=8).map(
+        lambda h: ipaddress.IPv6Address(sum(x << (16 * (7 - i)) for i, x in enumerate(h)))
+    ),
+    st.sampled_from(["", "/128", "/64"]),
+)
+def test_ipv6_pseudonyms_are_the_keyed_mac_of_the_address(addr, mask):
+    # runs of zero hextets of every length and place, as PostgreSQL's inet::text prints them
+    assert pseudonym.pseudonym(K1, "inet", f"{addr}{mask}") == _ipv6_reference(K1, str(addr))
+
+
+@pytest.mark.parametrize(
+    "text", ["::ffff:198.51.100.7", "::198.51.100.7", "::1", "::", "2001:db8::1:0:0:1", "1:0:0:2:0:0:0:3/64"]
+)
+def test_ipv6_forms_that_print_differently_keep_their_pseudonym(text):
+    # IPv4-mapped and -compatible addresses print dotted in C and in hex by ipaddress
+    assert pseudonym.pseudonym(K1, "inet", text) == _ipv6_reference(K1, text)
