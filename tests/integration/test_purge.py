@@ -270,3 +270,29 @@ def test_the_source_down_mid_purge_is_ridden_out(world: World, keys):
     ) == [(0,)]
     assert world.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s)", (users,)) == [(len(users),)]
     assert KEYS["ie"] not in out
+
+
+def test_the_migrators_own_writes_do_not_call_the_guards(world: World):
+    """The guards' trigger condition lets the migrator's sessions (copy apply, rollback,
+    purge) past without a PL/pgSQL call per row; the application's writes still run them."""
+    moved = _cut_over(world)
+    mover = moved["ie"][0]
+    (stayer,) = world.rows("us", "SELECT min(user_id) FROM users WHERE country_code = 'US'")[0]
+
+    def guard_calls(user: int, apply: bool) -> tuple[int, int]:
+        with psycopg.connect(world.dsn["us"]) as c:
+            c.execute("SET LOCAL track_functions = 'pl'")
+            if apply:
+                c.execute("SET LOCAL migrator.apply = 'on'")
+            n = c.execute("UPDATE login_events SET success = NOT success WHERE user_id = %s", (user,)).rowcount
+            (calls,) = c.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions "
+                "WHERE schemaname = 'migrator' AND funcname LIKE 'guard%%'"
+            ).fetchone()
+            c.rollback()
+        return n, calls
+
+    n, calls = guard_calls(mover, apply=True)
+    assert n > 0 and calls == 0
+    n, calls = guard_calls(stayer, apply=False)
+    assert n > 0 and calls == n
