@@ -354,7 +354,7 @@ def purge(
     doc = orchestration.purge_document(ctx, purge_shards.select(ctx, wave, shard, region), dry_run=dry_run)
     if not json and doc.get("note"):
         err.print(doc["note"])
-    _finish(doc, json or dry_run)  # a dry run's per-table figures read best as the document
+    _finish(doc, json)
 
 
 @app.command()

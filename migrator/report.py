@@ -118,6 +118,9 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
         print(json.dumps(doc, indent=2, default=str))
         return
     console = console or Console(width=None if sys.stdout.isatty() else 140)
+    if doc["command"] == "purge" and doc.get("dry_run"):
+        _would_purge(doc, console)
+        return
     shards = doc.get("shards", [])
     tables = sorted({t for s in shards for t in s.get("rows", {})})
     waves = sorted({s["wave"] for s in shards if s.get("wave")})
@@ -205,3 +208,23 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
         )
     if doc.get("dry_run"):
         console.print("[yellow]dry run: nothing was written[/]")
+
+
+def _would_purge(doc: dict, console: Console) -> None:
+    """`migrator purge --dry-run`: per shard and table what would be deleted, pseudonymised
+    or kept, the objects that would go, or why the shard would be refused."""
+    t = Table(title="migrator purge --dry-run")
+    for col in ("shard", "table", "action", "rows", "columns"):
+        t.add_column(col, justify="right" if col == "rows" else "left")
+    for s in doc["shards"]:
+        if s.get("refused"):
+            t.add_row(s["shard_id"], "", "[red]refused[/]", "", s["refused"])
+            continue
+        would = s["would_purge"]
+        for name, v in would["tables"].items():
+            t.add_row(s["shard_id"], name, v["action"], str(v["rows"]), ", ".join(v.get("columns", [])))
+        t.add_row(s["shard_id"], "(objects)", "delete", str(would["objects"]), "", end_section=True)
+    console.print(t)
+    if not doc["shards"]:
+        console.print("no shard is due for purging")
+    console.print("[yellow]dry run: nothing was written[/]")

@@ -79,6 +79,19 @@ def test_purge_retires_the_source_copy_by_the_spec(world: World, keys):
     would = json.loads(res.stdout)["shards"]
     assert would and all(s["would_purge"]["tables"]["devices"]["action"] == "delete" for s in would)
     assert world.rows("us", "SELECT count(*) FROM devices WHERE user_id = ANY(%s)", (moved["ie"],))[0][0] > 0
+    # without --json: a table, a row per shard and table with what would go
+    res = world.migrator("purge", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in res.stdout.splitlines() if line.count("│") == 6]
+    for s in would:
+        users = [
+            int(k)
+            for (k,) in world.ctl("SELECT user_key FROM migrator.shard_user WHERE shard_id = %s", (s["shard_id"],))
+        ]
+        (devices,) = world.rows("us", "SELECT count(*) FROM devices WHERE user_id = ANY(%s)", (users,))[0]
+        assert [s["shard_id"], "devices", "delete", str(devices), ""] in cells, res.stdout
+        assert [s["shard_id"], "users", "pseudonymise", str(len(users)), "email, display_name"] in cells
+    assert "nothing was written" in res.stdout
 
     res = world.migrator("purge", "--json")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
