@@ -222,24 +222,26 @@ def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
     is no plan (the plan task failed: nothing was moved)."""
     if ids is None:
         raise MigratorError("the plan task did not finish, so no shard was moved; its log says why")
-    if ids:  # every shard's state, in the report task's log, whatever the verdict
-        ctx = Context(spec, "report")
-        rows = [
-            f"{s.name:<10} {s.region:<6} {s.state.value:<12} {s.users:>7} users" for s in ctx.control.shards(names=ids)
-        ]
+    shards = _recorded(spec, ids)
+    if shards:  # every shard's state, in the report task's log, whatever the verdict
+        rows = [f"{s.name:<10} {s.region:<6} {s.state.value:<12} {s.users:>7} users" for s in shards]
         log.info("%d shard(s):\n%s", len(rows), "\n".join(rows))
-    return {"shards": len(ids), "cut_over": _all_in(spec, ids, MOVED, "did not cut over")}
+    return {"shards": len(ids), "cut_over": _all_in(ids, shards, MOVED, "did not cut over")}
 
 
-def _all_in(spec: Spec, ids: list[str], wanted: frozenset[Phase], failing: str) -> int:
-    """How many of the shards are in one of the wanted states; raises naming the others."""
-    ctx = Context(spec, "report")
-    states = {s.shard_id: s.state for s in ctx.control.shards(names=ids)} if ids else {}
-    bad = {k: v for k, v in states.items() if v not in wanted}
+def _recorded(spec: Spec, ids: list[str]) -> list[Shard]:
+    return Context(spec, "report").control.shards(names=ids) if ids else []
+
+
+def _all_in(ids: list[str], shards: list[Shard], wanted: frozenset[Phase], failing: str) -> int:
+    """How many of the shards are in one of the wanted states; raises naming the others,
+    and any of `ids` with no record left in the control database."""
+    states = {s.shard_id: s.state for s in shards}
+    bad = {k: f"is {v}" for k, v in states.items() if v not in wanted}
+    bad |= {k: "has no record in the control database" for k in ids if k not in states}
     if bad:
         raise MigratorError(
-            f"{len(bad)} of {len(states)} shard(s) {failing}: "
-            + ", ".join(f"{k} is {v}" for k, v in sorted(bad.items()))
+            f"{len(bad)} of {len(ids)} shard(s) {failing}: " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
         )
     return len(states)
 
@@ -263,7 +265,7 @@ def purge_verdict(spec: Spec, ids: list[str], dry_run: bool) -> dict[str, Any]:
     """Fails the run unless every selected shard is purged (after a real run)."""
     if dry_run or not ids:
         return {"shards": len(ids), "dry_run": dry_run}
-    return {"shards": len(ids), "purged": _all_in(spec, ids, frozenset({Phase.PURGED}), "not purged")}
+    return {"shards": len(ids), "purged": _all_in(ids, _recorded(spec, ids), frozenset({Phase.PURGED}), "not purged")}
 
 
 def audit_check(spec: Spec, run_id: str, since: datetime | None = None) -> dict[str, Any]:

@@ -179,3 +179,20 @@ def test_a_shard_name_in_several_waves_is_refused_with_the_list(world: World):
     assert world.migrator("run", "--wave", "b", "--region", "ie").returncode == 0
     res = world.migrator("run", "--wave", "a", "--region", "ie", "--json")
     assert res.returncode == 0, res.stdout[-2000:]
+
+
+def test_the_run_verdict_names_shards_not_cut_over_and_shards_with_no_record(world: World):
+    assert world.migrator("plan").returncode == 0
+    spec = load_spec(world.spec_path)
+    ids = [sid for (sid,) in world.ctl("SELECT shard_id FROM migrator.shard ORDER BY shard_id")]
+    with pytest.raises(orchestration.MigratorError) as e:
+        orchestration.verdict(spec, ids)
+    assert f"{len(ids)} of {len(ids)} shard(s) did not cut over" in str(e.value) and f"{ids[0]} is planned" in str(
+        e.value
+    )
+    assert world.migrator("run").returncode == 0
+    assert orchestration.verdict(spec, ids) == {"shards": len(ids), "cut_over": len(ids)}
+    # a shard the plan's output names but the control database no longer holds is no success
+    with pytest.raises(orchestration.MigratorError) as e:
+        orchestration.verdict(spec, [*ids, "default:ie-99"])
+    assert f"1 of {len(ids) + 1} shard(s) did not cut over: default:ie-99 has no record" in str(e.value)
