@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from migrator import capture, metrics
@@ -218,7 +219,7 @@ def _would_purge(doc: dict, console: Console) -> None:
         t.add_column(col, justify="right" if col == "rows" else "left")
     for s in doc["shards"]:
         if s.get("refused"):
-            t.add_row(s["shard_id"], "", "[red]refused[/]", "", s["refused"])
+            t.add_row(s["shard_id"], "", "[red]refused[/]", "", escape(s["refused"]))
             continue
         would = s["would_purge"]
         for name, v in would["tables"].items():
