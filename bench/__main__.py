@@ -310,7 +310,8 @@ def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: li
 def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float = 5.0) -> dict:
     """A writer as fast as it goes: alone, then while every shard moves with the fence, and
     once more with the copy's throttle holding each shard to a third of the rate its copy
-    reached the first time (copying_s: the seconds the shards spent copying, summed)."""
+    reached the first time, which holds the verify's reads at the source to it as well
+    (copying_s: the seconds the shards spent copying, summed)."""
     from migrator.demo.workload import WriterProcess
 
     truncate(dst)

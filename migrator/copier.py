@@ -240,9 +240,9 @@ def _copy_pending(
     throttle = Throttle(ctx, sid)
 
     def one(links: _Links, b: int) -> BatchRecord:
-        throttle.before_batch()
+        throttle.wait()
         res = _copy_with_retries(ctx, links, sid, region, b, batch_users[b])
-        throttle.copied(sum(res.rows.values()))
+        throttle.done(sum(res.rows.values()))
         return res
 
     yield from in_lanes(

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from migrator import capture, metrics
+from migrator import capture, metrics, throttle
 from migrator.context import Context
 from migrator.engine import Outcome
 from migrator.planner import Plan
@@ -42,8 +42,8 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
             with ctl.connect(autocommit=True) as c:
                 (throttled,) = c.execute(
                     "SELECT sum((detail->>'waited_s')::float) FROM migrator.audit "
-                    "WHERE shard_id = %s AND detail->>'event' = 'copy throttled'",
-                    (s.shard_id,),
+                    "WHERE shard_id = %s AND detail->>'event' = ANY(%s)",
+                    (s.shard_id, list(throttle.EVENTS)),
                 ).fetchone()
         lag = None
         if ctx.spec.changes.capture and s.state.value in ("copying", "copied", "verified", "failed"):

@@ -226,8 +226,9 @@ class Sharding(_Strict):
 
 
 class Throttle(_Strict):
-    """When the copy holds back for the source's own work: before each batch it waits while
-    any limit is exceeded, and keeps the shard's rate under a ceiling."""
+    """When the phases that read a shard at the source (the copy, and the verify's reads
+    there) hold back for the source's own work: before each step (a batch, a table) they
+    wait while any limit is exceeded, and keep the shard's rate under a ceiling."""
 
     max_active: int | None = Field(
         None, ge=1, description="other backends running a query at the source above which the copy waits"
@@ -235,14 +236,16 @@ class Throttle(_Strict):
     max_lock_waits: int | None = Field(
         None, ge=0, description="backends waiting for a lock at the source above which the copy waits"
     )
-    max_rows_per_s: int | None = Field(None, ge=1, description="rows per second one shard's copy may move at most")
+    max_rows_per_s: int | None = Field(
+        None, ge=1, description="rows per second one shard's copy may move (or its verify read at the source) at most"
+    )
     standby: Store | None = Field(
         None, description="a streaming standby of the source whose replay lag the copy watches (max_replay_lag_s)"
     )
     max_replay_lag_s: float | None = Field(
         None, gt=0, description="seconds the standby's replay may lag behind the source before the copy waits"
     )
-    check_every_s: float = Field(1.0, gt=0, le=60, description="how often a waiting copy looks again")
+    check_every_s: float = Field(1.0, gt=0, le=60, description="how often a waiting copy or verify looks again")
 
     @model_validator(mode="after")
     def _standby_and_lag(self) -> Throttle:

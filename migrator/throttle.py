@@ -1,9 +1,11 @@
-"""The copy's throttle: before each batch, wait while the source is busier than the spec's
-`copy.throttle` allows (other backends running a query, backends waiting for a lock, a
-streaming standby's replay lagging behind), and keep a shard's copy under a
-rows-per-second ceiling. Each pause is logged and recorded in
-the shard's audit trail (`copy throttled`, with the reason and how long), so the task log
-and `migrator status --json` show it.
+"""The throttle of the phases that read a shard at the source, the copy and the verify: before
+each step (a copy batch, a verified table), wait while the source is busier than the
+spec's `copy.throttle` allows (other backends running a query, backends waiting for a
+lock, a streaming standby's replay lagging behind), and keep the phase's reading of one
+shard under a rows-per-second ceiling. Each pause is logged and recorded in the shard's
+audit trail (`copy throttled` or `verify throttled`, with the reason and how long), so the
+task log and `migrator status --json` show it. A caller waits outside any transaction at
+the source, so a long pause holds back neither its vacuum nor its locks.
 """
 
 from __future__ import annotations
@@ -60,11 +62,15 @@ def _not_a_standby(dsn: str) -> SpecError:
     return SpecError(f"copy.throttle.standby: {where(dsn)} is not in recovery, so it is not a standby")
 
 
-class Throttle:
-    """One per shard copy, shared by its lanes."""
+EVENTS = ("copy throttled", "verify throttled")  # the audit events of a pause, by phase
 
-    def __init__(self, ctx: Context, sid: str):
-        self.ctx, self.sid = ctx, sid
+
+class Throttle:
+    """One per shard and phase (`copy` or `verify`), shared by the phase's lanes or
+    connections."""
+
+    def __init__(self, ctx: Context, sid: str, phase: str = "copy"):
+        self.ctx, self.sid, self.phase = ctx, sid, phase
         self.limits = ctx.spec.copy_.throttle
         self.started = time.monotonic()
         self.rows = 0
@@ -109,8 +115,9 @@ class Throttle:
             return f"{where(dsn)} replays {lag:.1f} s behind the source (max_replay_lag_s {limit:g})"
         return None
 
-    def before_batch(self) -> None:
-        """Wait while the source is busy, or while the shard is ahead of its rate ceiling."""
+    def wait(self) -> None:
+        """Before the next step: wait while the source is busy, or while the shard is ahead
+        of its rate ceiling."""
         if not self.enabled:
             return
         waited, reasons, seen = 0.0, [], set()
@@ -119,7 +126,7 @@ class Throttle:
             if what not in seen:  # each cause once per pause, in its first words
                 seen.add(what)
                 reasons.append(why)
-                log.info("shard %s: copy paused: %s", self.sid, why)
+                log.info("shard %s: %s paused: %s", self.sid, self.phase, why)
             time.sleep(self.limits.check_every_s)
             waited += self.limits.check_every_s
         if self.limits.max_rows_per_s is not None:
@@ -128,14 +135,15 @@ class Throttle:
             if ahead > 0:
                 why = f"the shard's rate is at its ceiling ({self.limits.max_rows_per_s} rows/s)"
                 reasons.append(why)
-                log.info("shard %s: copy paused %.1f s: %s", self.sid, ahead, why)
+                log.info("shard %s: %s paused %.1f s: %s", self.sid, self.phase, ahead, why)
                 time.sleep(ahead)
                 waited += ahead
         if reasons:
             self.ctx.control.record(
-                self.sid, None, {"event": "copy throttled", "reasons": reasons, "waited_s": round(waited, 2)}
+                self.sid, None, {"event": f"{self.phase} throttled", "reasons": reasons, "waited_s": round(waited, 2)}
             )
 
-    def copied(self, rows: int) -> None:
+    def done(self, rows: int) -> None:
+        """`rows` more read at the source (counted against the rate ceiling)."""
         with self.lock:
             self.rows += rows

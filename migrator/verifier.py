@@ -8,7 +8,8 @@ row hashes) per batch of users (see `sqlgen` for the digest). The two sides are 
 concurrently, each on `verify.workers` connections sharing out the tables. Any batch
 that differs is narrowed to rows by comparing (primary key, row hash) lists of just that
 batch, so the report names the table and primary keys of every differing row -- never a
-row's contents. The shard digest is a SHA-256 over the per-batch
+row's contents. The source's reads hold back as the copy's do (`copy.throttle`, checked
+before each table; see `throttle`). The shard digest is a SHA-256 over the per-batch
 aggregates and is stored with the shard's state for the evidence trail.
 """
 
@@ -27,6 +28,7 @@ from migrator.context import Context
 from migrator.errors import ChecksumMismatch, StateConflict
 from migrator.state import Phase
 from migrator.stores.postgres import connect
+from migrator.throttle import Throttle
 
 MAX_NAMED = 1000
 
@@ -54,32 +56,44 @@ def _build_rows(ctx: Context, users: int, rows: dict[str, int], table: str) -> i
 
 
 def _aggregate(
-    ctx: Context, dsn: str, sid: str, work: queue.SimpleQueue[str], users: int = 0, rows: dict[str, int] | None = None
+    ctx: Context,
+    dsn: str,
+    sid: str,
+    work: queue.SimpleQueue[str],
+    users: int = 0,
+    rows: dict[str, int] | None = None,
+    throttle: Throttle | None = None,
 ) -> dict[tuple[str, int], tuple[int, str]]:
     """One connection to one side: load the shard's keys, then digest tables taken from the
-    side's shared queue until it is empty."""
+    side's shared queue until it is empty, each in a transaction of its own (a statement
+    sees its own snapshot either way), so a `throttle`'s pause between them is spent
+    outside any transaction."""
     out: dict[tuple[str, int], tuple[int, str]] = {}
     with connect(dsn) as c:
-        c.execute(
-            sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(
-                sql.SQL(ctx.key_type)
-            )
-        )
-        sqlgen.one_pass_settings(c)
+        # the session's own table, gone when the connection closes
+        c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL)").format(sql.SQL(ctx.key_type)))
         ctx.control.send_members(sid, c, "rm_keys")  # streamed: the shard's keys are never held here
         c.execute("ANALYZE rm_keys")
+        c.commit()
         while True:
             try:
                 name = work.get_nowait()
             except queue.Empty:
                 break
+            if throttle is not None:
+                throttle.wait()
+            sqlgen.one_pass_settings(c)
             sqlgen.set_hash_mb(
                 c, sqlgen.hash_mb(_build_rows(ctx, users, rows or {}, name), ctx.spec.verify.max_hash_mb)
             )
             q = sqlgen.digest_by_batch(ctx.spec.entity_graph, ctx.tables[name], "rm_keys")
+            read = 0
             for b, n, s in c.execute(q).fetchall():
                 out[(name, b)] = (n, s)
-        c.rollback()
+                read += n
+            c.commit()
+            if throttle is not None:
+                throttle.done(read)
     return out
 
 
@@ -134,8 +148,9 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
             work[side].put(t)
     src: dict[tuple[str, int], tuple[int, str]] = {}
     dst: dict[tuple[str, int], tuple[int, str]] = {}
+    throttle = Throttle(ctx, sid, "verify")  # the source's reads hold back as the copy's do
     with ThreadPoolExecutor(max_workers=2 * n) as pool:
-        fs = [pool.submit(_aggregate, ctx, src_dsn, sid, work["src"], shard.users, est) for _ in range(n)]
+        fs = [pool.submit(_aggregate, ctx, src_dsn, sid, work["src"], shard.users, est, throttle) for _ in range(n)]
         fd = [pool.submit(_aggregate, ctx, dst_dsn, sid, work["dst"], shard.users, est) for _ in range(n)]
         for f in fs:
             src.update(f.result())

@@ -1,5 +1,5 @@
-"""The copy holds back while the source is busy, and under its rate ceiling; each pause is
-in the shard's audit trail with its reason."""
+"""The copy and the verify's reads at the source hold back while the source is busy, and
+under their rate ceiling; each pause is in the shard's audit trail with its reason."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ from tests.conftest import DEMO_OWNED, World
 pytestmark = pytest.mark.integration
 
 
-def _throttled(world: World) -> list[dict]:
-    return [d for (d,) in world.ctl("SELECT detail FROM migrator.audit WHERE detail->>'event' = 'copy throttled'")]
+def _throttled(world: World, phase: str = "copy") -> list[dict]:
+    return [
+        d
+        for (d,) in world.ctl("SELECT detail FROM migrator.audit WHERE detail->>'event' = %s", (f"{phase} throttled",))
+    ]
 
 
-def test_the_copy_waits_while_the_source_is_busy_and_then_finishes(world: World):
-    world.write_spec(copy={"batch_users": 50, "throttle": {"max_active": 1, "check_every_s": 0.2}})
-    assert world.migrator("plan", "--region", "ie").returncode == 0
-    # two other clients keep the source busy for a few seconds
+def _busy_source(world: World, seconds: float) -> tuple[threading.Event, list[threading.Thread]]:
+    """Two other clients keep the source busy for `seconds`."""
     stop = threading.Event()
 
     def busy():
@@ -36,8 +37,14 @@ def test_the_copy_waits_while_the_source_is_busy_and_then_finishes(world: World)
     for t in load:
         t.start()
     time.sleep(0.5)
-    release = threading.Timer(3.0, stop.set)
-    release.start()
+    threading.Timer(seconds, stop.set).start()
+    return stop, load
+
+
+def test_the_copy_waits_while_the_source_is_busy_and_then_finishes(world: World):
+    world.write_spec(copy={"batch_users": 50, "throttle": {"max_active": 1, "check_every_s": 0.2}})
+    assert world.migrator("plan", "--region", "ie").returncode == 0
+    stop, load = _busy_source(world, 3.0)
     try:
         res = world.migrator("copy", "--region", "ie")
     finally:
@@ -60,10 +67,51 @@ def test_the_copy_keeps_under_its_rate_ceiling(world: World):
     world.write_spec(copy={"batch_users": 5, "throttle": {"max_rows_per_s": 400}})
     res = world.migrator("run", "--region", "no")
     assert res.returncode == 0, res.stderr[-2000:]
-    paused = _throttled(world)
-    assert paused and all("rate is at its ceiling (400 rows/s)" in " ".join(d["reasons"]) for d in paused)
+    for phase in ("copy", "verify"):
+        paused = _throttled(world, phase)
+        assert paused and all("rate is at its ceiling (400 rows/s)" in " ".join(d["reasons"]) for d in paused), phase
     states = {s for (s,) in world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'")}
     assert states == {"cut_over"}
+
+
+def test_the_verify_waits_while_the_source_is_busy_outside_any_transaction(world: World):
+    world.write_spec(copy={"batch_users": 50})
+    assert world.migrator("plan", "--region", "ie").returncode == 0
+    assert world.migrator("copy", "--region", "ie").returncode == 0
+    world.write_spec(copy={"batch_users": 50, "throttle": {"max_active": 1, "check_every_s": 0.2}})
+    # the migrator's sessions at the source that sat in an open transaction for a while
+    held: list[tuple] = []
+    watching = threading.Event()
+
+    def watch():
+        with psycopg.connect(world.dsn["us"], autocommit=True) as c:
+            while not watching.is_set():
+                held.extend(
+                    c.execute(
+                        "SELECT pid, state FROM pg_stat_activity WHERE application_name LIKE 'residency-migrator%%' "
+                        "AND state LIKE 'idle in transaction%%' AND clock_timestamp() - state_change > interval '0.5 s'"
+                    ).fetchall()
+                )
+                time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    stop, load = _busy_source(world, 3.0)
+    try:
+        res = world.migrator("verify", "--region", "ie")
+    finally:
+        stop.set()
+        watching.set()
+        for t in [*load, watcher]:
+            t.join()
+    assert res.returncode == 0, res.stderr[-2000:]
+    paused = _throttled(world, "verify")
+    assert paused and any("other queries running at the source" in r for d in paused for r in d["reasons"])
+    assert sum(d["waited_s"] for d in paused) >= 1.0  # the busy clients ran about 3 s
+    assert held == []  # the pauses were spent outside any transaction at the source
+    assert {s for (s,) in world.ctl("SELECT state FROM migrator.shard WHERE region = 'ie'")} == {"verified"}
+    status = json.loads(world.migrator("status", "--region", "ie", "--json").stdout)
+    assert sum(s.get("throttled_s", 0) for s in status["shards"]) >= 1.0  # the verify's pauses, in status
 
 
 def test_bad_throttle_settings_are_refused(world: World):
