@@ -7,7 +7,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 from migrator.context import Context
-from migrator.errors import ChecksumMismatch
+from migrator.errors import ChecksumMismatch, retrying
 from migrator.objects.common import settings, stores
 from migrator.stores import s3
 
@@ -41,20 +41,30 @@ def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, in
         )
 
     # A bucket that never had versioning holds one version per key; otherwise every version
-    # (and delete marker) of the key goes.
+    # (and delete marker) of the key goes. The listings run side by side; the deletes go
+    # in DeleteObjects requests, a thousand at a time.
     versioned = src_c.get_bucket_versioning(Bucket=src.bucket).get("Status") in ("Enabled", "Suspended")
+    keys = [k for k, _, _ in entries]
+    targets: list[dict[str, str]] = [{"Key": k} for k in keys]
+    if versioned:
+        with ThreadPoolExecutor(o.threads) as pool:
+            targets = [t for found in pool.map(lambda k: _versions(ctx, src_c, src.bucket, k), keys) for t in found]
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            s3.delete_keys(src_c, src.bucket, targets)
+    return keys
 
-    def delete(key: str) -> None:
-        if not versioned:
-            src_c.delete_object(Bucket=src.bucket, Key=key)
-            return
-        for page in src_c.get_paginator("list_object_versions").paginate(Bucket=src.bucket, Prefix=key):
-            for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                if v["Key"] == key:
-                    src_c.delete_object(Bucket=src.bucket, Key=key, VersionId=v["VersionId"])
 
-    # In a versioned bucket one key at a time: moto's endpoints (the demo's and the tests')
-    # answered 500 to version listings while other keys' versions were being deleted.
-    with ThreadPoolExecutor(o.threads if not versioned else 1) as pool:
-        list(pool.map(delete, [k for k, _, _ in entries]))
-    return [k for k, _, _ in entries]
+def _versions(ctx: Context, c, bucket: str, key: str) -> list[dict[str, str]]:
+    """Every version and delete marker of exactly this key (a listing by prefix also
+    finds longer keys that start with it). Retried on its own: an endpoint may answer a
+    listing with a 5xx while another batch's deletes change the bucket."""
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            found = []
+            for page in c.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
+                for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                    if v["Key"] == key:
+                        found.append({"Key": key, "VersionId": v["VersionId"]})
+            return found
+    raise AssertionError("unreachable")  # pragma: no cover

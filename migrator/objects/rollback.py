@@ -31,12 +31,9 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
     _, _, dst, dst_c = stores(ctx, region)
     keys = {k for entries in man.values() for k, _, _ in entries}
     keys |= _unrecorded(ctx, sid, dst_c, dst.bucket, keys)
-    ordered = sorted(keys)
-    for i in range(0, len(ordered), 1000):
-        chunk = ordered[i : i + 1000]
-        for attempt in retrying(ctx.spec.retry):
-            with attempt:
-                dst_c.delete_objects(Bucket=dst.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            s3.delete_keys(dst_c, dst.bucket, [{"Key": k} for k in sorted(keys)])
     with ctx.control.connect() as c:
         c.execute(f"DELETE FROM {SCHEMA}.object_manifest WHERE shard_id = %s", (sid,))
         c.execute(f"DELETE FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))

@@ -14,7 +14,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-from migrator.errors import ObjectMissing, ObjectVanished
+from migrator.errors import ObjectMissing, ObjectVanished, StoreRefused, TransientError
 from migrator.spec import ObjectStore
 
 META_SHA = "sha256"
@@ -149,3 +149,28 @@ def content_sha256(c, bucket: str, key: str, part_size: int) -> tuple[int, str] 
         sha.update(chunk)
         size += len(chunk)
     return size, sha.hexdigest()
+
+
+DELETE_CHUNK = 1000  # the most keys one DeleteObjects request takes
+_RETRY_CODES = {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"}
+
+
+def delete_keys(c, bucket: str, targets: list[dict[str, str]]) -> None:
+    """Delete the targets (`{"Key": k}`, or with `"VersionId"` one version of it) in
+    DeleteObjects requests of up to a thousand. The request succeeds even when some keys
+    could not be deleted; those come back in its `Errors`, which are raised here: as a
+    transient error when every one is retryable, otherwise as a refusal naming the bucket,
+    the first key and its code. Deleting a key or version already gone succeeds."""
+    for i in range(0, len(targets), DELETE_CHUNK):
+        chunk = targets[i : i + DELETE_CHUNK]
+        errors = c.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True}).get("Errors", [])
+        if not errors:
+            continue
+        first = errors[0]
+        what = (
+            f"S3 DeleteObjects at {c.meta.endpoint_url}, bucket {bucket!r}: {len(errors)} of {len(chunk)} "
+            f"object(s) not deleted (first: {first.get('Key')!r}, {first.get('Code')})"
+        )
+        if all(e.get("Code") in _RETRY_CODES for e in errors):
+            raise TransientError(what)
+        raise StoreRefused(what)

@@ -273,6 +273,43 @@ def test_purge_deletes_every_version_of_the_moved_users_objects_and_only_theirs(
     assert body(w, "ie", f"users/{moved[0]}/avatar.png") == f"v2 of {moved[0]}".encode()
 
 
+def test_an_object_the_source_refuses_to_delete_stops_the_purge_named_and_a_rerun_finishes(oworld):
+    """DeleteObjects answers 200 even when a key was not deleted; that key's error is the
+    purge's, named with the bucket, the key and the code, never taken for success."""
+    w = oworld
+    w.write_spec(purge={"after": "0s"})
+    assert w.migrator("run", "--region", "ie").returncode == 0
+    moved = ids_for(w, "ie")
+    held = f"users/{moved[-1]}/avatar.png"
+    us = s3(w.endpoints["us"].endpoint)
+    deny = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:DeleteObject",
+                "Resource": f"arn:aws:s3:::{w.buckets['us']}/{held}",
+            }
+        ],
+    }
+    us.put_bucket_policy(Bucket=w.buckets["us"], Policy=json.dumps(deny))
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 1
+    error = json.loads(res.stdout)["shards"][0]["error"]
+    assert w.buckets["us"] in error and repr(held) in error and "AccessDenied" in error, error
+    assert held in listing(w, "us")
+    sid = w.ctl("SELECT shard_id FROM migrator.shard WHERE region = 'ie'")[0][0]
+    assert w.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("purging",)]
+    # the batch holding the key committed no receipt: its rows are still at the source
+    assert w.rows("us", "SELECT count(*) FROM users WHERE user_id = %s", (moved[-1],)) == [(1,)]
+    us.delete_bucket_policy(Bucket=w.buckets["us"])
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert not set(listing(w, "us")) & objects_of(w, moved)
+    assert w.rows("us", "SELECT count(*) FROM users WHERE user_id = ANY(%s)", (moved,)) == [(0,)]
+
+
 def test_an_endpoint_lost_mid_purge_leaves_it_resumable_then_it_finishes(oworld):
     w = oworld
     w.write_spec(purge={"after": "0s"})
