@@ -25,7 +25,9 @@ def _throttled(world: World, phase: str = "copy") -> list[dict]:
 
 
 def _busy_source(world: World, seconds: float) -> tuple[threading.Event, list[threading.Thread]]:
-    """Two other clients keep the source busy for `seconds`."""
+    """Two other clients keep the source busy until the tool has been connected to it for
+    `seconds` (counted from its first session, so a slow start of the command does not use
+    up the busy spell), or for a minute at most."""
     stop = threading.Event()
 
     def busy():
@@ -33,11 +35,25 @@ def _busy_source(world: World, seconds: float) -> tuple[threading.Event, list[th
             while not stop.is_set():
                 c.execute("SELECT pg_sleep(0.5)")
 
+    def watch():
+        deadline = time.monotonic() + 60
+        with psycopg.connect(world.dsn["us"], autocommit=True) as c:
+            while not stop.is_set() and time.monotonic() < deadline:
+                seen = c.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'residency-migrator%%'"
+                ).fetchone()
+                if seen and seen[0]:
+                    stop.wait(seconds)
+                    break
+                time.sleep(0.05)
+        stop.set()
+
     load = [threading.Thread(target=busy) for _ in range(2)]
     for t in load:
         t.start()
     time.sleep(0.5)
-    threading.Timer(seconds, stop.set).start()
+    load.append(threading.Thread(target=watch))
+    load[-1].start()
     return stop, load
 
 
