@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from migrator import capture, directory, metrics, recovery
 from migrator.context import Context
@@ -52,11 +53,7 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
     t0: float | None = None
     decided = False
     try:
-        capture.stage_fence(src, sid, ctl)  # the list of users to fence, written while they still write
-        # Destination writes of the shard's users are logged (for a rollback) from before the
-        # flip: until the directory says so only the migrator writes them there, and its
-        # apply sessions are not logged. Written here, the list costs the window nothing.
-        capture.start_capture(ctx, dst, sid, wait_s=None)
+        _stage_lists(ctx, sid, src, dst)
         # The directory's rows are flipped in a transaction left open across the window:
         # nobody sees the new homes before it commits, and the commit, not the update of
         # every user's row, is what the window has to wait for.
@@ -126,6 +123,22 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
     except Exception as exc:
         log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
     return flip.flipped
+
+
+def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> None:
+    """The shard's two user lists, written at once on their two servers before the window:
+    at the source the users to fence, written while they still write; at the destination
+    the users whose writes are logged (for a rollback) from before the flip: until the
+    directory says so only the migrator writes them there, and its apply sessions are not
+    logged. Written here, neither list costs the window anything. A failure of either
+    reaches the caller once both have ended, so its clean-up finds neither still writing."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lists-{sid}") as pool:
+        at_destination = pool.submit(capture.start_capture, ctx, dst, sid, wait_s=None)
+        try:
+            capture.stage_fence(src, sid, ctx.control)
+        finally:
+            wait([at_destination])
+        at_destination.result()
 
 
 def _resolve_now(ctx: Context, sid: str, exc: BaseException) -> None:
