@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -224,16 +225,23 @@ class Control:
 
     @contextlib.contextmanager
     def lock(self, sid: str) -> Iterator[Conn]:
-        """Hold the shard for this worker; refuse at once if another worker holds it."""
+        """Hold the shard for this worker; refuse at once if another worker holds it.
+
+        The lock is let go explicitly before the session closes: a closed session's locks
+        end only when its server process has exited, which can be after the next phase
+        (in this process or the next command) already asks for the shard."""
+        key = f"migrator:shard:{sid}"
         c = self.connect(autocommit=True)
+        got = False
         try:
-            got = c.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (f"migrator:shard:{sid}",)
-            ).fetchone()[0]
+            got = c.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0]
             if not got:
                 raise ShardBusy(f"shard {sid} is being worked on by another worker")
             yield c
         finally:
+            if got and not c.broken:
+                with contextlib.suppress(psycopg.Error):  # a lost session has let go already
+                    c.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
             c.close()
 
     def resolve(self, wave: str | None, names: list[str] | None, region: str | None = None) -> list[Shard]:
