@@ -32,6 +32,8 @@ def test_bench_smoke(tmp_path):
         "raw_purge_s",
         "purge_vs_raw_purge",
         "lifecycle_to_cutover_vs_parallel_pipe",
+        "lifecycle_parallel_pipe_s",
+        "lifecycle_copy_vs_parallel_pipe",
         "pipe_and_raw_purge_vs_parallel_pipe",
         "peak_rss_mb",
         "cores",
