@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 from migrator import capture, directory, metrics, recovery
 from migrator.context import Context
@@ -134,11 +134,8 @@ def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> None:
     reaches the caller once both have ended, so its clean-up finds neither still writing."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lists-{sid}") as pool:
         at_destination = pool.submit(capture.start_capture, ctx, dst, sid, wait_s=None)
-        try:
-            capture.stage_fence(src, sid, ctx.control)
-        finally:
-            wait([at_destination])
-        at_destination.result()
+        capture.stage_fence(src, sid, ctx.control)  # on a failure, leaving the pool still waits for the other
+    at_destination.result()
 
 
 def _resolve_now(ctx: Context, sid: str, exc: BaseException) -> None:
