@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from migrator import capture, metrics, objects, sqlgen
+from migrator import capture, metrics, objects, replica, sqlgen
 from migrator.context import Context
 from migrator.control import BatchRecord
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
@@ -117,7 +117,9 @@ def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> tuple[hashlib._Hash, int]:
     return stream, sent
 
 
-def _copy_batch(ctx: Context, links: _Links, sid: str, region: str, batch_no: int, keys: list[str]) -> BatchRecord:
+def _copy_batch(
+    ctx: Context, links: _Links, sid: str, region: str, batch_no: int, keys: list[str], rep: replica.Replica
+) -> BatchRecord:
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     src, dst = links.open()
     try:
@@ -127,6 +129,7 @@ def _copy_batch(ctx: Context, links: _Links, sid: str, region: str, batch_no: in
         moved_bytes, t0 = 0, time.monotonic()
         with src.cursor() as scur, dst.cursor() as dcur:
             for name, table in ctx.tables.items():
+                replica.set_for(dst, rep, name)
                 with (
                     scur.copy(sqlgen.copy_out(graph, table, kt), sqlgen.keys_arg(keys)) as out,
                     dcur.copy(sqlgen.copy_in(graph, table)) as inp,
@@ -215,7 +218,9 @@ def _check_no_foreign_rows(
                         )
 
 
-def _copy_with_retries(ctx: Context, links: _Links, sid: str, region: str, b: int, keys: list[str]) -> BatchRecord:
+def _copy_with_retries(
+    ctx: Context, links: _Links, sid: str, region: str, b: int, keys: list[str], rep: replica.Replica
+) -> BatchRecord:
     for attempt in retrying(ctx.spec.retry):
         with attempt:
             if attempt.retry_state.attempt_number > 1:
@@ -225,12 +230,18 @@ def _copy_with_retries(ctx: Context, links: _Links, sid: str, region: str, b: in
                     b,
                     attempt.retry_state.attempt_number,
                 )
-            res = _copy_batch(ctx, links, sid, region, b, keys)
+            res = _copy_batch(ctx, links, sid, region, b, keys, rep)
     return res
 
 
 def _copy_pending(
-    ctx: Context, sid: str, region: str, dst_dsn: str, batch_users: Mapping[int, list[str]], pending: list[int]
+    ctx: Context,
+    sid: str,
+    region: str,
+    dst_dsn: str,
+    batch_users: Mapping[int, list[str]],
+    pending: list[int],
+    rep: replica.Replica,
 ) -> Iterator[tuple[int, BatchRecord]]:
     """Copy the pending batches with `copy.workers` lanes (each on its own source and
     destination connections), yielding each as it commits; the caller checkpoints it."""
@@ -241,7 +252,7 @@ def _copy_pending(
 
     def one(links: _Links, b: int) -> BatchRecord:
         throttle.wait()
-        res = _copy_with_retries(ctx, links, sid, region, b, batch_users[b])
+        res = _copy_with_retries(ctx, links, sid, region, b, batch_users[b], rep)
         throttle.done(sum(res.rows.values()))
         return res
 
@@ -275,6 +286,9 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         with attempt:
             ensure_ledger(dst_dsn)
             done_at_dest = ledger(dst_dsn, sid)
+            rep = replica.of(
+                dst_dsn, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks
+            )
     batch_users = ctl.batch_keys(sid, ctx.sort_keys)
     # The destination's ledger is the truth of what is committed there: a checkpoint
     # whose ledger row is gone (e.g. a destination that lost recent commits in a
@@ -291,7 +305,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     pending = [b for b in sorted(batch_users) if b not in done]
     _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batch_users)
     started = time.monotonic()
-    for b, res in _copy_pending(ctx, sid, shard.region, dst_dsn, batch_users, pending):
+    for b, res in _copy_pending(ctx, sid, shard.region, dst_dsn, batch_users, pending, rep):
         ctl.save_checkpoint(sid, b, res)
         done[b] = res
         copied_now += 1

@@ -33,7 +33,7 @@ from typing import Any
 
 from psycopg import sql
 
-from migrator import capture, objects, pseudonym, sqlgen
+from migrator import capture, objects, pseudonym, replica, sqlgen
 from migrator.catalog import Table
 from migrator.context import Context
 from migrator.control import Shard
@@ -156,11 +156,14 @@ def _count(c: Conn, ctx: Context, table: Table, keys: list[str]) -> int:
     ).fetchone()[0]
 
 
-def _purge_rows(c: Conn, ctx: Context, keys: list[str], key: bytes | None) -> dict[str, dict[str, Any]]:
+def _purge_rows(
+    c: Conn, ctx: Context, keys: list[str], key: bytes | None, rep: replica.Replica
+) -> dict[str, dict[str, Any]]:
     p = settings(ctx)
     out: dict[str, dict[str, Any]] = {}
     for table in _order(ctx):
         action = p.action(table.name)
+        replica.set_for(c, rep, table.name)
         if action == "delete":
             n = c.execute(sqlgen.delete_keys(ctx.spec.entity_graph, table, ctx.key_type), sqlgen.keys_arg(keys))
             out[table.name] = {"action": "delete", "rows_deleted": n.rowcount}
@@ -216,6 +219,7 @@ def _purge_batch(
     keys: list[str],
     manifest: list[tuple[str, int, str]],
     key: bytes | None,
+    rep: replica.Replica,
 ) -> dict[str, Any]:
     """The batch's source objects, then its rows and receipt in one source transaction."""
     deleted_keys = objects.purge_batch(ctx, sid, region, manifest) if manifest else []
@@ -226,7 +230,7 @@ def _purge_batch(
         c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         c.execute(capture.APPLY)
         c.execute("SET LOCAL lock_timeout = '5s'")
-        tables = _purge_rows(c, ctx, keys, key)
+        tables = _purge_rows(c, ctx, keys, key, rep)
         receipt = {
             "tables": tables,
             "objects_deleted": len(deleted_keys),
@@ -249,6 +253,7 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
         ctl.move(sid, Phase.CUT_OVER, Phase.PURGING, {"event": "purge started", **checked})
     key = _key(ctx, shard.region)
     history.ensure(src, history.CAPTURE)
+    rep = replica.of(src, ctx.spec.entity_graph, f"source {ctx.spec.source_region}", ctx.spec.copy_.skip_edge_checks)
     with connect(src, autocommit=True) as c:
         done = {
             b: r
@@ -261,7 +266,7 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
     pending = [b for b in sorted(batch_users) if b not in done]
 
     def one(_: None, b: int) -> dict[str, Any]:
-        receipt = _purge_batch(ctx, sid, shard.region, b, batch_users[b], manifest.get(b, []), key)
+        receipt = _purge_batch(ctx, sid, shard.region, b, batch_users[b], manifest.get(b, []), key, rep)
         pause_point(ctx, sid, "purged batch")
         if pause:
             time.sleep(pause)  # this lane's pause: the source's own writers go first

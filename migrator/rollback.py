@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from migrator import capture, directory, objects, recovery, sqlgen
+from migrator import capture, directory, objects, recovery, replica, sqlgen
 from migrator.context import Context
 from migrator.copier import ensure_ledger
 from migrator.errors import ChecksumMismatch, StateConflict, retrying
@@ -69,7 +69,7 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
     return carried, flipped
 
 
-def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str]) -> dict[str, int]:
+def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str], rep: replica.Replica) -> dict[str, int]:
     """Remove one batch's rows from the destination, children first, with its ledger row."""
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     for attempt in retrying(ctx.spec.retry):
@@ -83,6 +83,7 @@ def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str]) -> 
             ).fetchone()
             if ours:
                 for name in reversed(list(ctx.tables)):
+                    replica.set_for(c, rep, name)
                     counts[name] = c.execute(
                         sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
                     ).rowcount
@@ -112,11 +113,15 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     for attempt in retrying(ctx.spec.retry):
         with attempt:
             ensure_ledger(dst)
+            rep = replica.of(dst, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
     removed_objects = objects.rollback(ctx, sid, shard.region)
     batch_users = ctl.batch_keys(sid, ctx.sort_keys)  # one batch's keys at a time
     # Batches hold disjoint users, each deleted in its own transaction: lanes as the copy's.
     for _, counts in in_lanes(
-        batch_users, lambda _, b: _delete_batch(ctx, sid, dst, b, batch_users[b]), ctx.spec.copy_.workers, "rollback"
+        batch_users,
+        lambda _, b: _delete_batch(ctx, sid, dst, b, batch_users[b], rep),
+        ctx.spec.copy_.workers,
+        "rollback",
     ):
         for t, n in counts.items():
             deleted[t] += n

@@ -269,6 +269,14 @@ class CopySettings(_Strict):
         "phase compares every row before cutover either way, so this only finds a difference earlier; "
         "batches then run one at a time",
     )
+    skip_edge_checks: bool = Field(
+        True,
+        description="write a batch's rows of a table whose only triggers are the graph's own foreign-key "
+        "checks (and the migrator's guard) with its triggers skipped, as logical replication does: those "
+        "checks cannot fail for a whole batch (migrator/replica.py), and they are most of a copy's and a "
+        "rollback's or purge's delete's cost; needs a superuser or SET on session_replication_role, else "
+        "every row is checked; false checks every row",
+    )
 
     @property
     def lanes(self) -> int:
