@@ -16,8 +16,9 @@ path) those checks cannot fail for the tool's batches:
   in the same destination transaction, parents first;
 * a batch's rows are deleted children first, and every child that references a deleted
   row through a graph edge is owned by the same user, so it is in the same batch and
-  already gone; new ones cannot appear, since the users are fenced (guards refuse their
-  writes) while the tool deletes.
+  already gone; no new one appears meanwhile, since the application writes those users
+  nowhere but their home, and the tool deletes them where they are not homed (a rollback
+  before cutover) or fenced (a rollback after cutover, a purge: the guards refuse them).
 
 So a table is written with its triggers skipped only when every trigger that would be
 skipped is one of those checks or the migrator's own guard (which lets the tool's
