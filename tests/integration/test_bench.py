@@ -24,6 +24,8 @@ def test_bench_smoke(tmp_path):
         "verify_s",
         "copy_vs_pipe",
         "copy_vs_parallel_pipe",
+        "unchecked_parallel_pipe_s",
+        "copy_vs_unchecked_parallel_pipe",
         "total_vs_pipe",
         "lifecycle_total_s",
         "lifecycle_vs_parallel_pipe",
