@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import yaml
@@ -39,7 +40,7 @@ from migrator.context import Context
 from migrator.copier import copy_shard
 from migrator.demo import seed
 from migrator.embedded import Cluster, bindir
-from migrator.planner import plan
+from migrator.planner import Plan, plan
 from migrator.spec import parse_spec
 from migrator.verifier import compare_shard
 
@@ -112,6 +113,13 @@ def parallel_pipe(ctx: Context, psql: str, src: str, dst: str, region: str, work
     return time.perf_counter() - t0
 
 
+def row_of(c: psycopg.Connection, query: str, args: Any = None) -> tuple:
+    """The one row a query returns (an aggregate's, a RETURNING's)."""
+    r = c.execute(query, args).fetchone()
+    assert r is not None, query
+    return r
+
+
 def unchecked(dsn: str) -> str:
     """The same database, every session with its triggers skipped (foreign-key checks among
     them): what a hand-written pipe that trusts its input could do."""
@@ -121,12 +129,13 @@ def unchecked(dsn: str) -> str:
 def left(src: str) -> dict[str, int]:
     """Rows per table, and rows not yet pseudonymised in the pseudonymised tables."""
     with psycopg.connect(src) as c:
-        out = {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
-        out["users in clear"] = c.execute("SELECT count(*) FROM users WHERE email NOT LIKE 'pz1_%'").fetchone()[0]
-        out["logins in clear"] = c.execute(
+        out = {t: row_of(c, f"SELECT count(*) FROM {t}")[0] for t in TABLES}
+        out["users in clear"] = row_of(c, "SELECT count(*) FROM users WHERE email NOT LIKE 'pz1_%'")[0]
+        out["logins in clear"] = row_of(
+            c,
             # (the seeded IPv6 addresses are documentation addresses already)
-            "SELECT count(*) FROM login_events WHERE family(ip) = 4 AND NOT ip <<= inet '240.0.0.0/4'"
-        ).fetchone()[0]
+            "SELECT count(*) FROM login_events WHERE family(ip) = 4 AND NOT ip <<= inet '240.0.0.0/4'",
+        )[0]
     return out
 
 
@@ -178,9 +187,9 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
             ]
             # The wave holds just the users who own these objects (users are created in id
             # order): the figure is the object copy's, whatever the scale of the rows.
-            (until,) = c.execute(
-                "SELECT max(created_at) + interval '1 microsecond' FROM users WHERE user_id <= %s", (max(eu),)
-            ).fetchone()
+            (until,) = row_of(
+                c, "SELECT max(created_at) + interval '1 microsecond' FROM users WHERE user_id <= %s", (max(eu),)
+            )
         body = os.urandom(a.object_kb * 1024)
         keys = [f"users/{u}/media.bin" for u in eu]
         with ThreadPoolExecutor(a.threads) as pool:
@@ -292,17 +301,19 @@ def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: li
     check(dsn, control, acked)  # raises if a write was lost
     with psycopg.connect(control) as c:
         closed = [d for (d,) in c.execute("SELECT detail FROM migrator.audit WHERE detail->>'event' = 'fence closed'")]
-        (rows,) = c.execute(
+        (rows,) = row_of(
+            c,
             "SELECT sum(r.n::bigint) FROM migrator.audit a, jsonb_each_text(a.detail->'rows') AS r(t, n) "
-            "WHERE a.detail->>'event' = 'copied'"
-        ).fetchone()
+            "WHERE a.detail->>'event' = 'copied'",
+        )
         # the seconds the shards spent copying (from entering `copying` to `copied`), summed
-        (copying,) = c.execute(
+        (copying,) = row_of(
+            c,
             "SELECT sum(extract(epoch FROM d.at - s.at)) FROM migrator.audit d JOIN LATERAL ("
             "  SELECT max(a.at) AS at FROM migrator.audit a WHERE a.shard_id = d.shard_id AND a.to_state = 'copying'"
             "  AND a.from_state IS DISTINCT FROM 'copying' AND a.at <= d.at) s ON true "
-            "WHERE d.detail->>'event' = 'copied'"
-        ).fetchone()
+            "WHERE d.detail->>'event' = 'copied'",
+        )
     return {
         "elapsed": elapsed,
         "acked": acked,
@@ -700,7 +711,8 @@ class Dataset:
         self.rel: list[float] = []
         self.rows = 0
         self.peak_mb = 0.0
-        self.plan = self.ctx = None
+        self.plan: Plan | None = None
+        self.ctx: Context | None = None
 
     def reset(self) -> Context:
         truncate(self.dst)
@@ -958,14 +970,13 @@ def main() -> None:
         med = statistics.median
         changed = None
         if a.runs and not a.no_reladiff:  # one row changed at the destination: both must find it
-            victim = (
-                psycopg.connect(dst, autocommit=True)
-                .execute(
+            assert ctx is not None and p is not None
+            with psycopg.connect(dst, autocommit=True) as c:
+                (victim,) = row_of(
+                    c,
                     "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
-                    "RETURNING comment_id"
+                    "RETURNING comment_id",
                 )
-                .fetchone()[0]
-            )
             tool_found = [d for s in p.shards for d in compare_shard(ctx, s.shard_id).differences]
             _, rel_found = reladiff(ctx, src, dst, big.codes)
             changed = {
@@ -980,6 +991,7 @@ def main() -> None:
             for last in ("purge", "rollback") if run % 2 == 0 else ("rollback", "purge"):
                 big.lifecycle(run, last)
         if a.runs:
+            assert ctx is not None
             fig = big.figures()
             doc = {
                 **{k: fig[k] for k in ("scale", "users", "rows")},
