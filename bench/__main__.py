@@ -704,6 +704,7 @@ class Dataset:
         self.lives: list[dict[str, float]] = []  # per run: plan, copy, verify, cutover, purge seconds
         self.rollbacks: list[dict[str, float]] = []  # per run: copy and rollback seconds
         self.raw_purges: list[float] = []  # per run: the hand-written purge's seconds
+        self.raw_purges_unchecked: list[float] = []  # the same with every trigger at the source skipped
         self.life_pipes: list[float] = []  # per run: the parallel pipe timed beside its lifecycle
         self.planned: list[float] = []
         self.copy: list[float] = []
@@ -777,6 +778,11 @@ class Dataset:
             settle(raw, self.dst)
             self.raw_purges.append(raw_purge(raw, self.codes))
             raw_left = left(raw)
+            self.drop("app_raw")
+            raw = self.clone("app_raw")  # and once more with no trigger (no foreign key) checked
+            settle(raw, self.dst)
+            self.raw_purges_unchecked.append(raw_purge(unchecked(raw), self.codes))
+            assert left(raw) == raw_left, "the unchecked hand-written purge did other work"
             self.drop("app_raw")
             src = self.clone("app_purge")
             spec["regions"] = dict(spec["regions"], us={"dsn": src})
@@ -854,6 +860,13 @@ class Dataset:
             out["pipe_and_raw_purge_vs_parallel_pipe"] = round(
                 med((p + r) / p for p, r in zip(pipes, self.raw_purges)), 3
             )
+            # and with nothing checked at all, pipes and purge alike, against the checked pipes:
+            # the floor of a lifecycle that plans, verifies and cuts over nothing
+            out["raw_purge_unchecked_s"] = round(med(self.raw_purges_unchecked), 3)
+            if self.upipe:
+                out["unchecked_pipe_and_raw_purge_vs_parallel_pipe"] = round(
+                    (med(self.upipe) + med(self.raw_purges_unchecked)) / med(self.ppipe), 3
+                )
         if self.rollbacks:
             out["rollback_s"] = round(med(t["rollback"] for t in self.rollbacks), 3)
             out["rollback_vs_copy"] = round(med(t["rollback"] / t["copy"] for t in self.rollbacks), 3)

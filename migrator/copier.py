@@ -328,5 +328,6 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     for entry in done.values():
         for t, n in entry.rows.items():
             rows[t] = rows.get(t, 0) + n
-    ctl.move(sid, Phase.COPYING, Phase.COPIED, {"event": "copied", "batches": len(done), "rows": rows}, error=None)
+    detail = {"event": "copied", "batches": len(done), "rows": rows, "edge_checks_skipped": rep.skipped()}
+    ctl.move(sid, Phase.COPYING, Phase.COPIED, detail, error=None)
     return CopyResult(len(done), copied_now, rows)

@@ -110,6 +110,10 @@ class Replica:
     def skips(self, table: str) -> bool:
         return self.allowed and table in self.tables
 
+    def skipped(self) -> list[str]:
+        """The tables whose graph-edge checks a batch skips here (for the audit)."""
+        return sorted(self.tables) if self.allowed else []
+
 
 NONE = Replica(frozenset(), False)
 

@@ -37,6 +37,8 @@ def test_bench_smoke(tmp_path):
         "lifecycle_parallel_pipe_s",
         "lifecycle_copy_vs_parallel_pipe",
         "pipe_and_raw_purge_vs_parallel_pipe",
+        "raw_purge_unchecked_s",
+        "unchecked_pipe_and_raw_purge_vs_parallel_pipe",
         "peak_rss_mb",
         "cores",
     ):

@@ -75,6 +75,10 @@ def test_only_tables_with_nothing_but_graph_edge_checks_skip_them(world: World):
         "login_events": {"origin"},
     }
     assert missing_parents(world, "ie") == 0
+    said = world.ctl(
+        "SELECT DISTINCT detail->'edge_checks_skipped' FROM migrator.audit WHERE detail->>'event' = 'copied'"
+    )
+    assert said == [(["comments", "devices", "users", "videos"],)]
     logins = world.rows("ie", "SELECT count(*) FROM login_events")[0][0]
     assert logins > 0 and world.rows("ie", "SELECT count(*) FROM app_log")[0][0] == logins
 
@@ -167,6 +171,13 @@ def test_a_role_that_may_not_set_the_mode_checks_every_row(world: World):
         res = world.migrator("verify", "--region", r)
         assert res.returncode == 0, res.stderr[-2000:]
     assert modes(world, "ie", "INSERT") == {t: {"origin"} for t in DEMO_OWNED}
+    said = dict(
+        world.ctl(
+            "SELECT DISTINCT s.region, a.detail->'edge_checks_skipped' FROM migrator.audit a "
+            "JOIN migrator.shard s USING (shard_id) WHERE a.detail->>'event' = 'copied'"
+        )
+    )
+    assert said == {"ie": [], "no": sorted(DEMO_OWNED)}
     assert modes(world, "no", "INSERT") == {t: {"replica"} for t in DEMO_OWNED}
     for r in ("ie", "no"):
         assert missing_parents(world, r) == 0
