@@ -42,8 +42,7 @@ log = logging.getLogger("migrator.replica")
 
 GUARD = "migrator_guard"
 
-# Every enabled trigger of the named tables, with the foreign key it checks (if any), and
-# whether the table has a rule or partitions a replica session would pass by.
+# Every enabled trigger of the named tables, with the foreign key it checks (if any).
 _TRIGGERS = """
 SELECT c.relname, t.tgname, t.tgenabled::text, con.contype::text,
        cc.relname, cn.nspname, pc.relname, pn.nspname,
@@ -60,6 +59,9 @@ LEFT JOIN pg_class pc ON pc.oid = con.confrelid LEFT JOIN pg_namespace pn ON pn.
 WHERE n.nspname = %s AND c.relname = ANY(%s) AND t.tgenabled <> 'D'
 """
 
+# The named tables a replica session could write differently for more than their own
+# triggers: one with an enabled rule (a rule, too, may be skipped), or one that is not a
+# plain table (a partitioned table's rows land in partitions whose triggers are not read).
 _OTHER = """
 SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relname = ANY(%s)
