@@ -148,6 +148,27 @@ def read(conn: Conn, graph: EntityGraph, side: str) -> Replica:
     return Replica(tables, True)
 
 
+# The triggers of `child` a replica session would skip or newly fire, but its foreign key to `parent`.
+_BUT_KEY = """
+SELECT count(*) FROM pg_trigger t LEFT JOIN pg_constraint con ON con.oid = t.tgconstraint
+WHERE t.tgrelid = %(child)s::regclass
+  AND (t.tgenabled = 'R' OR (t.tgenabled = 'O' AND NOT (con.contype = 'f'
+       AND con.conrelid = %(child)s::regclass AND con.confrelid = %(parent)s::regclass)))
+"""
+
+
+def only_key_to(conn: Conn, child: str, parent: str) -> bool:
+    """Whether a statement on the table `child` may skip its triggers because all it would
+    skip are the checks of its foreign key to `parent` (for the tool's own tables, whose
+    rows name parents the same transaction wrote), and the role may skip them."""
+    return _allowed(conn) and conn.execute(_BUT_KEY, {"child": child, "parent": parent}).fetchone()[0] == 0
+
+
+def skipping(conn: Conn, on: bool) -> None:
+    """The current transaction's next statements with their triggers skipped (or no longer)."""
+    conn.execute("SELECT set_config('session_replication_role', %s, true)", ("replica" if on else "origin",))
+
+
 def of(dsn: str, graph: EntityGraph, side: str, wanted: bool = True) -> Replica:
     """`read` on a connection of its own; NONE without asking when not `wanted`."""
     if not wanted:
@@ -159,8 +180,5 @@ def of(dsn: str, graph: EntityGraph, side: str, wanted: bool = True) -> Replica:
 def set_for(conn: Conn, replica: Replica, table: str) -> None:
     """For the current transaction's next statements (those on `table`): its triggers
     skipped where `replica` allows, else fired as usual."""
-    if not replica.allowed:
-        return
-    conn.execute(
-        "SELECT set_config('session_replication_role', %s, true)", ("replica" if replica.skips(table) else "origin",)
-    )
+    if replica.allowed:
+        skipping(conn, replica.skips(table))

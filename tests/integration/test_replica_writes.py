@@ -241,3 +241,27 @@ def test_a_purge_deletes_by_the_graph_and_refuses_what_another_table_still_needs
     assert deleted == {"videos": {"replica"}, "comments": {"replica"}, "devices": {"replica"}}
     assert missing_parents(world, "us") == 0
     assert world.rows("us", "SELECT count(*) FROM videos WHERE video_id = %s", (video,)) == [(0,)]
+
+
+def test_the_plan_writes_its_membership_without_its_own_key_checks(world: World):
+    """The plan's membership rows name the shards it inserted just before, so their foreign
+    key is not checked row by row; the directory rows, with no such key, are written as ever.
+    Every moving user is a member of an existing shard."""
+    assert world.migrator("upgrade").returncode == 0  # the control tables, before the plan writes them
+    with psycopg.connect(world.control) as c:
+        c.execute(WATCH)
+        for t in ("migrator.shard_user", "migrator.directory"):
+            c.execute(f"CREATE TRIGGER seen AFTER INSERT ON {t} FOR EACH STATEMENT EXECUTE FUNCTION seen()")
+            c.execute(f"ALTER TABLE {t} ENABLE ALWAYS TRIGGER seen")
+    res = world.migrator("plan")
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = {t: m for t, m in world.ctl("SELECT tbl, mode FROM seen WHERE op = 'INSERT'")}
+    assert said == {"shard_user": "replica", "directory": "origin"}
+    moving = [c for c, r in world.spec["policy"].items() if r != "us"]
+    n = world.rows("us", "SELECT count(*) FROM users WHERE country_code = ANY(%s)", (moving,))[0][0]
+    assert n > 0 and world.ctl("SELECT count(*) FROM migrator.shard_user")[0][0] == n
+    orphans = (
+        "SELECT count(*) FROM migrator.shard_user su "
+        "WHERE NOT EXISTS (SELECT 1 FROM migrator.shard s WHERE s.shard_id = su.shard_id)"
+    )
+    assert world.ctl(orphans) == [(0,)]
