@@ -41,6 +41,7 @@ from migrator.context import INTEGER_TYPES, Context
 from migrator.control import SCHEMA, shard_id
 from migrator.errors import SpecError, StateConflict, describe, is_transient
 from migrator.partition import shard_index_sql, shard_name
+from migrator.scaffolding import pause_here
 from migrator.state import Phase
 from migrator.stores.postgres import Conn, connect, pipe
 
@@ -401,6 +402,7 @@ def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
     )
     if skip:
         replica.skipping(c, False)
+    pause_here("membership written")  # inside the plan's transaction: a test kills it here
     c.execute(
         f"INSERT INTO {SCHEMA}.directory (user_key, home) SELECT user_key, %s FROM rm_plan "
         "ON CONFLICT (user_key) DO NOTHING",

@@ -4,12 +4,16 @@ still acts, row by row, at the copy, the rollback and the purge."""
 
 from __future__ import annotations
 
+import signal
+import time
+
 import psycopg
 import pytest
 
 from migrator.replica import Trigger, skippable
 from migrator.spec import parse_spec
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import start
 
 pytestmark = pytest.mark.integration
 
@@ -265,3 +269,40 @@ def test_the_plan_writes_its_membership_without_its_own_key_checks(world: World)
         "WHERE NOT EXISTS (SELECT 1 FROM migrator.shard s WHERE s.shard_id = su.shard_id)"
     )
     assert world.ctl(orphans) == [(0,)]
+
+
+def test_a_plan_killed_inside_its_transaction_leaves_nothing_and_reruns_whole(world: World):
+    """`migrator plan` killed (SIGKILL) after writing the membership with its key checks
+    skipped, before its commit: the control database holds no shard, member or directory
+    row, and the next plan writes every moving user once, each in a shard that exists."""
+    proc = start(world, "plan", env={"MIGRATOR_PAUSE_AT": "membership written", "MIGRATOR_PAUSE_S": "60"})
+    deadline = time.monotonic() + 60
+    while not world.ctl(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+        "AND state_change < now() - interval '1 second' AND pid <> pg_backend_pid() "
+        "AND application_name = 'residency-migrator'"
+    )[0][0]:
+        assert proc.poll() is None and time.monotonic() < deadline, "the plan never paused in its transaction"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    counts = (
+        "SELECT (SELECT count(*) FROM migrator.shard), (SELECT count(*) FROM migrator.shard_user), "
+        "(SELECT count(*) FROM migrator.directory)"
+    )
+    deadline = time.monotonic() + 10  # the server sees its client gone and rolls the transaction back
+    while world.ctl(counts) != [(0, 0, 0)]:
+        assert time.monotonic() < deadline, "the killed plan's rows are still in the control database"
+        time.sleep(0.1)
+    res = world.migrator("plan")
+    assert res.returncode == 0, res.stderr[-2000:]
+    moving = [c for c, r in world.spec["policy"].items() if r != "us"]
+    n = world.rows("us", "SELECT count(*) FROM users WHERE country_code = ANY(%s)", (moving,))[0][0]
+    assert world.ctl("SELECT count(*), count(DISTINCT user_key) FROM migrator.shard_user") == [(n, n)]
+    orphans = (
+        "SELECT count(*) FROM migrator.shard_user su "
+        "WHERE NOT EXISTS (SELECT 1 FROM migrator.shard s WHERE s.shard_id = su.shard_id)"
+    )
+    assert world.ctl(orphans) == [(0,)]
+    res = world.migrator("run", "--region", "no")  # and the plan moves: nobody is stuck by the killed one
+    assert res.returncode == 0, res.stderr[-2000:]
