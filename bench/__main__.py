@@ -773,17 +773,17 @@ class Dataset:
         src = self.src
         self.reset()  # before cloning: an earlier run's guard triggers would slow the hand-written purge
         if last == "purge":
-            # the hand-written purge first, on a clone of its own
-            raw = self.clone("app_raw")
-            settle(raw, self.dst)
-            self.raw_purges.append(raw_purge(raw, self.codes))
-            raw_left = left(raw)
-            self.drop("app_raw")
-            raw = self.clone("app_raw")  # and once more with no trigger (no foreign key) checked
-            settle(raw, self.dst)
-            self.raw_purges_unchecked.append(raw_purge(unchecked(raw), self.codes))
-            assert left(raw) == raw_left, "the unchecked hand-written purge did other work"
-            self.drop("app_raw")
+            # the hand-written purge first, on a clone of its own; then once more on another
+            # with no trigger (no foreign key) checked
+            raw_left = None
+            for session, into in ((str, self.raw_purges), (unchecked, self.raw_purges_unchecked)):
+                raw = self.clone("app_raw")
+                settle(raw, self.dst)
+                into.append(raw_purge(session(raw), self.codes))
+                now = left(raw)
+                assert raw_left in (None, now), "the unchecked hand-written purge did other work"
+                raw_left = now
+                self.drop("app_raw")
             src = self.clone("app_purge")
             spec["regions"] = dict(spec["regions"], us={"dsn": src})
         ctx = Context(parse_spec(spec))
