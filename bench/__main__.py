@@ -326,9 +326,10 @@ def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: li
 
 def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float = 5.0) -> dict:
     """A writer as fast as it goes: alone, then while every shard moves with the fence, and
-    once more with the copy's throttle holding each shard to a third of the rate its copy
-    reached the first time, which holds the verify's reads at the source to it as well
-    (copying_s: the seconds the shards spent copying, summed)."""
+    once more for each of `a.throttle_divisors` with the copy's throttle holding each shard
+    to that fraction (a third, a quarter, ...) of the rate its copy reached the first time,
+    which holds the verify's reads at the source to it as well (copying_s: the seconds the
+    shards spent copying, summed). The headline throttled figures are the last setting's."""
     from migrator.demo.workload import WriterProcess
 
     truncate(dst)
@@ -344,10 +345,24 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     # batches small enough for the throttle to act between them (it waits before a batch)
     wspec = dict(spec, sharding={"shards_per_region": 8}, copy={**spec.get("copy", {}), "batch_users": 1000})
     free = _migrate_with_writer(src, dst, control, wspec, users, 2 * 10**9)
-    # each shard held to a third of the rate its copy reached without the throttle
-    ceiling = max(1, int(free["rows"] / max(free["copying_s"], 1e-3) / 3))
-    tspec = dict(wspec, copy={**wspec.get("copy", {}), "throttle": {"max_rows_per_s": ceiling}})
-    held = _migrate_with_writer(src, dst, control, tspec, users, 3 * 10**9)
+    settings = []
+    for i, divisor in enumerate(a.throttle_divisors):
+        # each shard held to 1/divisor of the rate its copy reached without the throttle
+        ceiling = max(1, int(free["rows"] / max(free["copying_s"], 1e-3) / divisor))
+        tspec = dict(wspec, copy={**wspec.get("copy", {}), "throttle": {"max_rows_per_s": ceiling}})
+        held = _migrate_with_writer(src, dst, control, tspec, users, (3 + i) * 10**9)
+        ops = held["acked"].ops / held["elapsed"]
+        settings.append(
+            {
+                "divisor": divisor,
+                "rows_per_s_per_shard": ceiling,
+                "writer_ops_per_s": round(ops, 1),
+                "writer_during_vs_alone": round(ops / alone, 3),
+                "migration_s": round(held["elapsed"], 2),
+                "copying_s": round(held["copying_s"], 2),
+                "errors": held["errors"][:3],
+            }
+        )
     closed = free["closed"]
     fences = sorted(float(d["fence_ms"]) for d in closed)
     steps = {
@@ -356,7 +371,7 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     }
     q = statistics.quantiles(fences, n=100, method="inclusive") if len(fences) > 1 else fences * 99
     during = free["acked"].ops / free["elapsed"]
-    during_held = held["acked"].ops / held["elapsed"]
+    last = settings[-1]
     return {
         "shards": len(fences),
         "fence_ms_p50": round(statistics.median(fences), 1),
@@ -365,16 +380,18 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
         "writer_ops_per_s_alone": round(alone, 1),
         "writer_ops_per_s_during": round(during, 1),
         "writer_during_vs_alone": round(during / alone, 3),
-        "throttle_rows_per_s_per_shard": ceiling,
-        "writer_ops_per_s_during_throttled": round(during_held, 1),
-        "writer_during_vs_alone_throttled": round(during_held / alone, 3),
+        "throttle_divisor": last["divisor"],
+        "throttle_rows_per_s_per_shard": last["rows_per_s_per_shard"],
+        "writer_ops_per_s_during_throttled": last["writer_ops_per_s"],
+        "writer_during_vs_alone_throttled": last["writer_during_vs_alone"],
         "migration_s": round(free["elapsed"], 2),
-        "migration_throttled_s": round(held["elapsed"], 2),
+        "migration_throttled_s": last["migration_s"],
         "copying_s": round(free["copying_s"], 2),
-        "copying_throttled_s": round(held["copying_s"], 2),
+        "copying_throttled_s": last["copying_s"],
+        "throttle_settings": [{k: v for k, v in t.items() if k != "errors"} for t in settings],
         "fenced_retries": free["acked"].fenced,
         "lost_writes": 0,
-        "writer_errors": (free["errors"] + held["errors"])[:3],
+        "writer_errors": (free["errors"] + [e for t in settings for e in t["errors"]])[:3],
         "writer_ops_during": free["acked"].ops,
     }
 
@@ -405,6 +422,36 @@ def busy_cpu_s() -> float:
 
     t = psutil.cpu_times()
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
+def cpu_by_process(services: dict[str, int]) -> dict[str, float]:
+    """CPU seconds each part of the machine has spent so far (its processes and the children
+    they have reaped): each Airflow service by its session (`services`: name -> session id),
+    every PostgreSQL server's processes, this process (the tool, in a CLI run), the rest."""
+    import psutil
+
+    me = os.getpid()
+    out: dict[str, float] = {}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        t = p.info["cpu_times"]
+        if t is None:
+            continue
+        try:
+            sid = os.getsid(p.pid)
+        except OSError:
+            continue
+        service = next((n for n, s in services.items() if s == sid), None)
+        if service is None:
+            role = "postgres" if (p.info["name"] or "").startswith("postgres") else "bench" if p.pid == me else "other"
+            out[role] = out.get(role, 0.0) + t.user + t.system + t.children_user + t.children_system
+            continue
+        # a service's main process; the processes it forked (the executor's workers); what
+        # those reaped (the task processes they supervised)
+        own = service if p.pid == sid else f"{service} forks"
+        out[own] = out.get(own, 0.0) + t.user + t.system
+        reaped = service if p.pid == sid else f"{service} forks' children"
+        out[reaped] = out.get(reaped, 0.0) + t.children_user + t.children_system
+    return out
 
 
 def bench_airflow(
@@ -462,15 +509,23 @@ def bench_airflow(
     per_task: dict[str, list[float]] = {}
 
     cpu: dict[str, list[float]] = {"cli": [], "airflow": []}
+    by_process: dict[str, list[dict[str, float]]] = {"cli": [], "airflow": []}
+    sessions = {name: proc.pid for name, proc in af.procs.items()}
+
+    def split_cpu(kind: str, before: dict[str, float]) -> None:
+        after = cpu_by_process(sessions)
+        by_process[kind].append({k: after[k] - before.get(k, 0.0) for k in after})
 
     def through_airflow() -> float:
         reset()
+        p0 = cpu_by_process(sessions)
         c0 = busy_cpu_s()
         t0 = time.perf_counter()
         run = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})
         done = af.run_state("residency_migration", run["dag_run_id"], {"success", "failed"}, timeout=3600)
         elapsed = time.perf_counter() - t0
         cpu["airflow"].append(busy_cpu_s() - c0)
+        split_cpu("airflow", p0)
         assert done["state"] == "success", "the DAG run failed"
         tis = af.tasks("residency_migration", run["dag_run_id"])
         first, last, busy = busy_intervals(tis)
@@ -483,11 +538,13 @@ def bench_airflow(
 
     def through_cli() -> float:
         reset()
+        p0 = cpu_by_process(sessions)
         c0 = busy_cpu_s()
         t0 = time.perf_counter()
         _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
         elapsed = time.perf_counter() - t0
         cpu["cli"].append(busy_cpu_s() - c0)
+        split_cpu("cli", p0)
         assert all(o.ok for o in outcomes) and len(outcomes) == 4
         return elapsed
 
@@ -519,6 +576,10 @@ def bench_airflow(
         "airflow_split_s": {k: round(med(d[k] for d in split), 2) for k in split[0]},
         "task_s_median": {k: round(med(v), 2) for k, v in sorted(per_task.items())},
         "machine_cpu_s": {k: round(med(v), 1) for k, v in cpu.items()},
+        "machine_cpu_s_by_process": {
+            kind: {k: round(med(d.get(k, 0.0) for d in runs_), 1) for k in sorted({k for d in runs_ for k in d})}
+            for kind, runs_ in by_process.items()
+        },
         "idle_airflow_cores": round(idle_cpu, 3),
         "executor": "LocalExecutor",
         "pool_slots": slots,
@@ -530,6 +591,8 @@ def bench_airflow(
         "airflow_split_s: in_tasks_s while at least one task instance ran, between_tasks_s while none did, "
         "around_s from the trigger to the first task's start and from the last task's end to the run's end; "
         "machine_cpu_s: CPU seconds the whole machine spent (all processes) during each CLI and DAG run; "
+        "machine_cpu_s_by_process: the same split by process (each Airflow service with the task processes "
+        "it started, the PostgreSQL servers, the benchmark process that runs the CLI's engine); "
         "idle_airflow_cores: the machine's busy cores with Airflow running and nothing triggered",
     }
 
@@ -930,6 +993,13 @@ def main() -> None:
     )
     ap.add_argument("--no-reladiff", action="store_true")
     ap.add_argument("--writes", action="store_true", help="measure the fence window and writer throughput")
+    ap.add_argument(
+        "--throttle-divisors",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[3, 4],
+        help="for --writes: the throttled runs, each shard held to 1/N of its unthrottled copy's rate "
+        "(comma-separated N; the headline throttled figure is the last)",
+    )
     ap.add_argument("--chart", type=Path, default=None, help="write a PNG chart here")
     ap.add_argument("--airflow", action="store_true", help="also time the plan through the Airflow DAG")
     ap.add_argument(
