@@ -140,17 +140,6 @@ def residency_migration():
             _spec(), ctx["run_id"], desc["shard_id"], reason=f"automatic: a task of run {ctx['run_id']} failed for good"
         )
 
-    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ALL_DONE)
-    @classified
-    def outcome(desc: dict) -> dict:
-        """The shard's recorded state once its tasks are done: green only when it cut over.
-        It waits for cutover and rollback both, so clearing the failed tasks of a run clears
-        this too and it waits for the resumed shard."""
-        from migrator import orchestration
-
-        _name_instance(desc)
-        return orchestration.shard_outcome(_spec(), desc["shard_id"])
-
     def shard_group(region: str):
         """The shard tasks of one destination region, on its Celery queue (named as the region)."""
         q = {"queue": region} if region in REGIONS else {}
@@ -164,7 +153,6 @@ def residency_migration():
             c >> v >> a >> k
             rb = rollback.override(**q)(desc)
             [c, v, a, k] >> rb
-            [k, rb] >> outcome(desc)
 
         return shard
 
@@ -187,7 +175,12 @@ def residency_migration():
     planned = plan()
     verdict = report(planned)
     for g in GROUPS:
-        shard_group(g).expand(desc=shards_of.override(task_id=f"{g}_shards")(planned, g)) >> verdict
+        group = shard_group(g).expand(desc=shards_of.override(task_id=f"{g}_shards")(planned, g))
+        # The report waits for each shard's cutover as well as its rollback (the group's only
+        # leaf): "clear only failed tasks" clears a cutover that an outage left upstream-failed,
+        # and the report it clears with it then waits for the resumed shard.
+        group >> verdict
+        group.children[f"{g}.cutover"] >> verdict
 
 
 residency_migration()
