@@ -344,6 +344,21 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     alone = w.stop().ops / seconds
     # batches small enough for the throttle to act between them (it waits before a batch)
     wspec = dict(spec, sharding={"shards_per_region": 8}, copy={**spec.get("copy", {}), "batch_users": 1000})
+    # What the writer pays with nothing copied: every shard planned (the directory has its
+    # users), then each shard's changes captured too (the guard trigger on every write, and
+    # a log row for each write of a moving user); no copy, verify or cutover runs.
+    from migrator.capture.triggers import start_capture
+
+    ctx = Context(parse_spec(wspec))
+    planned = plan(ctx, "writer-baseline")
+    w = WriterProcess(dsn, control, users, threads=2, rate_hz=1e6, first_event=10**9 + 5 * 10**8).start()
+    time.sleep(seconds)
+    directory_only = w.stop().ops / seconds
+    for s in planned.shards:
+        start_capture(ctx, src, s.shard_id)
+    w = WriterProcess(dsn, control, users, threads=2, rate_hz=1e6, first_event=10**9 + 7 * 10**8).start()
+    time.sleep(seconds)
+    captured_only = w.stop().ops / seconds
     free = _migrate_with_writer(src, dst, control, wspec, users, 2 * 10**9)
     settings = []
     for i, divisor in enumerate(a.throttle_divisors):
@@ -380,6 +395,8 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
         "writer_ops_per_s_alone": round(alone, 1),
         "writer_ops_per_s_during": round(during, 1),
         "writer_during_vs_alone": round(during / alone, 3),
+        "writer_planned_vs_alone": round(directory_only / alone, 3),
+        "writer_captured_vs_alone": round(captured_only / alone, 3),
         "throttle_divisor": last["divisor"],
         "throttle_rows_per_s_per_shard": last["rows_per_s_per_shard"],
         "writer_ops_per_s_during_throttled": last["writer_ops_per_s"],
