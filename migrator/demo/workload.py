@@ -69,7 +69,10 @@ class Writer:
     def _run(self, i: int, seed: int) -> None:
         rnd = random.Random(seed)
         users = self.parts[i]
-        mine: dict[int, int] = {}  # event -> user, inserted by this thread and not deleted
+        # user -> the events this thread inserted for them and has not deleted, oldest first
+        # (kept per user: a scan of every event inserted so far would slow the writer down
+        # the longer it runs, and a long run would then measure the writer, not the stores)
+        mine: dict[int, list[int]] = {}
         next_event = self.first_event + i * 10**7
         conns: dict[str, psycopg.Connection] = {}
         ctl = psycopg.connect(self.control, autocommit=True)
@@ -86,7 +89,7 @@ class Writer:
             elif kind < 0.85:
                 op = ("comment", f"c{i}-{rnd.randrange(10**9)}")
             else:
-                own = [e for e, u in mine.items() if u == user]
+                own = mine.get(user)
                 if not own:
                     continue
                 op = ("delete", rnd.choice(own))
@@ -106,7 +109,7 @@ class Writer:
                         c.execute("INSERT INTO login_events VALUES (%s, %s, '192.0.2.1', now(), true)", (arg, user))
                         with self.lock:
                             self.acked.inserted[arg] = user
-                        mine[arg] = user
+                        mine.setdefault(user, []).append(arg)
                     elif op[0] == "name":
                         c.execute("UPDATE users SET display_name = %s WHERE user_id = %s", (arg, user))
                         with self.lock:
@@ -129,7 +132,8 @@ class Writer:
                             self.errors.append(f"delete of an acknowledged insert found {n} rows")
                         with self.lock:
                             self.acked.deleted.add(arg)
-                        mine.pop(arg, None)
+                        if arg in mine.get(user, ()):
+                            mine[user].remove(arg)
                     with self.lock:
                         self.acked.ops += 1
                     break
