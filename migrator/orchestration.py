@@ -171,22 +171,6 @@ def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
     return [s.shard_id for s in ctx.control.resolve(wave, names)]
 
 
-def shard_outcome(spec: Spec, shard_id: str) -> dict[str, Any]:
-    """One shard's state for its run; raises (naming the state and the next step) unless it
-    cut over or was superseded by a later wave."""
-    ctx = Context(spec, "report")
-    shard = ctx.control.shard(shard_id)
-    if shard.state in MOVED:  # cut over, or already purged since
-        return {"shard_id": shard_id, "state": shard.state.value}
-    if shard.state == Phase.ROLLED_BACK and ctx.control.superseded_by(shard_id):
-        return {"shard_id": shard_id, "state": shard.state.value, "superseded_by": ctx.control.superseded_by(shard_id)}
-    raise MigratorError(
-        f"shard {shard_id} is {shard.state}"
-        + (f" ({shard.error})" if shard.error else "")
-        + f"; next: {dispatch.NEXT_STEP[shard.state]}"
-    )
-
-
 def approval_summary(spec: Spec, shard_id: str) -> str:
     """What an approver sees before a shard's cutover (Markdown): its users, and the rows and
     digest its last verify compared on both sides. Counts and digests only, no user data."""

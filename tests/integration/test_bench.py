@@ -51,9 +51,9 @@ def test_bench_smoke(tmp_path):
     w = doc["live_writes"]
     assert w["lost_writes"] == 0 and not w["writer_errors"] and w["shards"] > 0 and w["fence_ms_p99"] > 0
     assert w["writer_during_vs_alone_throttled"] > 0 and w["throttle_rows_per_s_per_shard"] > 0
+    assert w["writer_planned_vs_alone"] > 0 and w["writer_captured_vs_alone"] > 0
     # one throttled run per setting (a third, then a quarter of the free copy's rate): the
     # headline is the last, and a lower ceiling is a lower ceiling
-    assert w["writer_planned_vs_alone"] > 0 and w["writer_captured_vs_alone"] > 0
     held = w["throttle_settings"]
     assert [t["divisor"] for t in held] == [3, 4] and w["throttle_divisor"] == 4
     assert w["throttle_rows_per_s_per_shard"] == held[-1]["rows_per_s_per_shard"]
