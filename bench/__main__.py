@@ -441,15 +441,19 @@ def busy_cpu_s() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
-def cpu_by_process(services: dict[str, int]) -> dict[str, float]:
+def cpu_by_process(services: dict[str, int], postmasters: set[int]) -> tuple[dict[str, float], set[int]]:
     """CPU seconds each part of the machine has spent so far (its processes and the children
     they have reaped): each Airflow service by its session (`services`: name -> session id),
-    every PostgreSQL server's processes, this process (the tool, in a CLI run), the rest."""
+    the benchmark's PostgreSQL servers (`postmasters` and the backends they started), this
+    process (the tool, in a CLI run), the rest ("other": whatever else the machine runs,
+    which can come out negative when a process of it exits unreaped by another); and the
+    pids of the processes the services forked (see `merge_forks`)."""
     import psutil
 
     me = os.getpid()
     out: dict[str, float] = {}
-    for p in psutil.process_iter(["name", "cpu_times"]):
+    forks: set[int] = set()
+    for p in psutil.process_iter(["ppid", "cpu_times"]):
         t = p.info["cpu_times"]
         if t is None:
             continue
@@ -459,15 +463,29 @@ def cpu_by_process(services: dict[str, int]) -> dict[str, float]:
             continue
         service = next((n for n, s in services.items() if s == sid), None)
         if service is None:
-            role = "postgres" if (p.info["name"] or "").startswith("postgres") else "bench" if p.pid == me else "other"
+            ours = p.pid in postmasters or p.info["ppid"] in postmasters
+            role = "postgres" if ours else "bench" if p.pid == me else "other"
             out[role] = out.get(role, 0.0) + t.user + t.system + t.children_user + t.children_system
             continue
         # a service's main process; the processes it forked (the executor's workers); what
         # those reaped (the task processes they supervised)
+        if p.pid != sid:
+            forks.add(p.pid)
         own = service if p.pid == sid else f"{service} forks"
         out[own] = out.get(own, 0.0) + t.user + t.system
         reaped = service if p.pid == sid else f"{service} forks' children"
         out[reaped] = out.get(reaped, 0.0) + t.children_user + t.children_system
+    return out, forks
+
+
+def merge_forks(split: dict[str, float], services: list[str]) -> dict[str, float]:
+    """A service's forks and what they reaped, folded into the service. Needed when a fork
+    exited during the span: its CPU then moved into its parent's reaped children, so the
+    two parts' differences are not each one's share (a part can come out negative), while
+    their sum is still the service's."""
+    out = dict(split)
+    for svc in services:
+        out[svc] = out.get(svc, 0.0) + out.pop(f"{svc} forks", 0.0) + out.pop(f"{svc} forks' children", 0.0)
     return out
 
 
@@ -528,14 +546,20 @@ def bench_airflow(
     cpu: dict[str, list[float]] = {"cli": [], "airflow": []}
     by_process: dict[str, list[dict[str, float]]] = {"cli": [], "airflow": []}
     sessions = {name: proc.pid for name, proc in af.procs.items()}
+    # each server's postmaster, from the pid file it keeps in its data directory
+    postmasters = {int((s.data / "postmaster.pid").read_text().split()[0]) for s in cluster.servers.values()}
 
-    def split_cpu(kind: str, before: dict[str, float]) -> None:
-        after = cpu_by_process(sessions)
-        by_process[kind].append({k: after[k] - before.get(k, 0.0) for k in after})
+    exited = False  # whether a service's fork exited during a timed run (see merge_forks)
+
+    def split_cpu(kind: str, before: tuple[dict[str, float], set[int]]) -> None:
+        nonlocal exited
+        after, forks = cpu_by_process(sessions, postmasters)
+        exited = exited or bool(before[1] - forks)
+        by_process[kind].append({k: after[k] - before[0].get(k, 0.0) for k in after})
 
     def through_airflow() -> float:
         reset()
-        p0 = cpu_by_process(sessions)
+        p0 = cpu_by_process(sessions, postmasters)
         c0 = busy_cpu_s()
         t0 = time.perf_counter()
         run = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})
@@ -555,7 +579,7 @@ def bench_airflow(
 
     def through_cli() -> float:
         reset()
-        p0 = cpu_by_process(sessions)
+        p0 = cpu_by_process(sessions, postmasters)
         c0 = busy_cpu_s()
         t0 = time.perf_counter()
         _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
@@ -583,6 +607,8 @@ def bench_airflow(
     finally:
         af.stop()
     med = statistics.median
+    if exited:  # in every run alike, so the medians add up
+        by_process = {k: [merge_forks(d, list(sessions)) for d in v] for k, v in by_process.items()}
     return {
         "runs": runs,
         "cli_s": round(med(cli), 2),
@@ -597,6 +623,7 @@ def bench_airflow(
             kind: {k: round(med(d.get(k, 0.0) for d in runs_), 1) for k in sorted({k for d in runs_ for k in d})}
             for kind, runs_ in by_process.items()
         },
+        "forks_exited": exited,
         "idle_airflow_cores": round(idle_cpu, 3),
         "executor": "LocalExecutor",
         "pool_slots": slots,
@@ -608,8 +635,10 @@ def bench_airflow(
         "airflow_split_s: in_tasks_s while at least one task instance ran, between_tasks_s while none did, "
         "around_s from the trigger to the first task's start and from the last task's end to the run's end; "
         "machine_cpu_s: CPU seconds the whole machine spent (all processes) during each CLI and DAG run; "
-        "machine_cpu_s_by_process: the same split by process (each Airflow service with the task processes "
-        "it started, the PostgreSQL servers, the benchmark process that runs the CLI's engine); "
+        "machine_cpu_s_by_process: the same split by process (each Airflow service, the processes it forked "
+        "such as the executor's workers, the task processes those reaped, the PostgreSQL servers, the benchmark "
+        "process that runs the CLI's engine; with forks_exited, a fork exited during a run and each service's "
+        "parts are given as one); "
         "idle_airflow_cores: the machine's busy cores with Airflow running and nothing triggered",
     }
 

@@ -27,8 +27,11 @@ def test_bench_airflow_smoke():
     split = a["airflow_split_s"]
     assert split["in_tasks_s"] > 0 and abs(sum(split.values()) - a["airflow_s"]) < 0.5
     assert a["machine_cpu_s"]["airflow"] > 0 and a["machine_cpu_s"]["cli"] > 0
-    # the split by process: the DAG's run spent CPU in the scheduler's task processes, the CLI's in
-    # the benchmark's own process (where the engine runs), and each in the databases
+    # the split by process: the DAG's run spent CPU in the scheduler's task processes (given with
+    # the scheduler's own when an executor worker exited during a run), the CLI's in the
+    # benchmark's own process (where the engine runs), and each in the benchmark's databases
+    # (only its own servers: the suite's other tests start and stop theirs meanwhile)
     by = a["machine_cpu_s_by_process"]
-    assert by["airflow"]["scheduler forks' children"] > 0 and by["cli"]["bench"] > 0
+    tasks = "scheduler" if a["forks_exited"] else "scheduler forks' children"
+    assert by["airflow"][tasks] > 0 and by["cli"]["bench"] > 0
     assert by["airflow"]["postgres"] > 0 and by["cli"]["postgres"] > 0
