@@ -1078,6 +1078,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.lifecycle_runs is None:
         a.lifecycle_runs = a.runs
+    if not a.throttle_divisors or min(a.throttle_divisors) < 1:
+        ap.error("--throttle-divisors: one or more whole numbers of 1 or more, comma-separated (e.g. 3,4)")
     if a.runs == 0 and (a.against_scale is not None or a.chart or not (a.writes or a.objects or a.airflow)):
         ap.error(
             "--runs 0 skips the copy and verify figures: it needs --writes, --objects or --airflow, "
