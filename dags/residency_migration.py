@@ -11,8 +11,8 @@ Pool: copy tasks run in the `migrator_source` pool, whose size bounds how many s
 read from the US source at once (2 slots suit a 2-core source; one slot per spare core).
 
 Params: `scope` (interval or all), `regions` and `shards` (empty: all), `batch_size`,
-`dry_run` (log and return the plan only), `approve_cutover` (wait for an approval in
-Required Actions before each shard's cutover), `spec` (one of the configured specs).
+`dry_run` (log and return the plan only), `approve_cutover` (each shard's cutover task
+waits for an approval in Required Actions first), `spec` (one of the configured specs).
 
 What failing means: a red `copy`/`verify`/`cutover` after an outage leaves its shard
 resumable (clear the failed tasks once the store is back); a shard in state `failed`
@@ -28,7 +28,7 @@ import os
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task, task_group
 
-from migrator.airflow_approval import CutoverApproval, approve_param, rejection
+from migrator.airflow_cutover import Cutover, approve_param
 from migrator.airflow_glue import destination_regions, dry_run_param, regions_param, shards_param, spec_param
 
 # A cron with data intervals: each run covers [previous tick, this tick), so every user is
@@ -117,18 +117,6 @@ def residency_migration():
         _name_instance(desc)
         return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "verify")
 
-    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.NONE_FAILED)
-    @classified
-    def cutover(desc: dict) -> dict:
-        from migrator import orchestration
-
-        _name_instance(desc)
-        ctx = get_current_context()
-        rejected = rejection(ctx["ti"])
-        if rejected:  # its approval rolled it back (Airflow skips no downstream task inside a mapped group)
-            return {"shard_id": desc["shard_id"], "skipped": rejected}
-        return orchestration.phase(_spec(), ctx["run_id"], desc["shard_id"], "cutover")
-
     @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ONE_FAILED)
     @classified
     def rollback(desc: dict) -> dict:
@@ -148,11 +136,11 @@ def residency_migration():
         def shard(desc: dict):
             c = copy.override(**q)(desc)
             v = verify.override(**q)(desc)
-            a = CutoverApproval(task_id="approve", group=region, trigger_rule=TriggerRule.NONE_FAILED)
-            k = cutover.override(**q)(desc)
-            c >> v >> a >> k
+            # asks for an approval first when the run says so (Required Actions), then cuts over
+            k = Cutover(task_id="cutover", group=region, trigger_rule=TriggerRule.NONE_FAILED, **q)
+            c >> v >> k
             rb = rollback.override(**q)(desc)
-            [c, v, a, k] >> rb
+            [c, v, k] >> rb
 
         return shard
 

@@ -176,9 +176,7 @@ def approval_summary(spec: Spec, shard_id: str) -> str:
     digest its last verify compared on both sides. Counts and digests only, no user data."""
     ctx = Context(spec, "approval")
     shard = ctx.control.shard(shard_id)
-    last: dict[str, Any] = next(
-        (a["detail"] for a in reversed(ctx.control.audit_rows(shard_id)) if a["detail"].get("event") == "verify"), {}
-    )
+    last = _last_verify(ctx, shard_id)
     rows = last.get("rows") or {}
     lines = [
         f"**Shard {shard.name}** ({shard_id}): {shard.users} users to **{shard.region}**, state `{shard.state.value}`.",
@@ -195,10 +193,47 @@ def approval_summary(spec: Spec, shard_id: str) -> str:
     return "\n".join(lines)
 
 
-def reject_cutover(spec: Spec, run_id: str, shard_id: str, who: str, reason: str) -> dict[str, Any]:
-    """An approver rejected the shard's cutover: roll it back, the reason recorded."""
-    why = f"cutover rejected by {who}: {reason or 'no reason given'}"
-    return phase(spec, run_id, shard_id, "rollback", reason=why)
+def _last_verify(ctx: Context, shard_id: str) -> dict[str, Any]:
+    """The audit detail of the shard's last verify ({} if none)."""
+    rows = ctx.control.audit_rows(shard_id)
+    return next((a["detail"] for a in reversed(rows) if a["detail"].get("event") == "verify"), {})
+
+
+APPROVED, REJECTED = "cutover approved", "cutover rejected"
+
+
+def cutover_answer(spec: Spec, run_id: str, shard_id: str) -> dict[str, Any] | None:
+    """The approver's answer to the shard's cutover in this run, as recorded since its last
+    verify (a new verify asks again), or None: what a retried cutover task acts on without
+    asking again."""
+    answer = None
+    for a in Context(spec, run_id).control.audit_rows(shard_id):
+        event = a["detail"].get("event")
+        if event == "verify":
+            answer = None
+        elif event in (APPROVED, REJECTED) and a["run_id"] == run_id:
+            answer = a["detail"]
+    return answer
+
+
+def answer_cutover(spec: Spec, run_id: str, shard_id: str, approved: bool, who: str, reason: str) -> dict[str, Any]:
+    """An approver's answer: recorded first (with the digest they were shown), then acted on."""
+    ctx = Context(spec, run_id)
+    shown = _last_verify(ctx, shard_id).get("digest")
+    answer = {"event": APPROVED if approved else REJECTED, "by": who, "reason": reason, "digest": shown}
+    ctx.control.record(shard_id, None, answer)
+    return act_on_answer(spec, run_id, shard_id, answer)
+
+
+def act_on_answer(spec: Spec, run_id: str, shard_id: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """Approved: the cutover. Rejected: the shard rolled back, the approver's reason recorded
+    with it; the result says the cutover was skipped, and why."""
+    if answer["event"] == APPROVED:
+        return phase(spec, run_id, shard_id, "cutover")
+    who = answer.get("by") or "an approver"
+    why = f"cutover rejected by {who}: {answer.get('reason') or 'no reason given'}"
+    phase(spec, run_id, shard_id, "rollback", reason=why)
+    return {"shard_id": shard_id, "skipped": f"cutover rejected by {who}; the shard was rolled back"}
 
 
 def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """A real Airflow: scheduler, dag-processor and api-server as separate processes
 (LocalExecutor, a PostgreSQL metadata database). A run is triggered through the REST API with a conf
-and an approval before each cutover (one approval task cleared while it waits asks again),
+and an approval before each cutover (one cutover task cleared while it waits asks again),
 then a backfill over three daily intervals; the users each run should have moved are
-worked out here from the runs' own data intervals and the source rows."""
+worked out here from the runs' own data intervals and the source rows. An outage right
+after an approval: the cutover retries without asking again. A region down for a whole
+run: clearing the failed tasks ends it green."""
 
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ def _ts(s: str) -> datetime:
 
 
 def _approvals(af: AirflowServices, run: str) -> list[dict]:
-    return [t for t in af.tasks("residency_migration", run) if t["task_id"] == "no.approve" and t["map_index"] >= 0]
+    return [t for t in af.tasks("residency_migration", run) if t["task_id"] == "no.cutover" and t["map_index"] >= 0]
 
 
 def _waiting(af: AirflowServices, run: str, count: int, try_number: int = 1, timeout: float = 300) -> list[dict]:
-    """The run's approval tasks once `count` of them wait for an answer in this try."""
+    """The run's cutover tasks once `count` of them wait for an answer in this try."""
     deadline = time.monotonic() + timeout
     while True:
         found = [t for t in _approvals(af, run) if t["state"] == "awaiting_input" and t["try_number"] >= try_number]
@@ -39,7 +41,7 @@ def _waiting(af: AirflowServices, run: str, count: int, try_number: int = 1, tim
 
 
 def _approve_with_one_asked_again(af: AirflowServices, world: World, run: str) -> None:
-    """Both Norwegian shards wait for approval; the first one's approval task is cleared
+    """Both Norwegian shards wait for approval; the first one's cutover task is cleared
     as an operator's "Clear" would (a new try): it asks again, nothing is cut over
     meanwhile, and an answer to a later try is what cuts it over. Whatever asks is
     answered until the run ends (Airflow may go through more than one new try)."""
@@ -50,7 +52,7 @@ def _approve_with_one_asked_again(af: AirflowServices, world: World, run: str) -
         {
             "dry_run": False,
             "dag_run_id": run,
-            "task_ids": [["no.approve", first]],
+            "task_ids": [["no.cutover", first]],
             "only_failed": False,
             "include_downstream": False,
         },
@@ -64,7 +66,7 @@ def _approve_with_one_asked_again(af: AirflowServices, world: World, run: str) -
         for t in _approvals(af, run):
             if t["state"] != "awaiting_input" or (t["map_index"], t["try_number"]) in answered:
                 continue
-            path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/no.approve/{t['map_index']}/hitlDetails"
+            path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/no.cutover/{t['map_index']}/hitlDetails"
             assert "Last verify: matched" in af.api("GET", path)["body"]  # the same question, on every try
             af.api("PATCH", path, {"chosen_options": ["Approve"], "params_input": {}})
             answered.add((t["map_index"], t["try_number"]))
@@ -79,7 +81,7 @@ def _approve_with_one_asked_again(af: AirflowServices, world: World, run: str) -
 def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
     with live_airflow(world, tmp_path) as af:
         # an operator's manual run from the API: every user bound for Norway, each cutover
-        # approved first; one approval task is cleared while it waits, and asks again
+        # approved first; one cutover task is cleared while it waits, and asks again
         manual = trigger(af, {"scope": "all", "regions": ["no"], "approve_cutover": True})
         _approve_with_one_asked_again(af, world, manual)
         # and a backfill over three days of the seeded sign-ups
@@ -176,3 +178,56 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
     assert ids
     for table, q in DEMO_OWNED.items():
         assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table
+
+
+def test_an_outage_after_the_approval_retries_the_cutover_without_asking_again(world: World, tmp_path):
+    """Norway's shard waits for its approval; Norway goes down and the approver approves:
+    the cutover fails for the outage and Airflow retries it. Norway comes back and the retry
+    cuts over on the recorded answer: no try after the first waits for an answer again."""
+    world.write_spec(
+        sharding={"shards_per_region": 1},
+        retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1},
+    )
+    no = world.cluster["no"]
+    with live_airflow(world, tmp_path, MIGRATOR_TASK_RETRIES="4", MIGRATOR_TASK_RETRY_DELAY_S="2") as af:
+        run = trigger(af, {"scope": "all", "regions": ["no"], "approve_cutover": True})
+        (waiting,) = _waiting(af, run, 1)
+        path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/no.cutover/{waiting['map_index']}/hitlDetails"
+        no.stop()
+        try:
+            af.api("PATCH", path, {"chosen_options": ["Approve"], "params_input": {}})
+            deadline = time.monotonic() + 300
+            while True:  # the approved try fails for the outage; the next one waits to retry
+                (t,) = _approvals(af, run)
+                if t["try_number"] >= 2 or t["state"] == "up_for_retry":
+                    break
+                assert t["state"] not in ("success", "failed"), t
+                assert time.monotonic() < deadline, t
+                time.sleep(0.5)
+            assert world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'") == [("verified",)]
+        finally:
+            no.start()
+        tries: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 300
+        while af.api("GET", f"/dags/residency_migration/dagRuns/{run}")["state"] not in ("success", "failed"):
+            assert time.monotonic() < deadline, "the run did not end"
+            (t,) = _approvals(af, run)
+            tries.append((t["try_number"], t["state"]))
+            time.sleep(0.5)
+        (t,) = _approvals(af, run)
+        state = af.api("GET", f"/dags/residency_migration/dagRuns/{run}")["state"]
+    assert state == "success", t
+    assert t["state"] == "success" and t["try_number"] >= 2, t
+    assert not [s for n, s in tries if n >= 2 and s == "awaiting_input"], tries  # never asked again
+    assert world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'") == [("cut_over",)]
+    events = [e for (e,) in world.ctl("SELECT detail->>'event' FROM migrator.audit ORDER BY id")]
+    assert "cutover interrupted" in events[events.index("cutover approved") :], events  # the outage hit after it
+    answers = world.ctl(
+        "SELECT detail->>'event', detail->>'by' FROM migrator.audit "
+        "WHERE detail->>'event' IN ('cutover approved', 'cutover rejected')"
+    )
+    assert len(answers) == 1 and answers[0][0] == "cutover approved" and answers[0][1], answers  # answered once
+    ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'no'")]
+    assert ids
+    for table, q in DEMO_OWNED.items():
+        assert world.rows("us", q, (ids,)) == world.rows("no", q, (ids,)), table

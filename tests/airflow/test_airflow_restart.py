@@ -20,11 +20,11 @@ pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
 
 RUN_STATE = "/dags/residency_migration/dagRuns/{run}"
-HITL = "/dags/residency_migration/dagRuns/{run}/taskInstances/no.approve/{index}/hitlDetails"
+HITL = "/dags/residency_migration/dagRuns/{run}/taskInstances/no.cutover/{index}/hitlDetails"
 
 
 def _approvals(af: AirflowServices, run: str) -> list[dict]:
-    return [t for t in af.tasks("residency_migration", run) if t["task_id"] == "no.approve" and t["map_index"] >= 0]
+    return [t for t in af.tasks("residency_migration", run) if t["task_id"] == "no.cutover" and t["map_index"] >= 0]
 
 
 def _states(world: World) -> set[str]:
@@ -68,7 +68,7 @@ def test_the_scheduler_killed_while_cutovers_wait_for_approval(world: World, tmp
     assert state == "success", [(t["task_id"], t.get("map_index"), t["state"]) for t in tis]
     assert second in answered
     # the answer given while no scheduler ran is the one that counted: that approval was not asked again
-    ((approval,),) = [[t] for t in tis if t["task_id"] == "no.approve" and t["map_index"] == first]
+    ((approval,),) = [[t] for t in tis if t["task_id"] == "no.cutover" and t["map_index"] == first]
     assert approval["state"] == "success" and approval["try_number"] == 1, approval
     assert _states(world) == {"cut_over"}
     ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'no'")]

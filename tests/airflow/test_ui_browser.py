@@ -151,12 +151,12 @@ def _sql(dsn: str, q: str, args=()) -> list[tuple]:
 
 def _approvals(api: RestClient, run: str) -> tuple[list[dict], list[dict]]:
     tis = api.api("GET", f"/dags/residency_migration/dagRuns/{run}/taskInstances?limit=300")["task_instances"]
-    planned = [t for t in tis if t["task_id"].endswith(".approve") and t["map_index"] >= 0]
+    planned = [t for t in tis if t["task_id"].endswith(".cutover") and t["map_index"] >= 0]
     return planned, [t for t in planned if t["state"] == "awaiting_input"]
 
 
 def _answer_in_ui(page, url: str, run: str, t: dict, reason: str | None) -> None:
-    """As an approver in the browser: the approval task's Required Actions tab, its
+    """As an approver in the browser: the cutover task's Required Actions tab, its
     summary read, then Approve, or the reason typed and Reject."""
     _goto(page, f"{url}/dags/residency_migration/runs/{run}/tasks/{t['task_id']}/mapped/{t['map_index']}")
     try:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from migrator import dispatch, orchestration
 from migrator.cli import app
+from migrator.context import Context
 from migrator.spec import load_spec
 from migrator.state import Phase
 from tests.conftest import DEMO_OWNED, World
@@ -223,3 +224,41 @@ def test_a_phase_run_right_after_another_finds_the_shard_free(world: World):
             )
     assert sum(held_after) == 0, f"the shard was still held after {sum(map(bool, held_after))} of 150 phases"
     assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'default/ie-00'") == [("copied",)]
+
+
+def test_an_approvers_answer_counts_for_its_run_until_the_next_verify(world: World):
+    """What the DAG's cutover task acts on when it is retried: the answer recorded in this
+    run since the shard's last verify. Approved: cut over. Rejected: rolled back with the
+    reason, and acting on it again changes nothing."""
+    world.write_spec(sharding={"shards_per_region": 2})
+    assert world.migrator("plan").returncode == 0
+    for step in ("copy", "verify"):
+        assert world.migrator(step).returncode == 0
+    spec = load_spec(world.spec_path)
+    yes, no, later = "default/ie-00", "default/ie-01", "default/no-00"
+    assert orchestration.cutover_answer(spec, "r1", yes) is None
+
+    out = orchestration.answer_cutover(spec, "r1", yes, True, "alice", "")
+    assert not out.get("skipped") and out["state"] == "cut_over", out
+    assert orchestration.cutover_answer(spec, "r1", yes)["by"] == "alice"
+    assert orchestration.cutover_answer(spec, "r2", yes) is None  # another run's answer is not this run's
+
+    out = orchestration.answer_cutover(spec, "r1", no, False, "bob", "ticket 7")
+    assert "rejected by bob" in out["skipped"], out
+    again = orchestration.act_on_answer(spec, "r1", no, orchestration.cutover_answer(spec, "r1", no))
+    assert again == out  # a retried task: the same result, nothing more done
+    states = dict(world.ctl("SELECT shard_id, state FROM migrator.shard"))
+    assert states[yes] == "cut_over" and states[no] == "rolled_back", states
+    reasons = world.ctl(
+        "SELECT detail->>'reason' FROM migrator.audit WHERE shard_id = %s AND detail->>'event' = 'rollback started'",
+        (no,),
+    )
+    assert reasons == [("cutover rejected by bob: ticket 7",)]
+    digest = world.ctl("SELECT digest FROM migrator.shard WHERE shard_id = %s", (yes,))[0][0]
+    assert orchestration.cutover_answer(spec, "r1", yes)["digest"] == digest  # what the approver was shown
+
+    # an answer recorded, then the shard verified again: the next try asks again
+    Context(spec, "r3").control.record(later, None, {"event": orchestration.APPROVED, "by": "carol"})
+    assert orchestration.cutover_answer(spec, "r3", later)["by"] == "carol"
+    assert world.migrator("verify", "--recheck", "--shard", "no-00").returncode == 0
+    assert orchestration.cutover_answer(spec, "r3", later) is None
