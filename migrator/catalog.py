@@ -34,25 +34,18 @@ class Table:
         return [c.name for c in self.columns]
 
 
+# Every column of the named tables, with its place in the table's primary key (NULL when
+# not in it): one round trip for the whole graph.
 _COLS = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+  (SELECT k.ord FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+   WHERE i.indrelid = c.oid AND i.indisprimary AND k.attnum = a.attnum) AS pk_ord
 FROM pg_attribute a
 JOIN pg_class c ON c.oid = a.attrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
+WHERE n.nspname = %s AND c.relname = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
   AND c.relkind IN ('r', 'p')
-ORDER BY a.attnum
-"""
-
-_PK = """
-SELECT a.attname
-FROM pg_index i
-JOIN pg_class c ON c.oid = i.indrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
-JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary
-ORDER BY k.ord
+ORDER BY c.relname, a.attnum
 """
 
 
@@ -98,33 +91,42 @@ def unindexed_owner_keys(conn: Conn, graph: EntityGraph, side: str) -> list[str]
     return out
 
 
+# The foreign keys declared between the named tables: (table, parent, columns, referenced).
 _FKS = """
-SELECT array_agg(a.attname ORDER BY k.ord), array_agg(af.attname ORDER BY k.ord)
+SELECT c.relname, p.relname, array_agg(a.attname ORDER BY k.ord), array_agg(af.attname ORDER BY k.ord)
 FROM pg_constraint con
 JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
 JOIN LATERAL unnest(con.conkey, con.confkey) WITH ORDINALITY AS k(a1, a2, ord) ON true
 JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.a1
 JOIN pg_attribute af ON af.attrelid = con.confrelid AND af.attnum = k.a2
-WHERE con.contype = 'f' AND n.nspname = %s AND c.relname = %s AND pn.nspname = %s AND p.relname = %s
-GROUP BY con.oid
+WHERE con.contype = 'f' AND n.nspname = %s AND c.relname = ANY(%s) AND pn.nspname = %s AND p.relname = ANY(%s)
+GROUP BY con.oid, c.relname, p.relname
 """
 
 
+def read_tables(conn: Conn, schema: str, names: list[str]) -> dict[str, Table]:
+    """The named tables of the schema that exist, in one query."""
+    cols: dict[str, list[Column]] = {}
+    pks: dict[str, list[tuple[int, str]]] = {}
+    for table, name, type_, not_null, pk_ord in conn.execute(_COLS, (schema, names)).fetchall():
+        cols.setdefault(table, []).append(Column(name, type_, not_null))
+        if pk_ord is not None:
+            pks.setdefault(table, []).append((pk_ord, name))
+    return {t: Table(schema, t, tuple(c), tuple(name for _, name in sorted(pks.get(t, [])))) for t, c in cols.items()}
+
+
 def read_table(conn: Conn, schema: str, name: str) -> Table | None:
-    with conn.cursor() as cur:
-        cols = cur.execute(_COLS, (schema, name)).fetchall()
-        if not cols:
-            return None
-        pk = [r[0] for r in cur.execute(_PK, (schema, name)).fetchall()]
-    return Table(schema, name, tuple(Column(*c) for c in cols), tuple(pk))
+    return read_tables(conn, schema, [name]).get(name)
 
 
 def read_graph(conn: Conn, graph: EntityGraph, side: str) -> dict[str, Table]:
     """The graph's tables as this database has them; checks every name the spec uses."""
     out: dict[str, Table] = {}
-    for name in graph.ordered():
-        t = read_table(conn, graph.schema_, name)
+    names = list(graph.ordered())
+    found = read_tables(conn, graph.schema_, names)
+    for name in names:
+        t = found.get(name)
         if t is None:
             raise SchemaMismatch(f"{side}: table {graph.schema_}.{name} does not exist")
         if not t.pk:
@@ -134,6 +136,9 @@ def read_graph(conn: Conn, graph: EntityGraph, side: str) -> dict[str, Table]:
     for col, what in ((root.key, "key"), (root.residency, "residency"), (root.created_at, "created_at")):
         if col is not None and col not in out[root.table].names:
             raise SchemaMismatch(f"{side}: entity_graph.root.{what}: column {root.table}.{col} does not exist")
+    fks: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for table, parent, cols, refs in conn.execute(_FKS, (graph.schema_, names, graph.schema_, names)).fetchall():
+        fks.setdefault((table, parent), []).append(dict(zip(cols, refs)))
     for child in graph.tables:
         for mine, theirs in child.fk.items():
             if mine not in out[child.table].names:
@@ -146,11 +151,7 @@ def read_graph(conn: Conn, graph: EntityGraph, side: str) -> dict[str, Table]:
                     f"{side}: table {child.table}: fk {child.table}.{mine} is {mt} but "
                     f"{child.parent}.{theirs} is {tt}; the pairing cannot join"
                 )
-        declared = [
-            dict(zip(cols, refs))
-            for cols, refs in conn.execute(_FKS, (graph.schema_, child.table, graph.schema_, child.parent)).fetchall()
-        ]
-        if child.fk not in declared:
+        if child.fk not in fks.get((child.table, child.parent), []):
             pairs = ", ".join(f"{child.table}.{a} -> {child.parent}.{b}" for a, b in child.fk.items())
             raise SchemaMismatch(
                 f"{side}: entity_graph: table {child.table}'s fk ({pairs}) is not a foreign key "
