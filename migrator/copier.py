@@ -321,13 +321,17 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
             ctx, sid, ctx.source_dsn, dst_dsn, "forward", pending_at_most=ctx.spec.changes.catch_up_below
         )
         log.info("shard %s: %d captured change(s) applied", sid, n)
+    listed: dict[str, str] = {}
     if objects.enabled(ctx):
         moved = objects.copy_batches(ctx, sid, shard.region, batch_users)
         log.info("shard %s objects: %d copied, %d already there", sid, moved.copied, moved.skipped)
+        listed = moved.listed
     rows: dict[str, int] = {}
     for entry in done.values():
         for t, n in entry.rows.items():
             rows[t] = rows.get(t, 0) + n
     detail = {"event": "copied", "batches": len(done), "rows": rows, "edge_checks_skipped": rep.skipped()}
+    if listed:  # how the object stores were listed (see `objects.common.page_budget`)
+        detail["objects_listed"] = listed
     ctl.move(sid, Phase.COPYING, Phase.COPIED, detail, error=None)
     return CopyResult(len(done), copied_now, rows)

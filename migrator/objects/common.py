@@ -51,40 +51,68 @@ def owner(key: str, head: str, tail: str) -> str | None:
 Index = dict[str, dict[str, str]]  # user -> key -> ETag, from one listing of the common prefix
 
 
-def prefix_index(c, bucket: str, prefix_head: str, prefix_tail: str, users: set[str]) -> Index:
+def page_budget(users: int, threads: int) -> int:
+    """How many pages of a common prefix are worth listing for `users` users: as many as
+    the rounds their own listings take on `threads` threads (at least 2). Past that the
+    prefix holds mostly others' objects (a bucket far larger than the shard), and listing
+    each user's prefix is cheaper: bounded by the shard, not by the bucket."""
+    return max(2, -(-users // threads))
+
+
+def prefix_index(
+    c, bucket: str, prefix_head: str, prefix_tail: str, users: set[str], max_pages: int | None = None
+) -> Index | None:
     """One listing of the common prefix, kept for the given users only: a shard with many
-    batches lists its endpoint once instead of once per batch."""
+    batches lists its endpoint once instead of once per batch. None once it has read
+    `max_pages` pages without reaching the end (see `page_budget`)."""
     out: Index = {}
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix_head):
+    for n, page in enumerate(c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix_head), 1):
         for obj in page.get("Contents", []):
             u = owner(obj["Key"], prefix_head, prefix_tail)
             if u in users:
                 out.setdefault(u, {})[obj["Key"]] = obj["ETag"]
+        if max_pages is not None and n >= max_pages and page.get("IsTruncated"):
+            return None
     return out
 
 
 def listed(
-    c, bucket: str, prefix_head: str, prefix_tail: str, users: list[str], index: Index | None = None
+    c,
+    bucket: str,
+    prefix_head: str,
+    prefix_tail: str,
+    users: list[str],
+    index: Index | None = None,
+    threads: int = 8,
+    common_prefix: bool = True,
 ) -> dict[str, str]:
-    """Key -> ETag of the objects under the users' prefixes at one endpoint."""
-    if index is None and len(users) > PER_USER_LISTING:
-        # one listing of the common prefix beats a LIST per user for a large batch
-        index = prefix_index(c, bucket, prefix_head, prefix_tail, set(users))
+    """Key -> ETag of the objects under the users' prefixes at one endpoint: from `index`,
+    or one listing of the common prefix for a large batch (unless `common_prefix` is off or
+    the prefix is too large for the batch), or a listing per user on `threads` threads."""
+    if index is None and common_prefix and len(users) > PER_USER_LISTING:
+        index = prefix_index(c, bucket, prefix_head, prefix_tail, set(users), page_budget(len(users), threads))
     found: dict[str, str] = {}
     if index is not None:
         for u in users:
             found.update(index.get(u, {}))
         return found
-    pages = c.get_paginator("list_objects_v2")
-    for u in users:
-        for page in pages.paginate(Bucket=bucket, Prefix=prefix_head + u + prefix_tail):
-            found.update((obj["Key"], obj["ETag"]) for obj in page.get("Contents", []))
+
+    def one(u: str) -> list[tuple[str, str]]:
+        pages = c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix_head + u + prefix_tail)
+        return [(obj["Key"], obj["ETag"]) for page in pages for obj in page.get("Contents", [])]
+
+    if users:
+        with ThreadPoolExecutor(max_workers=min(threads, len(users))) as pool:
+            for pairs in pool.map(one, users):
+                found.update(pairs)
     return found
 
 
-def source_objects(ctx: Context, users: list[str], index: Index | None = None, src_c=None) -> dict[str, str | None]:
+def source_objects(
+    ctx: Context, users: list[str], index: Index | None = None, src_c=None, common_prefix: bool = True
+) -> dict[str, str | None]:
     """The users' object keys at the source, with the ETag the listing gave (None for a
-    key known only from the key column)."""
+    key known only from the key column); `common_prefix` as for `listed`."""
     o = settings(ctx)
     keys: dict[str, str | None] = {}
     if o.key_column is not None:
@@ -99,7 +127,7 @@ def source_objects(ctx: Context, users: list[str], index: Index | None = None, s
     if o.user_prefix is not None:
         src = o.stores[ctx.spec.source_region]
         head, tail = o.user_prefix.split("{user}", 1)
-        keys.update(listed(src_c or s3.client(src), src.bucket, head, tail, users, index))
+        keys.update(listed(src_c or s3.client(src), src.bucket, head, tail, users, index, o.threads, common_prefix))
     return dict(sorted(keys.items()))
 
 
@@ -115,15 +143,16 @@ def present_at_destination(
     keys: list[str],
     pool: ThreadPoolExecutor,
     index: Index | None = None,
+    common_prefix: bool = True,
 ) -> set[str]:
-    """Which of the keys the destination already holds: one listing of the users' prefixes,
-    and a HEAD only for a key outside them."""
+    """Which of the keys the destination already holds: one listing of the users' prefixes
+    (`common_prefix` as for `listed`), and a HEAD only for a key outside them."""
     o = settings(ctx)
     present: set[str] = set()
     outside = keys
     if o.user_prefix is not None:
         head, tail = o.user_prefix.split("{user}", 1)
-        present = set(listed(dst_c, bucket, head, tail, users, index)) & set(keys)
+        present = set(listed(dst_c, bucket, head, tail, users, index, o.threads, common_prefix)) & set(keys)
         mine = set(users)
         outside = [k for k in keys if owner(k, head, tail) not in mine]
     found = pool.map(lambda k: s3.head(dst_c, bucket, k) is not None, outside)

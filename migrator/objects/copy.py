@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from migrator.context import Context
 from migrator.control import SCHEMA
@@ -14,6 +14,7 @@ from migrator.objects.common import (
     PER_USER_LISTING,
     ensure,
     manifest_digest,
+    page_budget,
     prefix_index,
     present_at_destination,
     settings,
@@ -27,6 +28,9 @@ from migrator.stores import s3
 class ObjectsCopied:
     copied: int = 0  # objects copied by this call
     skipped: int = 0  # already at the destination with the same content
+    # how each endpoint was listed: "common prefix" (once for the shard), "per user"
+    # (the common prefix held far more than the shard's objects), or "per batch"
+    listed: dict[str, str] = field(default_factory=dict)
 
 
 def copy_batches(
@@ -54,21 +58,27 @@ def copy_batches(
     src_index = dst_index = None
     keys_of = {b: batch_users[b] for b in pending}  # read once: the listings and the copies both need them
     shard_users = {u for keys in keys_of.values() for u in keys}
+    by_prefix = {"source": True, "destination": True}  # whether a batch may list the common prefix
     if o.user_prefix is not None and len(shard_users) > PER_USER_LISTING:
         head, tail = o.user_prefix.split("{user}", 1)
+        pages = page_budget(len(shard_users), o.threads)
         with ThreadPoolExecutor(max_workers=2) as lister:  # both endpoints at once
-            fs = lister.submit(prefix_index, src_c, src.bucket, head, tail, shard_users)
-            fd = lister.submit(prefix_index, dst_c, dst.bucket, head, tail, shard_users)
+            fs = lister.submit(prefix_index, src_c, src.bucket, head, tail, shard_users, pages)
+            fd = lister.submit(prefix_index, dst_c, dst.bucket, head, tail, shard_users, pages)
             src_index, dst_index = fs.result(), fd.result()
+        # a prefix too large for the shard is too large for its batches: list per user
+        by_prefix = {"source": src_index is not None, "destination": dst_index is not None}
+        totals.listed = {side: "common prefix" if ok else "per user" for side, ok in by_prefix.items()}
+    elif o.user_prefix is not None:
+        totals.listed = {"source": "per batch", "destination": "per batch"}
 
     def prepare(
         b: int, pool: ThreadPoolExecutor, fresh: bool = False
     ) -> tuple[dict[str, str | None], dict[str, dict | None]]:
         # A retry lists afresh: the shard's listings may be what went stale.
-        listed = source_objects(ctx, keys_of[b], None if fresh else src_index, src_c)
-        present = present_at_destination(
-            ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool, None if fresh else dst_index
-        )
+        listed = source_objects(ctx, keys_of[b], None if fresh else src_index, src_c, by_prefix["source"])
+        idx, whole = None if fresh else dst_index, by_prefix["destination"]
+        present = present_at_destination(ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool, idx, whole)
         heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
         for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
             if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):

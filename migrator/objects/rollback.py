@@ -51,7 +51,7 @@ def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) 
             if o.user_prefix is not None:  # what the destination lists, and a HEAD only for keys outside
                 head, tail = o.user_prefix.split("{user}", 1)
                 mine = set(users)
-                candidates = set(listed(dst_c, bucket, head, tail, users)) | {
+                candidates = set(listed(dst_c, bucket, head, tail, users, threads=o.threads)) | {
                     k for k in candidates if owner(k, head, tail) not in mine
                 }
             candidates -= recorded

@@ -94,8 +94,12 @@ def s3(endpoint: str):
 
 @pytest.fixture
 def oworld(cluster, endpoints, tmp_path):
+    return _oworld(cluster, endpoints, tmp_path, 90)
+
+
+def _oworld(cluster, endpoints, tmp_path, users: int) -> World:
     dsn, control = fresh_databases(cluster, seed.schema_sql())
-    seed.seed(dsn["us"], 90)
+    seed.seed(dsn["us"], users)
     tag = tmp_path.name.replace("_", "-").lower()[-20:].strip("-")
     buckets = {r: f"media-{r}-{tag}" for r in endpoints}
     for r, b in buckets.items():
@@ -362,3 +366,42 @@ def test_a_signed_manifest_is_kept_beside_the_objects_in_the_region(oworld, monk
     doc = json.loads(kept[doc_key])
     assert doc["objects"]["count"] == len(objects_of(w, ids_for(w, "ie"))) and doc["event"] == "cutover"
     assert w.rows("ie", "SELECT doc FROM migrator.manifests") == [(kept[doc_key].decode(),)]
+
+
+def test_a_bucket_far_larger_than_the_shard_is_listed_per_user_not_whole(cluster, endpoints, tmp_path):
+    """A shard lists the common prefix once when its users' objects are a fair share of it,
+    and each user's prefix (in parallel) when the prefix holds far more: the listing is then
+    bounded by the shard, not by the bucket. Either way exactly the shard's objects move."""
+    w = _oworld(cluster, endpoints, tmp_path, 700)
+    us = s3(w.endpoints["us"].endpoint)
+    others = [f"users/{10_000_000 + i}/avatar.png" for i in range(4500)]  # users not in any wave
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: us.put_object(Bucket=w.buckets["us"], Key=k, Body=b"x"), others))
+
+    def listed_by(region: str) -> dict:
+        (detail,) = w.ctl(
+            "SELECT a.detail FROM migrator.audit a JOIN migrator.shard s USING (shard_id) "
+            "WHERE s.region = %s AND a.detail->>'event' = 'copied'",
+            (region,),
+        )
+        return detail[0]["objects_listed"]
+
+    # Norway's shard with 4 threads: the prefix (about 7,300 keys) is within its budget
+    w.write_spec(copy={"batch_users": 40})
+    res = w.migrator("run", "--region", "no", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert len(ids_for(w, "no")) > 64
+    assert listed_by("no") == {"source": "common prefix", "destination": "common prefix"}
+    # Ireland's with 64 threads: the same prefix is far more than its rounds of per-user listings
+    w.spec["objects"]["threads"] = 64
+    w.write_spec()
+    res = w.migrator("run", "--region", "ie", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert len(ids_for(w, "ie")) > 64
+    assert listed_by("ie") == {"source": "per user", "destination": "common prefix"}
+    for region in ("ie", "no"):
+        want = objects_of(w, ids_for(w, region))
+        got = listing(w, region)
+        assert set(got) == want, region
+        for k in sorted(want)[:20]:
+            assert body(w, region, k) == body(w, "us", k), k
