@@ -441,11 +441,14 @@ def busy_cpu_s() -> float:
     return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
-def cpu_by_process(services: dict[str, int], postmasters: set[int]) -> tuple[dict[str, float], set[int]]:
+def cpu_by_process(
+    services: dict[str, int], postmasters: set[int], named: dict[int, str] | None = None
+) -> tuple[dict[str, float], set[int]]:
     """CPU seconds each part of the machine has spent so far (its processes and the children
     they have reaped): each Airflow service by its session (`services`: name -> session id),
     the benchmark's PostgreSQL servers (`postmasters` and the backends they started), this
-    process (the tool, in a CLI run), the rest ("other": whatever else the machine runs,
+    process (the tool, in a CLI run), the processes `named` (pid -> name, such as the Celery
+    broker), the rest ("other": whatever else the machine runs,
     which can come out negative when a process of it exits unreaped by another); and the
     pids of the processes the services forked (see `merge_forks`)."""
     import psutil
@@ -464,7 +467,7 @@ def cpu_by_process(services: dict[str, int], postmasters: set[int]) -> tuple[dic
         service = next((n for n, s in services.items() if s == sid), None)
         if service is None:
             ours = p.pid in postmasters or p.info["ppid"] in postmasters
-            role = "postgres" if ours else "bench" if p.pid == me else "other"
+            role = "postgres" if ours else "bench" if p.pid == me else (named or {}).get(p.pid, "other")
             out[role] = out.get(role, 0.0) + t.user + t.system + t.children_user + t.children_system
             continue
         # a service's main process; the processes it forked (the executor's workers); what
@@ -499,9 +502,12 @@ def bench_airflow(
     idle_sleep_s: float | None,
     preload: bool = True,
     slots: int | None = None,
+    executor: str = "LocalExecutor",
 ) -> dict:
     """The same plan through the residency_migration DAG under a real scheduler, dag-processor
-    and api-server (LocalExecutor, PostgreSQL metadata), triggered through the REST API and
+    and api-server (PostgreSQL metadata), with the LocalExecutor or the CeleryExecutor and two
+    workers (each serving the default queue and the destination regions', Debian's
+    redis-server as the broker), triggered through the REST API and
     timed from the trigger to the run's end; against the CLI engine on the same plan, the
     two alternating, `runs` of each (medians). Where the DAG's time went, from its task
     instances: in tasks (at least one running) or between them (none running: the
@@ -517,6 +523,7 @@ def bench_airflow(
         with psycopg.connect(spec["regions"]["us"]["dsn"]) as c:
             c.execute("DROP SCHEMA IF EXISTS migrator CASCADE")
 
+    base.mkdir(parents=True, exist_ok=True)
     aspec = dict(spec, sharding={"shards_per_region": 4})
     path = base / "airflow-spec.yaml"
     path.write_text(yaml.safe_dump(aspec))
@@ -532,12 +539,24 @@ def bench_airflow(
     )
     if idle_sleep_s is not None:
         env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"] = str(idle_sleep_s)
-    meta = cluster["src"].create_database("airflow").replace("postgresql://", "postgresql+psycopg://", 1)
+    meta_db = "airflow" if executor == "LocalExecutor" else "airflow_" + executor.removesuffix("Executor").lower()
+    meta = cluster["src"].create_database(meta_db).replace("postgresql://", "postgresql+psycopg://", 1)
     # The pool's slots are the shards copying from the source at once: the source's cores
     # over 2, as the README's capacity section says (here source, destination and tool
     # share the cores; on 2 cores, 2 slots measured 1.34, 1.48 and 1.72 of the CLI, 1 slot 1.16 and 1.58).
     slots = slots or max(1, (os.cpu_count() or 2) // 2)
-    af = AirflowServices(home, env, meta, pool_slots=slots).start()
+    broker = None
+    if executor == "CeleryExecutor":
+        from migrator.demo.broker import start_redis
+
+        broker, url = start_redis(base)
+        af = AirflowServices(home, env, meta, pool_slots=slots, executor=executor, broker_url=url).start()
+        # two workers, each serving the default queue and every destination region's
+        regions = sorted({r for r in spec["policy"].values() if r != "us"})
+        for n in (1, 2):
+            af.worker(f"worker-{n}", ["default", *regions])
+    else:
+        af = AirflowServices(home, env, meta, pool_slots=slots).start()
     cli: list[float] = []
     dag: list[float] = []
     split: list[dict[str, float]] = []
@@ -546,6 +565,7 @@ def bench_airflow(
     cpu: dict[str, list[float]] = {"cli": [], "airflow": []}
     by_process: dict[str, list[dict[str, float]]] = {"cli": [], "airflow": []}
     sessions = {name: proc.pid for name, proc in af.procs.items()}
+    named = {broker.pid: "redis-server"} if broker is not None else {}
     # each server's postmaster, from the pid file it keeps in its data directory
     postmasters = {int((s.data / "postmaster.pid").read_text().split()[0]) for s in cluster.servers.values()}
 
@@ -553,13 +573,13 @@ def bench_airflow(
 
     def split_cpu(kind: str, before: tuple[dict[str, float], set[int]]) -> None:
         nonlocal exited
-        after, forks = cpu_by_process(sessions, postmasters)
+        after, forks = cpu_by_process(sessions, postmasters, named)
         exited = exited or bool(before[1] - forks)
         by_process[kind].append({k: after[k] - before[0].get(k, 0.0) for k in after})
 
     def through_airflow() -> float:
         reset()
-        p0 = cpu_by_process(sessions, postmasters)
+        p0 = cpu_by_process(sessions, postmasters, named)
         c0 = busy_cpu_s()
         t0 = time.perf_counter()
         run = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})
@@ -579,7 +599,7 @@ def bench_airflow(
 
     def through_cli() -> float:
         reset()
-        p0 = cpu_by_process(sessions, postmasters)
+        p0 = cpu_by_process(sessions, postmasters, named)
         c0 = busy_cpu_s()
         t0 = time.perf_counter()
         _, outcomes = engine.run(Context(parse_spec(aspec)), "cli")
@@ -606,6 +626,10 @@ def bench_airflow(
                 (cli if step is through_cli else dag).append(step())
     finally:
         af.stop()
+        if broker is not None:
+            from migrator.demo.broker import stop_redis
+
+            stop_redis(broker)
     med = statistics.median
     if exited:  # in every run alike, so the medians add up
         by_process = {k: [merge_forks(d, list(sessions)) for d in v] for k, v in by_process.items()}
@@ -625,7 +649,8 @@ def bench_airflow(
         },
         "forks_exited": exited,
         "idle_airflow_cores": round(idle_cpu, 3),
-        "executor": "LocalExecutor",
+        "executor": executor,
+        "workers": sorted(k for k in sessions if k.startswith("worker-")),
         "pool_slots": slots,
         "scheduler_idle_sleep_s": float(af.env["AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME"]),
         "preload": preload,
@@ -636,8 +661,9 @@ def bench_airflow(
         "around_s from the trigger to the first task's start and from the last task's end to the run's end; "
         "machine_cpu_s: CPU seconds the whole machine spent (all processes) during each CLI and DAG run; "
         "machine_cpu_s_by_process: the same split by process (each Airflow service, the processes it forked "
-        "such as the executor's workers, the task processes those reaped, the PostgreSQL servers, the benchmark "
-        "process that runs the CLI's engine; with forks_exited, a fork exited during a run and each service's "
+        "such as the executor's workers, the task processes those reaped, each Celery worker and the broker "
+        "(redis-server) under the CeleryExecutor, the PostgreSQL servers, the benchmark process that runs the CLI's "
+        "engine; with forks_exited, a fork exited during a run and each service's "
         "parts are given as one); "
         "idle_airflow_cores: the machine's busy cores with Airflow running and nothing triggered",
     }
@@ -708,7 +734,18 @@ TARGETS = [
     Target("fence_ms_p99", ("live_writes", "fence_ms_p99"), "<", 300.0),
     Target("writer_during_vs_alone_throttled", ("live_writes", "writer_during_vs_alone_throttled"), ">=", 0.6),
     Target("airflow_vs_cli", ("airflow", "airflow_vs_cli"), "<=", 1.15, "at scale 1", lambda d: d.get("scale") == 1),
+    Target(
+        "airflow_celery_vs_cli",
+        ("airflow_celery", "airflow_vs_cli"),
+        "<=",
+        1.15,
+        "at scale 1",
+        lambda d: d.get("scale") == 1,
+    ),
 ]
+
+# --airflow-executors: name -> (Airflow's executor, the document's key)
+EXECUTORS = {"local": ("LocalExecutor", "airflow"), "celery": ("CeleryExecutor", "airflow_celery")}
 
 
 def targets(doc: dict) -> dict[str, dict]:
@@ -1064,6 +1101,12 @@ def main() -> None:
         help="for --airflow: the migrator_source pool's slots (default: the cores over 2)",
     )
     ap.add_argument(
+        "--airflow-executors",
+        default="local,celery",
+        help="for --airflow: the executors to measure, of local and celery (two Celery workers, "
+        "Debian's redis-server as the broker)",
+    )
+    ap.add_argument(
         "--airflow-no-preload",
         action="store_true",
         help="for --airflow: no airflow_local_settings preload (each task process imports the migrator itself)",
@@ -1076,6 +1119,11 @@ def main() -> None:
         "scale's, and report how time grew with the data",
     )
     a = ap.parse_args()
+    executors = [e.strip() for e in a.airflow_executors.split(",") if e.strip()]
+    if not executors or set(executors) - set(EXECUTORS):
+        ap.error(f"--airflow-executors: a comma-separated list of {', '.join(EXECUTORS)}")
+    if a.airflow and "celery" in executors and shutil.which("redis-server") is None:
+        ap.error("--airflow-executors celery needs Debian's redis-server (apt-get install redis-server)")
     if a.lifecycle_runs is None:
         a.lifecycle_runs = a.runs
     if not a.throttle_divisors or min(a.throttle_divisors) < 1:
@@ -1167,17 +1215,18 @@ def main() -> None:
             doc["live_writes"] = bench_writes(a, src, dst, control, spec)
         if a.objects:
             doc["object_copy"] = bench_objects(a, src, control, spec, a.object_runs)
-        if a.airflow:
-            doc["airflow"] = bench_airflow(
+        for name in executors if a.airflow else []:
+            doc[EXECUTORS[name][1]] = bench_airflow(
                 big.cluster,
                 dst,
                 control,
                 spec,
-                base,
+                base / name,
                 a.airflow_runs,
                 a.airflow_idle_sleep,
                 not a.airflow_no_preload,
                 a.airflow_pool_slots,
+                EXECUTORS[name][0],
             )
         doc["targets"] = targets(doc)
         if a.chart:

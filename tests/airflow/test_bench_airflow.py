@@ -1,5 +1,6 @@
-"""A tiny run of the benchmark's Airflow figure keeps it working (a real scheduler,
-dag-processor and api-server, one DAG run and one CLI run); its figures are not asserted on."""
+"""A tiny run of the benchmark's Airflow figures keeps them working (a real scheduler,
+dag-processor and api-server, with the LocalExecutor and with the CeleryExecutor and two
+workers; one DAG run and one CLI run each); their figures are not asserted on."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ pytestmark = pytest.mark.airflow
 
 
 def test_bench_airflow_smoke():
-    doc = bench("--scale", "0.02", "--runs", "0", "--objects", "0", "--airflow", "--airflow-runs", "1")
+    doc = bench(
+        "--scale", "0.02", "--runs", "0", "--objects", "0", "--airflow", "--airflow-runs", "1",
+        "--airflow-executors", "local,celery",
+    )  # fmt: skip
     a = doc["airflow"]
     # its target is for scale 1: reported, not judged, here
     assert doc["targets"]["airflow_vs_cli"] == {
@@ -35,3 +39,12 @@ def test_bench_airflow_smoke():
     tasks = "scheduler" if a["forks_exited"] else "scheduler forks' children"
     assert by["airflow"][tasks] > 0 and by["cli"]["bench"] > 0
     assert by["airflow"]["postgres"] > 0 and by["cli"]["postgres"] > 0
+
+    c = doc["airflow_celery"]
+    assert doc["targets"]["airflow_celery_vs_cli"]["met"] is None
+    assert c["executor"] == "CeleryExecutor" and c["workers"] == ["worker-1", "worker-2"]
+    assert c["cli_s"] > 0 and c["airflow_s"] > 0
+    assert {"plan", "copy", "verify", "cutover", "report"} <= set(c["task_s_median"])
+    # the tasks ran in the Celery workers' processes, not the scheduler's
+    by = c["machine_cpu_s_by_process"]["airflow"]
+    assert sum(v for k, v in by.items() if k.startswith("worker-")) > 0, by

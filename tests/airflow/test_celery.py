@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import subprocess
 import time
 
 import psutil
 import pytest
 
 from migrator.demo.airflow_services import AirflowServices
-from migrator.embedded import free_port
+from migrator.demo.broker import MissingBroker, start_redis, stop_redis
 from tests.conftest import DEMO_OWNED, World
 from tests.helpers import airflow_for
 
@@ -28,29 +26,12 @@ pytestmark = [pytest.mark.airflow, pytest.mark.celery]
 
 @pytest.fixture
 def redis_url(tmp_path):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed (./dev.sh test installs Debian's package)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    import redis
-
-    client = redis.Redis(port=port)
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
-            time.sleep(0.2)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    try:
+        proc, url = start_redis(tmp_path)
+    except MissingBroker as exc:
+        pytest.fail(str(exc))
+    yield url
+    stop_redis(proc)
 
 
 def _session(sid: int) -> list[int]:
