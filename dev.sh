@@ -18,6 +18,15 @@ install() {
   fi
 }
 
+# Debian's packages of these commands, where apt-get can install them and they are missing
+debs() {
+  local missing=""
+  for c in "$@"; do command -v "$c" >/dev/null || missing="$missing $c"; done
+  if [ -n "$missing" ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null
+  fi
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -29,12 +38,7 @@ case "$cmd" in
     install "airflow,test,bench"
     # the browser tests drive Debian's chromium (Playwright downloads no browser here)
     # and the Celery tests start Debian's redis-server as their broker
-    missing=""
-    command -v chromium >/dev/null || missing="$missing chromium"
-    command -v redis-server >/dev/null || missing="$missing redis-server"
-    if [ -n "$missing" ] && command -v apt-get >/dev/null; then
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null
-    fi
+    debs chromium redis-server
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   lint)
@@ -44,7 +48,9 @@ case "$cmd" in
     "$VENV/bin/mypy"
     ;;
   bench)
-    install "bench"
+    # --airflow runs the DAG under Airflow, and under the CeleryExecutor with redis-server
+    install "airflow,bench"
+    debs redis-server
     exec "$VENV/bin/python" -m bench "$@"
     ;;
   *)
