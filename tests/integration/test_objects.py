@@ -371,7 +371,8 @@ def test_a_signed_manifest_is_kept_beside_the_objects_in_the_region(oworld, monk
 def test_a_bucket_far_larger_than_the_shard_is_listed_per_user_not_whole(cluster, endpoints, tmp_path):
     """A shard lists the common prefix once when its users' objects are a fair share of it,
     and each user's prefix (in parallel) when the prefix holds far more: the listing is then
-    bounded by the shard, not by the bucket. Either way exactly the shard's objects move."""
+    bounded by the shard, not by the bucket. Either way exactly the shard's objects move,
+    and a copy listing per user that loses its endpoint mid-way resumes."""
     w = _oworld(cluster, endpoints, tmp_path, 700)
     us = s3(w.endpoints["us"].endpoint)
     others = [f"users/{10_000_000 + i}/avatar.png" for i in range(4500)]  # users not in any wave
@@ -392,11 +393,35 @@ def test_a_bucket_far_larger_than_the_shard_is_listed_per_user_not_whole(cluster
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     assert len(ids_for(w, "no")) > 64
     assert listed_by("no") == {"source": "common prefix", "destination": "common prefix"}
-    # Ireland's with 64 threads: the same prefix is far more than its rounds of per-user listings
+    # Ireland's with 64 threads: the same prefix is far more than its rounds of per-user
+    # listings. Its endpoint is cut after a batch; the copy stops resumable, and the rerun
+    # finishes without copying again what was there
     w.spec["objects"]["threads"] = 64
-    w.write_spec()
+    w.write_spec(copy={"batch_users": 20})
+    assert w.migrator("plan", "--region", "ie").returncode == 0
+
+    def cut_after_a_batch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if w.ctl("SELECT count(*) FROM migrator.object_checkpoint WHERE shard_id LIKE '%%/ie-%%'")[0][0] >= 1:
+                break
+            time.sleep(0.02)
+        w.relay.down()
+
+    t = threading.Thread(target=cut_after_a_batch)
+    t.start()
+    res = w.migrator("copy", "--region", "ie", "--json")
+    t.join()
+    assert res.returncode == 1, res.stdout[-2000:]
+    assert json.loads(res.stdout)["shards"][0]["state"] == "copying"
+    first = {k: o["LastModified"] for k, o in listing(w, "ie").items()}
+    assert first
+    w.relay.restore()
+    time.sleep(1.1)  # LastModified has one-second resolution
     res = w.migrator("run", "--region", "ie", "--json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    after = listing(w, "ie")
+    assert {k: after[k]["LastModified"] for k in first} == first  # nothing already there was copied again
     assert len(ids_for(w, "ie")) > 64
     assert listed_by("ie") == {"source": "per user", "destination": "common prefix"}
     for region in ("ie", "no"):
