@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,3 +134,28 @@ def bench(*args: str, timeout: float = 900) -> dict[str, Any]:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout)
+
+
+@contextmanager
+def cut_when(w: World, count_sql: str, at_least: int, cut: Callable[[], None], timeout: float = 120) -> Iterator[None]:
+    """Runs the body while a thread waits for `count_sql` (a count in the control database,
+    such as committed batches) to reach `at_least`, then calls `cut` (an endpoint or a
+    server taken away, mid-phase); the thread is joined when the body ends."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if w.ctl(count_sql)[0][0] >= at_least:
+                    break
+            except Exception:  # noqa: BLE001 - the counted table appears with the phase's first write
+                pass
+            time.sleep(0.02)
+        cut()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        yield
+    finally:
+        t.join()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
-import time
 
 import psycopg
 import pytest
 import yaml
 
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import cut_when
 
 pytestmark = pytest.mark.integration
 
@@ -98,20 +97,10 @@ def test_destination_server_lost_mid_copy_then_resumed(world: World):
     assert world.migrator("plan", "--region", "ie").returncode == 0
     server = world.cluster["ie"]
 
-    def stop_after_some_batches():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0] >= 2:
-                break
-            time.sleep(0.02)
-        server.kill()
-
-    t = threading.Thread(target=stop_after_some_batches)
-    t.start()
     try:
-        res = world.migrator("copy", "--region", "ie", "--json")
+        with cut_when(world, "SELECT count(*) FROM migrator.checkpoint", 2, server.kill, timeout=60):
+            res = world.migrator("copy", "--region", "ie", "--json")
     finally:
-        t.join()
         server.start()
     assert res.returncode == 1
     shard = json.loads(res.stdout)["shards"][0]

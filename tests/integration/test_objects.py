@@ -17,7 +17,7 @@ import pytest
 from migrator.demo import seed
 from migrator.embedded import LocalS3
 from tests.conftest import World, demo_spec, fresh_databases
-from tests.helpers import paused
+from tests.helpers import cut_when, paused
 
 pytestmark = pytest.mark.integration
 BIG = 6 * 2**20  # above the 5 MB multipart threshold used here
@@ -192,26 +192,15 @@ def test_corrupted_object_is_named_and_rollback_removes_only_the_shards(oworld):
     assert set(listing(w, "ie")) == {"unrelated/keep-me.txt"}
 
 
-def test_endpoint_outage_mid_copy_then_resume_copies_nothing_twice(oworld):
-    w = oworld
-    assert w.migrator("plan", "--region", "ie").returncode == 0
-
-    def cut_after_some_batches():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if w.ctl("SELECT count(*) FROM migrator.object_checkpoint")[0][0] >= 2:
-                    break
-            except Exception:  # noqa: BLE001 - the table appears with the first object batch
-                pass
-            time.sleep(0.02)
-        w.relay.down()
-
-    t = threading.Thread(target=cut_after_some_batches)
-    t.start()
-    res = w.migrator("copy", "--region", "ie", "--json")
-    t.join()
-    assert res.returncode == 1
+def _cut_mid_copy_then_resume(w, batches: int) -> tuple[dict, dict]:
+    """Ireland's planned copy with its endpoint cut once `batches` object batches are
+    committed: it stops resumable (exit 1, the shard still `copying`); the endpoint back,
+    `run` finishes. The destination's objects after the cut (key -> LastModified) and after
+    the rerun (its listing)."""
+    irish = "SELECT count(*) FROM migrator.object_checkpoint WHERE shard_id LIKE '%%/ie-%%'"
+    with cut_when(w, irish, batches, w.relay.down):
+        res = w.migrator("copy", "--region", "ie", "--json")
+    assert res.returncode == 1, res.stdout[-2000:]
     # an endpoint gone is transient: the shard keeps its state and resumes (never `failed`)
     assert json.loads(res.stdout)["shards"][0]["state"] == "copying"
     first = {k: o["LastModified"] for k, o in listing(w, "ie").items()}
@@ -219,8 +208,15 @@ def test_endpoint_outage_mid_copy_then_resume_copies_nothing_twice(oworld):
     w.relay.restore()
     time.sleep(1.1)  # LastModified has one-second resolution
     res = w.migrator("run", "--region", "ie", "--json")
-    assert res.returncode == 0, res.stdout[-2000:]
-    after = listing(w, "ie")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    return first, listing(w, "ie")
+
+
+def test_endpoint_outage_mid_copy_then_resume_copies_nothing_twice(oworld):
+    w = oworld
+    assert w.migrator("plan", "--region", "ie").returncode == 0
+
+    first, after = _cut_mid_copy_then_resume(w, 2)
     assert set(after) == objects_of(w, ids_for(w, "ie"))
     assert {k: after[k]["LastModified"] for k in first} == first  # nothing already there was copied again
 
@@ -400,27 +396,7 @@ def test_a_bucket_far_larger_than_the_shard_is_listed_per_user_not_whole(cluster
     w.write_spec(copy={"batch_users": 20})
     assert w.migrator("plan", "--region", "ie").returncode == 0
 
-    def cut_after_a_batch():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if w.ctl("SELECT count(*) FROM migrator.object_checkpoint WHERE shard_id LIKE '%%/ie-%%'")[0][0] >= 1:
-                break
-            time.sleep(0.02)
-        w.relay.down()
-
-    t = threading.Thread(target=cut_after_a_batch)
-    t.start()
-    res = w.migrator("copy", "--region", "ie", "--json")
-    t.join()
-    assert res.returncode == 1, res.stdout[-2000:]
-    assert json.loads(res.stdout)["shards"][0]["state"] == "copying"
-    first = {k: o["LastModified"] for k, o in listing(w, "ie").items()}
-    assert first
-    w.relay.restore()
-    time.sleep(1.1)  # LastModified has one-second resolution
-    res = w.migrator("run", "--region", "ie", "--json")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
-    after = listing(w, "ie")
+    first, after = _cut_mid_copy_then_resume(w, 1)
     assert {k: after[k]["LastModified"] for k in first} == first  # nothing already there was copied again
     assert len(ids_for(w, "ie")) > 64
     assert listed_by("ie") == {"source": "per user", "destination": "common prefix"}
