@@ -129,6 +129,12 @@ class AirflowServices(RestClient):
                 "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or os.urandom(24).hex(),
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+                # After a task ends, its supervisor can look for the process's exit a moment
+                # before it happens, and then waits this long in a select with nothing left to
+                # read before it reaps it: a worker slot held (5 s by default) after the task
+                # is done. Measured: 4.4-5.0 s per such task at 5 s, about 1 s at 1 s; a
+                # 4-shard run at scale 0.02 went from 9.2-10.2 s to 7.2 s.
+                "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
             }
         )
         # A task's successor is queued on the scheduler's next loop; an idle scheduler sleeps
