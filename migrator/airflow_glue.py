@@ -51,14 +51,21 @@ def configured_specs() -> dict[str, str]:
 def destination_regions() -> list[str]:
     """The destination regions of the default spec, read (YAML only, no connection) when
     the DAG file is parsed: each gets its shard group and Celery queue."""
-    import yaml
-
     path = os.environ.get(SPEC_ENV)
     if not path or not os.path.exists(path):
         return []
-    data = yaml.safe_load(open(path).read()) or {}
+    return list(_regions_of(path, os.stat(path).st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _regions_of(path: str, _mtime_ns: int) -> tuple[str, ...]:
+    """Read once per version of the file: a DAG file asks several times as it is parsed,
+    and every task process parses its DAG file."""
+    from migrator.spec import read_yaml
+
+    data = read_yaml(path) or {}
     source = data.get("source_region", "us")
-    return sorted({r for r in (data.get("policy") or {}).values() if r != source})
+    return tuple(sorted({r for r in (data.get("policy") or {}).values() if r != source}))
 
 
 def spec_param():

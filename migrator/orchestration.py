@@ -7,17 +7,14 @@ from __future__ import annotations
 import logging
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from migrator import audit, dispatch, engine, purge, report
 from migrator.context import Context
 from migrator.control import Shard
 from migrator.errors import ChecksumMismatch, MigratorError, PurgeRefused, SpecError, StateConflict
 from migrator.planner import plan as make_plan
-from migrator.spec import Spec, parse_spec
+from migrator.spec import Spec, parse_spec, read_yaml
 from migrator.state import MOVED, Phase
 
 log = logging.getLogger("migrator.orchestration")
@@ -27,7 +24,9 @@ _CONN = re.compile(r"^conn:([A-Za-z0-9_.-]+)$")
 def load(spec_path: str, resolve_conn=None, batch_users: int | None = None, resolve_s3=None) -> Spec:
     """The spec, with `conn:<id>` DSNs and object stores taken from the orchestrator's
     connections (`resolve_conn(id) -> uri`, `resolve_s3(id) -> {endpoint, access_key, secret_key}`)."""
-    data = yaml.safe_load(Path(spec_path).read_text())
+    data = read_yaml(spec_path)
+    if not isinstance(data, dict):
+        return parse_spec(data, spec_path)  # refused, naming the file
     stores = [*(data.get("regions") or {}).values(), data.get("control") or {}]
     for store in stores:
         m = _CONN.match(str(store.get("dsn", "")))

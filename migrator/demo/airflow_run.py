@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from migrator.spec import read_yaml
+
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 LOCAL_SETTINGS = Path(__file__).with_name("airflow_local_settings.py")
 
@@ -41,7 +43,7 @@ def airflow_env(home: Path, conns: dict[str, str]) -> dict[str, str]:
 
 def spec_for_airflow(spec_path: Path, out: Path) -> tuple[Path, dict[str, str]]:
     """The spec with each DSN and S3 endpoint replaced by an Airflow Connection, and those connections."""
-    data = yaml.safe_load(spec_path.read_text())
+    data = read_yaml(spec_path)
     conns = {}
     for region, store in data["regions"].items():
         conns[f"migrator_{region}"] = os.path.expandvars(store["dsn"])
