@@ -3,10 +3,13 @@
 imports in each of its processes as it initialises.
 
 The scheduler (LocalExecutor) and a Celery worker fork every task process from themselves,
-so what they import here a task's start need not import again. They keep the code they
-started with: restart them after upgrading the migrator. Only modules that import nothing
-of Airflow belong here (this file is imported while Airflow initialises)."""
+so what they import here a task's start need not import again: the migrator's library, and
+what parsing the DAG file imports of Airflow's (its decorators, the approval operator the
+cutover task is built on), which the scheduler itself never needs. They keep the code they
+started with: restart them after upgrading the migrator."""
 
+import airflow.sdk.definitions.decorators  # noqa: F401
+import migrator.airflow_cutover  # noqa: F401
 import migrator.airflow_glue  # noqa: F401
 import migrator.orchestration  # noqa: F401
 
