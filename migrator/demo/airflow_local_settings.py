@@ -9,6 +9,7 @@ cutover task is built on), which the scheduler itself never needs. They keep the
 started with: restart them after upgrading the migrator."""
 
 import airflow.sdk.definitions.decorators  # noqa: F401
+
 import migrator.airflow_cutover  # noqa: F401
 import migrator.airflow_glue  # noqa: F401
 import migrator.orchestration  # noqa: F401
