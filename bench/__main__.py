@@ -1137,6 +1137,11 @@ def main() -> None:
     # postmaster is gone can leave a backend running its query on and on.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     base = Path(tempfile.mkdtemp(prefix="rm-bench-"))
+    # when, and how busy the shared machine was as the benchmark began (1, 5 and 15 min)
+    started = {
+        "measured_at": datetime.now().astimezone().isoformat(timespec="minutes"),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+    }
     sets: list[Dataset] = []
     try:
         sets.append(big := Dataset(a.scale, base / "main", a.batch_users))
@@ -1177,6 +1182,7 @@ def main() -> None:
                 "runs": a.runs,
                 "cores": os.cpu_count(),
                 "machine": platform.machine(),
+                **started,
                 "server_settings": big.settings,
                 **{k: fig[k] for k in ("raw_pipe_s", "plan_s", "copy_s", "verify_s")},
                 "copy_vs_pipe": round(med(big.copy) / med(big.pipe), 3),
@@ -1207,6 +1213,7 @@ def main() -> None:
                 "runs": 0,
                 "cores": os.cpu_count(),
                 "machine": platform.machine(),
+                **started,
                 "server_settings": big.settings,
             }
         if a.against_scale is not None:
