@@ -39,6 +39,7 @@ class VerifyResult:
     digest: str
     rows: dict[str, int]
     differences: list[dict]
+    objects_listed: str | None = None  # how the source's objects were listed (`objects.verify`)
 
 
 def shard_digest(agg: dict[tuple[str, int], tuple[int, str]]) -> str:
@@ -157,8 +158,9 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
         for f in fd:
             dst.update(f.result())
     differences: list[dict] = []
+    objects_listed = None
     if objects.enabled(ctx):
-        obj_agg, obj_diffs = objects.verify(ctx, sid, shard.region, batch_users)
+        obj_agg, obj_diffs, objects_listed = objects.verify(ctx, sid, shard.region, batch_users)
         src.update(obj_agg)
         dst.update(obj_agg)
         differences += obj_diffs
@@ -171,7 +173,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     for (t, _), (n, _) in src.items():
         rows[t] = rows.get(t, 0) + n
     matched = (src == dst or in_flight_ok) and not differences
-    return VerifyResult(matched, shard_digest(src if matched else dst), rows, differences[:MAX_NAMED])
+    return VerifyResult(matched, shard_digest(src if matched else dst), rows, differences[:MAX_NAMED], objects_listed)
 
 
 def not_changed_since(differences: list[dict], changed: set[tuple[str, tuple]]) -> list[dict]:
@@ -202,6 +204,7 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         "digest": res.digest,
         "rows": res.rows,
         "differences": len(res.differences),
+        **({"objects_listed": res.objects_listed} if res.objects_listed else {}),
     }
     if res.matched:
         if shard.state == Phase.COPIED:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from psycopg import sql
 
@@ -51,6 +52,13 @@ def owner(key: str, head: str, tail: str) -> str | None:
 Index = dict[str, dict[str, str]]  # user -> key -> ETag, from one listing of the common prefix
 
 
+@dataclass(frozen=True)
+class Listing:
+    index: Index | None  # the shard's users' keys from one listing of the common prefix
+    common_prefix: bool  # whether a batch may list the common prefix (`listed`)
+    how: str  # "common prefix", "per user" or "per batch", for the phase's audit row
+
+
 def page_budget(users: int, threads: int) -> int:
     """How many pages of a common prefix are worth listing for `users` users: as many as
     the rounds their own listings take on `threads` threads (at least 2). Past that the
@@ -74,6 +82,17 @@ def prefix_index(
         if max_pages is not None and n >= max_pages and page.get("IsTruncated"):
             return None
     return out
+
+
+def shard_listing(c, bucket: str, prefix_head: str, prefix_tail: str, users: set[str], threads: int) -> Listing:
+    """How a phase that goes batch by batch lists one endpoint for a shard's `users`,
+    decided once for the shard: one listing of the common prefix kept as the shard's index,
+    or a listing per user in every batch when that prefix is far larger than the shard
+    (`page_budget`). A shard of few users lists per batch."""
+    if len(users) <= PER_USER_LISTING:
+        return Listing(None, True, "per batch")
+    index = prefix_index(c, bucket, prefix_head, prefix_tail, users, page_budget(len(users), threads))
+    return Listing(index, index is not None, "common prefix" if index is not None else "per user")
 
 
 def listed(
@@ -129,10 +148,6 @@ def source_objects(
         head, tail = o.user_prefix.split("{user}", 1)
         keys.update(listed(src_c or s3.client(src), src.bucket, head, tail, users, index, o.threads, common_prefix))
     return dict(sorted(keys.items()))
-
-
-def batch_keys(ctx: Context, users: list[str]) -> list[str]:
-    return list(source_objects(ctx, users))
 
 
 def present_at_destination(

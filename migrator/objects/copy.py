@@ -11,13 +11,11 @@ from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.errors import ConflictError, is_transient, retrying
 from migrator.objects.common import (
-    PER_USER_LISTING,
     ensure,
     manifest_digest,
-    page_budget,
-    prefix_index,
     present_at_destination,
     settings,
+    shard_listing,
     source_objects,
     stores,
 )
@@ -59,18 +57,15 @@ def copy_batches(
     keys_of = {b: batch_users[b] for b in pending}  # read once: the listings and the copies both need them
     shard_users = {u for keys in keys_of.values() for u in keys}
     by_prefix = {"source": True, "destination": True}  # whether a batch may list the common prefix
-    if o.user_prefix is not None and len(shard_users) > PER_USER_LISTING:
+    if o.user_prefix is not None:
         head, tail = o.user_prefix.split("{user}", 1)
-        pages = page_budget(len(shard_users), o.threads)
         with ThreadPoolExecutor(max_workers=2) as lister:  # both endpoints at once
-            fs = lister.submit(prefix_index, src_c, src.bucket, head, tail, shard_users, pages)
-            fd = lister.submit(prefix_index, dst_c, dst.bucket, head, tail, shard_users, pages)
-            src_index, dst_index = fs.result(), fd.result()
-        # a prefix too large for the shard is too large for its batches: list per user
-        by_prefix = {"source": src_index is not None, "destination": dst_index is not None}
-        totals.listed = {side: "common prefix" if ok else "per user" for side, ok in by_prefix.items()}
-    elif o.user_prefix is not None:
-        totals.listed = {"source": "per batch", "destination": "per batch"}
+            fs = lister.submit(shard_listing, src_c, src.bucket, head, tail, shard_users, o.threads)
+            fd = lister.submit(shard_listing, dst_c, dst.bucket, head, tail, shard_users, o.threads)
+            on_src, on_dst = fs.result(), fd.result()
+        src_index, dst_index = on_src.index, on_dst.index
+        by_prefix = {"source": on_src.common_prefix, "destination": on_dst.common_prefix}
+        totals.listed = {"source": on_src.how, "destination": on_dst.how}
 
     def prepare(
         b: int, pool: ThreadPoolExecutor, fresh: bool = False

@@ -8,11 +8,13 @@ from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.errors import retrying
 from migrator.objects.common import (
+    Listing,
     enabled,
     listed,
     manifest,
     owner,
     settings,
+    shard_listing,
     source_objects,
     stores,
 )
@@ -45,15 +47,21 @@ def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) 
     o = settings(ctx)
     batch_users = ctx.control.batch_keys(sid, ctx.sort_keys)
     found: set[str] = set()
+    src = o.stores[ctx.spec.source_region]
+    src_c = s3.client(src)
+    on_src = on_dst = Listing(None, True, "per batch")
+    if o.user_prefix is not None:  # decided once for the shard, as the copy does
+        head, tail = o.user_prefix.split("{user}", 1)
+        everyone = {u for users in batch_users.values() for u in users}
+        on_src = shard_listing(src_c, src.bucket, head, tail, everyone, o.threads)
+        on_dst = shard_listing(dst_c, bucket, head, tail, everyone, o.threads)
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
         for users in batch_users.values():
-            candidates = set(source_objects(ctx, users))
+            candidates = set(source_objects(ctx, users, on_src.index, src_c, on_src.common_prefix))
             if o.user_prefix is not None:  # what the destination lists, and a HEAD only for keys outside
-                head, tail = o.user_prefix.split("{user}", 1)
                 mine = set(users)
-                candidates = set(listed(dst_c, bucket, head, tail, users, threads=o.threads)) | {
-                    k for k in candidates if owner(k, head, tail) not in mine
-                }
+                dst_keys = listed(dst_c, bucket, head, tail, users, on_dst.index, o.threads, on_dst.common_prefix)
+                candidates = set(dst_keys) | {k for k in candidates if owner(k, head, tail) not in mine}
             candidates -= recorded
             heads = pool.map(lambda k: s3.head(dst_c, bucket, k), sorted(candidates))
             found |= {

@@ -375,11 +375,11 @@ def test_a_bucket_far_larger_than_the_shard_is_listed_per_user_not_whole(cluster
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda k: us.put_object(Bucket=w.buckets["us"], Key=k, Body=b"x"), others))
 
-    def listed_by(region: str) -> dict:
+    def listed_by(region: str, event: str = "copied"):
         (detail,) = w.ctl(
             "SELECT a.detail FROM migrator.audit a JOIN migrator.shard s USING (shard_id) "
-            "WHERE s.region = %s AND a.detail->>'event' = 'copied'",
-            (region,),
+            "WHERE s.region = %s AND a.detail->>'event' = %s",
+            (region, event),
         )
         return detail[0]["objects_listed"]
 
@@ -400,9 +400,18 @@ def test_a_bucket_far_larger_than_the_shard_is_listed_per_user_not_whole(cluster
     assert {k: after[k]["LastModified"] for k in first} == first  # nothing already there was copied again
     assert len(ids_for(w, "ie")) > 64
     assert listed_by("ie") == {"source": "per user", "destination": "common prefix"}
+    # the verify decides once for the shard too, as the copy did
+    assert listed_by("no", "verify") == "common prefix"
+    assert listed_by("ie", "verify") == "per user"
     for region in ("ie", "no"):
         want = objects_of(w, ids_for(w, region))
         got = listing(w, region)
         assert set(got) == want, region
         for k in sorted(want)[:20]:
             assert body(w, region, k) == body(w, "us", k), k
+    # Ireland's rollback, listing the source per user: exactly the shard's objects leave
+    # Ireland, and the source keeps its own and the other users' alike
+    res = w.migrator("rollback", "--region", "ie", "--reason", "per-user listing rolled back", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert set(listing(w, "ie")) == set()
+    assert set(listing(w, "us")) >= objects_of(w, ids_for(w, "ie")) | set(others)
