@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import yaml
@@ -288,11 +289,12 @@ def test_a_task_process_imports_no_alembic():
     assert out.strip() == "[]"
 
 
-def test_the_airflow_home_preloads_what_tasks_import_and_nothing_of_airflow(tmp_path):
+def test_the_airflow_home_preloads_what_tasks_import_and_airflow_starts_with_it(tmp_path):
     """The Airflow home the demo, tests and bench set up (and docker-compose.yml mounts) has
-    an airflow_local_settings that imports what every task imports, so the scheduler or
-    worker that forks a task has it already, and imports no Airflow module: Airflow imports
-    it while initialising."""
+    an airflow_local_settings that imports what every task imports (the migrator's library,
+    and Airflow's task decorators and approval operator, which parsing the DAG file needs),
+    so the scheduler or worker that forks a task has it already. Airflow imports the file
+    while it initialises: Airflow, started in that home, must come up with all of it."""
     import subprocess
     import sys
 
@@ -302,13 +304,21 @@ def test_the_airflow_home_preloads_what_tasks_import_and_nothing_of_airflow(tmp_
     env = airflow_env(tmp_path, {})
     settings = tmp_path / "config" / "airflow_local_settings.py"
     assert env["AIRFLOW_HOME"] == str(tmp_path) and settings.is_file()
+    preloaded = [
+        "airflow.sdk.definitions.decorators",
+        "airflow.providers.standard.operators.hitl",
+        "migrator.airflow_cutover",
+        "migrator.orchestration",
+    ]
     code = (
-        f"import sys; sys.path.insert(0, {str(settings.parent)!r}); import airflow_local_settings as s; "
-        "print(s.__all__, 'migrator.orchestration' in sys.modules, "
-        "sorted({m for m in sys.modules if m.startswith('airflow')}))"
+        "import json, sys, airflow; "  # Airflow's own start: settings, then the home's local settings
+        "print(json.dumps({'file': sys.modules['airflow_local_settings'].__file__, "
+        f"'loaded': [m for m in {preloaded!r} if m in sys.modules]}}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[] True ['airflow_local_settings']"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"file": str(settings), "loaded": preloaded}
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     mounts = compose["services"]["airflow-scheduler"]["volumes"]
     source = next(m.split(":")[0] for m in mounts if ":/opt/airflow/config/airflow_local_settings.py" in m)
