@@ -415,3 +415,47 @@ def test_a_bucket_far_larger_than_the_shard_is_listed_per_user_not_whole(cluster
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     assert set(listing(w, "ie")) == set()
     assert set(listing(w, "us")) >= objects_of(w, ids_for(w, "ie")) | set(others)
+
+
+def test_an_endpoint_lost_during_verify_and_rollback_leaves_each_resumable(oworld):
+    """Ireland's endpoint goes away for a verify, then for a rollback: each stops with the
+    shard as it was (not failed, nothing half-done left unnamed), and each rerun with the
+    endpoint back finishes. The rows and objects are checked by this test's own SQL and
+    listings."""
+    w = oworld
+    w.write_spec(copy={"batch_users": 20})  # several batches, each listing its users' keys
+    assert w.migrator("plan", "--region", "ie").returncode == 0
+    assert w.migrator("copy", "--region", "ie").returncode == 0
+    moved = ids_for(w, "ie")
+
+    def state() -> str:
+        return w.ctl("SELECT state FROM migrator.shard WHERE region = 'ie'")[0][0]
+
+    w.relay.down()
+    try:
+        res = w.migrator("verify", "--region", "ie", "--json")
+    finally:
+        w.relay.restore()
+    assert res.returncode == 1, res.stdout[-2000:]
+    err = json.loads(res.stdout)["shards"][0]["error"]
+    assert f"127.0.0.1:{w.relay.port}/{w.buckets['ie']}" in err and "cannot be reached" in err, err
+    assert state() == "copied"
+    assert w.migrator("verify", "--region", "ie").returncode == 0
+    assert state() == "verified"
+
+    w.relay.down()
+    try:
+        res = w.migrator("rollback", "--region", "ie", "--reason", "endpoint lost", "--json")
+    finally:
+        w.relay.restore()
+    assert res.returncode == 1, res.stdout[-2000:]
+    err = json.loads(res.stdout)["shards"][0]["error"]
+    assert f"127.0.0.1:{w.relay.port}/{w.buckets['ie']}" in err and "cannot be reached" in err, err
+    assert state() != "rolled_back"
+    assert "failed" not in [s for (s,) in w.ctl("SELECT state FROM migrator.shard WHERE region = 'ie'")]
+    res = w.migrator("rollback", "--region", "ie", "--reason", "endpoint back", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert state() == "rolled_back"
+    assert set(listing(w, "ie")) == set()
+    assert w.rows("ie", "SELECT count(*) FROM users WHERE user_id = ANY(%s)", (moved,)) == [(0,)]
+    assert set(listing(w, "us")) >= objects_of(w, moved)  # the source keeps them all
