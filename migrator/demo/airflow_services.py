@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -23,6 +24,12 @@ from migrator.demo.airflow_run import bin_path
 from migrator.embedded import free_port
 
 POOL = ("migrator_source", 2, "copies against the source")  # name, slots, description
+
+
+def jwt_secret() -> str:
+    """A secret for the task API's tokens (HS512): 64 characters, the least Airflow's
+    token library accepts without a warning for that algorithm."""
+    return secrets.token_hex(32)
 
 
 class RestClient:
@@ -126,7 +133,7 @@ class AirflowServices(RestClient):
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
                 "AIRFLOW__API__BASE_URL": self.base,
                 "AIRFLOW__API__HOST": "127.0.0.1",
-                "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or os.urandom(24).hex(),
+                "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or jwt_secret(),
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 # Each DAG file is parsed again every 30 s by default, importing the migrator's
                 # DAG module each time; changed and new files are still picked up on refresh.

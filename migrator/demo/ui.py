@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrator.demo.airflow_run import airflow_env, spec_for_airflow
-from migrator.demo.airflow_services import AirflowServices, end_sessions, stop_home
+from migrator.demo.airflow_services import AirflowServices, end_sessions, jwt_secret, stop_home
 from migrator.demo.run import REGIONS, start, write_spec
 from migrator.embedded import LocalPostgres
 from migrator.errors import SpecError
@@ -74,7 +74,7 @@ def start_ui(folder: Path, users: int = 2000, port_base: int = 55430) -> dict:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(24),
+            "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret(),
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         }
     )

@@ -60,3 +60,16 @@ def test_compose_serves_each_destination_region_queue():
     assert destinations == {"ie", "no"}
     for region in destinations:  # the queue the DAG gives that region's shard tasks
         assert any(region in q and "default" in q for q in served.values()), (region, served)
+
+
+def test_compose_shares_one_task_token_secret_taken_from_the_environment():
+    """Unset, each Airflow process makes up its own secret and the api-server refuses the
+    tokens the scheduler gave the workers' tasks; written in the file, it would be a secret
+    in the repository."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    airflow = [svc for name, svc in services.items() if name.startswith("airflow-") and name != "airflow-db"]
+    secrets = {svc["environment"].get("AIRFLOW__API_AUTH__JWT_SECRET") for svc in airflow}
+    assert len(airflow) == 7 and len(secrets) == 1
+    (secret,) = secrets
+    # ${VAR:?message}: compose refuses to start with the variable unset or empty
+    assert secret and re.fullmatch(r"\$\{AIRFLOW__API_AUTH__JWT_SECRET:\?[^}]+\}", secret), secret
