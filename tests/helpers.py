@@ -3,6 +3,9 @@ a command stopped at a pause point, a live Airflow for the world, the benchmark 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 import json
 import os
 import subprocess
@@ -159,3 +162,23 @@ def cut_when(w: World, count_sql: str, at_least: int, cut: Callable[[], None], t
         yield
     finally:
         t.join()
+
+
+def text_pseudonym(key: bytes, v: str | None) -> str | None:
+    """A text pseudonym computed here with hmac alone, for comparing with the tool's."""
+    if v is None:
+        return None
+    return "pz1_" + hmac.new(key, f"text:{v}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def inet_pseudonym(key: bytes, text: str | None) -> str | None:
+    """An address's pseudonym computed here with hmac and ipaddress alone: the MAC of the
+    address as ipaddress prints it (any mask dropped), its low bits under 240.0.0.0/4 or
+    2001:db8::/32."""
+    if text is None:
+        return None
+    addr = ipaddress.ip_interface(text).ip
+    mac = int.from_bytes(hmac.new(key, f"inet:{addr}".encode(), hashlib.sha256).digest(), "big")
+    if addr.version == 4:
+        return str(ipaddress.IPv4Address((240 << 24) | (mac & ((1 << 28) - 1))))
+    return str(ipaddress.IPv6Address((0x20010DB8 << 96) | (mac & ((1 << 96) - 1))))

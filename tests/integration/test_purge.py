@@ -3,9 +3,6 @@ spec, checked against the tests' own SQL and HMACs."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import json
 import subprocess
 import time
@@ -14,7 +11,7 @@ import psycopg
 import pytest
 
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import paused
+from tests.helpers import inet_pseudonym, paused, text_pseudonym
 
 pytestmark = pytest.mark.integration
 
@@ -37,19 +34,11 @@ def keys(monkeypatch):
 
 
 def _text(key: str, v: str | None) -> str | None:
-    if v is None:
-        return None
-    return "pz1_" + hmac.new(key.encode(), f"text:{v}".encode(), hashlib.sha256).hexdigest()[:32]
+    return text_pseudonym(key.encode(), v)
 
 
 def _inet(key: str, v: str | None) -> str | None:
-    if v is None:
-        return None
-    addr = ipaddress.ip_interface(v).ip
-    mac = int.from_bytes(hmac.new(key.encode(), f"inet:{addr}".encode(), hashlib.sha256).digest(), "big")
-    if addr.version == 4:
-        return str(ipaddress.IPv4Address((240 << 24) | (mac & ((1 << 28) - 1))))
-    return str(ipaddress.IPv6Address((0x20010DB8 << 96) | (mac & ((1 << 96) - 1))))
+    return inet_pseudonym(key.encode(), v)
 
 
 def _moved(world: World) -> dict[str, list[int]]:
