@@ -4,8 +4,10 @@ and their owners, the stores, the manifest."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import sql
 
@@ -93,6 +95,17 @@ def shard_listing(c, bucket: str, prefix_head: str, prefix_tail: str, users: set
         return Listing(None, True, "per batch")
     index = prefix_index(c, bucket, prefix_head, prefix_tail, users, page_budget(len(users), threads))
     return Listing(index, index is not None, "common prefix" if index is not None else "per user")
+
+
+def shard_listings(o: Objects, batch_users: Mapping[int, list[str]], *endpoints: tuple[Any, str]) -> list[Listing]:
+    """`shard_listing` of each endpoint, a (client, bucket), for every user of the shard's
+    batches, the endpoints listed at once; without user prefixes, each lists per batch."""
+    if o.user_prefix is None:
+        return [Listing(None, True, "per batch") for _ in endpoints]
+    head, tail = o.user_prefix.split("{user}", 1)
+    users = {u for keys in batch_users.values() for u in keys}
+    with ThreadPoolExecutor(max_workers=len(endpoints)) as lister:
+        return list(lister.map(lambda e: shard_listing(e[0], e[1], head, tail, users, o.threads), endpoints))
 
 
 def listed(

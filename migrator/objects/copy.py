@@ -15,7 +15,7 @@ from migrator.objects.common import (
     manifest_digest,
     present_at_destination,
     settings,
-    shard_listing,
+    shard_listings,
     source_objects,
     stores,
 )
@@ -53,18 +53,12 @@ def copy_batches(
     totals = ObjectsCopied()
 
     pending = [b for b in sorted(batch_users) if b not in done]
-    src_index = dst_index = None
     keys_of = {b: batch_users[b] for b in pending}  # read once: the listings and the copies both need them
-    shard_users = {u for keys in keys_of.values() for u in keys}
-    by_prefix = {"source": True, "destination": True}  # whether a batch may list the common prefix
+    on_src, on_dst = shard_listings(o, keys_of, (src_c, src.bucket), (dst_c, dst.bucket))
+    src_index, dst_index = on_src.index, on_dst.index
+    # whether a batch may list the common prefix
+    by_prefix = {"source": on_src.common_prefix, "destination": on_dst.common_prefix}
     if o.user_prefix is not None:
-        head, tail = o.user_prefix.split("{user}", 1)
-        with ThreadPoolExecutor(max_workers=2) as lister:  # both endpoints at once
-            fs = lister.submit(shard_listing, src_c, src.bucket, head, tail, shard_users, o.threads)
-            fd = lister.submit(shard_listing, dst_c, dst.bucket, head, tail, shard_users, o.threads)
-            on_src, on_dst = fs.result(), fd.result()
-        src_index, dst_index = on_src.index, on_dst.index
-        by_prefix = {"source": on_src.common_prefix, "destination": on_dst.common_prefix}
         totals.listed = {"source": on_src.how, "destination": on_dst.how}
 
     def prepare(

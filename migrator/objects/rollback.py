@@ -8,13 +8,12 @@ from migrator.context import Context
 from migrator.control import SCHEMA
 from migrator.errors import retrying
 from migrator.objects.common import (
-    Listing,
     enabled,
     listed,
     manifest,
     owner,
     settings,
-    shard_listing,
+    shard_listings,
     source_objects,
     stores,
 )
@@ -49,12 +48,10 @@ def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) 
     found: set[str] = set()
     src = o.stores[ctx.spec.source_region]
     src_c = s3.client(src)
-    on_src = on_dst = Listing(None, True, "per batch")
-    if o.user_prefix is not None:  # decided once for the shard, as the copy does
+    # decided once for the shard, as the copy does
+    on_src, on_dst = shard_listings(o, batch_users, (src_c, src.bucket), (dst_c, bucket))
+    if o.user_prefix is not None:
         head, tail = o.user_prefix.split("{user}", 1)
-        everyone = {u for users in batch_users.values() for u in users}
-        on_src = shard_listing(src_c, src.bucket, head, tail, everyone, o.threads)
-        on_dst = shard_listing(dst_c, bucket, head, tail, everyone, o.threads)
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
         for users in batch_users.values():
             candidates = set(source_objects(ctx, users, on_src.index, src_c, on_src.common_prefix))

@@ -7,11 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from migrator.context import Context
 from migrator.objects.common import (
-    Listing,
     manifest,
     manifest_digest,
     settings,
-    shard_listing,
+    shard_listings,
     source_objects,
     stores,
 )
@@ -31,11 +30,7 @@ def verify(
     part = o.part_size_mb * 2**20
     agg: dict[tuple[str, int], tuple[int, str]] = {}
     diffs: list[dict] = []
-    on_src = Listing(None, True, "per batch")
-    if o.user_prefix is not None:
-        head, tail = o.user_prefix.split("{user}", 1)
-        users = {u for keys in batch_users.values() for u in keys}
-        on_src = shard_listing(src_c, src.bucket, head, tail, users, o.threads)
+    (on_src,) = shard_listings(o, batch_users, (src_c, src.bucket))
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
         for b in sorted(batch_users):
             entries = man.get(b, [])
