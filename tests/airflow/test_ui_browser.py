@@ -37,8 +37,11 @@ OUT = ROOT / "tests" / "output"
 
 
 def _free_base() -> int:
-    """A base port with the 21 ports the demo takes above it free."""
-    for base in range(47000, 60000, 97):
+    """A base port with the 21 ports the demo takes above it free, below the kernel's
+    ephemeral range: a port in it can be taken, between this check and the demo's bind, as
+    the local port of any outgoing connection or by another test's free port."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for base in range(low - 9000, low - 21, 97):
         try:
             for port in range(base, base + 21):
                 with socket.socket() as s:
