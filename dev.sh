@@ -31,25 +31,25 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   demo)
-    install airflow
+    install "airflow,demo"
     exec "$VENV/bin/migrator" demo "$@"
     ;;
   test)
-    install "airflow,test,bench"
+    install "airflow,demo,test,bench"
     # the browser tests drive Debian's chromium (Playwright downloads no browser here)
     # and the Celery tests start Debian's redis-server as their broker
     debs chromium redis-server
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   lint)
-    install "airflow,test,bench"
+    install "airflow,demo,test,bench"
     "$VENV/bin/ruff" check .
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"
     ;;
   bench)
     # --airflow runs the DAG under Airflow, and under the CeleryExecutor with redis-server
-    install "airflow,bench"
+    install "airflow,demo,bench"
     debs redis-server
     exec "$VENV/bin/python" -m bench "$@"
     ;;

@@ -36,14 +36,14 @@ from typing import Any
 import psycopg
 import yaml
 
-from migrator import sqlgen
-from migrator.context import Context
-from migrator.copier import copy_shard
+from migrator.control.context import Context
 from migrator.demo import seed
-from migrator.embedded import Cluster, bindir
-from migrator.planner import Plan, plan
+from migrator.demo.embedded import Cluster, bindir
+from migrator.phases.copy import copy_shard
+from migrator.phases.plan import Plan, plan
+from migrator.phases.verify import compare_shard
 from migrator.spec import parse_spec
-from migrator.verifier import compare_shard
+from migrator.stores import sqlgen
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,8 +169,8 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
 
     import boto3
 
-    from migrator import objects
-    from migrator.embedded import LocalS3
+    from migrator.demo.embedded import LocalS3
+    from migrator.phases import copy_objects
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
@@ -229,7 +229,9 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
             assert sum(x.users for x in p.shards) == len(eu)
             t0 = time.perf_counter()
             for s in p.shards:
-                res = objects.copy_batches(ctx, s.shard_id, s.region, ctx.control.batch_keys(s.shard_id, ctx.sort_keys))
+                res = copy_objects.copy_batches(
+                    ctx, s.shard_id, s.region, ctx.control.batch_keys(s.shard_id, ctx.sort_keys)
+                )
                 assert res.copied > 0
             tool.append(time.perf_counter() - t0)
         med = statistics.median
@@ -284,8 +286,8 @@ def reladiff(ctx: Context, src: str, dst: str, codes: list[str], threads: int = 
 
 
 def _migrate_with_writer(src: str, dst: str, control: str, spec: dict, users: list[int], first_event: int) -> dict:
-    from migrator import engine
     from migrator.demo.workload import WriterProcess, check
+    from migrator.lifecycle import engine
 
     truncate(dst)
     for d in (control, src):
@@ -511,9 +513,9 @@ def bench_airflow(
     two alternating, `runs` of each (medians). Where the DAG's time went, from its task
     instances: in tasks (at least one running) or between them (none running: the
     scheduler handing over, a task process starting)."""
-    from migrator import engine
     from migrator.demo.airflow_run import airflow_env, spec_for_airflow
     from migrator.demo.airflow_services import AirflowServices
+    from migrator.lifecycle import engine
 
     def reset():
         truncate(dst)
@@ -541,7 +543,7 @@ def bench_airflow(
     meta_db = "airflow" if executor == "LocalExecutor" else "airflow_" + executor.removesuffix("Executor").lower()
     meta = cluster["src"].create_database(meta_db).replace("postgresql://", "postgresql+psycopg://", 1)
     # The pool's slots are the shards copying from the source at once: the source's cores
-    # over 2, as the README's capacity section says (here source, destination and tool
+    # over 2, as docs/capacity.md says (here source, destination and tool
     # share the cores; on 2 cores, 2 slots measured 1.34, 1.48 and 1.72 of the CLI, 1 slot 1.16 and 1.58).
     slots = slots or max(1, (os.cpu_count() or 2) // 2)
     broker = None
@@ -913,7 +915,7 @@ class Dataset:
         """The whole life of the shard, each phase timed as `migrator` runs it: plan, copy,
         verify, cutover, then `last` (purge, on a copy of the source made for the run from
         the seeded database; or rollback of the cut-over shard, on the source itself)."""
-        from migrator import dispatch
+        from migrator.lifecycle import dispatch
 
         spec = dict(self.spec, purge=dict(self.purge, after="0s"))
         src = self.src

@@ -17,7 +17,8 @@ from datetime import datetime
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from migrator.airflow_glue import classified, spec_param, task_spec
+from migrator.airflow import tasks
+from migrator.airflow.glue import classified, spec_param, task_spec
 
 
 @dag(
@@ -35,13 +36,11 @@ def residency_audit():
     @task
     @classified
     def audit() -> dict:
-        from migrator import orchestration
-
         ctx = get_current_context()
         # incremental: shards active since the previous run's interval began (a manual run: all)
         prev = ctx.get("prev_data_interval_start_success")
         since = datetime.fromisoformat(str(prev)) if prev else None  # a pendulum time, or its text
-        return orchestration.audit_check(task_spec(), ctx["run_id"], since=since)
+        return tasks.audit_check(task_spec(), ctx["run_id"], since=since)
 
     audit()
 

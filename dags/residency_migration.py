@@ -3,7 +3,7 @@ planned into shards; each shard is copied, verified and cut over in a mapped tas
 rolled back if any of those fail; a final report fails the run if any shard did not
 cut over.
 
-Thin by design: every task calls `migrator.orchestration`; nothing here opens a
+Thin by design: every task calls `migrator.airflow.tasks`; nothing here opens a
 connection when the file is parsed. DSNs come from Airflow Connections named in the spec
 (`dsn: conn:migrator_us`), e.g. AIRFLOW_CONN_MIGRATOR_US.
 
@@ -28,8 +28,19 @@ import os
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task, task_group
 
-from migrator.airflow_cutover import Cutover, approve_param
-from migrator.airflow_glue import destination_regions, dry_run_param, regions_param, shards_param, spec_param
+from migrator.airflow import tasks
+from migrator.airflow.approval import Cutover, approve_param
+from migrator.airflow.glue import (
+    classified,
+    destination_regions,
+    dry_run_param,
+    regions_param,
+    resolve_conn,
+    resolve_s3,
+    shards_param,
+    spec_param,
+    spec_path,
+)
 
 # A cron with data intervals: each run covers [previous tick, this tick), so every user is
 # in exactly one scheduled run's interval (a plain "@daily" gives zero-width intervals).
@@ -49,11 +60,8 @@ GROUPS = REGIONS or ["shard"]
 
 
 def _spec():
-    from migrator import orchestration
-    from migrator.airflow_glue import resolve_conn, resolve_s3, spec_path
-
     params = get_current_context()["params"]
-    return orchestration.load(spec_path(params), resolve_conn, params.get("batch_size"), resolve_s3)
+    return tasks.load(spec_path(params), resolve_conn, params.get("batch_size"), resolve_s3)
 
 
 def _name_instance(desc: dict) -> None:
@@ -81,50 +89,40 @@ def _name_instance(desc: dict) -> None:
     },
 )
 def residency_migration():
-    from migrator.airflow_glue import classified
-
     @task
     @classified
     def plan() -> dict[str, list[dict]]:
         """The plan's table in the log; returns it (dry runs too) with each destination
         region's shards under its own key, for that region's group."""
-        from migrator import orchestration
-
         ctx = get_current_context()
         p = ctx["params"]
         start, end = ctx.get("data_interval_start"), ctx.get("data_interval_end")
-        wave = orchestration.wave_for(p["scope"], start, end, ctx["run_id"])
+        wave = tasks.wave_for(p["scope"], start, end, ctx["run_id"])
         since, until = (None, None) if p["scope"] == "all" else (start, end)
-        shards = orchestration.plan(
+        shards = tasks.plan(
             _spec(), ctx["run_id"], wave, since, until, p["regions"] or [], p["shards"] or [], bool(p["dry_run"])
         )
-        return orchestration.by_region(shards, GROUPS)
+        return tasks.by_region(shards, GROUPS)
 
     @task(map_index_template="{{ shard_name }}", pool=POOL)
     @classified
     def copy(desc: dict) -> dict:
-        from migrator import orchestration
-
         _name_instance(desc)
-        return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "copy")
+        return tasks.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "copy")
 
     # A skipped copy (already copied) must not skip what follows: none_failed.
     @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.NONE_FAILED)
     @classified
     def verify(desc: dict) -> dict:
-        from migrator import orchestration
-
         _name_instance(desc)
-        return orchestration.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "verify")
+        return tasks.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "verify")
 
     @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ONE_FAILED)
     @classified
     def rollback(desc: dict) -> dict:
-        from migrator import orchestration
-
         _name_instance(desc)
         ctx = get_current_context()
-        return orchestration.rollback_if_terminal(
+        return tasks.rollback_if_terminal(
             _spec(), ctx["run_id"], desc["shard_id"], reason=f"automatic: a task of run {ctx['run_id']} failed for good"
         )
 
@@ -150,10 +148,8 @@ def residency_migration():
         """Ends the run failed if any of its shards did not cut over: a rolled-back shard's
         group ends green (its rollback task succeeded), so the verdict comes from the
         shards' recorded states, not from the group's tasks."""
-        from migrator import orchestration
-
         shards = None if planned is None else planned["all"]
-        return orchestration.verdict(_spec(), None if shards is None else [s["shard_id"] for s in shards])
+        return tasks.verdict(_spec(), None if shards is None else [s["shard_id"] for s in shards])
 
     @task
     def shards_of(planned: dict[str, list[dict]], group: str) -> list[dict]:

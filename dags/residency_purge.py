@@ -16,7 +16,8 @@ import os
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from migrator.airflow_glue import classified, dry_run_param, regions_param, shards_param, spec_param, task_spec
+from migrator.airflow import tasks
+from migrator.airflow.glue import classified, dry_run_param, regions_param, shards_param, spec_param, task_spec
 
 
 @dag(
@@ -40,28 +41,22 @@ def residency_purge():
     @task
     @classified
     def select() -> list[str]:
-        from migrator import orchestration
-
         ctx = get_current_context()
         p = ctx["params"]
-        return orchestration.purge_select(task_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"])
+        return tasks.purge_select(task_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"])
 
     @task(map_index_template="{{ shard_name }}")
     @classified
     def purge_shard(shard_id: str) -> dict:
-        from migrator import orchestration
-
         ctx = get_current_context()
         ctx["shard_name"] = shard_id  # names the mapped instance in the UI
-        return orchestration.purge_one(task_spec(), ctx["run_id"], shard_id, bool(ctx["params"]["dry_run"]))
+        return tasks.purge_one(task_spec(), ctx["run_id"], shard_id, bool(ctx["params"]["dry_run"]))
 
     @task(trigger_rule="all_done")
     @classified
     def report(ids: list[str]) -> dict:
-        from migrator import orchestration
-
         ctx = get_current_context()
-        return orchestration.purge_verdict(task_spec(), ids, bool(ctx["params"]["dry_run"]))
+        return tasks.purge_verdict(task_spec(), ids, bool(ctx["params"]["dry_run"]))
 
     ids = select()
     purge_shard.expand(shard_id=ids) >> report(ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, task
 
-from migrator.airflow_glue import classified, named_phase, named_shards_params
+from migrator.airflow.glue import classified, named_phase, named_shards_params
 
 
 @dag(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import dag, task
 
-from migrator.airflow_glue import classified, dry_run_param, named_phase, named_shards_params
+from migrator.airflow.glue import classified, dry_run_param, named_phase, named_shards_params
 
 
 @dag(

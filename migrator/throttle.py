@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 
-from migrator.context import Context
-from migrator.errors import SpecError, describe, is_transient, retrying
+from migrator.control.context import Context, not_a_standby
+from migrator.errors import describe, is_transient, retrying
 from migrator.stores.postgres import connect, where
 
 log = logging.getLogger("migrator.throttle")
@@ -37,29 +37,6 @@ SELECT CASE WHEN NOT pg_is_in_recovery() THEN NULL
                                     - coalesce(pg_last_xact_replay_timestamp(), pg_postmaster_start_time()))
        END
 """
-
-
-def check_standby(ctx: Context) -> None:
-    """A configured standby that answers must be one (in recovery): a spec problem, found
-    before anything is written; one that does not answer now is left to the copy, which
-    waits for it."""
-    t = ctx.spec.copy_.throttle
-    if t.standby is None:
-        return
-    try:
-        with connect(t.standby.url, autocommit=True) as c:
-            (standby,) = c.execute("SELECT pg_is_in_recovery()").fetchone()
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        log.warning("%s not checked now: %s", where(t.standby.url), describe(exc))
-        return
-    if not standby:
-        raise _not_a_standby(t.standby.url)
-
-
-def _not_a_standby(dsn: str) -> SpecError:
-    return SpecError(f"copy.throttle.standby: {where(dsn)} is not in recovery, so it is not a standby")
 
 
 EVENTS = ("copy throttled", "verify throttled")  # the audit events of a pause, by phase
@@ -110,7 +87,7 @@ class Throttle:
                 raise
             return f"{describe(exc)}: the standby's replay lag is unknown"
         if lag is None:
-            raise _not_a_standby(dsn)
+            raise not_a_standby(dsn)
         if lag > limit:
             return f"{where(dsn)} replays {lag:.1f} s behind the source (max_replay_lag_s {limit:g})"
         return None

@@ -14,11 +14,17 @@ import psycopg
 import pytest
 import yaml
 
+from migrator import hooks
 from migrator.demo import seed
-from migrator.embedded import Cluster
+from migrator.demo.embedded import Cluster
+from tests import pauses
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
+
+# Every process the tests start (commands, Airflow's, workers) takes the tests' pause points.
+os.environ[hooks.ENV] = pauses.HOOK
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +113,12 @@ DEMO_OWNED = {
     "login_events": "SELECT * FROM login_events t WHERE t.user_id = ANY(%s) ORDER BY 1",
     "devices": "SELECT * FROM devices t WHERE t.user_id = ANY(%s) ORDER BY 1, 2",
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tier a test is in is its folder's: `pytest -m unit` runs the tests that need no
+    server (tests/unit), in seconds; integration and airflow start real servers."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier in ("unit", "integration", "airflow"):
+            item.add_marker(tier)

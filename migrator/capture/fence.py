@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from migrator.capture.triggers import wait_for_earlier, write_users
-from migrator.control import Control
+from migrator.control.store import Control
 from migrator.stores.postgres import Conn, connect
 
 

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from migrator.capture.triggers import APPLY, RUNNING, logs_at_head, stop_capture, uninstall_if_unused
-from migrator.context import Context
+from migrator.control.context import Context
 from migrator.errors import CatchUpBlocked
 from migrator.schema import history
 from migrator.stores.postgres import connect, relay

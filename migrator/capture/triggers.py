@@ -9,13 +9,13 @@ import time
 from psycopg import sql
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from migrator import sqlgen
-from migrator.catalog import Table
-from migrator.context import Context
-from migrator.control import Control
+from migrator.control.context import Context
+from migrator.control.store import Control
 from migrator.errors import describe, is_transient, retrying
 from migrator.schema import history
 from migrator.spec import EntityGraph
+from migrator.stores import sqlgen
+from migrator.stores.catalog import Table
 from migrator.stores.postgres import Conn, connect
 
 log = logging.getLogger("migrator.capture")

@@ -10,8 +10,8 @@ started with: restart them after upgrading the migrator."""
 
 import airflow.sdk.definitions.decorators  # noqa: F401
 
-import migrator.airflow_cutover  # noqa: F401
-import migrator.airflow_glue  # noqa: F401
-import migrator.orchestration  # noqa: F401
+import migrator.airflow.approval  # noqa: F401
+import migrator.airflow.glue  # noqa: F401
+import migrator.airflow.tasks  # noqa: F401
 
 __all__: list[str] = []  # no cluster policies or settings of Airflow's here

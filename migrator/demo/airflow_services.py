@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.demo.airflow_run import bin_path
-from migrator.embedded import free_port
+from migrator.demo.embedded import free_port
 
 POOL = ("migrator_source", 2, "copies against the source")  # name, slots, description
 

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from migrator.embedded import free_port
+from migrator.demo.embedded import free_port
 
 
 class MissingBroker(RuntimeError):

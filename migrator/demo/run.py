@@ -13,15 +13,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from migrator import audit as audit_checks
-from migrator import engine, evidence, orchestration, report
-from migrator import purge as purge_shards
-from migrator.context import Context
+from migrator.control.context import Context
+from migrator.control.state import MOVED
 from migrator.demo import seed
-from migrator.embedded import Cluster, LocalS3
-from migrator.planner import residencies
+from migrator.demo.airflow_run import run_dag
+from migrator.demo.embedded import Cluster, LocalS3
+from migrator.demo.workload import Writer, check
+from migrator.evidence import audit as audit_checks
+from migrator.evidence import manifest as evidence
+from migrator.lifecycle import engine, report
+from migrator.phases import purge as purge_shards
+from migrator.phases.residency import residencies
 from migrator.spec import load_spec
-from migrator.state import MOVED
 
 REGIONS = ["us", "ie", "no"]
 
@@ -84,8 +87,6 @@ def _airflow_available() -> bool:
 def _start_writer(env: dict[str, str]):
     import psycopg
 
-    from migrator.demo.workload import Writer
-
     with psycopg.connect(env["MIGRATOR_US_DSN"]) as c:
         sample = [u for (u,) in c.execute("SELECT user_id FROM users WHERE user_id % 7 = 0 ORDER BY user_id LIMIT 300")]
     dsn = {r: env[f"MIGRATOR_{r.upper()}_DSN"] for r in REGIONS}
@@ -93,8 +94,6 @@ def _start_writer(env: dict[str, str]):
 
 
 def _finish_writer(writer, env: dict[str, str]) -> dict:
-    from migrator.demo.workload import check
-
     acked = writer.stop()
     out = {"acknowledged_writes": acked.ops, "fenced_retries": acked.fenced, "errors": len(writer.errors)}
     try:
@@ -131,8 +130,6 @@ def run_demo(
         if writer:
             console.print("An application is writing to 300 users throughout (routed by the directory) ...")
         if via == "airflow":
-            from migrator.demo.airflow_run import run_dag
-
             console.print("Running the residency_migration DAG (airflow dags test) ...")
             res = run_dag(spec_path, base, progress=lambda: console.print(_progress_line(ctx)))
             extra["airflow_run_ok"] = res.returncode == 0
@@ -182,13 +179,11 @@ def run_demo(
 def _purge(ctx: Context, spec_path: Path, base: Path, via: str, console: Console) -> list[engine.Outcome]:
     """The purge after the migration: the residency_purge DAG, or the library directly."""
     if via == "airflow":
-        from migrator.demo.airflow_run import run_dag
-
         console.print("Running the residency_purge DAG (airflow dags test) ...")
         ok = run_dag(spec_path, base / "purge", {}, dag_id="residency_purge").returncode == 0
     else:
         console.print("Purging the source copy of every cut-over shard ...")
-        ok = orchestration.purge_document(ctx, purge_shards.select(ctx, None, None, None))["ok"]
+        ok = report.purge_document(ctx, purge_shards.select(ctx, None, None, None))["ok"]
     states = {s.shard_id: s.state.value for s in ctx.control.shards()}
     return [engine.Outcome(sid, ok and st == "purged", st) for sid, st in states.items()]
 

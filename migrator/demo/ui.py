@@ -20,8 +20,8 @@ from pathlib import Path
 
 from migrator.demo.airflow_run import airflow_env, spec_for_airflow
 from migrator.demo.airflow_services import AirflowServices, end_sessions, jwt_secret, stop_home
+from migrator.demo.embedded import LocalPostgres
 from migrator.demo.run import REGIONS, start, write_spec
-from migrator.embedded import LocalPostgres
 from migrator.errors import SpecError
 
 USER = "operator"

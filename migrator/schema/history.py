@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migrator import hooks
 from migrator.errors import StateVersionError
-from migrator.scaffolding import pause_here
 from migrator.schema import SCHEMA
 from migrator.spec import Spec
 from migrator.stores.postgres import connect, where
@@ -181,7 +181,7 @@ def run_env(context: Any) -> None:
 
     def done(*, step: Any, **_: Any) -> None:
         applied.append(step.up_revision_id)
-        pause_here(f"upgraded {step.up_revision_id}")  # still inside the upgrade's one transaction
+        hooks.point(f"upgraded {step.up_revision_id}")  # still inside the upgrade's one transaction
 
     context.configure(
         connection=cfg.attributes["connection"],

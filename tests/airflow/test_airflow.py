@@ -84,7 +84,7 @@ print("ok")
 def test_a_run_names_only_a_configured_spec(monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from migrator.airflow_glue import spec_path
+    from migrator.airflow.glue import spec_path
 
     monkeypatch.setenv("MIGRATOR_SPEC", "/srv/spec.yaml")
     monkeypatch.setenv("MIGRATOR_SPECS", "eu2=/srv/eu2.yaml")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
-from migrator import catalog, sqlgen
+from migrator.stores import catalog, sqlgen
 from migrator.stores.postgres import connect
 
 pytestmark = pytest.mark.integration

@@ -12,11 +12,12 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from migrator import dispatch, orchestration
-from migrator.cli import app
-from migrator.context import Context
+from migrator.airflow import tasks
+from migrator.cli.main import app
+from migrator.control.context import Context
+from migrator.control.state import Phase
+from migrator.lifecycle import dispatch
 from migrator.spec import load_spec
-from migrator.state import Phase
 from tests.conftest import DEMO_OWNED, World
 from tests.helpers import paused
 
@@ -60,7 +61,7 @@ def test_every_state_and_phase_answered_alike_by_the_cli_and_the_tasks(world: Wo
                 "--config",
                 str(world.spec_path),
             ]
-            task = orchestration.phase(spec, "test", sid, phase, dry_run=True)
+            task = tasks.phase(spec, "test", sid, phase, dry_run=True)
             assert task["would"] == answers[i], (state, phase, task)
             assert task["state"] == state
             if phase == "purge":
@@ -186,16 +187,16 @@ def test_the_run_verdict_names_shards_not_cut_over_and_shards_with_no_record(wor
     assert world.migrator("plan").returncode == 0
     spec = load_spec(world.spec_path)
     ids = [sid for (sid,) in world.ctl("SELECT shard_id FROM migrator.shard ORDER BY shard_id")]
-    with pytest.raises(orchestration.MigratorError) as e:
-        orchestration.verdict(spec, ids)
+    with pytest.raises(tasks.MigratorError) as e:
+        tasks.verdict(spec, ids)
     assert f"{len(ids)} of {len(ids)} shard(s) did not cut over" in str(e.value) and f"{ids[0]} is planned" in str(
         e.value
     )
     assert world.migrator("run").returncode == 0
-    assert orchestration.verdict(spec, ids) == {"shards": len(ids), "cut_over": len(ids)}
+    assert tasks.verdict(spec, ids) == {"shards": len(ids), "cut_over": len(ids)}
     # a shard the plan's output names but the control database no longer holds is no success
-    with pytest.raises(orchestration.MigratorError) as e:
-        orchestration.verdict(spec, [*ids, "default:ie-99"])
+    with pytest.raises(tasks.MigratorError) as e:
+        tasks.verdict(spec, [*ids, "default:ie-99"])
     assert f"1 of {len(ids) + 1} shard(s) did not cut over: default:ie-99 has no record" in str(e.value)
 
 
@@ -204,7 +205,7 @@ def test_a_phase_run_right_after_another_finds_the_shard_free(world: World):
     shard still held by the one before: its lock is let go when the phase returns, not
     when its server process gets round to exiting (on a busy server, after the next phase
     had asked for the shard and been told another worker holds it)."""
-    from migrator.context import Context
+    from migrator.control.context import Context
     from migrator.spec import parse_spec
 
     world.write_spec(sharding={"shards_per_region": 1})
@@ -236,16 +237,16 @@ def test_an_approvers_answer_counts_for_its_run_until_the_next_verify(world: Wor
         assert world.migrator(step).returncode == 0
     spec = load_spec(world.spec_path)
     yes, no, later = "default/ie-00", "default/ie-01", "default/no-00"
-    assert orchestration.cutover_answer(spec, "r1", yes) is None
+    assert tasks.cutover_answer(spec, "r1", yes) is None
 
-    out = orchestration.answer_cutover(spec, "r1", yes, True, "alice", "")
+    out = tasks.answer_cutover(spec, "r1", yes, True, "alice", "")
     assert not out.get("skipped") and out["state"] == "cut_over", out
-    assert orchestration.cutover_answer(spec, "r1", yes)["by"] == "alice"
-    assert orchestration.cutover_answer(spec, "r2", yes) is None  # another run's answer is not this run's
+    assert tasks.cutover_answer(spec, "r1", yes)["by"] == "alice"
+    assert tasks.cutover_answer(spec, "r2", yes) is None  # another run's answer is not this run's
 
-    out = orchestration.answer_cutover(spec, "r1", no, False, "bob", "ticket 7")
+    out = tasks.answer_cutover(spec, "r1", no, False, "bob", "ticket 7")
     assert "rejected by bob" in out["skipped"], out
-    again = orchestration.act_on_answer(spec, "r1", no, orchestration.cutover_answer(spec, "r1", no))
+    again = tasks.act_on_answer(spec, "r1", no, tasks.cutover_answer(spec, "r1", no))
     assert again == out  # a retried task: the same result, nothing more done
     states = dict(world.ctl("SELECT shard_id, state FROM migrator.shard"))
     assert states[yes] == "cut_over" and states[no] == "rolled_back", states
@@ -255,10 +256,10 @@ def test_an_approvers_answer_counts_for_its_run_until_the_next_verify(world: Wor
     )
     assert reasons == [("cutover rejected by bob: ticket 7",)]
     digest = world.ctl("SELECT digest FROM migrator.shard WHERE shard_id = %s", (yes,))[0][0]
-    assert orchestration.cutover_answer(spec, "r1", yes)["digest"] == digest  # what the approver was shown
+    assert tasks.cutover_answer(spec, "r1", yes)["digest"] == digest  # what the approver was shown
 
     # an answer recorded, then the shard verified again: the next try asks again
-    Context(spec, "r3").control.record(later, None, {"event": orchestration.APPROVED, "by": "carol"})
-    assert orchestration.cutover_answer(spec, "r3", later)["by"] == "carol"
+    Context(spec, "r3").control.record(later, None, {"event": tasks.APPROVED, "by": "carol"})
+    assert tasks.cutover_answer(spec, "r3", later)["by"] == "carol"
     assert world.migrator("verify", "--recheck", "--shard", "no-00").returncode == 0
-    assert orchestration.cutover_answer(spec, "r3", later) is None
+    assert tasks.cutover_answer(spec, "r3", later) is None

@@ -9,7 +9,7 @@ import os
 import psycopg
 import pytest
 
-from migrator.embedded import LocalPostgres
+from migrator.demo.embedded import LocalPostgres
 
 pytestmark = pytest.mark.integration
 

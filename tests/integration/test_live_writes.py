@@ -332,7 +332,7 @@ def test_the_fence_is_one_switch_over_a_staged_list(world: World):
     """The fence list is written with the fence down (the users still write); raising,
     expiring, holding and lifting the fence each change only whether their writes pass."""
     from migrator import capture
-    from migrator.context import Context
+    from migrator.control.context import Context
     from migrator.spec import parse_spec
 
     world.write_spec(sharding={"shards_per_region": 1})
@@ -373,7 +373,7 @@ def test_a_fence_kept_by_an_earlier_version_still_holds(world: World):
     """A source whose fence list carries each user's own `until` (the earlier layout), with a
     cut-over shard's users fenced for good: installing the guards keeps them fenced."""
     from migrator import capture
-    from migrator.context import Context
+    from migrator.control.context import Context
     from migrator.spec import parse_spec
 
     (uid,) = world.rows("us", "SELECT user_id FROM users ORDER BY 1 LIMIT 1")[0]

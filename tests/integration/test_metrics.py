@@ -17,7 +17,16 @@ pytestmark = pytest.mark.integration
 def test_a_run_writes_its_metrics_for_a_dashboard(world: World, tmp_path):
     out = tmp_path / "migrator.prom"
     res = subprocess.run(
-        [sys.executable, "-m", "migrator.cli", "--metrics-file", str(out), "run", "--config", str(world.spec_path)],
+        [
+            sys.executable,
+            "-m",
+            "migrator.cli",
+            "--metrics-file",
+            str(out),
+            "run",
+            "--config",
+            str(world.spec_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

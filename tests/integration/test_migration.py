@@ -157,8 +157,8 @@ def test_plan_places_each_user_by_hash_in_key_ordered_batches(world: World):
 def test_plan_counts_small_shards_exactly_and_estimates_large_ones(world: World, monkeypatch):
     """Each shard's rows per table: exact when the shard is no larger than the sample,
     otherwise scaled up from the sampled users, and marked as such."""
-    from migrator import planner
-    from migrator.context import Context
+    from migrator.control.context import Context
+    from migrator.phases import plan as planner
     from migrator.spec import parse_spec
 
     world.write_spec(sharding={"shards_per_region": 2})

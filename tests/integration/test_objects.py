@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from migrator.demo import seed
-from migrator.embedded import LocalS3
+from migrator.demo.embedded import LocalS3
 from tests.conftest import World, demo_spec, fresh_databases
 from tests.helpers import cut_when, paused
 

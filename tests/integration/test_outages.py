@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from migrator.demo import seed
-from migrator.embedded import Cluster
+from migrator.demo.embedded import Cluster
 from tests.conftest import DEMO_OWNED, World, demo_spec
 
 pytestmark = pytest.mark.integration

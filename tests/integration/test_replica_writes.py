@@ -10,8 +10,8 @@ import time
 import psycopg
 import pytest
 
-from migrator.replica import Trigger, skippable
 from migrator.spec import parse_spec
+from migrator.stores.replica import Trigger, skippable
 from tests.conftest import DEMO_OWNED, World
 from tests.helpers import start
 

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from migrator.demo import seed
-from migrator.embedded import LocalPostgres
+from migrator.demo.embedded import LocalPostgres
 from tests.conftest import DEMO_OWNED, World
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from migrator import pseudonym
+from migrator.evidence import pseudonym
 from tests.helpers import inet_pseudonym, text_pseudonym
 
 K1, K2 = b"k" * 32, b"j" * 32

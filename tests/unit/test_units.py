@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrator import partition
+from migrator.control.state import TRANSITIONS, Phase, allowed
 from migrator.errors import SpecError, is_transient
 from migrator.spec import load_spec, mask_dsn, parse_spec
-from migrator.state import TRANSITIONS, Phase, allowed
 
 BASE = {
     "regions": {"us": {"dsn": "postgresql://app:s3cret@db-us/app"}, "ie": {"dsn": "postgresql://x@db-ie/app"}},
@@ -176,7 +176,7 @@ def test_object_secrets_masked(monkeypatch):
 
 
 def test_orchestrator_connections_fill_the_spec(tmp_path):
-    from migrator.orchestration import load
+    from migrator.airflow.tasks import load
 
     d = spec_with(
         lambda d: d.update(
@@ -202,8 +202,8 @@ def test_orchestrator_connections_fill_the_spec(tmp_path):
 
 
 def test_verify_takes_the_costliest_tables_first():
-    from migrator.context import Context
-    from migrator.verifier import _largest_first
+    from migrator.control.context import Context
+    from migrator.phases.verify import _largest_first
 
     ctx = Context(
         parse_spec(
@@ -222,7 +222,7 @@ def test_verify_takes_the_costliest_tables_first():
 
 @given(st.integers(0, 10**9), st.integers(0, 10**9), st.integers(128, 65536))
 def test_verify_hash_memory_is_bounded_and_grows_with_the_shard(a, b, cap):
-    from migrator.sqlgen import HASH_ENTRY_BYTES, MIN_HASH_MB, hash_mb
+    from migrator.stores.sqlgen import HASH_ENTRY_BYTES, MIN_HASH_MB, hash_mb
 
     small, large = sorted((a, b))
     assert MIN_HASH_MB <= hash_mb(small, cap) <= hash_mb(large, cap) <= max(cap, MIN_HASH_MB)
@@ -254,8 +254,8 @@ def test_describe_names_an_unreachable_s3_endpoint():
 
 
 def test_dispatch_refusals_name_the_state_and_the_next_step():
-    from migrator.dispatch import RUNS, Verdict, decide
-    from migrator.state import Phase
+    from migrator.control.state import Phase
+    from migrator.lifecycle.dispatch import RUNS, Verdict, decide
 
     for phase in RUNS:
         for state in Phase:
@@ -282,7 +282,7 @@ def test_a_task_process_imports_no_alembic():
     import sys
 
     code = (
-        "import sys, migrator.orchestration, migrator.cli, migrator.airflow_glue; "
+        "import sys, migrator.airflow.tasks, migrator.cli.main, migrator.airflow.glue; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'sqlalchemy'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -307,8 +307,8 @@ def test_the_airflow_home_preloads_what_tasks_import_and_airflow_starts_with_it(
     preloaded = [
         "airflow.sdk.definitions.decorators",
         "airflow.providers.standard.operators.hitl",
-        "migrator.airflow_cutover",
-        "migrator.orchestration",
+        "migrator.airflow.approval",
+        "migrator.airflow.tasks",
     ]
     code = (
         "import json, sys, airflow; "  # Airflow's own start: settings, then the home's local settings

@@ -1,0 +1,267 @@
+"""The verbs that move shards: plan, run, each phase by name, status and recover."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from migrator.capture import recovery
+from migrator.cli.common import (
+    Config,
+    DryRun,
+    Json,
+    Pick,
+    Reason,
+    Region,
+    RunId,
+    Shards,
+    Since,
+    Strict,
+    Until,
+    Wave,
+    app,
+    context_of,
+    err,
+    finish,
+    progress_bar,
+)
+from migrator.lifecycle import dispatch, engine, report
+from migrator.phases.plan import plan as make_plan
+
+
+@app.command()
+def plan(
+    config: Config,
+    wave: Wave = "default",
+    region: Region = None,
+    since: Since = None,
+    until: Until = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+    strict: Strict = False,
+) -> None:
+    """Form the wave's shards: users, rows per table and bytes per shard."""
+    ctx = context_of(config, run_id)
+    regions = [region] if region else None
+    p = make_plan(ctx, wave, since=since, until=until, regions=regions, dry_run=dry_run, strict=strict)
+    shards = [s.summary() for s in p.shards]
+    if not dry_run:  # the shards as recorded now: their states, progress and estimates
+        shards = report.shard_rows(ctx, wave, region=region)
+    finish(report.document("plan", shards, plan=p, extra={"dry_run": dry_run}), json)
+
+
+@app.command()
+def run(
+    config: Config,
+    wave: Wave = "default",
+    shard: Shards = None,
+    region: Region = None,
+    since: Since = None,
+    until: Until = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+    strict: Strict = False,
+) -> None:
+    """Plan (if needed), then copy, verify and cut over every selected shard."""
+    ctx = context_of(config, run_id)
+    if dry_run:
+        regions = [region] if region else None
+        p = make_plan(ctx, wave, since=since, until=until, regions=regions, dry_run=True, strict=strict)
+        shards = [s.summary() for s in p.shards if not shard or s.name in shard or s.shard_id in shard]
+        finish(report.document("run", shards, plan=p, extra={"dry_run": True}), json)
+    bar, cb = progress_bar(json)
+    if bar:
+        with bar:
+            p, outcomes = engine.run(
+                ctx, wave, names=shard, region=region, since=since, until=until, progress=cb, strict=strict
+            )
+    else:
+        p, outcomes = engine.run(ctx, wave, names=shard, region=region, since=since, until=until, strict=strict)
+    finish(report.document("run", report.shard_rows(ctx, wave, shard, region), outcomes, p), json)
+
+
+def _phase_command(
+    phase: str,
+    config: Path,
+    wave: str | None,
+    shard: list[str] | None,
+    region: str | None,
+    dry_run: bool,
+    as_json: bool,
+    run_id: str | None,
+    reason: str = "",
+) -> None:
+    ctx = context_of(config, run_id)
+    selected = ctx.control.resolve(wave, shard, region)
+    ids = [s.shard_id for s in selected]
+    if not selected:
+        note = (
+            f"nothing planned in wave {wave or 'default'!r}"
+            + (f" for region {region}" if region else "")
+            + ": run `migrator plan` first"
+        )
+        if not as_json:
+            err.print(note)
+        finish(report.document(phase, [], extra={"note": note}), as_json)
+    rows = report.shard_rows(ctx, None, ids)
+    if dry_run:  # the dispatcher's answer for each shard, nothing run
+        would = {s.shard_id: dispatch.preview(ctx, s.shard_id, phase) for s in selected}
+        for r in rows:
+            r["would"], r["why"] = would[r["shard_id"]]["would"], would[r["shard_id"]]["why"]
+        finish(report.document(phase, rows, extra={"dry_run": True, "phase": phase}), as_json)
+    if phase in ("copy", "verify", "recheck", "cutover"):
+        ctx.preflight({s.region for s in selected})  # spec problems exit 2 before anything is written
+    outcomes = engine.one_phase(ctx, selected, phase, reason)
+    finish(report.document(phase, report.shard_rows(ctx, None, ids), outcomes), as_json)
+
+
+@app.command()
+def copy(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
+    """Copy (or resume copying) planned shards in checkpointed batches."""
+    _phase_command("copy", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def verify(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+    recheck: Annotated[bool, typer.Option("--recheck", help="compare a verified or cut-over shard again")] = False,
+) -> None:
+    """Compare each shard's rows at source and destination; name any rows that differ."""
+    _phase_command("recheck" if recheck else "verify", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def cutover(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
+    """Flip the ownership directory of verified shards to their region."""
+    _phase_command("cutover", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def rollback(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    reason: Reason = "",
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
+    """Undo shards: directory back to the source (if cut over), destination rows removed."""
+    _phase_command("rollback", config, wave, shard, region, dry_run, json, run_id, reason)
+
+
+@app.command()
+def cleanup(
+    config: Config,
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
+    """Remove change capture of finished shards (a cut-over shard can then no longer be rolled back)."""
+    _phase_command("cleanup", config, wave, shard, region, dry_run, json, run_id)
+
+
+@app.command()
+def release(
+    config: Config,
+    reason: Reason = "",
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
+    """Free the held users of rolled-back shards, so a later wave may plan them."""
+    _phase_command("release", config, wave, shard, region, dry_run, json, run_id, reason)
+
+
+@app.command()
+def retry(
+    config: Config,
+    reason: Reason = "",
+    wave: Pick = None,
+    shard: Shards = None,
+    region: Region = None,
+    dry_run: DryRun = False,
+    json: Json = False,
+    run_id: RunId = None,
+) -> None:
+    """Move the held users of rolled-back shards again, in their own wave (then `migrator run`)."""
+    _phase_command("retry", config, wave, shard, region, dry_run, json, run_id, reason)
+
+
+@app.command()
+def status(
+    config: Config,
+    wave: Annotated[str | None, typer.Option("--wave")] = None,
+    shard: Shards = None,
+    region: Region = None,
+    json: Json = False,
+) -> None:
+    """Each shard's phase, progress, rows and digest."""
+    ctx = context_of(config, None)
+    rows = report.shard_rows(ctx, wave, shard, region)
+    due = {u.shard_id: u.due for u in recovery.unfinished(ctx, engine.select(ctx, wave, shard, region))}
+    for r in rows:
+        if r["shard_id"] in due:
+            r["unfinished"] = due[r["shard_id"]]
+    finish(report.document("status", rows, extra={"unfinished": len(due)}), json)
+
+
+@app.command()
+def recover(
+    config: Config,
+    watch: Annotated[float, typer.Option("--watch", help="keep sweeping every this many seconds (0: once)", min=0)] = 0,
+    json: Json = False,
+) -> None:
+    """Finish or undo what a killed cutover or rollback left half done (every command does
+    this first for its own shards; this does it for all, once or on a timer)."""
+    ctx = context_of(config, None)
+    while True:
+        done = recovery.sweep(ctx)
+        left = [u.__dict__ for u in recovery.unfinished(ctx)]
+        doc = {"command": "recover", "ok": not left, "resolved": done, "unfinished": left}
+        if not watch:
+            if json:
+                report.emit(doc, True)
+            else:
+                for sid, acts in done.items():
+                    err.print(f"{sid}: {'; '.join(acts)}")
+                for u in left:
+                    err.print(f"[yellow]{u['shard_id']}[/]: {u['due']} (its worker still holds it)")
+                if not done and not left:
+                    err.print("nothing unfinished")
+            raise typer.Exit(0)
+        time.sleep(watch)

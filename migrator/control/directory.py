@@ -1,0 +1,90 @@
+"""The ownership directory: which region is each user's home, and the one way a shard's
+users change home (every user of the shard at once, epoch + 1, in the caller's control
+transaction)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from migrator.control.context import Context
+from migrator.control.state import Phase
+from migrator.control.store import SCHEMA
+from migrator.errors import StateConflict
+from migrator.stores.postgres import Conn
+
+
+def move_homes(conn: Conn, sid: str, frm: str, to: str) -> int:
+    """Flip the shard's users homed at `frm` to `to` (epoch + 1); the number flipped."""
+    return conn.execute(
+        f"UPDATE {SCHEMA}.directory d SET home = %s, epoch = d.epoch + 1, updated_at = now() "
+        f"FROM {SCHEMA}.shard_user su WHERE su.shard_id = %s AND su.user_key = d.user_key AND d.home = %s",
+        (to, sid, frm),
+    ).rowcount
+
+
+class Flip:
+    """A cutover's directory flip, open in `conn` until the block of `prepared_flip` ends."""
+
+    def __init__(self, ctx: Context, conn: Conn, sid: str, region: str, digest: str, users: int, flipped: int):
+        self.ctx, self.conn, self.sid = ctx, conn, sid
+        self.region, self.digest, self.users, self.flipped = region, digest, users, flipped
+
+    def finish(self, detail: dict) -> None:
+        """The shard's move to cut_over, in the flip's transaction (committed by the caller's block)."""
+        self.ctx.control.transition(
+            self.conn,
+            self.sid,
+            Phase.VERIFIED,
+            Phase.CUT_OVER,
+            {"event": "cutover", "users": self.users, "to": self.region, "digest": self.digest, **detail},
+            digest=self.digest,
+        )
+
+
+@contextlib.contextmanager
+def prepared_flip(ctx: Context, sid: str) -> Iterator[Flip]:
+    """Flip the shard's users' homes to its region in a transaction that commits when the
+    block ends without error (after `finish`) and is rolled back otherwise. The shard's row
+    is locked throughout: only a verified shard whose users are all still at the source is
+    flipped."""
+    ctl = ctx.control
+    with ctl.connect() as c:
+        # One open flip at a time: each is left out of its own fence's wait for earlier
+        # transactions but not of another's, so two open at once could wait on each other
+        # until both windows ran out. A second cutover waits here, before its fence.
+        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:flip'))")
+        row = c.execute(
+            # NO KEY UPDATE: rows that refer to the shard (catch-up positions) can still be written
+            f"SELECT state, digest, region, users FROM {SCHEMA}.shard WHERE shard_id = %s FOR NO KEY UPDATE",
+            (sid,),
+        ).fetchone()
+        if row is None:
+            raise StateConflict(f"shard {sid} does not exist")
+        state, digest, region, users = row
+        if state != Phase.VERIFIED.value or not digest:
+            raise StateConflict(f"shard {sid} is {state}; only a verified shard can be cut over")
+        flipped = move_homes(c, sid, ctx.spec.source_region, region)
+        if flipped != users:
+            raise StateConflict(
+                f"shard {sid}: {users - flipped} of its {users} users are no longer homed at "
+                f"{ctx.spec.source_region}; cutover refused"
+            )
+        yield Flip(ctx, c, sid, region, digest, users, flipped)
+
+
+def flip(ctx: Context, sid: str, detail: dict) -> int:
+    """Flip a verified shard's users in one transaction; the number flipped."""
+    with prepared_flip(ctx, sid) as f:
+        f.finish(detail)
+    return f.flipped
+
+
+def flip_back(ctx: Context, sid: str, state: Phase, region: str, detail: dict) -> int:
+    """A rollback's move to rolling_back, with the shard's users homed at the source again
+    when it was cut over, in one control transaction; the number flipped back."""
+    ctl = ctx.control
+    with ctl.connect() as c:
+        flipped = move_homes(c, sid, region, ctx.spec.source_region) if state == Phase.CUT_OVER else 0
+        ctl.transition(c, sid, state, Phase.ROLLING_BACK, {**detail, "directory_flipped_back": flipped})
+    return flipped

@@ -1,0 +1,130 @@
+"""Runs shards through their phases (copy -> verify -> cutover, or one phase by name), one
+shard at a time per worker, each through `dispatch`. A shard that fails is recorded and the
+others go on; a shard another worker holds is waited for, so concurrent runs each report
+the shard's final state. The caller learns which failed from the outcomes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from migrator.control.context import Context, check_standby
+from migrator.control.state import MOVED, Phase
+from migrator.control.store import Shard
+from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, StateConflict, describe
+from migrator.lifecycle import dispatch
+from migrator.phases.plan import Plan, plan
+
+log = logging.getLogger("migrator.lifecycle.engine")
+
+Progress = Callable[[str, int, int], None]
+BUSY_WAIT_S = 3600.0  # how long a run waits for a shard another worker holds
+
+
+@dataclass
+class Outcome:
+    shard_id: str
+    ok: bool
+    state: str = ""
+    error: str | None = None
+    differences: list[dict] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def select(ctx: Context, wave: str | None, names: list[str] | None, region: str | None) -> list[Shard]:
+    if not ctx.control.exists():
+        return []
+    return ctx.control.shards(wave=wave, names=names, region=region)
+
+
+def _outcome(ctx: Context, sid: str, fn: Callable[[], list[dispatch.Result]], want: set[str] | None) -> Outcome:
+    """Run `fn` for the shard; ok when it raised nothing and (with `want`) the shard ended in
+    one of those states or was superseded by a later wave."""
+    try:
+        results = fn()
+        state = results[-1].state if results else ctx.control.shard(sid).state.value
+        detail = {r.phase: (r.skipped or r.detail) for r in results}
+        ok = want is None or state in want or "superseded" in detail
+        return Outcome(sid, ok, state, None if ok else f"shard {sid} is {state}", detail=detail)
+    except ShardBusy:
+        raise
+    except ChecksumMismatch as exc:
+        return Outcome(sid, False, _state(ctx, sid), error=str(exc), differences=exc.differences)
+    except MigratorError as exc:
+        return Outcome(sid, False, _state(ctx, sid), error=str(exc))
+    except Exception as exc:  # driver errors: classified and named, never their text (it may hold row data)
+        log.error("shard %s failed: %s", sid, describe(exc))
+        return Outcome(sid, False, _state(ctx, sid), error=describe(exc))
+
+
+def _state(ctx: Context, sid: str) -> str:
+    try:
+        return ctx.control.shard(sid).state.value
+    except Exception:
+        return "unknown"
+
+
+def each(
+    ctx: Context, shards: list[Shard], fn: Callable[[str], list[dispatch.Result]], want: set[str] | None = None
+) -> list[Outcome]:
+    """`fn` for every shard; a shard another worker holds is done last, once that worker lets go."""
+    outcomes: dict[str, Outcome] = {}
+    busy: list[str] = []
+    for s in shards:
+        try:
+            outcomes[s.shard_id] = _outcome(ctx, s.shard_id, functools.partial(fn, s.shard_id), want)
+        except ShardBusy:
+            busy.append(s.shard_id)
+    for sid in busy:
+        end = time.monotonic() + BUSY_WAIT_S
+        while True:
+            try:
+                outcomes[sid] = _outcome(ctx, sid, functools.partial(fn, sid), want)
+                break
+            except ShardBusy as exc:
+                if time.monotonic() > end:
+                    outcomes[sid] = Outcome(sid, False, _state(ctx, sid), error=str(exc))
+                    break
+                time.sleep(0.5)
+    return [outcomes[s.shard_id] for s in shards]
+
+
+def one_phase(ctx: Context, shards: list[Shard], phase: str, reason: str = "") -> list[Outcome]:
+    return each(ctx, shards, lambda sid: [dispatch.run_phase(ctx, sid, phase, reason)])
+
+
+def run(
+    ctx: Context,
+    wave: str,
+    *,
+    names: list[str] | None = None,
+    region: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    progress: Progress | None = None,
+    strict: bool = False,
+) -> tuple[Plan, list[Outcome]]:
+    check_standby(ctx)
+    p = plan(ctx, wave, since=since, until=until, regions=[region] if region else None, strict=strict)
+    shards = select(ctx, wave, names, region)
+
+    def go(sid: str) -> list[dispatch.Result]:
+        shard = ctx.control.shard(sid)
+        if shard.state == Phase.ROLLED_BACK:
+            later = ctx.control.superseded_by(sid)
+            if later:  # released, and moved by a later wave: nothing left for this wave to do
+                return [dispatch.Result(sid, "superseded", shard.state.value, False, skipped=", ".join(later))]
+            n, reason = ctx.control.held(sid)
+            raise StateConflict(
+                f"shard {sid} was rolled back ({reason or 'no reason given'}); its {n} users are held: "
+                "`migrator retry` moves them again in this wave, `migrator release` frees them"
+            )
+        cb = (lambda d, t: progress(sid, d, t)) if progress else None
+        return dispatch.advance(ctx, sid, progress=cb)
+
+    return p, each(ctx, shards, go, want={s.value for s in MOVED})  # cut over, or purged since

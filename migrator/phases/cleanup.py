@@ -1,0 +1,22 @@
+"""Removes what change capture installed for a finished shard."""
+
+from __future__ import annotations
+
+from migrator import capture
+from migrator.control.context import Context
+from migrator.control.state import Phase
+
+
+def cleanup_shard(ctx: Context, sid: str) -> dict:
+    """A cut-over shard stops being captured (it can then no longer be rolled back; its
+    source fence stays); a rolled-back shard loses its lists and fences on both sides."""
+    ctl = ctx.control
+    shard = ctl.shard(sid)
+    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
+    if shard.state == Phase.CUT_OVER:
+        capture.finalize(ctx, sid, src, dst)
+        ctl.record(sid, shard.state.value, {"event": "finalized"})
+        return {"finalized": True}
+    for dsn in (src, dst):
+        capture.stop_capture(ctx, dsn, sid, fence_too=True)
+    return {"finalized": False}

@@ -1,0 +1,188 @@
+"""Hands a verified shard's users to their new region in the ownership directory.
+
+The check that the shard is verified and the flip of every user's home (epoch + 1) are
+one transaction in the control database: a shard that was not verified, or whose users
+are no longer all at the source, cannot be cut over, and a half-flipped shard cannot exist.
+With change capture that transaction updates the directory before the write fence goes up
+and commits as the fence window's last step, so the users' write downtime does not grow
+with their number. The source rows stay until a later purge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from migrator import capture, hooks, metrics
+from migrator.capture import recovery
+from migrator.capture.watchdog import watching
+from migrator.control import directory
+from migrator.control.context import Context
+from migrator.control.state import Phase
+from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe, retrying
+from migrator.shard.compare import compare_touched, not_changed_since
+from migrator.stores.postgres import bounded
+
+log = logging.getLogger("migrator.phases.cutover")
+
+
+class FenceWindowExceeded(TransientError):
+    """The fenced part of a cutover did not finish in its window: the fence was lifted and
+    the shard stays on the source; cutover is retried later."""
+
+
+def cutover_shard(ctx: Context, sid: str) -> int:
+    """Cut the shard over; with change capture, inside a bounded write fence."""
+    if not ctx.spec.changes.capture:
+        return directory.flip(ctx, sid, {})
+    ctl = ctx.control
+    shard = ctl.shard(sid)
+    if shard.state != Phase.VERIFIED:
+        raise StateConflict(f"shard {sid} is {shard.state}; only a verified shard can be cut over")
+    with watching(ctx, sid):
+        return _cutover(ctx, sid, shard.region)
+
+
+def _cutover(ctx: Context, sid: str, region: str) -> int:
+    ctl = ctx.control
+    src, dst = ctx.source_dsn, ctx.dsn(region)
+    window = ctx.spec.changes.fence_window_s
+    # Lag first: fencing a shard whose backlog cannot be applied in the window would only
+    # cost the users write downtime.
+    capture.catch_up(ctx, sid, src, dst, "forward", pending_at_most=ctx.spec.changes.catch_up_below)
+    t0: float | None = None
+    decided = False
+    try:
+        _stage_lists(ctx, sid, src, dst)
+        # The directory's rows are flipped in a transaction left open across the window:
+        # nobody sees the new homes before it commits, and the commit, not the update of
+        # every user's row, is what the window has to wait for.
+        with directory.prepared_flip(ctx, sid) as flip:
+            ours = capture.own_transaction(src, flip.conn)  # the open flip must not hold the fence up
+            settled = _compare_changed_so_far(ctx, sid, src, dst, ours)
+            hooks.point("staged", ctx, sid)
+            t0 = time.monotonic()
+            deadline = t0 + window
+            steps = Steps(t0)
+            with bounded(deadline):
+                capture.fence(src, sid, deadline, ignore=ours)
+                steps.mark("raise")
+                hooks.point("fenced", ctx, sid)
+                capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline, ignore=ours)
+                steps.mark("catch_up")
+                diffs = compare_touched(ctx, sid, src, dst, after=settled)
+                if diffs:
+                    raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
+                checked = sum(map(len, capture.touched_keys(src, sid, after=settled).values()))
+                steps.mark("compare")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("fence window exceeded")
+                # The decision: once the source fence is held, the shard cuts over, whatever
+                # happens to this process (see `recovery`).
+                capture.hold_fence(src, sid)
+                decided = True
+                steps.mark("hold")
+            hooks.point("held", ctx, sid)
+            steps.mark("transition")
+            flip.finish({"fence_checked_rows": checked})
+        # The window closed when the flip committed, as the block above ended.
+        steps.mark("commit")
+    except BaseException as exc:
+        elapsed = round((time.monotonic() - t0) * 1000, 1) if t0 is not None else 0.0
+        if decided or not isinstance(exc, Exception):
+            # Past the decision (or interrupted where it may have been taken): recovery
+            # finishes the flip, or lifts the fence if the hold never committed.
+            _resolve_now(ctx, sid, exc)
+            raise
+        capture.lift(src, sid)
+        capture.stop_capture(ctx, dst, sid, fence_too=True, wait=False)
+        if t0 is None:
+            ctl.record(sid, "verified", {"event": "cutover stopped before the fence", "error": describe(exc)})
+        else:
+            ctl.record(sid, "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
+        if isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in ("57014", "55P03"):
+            raise FenceWindowExceeded(
+                f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms); "
+                "the fence was lifted and the shard stays on the source"
+            ) from None
+        raise
+    # Cut over: from here on nothing may lift the fence.
+    fence_ms = round(sum(steps.ms.values()), 1)
+    region = ctl.shard(sid).region
+    metrics.fence_window(sid, region, fence_ms)
+    log.info(
+        "shard %s cut over: %d users homed at %s; fence window %.1f ms (%s)",
+        sid,
+        flip.flipped,
+        region,
+        fence_ms,
+        ", ".join(f"{k} {v:.1f} ms" for k, v in steps.ms.items()),
+    )
+    try:
+        ctl.record(sid, "cut_over", {"event": "fence closed", "fence_ms": fence_ms, "fence_steps_ms": steps.ms})
+    except Exception as exc:
+        log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
+    return flip.flipped
+
+
+def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> None:
+    """The shard's two user lists, written at once on their two servers before the window:
+    at the source the users to fence, written while they still write; at the destination
+    the users whose writes are logged (for a rollback) from before the flip: until the
+    directory says so only the migrator writes them there, and its apply sessions are not
+    logged. Written here, neither list costs the window anything. A failure of either
+    reaches the caller once both have ended, so its clean-up finds neither still writing."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lists-{sid}") as pool:
+        at_destination = pool.submit(capture.start_capture, ctx, dst, sid, wait_s=None)
+        capture.stage_fence(src, sid, ctx.control)  # on a failure, leaving the pool still waits for the other
+    at_destination.result()
+
+
+def _resolve_now(ctx: Context, sid: str, exc: BaseException) -> None:
+    """After a failure past the decision: finish the flip (or lift an unheld fence) here,
+    retried on transient errors; if even that fails, the watchdog and the next command do."""
+    try:
+        for attempt in retrying(ctx.spec.retry):
+            with attempt:
+                done = recovery.resolve_shard(ctx, ctx.control.shard(sid))
+        log.warning("shard %s: cutover interrupted (%s); %s", sid, describe(exc), ", ".join(done) or "nothing was due")
+    except Exception as again:
+        log.error("shard %s: cutover interrupted (%s) and not resolved yet (%s)", sid, describe(exc), describe(again))
+
+
+def _compare_changed_so_far(
+    ctx: Context, sid: str, src: str, dst: str, ours: tuple[int, ...], rounds: int = 2
+) -> tuple[int, int]:
+    """Before the fence, while the users still write: catch up, then compare every row
+    changed up to the position reached. A difference on a row changed again since is left
+    for later; any other is a real one, and the cutover stops before anyone is fenced. A
+    second round does the same for the rows changed during the first, so what the fence
+    must still compare (every row changed past the returned position) is what a writer
+    does in about one short round."""
+    settled: tuple[int, int] | None = None
+    upto: tuple[int, int] = (0, 0)
+    for _ in range(rounds):
+        capture.catch_up(ctx, sid, src, dst, "forward", pending_at_most=ctx.spec.changes.catch_up_below, ignore=ours)
+        upto = ctx.control.position(sid, "forward")
+        hooks.point("settled", ctx, sid)
+        diffs = compare_touched(ctx, sid, src, dst, after=settled, upto=upto)
+        if diffs:
+            diffs = not_changed_since(diffs, capture.touched(src, sid, after=upto))
+            if diffs:
+                raise ChecksumMismatch(f"shard {sid}: {len(diffs)} changed row(s) differ before the fence", diffs)
+        settled = upto
+    return upto
+
+
+class Steps:
+    """Milliseconds each step of the fence window took, for the audit trail."""
+
+    def __init__(self, t0: float):
+        self.last = t0
+        self.ms: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = round((now - self.last) * 1000, 1)
+        self.last = now

@@ -1,0 +1,356 @@
+"""Retiring the source copy of a cut-over shard: the point of no return.
+
+Preconditions, checked before anything is touched (`PurgeRefused` or `ChecksumMismatch`
+otherwise): the shard is cut over for at least `purge.after`; the destination verifies
+against the source right now (rows and objects, re-read on both sides); the key of its
+region is available where a table is pseudonymised.
+
+Then, batch by batch (the copy's batches): the users' objects at the source are deleted
+once their destination bytes match the manifest, and in one source transaction every
+table of the graph, children first, loses the users' rows (`delete`) or has the listed
+columns replaced by keyed pseudonyms (`pseudonymise`, see `pseudonym`), or is left as it
+is (`keep`); the transaction also writes the batch's receipt into the source's purge
+ledger, so a batch is purged whole or not at all and a resumed purge starts at the next.
+The migrator's own session passes the guard triggers (`migrator.apply`); the source
+fence stays held, so the database keeps refusing any write that would give a moved user
+rows at the source again.
+
+The shard moves cut_over -> purging (from which rollback is refused) -> purged, with the
+receipts (per table rows deleted and pseudonymised, object keys deleted with a digest of
+the key list, the destination digest checked, times, run id) in the audit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg import sql
+
+from migrator import capture, hooks
+from migrator.control.context import Context
+from migrator.control.state import Phase
+from migrator.control.store import Shard
+from migrator.errors import PurgeRefused, SpecError
+from migrator.evidence import pseudonym
+from migrator.lanes import in_lanes
+from migrator.phases import purge_objects
+from migrator.phases.verify import verify_shard
+from migrator.schema import history
+from migrator.shard import objects
+from migrator.spec import Purge
+from migrator.stores import replica, sqlgen
+from migrator.stores.catalog import Table
+from migrator.stores.postgres import Conn, connect
+
+log = logging.getLogger("migrator.phases.purge")
+
+Progress = Callable[[int, int], None]
+
+
+def settings(ctx: Context) -> Purge:
+    if ctx.spec.purge is None:
+        raise SpecError("the spec has no purge section: say per table what is deleted, kept or pseudonymised")
+    return ctx.spec.purge
+
+
+def check_policy(ctx: Context) -> None:
+    """The purge section against the source's tables: every pseudonymised column exists and
+    has a type a pseudonym can take (exit 2 otherwise, naming the column)."""
+    p = settings(ctx)
+    for name in p.tables:
+        table = ctx.tables[name]
+        for col in p.columns(name):
+            if col not in table.names:
+                raise SpecError(f"purge.tables.{name}: source {ctx.spec.source_region} has no column {col}")
+            why = pseudonym.unsupported(table.column(col).type)
+            if why:
+                raise SpecError(f"purge.tables.{name}.{col}: {why}")
+
+
+def _key(ctx: Context, region: str) -> bytes | None:
+    """The region's pseudonymisation key, or None when no table needs one."""
+    p = settings(ctx)
+    if not any(p.action(t) == "pseudonymise" for t in ctx.tables):
+        return None
+    ref = p.keys.get(region)
+    if ref is None:
+        raise PurgeRefused(f"no pseudonymisation key for region {region}: add purge.keys.{region} to the spec")
+    value = os.environ.get(ref.env, "")
+    if len(value) < 16:
+        raise PurgeRefused(
+            f"the pseudonymisation key for region {region} (environment variable {ref.env}, purge.keys.{region}) "
+            + ("is not set" if not value else "is shorter than 16 characters")
+            + " where this worker runs"
+        )
+    return value.encode()
+
+
+def _due(ctx: Context, sid: str) -> datetime:
+    p = settings(ctx)
+    at = ctx.control.entered(sid, Phase.CUT_OVER)
+    if at is None:
+        raise PurgeRefused(f"shard {sid}: no cutover recorded")
+    due = at.timestamp() + p.after_s
+    if time.time() < due:
+        when = datetime.fromtimestamp(due, UTC).isoformat(timespec="seconds")
+        raise PurgeRefused(
+            f"shard {sid} cut over at {at.isoformat(timespec='seconds')}; its retention "
+            f"(purge.after {p.after}) ends at {when}: nothing purged"
+        )
+    return at
+
+
+def _order(ctx: Context) -> list[Table]:
+    """The graph's tables, children first (the order rows go in)."""
+    return [ctx.tables[n] for n in reversed(list(ctx.tables))]
+
+
+def _pseudonymise(c: Conn, ctx: Context, table: Table, cols: list[str], keys: list[str], key: bytes) -> int:
+    """Replace `cols` of the users' rows of `table` with their pseudonyms; returns rows changed.
+
+    Each column's distinct values come to the worker (a user's address recurs across their
+    logins), are keyed here (the key never reaches the source) and go back as a map in a
+    temporary table that one UPDATE reads."""
+    g, kt, arg = ctx.spec.entity_graph, ctx.key_type, sqlgen.keys_arg(keys)
+    stages: dict[str, str] = {}
+    for i, col in enumerate(cols):
+        values = [v for (v,) in c.execute(sqlgen.distinct_values(g, table, col, kt), arg)]
+        if not values:
+            continue  # no value to replace: NULL stays NULL
+        make = pseudonym.pseudonymiser(key, table.column(col).type)
+        stage = stages[col] = f"rm_pseudonyms_{i}"
+        # v: the value as text; p: its pseudonym, of the column's own type
+        c.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT t.{}::text AS v, t.{} AS p FROM {}.{} AS t WHERE false"
+            ).format(
+                sql.Identifier(stage),
+                sql.Identifier(col),
+                sql.Identifier(col),
+                sql.Identifier(g.schema_),
+                sql.Identifier(table.name),
+            )
+        )
+        with c.cursor().copy(sql.SQL("COPY {} (v, p) FROM STDIN").format(sql.Identifier(stage))) as cp:
+            for v in values:
+                cp.write_row((v, make(v)))
+        c.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (v)").format(sql.Identifier(stage)))
+        c.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(stage)))
+    if not stages:
+        return _count(c, ctx, table, keys)
+    changed = c.execute(sqlgen.replace_values(g, table, stages, kt), arg).rowcount
+    for stage in stages.values():
+        c.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(stage)))
+    return changed
+
+
+def _count(c: Conn, ctx: Context, table: Table, keys: list[str]) -> int:
+    own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
+    return c.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(own.from_, sqlgen.keys_filter(own, ctx.key_type)),
+        sqlgen.keys_arg(keys),
+    ).fetchone()[0]
+
+
+def _purge_rows(
+    c: Conn, ctx: Context, keys: list[str], key: bytes | None, rep: replica.Replica
+) -> dict[str, dict[str, Any]]:
+    p = settings(ctx)
+    out: dict[str, dict[str, Any]] = {}
+    for table in _order(ctx):
+        action = p.action(table.name)
+        replica.set_for(c, rep, table.name)
+        if action == "delete":
+            n = c.execute(sqlgen.delete_keys(ctx.spec.entity_graph, table, ctx.key_type), sqlgen.keys_arg(keys))
+            out[table.name] = {"action": "delete", "rows_deleted": n.rowcount}
+        elif action == "pseudonymise":
+            assert key is not None
+            cols = p.columns(table.name)
+            n_rows = _pseudonymise(c, ctx, table, cols, keys, key)
+            out[table.name] = {"action": "pseudonymise", "rows_pseudonymised": n_rows, "columns": cols}
+        else:
+            out[table.name] = {"action": "keep", "rows_kept": _count(c, ctx, table, keys)}
+    return out
+
+
+def _plan_only(ctx: Context, sid: str) -> dict[str, Any]:
+    """What a purge would delete and pseudonymise, per table, without writing anything."""
+    p = settings(ctx)
+    totals: dict[str, dict[str, Any]] = {}
+    with connect(ctx.source_dsn, autocommit=True) as c:
+        for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
+            for table in _order(ctx):
+                n = _count(c, ctx, table, keys)
+                t = totals.setdefault(table.name, {"action": p.action(table.name), "rows": 0})
+                t["rows"] += n
+                if p.columns(table.name):
+                    t["columns"] = p.columns(table.name)
+    n_objects = sum(len(v) for v in objects.manifest(ctx, sid).values())
+    return {"tables": totals, "objects": n_objects}
+
+
+def preconditions(ctx: Context, sid: str) -> dict[str, Any]:
+    """Everything checked before a purge touches anything; returns what it found."""
+    shard = ctx.control.shard(sid)
+    check_policy(ctx)
+    cut_at = _due(ctx, sid)
+    _key(ctx, shard.region)
+    res = verify_shard(ctx, sid)  # re-reads rows and objects on both sides; raises on a difference
+    return {"cut_over_at": cut_at.isoformat(), "destination_digest": res.digest}
+
+
+def dry_run_shard(ctx: Context, sid: str) -> dict[str, Any]:
+    shard = ctx.control.shard(sid)
+    if shard.state != Phase.CUT_OVER:
+        raise PurgeRefused(f"shard {sid} is {shard.state}; only a cut-over shard can be purged")
+    checked = preconditions(ctx, sid)
+    return {"shard_id": sid, "would_purge": _plan_only(ctx, sid), **checked}
+
+
+def _purge_batch(
+    ctx: Context,
+    sid: str,
+    region: str,
+    b: int,
+    keys: list[str],
+    manifest: list[tuple[str, int, str]],
+    key: bytes | None,
+    rep: replica.Replica,
+) -> dict[str, Any]:
+    """The batch's source objects, then its rows and receipt in one source transaction."""
+    deleted_keys = purge_objects.purge_batch(ctx, sid, region, manifest) if manifest else []
+    with connect(ctx.source_dsn) as c:
+        # one snapshot for the batch: the values keyed are exactly those its UPDATEs replace
+        # (the fence already keeps the users' rows still; a conflict would be a retried
+        # serialization failure, never a value replaced by NULL)
+        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        c.execute(capture.APPLY)
+        c.execute("SET LOCAL lock_timeout = '5s'")
+        tables = _purge_rows(c, ctx, keys, key, rep)
+        receipt = {
+            "tables": tables,
+            "objects_deleted": len(deleted_keys),
+            "objects_digest": purge_objects.keys_digest(deleted_keys),
+        }
+        c.execute(
+            "INSERT INTO migrator.purge_ledger (shard_id, batch_no, receipt) VALUES (%s, %s, %s)",
+            (sid, b, json.dumps(receipt)),
+        )
+    return receipt
+
+
+def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dict[str, Any]:
+    """Purge one cut-over (or partly purged) shard; the caller holds its lock."""
+    ctl = ctx.control
+    shard = ctl.shard(sid)
+    src = ctx.source_dsn
+    if shard.state == Phase.CUT_OVER:
+        checked = preconditions(ctx, sid)
+        ctl.move(sid, Phase.CUT_OVER, Phase.PURGING, {"event": "purge started", **checked})
+    key = _key(ctx, shard.region)
+    history.ensure(src, history.CAPTURE)
+    rep = replica.of(src, ctx.spec.entity_graph, f"source {ctx.spec.source_region}", ctx.spec.copy_.skip_edge_checks)
+    with connect(src, autocommit=True) as c:
+        done = {
+            b: r
+            for b, r in c.execute("SELECT batch_no, receipt FROM migrator.purge_ledger WHERE shard_id = %s", (sid,))
+        }
+    manifest = objects.manifest(ctx, sid)
+    batch_users = ctl.batch_keys(sid, ctx.sort_keys)
+    total = len(batch_users)
+    pause = settings(ctx).batch_pause_s
+    pending = [b for b in sorted(batch_users) if b not in done]
+
+    def one(_: None, b: int) -> dict[str, Any]:
+        receipt = _purge_batch(ctx, sid, shard.region, b, batch_users[b], manifest.get(b, []), key, rep)
+        hooks.point("purged batch", ctx, sid)
+        if pause:
+            time.sleep(pause)  # this lane's pause: the source's own writers go first
+        return receipt
+
+    # Batches hold disjoint users, each purged in its own source transaction with its
+    # receipt: lanes as the copy's.
+    for b, receipt in in_lanes(pending, one, ctx.spec.copy_.workers, "purge"):
+        done[b] = receipt
+        log.info("shard %s: purge batch %d committed (%d/%d)", sid, b, len(done), total)
+        if progress:
+            progress(len(done), total)
+    receipts = _totals(done)
+    capture.finalize(ctx, sid, src, ctx.dsn(shard.region))  # rollback is gone: stop capturing at the destination
+    started = ctl.entered(sid, Phase.PURGING)
+    detail = {
+        "event": "purged",
+        "receipts": receipts,
+        "batches": len(done),
+        "started_at": started.isoformat() if started else None,
+        "finished_at": datetime.now(UTC).isoformat(),
+    }
+    ctl.move(sid, Phase.PURGING, Phase.PURGED, detail)
+    return {"purged": receipts, "batches": len(done)}
+
+
+def _totals(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    tables: dict[str, dict[str, Any]] = {}
+    n_obj = 0
+    digests = []
+    for b in sorted(done):
+        r = done[b]
+        n_obj += r["objects_deleted"]
+        digests.append(r["objects_digest"])
+        for t, v in r["tables"].items():
+            acc = tables.setdefault(t, {k: (0 if isinstance(x, int) else x) for k, x in v.items()})
+            for k, x in v.items():
+                if isinstance(x, int):
+                    acc[k] += x
+
+    return {
+        "tables": tables,
+        "objects_deleted": n_obj,
+        "objects_digest": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+    }
+
+
+def is_due(ctx: Context, sid: str) -> bool:
+    try:
+        _due(ctx, sid)
+        return True
+    except PurgeRefused:
+        return False
+
+
+def select(ctx: Context, wave: str | None, names: list[str] | None, region: str | None) -> list[Shard]:
+    """The shards a purge works on: those named (each then refused or purged, with the
+    reason), or else every shard of any wave whose purge is unfinished or due."""
+    ctl = ctx.control
+    if names:
+        return ctl.resolve(wave, names, region)
+    if not ctl.exists():
+        return []
+    found = ctl.shards(wave=wave, region=region, states=[Phase.CUT_OVER, Phase.PURGING])
+    return [s for s in found if s.state == Phase.PURGING or is_due(ctx, s.shard_id)]
+
+
+def summary(ctx: Context, ids: list[str]) -> dict[str, Any]:
+    """The purge receipts of these shards, added up (from the audit's `purged` rows)."""
+    tables: dict[str, dict[str, int]] = {}
+    out: dict[str, Any] = {"shards_purged": 0, "objects_deleted": 0, "tables": tables}
+    for sid in ids:
+        for row in ctx.control.audit_rows(sid):
+            d = row["detail"]
+            if d.get("event") != "purged":
+                continue
+            out["shards_purged"] += 1
+            out["objects_deleted"] += d["receipts"]["objects_deleted"]
+            for t, v in d["receipts"]["tables"].items():
+                acc = tables.setdefault(t, {})
+                for k, x in v.items():
+                    if isinstance(x, int):
+                        acc[k] = acc.get(k, 0) + x
+    return out

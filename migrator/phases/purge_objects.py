@@ -1,0 +1,70 @@
+"""Purging a shard's objects at the source: each key deleted (every version, in a versioned
+bucket) only after the destination's bytes are checked against the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+from migrator.control.context import Context
+from migrator.errors import ChecksumMismatch, retrying
+from migrator.shard.objects import settings, stores
+from migrator.stores import s3
+
+
+def keys_digest(keys: list[str]) -> str:
+    """The SHA-256 of a sorted key list, one key per line: a receipt that names no key."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, int, str]]) -> list[str]:
+    """Check the destination copy of each manifest entry (key, size, SHA-256), then delete
+    the key's every version at the source; returns the keys deleted. Deleting a key that is
+    already gone is a no-op, so a rerun after a kill finishes the batch."""
+    if not entries:
+        return []
+    o = settings(ctx)
+    src, src_c, dst, dst_c = stores(ctx, region)
+    part = o.part_size_mb * 2**20
+    with ThreadPoolExecutor(o.threads) as pool:
+        got = list(pool.map(lambda e: s3.content_sha256(dst_c, dst.bucket, e[0], part), entries))
+    bad = [
+        {"object": k, "problem": "missing at destination" if g is None else "different at destination"}
+        for (k, n, h), g in zip(entries, got)
+        if g is None or g != (n, h)
+    ]
+    if bad:
+        raise ChecksumMismatch(
+            f"shard {sid}: {len(bad)} object(s) at destination {region} no longer match the manifest "
+            f"(first: {bad[0]['object']!r}, {bad[0]['problem']}); nothing of them was purged",
+            bad,
+        )
+
+    # A bucket that never had versioning holds one version per key; otherwise every version
+    # (and delete marker) of the key goes. The listings run side by side; the deletes go
+    # in DeleteObjects requests, a thousand at a time.
+    versioned = src_c.get_bucket_versioning(Bucket=src.bucket).get("Status") in ("Enabled", "Suspended")
+    keys = [k for k, _, _ in entries]
+    targets: list[dict[str, str]] = [{"Key": k} for k in keys]
+    if versioned:
+        with ThreadPoolExecutor(o.threads) as pool:
+            targets = [t for found in pool.map(lambda k: _versions(ctx, src_c, src.bucket, k), keys) for t in found]
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            s3.delete_keys(src_c, src.bucket, targets)
+    return keys
+
+
+def _versions(ctx: Context, c, bucket: str, key: str) -> list[dict[str, str]]:
+    """Every version and delete marker of exactly this key (a listing by prefix also
+    finds longer keys that start with it). Retried on its own: an endpoint may answer a
+    listing with a 5xx while another batch's deletes change the bucket."""
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            found = []
+            for page in c.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
+                for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                    if v["Key"] == key:
+                        found.append({"Key": key, "VersionId": v["VersionId"]})
+            return found
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,157 @@
+"""Undoes a shard from any phase; running it twice is harmless.
+
+Before cutover it removes exactly the shard's users' rows from the destination (children
+first, one transaction per batch, each with its ledger row). After cutover it first
+flips the directory back to the source (epoch + 1, in the same transaction as the move to
+rolling_back), so no user is ever homed where their rows are being deleted.
+"""
+
+from __future__ import annotations
+
+import time
+
+from migrator import capture, hooks
+from migrator.capture import recovery
+from migrator.capture.watchdog import watching
+from migrator.control import directory
+from migrator.control.context import Context
+from migrator.control.state import Phase
+from migrator.errors import ChecksumMismatch, StateConflict, retrying
+from migrator.lanes import in_lanes
+from migrator.phases import rollback_objects
+from migrator.schema import history
+from migrator.shard.compare import compare_touched
+from migrator.stores import replica, sqlgen
+from migrator.stores.postgres import bounded, connect
+
+
+def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
+    """Fence the destination, carry every destination write since cutover back to the
+    source and verify; ends with the decision to roll back (the destination fence held),
+    before the directory flips back: a rollback loses nothing."""
+    deadline = time.monotonic() + max(ctx.spec.changes.fence_window_s, 30.0)
+    try:
+        capture.stage_fence(dst, sid, ctx.control)
+        with bounded(deadline):
+            capture.fence(dst, sid, deadline)
+            n = capture.catch_up(ctx, sid, dst, src, "reverse", deadline=deadline)
+            diffs = compare_touched(ctx, sid, dst, dst)
+            if diffs:
+                raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ after carrying writes back", diffs)
+            if time.monotonic() > deadline:
+                raise TimeoutError("rollback's fence window exceeded")
+            capture.hold_fence(dst, sid)  # until the rows are gone from the destination
+        return n
+    except BaseException:
+        capture.lift(dst, sid)  # the shard stays cut over and writable at its new home
+        raise
+
+
+def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int, int]:
+    """Carry the writes back, then flip the directory back and lift the source fence; a
+    failure after the decision is finished by recovery. (changes carried, users flipped)"""
+    src, dst = ctx.source_dsn, ctx.dsn(region)
+    ctx.control.record(sid, Phase.CUT_OVER.value, {"event": recovery.ROLLBACK_REQUESTED, "reason": reason})
+    with watching(ctx, sid):
+        carried = _carry_back(ctx, sid, src, dst)
+        try:
+            hooks.point("rollback held", ctx, sid)
+            flipped = directory.flip_back(
+                ctx,
+                sid,
+                Phase.CUT_OVER,
+                region,
+                {"event": "rollback started", "reason": reason, "changes_carried_back": carried},
+            )
+            capture.lift(src, sid)  # the users are homed at the source again: let them write there
+        except BaseException:
+            for attempt in retrying(ctx.spec.retry):
+                with attempt:
+                    recovery.resolve_shard(ctx, ctx.control.shard(sid))
+            raise
+    return carried, flipped
+
+
+def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str], rep: replica.Replica) -> dict[str, int]:
+    """Remove one batch's rows from the destination, children first, with its ledger row."""
+    graph, kt = ctx.spec.entity_graph, ctx.key_type
+    for attempt in retrying(ctx.spec.retry):
+        with attempt, connect(dst, keyed=True) as c:
+            c.execute(capture.APPLY)  # through the destination's fence
+            counts = {}
+            # Only batches this tool wrote (their ledger row) are removed: rows that were
+            # there before, which the copy refused as a conflict, are not the shard's.
+            ours = c.execute(
+                "DELETE FROM migrator.batch_ledger WHERE shard_id = %s AND batch_no = %s RETURNING 1", (sid, b)
+            ).fetchone()
+            if ours:
+                for name in reversed(list(ctx.tables)):
+                    replica.set_for(c, rep, name)
+                    counts[name] = c.execute(
+                        sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
+                    ).rowcount
+    return counts
+
+
+def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
+    ctl = ctx.control
+    shard = ctl.shard(sid)
+    if shard.state == Phase.ROLLED_BACK:
+        return {"shard_id": sid, "already": True, "deleted": {}}
+    flipped = carried = 0
+    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
+    if shard.state == Phase.CUT_OVER and ctx.spec.changes.capture:
+        if any(a["detail"].get("event") == "finalized" for a in ctl.audit_rows(sid)):
+            raise StateConflict(
+                f"shard {sid} was finalized: writes at its new home are no longer captured, "
+                "so a rollback could lose them"
+            )
+        carried, flipped = _undo_cutover(ctx, sid, shard.region, reason)
+    else:
+        flipped = directory.flip_back(
+            ctx, sid, shard.state, shard.region, {"event": "rollback started", "reason": reason}
+        )
+    capture.lift(src, sid)  # the users are homed at the source again: let them write there
+    deleted = {t: 0 for t in ctx.tables}
+    for attempt in retrying(ctx.spec.retry):
+        with attempt:
+            history.ensure(dst, history.LEDGER)
+            rep = replica.of(dst, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
+    removed_objects = rollback_objects.rollback(ctx, sid, shard.region)
+    batch_users = ctl.batch_keys(sid, ctx.sort_keys)  # one batch's keys at a time
+    # Batches hold disjoint users, each deleted in its own transaction: lanes as the copy's.
+    for _, counts in in_lanes(
+        batch_users,
+        lambda _, b: _delete_batch(ctx, sid, dst, b, batch_users[b], rep),
+        ctx.spec.copy_.workers,
+        "rollback",
+    ):
+        for t, n in counts.items():
+            deleted[t] += n
+    for dsn in (src, dst):
+        capture.stop_capture(ctx, dsn, sid, fence_too=True)
+    with ctl.connect() as c:
+        ctl.clear_checkpoints(c, sid)
+        ctl.clear_positions(c, sid)
+        held = ctl.hold(c, sid, reason)
+        ctl.transition(
+            c,
+            sid,
+            Phase.ROLLING_BACK,
+            Phase.ROLLED_BACK,
+            {
+                "event": "rolled back",
+                "reason": reason,
+                "deleted": deleted,
+                "objects_deleted": removed_objects,
+                "users_held": held,
+            },
+            digest=None,
+        )
+    return {
+        "shard_id": sid,
+        "already": False,
+        "deleted": deleted,
+        "objects_deleted": removed_objects,
+        "directory_flipped_back": flipped,
+    }

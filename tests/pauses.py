@@ -1,0 +1,23 @@
+"""The pause points the tests put into the processes they start (`migrator.hooks`): at the
+point MIGRATOR_PAUSE_AT names, write an audit row that says so (what a test waits for;
+none inside a store's transaction, where the point passes no context) and stop for
+MIGRATOR_PAUSE_S seconds, so the test can kill the process there or change a store under it.
+
+conftest.py sets MIGRATOR_HOOKS to `pause` for the whole session, so every command, Airflow
+process and worker the tests start carries it."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+HOOK = "tests.pauses:pause"
+
+
+def pause(name: str, ctx: Any, sid: str | None) -> None:
+    if os.environ.get("MIGRATOR_PAUSE_AT") != name:
+        return
+    if ctx is not None and sid is not None:
+        ctx.control.record(sid, None, {"event": f"paused at {name}"})
+    time.sleep(float(os.environ.get("MIGRATOR_PAUSE_S", "60")))
