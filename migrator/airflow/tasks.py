@@ -149,21 +149,10 @@ def named_phase(
 
 
 def rollback_if_terminal(spec: Spec, run_id: str, shard_id: str, reason: str) -> dict[str, Any]:
-    """The DAG's automatic rollback: only a shard that failed for good (state `failed`) is
-    rolled back; one that a transient outage stopped keeps its checkpoint and resumes when
-    its failed task is cleared."""
-    ctx = Context(spec, run_id)
-    state = ctx.control.shard(shard_id).state
-    if state != Phase.FAILED:
-        return {
-            "shard_id": shard_id,
-            "phase": "rollback",
-            "state": state.value,
-            "ran": False,
-            "skipped": f"{state}: not failed for good, so it resumes rather than rolls back "
-            "(clear its failed task to resume it)",
-        }
-    return phase(spec, run_id, shard_id, "rollback", reason)
+    """The DAG's automatic rollback (`rollback_failed`): the dispatcher rolls back only a
+    shard that failed for good; one that a transient outage stopped is skipped, and resumes
+    from its checkpoint when its failed task is cleared."""
+    return phase(spec, run_id, shard_id, "rollback_failed", reason)
 
 
 def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
@@ -177,7 +166,7 @@ def approval_summary(spec: Spec, shard_id: str) -> str:
     digest its last verify compared on both sides. Counts and digests only, no user data."""
     ctx = Context(spec, "approval")
     shard = ctx.control.shard(shard_id)
-    last = _last_verify(ctx, shard_id)
+    last = shard.last_verify or {}
     rows = last.get("rows") or {}
     lines = [
         f"**Shard {shard.name}** ({shard_id}): {shard.users} users to **{shard.region}**, state `{shard.state.value}`.",
@@ -194,35 +183,23 @@ def approval_summary(spec: Spec, shard_id: str) -> str:
     return "\n".join(lines)
 
 
-def _last_verify(ctx: Context, shard_id: str) -> dict[str, Any]:
-    """The audit detail of the shard's last verify ({} if none)."""
-    rows = ctx.control.audit_rows(shard_id)
-    return next((a["detail"] for a in reversed(rows) if a["detail"].get("event") == "verify"), {})
-
-
 APPROVED, REJECTED = "cutover approved", "cutover rejected"
 
 
 def cutover_answer(spec: Spec, run_id: str, shard_id: str) -> dict[str, Any] | None:
-    """The approver's answer to the shard's cutover in this run, as recorded since its last
-    verify (a new verify asks again), or None: what a retried cutover task acts on without
-    asking again."""
-    answer = None
-    for a in Context(spec, run_id).control.audit_rows(shard_id):
-        event = a["detail"].get("event")
-        if event == "verify":
-            answer = None
-        elif event in (APPROVED, REJECTED) and a["run_id"] == run_id:
-            answer = a["detail"]
-    return answer
+    """The approver's answer to the shard's cutover in this run since its last verify (a new
+    verify asks again), or None: what a retried cutover task acts on without asking again."""
+    answer = Context(spec, run_id).control.shard(shard_id).approval
+    return answer if answer is not None and answer.get("run_id") == run_id else None
 
 
 def answer_cutover(spec: Spec, run_id: str, shard_id: str, approved: bool, who: str, reason: str) -> dict[str, Any]:
-    """An approver's answer: recorded first (with the digest they were shown), then acted on."""
+    """An approver's answer: kept by the state machine first (with the digest they were
+    shown), then acted on."""
     ctx = Context(spec, run_id)
-    shown = _last_verify(ctx, shard_id).get("digest")
+    shown = (ctx.control.shard(shard_id).last_verify or {}).get("digest")
     answer = {"event": APPROVED if approved else REJECTED, "by": who, "reason": reason, "digest": shown}
-    ctx.control.record(shard_id, None, answer)
+    ctx.control.keep(shard_id, answer, approval={**answer, "run_id": run_id})
     return act_on_answer(spec, run_id, shard_id, answer)
 
 
@@ -277,7 +254,7 @@ def purge_select(spec: Spec, run_id: str, wave: str | None, names: list[str] | N
 def purge_one(spec: Spec, run_id: str, shard_id: str, dry_run: bool) -> dict[str, Any]:
     """One shard's purge (or, in a dry run, what it would delete and pseudonymise)."""
     if dry_run:
-        return purge.dry_run_shard(Context(spec, run_id), shard_id)
+        return dispatch.dry_run(Context(spec, run_id), shard_id, "purge")
     return phase(spec, run_id, shard_id, "purge")
 
 

@@ -71,13 +71,6 @@ def _audit(ctx: Context, sid: str, state: Phase, event: str, **detail: object) -
     log.warning("shard %s: %s (recovery)", sid, event)
 
 
-def _rollback_reason(ctx: Context, sid: str) -> str:
-    for row in reversed(ctx.control.audit_rows(sid)):
-        if row["detail"].get("event") == ROLLBACK_REQUESTED:
-            return str(row["detail"].get("reason") or "")
-    return ""
-
-
 def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
     """Do what is due for one shard (the caller holds its lock); returns what was done."""
     if not ctx.spec.changes.capture:
@@ -110,7 +103,7 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
     if state == Phase.CUT_OVER:
         d = capture.fences(dst, sid).get(sid)
         if d == capture.HELD:
-            reason = _rollback_reason(ctx, sid)
+            reason = ctl.shard(sid).rollback_reason or ""
             directory.flip_back(
                 ctx,
                 sid,

@@ -1,5 +1,6 @@
-"""The control database: shard state, checkpoints, shard membership, the ownership
-directory and the audit trail.
+"""The control database: each shard's state and what the state machine keeps beside it,
+its moves and the audit rows that record them, and the locks of the workers on it (its
+members and checkpoints are `membership`'s part of `Control`).
 
 Every change of a shard's phase is one compare-and-set (`UPDATE ... WHERE state = ANY(
 expected)`) committed together with its audit row. A worker also holds a session advisory
@@ -10,27 +11,29 @@ killed worker's lock dies with its connection, letting a rerun resume immediatel
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import dict_row
 
+from migrator.control.membership import Membership, ridden_out
 from migrator.control.state import Phase, allowed
 from migrator.errors import ShardBusy, SpecError, StateConflict, riding_out
 from migrator.schema import history
-from migrator.stores.postgres import Conn, connect, pipe
+from migrator.stores.postgres import Conn, connect
 
 SCHEMA = history.SCHEMA
 
 
-@dataclass
+@dataclass(frozen=True)
 class Shard:
+    """A shard as the control database keeps it: its state, and what the state machine keeps
+    beside it (the phases read these, never the audit rows)."""
+
     shard_id: str
     wave: str
     name: str
@@ -43,6 +46,15 @@ class Shard:
     plan: dict
     digest: str | None
     error: str | None
+    state_since: datetime | None = None  # when it entered `state`
+    finalized_at: datetime | None = None  # its capture removed by cleanup: no rollback after it
+    rollback_reason: str | None = None  # the reason of the rollback asked for
+    last_verify: dict | None = None  # its last verify's outcome (matched, digest, rows, differences)
+    approval: dict | None = None  # the answer to its cutover since that verify, with the run's id
+
+    @property
+    def finalized(self) -> bool:
+        return self.finalized_at is not None
 
     @classmethod
     def from_row(cls, r: dict) -> Shard:
@@ -59,57 +71,19 @@ class Shard:
             r["plan"] or {},
             r["digest"],
             r["error"],
+            r.get("state_since"),
+            r.get("finalized_at"),
+            r.get("rollback_reason"),
+            r.get("last_verify"),
+            r.get("approval"),
         )
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    """What one committed batch wrote: its last user key, rows per table and the digest of
-    the bytes streamed (a checkpoint in the control database, a ledger row at the destination)."""
-
-    last_key: str
-    rows: dict[str, int]
-    digest: str
-
-
-class ShardBatches(Mapping[int, list[str]]):
-    """A shard's batches by number (0 .. batches - 1). A batch's keys are read from the
-    control database when it is asked for, so the row phases never hold a whole shard's keys."""
-
-    def __init__(self, ctl: Control, sid: str, count: int, sort: Callable[[list[str]], list[str]]):
-        self._ctl, self._sid, self._count, self._sort = ctl, sid, count, sort
-
-    def __getitem__(self, b: int) -> list[str]:
-        if not isinstance(b, int) or not 0 <= b < self._count:
-            raise KeyError(b)
-        return self._sort(self._ctl.batch(self._sid, b))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self._count))
-
-    def __len__(self) -> int:
-        return self._count
 
 
 def shard_id(wave: str, name: str) -> str:
     return f"{wave}/{name}"
 
 
-def _ridden_out(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Retry a Control method (one transaction of its own) through a transient outage of
-    the control database, for up to its `outage_s`."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Control, *args: Any, **kwargs: Any) -> Any:
-        for attempt in riding_out(self.outage_s):
-            with attempt:
-                return fn(self, *args, **kwargs)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    return wrapper
-
-
-class Control:
+class Control(Membership):
     def __init__(self, dsn: str, run_id: str, outage_s: float = 60.0):
         self.dsn = dsn
         self.run_id = run_id
@@ -127,26 +101,26 @@ class Control:
                 return connect(self.dsn, autocommit=autocommit)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @_ridden_out
+    @ridden_out
     def record(self, sid: str | None, state: str | None, detail: dict) -> None:
         """An audit row of its own (no move of the shard's state)."""
         with self.connect() as c:
             self.audit(c, sid, state, state, detail)
 
     # --- schema -----------------------------------------------------------------------
-    @_ridden_out
+    @ridden_out
     def exists(self) -> bool:
         with connect(self.dsn, autocommit=True) as c:  # looks, creates nothing
             return c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.meta",)).fetchone()[0]
 
-    @_ridden_out
+    @ridden_out
     def ensure(self) -> None:
         """The control tables at the head of their schema history (`migrator.schema`)."""
         history.ensure(self.dsn, history.CONTROL)
         self._current = True
 
     # --- shards -----------------------------------------------------------------------
-    @_ridden_out
+    @ridden_out
     def shards(
         self,
         wave: str | None = None,
@@ -172,13 +146,16 @@ class Control:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             return [Shard.from_row(r) for r in cur.execute(q + " ORDER BY wave, region, idx", args).fetchall()]
 
-    @_ridden_out
+    @ridden_out
     def shard(self, sid: str) -> Shard:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             r = cur.execute(f"SELECT * FROM {SCHEMA}.shard WHERE shard_id = %s", (sid,)).fetchone()
         if r is None:
             raise StateConflict(f"shard {sid} does not exist")
         return Shard.from_row(r)
+
+    def batches_of(self, sid: str) -> int:
+        return self.shard(sid).batches
 
     def transition(
         self,
@@ -196,13 +173,14 @@ class Control:
             raise StateConflict(f"shard {sid}: a move to {to} is not allowed from {expected}")
         sets = ", ".join(f"{k} = %s" for k in fields)
         q = (
-            f"UPDATE {SCHEMA}.shard SET state = %s, version = version + 1, updated_at = now()"
+            f"UPDATE {SCHEMA}.shard SET state = %s, version = version + 1, updated_at = now(), "
+            "state_since = CASE WHEN state = %s THEN state_since ELSE now() END"
             + (f", {sets}" if sets else "")
             + " WHERE shard_id = %s AND state = ANY(%s)"
             + f" RETURNING (SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s)"
         )
-        vals = [json.dumps(v) if isinstance(v, dict) else v for v in fields.values()]
-        row = conn.execute(q, [to.value, *vals, sid, [e.value for e in exp], sid]).fetchone()
+        vals = [json.dumps(v, default=str) if isinstance(v, dict) else v for v in fields.values()]
+        row = conn.execute(q, [to.value, to.value, *vals, sid, [e.value for e in exp], sid]).fetchone()
         if row is None:
             cur = conn.execute(f"SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s", (sid,)).fetchone()
             now = cur[0] if cur else "absent"
@@ -210,7 +188,22 @@ class Control:
         self.audit(conn, sid, row[0], to.value, detail or {})
         return Phase(row[0])
 
-    @_ridden_out
+    @ridden_out
+    def keep(self, sid: str, detail: dict, **fields: Any) -> None:
+        """Fields the state machine keeps beside the state, set without a move, with the audit
+        row that records it (one transaction)."""
+        sets = ", ".join(f"{k} = %s" for k in fields)
+        vals = [json.dumps(v, default=str) if isinstance(v, dict) else v for v in fields.values()]
+        with self.connect() as c:
+            row = c.execute(
+                f"UPDATE {SCHEMA}.shard SET {sets}, updated_at = now() WHERE shard_id = %s RETURNING state",
+                [*vals, sid],
+            ).fetchone()
+            if row is None:
+                raise StateConflict(f"shard {sid} does not exist")
+            self.audit(c, sid, row[0], row[0], detail)
+
+    @ridden_out
     def move(
         self, sid: str, expected: Phase | Iterable[Phase], to: Phase, detail: dict | None = None, **fields: Any
     ) -> Phase:
@@ -270,129 +263,16 @@ class Control:
                 )
         return found
 
-    def hold(self, conn: Conn, sid: str, reason: str) -> int:
-        """Hold the shard's users (in the caller's transaction); how many."""
-        return conn.execute(
-            f"INSERT INTO {SCHEMA}.held_users (user_key, shard_id, reason) SELECT user_key, shard_id, %s "
-            f"FROM {SCHEMA}.shard_user WHERE shard_id = %s "
-            "ON CONFLICT (user_key) DO UPDATE SET shard_id = EXCLUDED.shard_id, reason = EXCLUDED.reason, at = now()",
-            (reason or "rolled back", sid),
-        ).rowcount
-
-    @_ridden_out
-    def held(self, sid: str) -> tuple[int, str | None]:
-        """(users held, reason) of the shard."""
-        with self.connect(autocommit=True) as c:
-            n, reason = c.execute(
-                f"SELECT count(*), max(reason) FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)
-            ).fetchone()
-        return n, reason
-
-    def release(self, conn: Conn, sid: str) -> int:
-        return conn.execute(f"DELETE FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)).rowcount
-
-    @_ridden_out
-    def superseded_by(self, sid: str) -> list[str]:
-        """Live shards of other waves that now hold this (rolled-back, released) shard's users."""
-        with self.connect(autocommit=True) as c:
-            return [
-                r[0]
-                for r in c.execute(
-                    f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
-                    "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
-                    f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
-                    "WHERE su.shard_id = %s AND s.state <> %s ORDER BY 1",
-                    (sid, Phase.ROLLED_BACK.value),
-                )
-            ]
-
-    # --- membership and checkpoints ---------------------------------------------------
-    def batch_keys(self, sid: str, sort: Callable[[list[str]], list[str]] = sorted) -> ShardBatches:
-        """The shard's batches by number; each batch's keys are read when asked for."""
-        return ShardBatches(self, sid, self.shard(sid).batches, sort)
-
-    @_ridden_out
-    def batch(self, sid: str, b: int) -> list[str]:
-        with self.connect(autocommit=True) as c:
-            return [
-                k
-                for (k,) in c.execute(
-                    f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s AND batch_no = %s", (sid, b)
-                )
-            ]
-
-    def send_members(self, sid: str, into: Conn, table: str) -> int:
-        """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`."""
-        with self.connect() as c:
-            return pipe(
-                c,
-                f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user WHERE shard_id = %s) TO STDOUT",
-                (sid,),
-                into,
-                sql.SQL("COPY {} (k, b) FROM STDIN").format(sql.Identifier(table)),
-            )
-
-    @_ridden_out
-    def checkpoints(self, sid: str) -> dict[int, BatchRecord]:
-        with self.connect(autocommit=True) as c:
-            rows = c.execute(
-                f"SELECT batch_no, last_key, rows, digest FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,)
-            ).fetchall()
-        return {b: BatchRecord(k, r, d) for b, k, r, d in rows}
-
-    @_ridden_out
-    def save_checkpoint(self, sid: str, batch_no: int, rec: BatchRecord) -> None:
-        with self.connect() as c:
-            c.execute(
-                f"INSERT INTO {SCHEMA}.checkpoint (shard_id, batch_no, last_key, rows, digest) "
-                "VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT (shard_id, batch_no) DO UPDATE SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows, "
-                "digest = EXCLUDED.digest, at = now()",
-                (sid, batch_no, rec.last_key, json.dumps(rec.rows), rec.digest),
-            )
-
-    def clear_checkpoints(self, conn: Conn, sid: str) -> None:
-        conn.execute(f"DELETE FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,))
-
-    @_ridden_out
-    def position(self, sid: str, direction: str) -> tuple[int, int]:
-        """(horizon, last id) of the shard's catch-up in `direction`; (0, 0) before the first pass."""
-        with self.connect(autocommit=True) as c:
-            r = c.execute(
-                f"SELECT horizon, last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
-                (sid, direction),
-            ).fetchone()
-        return (r[0], r[1]) if r else (0, 0)
-
-    @_ridden_out
-    def set_position(self, sid: str, direction: str, pos: tuple[int, int]) -> None:
-        with self.connect() as c:
-            c.execute(
-                f"INSERT INTO {SCHEMA}.capture_pos (shard_id, direction, horizon, last_id) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (shard_id, direction) "
-                "DO UPDATE SET horizon = EXCLUDED.horizon, last_id = EXCLUDED.last_id",
-                (sid, direction, *pos),
-            )
-
-    def clear_positions(self, conn: Conn, sid: str) -> None:
-        conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))
-
-    # --- directory --------------------------------------------------------------------
-    @_ridden_out
-    def entered(self, sid: str, state: Phase) -> datetime | None:
-        """When the shard last moved into `state` (from another state), from the audit."""
-        with self.connect(autocommit=True) as c:
-            return c.execute(
-                f"SELECT max(at) FROM {SCHEMA}.audit WHERE shard_id = %s AND to_state = %s "
-                "AND from_state IS DISTINCT FROM to_state",
-                (sid, state.value),
-            ).fetchone()[0]
-
     def purge_started(self, sid: str) -> str:
-        at = self.entered(sid, Phase.PURGING)
-        return at.isoformat(timespec="seconds") if at else "at an unrecorded time"
+        """When the shard's purge started: its state's own time while purging, before the
+        time it was purged once it is."""
+        shard = self.shard(sid)
+        if shard.state not in (Phase.PURGING, Phase.PURGED) or shard.state_since is None:
+            return "at an unrecorded time"
+        at = shard.state_since.isoformat(timespec="seconds")
+        return at if shard.state == Phase.PURGING else f"before {at}, when it was purged"
 
-    @_ridden_out
+    @ridden_out
     def audit_rows(self, sid: str | None = None) -> list[dict]:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             if sid:

@@ -1,7 +1,10 @@
 """The one place that says whether a phase runs for a shard, and what a failure means.
 
-`decide(state, phase)` answers run, skip (the phase's work is already done, and the
-answer says so) or refuse (with the state and the next step). The command line, the
+`decide(state, phase)` answers run, skip (the phase's work is already done, or there is
+none for it, and the answer says so) or refuse (with the state and the next step), from
+the shard's state and what the state machine keeps beside it (`finalized`); nothing else
+gates a phase. A dry run asks the same question, then the phase's dry implementation
+(`DRY_RUNS`) says what it would do, writing nothing. The command line, the
 engine's `run` and every Airflow task go through `run_phase`/`advance`, which take the
 shard's lock, resolve what a killed cutover or rollback left unfinished (`recovery`), ask
 `decide`, run the phase, and classify a failure once:
@@ -27,6 +30,7 @@ from migrator.capture import recovery
 from migrator.control import holds
 from migrator.control.context import Context
 from migrator.control.state import MOVED, Phase, allowed
+from migrator.control.store import Shard
 from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError, StateConflict, describe, is_transient, retrying
 from migrator.evidence import chain
 from migrator.evidence import manifest as evidence
@@ -34,6 +38,7 @@ from migrator.phases.cleanup import cleanup_shard
 from migrator.phases.copy import copy_shard
 from migrator.phases.cutover import FenceWindowExceeded, cutover_shard
 from migrator.phases.purge import purge_shard
+from migrator.phases.purge import would_purge as purge_preview
 from migrator.phases.rollback import rollback_shard
 from migrator.phases.verify import verify_shard
 
@@ -48,7 +53,9 @@ class Verdict(StrEnum):
     REFUSE = "refuse"
 
 
-PHASES = ("copy", "verify", "recheck", "cutover", "rollback", "cleanup", "release", "retry", "purge")
+PHASES = (
+    "copy", "verify", "recheck", "cutover", "rollback", "rollback_failed", "cleanup", "release", "retry", "purge"
+)  # fmt: skip
 # The states each phase runs from, and those in which its work is already done.
 RUNS: dict[str, frozenset[Phase]] = {
     "copy": frozenset({P.PLANNED, P.COPYING, P.FAILED}),
@@ -56,6 +63,9 @@ RUNS: dict[str, frozenset[Phase]] = {
     "recheck": frozenset({P.VERIFIED, P.CUT_OVER}),
     "cutover": frozenset({P.VERIFIED}),
     "rollback": frozenset(set(P) - {P.ROLLED_BACK, P.PURGING, P.PURGED}),
+    # the DAG's automatic rollback: only a shard that failed for good; one that a transient
+    # outage stopped keeps its checkpoint and resumes when its task is cleared
+    "rollback_failed": frozenset({P.FAILED}),
     "cleanup": frozenset({P.CUT_OVER, P.ROLLED_BACK}),
     "release": frozenset({P.ROLLED_BACK}),
     "retry": frozenset({P.ROLLED_BACK}),
@@ -66,6 +76,7 @@ DONE: dict[str, frozenset[Phase]] = {
     "verify": frozenset({P.VERIFIED, *MOVED}),
     "cutover": frozenset(MOVED),
     "rollback": frozenset({P.ROLLED_BACK}),
+    "rollback_failed": frozenset(set(P) - {P.FAILED}),
     "cleanup": frozenset({P.PURGED}),
     "purge": frozenset({P.PURGED}),
 }
@@ -90,21 +101,64 @@ class Decision:
     why: str
 
 
-def decide(state: Phase, phase: str) -> Decision:
+FINALIZED = (
+    "is cut_over and was finalized: writes at its new home are no longer captured, so a rollback could lose "
+    "them; next: none (moving its users back is a new migration from their region)"
+)
+
+
+SUPERSEDED = "superseded"
+
+
+def decide(state: Phase, phase: str, finalized: bool = False, superseded: bool = False) -> Decision:
+    """The answer for a shard in `state`: `finalized` when cleanup removed its capture,
+    `superseded` when a rolled-back shard's users were released and a later wave took them."""
     if phase not in RUNS:
         raise ValueError(f"unknown phase {phase!r}")
+    if superseded and state == P.ROLLED_BACK and phase in FORWARD:
+        return Decision(Verdict.SKIP, f"{SUPERSEDED}: its users were released and a later wave moves them")
+    if finalized and state == P.CUT_OVER:
+        if phase in ("rollback", "rollback_failed"):
+            return Decision(Verdict.REFUSE, FINALIZED)
+        if phase == "cleanup":
+            return Decision(Verdict.SKIP, "already finalized: nothing to cleanup")
     if state in RUNS[phase]:
         return Decision(Verdict.RUN, f"{phase} runs on a {state} shard")
     if state in DONE.get(phase, frozenset()):
+        if phase == "rollback_failed":
+            return Decision(
+                Verdict.SKIP,
+                f"{state}: not failed for good, so it resumes rather than rolls back "
+                "(clear its failed task to resume it)",
+            )
         return Decision(Verdict.SKIP, f"already {state}: nothing to {phase}")
     return Decision(Verdict.REFUSE, f"is {state}, so it cannot {phase}; next: {NEXT_STEP[state]}")
 
 
+def decision(ctx: Context, shard: Shard, phase: str) -> Decision:
+    """`decide` for the shard as the control database keeps it."""
+    finalized = shard.finalized and ctx.spec.changes.capture  # without capture, cleanup removes nothing
+    superseded = shard.state == P.ROLLED_BACK and phase in FORWARD and bool(ctx.control.superseded_by(shard.shard_id))
+    return decide(shard.state, phase, finalized, superseded)
+
+
 def preview(ctx: Context, sid: str, phase: str) -> dict[str, Any]:
-    """What `run_phase` would do now (a dry run): the shard's state and the decision."""
-    state = ctx.control.shard(sid).state
-    d = decide(state, phase)
-    return {"shard_id": sid, "phase": phase, "state": state.value, "would": d.verdict.value, "why": d.why}
+    """What `run_phase` would do now: the shard's state and the decision."""
+    shard = ctx.control.shard(sid)
+    d = decision(ctx, shard, phase)
+    return {"shard_id": sid, "phase": phase, "state": shard.state.value, "would": d.verdict.value, "why": d.why}
+
+
+def dry_run(ctx: Context, sid: str, phase: str) -> dict[str, Any]:
+    """The decision, then (where it runs) the phase's dry implementation: what it would do,
+    with nothing written. A refusal raises as `run_phase` would."""
+    shard = ctx.control.shard(sid)
+    d = decision(ctx, shard, phase)
+    if d.verdict == Verdict.REFUSE:
+        raise StateConflict(f"shard {sid} {d.why}")
+    if d.verdict == Verdict.SKIP or phase not in DRY_RUNS:
+        return preview(ctx, sid, phase)
+    return DRY_RUNS[phase](ctx, sid)
 
 
 @dataclass
@@ -168,11 +222,14 @@ RUNNERS: dict[str, Callable[[Context, str, str, Progress | None], dict[str, Any]
     "recheck": _verify,
     "cutover": _cutover,
     "rollback": _rollback,
+    "rollback_failed": _rollback,
     "cleanup": _cleanup,
     "release": _release,
     "retry": _retry,
     "purge": _purge,
 }
+# Each phase's second implementation: what it would do, writing nothing.
+DRY_RUNS: dict[str, Callable[[Context, str], dict[str, Any]]] = {"purge": purge_preview}
 
 
 def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> None:
@@ -209,8 +266,9 @@ def step(ctx: Context, sid: str, phase: str, reason: str = "", progress: Progres
 
 
 def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | None) -> Result:
-    state = ctx.control.shard(sid).state
-    d = decide(state, phase)
+    shard = ctx.control.shard(sid)
+    state = shard.state
+    d = decision(ctx, shard, phase)
     if d.verdict == Verdict.SKIP:
         if phase in EVIDENT:
             _keep_owed_evidence(ctx, sid, state)
@@ -225,9 +283,10 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
         record_failure(ctx, sid, phase, exc)
         raise
     shard = ctx.control.shard(sid)
-    if phase in EVIDENT:
+    event = "rollback" if phase == "rollback_failed" else phase
+    if event in EVIDENT:
         hooks.point("moved", ctx, sid)
-        _keep_evidence(ctx, sid, shard.region, shard.state, phase)
+        _keep_evidence(ctx, sid, shard.region, shard.state, event)
     return Result(sid, phase, shard.state.value, True, detail=detail)
 
 
@@ -286,7 +345,9 @@ def advance(ctx: Context, sid: str, through: str = "cutover", progress: Progress
     """The forward phases in order, up to `through`, each as `decide` says."""
     with ctx.control.lock(sid):
         _resolve(ctx, sid)
-        out = []
+        out: list[Result] = []
         for phase in FORWARD[: FORWARD.index(through) + 1]:
             out.append(step(ctx, sid, phase, progress=progress))
+            if (out[-1].skipped or "").startswith(SUPERSEDED):
+                break  # nothing is left for this wave to do
         return out

@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from migrator.control.context import Context, check_standby
-from migrator.control.state import MOVED, Phase
+from migrator.control.state import MOVED
 from migrator.control.store import Shard
-from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, StateConflict, describe
+from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, describe
 from migrator.lifecycle import dispatch
 from migrator.phases.plan import Plan, plan
 
@@ -49,7 +49,8 @@ def _outcome(ctx: Context, sid: str, fn: Callable[[], list[dispatch.Result]], wa
         results = fn()
         state = results[-1].state if results else ctx.control.shard(sid).state.value
         detail = {r.phase: (r.skipped or r.detail) for r in results}
-        ok = want is None or state in want or "superseded" in detail
+        superseded = any((r.skipped or "").startswith(dispatch.SUPERSEDED) for r in results)
+        ok = want is None or state in want or superseded
         return Outcome(sid, ok, state, None if ok else f"shard {sid} is {state}", detail=detail)
     except ShardBusy:
         raise
@@ -114,16 +115,6 @@ def run(
     shards = select(ctx, wave, names, region)
 
     def go(sid: str) -> list[dispatch.Result]:
-        shard = ctx.control.shard(sid)
-        if shard.state == Phase.ROLLED_BACK:
-            later = ctx.control.superseded_by(sid)
-            if later:  # released, and moved by a later wave: nothing left for this wave to do
-                return [dispatch.Result(sid, "superseded", shard.state.value, False, skipped=", ".join(later))]
-            n, reason = ctx.control.held(sid)
-            raise StateConflict(
-                f"shard {sid} was rolled back ({reason or 'no reason given'}); its {n} users are held: "
-                "`migrator retry` moves them again in this wave, `migrator release` frees them"
-            )
         cb = (lambda d, t: progress(sid, d, t)) if progress else None
         return dispatch.advance(ctx, sid, progress=cb)
 

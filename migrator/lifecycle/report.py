@@ -14,7 +14,7 @@ from migrator import capture, metrics, throttle
 from migrator.control.context import Context
 from migrator.control.store import Shard
 from migrator.errors import ChecksumMismatch, PurgeRefused, StateConflict
-from migrator.lifecycle import engine
+from migrator.lifecycle import dispatch, engine
 from migrator.lifecycle.engine import Outcome
 from migrator.phases import purge
 from migrator.phases.plan import Plan
@@ -246,7 +246,7 @@ def purge_document(ctx: Context, shards: list[Shard], dry_run: bool = False) -> 
         ok = True
         for s in shards:
             try:
-                would.append(purge.dry_run_shard(ctx, s.shard_id))
+                would.append(dispatch.dry_run(ctx, s.shard_id, "purge"))
             except (PurgeRefused, ChecksumMismatch, StateConflict) as exc:
                 ok = False
                 would.append({"shard_id": s.shard_id, "refused": str(exc)})

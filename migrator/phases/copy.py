@@ -38,8 +38,8 @@ import psycopg
 
 from migrator import capture, hooks, metrics
 from migrator.control.context import Context
+from migrator.control.membership import BatchRecord
 from migrator.control.state import Phase
-from migrator.control.store import BatchRecord
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
 from migrator.lanes import in_lanes
 from migrator.phases import copy_objects

@@ -94,7 +94,8 @@ def _key(ctx: Context, region: str) -> bytes | None:
 
 def _due(ctx: Context, sid: str) -> datetime:
     p = settings(ctx)
-    at = ctx.control.entered(sid, Phase.CUT_OVER)
+    shard = ctx.control.shard(sid)
+    at = shard.state_since if shard.state == Phase.CUT_OVER else None
     if at is None:
         raise PurgeRefused(f"shard {sid}: no cutover recorded")
     due = at.timestamp() + p.after_s
@@ -206,7 +207,10 @@ def preconditions(ctx: Context, sid: str) -> dict[str, Any]:
     return {"cut_over_at": cut_at.isoformat(), "destination_digest": res.digest}
 
 
-def dry_run_shard(ctx: Context, sid: str) -> dict[str, Any]:
+def would_purge(ctx: Context, sid: str) -> dict[str, Any]:
+    """The purge's dry implementation (the dispatcher has said it would run): its
+    preconditions checked, and what it would delete, pseudonymise and keep. A purge already
+    under way is not planned again: its rerun finishes it."""
     shard = ctx.control.shard(sid)
     if shard.state != Phase.CUT_OVER:
         raise PurgeRefused(f"shard {sid} is {shard.state}; only a cut-over shard can be purged")
@@ -284,7 +288,7 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
             progress(len(done), total)
     receipts = _totals(done)
     capture.finalize(ctx, sid, src, ctx.dsn(shard.region))  # rollback is gone: stop capturing at the destination
-    started = ctl.entered(sid, Phase.PURGING)
+    started = ctl.shard(sid).state_since  # purging since
     detail = {
         "event": "purged",
         "receipts": receipts,

@@ -51,7 +51,7 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
     """Carry the writes back, then flip the directory back and lift the source fence; a
     failure after the decision is finished by recovery. (changes carried, users flipped)"""
     src, dst = ctx.source_dsn, ctx.dsn(region)
-    ctx.control.record(sid, Phase.CUT_OVER.value, {"event": recovery.ROLLBACK_REQUESTED, "reason": reason})
+    ctx.control.keep(sid, {"event": recovery.ROLLBACK_REQUESTED, "reason": reason}, rollback_reason=reason)
     with watching(ctx, sid):
         carried = _carry_back(ctx, sid, src, dst)
         try:
@@ -101,7 +101,7 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     flipped = carried = 0
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
     if shard.state == Phase.CUT_OVER and ctx.spec.changes.capture:
-        if any(a["detail"].get("event") == "finalized" for a in ctl.audit_rows(sid)):
+        if shard.finalized:
             raise StateConflict(
                 f"shard {sid} was finalized: writes at its new home are no longer captured, "
                 "so a rollback could lose them"

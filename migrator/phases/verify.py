@@ -203,11 +203,14 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         "differences": len(res.differences),
         **({"objects_listed": res.objects_listed} if res.objects_listed else {}),
     }
+    # the state machine keeps the outcome (what an approver is shown); an earlier answer to
+    # the cutover was given for what the verify before showed, so it is asked again
+    kept = {"last_verify": {k: v for k, v in detail.items() if k != "event"}, "approval": None}
     if res.matched:
         if shard.state == Phase.COPIED:
-            ctl.move(sid, Phase.COPIED, Phase.VERIFIED, detail, digest=res.digest)
+            ctl.move(sid, Phase.COPIED, Phase.VERIFIED, detail, digest=res.digest, **kept)
         else:
-            ctl.record(sid, shard.state.value, detail)
+            ctl.keep(sid, detail, **kept)
         return res
     named = "; ".join(
         f"{d['table']} {d['pk']}: {d['problem']}" if "table" in d else f"object {d['object']!r}: {d['problem']}"
@@ -216,5 +219,5 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
     more = f" (+{len(res.differences) - 10} more)" if len(res.differences) > 10 else ""
     metrics.mismatched(sid, shard.region, len(res.differences))
     msg = f"shard {sid}: {len(res.differences)} row(s) differ between source and destination: {named}{more}"
-    ctl.record(sid, shard.state.value, detail)  # the move to failed, where allowed, is `dispatch`'s
+    ctl.keep(sid, detail, **kept)  # the move to failed, where allowed, is `dispatch`'s
     raise ChecksumMismatch(msg, res.differences)

@@ -1,0 +1,181 @@
+"""What the control database keeps of a shard's members and progress: its users and their
+batches, each committed batch's checkpoint, the change log's catch-up positions, and the
+held users of a rolled-back shard. `Control` (`store`) takes it in, with its connection."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from migrator.control.state import Phase
+from migrator.errors import riding_out
+from migrator.schema import history
+from migrator.stores.postgres import Conn, pipe
+
+SCHEMA = history.SCHEMA
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one committed batch wrote: its last user key, rows per table and the digest of
+    the bytes streamed (a checkpoint in the control database, a ledger row at the destination)."""
+
+    last_key: str
+    rows: dict[str, int]
+    digest: str
+
+
+class ShardBatches(Mapping[int, list[str]]):
+    """A shard's batches by number (0 .. batches - 1). A batch's keys are read from the
+    control database when it is asked for, so the row phases never hold a whole shard's keys."""
+
+    def __init__(self, ctl: Membership, sid: str, count: int, sort: Callable[[list[str]], list[str]]):
+        self._ctl, self._sid, self._count, self._sort = ctl, sid, count, sort
+
+    def __getitem__(self, b: int) -> list[str]:
+        if not isinstance(b, int) or not 0 <= b < self._count:
+            raise KeyError(b)
+        return self._sort(self._ctl.batch(self._sid, b))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._count))
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def ridden_out(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Retry a Control method (one transaction of its own) through a transient outage of
+    the control database, for up to its `outage_s`."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for attempt in riding_out(self.outage_s):
+            with attempt:
+                return fn(self, *args, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+class Membership:
+    """The shard's members and progress (a part of `Control`, which gives it `connect`)."""
+
+    outage_s: float
+    connect: Callable[..., Conn]
+
+    def batches_of(self, sid: str) -> int:
+        """How many batches the shard has (the store reads its row)."""
+        raise NotImplementedError
+
+    def hold(self, conn: Conn, sid: str, reason: str) -> int:
+        """Hold the shard's users (in the caller's transaction); how many."""
+        return conn.execute(
+            f"INSERT INTO {SCHEMA}.held_users (user_key, shard_id, reason) SELECT user_key, shard_id, %s "
+            f"FROM {SCHEMA}.shard_user WHERE shard_id = %s "
+            "ON CONFLICT (user_key) DO UPDATE SET shard_id = EXCLUDED.shard_id, reason = EXCLUDED.reason, at = now()",
+            (reason or "rolled back", sid),
+        ).rowcount
+
+    @ridden_out
+    def held(self, sid: str) -> tuple[int, str | None]:
+        """(users held, reason) of the shard."""
+        with self.connect(autocommit=True) as c:
+            n, reason = c.execute(
+                f"SELECT count(*), max(reason) FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)
+            ).fetchone()
+        return n, reason
+
+    def release(self, conn: Conn, sid: str) -> int:
+        return conn.execute(f"DELETE FROM {SCHEMA}.held_users WHERE shard_id = %s", (sid,)).rowcount
+
+    @ridden_out
+    def superseded_by(self, sid: str) -> list[str]:
+        """Live shards of other waves that now hold this (rolled-back, released) shard's users."""
+        with self.connect(autocommit=True) as c:
+            return [
+                r[0]
+                for r in c.execute(
+                    f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
+                    "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
+                    f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
+                    "WHERE su.shard_id = %s AND s.state <> %s ORDER BY 1",
+                    (sid, Phase.ROLLED_BACK.value),
+                )
+            ]
+
+    # --- membership and checkpoints ---------------------------------------------------
+    def batch_keys(self, sid: str, sort: Callable[[list[str]], list[str]] = sorted) -> ShardBatches:
+        """The shard's batches by number; each batch's keys are read when asked for."""
+        return ShardBatches(self, sid, self.batches_of(sid), sort)
+
+    @ridden_out
+    def batch(self, sid: str, b: int) -> list[str]:
+        with self.connect(autocommit=True) as c:
+            return [
+                k
+                for (k,) in c.execute(
+                    f"SELECT user_key FROM {SCHEMA}.shard_user WHERE shard_id = %s AND batch_no = %s", (sid, b)
+                )
+            ]
+
+    def send_members(self, sid: str, into: Conn, table: str) -> int:
+        """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`."""
+        with self.connect() as c:
+            return pipe(
+                c,
+                f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user WHERE shard_id = %s) TO STDOUT",
+                (sid,),
+                into,
+                sql.SQL("COPY {} (k, b) FROM STDIN").format(sql.Identifier(table)),
+            )
+
+    @ridden_out
+    def checkpoints(self, sid: str) -> dict[int, BatchRecord]:
+        with self.connect(autocommit=True) as c:
+            rows = c.execute(
+                f"SELECT batch_no, last_key, rows, digest FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,)
+            ).fetchall()
+        return {b: BatchRecord(k, r, d) for b, k, r, d in rows}
+
+    @ridden_out
+    def save_checkpoint(self, sid: str, batch_no: int, rec: BatchRecord) -> None:
+        with self.connect() as c:
+            c.execute(
+                f"INSERT INTO {SCHEMA}.checkpoint (shard_id, batch_no, last_key, rows, digest) "
+                "VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (shard_id, batch_no) DO UPDATE SET last_key = EXCLUDED.last_key, rows = EXCLUDED.rows, "
+                "digest = EXCLUDED.digest, at = now()",
+                (sid, batch_no, rec.last_key, json.dumps(rec.rows), rec.digest),
+            )
+
+    def clear_checkpoints(self, conn: Conn, sid: str) -> None:
+        conn.execute(f"DELETE FROM {SCHEMA}.checkpoint WHERE shard_id = %s", (sid,))
+
+    @ridden_out
+    def position(self, sid: str, direction: str) -> tuple[int, int]:
+        """(horizon, last id) of the shard's catch-up in `direction`; (0, 0) before the first pass."""
+        with self.connect(autocommit=True) as c:
+            r = c.execute(
+                f"SELECT horizon, last_id FROM {SCHEMA}.capture_pos WHERE shard_id = %s AND direction = %s",
+                (sid, direction),
+            ).fetchone()
+        return (r[0], r[1]) if r else (0, 0)
+
+    @ridden_out
+    def set_position(self, sid: str, direction: str, pos: tuple[int, int]) -> None:
+        with self.connect() as c:
+            c.execute(
+                f"INSERT INTO {SCHEMA}.capture_pos (shard_id, direction, horizon, last_id) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (shard_id, direction) "
+                "DO UPDATE SET horizon = EXCLUDED.horizon, last_id = EXCLUDED.last_id",
+                (sid, direction, *pos),
+            )
+
+    def clear_positions(self, conn: Conn, sid: str) -> None:
+        conn.execute(f"DELETE FROM {SCHEMA}.capture_pos WHERE shard_id = %s", (sid,))
