@@ -27,6 +27,7 @@ from migrator.schema import history
 from migrator.stores.postgres import Conn, connect
 
 SCHEMA = history.SCHEMA
+NOW = object()  # `Control.keep`: the time of the audit row that records it
 
 
 @dataclass(frozen=True)
@@ -174,10 +175,10 @@ class Control(Membership):
         sets = ", ".join(f"{k} = %s" for k in fields)
         q = (
             f"UPDATE {SCHEMA}.shard SET state = %s, version = version + 1, updated_at = now(), "
-            "state_since = CASE WHEN state = %s THEN state_since ELSE now() END"
+            "state_since = CASE WHEN state = %s THEN state_since ELSE clock_timestamp() END"
             + (f", {sets}" if sets else "")
             + " WHERE shard_id = %s AND state = ANY(%s)"
-            + f" RETURNING (SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s)"
+            + f" RETURNING (SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s), state_since"
         )
         vals = [json.dumps(v, default=str) if isinstance(v, dict) else v for v in fields.values()]
         row = conn.execute(q, [to.value, to.value, *vals, sid, [e.value for e in exp], sid]).fetchone()
@@ -185,23 +186,27 @@ class Control(Membership):
             cur = conn.execute(f"SELECT state FROM {SCHEMA}.shard WHERE shard_id = %s", (sid,)).fetchone()
             now = cur[0] if cur else "absent"
             raise StateConflict(f"shard {sid}: expected state {'/'.join(exp)}, found {now}; not moved to {to}")
-        self.audit(conn, sid, row[0], to.value, detail or {})
+        # a move into another state is recorded at the time the state machine keeps for it
+        self.audit(conn, sid, row[0], to.value, detail or {}, at=row[1] if row[0] != to.value else None)
         return Phase(row[0])
 
     @ridden_out
     def keep(self, sid: str, detail: dict, **fields: Any) -> None:
         """Fields the state machine keeps beside the state, set without a move, with the audit
-        row that records it (one transaction)."""
-        sets = ", ".join(f"{k} = %s" for k in fields)
-        vals = [json.dumps(v, default=str) if isinstance(v, dict) else v for v in fields.values()]
+        row that records it (one transaction). A field given `NOW` takes the time of that
+        audit row."""
+        sets = ", ".join(f"{k} = clock_timestamp()" if v is NOW else f"{k} = %s" for k, v in fields.items())
+        vals = [json.dumps(v, default=str) if isinstance(v, dict) else v for v in fields.values() if v is not NOW]
+        stamped = next((k for k, v in fields.items() if v is NOW), None)
         with self.connect() as c:
             row = c.execute(
-                f"UPDATE {SCHEMA}.shard SET {sets}, updated_at = now() WHERE shard_id = %s RETURNING state",
+                f"UPDATE {SCHEMA}.shard SET {sets}, updated_at = now() WHERE shard_id = %s "
+                f"RETURNING state, {stamped or 'NULL'}",
                 [*vals, sid],
             ).fetchone()
             if row is None:
                 raise StateConflict(f"shard {sid} does not exist")
-            self.audit(c, sid, row[0], row[0], detail)
+            self.audit(c, sid, row[0], row[0], detail, at=row[1])
 
     @ridden_out
     def move(
@@ -210,10 +215,13 @@ class Control(Membership):
         with self.connect() as c:
             return self.transition(c, sid, expected, to, detail, **fields)
 
-    def audit(self, conn: Conn, sid: str | None, src: str | None, dst: str | None, detail: dict) -> None:
+    def audit(
+        self, conn: Conn, sid: str | None, src: str | None, dst: str | None, detail: dict, at: datetime | None = None
+    ) -> None:
         conn.execute(
-            f"INSERT INTO {SCHEMA}.audit (run_id, shard_id, from_state, to_state, detail) VALUES (%s, %s, %s, %s, %s)",
-            (self.run_id, sid, src, dst, json.dumps(detail, default=str)),
+            f"INSERT INTO {SCHEMA}.audit (run_id, shard_id, from_state, to_state, detail, at) "
+            "VALUES (%s, %s, %s, %s, %s, coalesce(%s, clock_timestamp()))",
+            (self.run_id, sid, src, dst, json.dumps(detail, default=str), at),
         )
 
     @contextlib.contextmanager

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from migrator import capture
 from migrator.control.context import Context
 from migrator.control.state import Phase
+from migrator.control.store import NOW
 
 
 def cleanup_shard(ctx: Context, sid: str) -> dict:
@@ -17,7 +16,7 @@ def cleanup_shard(ctx: Context, sid: str) -> dict:
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
     if shard.state == Phase.CUT_OVER:
         capture.finalize(ctx, sid, src, dst)
-        ctl.keep(sid, {"event": "finalized"}, finalized_at=datetime.now(UTC))
+        ctl.keep(sid, {"event": "finalized"}, finalized_at=NOW)
         return {"finalized": True}
     for dsn in (src, dst):
         capture.stop_capture(ctx, dsn, sid, fence_too=True)

@@ -69,7 +69,7 @@ Table(
     Column("created_at", TZ, nullable=False, server_default=NOW),
     Column("updated_at", TZ, nullable=False, server_default=NOW),
     # what the state machine keeps beside the state (revision control_0003)
-    Column("state_since", TZ, nullable=False, server_default=NOW),  # when it entered its state
+    Column("state_since", TZ, nullable=False, server_default=text("clock_timestamp()")),  # when it entered its state
     Column("finalized_at", TZ),  # its capture removed by cleanup: no rollback after it
     Column("rollback_reason", Text),  # the reason of the rollback asked for
     Column("last_verify", JSONB),  # its last verify: matched, digest, rows, differences

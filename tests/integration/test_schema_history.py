@@ -14,7 +14,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from migrator.airflow import tasks
 from migrator.schema import tables
+from migrator.spec import load_spec
 from tests.conftest import World
 from tests.helpers import start, verified_region
 
@@ -207,3 +209,43 @@ def test_a_store_at_a_revision_from_a_newer_version_is_refused(world: World):
     assert res.returncode == 2, res.stderr
     assert "control database" in res.stderr and "control_9999" in res.stderr
     assert world.ctl("SELECT count(*) FROM migrator.checkpoint") == [(0,)]
+
+
+STATE_KEPT = "shard_id, state, state_since, finalized_at, rollback_reason, last_verify, approval"
+
+
+def test_a_control_database_from_before_the_shard_state_columns_gets_them_from_its_audit(world: World):
+    """A migration under way when the state machine kept only the state: an approved and
+    cleaned-up cutover, a rolled-back cutover with its reason, shards verified and not cut
+    over. Put back at control_0002 (without the columns), the upgrade fills each column from
+    the audit rows exactly as the running tool had kept it."""
+    world.write_spec(sharding={"shards_per_region": 2})
+    verified_region(world, "ie")
+    spec = load_spec(world.spec_path)
+    approved, rolled = "default/ie-00", "default/ie-01"
+    for sid in (approved, rolled):
+        assert tasks.answer_cutover(spec, "r1", sid, True, "alice", "")["state"] == "cut_over"
+    assert world.migrator("cleanup", "--shard", "ie-00").returncode == 0
+    assert world.migrator("rollback", "--shard", "ie-01", "--reason", "ticket 7").returncode == 0
+    assert world.migrator("copy", "--region", "no").returncode == 0
+    kept = world.ctl(f"SELECT {STATE_KEPT} FROM migrator.shard ORDER BY shard_id")
+    by_id = {r[0]: r for r in kept}
+    assert by_id[approved][3] is not None and by_id[rolled][4] == "ticket 7"
+    assert by_id[approved][6]["by"] == "alice" and by_id[approved][5]["matched"] is True
+    with psycopg.connect(world.control) as c:
+        c.execute(
+            "ALTER TABLE migrator.shard DROP COLUMN state_since, DROP COLUMN finalized_at, "
+            "DROP COLUMN rollback_reason, DROP COLUMN last_verify, DROP COLUMN approval"
+        )
+        c.execute("UPDATE migrator.alembic_version_control SET version_num = 'control_0002'")
+    res = world.migrator("upgrade", "--json")
+    assert res.returncode == 0, res.stderr
+    assert _version(world, "control", "control") == HEADS["control"]
+    after = world.ctl(f"SELECT {STATE_KEPT} FROM migrator.shard ORDER BY shard_id")
+    for was, now in zip(kept, after, strict=True):
+        for column, a, b in zip(STATE_KEPT.split(", "), was, now, strict=True):
+            assert a == b, (was[0], column, a, b)
+    assert _differences(world.control, tables.control) == []
+    # and what the shards then do: the cleaned-up one is refused a rollback, the others are not
+    res = world.migrator("rollback", "--shard", "ie-00", "--reason", "after cleanup")
+    assert res.returncode == 1 and "finalized" in res.stdout + res.stderr

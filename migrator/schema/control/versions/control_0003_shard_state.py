@@ -37,7 +37,7 @@ DO $state$ BEGIN
                       AND a.detail->>'event' = 'finalized'),
       rollback_reason = (SELECT a.detail->>'reason' FROM {S}.audit a WHERE a.shard_id = s.shard_id
                          AND a.detail->>'event' = 'rollback requested' ORDER BY a.id DESC LIMIT 1),
-      last_verify = (SELECT a.detail FROM {S}.audit a WHERE a.shard_id = s.shard_id
+      last_verify = (SELECT a.detail - 'event' FROM {S}.audit a WHERE a.shard_id = s.shard_id
                      AND a.detail->>'event' = 'verify' ORDER BY a.id DESC LIMIT 1),
       approval = (SELECT a.detail || jsonb_build_object('run_id', a.run_id) FROM {S}.audit a
                   WHERE a.shard_id = s.shard_id
@@ -45,7 +45,7 @@ DO $state$ BEGIN
                     AND a.id > coalesce((SELECT max(v.id) FROM {S}.audit v WHERE v.shard_id = s.shard_id
                                          AND v.detail->>'event' = 'verify'), 0)
                   ORDER BY a.id DESC LIMIT 1);
-    ALTER TABLE {S}.shard ALTER COLUMN state_since SET DEFAULT now(),
+    ALTER TABLE {S}.shard ALTER COLUMN state_since SET DEFAULT clock_timestamp(),
                           ALTER COLUMN state_since SET NOT NULL;
   END IF;
 END $state$""")
