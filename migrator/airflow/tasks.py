@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from migrator.control.context import Context
-from migrator.control.state import MOVED, Phase
+from migrator.control.state import MOVED, State
 from migrator.control.store import Shard
 from migrator.errors import MigratorError, SpecError
 from migrator.evidence import audit
@@ -230,7 +230,7 @@ def _recorded(spec: Spec, ids: list[str]) -> list[Shard]:
     return Context(spec, "report").control.shards(names=ids) if ids else []
 
 
-def _all_in(ids: list[str], shards: list[Shard], wanted: frozenset[Phase], failing: str) -> int:
+def _all_in(ids: list[str], shards: list[Shard], wanted: frozenset[State], failing: str) -> int:
     """How many of the shards are in one of the wanted states; raises naming the others,
     and any of `ids` with no record left in the control database."""
     states = {s.shard_id: s.state for s in shards}
@@ -262,7 +262,7 @@ def purge_verdict(spec: Spec, ids: list[str], dry_run: bool) -> dict[str, Any]:
     """Fails the run unless every selected shard is purged (after a real run)."""
     if dry_run or not ids:
         return {"shards": len(ids), "dry_run": dry_run}
-    return {"shards": len(ids), "purged": _all_in(ids, _recorded(spec, ids), frozenset({Phase.PURGED}), "not purged")}
+    return {"shards": len(ids), "purged": _all_in(ids, _recorded(spec, ids), frozenset({State.PURGED}), "not purged")}
 
 
 def audit_check(spec: Spec, run_id: str, since: datetime | None = None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from migrator import capture
 from migrator.control import directory
 from migrator.control.context import Context
-from migrator.control.state import MOVED, Phase
+from migrator.control.state import MOVED, State
 from migrator.control.store import Shard
 from migrator.errors import ShardBusy, StateConflict, describe
 
@@ -49,24 +49,24 @@ class Unfinished:
     due: str
 
 
-def _due(state: Phase, src: str | None, dst: str | None) -> str | None:
+def _due(state: State, src: str | None, dst: str | None) -> str | None:
     """What recovery must do for a shard in `state` with these fences (None: nothing)."""
-    if state == Phase.VERIFIED and src == capture.HELD:
+    if state == State.VERIFIED and src == capture.HELD:
         return "complete the cutover's flip (the source fence was held, the flip did not commit)"
-    if state == Phase.VERIFIED and src is not None:
+    if state == State.VERIFIED and src is not None:
         return "lift the source fence of a cutover that did not finish"
     if state in MOVED and src != capture.HELD:
         return "hold the source fence of a cut-over shard"
-    if state == Phase.CUT_OVER and dst == capture.HELD:
+    if state == State.CUT_OVER and dst == capture.HELD:
         return "complete the rollback's flip back (the destination fence was held, the flip back did not commit)"
-    if state == Phase.CUT_OVER and dst is not None:
+    if state == State.CUT_OVER and dst is not None:
         return "lift the destination fence of a rollback that did not finish"
-    if state != Phase.VERIFIED and state not in MOVED and src is not None:
+    if state != State.VERIFIED and state not in MOVED and src is not None:
         return "lift the source fence: the shard's users are homed at the source"
     return None
 
 
-def _audit(ctx: Context, sid: str, state: Phase, event: str, **detail: object) -> None:
+def _audit(ctx: Context, sid: str, state: State, event: str, **detail: object) -> None:
     ctx.control.record(sid, state.value, {"event": event, "by": "recovery", **detail})
     log.warning("shard %s: %s (recovery)", sid, event)
 
@@ -80,12 +80,12 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
     done: list[str] = []
     state = shard.state
     s = capture.fences(src, sid).get(sid)
-    if state == Phase.VERIFIED and s == capture.HELD:
+    if state == State.VERIFIED and s == capture.HELD:
         try:
             n = directory.flip(ctx, sid, {"completed_by": "recovery", "fence": "held before the flip"})
-            _audit(ctx, sid, Phase.CUT_OVER, "cutover completed", users=n)
+            _audit(ctx, sid, State.CUT_OVER, "cutover completed", users=n)
             done.append("cutover completed")
-            state = Phase.CUT_OVER
+            state = State.CUT_OVER
         except StateConflict as exc:  # the users are not all at the source: never fence them there
             capture.lift(src, sid)
             _audit(ctx, sid, state, "source fence lifted", error=str(exc))
@@ -100,19 +100,19 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
         capture.lift(src, sid)
         _audit(ctx, sid, state, "source fence lifted", fence=s)
         done.append("source fence lifted")
-    if state == Phase.CUT_OVER:
+    if state == State.CUT_OVER:
         d = capture.fences(dst, sid).get(sid)
         if d == capture.HELD:
             reason = ctl.shard(sid).rollback_reason or ""
             directory.flip_back(
                 ctx,
                 sid,
-                Phase.CUT_OVER,
+                State.CUT_OVER,
                 shard.region,
                 {"event": "rollback started", "reason": reason, "completed_by": "recovery"},
             )
             capture.lift(src, sid)  # homed at the source again: they write there
-            _audit(ctx, sid, Phase.ROLLING_BACK, "rollback's flip back completed; source fence lifted")
+            _audit(ctx, sid, State.ROLLING_BACK, "rollback's flip back completed; source fence lifted")
             done.append("rollback's flip back completed")
         elif d is not None:
             capture.lift(dst, sid)
@@ -128,7 +128,7 @@ def unfinished(ctx: Context, shards: list[Shard] | None = None) -> list[Unfinish
         return []
     if shards is None:
         shards = ctx.control.shards(
-            states=[Phase.VERIFIED, *MOVED, Phase.ROLLING_BACK, Phase.ROLLED_BACK, Phase.FAILED]
+            states=[State.VERIFIED, *MOVED, State.ROLLING_BACK, State.ROLLED_BACK, State.FAILED]
         )
     if not shards:
         return []
@@ -138,7 +138,7 @@ def unfinished(ctx: Context, shards: list[Shard] | None = None) -> list[Unfinish
         log.warning("recovery: the source region %s cannot be read: %s", ctx.spec.source_region, describe(exc))
         return []
     dst: dict[str, dict[str, str]] = {}
-    for region in sorted({s.region for s in shards if s.state == Phase.CUT_OVER}):
+    for region in sorted({s.region for s in shards if s.state == State.CUT_OVER}):
         try:
             dst[region] = capture.fences(ctx.dsn(region))
         except Exception as exc:

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterator
 
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.control.store import SCHEMA
 from migrator.errors import StateConflict
 from migrator.stores.postgres import Conn
@@ -35,8 +35,8 @@ class Flip:
         self.ctx.control.transition(
             self.conn,
             self.sid,
-            Phase.VERIFIED,
-            Phase.CUT_OVER,
+            State.VERIFIED,
+            State.CUT_OVER,
             {"event": "cutover", "users": self.users, "to": self.region, "digest": self.digest, **detail},
             digest=self.digest,
         )
@@ -62,7 +62,7 @@ def prepared_flip(ctx: Context, sid: str) -> Iterator[Flip]:
         if row is None:
             raise StateConflict(f"shard {sid} does not exist")
         state, digest, region, users = row
-        if state != Phase.VERIFIED.value or not digest:
+        if state != State.VERIFIED.value or not digest:
             raise StateConflict(f"shard {sid} is {state}; only a verified shard can be cut over")
         flipped = move_homes(c, sid, ctx.spec.source_region, region)
         if flipped != users:
@@ -80,11 +80,11 @@ def flip(ctx: Context, sid: str, detail: dict) -> int:
     return f.flipped
 
 
-def flip_back(ctx: Context, sid: str, state: Phase, region: str, detail: dict) -> int:
+def flip_back(ctx: Context, sid: str, state: State, region: str, detail: dict) -> int:
     """A rollback's move to rolling_back, with the shard's users homed at the source again
     when it was cut over, in one control transaction; the number flipped back."""
     ctl = ctx.control
     with ctl.connect() as c:
-        flipped = move_homes(c, sid, region, ctx.spec.source_region) if state == Phase.CUT_OVER else 0
-        ctl.transition(c, sid, state, Phase.ROLLING_BACK, {**detail, "directory_flipped_back": flipped})
+        flipped = move_homes(c, sid, region, ctx.spec.source_region) if state == State.CUT_OVER else 0
+        ctl.transition(c, sid, state, State.ROLLING_BACK, {**detail, "directory_flipped_back": flipped})
     return flipped

@@ -5,7 +5,7 @@ wave (the shard goes back to planned). Both are explicit and audited."""
 from __future__ import annotations
 
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.errors import SpecError, StateConflict
 
 
@@ -19,8 +19,8 @@ def release(ctx: Context, sid: str, reason: str) -> dict:
         ctl.audit(
             c,
             sid,
-            Phase.ROLLED_BACK.value,
-            Phase.ROLLED_BACK.value,
+            State.ROLLED_BACK.value,
+            State.ROLLED_BACK.value,
             {"event": "users released", "users": n, "reason": reason},
         )
     return {"released": n}
@@ -38,5 +38,5 @@ def move_again(ctx: Context, sid: str, reason: str) -> dict:
         )
     with ctl.connect() as c:
         n = ctl.release(c, sid)
-        ctl.transition(c, sid, Phase.ROLLED_BACK, Phase.PLANNED, {"event": "moved again", "reason": reason, "users": n})
+        ctl.transition(c, sid, State.ROLLED_BACK, State.PLANNED, {"event": "moved again", "reason": reason, "users": n})
     return {"planned_again": True}

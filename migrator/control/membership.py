@@ -12,7 +12,7 @@ from typing import Any
 
 from psycopg import sql
 
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.errors import riding_out
 from migrator.schema import history
 from migrator.stores.postgres import Conn, pipe
@@ -105,7 +105,7 @@ class Membership:
                     "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
                     f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
                     "WHERE su.shard_id = %s AND s.state <> %s ORDER BY 1",
-                    (sid, Phase.ROLLED_BACK.value),
+                    (sid, State.ROLLED_BACK.value),
                 )
             ]
 

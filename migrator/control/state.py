@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class Phase(StrEnum):
+class State(StrEnum):
     PLANNED = "planned"
     COPYING = "copying"
     COPIED = "copied"
@@ -18,14 +18,14 @@ class Phase(StrEnum):
     PURGED = "purged"
 
 
-P = Phase
+P = State
 
 # A move not listed here is refused. COPYING -> COPYING is a resume after a crash (the
 # shard's advisory lock guarantees the previous worker is gone); ROLLED_BACK -> PLANNED
 # is an operator's explicit, audited choice to move the held users again in their own
 # wave (`migrator retry`). Rollback is reachable from every state but rolled_back and the
 # purge's: once the source copy starts to go, moving the users back is a new migration.
-TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+TRANSITIONS: dict[State, frozenset[State]] = {
     P.PLANNED: frozenset({P.COPYING, P.FAILED, P.ROLLING_BACK}),
     P.COPYING: frozenset({P.COPYING, P.COPIED, P.FAILED, P.ROLLING_BACK}),
     P.COPIED: frozenset({P.COPYING, P.VERIFIED, P.FAILED, P.ROLLING_BACK}),
@@ -42,5 +42,5 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 MOVED = frozenset({P.CUT_OVER, P.PURGING, P.PURGED})
 
 
-def allowed(src: Phase, dst: Phase) -> bool:
+def allowed(src: State, dst: State) -> bool:
     return dst in TRANSITIONS[src]

@@ -21,7 +21,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from migrator.control.membership import Membership, ridden_out
-from migrator.control.state import Phase, allowed
+from migrator.control.state import State, allowed
 from migrator.errors import ShardBusy, SpecError, StateConflict, riding_out
 from migrator.schema import history
 from migrator.stores.postgres import Conn, connect
@@ -40,7 +40,7 @@ class Shard:
     name: str
     region: str
     idx: int
-    state: Phase
+    state: State
     version: int
     users: int
     batches: int
@@ -65,7 +65,7 @@ class Shard:
             r["name"],
             r["region"],
             r["idx"],
-            Phase(r["state"]),
+            State(r["state"]),
             r["version"],
             r["users"],
             r["batches"],
@@ -127,7 +127,7 @@ class Control(Membership):
         wave: str | None = None,
         names: Iterable[str] | None = None,
         region: str | None = None,
-        states: Iterable[Phase] | None = None,
+        states: Iterable[State] | None = None,
     ) -> list[Shard]:
         q = f"SELECT * FROM {SCHEMA}.shard WHERE true"
         args: list[Any] = []
@@ -162,13 +162,13 @@ class Control(Membership):
         self,
         conn: Conn,
         sid: str,
-        expected: Phase | Iterable[Phase],
-        to: Phase,
+        expected: State | Iterable[State],
+        to: State,
         detail: dict | None = None,
         **fields: Any,
-    ) -> Phase:
+    ) -> State:
         """Compare-and-set the shard's phase inside the caller's transaction, with its audit row."""
-        exp = [expected] if isinstance(expected, Phase) else list(expected)
+        exp = [expected] if isinstance(expected, State) else list(expected)
         exp = [e for e in exp if allowed(e, to)]
         if not exp:
             raise StateConflict(f"shard {sid}: a move to {to} is not allowed from {expected}")
@@ -188,7 +188,7 @@ class Control(Membership):
             raise StateConflict(f"shard {sid}: expected state {'/'.join(exp)}, found {now}; not moved to {to}")
         # a move into another state is recorded at the time the state machine keeps for it
         self.audit(conn, sid, row[0], to.value, detail or {}, at=row[1] if row[0] != to.value else None)
-        return Phase(row[0])
+        return State(row[0])
 
     @ridden_out
     def keep(self, sid: str, detail: dict, **fields: Any) -> None:
@@ -210,8 +210,8 @@ class Control(Membership):
 
     @ridden_out
     def move(
-        self, sid: str, expected: Phase | Iterable[Phase], to: Phase, detail: dict | None = None, **fields: Any
-    ) -> Phase:
+        self, sid: str, expected: State | Iterable[State], to: State, detail: dict | None = None, **fields: Any
+    ) -> State:
         with self.connect() as c:
             return self.transition(c, sid, expected, to, detail, **fields)
 
@@ -275,10 +275,10 @@ class Control(Membership):
         """When the shard's purge started: its state's own time while purging, before the
         time it was purged once it is."""
         shard = self.shard(sid)
-        if shard.state not in (Phase.PURGING, Phase.PURGED) or shard.state_since is None:
+        if shard.state not in (State.PURGING, State.PURGED) or shard.state_since is None:
             return "at an unrecorded time"
         at = shard.state_since.isoformat(timespec="seconds")
-        return at if shard.state == Phase.PURGING else f"before {at}, when it was purged"
+        return at if shard.state == State.PURGING else f"before {at}, when it was purged"
 
     @ridden_out
     def audit_rows(self, sid: str | None = None) -> list[dict]:

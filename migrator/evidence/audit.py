@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from migrator.control.context import Context
-from migrator.control.state import MOVED, Phase
+from migrator.control.state import MOVED, State
 from migrator.control.store import SCHEMA
 from migrator.evidence import chain, pseudonym
 from migrator.evidence import manifest as evidence
@@ -60,7 +60,7 @@ def run(ctx: Context, since: datetime | None = None) -> dict[str, Any]:
             for (k,) in c.execute(
                 f"SELECT su.user_key FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) "
                 "WHERE s.state = %s",
-                (Phase.PURGED.value,),
+                (State.PURGED.value,),
             )
         }
         moved_to: dict[str, set[str]] = {}

@@ -29,7 +29,7 @@ from migrator import hooks
 from migrator.capture import recovery
 from migrator.control import holds
 from migrator.control.context import Context
-from migrator.control.state import MOVED, Phase, allowed
+from migrator.control.state import MOVED, State, allowed
 from migrator.control.store import Shard
 from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError, StateConflict, describe, is_transient, retrying
 from migrator.evidence import chain
@@ -44,7 +44,7 @@ from migrator.phases.verify import verify_shard
 
 log = logging.getLogger("migrator.lifecycle.dispatch")
 
-P = Phase
+P = State
 
 
 class Verdict(StrEnum):
@@ -57,7 +57,7 @@ PHASES = (
     "copy", "verify", "recheck", "cutover", "rollback", "rollback_failed", "cleanup", "release", "retry", "purge"
 )  # fmt: skip
 # The states each phase runs from, and those in which its work is already done.
-RUNS: dict[str, frozenset[Phase]] = {
+RUNS: dict[str, frozenset[State]] = {
     "copy": frozenset({P.PLANNED, P.COPYING, P.FAILED}),
     "verify": frozenset({P.COPIED}),
     "recheck": frozenset({P.VERIFIED, P.CUT_OVER}),
@@ -71,7 +71,7 @@ RUNS: dict[str, frozenset[Phase]] = {
     "retry": frozenset({P.ROLLED_BACK}),
     "purge": frozenset({P.CUT_OVER, P.PURGING}),
 }
-DONE: dict[str, frozenset[Phase]] = {
+DONE: dict[str, frozenset[State]] = {
     "copy": frozenset({P.COPIED, P.VERIFIED, *MOVED}),
     "verify": frozenset({P.VERIFIED, *MOVED}),
     "cutover": frozenset(MOVED),
@@ -80,7 +80,7 @@ DONE: dict[str, frozenset[Phase]] = {
     "cleanup": frozenset({P.PURGED}),
     "purge": frozenset({P.PURGED}),
 }
-NEXT_STEP: dict[Phase, str] = {
+NEXT_STEP: dict[State, str] = {
     P.PLANNED: "copy it first (migrator copy)",
     P.COPYING: "finish its copy (migrator copy resumes it)",
     P.COPIED: "verify it first (migrator verify)",
@@ -110,7 +110,7 @@ FINALIZED = (
 SUPERSEDED = "superseded"
 
 
-def decide(state: Phase, phase: str, finalized: bool = False, superseded: bool = False) -> Decision:
+def decide(state: State, phase: str, finalized: bool = False, superseded: bool = False) -> Decision:
     """The answer for a shard in `state`: `finalized` when cleanup removed its capture,
     `superseded` when a rolled-back shard's users were released and a later wave took them."""
     if phase not in RUNS:
@@ -290,7 +290,7 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
     return Result(sid, phase, shard.state.value, True, detail=detail)
 
 
-def _keep_evidence(ctx: Context, sid: str, region: str, state: Phase, phase: str) -> None:
+def _keep_evidence(ctx: Context, sid: str, region: str, state: State, phase: str) -> None:
     """The signed manifest and the audit chain's head, kept in the region the move concerns.
     A failure here is logged and audited, never raised: the move has happened."""
     try:
@@ -303,7 +303,7 @@ def _keep_evidence(ctx: Context, sid: str, region: str, state: Phase, phase: str
     chain.publish_quietly(ctx.control, ctx.dsn(region), sid, phase)
 
 
-def _keep_owed_evidence(ctx: Context, sid: str, state: Phase) -> None:
+def _keep_owed_evidence(ctx: Context, sid: str, state: State) -> None:
     """A rerun of a cutover, rollback or purge whose work is done keeps the manifest its
     move is still owed: one killed between the move and its manifest, one whose region was
     away then, one completed by recovery. Like `_keep_evidence`, never raises."""

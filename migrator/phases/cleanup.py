@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from migrator import capture
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.control.store import NOW
 
 
@@ -14,7 +14,7 @@ def cleanup_shard(ctx: Context, sid: str) -> dict:
     ctl = ctx.control
     shard = ctl.shard(sid)
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
-    if shard.state == Phase.CUT_OVER:
+    if shard.state == State.CUT_OVER:
         capture.finalize(ctx, sid, src, dst)
         ctl.keep(sid, {"event": "finalized"}, finalized_at=NOW)
         return {"finalized": True}

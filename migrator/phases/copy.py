@@ -39,7 +39,7 @@ import psycopg
 from migrator import capture, hooks, metrics
 from migrator.control.context import Context
 from migrator.control.membership import BatchRecord
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
 from migrator.lanes import in_lanes
 from migrator.phases import copy_objects
@@ -190,7 +190,7 @@ def _copy_batch(
 
 
 def _check_no_foreign_rows(
-    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batch_users: Mapping[int, list[str]]
+    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: Mapping[int, list[str]]
 ) -> None:
     """Refuse batches whose users already have rows at the destination: a batch not in the
     ledger was never committed there by this tool, so such rows were written by someone else.
@@ -211,7 +211,7 @@ def _check_no_foreign_rows(
             }
             for b in pending if occupied else []:
                 for name, table in occupied.items():
-                    found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batch_users[b])).fetchall()
+                    found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batches[b])).fetchall()
                     if found:
                         pks = [dict(zip(table.pk, r)) for r in found]
                         raise ConflictError(
@@ -241,7 +241,7 @@ def _copy_pending(
     sid: str,
     region: str,
     dst_dsn: str,
-    batch_users: Mapping[int, list[str]],
+    batches: Mapping[int, list[str]],
     pending: list[int],
     rep: replica.Replica,
 ) -> Iterator[tuple[int, BatchRecord]]:
@@ -254,7 +254,7 @@ def _copy_pending(
 
     def one(links: _Links, b: int) -> BatchRecord:
         throttle.wait()
-        res = _copy_with_retries(ctx, links, sid, region, b, batch_users[b], rep)
+        res = _copy_with_retries(ctx, links, sid, region, b, batches[b], rep)
         throttle.done(sum(res.rows.values()))
         return res
 
@@ -279,8 +279,8 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     shard = ctl.shard(sid)
     ctx.check_destination(shard.region)
     dst_dsn = ctx.dsn(shard.region)
-    if shard.state != Phase.COPYING:
-        ctl.move(sid, shard.state, Phase.COPYING, {"event": "copy started"})
+    if shard.state != State.COPYING:
+        ctl.move(sid, shard.state, State.COPYING, {"event": "copy started"})
     # A failure is classified (transient: resumable; terminal: failed) by `dispatch`.
     if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
         capture.start_capture(ctx, ctx.source_dsn, sid)
@@ -291,7 +291,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
             rep = replica.of(
                 dst_dsn, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks
             )
-    batch_users = ctl.batch_keys(sid, ctx.sort_keys)
+    batches = ctl.batch_keys(sid, ctx.sort_keys)
     # The destination's ledger is the truth of what is committed there: a checkpoint
     # whose ledger row is gone (e.g. a destination that lost recent commits in a
     # crash) is copied again.
@@ -301,13 +301,13 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
             ctl.save_checkpoint(sid, b, entry)
             done[b] = entry
     copied_now = 0
-    total = len(batch_users)
+    total = len(batches)
     if progress:
         progress(len(done), total)
-    pending = [b for b in sorted(batch_users) if b not in done]
-    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batch_users)
+    pending = [b for b in sorted(batches) if b not in done]
+    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches)
     started = time.monotonic()
-    for b, res in _copy_pending(ctx, sid, shard.region, dst_dsn, batch_users, pending, rep):
+    for b, res in _copy_pending(ctx, sid, shard.region, dst_dsn, batches, pending, rep):
         ctl.save_checkpoint(sid, b, res)
         done[b] = res
         copied_now += 1
@@ -325,7 +325,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         log.info("shard %s: %d captured change(s) applied", sid, n)
     listed: dict[str, str] = {}
     if objects.enabled(ctx):
-        moved = copy_objects.copy_batches(ctx, sid, shard.region, batch_users)
+        moved = copy_objects.copy_batches(ctx, sid, shard.region, batches)
         log.info("shard %s objects: %d copied, %d already there", sid, moved.copied, moved.skipped)
         listed = moved.listed
     rows: dict[str, int] = {}
@@ -335,5 +335,5 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     detail = {"event": "copied", "batches": len(done), "rows": rows, "edge_checks_skipped": rep.skipped()}
     if listed:  # how the object stores were listed (see `shard.objects.page_budget`)
         detail["objects_listed"] = listed
-    ctl.move(sid, Phase.COPYING, Phase.COPIED, detail, error=None)
+    ctl.move(sid, State.COPYING, State.COPIED, detail, error=None)
     return CopyResult(len(done), copied_now, rows)

@@ -35,7 +35,7 @@ def copy_batches(
     ctx: Context,
     sid: str,
     region: str,
-    batch_users: Mapping[int, list[str]],
+    batches: Mapping[int, list[str]],
     progress: Callable[[int, int], None] | None = None,
 ) -> ObjectsCopied:
     """Copy the objects of every batch not yet checkpointed; returns totals.
@@ -52,8 +52,8 @@ def copy_batches(
     threshold, part = o.multipart_threshold_mb * 2**20, o.part_size_mb * 2**20
     totals = ObjectsCopied()
 
-    pending = [b for b in sorted(batch_users) if b not in done]
-    keys_of = {b: batch_users[b] for b in pending}  # read once: the listings and the copies both need them
+    pending = [b for b in sorted(batches) if b not in done]
+    keys_of = {b: batches[b] for b in pending}  # read once: the listings and the copies both need them
     on_src, on_dst = shard_listings(o, keys_of, (src_c, src.bucket), (dst_c, dst.bucket))
     src_index, dst_index = on_src.index, on_dst.index
     # whether a batch may list the common prefix

@@ -19,7 +19,7 @@ from migrator.capture import recovery
 from migrator.capture.watchdog import watching
 from migrator.control import directory
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe, retrying
 from migrator.shard.compare import compare_touched, not_changed_since
 from migrator.stores.postgres import bounded
@@ -38,7 +38,7 @@ def cutover_shard(ctx: Context, sid: str) -> int:
         return directory.flip(ctx, sid, {})
     ctl = ctx.control
     shard = ctl.shard(sid)
-    if shard.state != Phase.VERIFIED:
+    if shard.state != State.VERIFIED:
         raise StateConflict(f"shard {sid} is {shard.state}; only a verified shard can be cut over")
     with watching(ctx, sid):
         return _cutover(ctx, sid, shard.region)
@@ -71,7 +71,7 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
                 hooks.point("fenced", ctx, sid)
                 capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline, ignore=ours)
                 steps.mark("catch_up")
-                diffs = compare_touched(ctx, sid, src, dst, after=settled)
+                diffs = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled)
                 if diffs:
                     raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
                 checked = sum(map(len, capture.touched_keys(src, sid, after=settled).values()))
@@ -166,7 +166,7 @@ def _compare_changed_so_far(
         capture.catch_up(ctx, sid, src, dst, "forward", pending_at_most=ctx.spec.changes.catch_up_below, ignore=ours)
         upto = ctx.control.position(sid, "forward")
         hooks.point("settled", ctx, sid)
-        diffs = compare_touched(ctx, sid, src, dst, after=settled, upto=upto)
+        diffs = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled, upto=upto)
         if diffs:
             diffs = not_changed_since(diffs, capture.touched(src, sid, after=upto))
             if diffs:

@@ -37,7 +37,7 @@ from psycopg import sql
 
 from migrator import hooks
 from migrator.control.context import INTEGER_TYPES, Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.control.store import SCHEMA, shard_id
 from migrator.errors import SpecError, StateConflict, describe, is_transient
 from migrator.partition import shard_name
@@ -123,7 +123,7 @@ def _load(ctx: Context, c: Conn, since: datetime | None, until: datetime | None,
         c.execute(
             f"DELETE FROM rm_plan p USING {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) "
             "WHERE su.user_key = p.user_key AND s.state <> %s",
-            (Phase.ROLLED_BACK.value,),
+            (State.ROLLED_BACK.value,),
         )
     if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.held_users",)).fetchone()[0]:
         c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.held_users h WHERE h.user_key = p.user_key")
@@ -299,7 +299,7 @@ def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
         c.execute(
             f"INSERT INTO {SCHEMA}.shard (shard_id, wave, name, region, idx, state, users, batches, plan) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, '{}')",
-            (s.shard_id, s.wave, s.name, s.region, s.idx, Phase.PLANNED.value, s.users, s.batches),
+            (s.shard_id, s.wave, s.name, s.region, s.idx, State.PLANNED.value, s.users, s.batches),
         )
     order = sql.SQL("p.user_key::numeric" if ctx.key_type in INTEGER_TYPES else 'p.user_key COLLATE "C"')
     # Every membership row names a shard inserted just above: its foreign key's per-row
@@ -336,5 +336,5 @@ def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
     measured.result()
     for s in p.shards:
         c.execute(f"UPDATE {SCHEMA}.shard SET plan = %s WHERE shard_id = %s", (json.dumps(s.summary()), s.shard_id))
-        ctl.audit(c, s.shard_id, None, Phase.PLANNED.value, {"users": s.users, "rows": s.rows, "batches": s.batches})
+        ctl.audit(c, s.shard_id, None, State.PLANNED.value, {"users": s.users, "rows": s.rows, "batches": s.batches})
     ctl.audit(c, None, None, None, {"event": "plan", "wave": p.wave, "shards": len(p.shards), "unplaced": p.unplaced})

@@ -35,7 +35,7 @@ from psycopg import sql
 
 from migrator import capture, hooks
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.control.store import Shard
 from migrator.errors import PurgeRefused, SpecError
 from migrator.evidence import pseudonym
@@ -95,7 +95,7 @@ def _key(ctx: Context, region: str) -> bytes | None:
 def _due(ctx: Context, sid: str) -> datetime:
     p = settings(ctx)
     shard = ctx.control.shard(sid)
-    at = shard.state_since if shard.state == Phase.CUT_OVER else None
+    at = shard.state_since if shard.state == State.CUT_OVER else None
     if at is None:
         raise PurgeRefused(f"shard {sid}: no cutover recorded")
     due = at.timestamp() + p.after_s
@@ -212,7 +212,7 @@ def would_purge(ctx: Context, sid: str) -> dict[str, Any]:
     preconditions checked, and what it would delete, pseudonymise and keep. A purge already
     under way is not planned again: its rerun finishes it."""
     shard = ctx.control.shard(sid)
-    if shard.state != Phase.CUT_OVER:
+    if shard.state != State.CUT_OVER:
         raise PurgeRefused(f"shard {sid} is {shard.state}; only a cut-over shard can be purged")
     checked = preconditions(ctx, sid)
     return {"shard_id": sid, "would_purge": _plan_only(ctx, sid), **checked}
@@ -255,9 +255,9 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
     ctl = ctx.control
     shard = ctl.shard(sid)
     src = ctx.source_dsn
-    if shard.state == Phase.CUT_OVER:
+    if shard.state == State.CUT_OVER:
         checked = preconditions(ctx, sid)
-        ctl.move(sid, Phase.CUT_OVER, Phase.PURGING, {"event": "purge started", **checked})
+        ctl.move(sid, State.CUT_OVER, State.PURGING, {"event": "purge started", **checked})
     key = _key(ctx, shard.region)
     history.ensure(src, history.CAPTURE)
     rep = replica.of(src, ctx.spec.entity_graph, f"source {ctx.spec.source_region}", ctx.spec.copy_.skip_edge_checks)
@@ -267,13 +267,13 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
             for b, r in c.execute("SELECT batch_no, receipt FROM migrator.purge_ledger WHERE shard_id = %s", (sid,))
         }
     manifest = objects.manifest(ctx, sid)
-    batch_users = ctl.batch_keys(sid, ctx.sort_keys)
-    total = len(batch_users)
+    batches = ctl.batch_keys(sid, ctx.sort_keys)
+    total = len(batches)
     pause = settings(ctx).batch_pause_s
-    pending = [b for b in sorted(batch_users) if b not in done]
+    pending = [b for b in sorted(batches) if b not in done]
 
     def one(_: None, b: int) -> dict[str, Any]:
-        receipt = _purge_batch(ctx, sid, shard.region, b, batch_users[b], manifest.get(b, []), key, rep)
+        receipt = _purge_batch(ctx, sid, shard.region, b, batches[b], manifest.get(b, []), key, rep)
         hooks.point("purged batch", ctx, sid)
         if pause:
             time.sleep(pause)  # this lane's pause: the source's own writers go first
@@ -296,7 +296,7 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
         "started_at": started.isoformat() if started else None,
         "finished_at": datetime.now(UTC).isoformat(),
     }
-    ctl.move(sid, Phase.PURGING, Phase.PURGED, detail)
+    ctl.move(sid, State.PURGING, State.PURGED, detail)
     return {"purged": receipts, "batches": len(done)}
 
 
@@ -337,8 +337,8 @@ def select(ctx: Context, wave: str | None, names: list[str] | None, region: str 
         return ctl.resolve(wave, names, region)
     if not ctl.exists():
         return []
-    found = ctl.shards(wave=wave, region=region, states=[Phase.CUT_OVER, Phase.PURGING])
-    return [s for s in found if s.state == Phase.PURGING or is_due(ctx, s.shard_id)]
+    found = ctl.shards(wave=wave, region=region, states=[State.CUT_OVER, State.PURGING])
+    return [s for s in found if s.state == State.PURGING or is_due(ctx, s.shard_id)]
 
 
 def summary(ctx: Context, ids: list[str]) -> dict[str, Any]:

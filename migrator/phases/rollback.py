@@ -15,7 +15,7 @@ from migrator.capture import recovery
 from migrator.capture.watchdog import watching
 from migrator.control import directory
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, StateConflict, retrying
 from migrator.lanes import in_lanes
 from migrator.phases import rollback_objects
@@ -35,7 +35,7 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
         with bounded(deadline):
             capture.fence(dst, sid, deadline)
             n = capture.catch_up(ctx, sid, dst, src, "reverse", deadline=deadline)
-            diffs = compare_touched(ctx, sid, dst, dst)
+            diffs = compare_touched(ctx, sid, log_at=dst, destination=dst)
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ after carrying writes back", diffs)
             if time.monotonic() > deadline:
@@ -59,7 +59,7 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
             flipped = directory.flip_back(
                 ctx,
                 sid,
-                Phase.CUT_OVER,
+                State.CUT_OVER,
                 region,
                 {"event": "rollback started", "reason": reason, "changes_carried_back": carried},
             )
@@ -96,11 +96,11 @@ def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str], rep
 def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
     ctl = ctx.control
     shard = ctl.shard(sid)
-    if shard.state == Phase.ROLLED_BACK:
+    if shard.state == State.ROLLED_BACK:
         return {"shard_id": sid, "already": True, "deleted": {}}
     flipped = carried = 0
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
-    if shard.state == Phase.CUT_OVER and ctx.spec.changes.capture:
+    if shard.state == State.CUT_OVER and ctx.spec.changes.capture:
         if shard.finalized:
             raise StateConflict(
                 f"shard {sid} was finalized: writes at its new home are no longer captured, "
@@ -118,11 +118,11 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
             history.ensure(dst, history.LEDGER)
             rep = replica.of(dst, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
     removed_objects = rollback_objects.rollback(ctx, sid, shard.region)
-    batch_users = ctl.batch_keys(sid, ctx.sort_keys)  # one batch's keys at a time
+    batches = ctl.batch_keys(sid, ctx.sort_keys)  # one batch's keys at a time
     # Batches hold disjoint users, each deleted in its own transaction: lanes as the copy's.
     for _, counts in in_lanes(
-        batch_users,
-        lambda _, b: _delete_batch(ctx, sid, dst, b, batch_users[b], rep),
+        batches,
+        lambda _, b: _delete_batch(ctx, sid, dst, b, batches[b], rep),
         ctx.spec.copy_.workers,
         "rollback",
     ):
@@ -137,8 +137,8 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
         ctl.transition(
             c,
             sid,
-            Phase.ROLLING_BACK,
-            Phase.ROLLED_BACK,
+            State.ROLLING_BACK,
+            State.ROLLED_BACK,
             {
                 "event": "rolled back",
                 "reason": reason,

@@ -44,16 +44,16 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
 def _unrecorded(ctx: Context, sid: str, dst_c, bucket: str, recorded: set[str]) -> set[str]:
     """Objects this tool wrote at the destination for the shard's users but never recorded."""
     o = settings(ctx)
-    batch_users = ctx.control.batch_keys(sid, ctx.sort_keys)
+    batches = ctx.control.batch_keys(sid, ctx.sort_keys)
     found: set[str] = set()
     src = o.stores[ctx.spec.source_region]
     src_c = s3.client(src)
     # decided once for the shard, as the copy does
-    on_src, on_dst = shard_listings(o, batch_users, (src_c, src.bucket), (dst_c, bucket))
+    on_src, on_dst = shard_listings(o, batches, (src_c, src.bucket), (dst_c, bucket))
     if o.user_prefix is not None:
         head, tail = o.user_prefix.split("{user}", 1)
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
-        for users in batch_users.values():
+        for users in batches.values():
             candidates = set(source_objects(ctx, users, on_src.index, src_c, on_src.common_prefix))
             if o.user_prefix is not None:  # what the destination lists, and a HEAD only for keys outside
                 mine = set(users)

@@ -24,7 +24,7 @@ from psycopg import sql
 
 from migrator import capture, metrics
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, StateConflict
 from migrator.phases import verify_objects
 from migrator.shard import objects
@@ -139,7 +139,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     ctl = ctx.control
     shard = ctl.shard(sid)
     ctx.check_destination(shard.region)
-    batch_users = ctl.batch_keys(sid, ctx.sort_keys)
+    batches = ctl.batch_keys(sid, ctx.sort_keys)
     src_dsn, dst_dsn = ctx.source_dsn, ctx.dsn(shard.region)
     # Each side is read on `verify.workers` connections at once, each taking the next
     # table from the side's queue, so neither side's server waits on its slower half.
@@ -163,13 +163,13 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     differences: list[dict] = []
     objects_listed = None
     if objects.enabled(ctx):
-        obj_agg, obj_diffs, objects_listed = verify_objects.verify(ctx, sid, shard.region, batch_users)
+        obj_agg, obj_diffs, objects_listed = verify_objects.verify(ctx, sid, shard.region, batches)
         src.update(obj_agg)
         dst.update(obj_agg)
         differences += obj_diffs
     for table, b in sorted(src.keys() | dst.keys()):
         if src.get((table, b)) != dst.get((table, b)) and len(differences) < MAX_NAMED:
-            differences += _narrow(ctx, src_dsn, dst_dsn, table, batch_users[b])
+            differences += _narrow(ctx, src_dsn, dst_dsn, table, batches[b])
     if in_flight_ok and differences:
         differences = not_changed_since(differences, capture.touched(ctx.source_dsn, sid))
     rows: dict[str, int] = {t: 0 for t in ctx.tables}
@@ -184,9 +184,9 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
     without changing its phase unless it no longer matches before cutover."""
     ctl = ctx.control
     shard = ctl.shard(sid)
-    if shard.state not in (Phase.COPIED, Phase.VERIFIED, Phase.CUT_OVER):
+    if shard.state not in (State.COPIED, State.VERIFIED, State.CUT_OVER):
         raise StateConflict(f"shard {sid} is {shard.state}; only a copied shard can be verified")
-    if ctx.spec.changes.capture and shard.state == Phase.COPIED:
+    if ctx.spec.changes.capture and shard.state == State.COPIED:
         shard_region = ctx.dsn(shard.region)
         # Rows still changing are left out of the comparison (in_flight_ok) and compared
         # at cutover, so the catch-up need not reach an empty log: under a writer that
@@ -194,7 +194,7 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         capture.catch_up(
             ctx, sid, ctx.source_dsn, shard_region, "forward", pending_at_most=ctx.spec.changes.catch_up_below
         )
-    res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != Phase.CUT_OVER)
+    res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != State.CUT_OVER)
     detail = {
         "event": "verify",
         "matched": res.matched,
@@ -207,8 +207,8 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
     # the cutover was given for what the verify before showed, so it is asked again
     kept = {"last_verify": {k: v for k, v in detail.items() if k != "event"}, "approval": None}
     if res.matched:
-        if shard.state == Phase.COPIED:
-            ctl.move(sid, Phase.COPIED, Phase.VERIFIED, detail, digest=res.digest, **kept)
+        if shard.state == State.COPIED:
+            ctl.move(sid, State.COPIED, State.VERIFIED, detail, digest=res.digest, **kept)
         else:
             ctl.keep(sid, detail, **kept)
         return res

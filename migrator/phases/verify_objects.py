@@ -18,7 +18,7 @@ from migrator.stores import s3
 
 
 def verify(
-    ctx: Context, sid: str, region: str, batch_users: Mapping[int, list[str]]
+    ctx: Context, sid: str, region: str, batches: Mapping[int, list[str]]
 ) -> tuple[dict, list[dict], str | None]:
     """Per batch (objects, manifest digest) as both endpoints now hold the bytes, the
     objects that differ from the manifest, named by key, and how the source was listed for
@@ -30,11 +30,11 @@ def verify(
     part = o.part_size_mb * 2**20
     agg: dict[tuple[str, int], tuple[int, str]] = {}
     diffs: list[dict] = []
-    (on_src,) = shard_listings(o, batch_users, (src_c, src.bucket))
+    (on_src,) = shard_listings(o, batches, (src_c, src.bucket))
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
-        for b in sorted(batch_users):
+        for b in sorted(batches):
             entries = man.get(b, [])
-            expected_keys = list(source_objects(ctx, batch_users[b], on_src.index, src_c, on_src.common_prefix))
+            expected_keys = list(source_objects(ctx, batches[b], on_src.index, src_c, on_src.common_prefix))
             missing_from_manifest = sorted(set(expected_keys) - {k for k, _, _ in entries})
             diffs += [{"object": k, "problem": "not copied"} for k in missing_from_manifest]
             got_src = list(pool.map(lambda e: s3.content_sha256(src_c, src.bucket, e[0], part), entries))

@@ -25,14 +25,16 @@ def not_changed_since(differences: list[dict], changed: set[tuple[str, tuple]]) 
     return [d for d in differences if "table" not in d or (d["table"], tuple(sorted(d["pk"].items()))) not in changed]
 
 
-def compare_touched(ctx: Context, sid: str, log_dsn: str, dst_dsn: str, after=None, upto=None) -> list[dict]:
-    """Compare, on both sides, only the rows whose keys are in the change log (past log
-    position `after`, up to `upto`). Every other row is unchanged since the copy's snapshot
-    and was compared by the full verification, so a fence that compares only what changed
-    since the last such comparison stays short whatever the size of the shard."""
+def compare_touched(ctx: Context, sid: str, *, log_at: str, destination: str, after=None, upto=None) -> list[dict]:
+    """Compare, at the source and at `destination`, only the rows whose keys are in the
+    change log kept at `log_at` (the source's before a cutover's decision, the
+    destination's during a rollback), past log position `after`, up to `upto`. Every other
+    row is unchanged since the copy's snapshot and was compared by the full verification,
+    so a fence that compares only what changed since the last such comparison stays short
+    whatever the size of the shard."""
     g = ctx.spec.entity_graph
     diffs: list[dict] = []
-    for name, pks in capture.touched_keys(log_dsn, sid, after, upto).items():
+    for name, pks in capture.touched_keys(log_at, sid, after, upto).items():
         table = ctx.tables[name]
         ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
         pkcols = sql.SQL(", ").join(sql.Identifier(c) for c in table.pk)
@@ -41,7 +43,7 @@ def compare_touched(ctx: Context, sid: str, log_dsn: str, dst_dsn: str, after=No
             "SELECT {}, {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})"
         ).format(pktext, sqlgen.row_hash(table), ident, ident, pkcols)
         sides = []
-        for dsn in (ctx.source_dsn, dst_dsn):
+        for dsn in (ctx.source_dsn, destination):
             with connect(dsn, autocommit=True) as c:
                 sides.append({tuple(r[:-1]): r[-1] for r in c.execute(q, {"pks": json.dumps(pks)}).fetchall()})
         src, dst = sides

@@ -96,13 +96,13 @@ def shard_listing(c, bucket: str, prefix_head: str, prefix_tail: str, users: set
     return Listing(index, index is not None, "common prefix" if index is not None else "per user")
 
 
-def shard_listings(o: Objects, batch_users: Mapping[int, list[str]], *endpoints: tuple[Any, str]) -> list[Listing]:
+def shard_listings(o: Objects, batches: Mapping[int, list[str]], *endpoints: tuple[Any, str]) -> list[Listing]:
     """`shard_listing` of each endpoint, a (client, bucket), for every user of the shard's
     batches, the endpoints listed at once; without user prefixes, each lists per batch."""
     if o.user_prefix is None:
         return [Listing(None, True, "per batch") for _ in endpoints]
     head, tail = o.user_prefix.split("{user}", 1)
-    users = {u for keys in batch_users.values() for u in keys}
+    users = {u for keys in batches.values() for u in keys}
     with ThreadPoolExecutor(max_workers=len(endpoints)) as lister:
         return list(lister.map(lambda e: shard_listing(e[0], e[1], head, tail, users, o.threads), endpoints))
 

@@ -33,7 +33,7 @@ from migrator.spec.sections import (
     Root,
     Sharding,
     Store,
-    Throttle,
+    ThrottleSettings,
     VerifySettings,
 )
 
@@ -55,7 +55,7 @@ __all__ = [
     "Sharding",
     "Spec",
     "Store",
-    "Throttle",
+    "ThrottleSettings",
     "VerifySettings",
     "expand_env",
     "load_spec",

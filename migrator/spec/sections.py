@@ -188,7 +188,7 @@ class Sharding(Strict):
     shards_per_region: int = Field(4, ge=1, le=4096)
 
 
-class Throttle(Strict):
+class ThrottleSettings(Strict):
     """When the phases that read a shard at the source (the copy, and the verify's reads
     there) hold back for the source's own work: before each step (a batch, a table) they
     wait while any limit is exceeded, and keep the shard's rate under a ceiling."""
@@ -211,7 +211,7 @@ class Throttle(Strict):
     check_every_s: float = Field(1.0, gt=0, le=60, description="how often a waiting copy or verify looks again")
 
     @model_validator(mode="after")
-    def _standby_and_lag(self) -> Throttle:
+    def _standby_and_lag(self) -> ThrottleSettings:
         if (self.standby is None) != (self.max_replay_lag_s is None):
             raise ValueError("standby and max_replay_lag_s go together: give both or neither")
         return self
@@ -219,7 +219,7 @@ class Throttle(Strict):
 
 class CopySettings(Strict):
     batch_users: int = Field(500, ge=1, le=1_000_000)
-    throttle: Throttle = Field(Throttle(), description="holding back while the source is busy")
+    throttle: ThrottleSettings = Field(ThrottleSettings(), description="holding back while the source is busy")
     workers: int = Field(
         2,
         ge=1,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from migrator.airflow import tasks
 from migrator.cli.main import app
 from migrator.control.context import Context
-from migrator.control.state import Phase
+from migrator.control.state import State
 from migrator.lifecycle import dispatch
 from migrator.spec import load_spec
 from tests.conftest import DEMO_OWNED, World
@@ -133,7 +133,7 @@ def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: Wo
     proc.wait()
     deadline = time.monotonic() + 15
     while world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-half/ie-00'") != [
-        (Phase.ROLLING_BACK.value,)
+        (State.ROLLING_BACK.value,)
     ]:
         assert time.monotonic() < deadline, "the rollback's flip back was not completed by recovery"
         time.sleep(0.2)

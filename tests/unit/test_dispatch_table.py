@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from migrator.control.state import TRANSITIONS, Phase, allowed
+from migrator.control.state import TRANSITIONS, State, allowed
 from migrator.lifecycle.dispatch import PHASES, RUNS, Verdict, decide
 
-P = Phase
+P = State
 # the first move each phase makes from the state it runs in (none: it moves no state)
-MAKES: dict[str, set[Phase]] = {
+MAKES: dict[str, set[State]] = {
     "copy": {P.COPYING},
     "verify": {P.VERIFIED},
     "recheck": set(),
@@ -30,7 +30,7 @@ def test_every_phase_is_in_the_table():
 
 
 @pytest.mark.parametrize("phase", PHASES)
-@pytest.mark.parametrize("state", list(Phase))
+@pytest.mark.parametrize("state", list(State))
 def test_a_phase_runs_where_its_move_is_allowed_and_is_refused_where_it_is_not(state, phase):
     d = decide(state, phase)
     moves = {t for t in MAKES[phase] if allowed(state, t)}
@@ -64,6 +64,6 @@ def test_a_released_shard_a_later_wave_took_is_skipped_by_its_own_waves_run():
 
 
 def test_the_automatic_rollback_acts_on_a_failed_shard_only():
-    for state in Phase:
+    for state in State:
         want = Verdict.RUN if state == P.FAILED else Verdict.SKIP
         assert decide(state, "rollback_failed").verdict == want, state

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrator import partition
-from migrator.control.state import TRANSITIONS, Phase, allowed
+from migrator.control.state import TRANSITIONS, State, allowed
 from migrator.errors import SpecError, is_transient
 from migrator.spec import load_spec, mask_dsn, parse_spec
 
@@ -103,16 +103,16 @@ def test_shards_are_roughly_even(n):
 
 
 def test_rollback_reachable_from_every_phase_but_done_and_purge():
-    for p in Phase:
-        if p not in (Phase.ROLLED_BACK, Phase.PURGING, Phase.PURGED):
-            assert allowed(p, Phase.ROLLING_BACK), p
+    for p in State:
+        if p not in (State.ROLLED_BACK, State.PURGING, State.PURGED):
+            assert allowed(p, State.ROLLING_BACK), p
         else:  # a purge is the point of no return
-            assert not allowed(p, Phase.ROLLING_BACK), p
-    assert TRANSITIONS[Phase.PURGED] == frozenset()
-    assert {k for k, v in TRANSITIONS.items() if Phase.PURGING in v} == {Phase.CUT_OVER, Phase.PURGING}
-    assert not allowed(Phase.CUT_OVER, Phase.COPYING)
-    assert not allowed(Phase.PLANNED, Phase.CUT_OVER)
-    assert all(Phase.CUT_OVER not in v for k, v in TRANSITIONS.items() if k != Phase.VERIFIED)
+            assert not allowed(p, State.ROLLING_BACK), p
+    assert TRANSITIONS[State.PURGED] == frozenset()
+    assert {k for k, v in TRANSITIONS.items() if State.PURGING in v} == {State.CUT_OVER, State.PURGING}
+    assert not allowed(State.CUT_OVER, State.COPYING)
+    assert not allowed(State.PLANNED, State.CUT_OVER)
+    assert all(State.CUT_OVER not in v for k, v in TRANSITIONS.items() if k != State.VERIFIED)
 
 
 def test_error_classification():
@@ -254,11 +254,11 @@ def test_describe_names_an_unreachable_s3_endpoint():
 
 
 def test_dispatch_refusals_name_the_state_and_the_next_step():
-    from migrator.control.state import Phase
+    from migrator.control.state import State
     from migrator.lifecycle.dispatch import RUNS, Verdict, decide
 
     for phase in RUNS:
-        for state in Phase:
+        for state in State:
             d = decide(state, phase)
             assert d.verdict in Verdict
             if d.verdict == Verdict.REFUSE:
