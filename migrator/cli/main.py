@@ -9,13 +9,18 @@ import logging
 import os
 import sys
 
-import click
 import typer
 
 from migrator import metrics
 from migrator.cli import shards, upkeep  # noqa: F401 - their verbs register on `app`
 from migrator.cli.common import app, err
 from migrator.errors import MigratorError, SpecError, StateConflict, describe
+
+
+def _is(exc: BaseException, kind: str) -> bool:
+    """Whether `exc` is click's `kind`: typer carries a click of its own (`typer._click`),
+    whose classes are not those of the click package, so the kind is known by its name."""
+    return any(c.__name__ == kind and "click" in c.__module__ for c in type(exc).__mro__)
 
 
 def main() -> None:
@@ -31,13 +36,13 @@ def main() -> None:
     except MigratorError as e:
         err.print(f"[red]error:[/] {e}")
         sys.exit(e.exit_code)
-    except click.exceptions.UsageError as e:
-        err.print(f"[red]usage:[/] {e.format_message()}")
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except Exception as e:  # a driver error: its class, never its text (which may quote a row)
-        err.print(f"[red]error:[/] {describe(e)}")
+    except Exception as e:
+        if _is(e, "UsageError"):  # a command, option or value the command line does not take
+            err.print(f"[red]usage:[/] {e.format_message()}")  # type: ignore[attr-defined]
+            sys.exit(2)
+        if _is(e, "Abort"):
+            sys.exit(130)
+        err.print(f"[red]error:[/] {describe(e)}")  # a driver error: its class, never its text (it may quote a row)
         sys.exit(1)
     finally:
         try:
