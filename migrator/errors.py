@@ -1,15 +1,13 @@
-"""Every error the migrator raises, and the one place that says which are transient.
+"""Every error the migrator raises, and how any error is described without its values.
 
-Transient errors (a lost connection, a server shutting down, a serialization failure,
-S3 throttling or 5xx) are retried with backoff; everything else is terminal. Messages
+Which errors are transient is said by each store where its driver is called
+(`migrator.stores.is_transient`); this module holds the migrator's own kinds. Messages
 never carry a row's contents: tables, key columns and key values only.
 """
 
 from __future__ import annotations
 
 import psycopg
-from psycopg import errors as pge
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 
 class MigratorError(Exception):
@@ -73,6 +71,11 @@ class StoreUnavailable(TransientError):
     """A store cannot be reached now (down, restarting, timing out); named with its address."""
 
 
+class ControlUnavailable(StoreUnavailable):
+    """The control database stayed away longer than the outage its calls ride out: no one
+    in this process retries again; the task's next run (Airflow's retry, a rerun) does."""
+
+
 class StoreRefused(MigratorError):
     """A store refuses the migrator (wrong password, no such database or role, no CONNECT
     privilege): waiting does not mend it."""
@@ -90,63 +93,6 @@ class ObjectMissing(MigratorError):
 
 class ObjectVanished(TransientError):
     """A source object was deleted between its listing and its copy; the batch is listed again."""
-
-
-_TRANSIENT_PG = (
-    pge.SerializationFailure,
-    pge.DeadlockDetected,
-    pge.AdminShutdown,
-    pge.CrashShutdown,
-    pge.CannotConnectNow,
-    pge.ConnectionException,
-    pge.LockNotAvailable,
-    pge.QueryCanceled,
-    pge.TooManyConnections,
-)
-
-
-def retry_later(exc: BaseException) -> bool:
-    """Whether an orchestrator should run the task again later: a transient error, or a
-    shard another worker still holds (its holder finishes or dies, and a dead holder's
-    lock ends with its database session). The command line waits for a busy shard
-    itself (`engine.each`)."""
-    return isinstance(exc, ShardBusy) or is_transient(exc)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The single classification of errors into transient (retry) and terminal."""
-    if isinstance(exc, TransientError):
-        return True
-    if isinstance(exc, MigratorError):
-        return False
-    if isinstance(exc, _TRANSIENT_PG):
-        return True
-    if isinstance(exc, psycopg.OperationalError):
-        # Connection refused, server closed the connection, SSL drop, ...: all operational.
-        return True
-    if isinstance(exc, psycopg.InterfaceError):
-        return "closed" in str(exc).lower()
-    try:
-        from botocore.exceptions import ClientError, HTTPClientError, ReadTimeoutError
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-    except ImportError:  # pragma: no cover
-        return False
-    # HTTPClientError: the connection closed or broke mid-request (ConnectionClosedError)
-    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, HTTPClientError)):
-        return True
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        # PreconditionFailed: a source object changed between its listing and the GET
-        # conditional on the listed ETag; the retry lists the batch again.
-        return status >= 500 or code in {
-            "Throttling",
-            "ThrottlingException",
-            "SlowDown",
-            "RequestTimeout",
-            "PreconditionFailed",
-        }
-    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 # SQLSTATE classes whose primary message names objects (tables, columns, constraints,
@@ -193,24 +139,3 @@ def describe(exc: BaseException) -> str:
     if endpoint:  # botocore's EndpointConnectionError and its kind
         return f"S3 endpoint {endpoint} cannot be reached ({type(exc).__name__})"
     return type(exc).__name__
-
-
-def retrying(settings, also_not: tuple[type[BaseException], ...] = ()) -> Retrying:
-    """A tenacity policy that retries only transient errors (but those of `also_not`)."""
-    return Retrying(
-        retry=retry_if_exception(lambda e: is_transient(e) and not isinstance(e, also_not)),
-        stop=stop_after_attempt(settings.attempts),
-        wait=wait_exponential(multiplier=settings.initial_wait_s, max=settings.max_wait_s),
-        reraise=True,
-    )
-
-
-def riding_out(seconds: float) -> Retrying:
-    """A tenacity policy for the control database: transient errors are retried for up to
-    `seconds` (a restart, a failover), not a fixed number of times."""
-    return Retrying(
-        retry=retry_if_exception(is_transient),
-        stop=stop_after_delay(seconds),
-        wait=wait_exponential(multiplier=0.2, max=2.0),
-        reraise=True,
-    )

@@ -15,7 +15,8 @@ import threading
 import time
 
 from migrator.control.context import Context, not_a_standby
-from migrator.errors import describe, is_transient, retrying
+from migrator.errors import describe
+from migrator.stores import is_transient
 from migrator.stores.postgres import connect, where
 
 log = logging.getLogger("migrator.throttle")
@@ -62,9 +63,8 @@ class Throttle:
         """(what is busy, why in words) while the source is busier than the limits, else None."""
         t = self.limits
         if t.max_active is not None or t.max_lock_waits is not None:
-            for attempt in retrying(self.ctx.spec.retry):
-                with attempt, connect(self.ctx.source_dsn, autocommit=True) as c:
-                    active, waiting = c.execute(_LOAD).fetchone()
+            with connect(self.ctx.source_dsn, autocommit=True) as c:
+                active, waiting = c.execute(_LOAD).fetchone()
             if t.max_active is not None and active > t.max_active:
                 return "active", f"{active} other queries running at the source (max_active {t.max_active})"
             if t.max_lock_waits is not None and waiting > t.max_lock_waits:

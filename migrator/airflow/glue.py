@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from migrator.airflow import tasks
-from migrator.errors import describe, retry_later
+from migrator.errors import describe
 from migrator.spec import read_yaml
+from migrator.stores import retry_later
 
 SPEC_ENV = "MIGRATOR_SPEC"
 

@@ -7,14 +7,13 @@ import logging
 import time
 
 from psycopg import sql
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from migrator.control.context import Context
 from migrator.control.store import Control
-from migrator.errors import describe, is_transient, retrying
+from migrator.errors import describe
 from migrator.schema import history
 from migrator.spec import EntityGraph
-from migrator.stores import sqlgen
+from migrator.stores import is_transient, sqlgen
 from migrator.stores.catalog import Table
 from migrator.stores.postgres import Conn, connect
 
@@ -82,11 +81,9 @@ def install(ctx: Context, dsn: str) -> None:
     the trigger keeps it: re-creating a trigger locks its table against the application's
     writes."""
 
-    for attempt in retrying(ctx.spec.retry):
-        with attempt:
-            history.ensure(dsn, history.CAPTURE)
-            logs_at_head.add(dsn)
-            _guards(ctx, dsn)
+    history.ensure(dsn, history.CAPTURE)
+    logs_at_head.add(dsn)
+    _guards(ctx, dsn)
 
 
 def _guards(ctx: Context, dsn: str) -> None:
@@ -111,17 +108,9 @@ def _guards(ctx: Context, dsn: str) -> None:
 
 def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
     """Drop the triggers, functions and log when no shard needs them any more. Dropping a
-    trigger locks its table against the application's writes, so a deadlock or lock
-    timeout is retried rather than failing the shard."""
-    for attempt in Retrying(
-        retry=retry_if_exception(is_transient),
-        stop=stop_after_attempt(10),
-        wait=wait_exponential(multiplier=0.1, max=2),
-        reraise=True,
-    ):
-        with attempt:
-            return _uninstall(ctx, dsn)
-    return False
+    trigger locks its table against the application's writes; a deadlock or lock timeout
+    is transient, and the phase's retry tries again."""
+    return _uninstall(ctx, dsn)
 
 
 def _uninstall(ctx: Context, dsn: str) -> bool:

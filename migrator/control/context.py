@@ -8,9 +8,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from migrator.control.store import Control
-from migrator.errors import SchemaMismatch, SpecError, describe, is_transient
+from migrator.errors import SchemaMismatch, SpecError, describe
 from migrator.spec import EntityGraph, Spec
-from migrator.stores import catalog
+from migrator.stores import catalog, is_transient
 from migrator.stores.catalog import Table
 from migrator.stores.postgres import connect, name_store, where
 

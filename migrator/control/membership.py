@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from migrator.control.state import State
-from migrator.errors import riding_out
+from migrator.errors import ControlUnavailable, describe
 from migrator.schema import history
-from migrator.stores.postgres import Conn, pipe
+from migrator.stores import is_transient
+from migrator.stores.postgres import Conn, pipe, where
 
 SCHEMA = history.SCHEMA
 
@@ -49,16 +51,37 @@ class ShardBatches(Mapping[int, list[str]]):
         return self._count
 
 
+def _worth_waiting(exc: BaseException) -> bool:
+    return is_transient(exc) and not isinstance(exc, ControlUnavailable)
+
+
+def ride_out(dsn: str, seconds: float, fn: Callable[[], Any]) -> Any:
+    """`fn()` (one transaction of its own) retried through a transient outage of the control
+    database for up to `seconds` (a restart, a failover): the one level at which the control
+    database's calls are retried. Past it, ControlUnavailable, which nothing in this process
+    retries again (a call that rides out an outage inside another does not double it)."""
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception(_worth_waiting),
+            stop=stop_after_delay(seconds),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                return fn()
+    except Exception as exc:
+        if _worth_waiting(exc):
+            raise ControlUnavailable(f"{where(dsn)}: away for more than {seconds:g} s ({describe(exc)})") from exc
+        raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def ridden_out(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Retry a Control method (one transaction of its own) through a transient outage of
-    the control database, for up to its `outage_s`."""
+    """A Control method ridden out through an outage of the control database (`ride_out`)."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        for attempt in riding_out(self.outage_s):
-            with attempt:
-                return fn(self, *args, **kwargs)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return ride_out(self.dsn, self.outage_s, lambda: fn(self, *args, **kwargs))
 
     return wrapper
 
@@ -66,6 +89,7 @@ def ridden_out(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Membership:
     """The shard's members and progress (a part of `Control`, which gives it `connect`)."""
 
+    dsn: str
     outage_s: float
     connect: Callable[..., Conn]
 

@@ -20,11 +20,11 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from migrator.control.membership import Membership, ridden_out
+from migrator.control.membership import Membership, ridden_out, ride_out
 from migrator.control.state import State, allowed
-from migrator.errors import ShardBusy, SpecError, StateConflict, riding_out
+from migrator.errors import ShardBusy, SpecError, StateConflict
 from migrator.schema import history
-from migrator.stores.postgres import Conn, connect
+from migrator.stores.postgres import Conn, connect, name_store
 
 SCHEMA = history.SCHEMA
 NOW = object()  # `Control.keep`: the time of the audit row that records it
@@ -87,6 +87,7 @@ def shard_id(wave: str, name: str) -> str:
 class Control(Membership):
     def __init__(self, dsn: str, run_id: str, outage_s: float = 60.0):
         self.dsn = dsn
+        name_store(dsn, "control database")
         self.run_id = run_id
         self.outage_s = outage_s
         self._current = False  # the schema brought up to date by this process (see `ensure`)
@@ -97,10 +98,7 @@ class Control(Membership):
         a dry run against a fresh database leaves it empty); establishing it rides out an outage."""
         if not self._current and self.exists():
             self.ensure()
-        for attempt in riding_out(self.outage_s):
-            with attempt:
-                return connect(self.dsn, autocommit=autocommit)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return ride_out(self.dsn, self.outage_s, lambda: connect(self.dsn, autocommit=autocommit))
 
     @ridden_out
     def record(self, sid: str | None, state: str | None, detail: dict) -> None:

@@ -20,6 +20,7 @@ shard's lock, resolve what a killed cutover or rollback left unfinished (`recove
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -31,7 +32,14 @@ from migrator.control import holds
 from migrator.control.context import Context
 from migrator.control.state import MOVED, State, allowed
 from migrator.control.store import Shard
-from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError, StateConflict, describe, is_transient, retrying
+from migrator.errors import (
+    ChecksumMismatch,
+    ControlUnavailable,
+    PurgeRefused,
+    SpecError,
+    StateConflict,
+    describe,
+)
 from migrator.evidence import chain
 from migrator.evidence import manifest as evidence
 from migrator.phases.cleanup import cleanup_shard
@@ -41,6 +49,7 @@ from migrator.phases.purge import purge_shard
 from migrator.phases.purge import would_purge as purge_preview
 from migrator.phases.rollback import rollback_shard
 from migrator.phases.verify import verify_shard
+from migrator.stores import is_transient
 
 log = logging.getLogger("migrator.lifecycle.dispatch")
 
@@ -255,14 +264,44 @@ def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> No
 
 
 def step(ctx: Context, sid: str, phase: str, reason: str = "", progress: Progress | None = None) -> Result:
-    """Decide and run one phase, again from its checkpoint after a transient failure (up to
-    the spec's retry attempts); the caller holds the shard's lock. A missed fence window is
-    not retried at once: each try costs the users a window of write downtime, so it waits
-    for the next run (Airflow's retry, a runbook's rerun)."""
-    for attempt in retrying(ctx.spec.retry, also_not=(FenceWindowExceeded,)):
-        with attempt:
+    """Decide and run one phase; the caller holds the shard's lock. This is the one level
+    at which the library retries a store's transient error: the phase runs again from its
+    checkpoint, after resolving what the failure left unfinished, with backoff, until
+    `retry.attempts` tries in a row have made no progress (a checkpoint or a state gained
+    resets the count). Phases do not retry inside; the control database's own calls ride
+    out its outages where they are made (`ControlUnavailable` past that is not retried
+    here). A missed fence window is not retried at once either: each try costs the users
+    a window of write downtime, so it waits for the next run (Airflow's retry, a rerun)."""
+    policy = ctx.spec.retry
+    failures, seen = 0, _progress_mark(ctx, sid)
+    while True:
+        try:
             return _step(ctx, sid, phase, reason, progress)
-    raise AssertionError("unreachable")  # pragma: no cover
+        except Exception as exc:
+            if not is_transient(exc) or isinstance(exc, (FenceWindowExceeded, ControlUnavailable)):
+                raise
+            now = _progress_mark(ctx, sid)
+            failures = 1 if now != seen else failures + 1
+            seen = now
+            if failures >= policy.attempts:
+                raise
+            pause = min(policy.max_wait_s, policy.initial_wait_s * 2 ** (failures - 1))
+            log.warning(
+                "shard %s: %s interrupted (%s); again from its checkpoint in %.1f s (try %d of %d without progress)",
+                sid,
+                phase,
+                describe(exc),
+                pause,
+                failures + 1,
+                policy.attempts,
+            )
+            time.sleep(pause)
+            _resolve(ctx, sid)
+
+
+def _progress_mark(ctx: Context, sid: str) -> tuple[str, int]:
+    """What a phase has gained so far: the shard's state and its committed batches."""
+    return ctx.control.shard(sid).state.value, len(ctx.control.checkpoints(sid))
 
 
 def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | None) -> Result:

@@ -40,12 +40,12 @@ from migrator import capture, hooks, metrics
 from migrator.control.context import Context
 from migrator.control.membership import BatchRecord
 from migrator.control.state import State
-from migrator.errors import ChecksumMismatch, ConflictError, is_transient, retrying
+from migrator.errors import ChecksumMismatch, ConflictError
 from migrator.lanes import in_lanes
 from migrator.phases import copy_objects
 from migrator.schema import history
 from migrator.shard import objects
-from migrator.stores import replica, sqlgen
+from migrator.stores import is_transient, replica, sqlgen
 from migrator.stores.postgres import Conn, connect, relay
 from migrator.throttle import Throttle
 
@@ -200,40 +200,23 @@ def _check_no_foreign_rows(
     which statistics taken before the load do not foresee. A row written by someone else
     during the copy is found by the verify phase as extra at the destination."""
     graph, kt = ctx.spec.entity_graph, ctx.key_type
-    for attempt in retrying(ctx.spec.retry):
-        with attempt, connect(dst_dsn, autocommit=True, keyed=True) as c:
-            # A table without a single row has none of these users' rows: the usual case
-            # of a first copy costs one probe per table instead of one per batch.
-            occupied = {
-                name: table
-                for name, table in ctx.tables.items()
-                if c.execute(sqlgen.any_row(graph, table)).fetchone() is not None
-            }
-            for b in pending if occupied else []:
-                for name, table in occupied.items():
-                    found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batches[b])).fetchall()
-                    if found:
-                        pks = [dict(zip(table.pk, r)) for r in found]
-                        raise ConflictError(
-                            f"shard {sid} batch {b}: destination table {name} already has rows for these users "
-                            f"that this tool did not write, e.g. primary keys {pks}"
-                        )
-
-
-def _copy_with_retries(
-    ctx: Context, links: _Links, sid: str, region: str, b: int, keys: list[str], rep: replica.Replica
-) -> BatchRecord:
-    for attempt in retrying(ctx.spec.retry):
-        with attempt:
-            if attempt.retry_state.attempt_number > 1:
-                log.warning(
-                    "shard %s batch %d: retrying after a transient error (attempt %d)",
-                    sid,
-                    b,
-                    attempt.retry_state.attempt_number,
-                )
-            res = _copy_batch(ctx, links, sid, region, b, keys, rep)
-    return res
+    with connect(dst_dsn, autocommit=True, keyed=True) as c:
+        # A table without a single row has none of these users' rows: the usual case
+        # of a first copy costs one probe per table instead of one per batch.
+        occupied = {
+            name: table
+            for name, table in ctx.tables.items()
+            if c.execute(sqlgen.any_row(graph, table)).fetchone() is not None
+        }
+        for b in pending if occupied else []:
+            for name, table in occupied.items():
+                found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batches[b])).fetchall()
+                if found:
+                    pks = [dict(zip(table.pk, r)) for r in found]
+                    raise ConflictError(
+                        f"shard {sid} batch {b}: destination table {name} already has rows for these users "
+                        f"that this tool did not write, e.g. primary keys {pks}"
+                    )
 
 
 def _copy_pending(
@@ -254,7 +237,7 @@ def _copy_pending(
 
     def one(links: _Links, b: int) -> BatchRecord:
         throttle.wait()
-        res = _copy_with_retries(ctx, links, sid, region, b, batches[b], rep)
+        res = _copy_batch(ctx, links, sid, region, b, batches[b], rep)
         throttle.done(sum(res.rows.values()))
         return res
 
@@ -284,13 +267,9 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     # A failure is classified (transient: resumable; terminal: failed) by `dispatch`.
     if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
         capture.start_capture(ctx, ctx.source_dsn, sid)
-    for attempt in retrying(ctx.spec.retry):
-        with attempt:
-            ensure_ledger(dst_dsn)
-            done_at_dest = ledger(dst_dsn, sid)
-            rep = replica.of(
-                dst_dsn, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks
-            )
+    ensure_ledger(dst_dsn)
+    done_at_dest = ledger(dst_dsn, sid)
+    rep = replica.of(dst_dsn, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
     batches = ctl.batch_keys(sid, ctx.sort_keys)
     # The destination's ledger is the truth of what is committed there: a checkpoint
     # whose ledger row is gone (e.g. a destination that lost recent commits in a

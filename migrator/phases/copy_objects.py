@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from migrator.control.context import Context
 from migrator.control.store import SCHEMA
-from migrator.errors import ConflictError, is_transient, retrying
+from migrator.errors import ConflictError
 from migrator.shard.objects import (
     ensure,
     manifest_digest,
@@ -43,7 +43,8 @@ def copy_batches(
     Batches are pipelined: the next batch is listed and its copies queued while the
     current one's are still running, so the threads do not idle at each batch's end. A
     batch is checkpointed (manifest and checkpoint row) once all its objects are copied;
-    a transient error reruns that batch, whose objects already copied are then skipped."""
+    a transient error ends the call, and the phase's rerun lists afresh and skips the
+    objects already copied."""
     ensure(ctx)
     o = settings(ctx)
     with ctx.control.connect(autocommit=True) as c:
@@ -61,13 +62,11 @@ def copy_batches(
     if o.user_prefix is not None:
         totals.listed = {"source": on_src.how, "destination": on_dst.how}
 
-    def prepare(
-        b: int, pool: ThreadPoolExecutor, fresh: bool = False
-    ) -> tuple[dict[str, str | None], dict[str, dict | None]]:
-        # A retry lists afresh: the shard's listings may be what went stale.
-        listed = source_objects(ctx, keys_of[b], None if fresh else src_index, src_c, by_prefix["source"])
-        idx, whole = None if fresh else dst_index, by_prefix["destination"]
-        present = present_at_destination(ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool, idx, whole)
+    def prepare(b: int, pool: ThreadPoolExecutor) -> tuple[dict[str, str | None], dict[str, dict | None]]:
+        listed = source_objects(ctx, keys_of[b], src_index, src_c, by_prefix["source"])
+        present = present_at_destination(
+            ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool, dst_index, by_prefix["destination"]
+        )
         heads = dict(zip(present, pool.map(lambda k: s3.head(dst_c, dst.bucket, k), present)))
         for k, h in sorted(heads.items()):  # an object we did not write is a conflict, as with rows
             if h is not None and s3.META_SRC_ETAG not in h.get("Metadata", {}):
@@ -94,14 +93,7 @@ def copy_batches(
         ]
 
     def settle(b: int, futures: list[Future], pool: ThreadPoolExecutor) -> None:
-        try:
-            results = [f.result() for f in futures]
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc):
-                raise
-            for attempt in retrying(ctx.spec.retry):
-                with attempt:
-                    results = [f.result() for f in submit(pool, *prepare(b, pool, fresh=True))]
+        results = [f.result() for f in futures]
         entries = [(r.key, r.size, r.sha256) for r in results]
         with ctx.control.connect() as c:
             with c.cursor().copy(
@@ -122,9 +114,7 @@ def copy_batches(
     try:
         for b in pending:
             try:
-                for attempt in retrying(ctx.spec.retry):
-                    with attempt:
-                        listed, heads = prepare(b, pool, fresh=attempt.retry_state.attempt_number > 1)
+                listed, heads = prepare(b, pool)
             except BaseException:
                 while inflight:  # what is already copying is finished and recorded first
                     settle(*inflight.popleft(), pool)

@@ -20,7 +20,7 @@ from migrator.capture.watchdog import watching
 from migrator.control import directory
 from migrator.control.context import Context
 from migrator.control.state import State
-from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe, retrying
+from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe
 from migrator.shard.compare import compare_touched, not_changed_since
 from migrator.stores.postgres import bounded
 
@@ -141,11 +141,9 @@ def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> None:
 
 def _resolve_now(ctx: Context, sid: str, exc: BaseException) -> None:
     """After a failure past the decision: finish the flip (or lift an unheld fence) here,
-    retried on transient errors; if even that fails, the watchdog and the next command do."""
+    once; if that fails too, the watchdog and the phase's rerun (which resolves first) do."""
     try:
-        for attempt in retrying(ctx.spec.retry):
-            with attempt:
-                done = recovery.resolve_shard(ctx, ctx.control.shard(sid))
+        done = recovery.resolve_shard(ctx, ctx.control.shard(sid))
         log.warning("shard %s: cutover interrupted (%s); %s", sid, describe(exc), ", ".join(done) or "nothing was due")
     except Exception as again:
         log.error("shard %s: cutover interrupted (%s) and not resolved yet (%s)", sid, describe(exc), describe(again))

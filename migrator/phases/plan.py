@@ -39,10 +39,10 @@ from migrator import hooks
 from migrator.control.context import INTEGER_TYPES, Context
 from migrator.control.state import State
 from migrator.control.store import SCHEMA, shard_id
-from migrator.errors import SpecError, StateConflict, describe, is_transient
+from migrator.errors import SpecError, StateConflict, describe
 from migrator.partition import shard_name
 from migrator.phases.residency import candidates, residencies
-from migrator.stores import replica, sqlgen
+from migrator.stores import is_transient, replica, sqlgen
 from migrator.stores.postgres import Conn, connect, pipe
 
 log = logging.getLogger("migrator.phases.plan")

@@ -7,7 +7,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 from migrator.control.context import Context
-from migrator.errors import ChecksumMismatch, retrying
+from migrator.errors import ChecksumMismatch
 from migrator.shard.objects import settings, stores
 from migrator.stores import s3
 
@@ -49,22 +49,16 @@ def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, in
     if versioned:
         with ThreadPoolExecutor(o.threads) as pool:
             targets = [t for found in pool.map(lambda k: _versions(ctx, src_c, src.bucket, k), keys) for t in found]
-    for attempt in retrying(ctx.spec.retry):
-        with attempt:
-            s3.delete_keys(src_c, src.bucket, targets)
+    s3.delete_keys(src_c, src.bucket, targets)
     return keys
 
 
 def _versions(ctx: Context, c, bucket: str, key: str) -> list[dict[str, str]]:
     """Every version and delete marker of exactly this key (a listing by prefix also
-    finds longer keys that start with it). Retried on its own: an endpoint may answer a
-    listing with a 5xx while another batch's deletes change the bucket."""
-    for attempt in retrying(ctx.spec.retry):
-        with attempt:
-            found = []
-            for page in c.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
-                for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                    if v["Key"] == key:
-                        found.append({"Key": key, "VersionId": v["VersionId"]})
-            return found
-    raise AssertionError("unreachable")  # pragma: no cover
+    finds longer keys that start with it)."""
+    found = []
+    for page in c.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
+        for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            if v["Key"] == key:
+                found.append({"Key": key, "VersionId": v["VersionId"]})
+    return found

@@ -8,6 +8,7 @@ rolling_back), so no user is ever homed where their rows are being deleted.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from migrator import capture, hooks
@@ -16,13 +17,15 @@ from migrator.capture.watchdog import watching
 from migrator.control import directory
 from migrator.control.context import Context
 from migrator.control.state import State
-from migrator.errors import ChecksumMismatch, StateConflict, retrying
+from migrator.errors import ChecksumMismatch, StateConflict, describe
 from migrator.lanes import in_lanes
 from migrator.phases import rollback_objects
 from migrator.schema import history
 from migrator.shard.compare import compare_touched
 from migrator.stores import replica, sqlgen
 from migrator.stores.postgres import bounded, connect
+
+log = logging.getLogger("migrator.phases.rollback")
 
 
 def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
@@ -64,10 +67,13 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
                 {"event": "rollback started", "reason": reason, "changes_carried_back": carried},
             )
             capture.lift(src, sid)  # the users are homed at the source again: let them write there
-        except BaseException:
-            for attempt in retrying(ctx.spec.retry):
-                with attempt:
-                    recovery.resolve_shard(ctx, ctx.control.shard(sid))
+        except BaseException as exc:
+            try:  # once: if this fails too, the watchdog and the phase's rerun (which resolves first) do
+                recovery.resolve_shard(ctx, ctx.control.shard(sid))
+            except Exception as again:  # noqa: BLE001 - the first failure is the one raised
+                log.error(
+                    "shard %s: rollback interrupted (%s), not resolved yet (%s)", sid, describe(exc), describe(again)
+                )
             raise
     return carried, flipped
 
@@ -75,21 +81,20 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
 def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str], rep: replica.Replica) -> dict[str, int]:
     """Remove one batch's rows from the destination, children first, with its ledger row."""
     graph, kt = ctx.spec.entity_graph, ctx.key_type
-    for attempt in retrying(ctx.spec.retry):
-        with attempt, connect(dst, keyed=True) as c:
-            c.execute(capture.APPLY)  # through the destination's fence
-            counts = {}
-            # Only batches this tool wrote (their ledger row) are removed: rows that were
-            # there before, which the copy refused as a conflict, are not the shard's.
-            ours = c.execute(
-                "DELETE FROM migrator.batch_ledger WHERE shard_id = %s AND batch_no = %s RETURNING 1", (sid, b)
-            ).fetchone()
-            if ours:
-                for name in reversed(list(ctx.tables)):
-                    replica.set_for(c, rep, name)
-                    counts[name] = c.execute(
-                        sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
-                    ).rowcount
+    with connect(dst, keyed=True) as c:
+        c.execute(capture.APPLY)  # through the destination's fence
+        counts = {}
+        # Only batches this tool wrote (their ledger row) are removed: rows that were
+        # there before, which the copy refused as a conflict, are not the shard's.
+        ours = c.execute(
+            "DELETE FROM migrator.batch_ledger WHERE shard_id = %s AND batch_no = %s RETURNING 1", (sid, b)
+        ).fetchone()
+        if ours:
+            for name in reversed(list(ctx.tables)):
+                replica.set_for(c, rep, name)
+                counts[name] = c.execute(
+                    sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
+                ).rowcount
     return counts
 
 
@@ -113,10 +118,8 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
         )
     capture.lift(src, sid)  # the users are homed at the source again: let them write there
     deleted = {t: 0 for t in ctx.tables}
-    for attempt in retrying(ctx.spec.retry):
-        with attempt:
-            history.ensure(dst, history.LEDGER)
-            rep = replica.of(dst, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
+    history.ensure(dst, history.LEDGER)
+    rep = replica.of(dst, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
     removed_objects = rollback_objects.rollback(ctx, sid, shard.region)
     batches = ctl.batch_keys(sid, ctx.sort_keys)  # one batch's keys at a time
     # Batches hold disjoint users, each deleted in its own transaction: lanes as the copy's.

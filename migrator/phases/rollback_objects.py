@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from migrator.control.context import Context
 from migrator.control.store import SCHEMA
-from migrator.errors import retrying
 from migrator.shard.objects import (
     enabled,
     listed,
@@ -32,9 +31,7 @@ def rollback(ctx: Context, sid: str, region: str) -> int:
     _, _, dst, dst_c = stores(ctx, region)
     keys = {k for entries in man.values() for k, _, _ in entries}
     keys |= _unrecorded(ctx, sid, dst_c, dst.bucket, keys)
-    for attempt in retrying(ctx.spec.retry):
-        with attempt:
-            s3.delete_keys(dst_c, dst.bucket, [{"Key": k} for k in sorted(keys)])
+    s3.delete_keys(dst_c, dst.bucket, [{"Key": k} for k in sorted(keys)])
     with ctx.control.connect() as c:
         c.execute(f"DELETE FROM {SCHEMA}.object_manifest WHERE shard_id = %s", (sid,))
         c.execute(f"DELETE FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))

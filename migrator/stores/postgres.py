@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import psycopg
+from psycopg import errors as pge
 from psycopg.conninfo import conninfo_to_dict
 
 from migrator.errors import StoreRefused, StoreUnavailable
@@ -27,6 +28,33 @@ PINNED = {
     "client_encoding": "UTF8",
     "application_name": "residency-migrator",
 }
+
+
+# What a retry can mend: a lost connection, a server shutting down or not accepting yet,
+# a serialization failure or deadlock, a lock or statement timeout, too many connections.
+_TRANSIENT = (
+    pge.SerializationFailure,
+    pge.DeadlockDetected,
+    pge.AdminShutdown,
+    pge.CrashShutdown,
+    pge.CannotConnectNow,
+    pge.ConnectionException,
+    pge.LockNotAvailable,
+    pge.QueryCanceled,
+    pge.TooManyConnections,
+)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether an error PostgreSQL's driver raised is one a retry can mend."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        # Connection refused, server closed the connection, SSL drop, ...: all operational.
+        return True
+    if isinstance(exc, psycopg.InterfaceError):
+        return "closed" in str(exc).lower()
+    return False
 
 
 _deadline: float | None = None

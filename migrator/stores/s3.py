@@ -21,6 +21,27 @@ META_SHA = "sha256"
 META_SRC_ETAG = "source-etag"
 
 
+# PreconditionFailed: a source object changed between its listing and the GET conditional
+# on the listed ETag; the retry lists the batch again.
+_TRANSIENT_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "PreconditionFailed"}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether an error an S3 endpoint's client raised is one a retry can mend: a broken
+    or timed-out connection, throttling, a 5xx."""
+    from botocore.exceptions import ClientError, HTTPClientError, ReadTimeoutError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    # HTTPClientError: the connection closed or broke mid-request (ConnectionClosedError)
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, HTTPClientError)):
+        return True
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or code in _TRANSIENT_CODES
+    return False
+
+
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 

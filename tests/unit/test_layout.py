@@ -116,3 +116,42 @@ def test_imports_sit_at_the_top_but_the_named_few():
 def test_no_module_over_400_lines():
     long = {rel: n for rel in _modules_cache if (n := len((PACKAGE / rel).read_text().splitlines())) > 400}
     assert not long, f"modules over 400 lines: {long}"
+
+
+def _imported(tree: ast.Module) -> set[str]:
+    return {
+        n.module if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+        if isinstance(n, ast.Import) or n.module
+    }
+
+
+def test_errors_are_classified_in_the_stores_and_retried_at_one_level():
+    """Which errors are transient is said where each store's driver is called; the only
+    retry loops are the dispatcher's (a phase again from its checkpoint) and the control
+    database's riding out of its own outages."""
+    retrying = {rel for rel, tree in _modules_cache.items() if any(m.startswith("tenacity") for m in _imported(tree))}
+    assert retrying == {"control/membership.py"}, retrying
+    step = ast.unparse(
+        next(
+            n
+            for n in ast.walk(_modules_cache["lifecycle/dispatch.py"])
+            if isinstance(n, ast.FunctionDef) and n.name == "step"
+        )
+    )
+    assert "while True" in step and "is_transient(exc)" in step
+    classifying = {
+        rel
+        for rel, tree in _modules_cache.items()
+        if "psycopg.errors" in _imported(tree) or any(m.startswith("botocore.exceptions") for m in _imported(tree))
+    }
+    assert classifying <= {"stores/postgres.py", "stores/s3.py"}, classifying
+    defined = {
+        rel
+        for rel, tree in _modules_cache.items()
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and n.name in ("is_transient", "transient")
+    }
+    assert defined == {"stores/__init__.py", "stores/postgres.py", "stores/s3.py"}, defined

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from migrator import partition
 from migrator.control.state import TRANSITIONS, State, allowed
-from migrator.errors import SpecError, is_transient
+from migrator.errors import SpecError
 from migrator.spec import load_spec, mask_dsn, parse_spec
+from migrator.stores import is_transient
 
 BASE = {
     "regions": {"us": {"dsn": "postgresql://app:s3cret@db-us/app"}, "ie": {"dsn": "postgresql://x@db-ie/app"}},
