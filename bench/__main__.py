@@ -1163,7 +1163,7 @@ def main() -> None:
                     "UPDATE comments SET body = 'changed' WHERE comment_id = (SELECT min(comment_id) FROM comments) "
                     "RETURNING comment_id",
                 )
-            tool_found = [d for s in p.shards for d in compare_shard(ctx, s.shard_id).differences]
+            tool_found = [d.record() for s in p.shards for d in compare_shard(ctx, s.shard_id).differences]
             _, rel_found = reladiff(ctx, src, dst, big.codes)
             changed = {
                 "row": {"table": "comments", "comment_id": victim},

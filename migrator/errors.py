@@ -7,7 +7,11 @@ never carry a row's contents: tables, key columns and key values only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import psycopg
+
+from migrator.differences import Difference
 
 
 class MigratorError(Exception):
@@ -39,9 +43,9 @@ class ConflictError(MigratorError):
 class ChecksumMismatch(MigratorError):
     """Source and destination disagree; `differences` names tables and primary keys."""
 
-    def __init__(self, message: str, differences: list[dict] | None = None):
+    def __init__(self, message: str, differences: Sequence[Difference] = ()):
         super().__init__(message)
-        self.differences = differences or []
+        self.differences: tuple[Difference, ...] = tuple(differences)
 
 
 class StateConflict(MigratorError):

@@ -9,8 +9,8 @@ from migrator.control.state import State
 from migrator.errors import SpecError, StateConflict
 
 
-def release(ctx: Context, sid: str, reason: str) -> dict:
-    """Free the held users of a rolled-back shard for later waves."""
+def release(ctx: Context, sid: str, reason: str) -> int:
+    """Free the held users of a rolled-back shard for later waves; how many."""
     if not reason:
         raise SpecError("release needs --reason (it is recorded in the audit trail)")
     ctl = ctx.control
@@ -23,11 +23,12 @@ def release(ctx: Context, sid: str, reason: str) -> dict:
             State.ROLLED_BACK.value,
             {"event": "users released", "users": n, "reason": reason},
         )
-    return {"released": n}
+    return n
 
 
-def move_again(ctx: Context, sid: str, reason: str) -> dict:
-    """Plan a rolled-back shard's users again in their own wave (rolled_back -> planned)."""
+def move_again(ctx: Context, sid: str, reason: str) -> int:
+    """Plan a rolled-back shard's users again in their own wave (rolled_back -> planned);
+    how many."""
     if not reason:
         raise SpecError("retry needs --reason (it is recorded in the audit trail)")
     ctl = ctx.control
@@ -39,4 +40,4 @@ def move_again(ctx: Context, sid: str, reason: str) -> dict:
     with ctl.connect() as c:
         n = ctl.release(c, sid)
         ctl.transition(c, sid, State.ROLLED_BACK, State.PLANNED, {"event": "moved again", "reason": reason, "users": n})
-    return {"planned_again": True}
+    return n

@@ -1,13 +1,10 @@
-"""The one place that says whether a phase runs for a shard, and what a failure means.
+"""Runs a phase for a shard, and says once what a failure means.
 
-`decide(state, phase)` answers run, skip (the phase's work is already done, or there is
-none for it, and the answer says so) or refuse (with the state and the next step), from
-the shard's state and what the state machine keeps beside it (`finalized`); nothing else
-gates a phase. A dry run asks the same question, then the phase's dry implementation
-(`DRY_RUNS`) says what it would do, writing nothing. The command line, the
-engine's `run` and every Airflow task go through `run_phase`/`advance`, which take the
-shard's lock, resolve what a killed cutover or rollback left unfinished (`recovery`), ask
-`decide`, run the phase, and classify a failure once:
+The command line, the engine's `run` and every Airflow task go through
+`run_phase`/`advance`, which take the shard's lock, resolve what a killed cutover or
+rollback left unfinished (`recovery`), ask the one gate (`gate.decide`), run the phase,
+and classify a failure once. A dry run asks the same gate, then the phase's dry
+implementation (`DRY_RUNS`) says what it would do, writing nothing.
 
 * transient (a store down, a lock held too long, a fence window missed): the shard keeps
   its state and resumes from its checkpoint when the phase runs again;
@@ -21,17 +18,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from migrator import hooks
 from migrator.capture import recovery
 from migrator.control import holds
 from migrator.control.context import Context
-from migrator.control.state import MOVED, State, allowed
-from migrator.control.store import Shard
+from migrator.control.state import State, allowed
+from migrator.differences import records
 from migrator.errors import (
     ChecksumMismatch,
     ControlUnavailable,
@@ -42,6 +38,7 @@ from migrator.errors import (
 )
 from migrator.evidence import chain
 from migrator.evidence import manifest as evidence
+from migrator.lifecycle.gate import FORWARD, SUPERSEDED, Verdict, decision
 from migrator.phases.cleanup import cleanup_shard
 from migrator.phases.copy import copy_shard
 from migrator.phases.cutover import FenceWindowExceeded, cutover_shard
@@ -54,101 +51,6 @@ from migrator.stores import is_transient
 log = logging.getLogger("migrator.lifecycle.dispatch")
 
 P = State
-
-
-class Verdict(StrEnum):
-    RUN = "run"
-    SKIP = "skip"
-    REFUSE = "refuse"
-
-
-PHASES = (
-    "copy", "verify", "recheck", "cutover", "rollback", "rollback_failed", "cleanup", "release", "retry", "purge"
-)  # fmt: skip
-# The states each phase runs from, and those in which its work is already done.
-RUNS: dict[str, frozenset[State]] = {
-    "copy": frozenset({P.PLANNED, P.COPYING, P.FAILED}),
-    "verify": frozenset({P.COPIED}),
-    "recheck": frozenset({P.VERIFIED, P.CUT_OVER}),
-    "cutover": frozenset({P.VERIFIED}),
-    "rollback": frozenset(set(P) - {P.ROLLED_BACK, P.PURGING, P.PURGED}),
-    # the DAG's automatic rollback: only a shard that failed for good; one that a transient
-    # outage stopped keeps its checkpoint and resumes when its task is cleared
-    "rollback_failed": frozenset({P.FAILED}),
-    "cleanup": frozenset({P.CUT_OVER, P.ROLLED_BACK}),
-    "release": frozenset({P.ROLLED_BACK}),
-    "retry": frozenset({P.ROLLED_BACK}),
-    "purge": frozenset({P.CUT_OVER, P.PURGING}),
-}
-DONE: dict[str, frozenset[State]] = {
-    "copy": frozenset({P.COPIED, P.VERIFIED, *MOVED}),
-    "verify": frozenset({P.VERIFIED, *MOVED}),
-    "cutover": frozenset(MOVED),
-    "rollback": frozenset({P.ROLLED_BACK}),
-    "rollback_failed": frozenset(set(P) - {P.FAILED}),
-    "cleanup": frozenset({P.PURGED}),
-    "purge": frozenset({P.PURGED}),
-}
-NEXT_STEP: dict[State, str] = {
-    P.PLANNED: "copy it first (migrator copy)",
-    P.COPYING: "finish its copy (migrator copy resumes it)",
-    P.COPIED: "verify it first (migrator verify)",
-    P.VERIFIED: "cut it over (migrator cutover) or roll it back",
-    P.CUT_OVER: "roll it back first (migrator rollback) if it must move again",
-    P.FAILED: "resume it (migrator copy, then verify) once the cause is fixed, or roll it back",
-    P.ROLLING_BACK: "finish the rollback (migrator rollback)",
-    P.ROLLED_BACK: "its users are held; move them again with migrator retry, or release them with migrator release",
-    P.PURGING: "finish the purge (migrator purge resumes it); it can no longer be rolled back",
-    P.PURGED: "none: its source copy is retired, the point of no return; moving its users back is a new "
-    "migration from their region",
-}
-
-
-@dataclass(frozen=True)
-class Decision:
-    verdict: Verdict
-    why: str
-
-
-FINALIZED = (
-    "is cut_over and was finalized: writes at its new home are no longer captured, so a rollback could lose "
-    "them; next: none (moving its users back is a new migration from their region)"
-)
-
-
-SUPERSEDED = "superseded"
-
-
-def decide(state: State, phase: str, finalized: bool = False, superseded: bool = False) -> Decision:
-    """The answer for a shard in `state`: `finalized` when cleanup removed its capture,
-    `superseded` when a rolled-back shard's users were released and a later wave took them."""
-    if phase not in RUNS:
-        raise ValueError(f"unknown phase {phase!r}")
-    if superseded and state == P.ROLLED_BACK and phase in FORWARD:
-        return Decision(Verdict.SKIP, f"{SUPERSEDED}: its users were released and a later wave moves them")
-    if finalized and state == P.CUT_OVER:
-        if phase in ("rollback", "rollback_failed"):
-            return Decision(Verdict.REFUSE, FINALIZED)
-        if phase == "cleanup":
-            return Decision(Verdict.SKIP, "already finalized: nothing to cleanup")
-    if state in RUNS[phase]:
-        return Decision(Verdict.RUN, f"{phase} runs on a {state} shard")
-    if state in DONE.get(phase, frozenset()):
-        if phase == "rollback_failed":
-            return Decision(
-                Verdict.SKIP,
-                f"{state}: not failed for good, so it resumes rather than rolls back "
-                "(clear its failed task to resume it)",
-            )
-        return Decision(Verdict.SKIP, f"already {state}: nothing to {phase}")
-    return Decision(Verdict.REFUSE, f"is {state}, so it cannot {phase}; next: {NEXT_STEP[state]}")
-
-
-def decision(ctx: Context, shard: Shard, phase: str) -> Decision:
-    """`decide` for the shard as the control database keeps it."""
-    finalized = shard.finalized and ctx.spec.changes.capture  # without capture, cleanup removes nothing
-    superseded = shard.state == P.ROLLED_BACK and phase in FORWARD and bool(ctx.control.superseded_by(shard.shard_id))
-    return decide(shard.state, phase, finalized, superseded)
 
 
 def preview(ctx: Context, sid: str, phase: str) -> dict[str, Any]:
@@ -167,17 +69,21 @@ def dry_run(ctx: Context, sid: str, phase: str) -> dict[str, Any]:
         raise StateConflict(f"shard {sid} {d.why}")
     if d.verdict == Verdict.SKIP or phase not in DRY_RUNS:
         return preview(ctx, sid, phase)
-    return DRY_RUNS[phase](ctx, sid)
+    return DRY_RUNS[phase](ctx, sid).summary()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
+    """One phase of one shard as the faces see it: the state it ended in, whether it ran
+    or why not, and what it did as the faces print it (`detail`, from the phase's typed
+    result by its runner)."""
+
     shard_id: str
     phase: str
     state: str
     ran: bool
     skipped: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] = field(default_factory=dict)
 
     def descriptor(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shard_id": self.shard_id, "phase": self.phase, "state": self.state, "ran": self.ran}
@@ -185,6 +91,12 @@ class Result:
             out["skipped"] = self.skipped
         out.update(self.detail)
         return out
+
+
+class DryRun(Protocol):
+    """A phase's dry implementation's answer: what it would do, as the faces print it."""
+
+    def summary(self) -> dict[str, Any]: ...
 
 
 Progress = Callable[[int, int], None]
@@ -206,23 +118,25 @@ def _cutover(ctx: Context, sid: str, reason: str, progress: Progress | None) -> 
 
 def _rollback(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
     r = rollback_shard(ctx, sid, reason)
-    return {"deleted": r.get("deleted", {}), "objects_deleted": r.get("objects_deleted", 0)}
+    return {"deleted": dict(r.deleted), "objects_deleted": r.objects_deleted}
 
 
 def _cleanup(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
-    return cleanup_shard(ctx, sid)
+    return {"finalized": cleanup_shard(ctx, sid)}
 
 
 def _purge(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
-    return purge_shard(ctx, sid, progress=progress)
+    r = purge_shard(ctx, sid, progress=progress)
+    return {"purged": r.receipts, "batches": r.batches}
 
 
 def _release(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
-    return holds.release(ctx, sid, reason)
+    return {"released": holds.release(ctx, sid, reason)}
 
 
 def _retry(ctx: Context, sid: str, reason: str, progress: Progress | None) -> dict[str, Any]:
-    return holds.move_again(ctx, sid, reason)
+    holds.move_again(ctx, sid, reason)
+    return {"planned_again": True}
 
 
 RUNNERS: dict[str, Callable[[Context, str, str, Progress | None], dict[str, Any]]] = {
@@ -238,7 +152,7 @@ RUNNERS: dict[str, Callable[[Context, str, str, Progress | None], dict[str, Any]
     "purge": _purge,
 }
 # Each phase's second implementation: what it would do, writing nothing.
-DRY_RUNS: dict[str, Callable[[Context, str], dict[str, Any]]] = {"purge": purge_preview}
+DRY_RUNS: dict[str, Callable[[Context, str], DryRun]] = {"purge": purge_preview}
 
 
 def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> None:
@@ -254,7 +168,7 @@ def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> No
             return
         detail: dict[str, Any] = {"event": f"{phase} failed", "error": what}
         if isinstance(exc, ChecksumMismatch):
-            detail["named"] = exc.differences[:50]
+            detail["named"] = records(exc.differences[:50])
         if allowed(state, P.FAILED):
             ctl.move(sid, state, P.FAILED, detail, error=what[:2000])
         else:
@@ -375,7 +289,6 @@ def run_phase(ctx: Context, sid: str, phase: str, reason: str = "", progress: Pr
         return step(ctx, sid, phase, reason, progress)
 
 
-FORWARD = ("copy", "verify", "cutover")
 EVIDENT = ("cutover", "rollback", "purge")  # phases after which the destination keeps the chain's head
 OWED = {P.CUT_OVER: "cutover", P.ROLLED_BACK: "rollback", P.PURGED: "purge"}  # the manifest each end state is owed
 

@@ -16,8 +16,9 @@ from typing import Any
 from migrator.control.context import Context, check_standby
 from migrator.control.state import MOVED
 from migrator.control.store import Shard
+from migrator.differences import Difference
 from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, describe
-from migrator.lifecycle import dispatch
+from migrator.lifecycle import dispatch, gate
 from migrator.phases.plan import Plan, plan
 
 log = logging.getLogger("migrator.lifecycle.engine")
@@ -32,7 +33,7 @@ class Outcome:
     ok: bool
     state: str = ""
     error: str | None = None
-    differences: list[dict] = field(default_factory=list)
+    differences: tuple[Difference, ...] = ()
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,7 +50,7 @@ def _outcome(ctx: Context, sid: str, fn: Callable[[], list[dispatch.Result]], wa
         results = fn()
         state = results[-1].state if results else ctx.control.shard(sid).state.value
         detail = {r.phase: (r.skipped or r.detail) for r in results}
-        superseded = any((r.skipped or "").startswith(dispatch.SUPERSEDED) for r in results)
+        superseded = any((r.skipped or "").startswith(gate.SUPERSEDED) for r in results)
         ok = want is None or state in want or superseded
         return Outcome(sid, ok, state, None if ok else f"shard {sid} is {state}", detail=detail)
     except ShardBusy:

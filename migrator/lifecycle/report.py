@@ -13,6 +13,7 @@ from rich.table import Table
 from migrator import capture, metrics, throttle
 from migrator.control.context import Context
 from migrator.control.store import Shard
+from migrator.differences import records
 from migrator.errors import ChecksumMismatch, PurgeRefused, StateConflict
 from migrator.lifecycle import dispatch, engine
 from migrator.lifecycle.engine import Outcome
@@ -90,7 +91,7 @@ def document(
             if o.error:
                 s["error"] = o.error
             if o.differences:
-                s["differences"] = o.differences
+                s["differences"] = records(o.differences)
             if o.detail:
                 s["phases"] = o.detail  # per phase: what it did, or why it was skipped
     totals: dict[str, Any] = {"shards": len(shards), "users": sum(s.get("users", 0) for s in shards), "rows": {}}

@@ -58,11 +58,11 @@ def batch_digest(parts: dict[str, tuple[int, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class CopyResult:
     batches: int
     copied_now: int
-    rows: dict[str, int]
+    rows: Mapping[str, int]
 
 
 class _Links:

@@ -164,9 +164,9 @@ def _compare_changed_so_far(
         capture.catch_up(ctx, sid, src, dst, "forward", pending_at_most=ctx.spec.changes.catch_up_below, ignore=ours)
         upto = ctx.control.position(sid, "forward")
         hooks.point("settled", ctx, sid)
-        diffs = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled, upto=upto)
-        if diffs:
-            diffs = not_changed_since(diffs, capture.touched(src, sid, after=upto))
+        touched = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled, upto=upto)
+        if touched:
+            diffs = not_changed_since(touched, capture.touched(src, sid, after=upto))
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} changed row(s) differ before the fence", diffs)
         settled = upto

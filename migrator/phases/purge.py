@@ -27,7 +27,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -181,7 +182,42 @@ def _purge_rows(
     return out
 
 
-def _plan_only(ctx: Context, sid: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Checked:
+    """What a purge checked before touching anything."""
+
+    cut_over_at: str
+    destination_digest: str
+
+    def record(self) -> dict[str, str]:
+        return {"cut_over_at": self.cut_over_at, "destination_digest": self.destination_digest}
+
+
+@dataclass(frozen=True)
+class WouldPurge:
+    """The purge's dry run: its checks, and per table what it would delete, pseudonymise
+    and keep (`action`, `rows`, `columns`), and how many objects."""
+
+    shard_id: str
+    checked: Checked
+    tables: Mapping[str, Mapping[str, Any]]
+    objects: int
+
+    def summary(self) -> dict[str, Any]:
+        plan = {"tables": self.tables, "objects": self.objects}
+        return {"shard_id": self.shard_id, "would_purge": plan, **self.checked.record()}
+
+
+@dataclass(frozen=True)
+class Purged:
+    """A finished purge: its receipts added up over the batches (per table what was done;
+    the objects deleted and their keys' digest), and how many batches."""
+
+    receipts: Mapping[str, Any]
+    batches: int
+
+
+def _plan_only(ctx: Context, sid: str) -> tuple[dict[str, dict[str, Any]], int]:
     """What a purge would delete and pseudonymise, per table, without writing anything."""
     p = settings(ctx)
     totals: dict[str, dict[str, Any]] = {}
@@ -194,20 +230,20 @@ def _plan_only(ctx: Context, sid: str) -> dict[str, Any]:
                 if p.columns(table.name):
                     t["columns"] = p.columns(table.name)
     n_objects = sum(len(v) for v in objects.manifest(ctx, sid).values())
-    return {"tables": totals, "objects": n_objects}
+    return totals, n_objects
 
 
-def preconditions(ctx: Context, sid: str) -> dict[str, Any]:
+def preconditions(ctx: Context, sid: str) -> Checked:
     """Everything checked before a purge touches anything; returns what it found."""
     shard = ctx.control.shard(sid)
     check_policy(ctx)
     cut_at = _due(ctx, sid)
     _key(ctx, shard.region)
     res = verify_shard(ctx, sid)  # re-reads rows and objects on both sides; raises on a difference
-    return {"cut_over_at": cut_at.isoformat(), "destination_digest": res.digest}
+    return Checked(cut_at.isoformat(), res.digest)
 
 
-def would_purge(ctx: Context, sid: str) -> dict[str, Any]:
+def would_purge(ctx: Context, sid: str) -> WouldPurge:
     """The purge's dry implementation (the dispatcher has said it would run): its
     preconditions checked, and what it would delete, pseudonymise and keep. A purge already
     under way is not planned again: its rerun finishes it."""
@@ -215,7 +251,8 @@ def would_purge(ctx: Context, sid: str) -> dict[str, Any]:
     if shard.state != State.CUT_OVER:
         raise PurgeRefused(f"shard {sid} is {shard.state}; only a cut-over shard can be purged")
     checked = preconditions(ctx, sid)
-    return {"shard_id": sid, "would_purge": _plan_only(ctx, sid), **checked}
+    tables, n_objects = _plan_only(ctx, sid)
+    return WouldPurge(sid, checked, tables, n_objects)
 
 
 def _purge_batch(
@@ -250,14 +287,14 @@ def _purge_batch(
     return receipt
 
 
-def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dict[str, Any]:
+def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> Purged:
     """Purge one cut-over (or partly purged) shard; the caller holds its lock."""
     ctl = ctx.control
     shard = ctl.shard(sid)
     src = ctx.source_dsn
     if shard.state == State.CUT_OVER:
         checked = preconditions(ctx, sid)
-        ctl.move(sid, State.CUT_OVER, State.PURGING, {"event": "purge started", **checked})
+        ctl.move(sid, State.CUT_OVER, State.PURGING, {"event": "purge started", **checked.record()})
     key = _key(ctx, shard.region)
     history.ensure(src, history.CAPTURE)
     rep = replica.of(src, ctx.spec.entity_graph, f"source {ctx.spec.source_region}", ctx.spec.copy_.skip_edge_checks)
@@ -297,7 +334,7 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> dic
         "finished_at": datetime.now(UTC).isoformat(),
     }
     ctl.move(sid, State.PURGING, State.PURGED, detail)
-    return {"purged": receipts, "batches": len(done)}
+    return Purged(receipts, len(done))
 
 
 def _totals(done: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 from migrator.control.context import Context
+from migrator.differences import ObjectDifference
 from migrator.errors import ChecksumMismatch
 from migrator.shard.objects import settings, stores
 from migrator.stores import s3
@@ -29,14 +30,14 @@ def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, in
     with ThreadPoolExecutor(o.threads) as pool:
         got = list(pool.map(lambda e: s3.content_sha256(dst_c, dst.bucket, e[0], part), entries))
     bad = [
-        {"object": k, "problem": "missing at destination" if g is None else "different at destination"}
+        ObjectDifference(k, "missing at destination" if g is None else "different at destination")
         for (k, n, h), g in zip(entries, got)
         if g is None or g != (n, h)
     ]
     if bad:
         raise ChecksumMismatch(
             f"shard {sid}: {len(bad)} object(s) at destination {region} no longer match the manifest "
-            f"(first: {bad[0]['object']!r}, {bad[0]['problem']}); nothing of them was purged",
+            f"(first: {bad[0].named()}); nothing of them was purged",
             bad,
         )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from migrator import capture, hooks
 from migrator.capture import recovery
@@ -26,6 +28,16 @@ from migrator.stores import replica, sqlgen
 from migrator.stores.postgres import bounded, connect
 
 log = logging.getLogger("migrator.phases.rollback")
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """What a rollback removed from the destination (nothing when it had already ended)."""
+
+    already: bool
+    deleted: Mapping[str, int] = field(default_factory=dict)  # rows per table
+    objects_deleted: int = 0
+    directory_flipped_back: int = 0  # users homed at the source again
 
 
 def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
@@ -98,11 +110,11 @@ def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str], rep
     return counts
 
 
-def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
+def rollback_shard(ctx: Context, sid: str, reason: str = "") -> RollbackResult:
     ctl = ctx.control
     shard = ctl.shard(sid)
     if shard.state == State.ROLLED_BACK:
-        return {"shard_id": sid, "already": True, "deleted": {}}
+        return RollbackResult(already=True)
     flipped = carried = 0
     src, dst = ctx.source_dsn, ctx.dsn(shard.region)
     if shard.state == State.CUT_OVER and ctx.spec.changes.capture:
@@ -151,10 +163,4 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> dict:
             },
             digest=None,
         )
-    return {
-        "shard_id": sid,
-        "already": False,
-        "deleted": deleted,
-        "objects_deleted": removed_objects,
-        "directory_flipped_back": flipped,
-    }
+    return RollbackResult(False, deleted, removed_objects, flipped)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from psycopg import sql
 from migrator import capture, metrics
 from migrator.control.context import Context
 from migrator.control.state import State
+from migrator.differences import Difference, RowDifference
 from migrator.errors import ChecksumMismatch, StateConflict
 from migrator.phases import verify_objects
 from migrator.shard import objects
@@ -36,12 +38,12 @@ from migrator.throttle import Throttle
 MAX_NAMED = 1000
 
 
-@dataclass
+@dataclass(frozen=True)
 class VerifyResult:
     matched: bool
     digest: str
-    rows: dict[str, int]
-    differences: list[dict]
+    rows: Mapping[str, int]
+    differences: tuple[Difference, ...]
     objects_listed: str | None = None  # how the source's objects were listed (`verify_objects.verify`)
 
 
@@ -109,7 +111,7 @@ def _largest_first(ctx: Context, tables: list[str], rows: dict[str, int]) -> lis
     return sorted(tables, key=lambda t: (-rows.get(t, 0) * (1 + sqlgen.ownership(g, t).joined), t))
 
 
-def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: list[str]) -> list[dict]:
+def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: list[str]) -> list[RowDifference]:
     """Name the rows of one batch and table that differ, by primary key."""
     table = ctx.tables[table_name]
     q = sqlgen.pk_hashes(ctx.spec.entity_graph, table, ctx.key_type)
@@ -128,7 +130,7 @@ def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: lis
             problem = "different"
         else:
             continue
-        diffs.append({"table": table_name, "pk": dict(zip(table.pk, pk)), "problem": problem})
+        diffs.append(RowDifference.of(table_name, table.pk, pk, problem))
     return diffs
 
 
@@ -160,7 +162,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
             src.update(f.result())
         for f in fd:
             dst.update(f.result())
-    differences: list[dict] = []
+    differences: list[Difference] = []
     objects_listed = None
     if objects.enabled(ctx):
         obj_agg, obj_diffs, objects_listed = verify_objects.verify(ctx, sid, shard.region, batches)
@@ -176,7 +178,9 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     for (t, _), (n, _) in src.items():
         rows[t] = rows.get(t, 0) + n
     matched = (src == dst or in_flight_ok) and not differences
-    return VerifyResult(matched, shard_digest(src if matched else dst), rows, differences[:MAX_NAMED], objects_listed)
+    return VerifyResult(
+        matched, shard_digest(src if matched else dst), rows, tuple(differences[:MAX_NAMED]), objects_listed
+    )
 
 
 def verify_shard(ctx: Context, sid: str) -> VerifyResult:
@@ -212,10 +216,7 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         else:
             ctl.keep(sid, detail, **kept)
         return res
-    named = "; ".join(
-        f"{d['table']} {d['pk']}: {d['problem']}" if "table" in d else f"object {d['object']!r}: {d['problem']}"
-        for d in res.differences[:10]
-    )
+    named = "; ".join(d.named() for d in res.differences[:10])
     more = f" (+{len(res.differences) - 10} more)" if len(res.differences) > 10 else ""
     metrics.mismatched(sid, shard.region, len(res.differences))
     msg = f"shard {sid}: {len(res.differences)} row(s) differ between source and destination: {named}{more}"

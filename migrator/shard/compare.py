@@ -10,22 +10,30 @@ whatever the size of the shard.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from psycopg import sql
 
 from migrator import capture
 from migrator.control.context import Context
+from migrator.differences import Difference, RowDifference
 from migrator.stores import sqlgen
 from migrator.stores.postgres import connect
 
 
-def not_changed_since(differences: list[dict], changed: set[tuple[str, tuple]]) -> list[dict]:
+def not_changed_since(differences: Sequence[Difference], changed: set[tuple[str, tuple]]) -> list[Difference]:
     """The differences but those on rows in `changed` (from `capture.touched`): rows still
     changing, compared later."""
-    return [d for d in differences if "table" not in d or (d["table"], tuple(sorted(d["pk"].items()))) not in changed]
+    return [
+        d
+        for d in differences
+        if not isinstance(d, RowDifference) or (d.table, tuple(sorted(dict(d.pk).items()))) not in changed
+    ]
 
 
-def compare_touched(ctx: Context, sid: str, *, log_at: str, destination: str, after=None, upto=None) -> list[dict]:
+def compare_touched(
+    ctx: Context, sid: str, *, log_at: str, destination: str, after=None, upto=None
+) -> list[RowDifference]:
     """Compare, at the source and at `destination`, only the rows whose keys are in the
     change log kept at `log_at` (the source's before a cutover's decision, the
     destination's during a rollback), past log position `after`, up to `upto`. Every other
@@ -33,7 +41,7 @@ def compare_touched(ctx: Context, sid: str, *, log_at: str, destination: str, af
     so a fence that compares only what changed since the last such comparison stays short
     whatever the size of the shard."""
     g = ctx.spec.entity_graph
-    diffs: list[dict] = []
+    diffs: list[RowDifference] = []
     for name, pks in capture.touched_keys(log_at, sid, after, upto).items():
         table = ctx.tables[name]
         ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
@@ -56,5 +64,5 @@ def compare_touched(ctx: Context, sid: str, *, log_at: str, destination: str, af
                     if pk not in src
                     else "different"
                 )
-                diffs.append({"table": name, "pk": dict(zip(table.pk, pk)), "problem": problem})
+                diffs.append(RowDifference.of(name, table.pk, pk, problem))
     return diffs

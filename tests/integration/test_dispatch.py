@@ -16,7 +16,7 @@ from migrator.airflow import tasks
 from migrator.cli.main import app
 from migrator.control.context import Context
 from migrator.control.state import State
-from migrator.lifecycle import dispatch
+from migrator.lifecycle import dispatch, gate
 from migrator.spec import load_spec
 from tests.conftest import DEMO_OWNED, World
 from tests.helpers import paused
@@ -48,7 +48,7 @@ def test_every_state_and_phase_answered_alike_by_the_cli_and_the_tasks(world: Wo
     sid = "default/ie-00"
     spec = load_spec(world.spec_path)
     runner = CliRunner()
-    assert set(EXPECTED) == set(dispatch.PHASES)
+    assert set(EXPECTED) == set(gate.PHASES)
     for i, state in enumerate(STATES):
         with psycopg.connect(world.control) as c:
             c.execute("UPDATE migrator.shard SET state = %s WHERE shard_id = %s", (state, sid))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from migrator.control.state import TRANSITIONS, State, allowed
-from migrator.lifecycle.dispatch import PHASES, RUNS, Verdict, decide
+from migrator.lifecycle.gate import PHASES, RUNS, Verdict, decide
 
 P = State
 # the first move each phase makes from the state it runs in (none: it moves no state)

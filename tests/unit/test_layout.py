@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("schema",),
     ("stores",),
     ("spec",),
-    ("errors", "hooks", "lanes", "metrics", "partition", "migrator"),
+    ("errors", "differences", "hooks", "lanes", "metrics", "partition", "migrator"),
 ]
 RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 

@@ -256,7 +256,7 @@ def test_describe_names_an_unreachable_s3_endpoint():
 
 def test_dispatch_refusals_name_the_state_and_the_next_step():
     from migrator.control.state import State
-    from migrator.lifecycle.dispatch import RUNS, Verdict, decide
+    from migrator.lifecycle.gate import RUNS, Verdict, decide
 
     for phase in RUNS:
         for state in State:
