@@ -50,6 +50,14 @@ class Context:
                 self._source = catalog.read_graph(c, self.spec.entity_graph, f"source {self.spec.source_region}")
         return self._source
 
+    def check_unnamed_tables(self) -> None:
+        """Refuse (a spec problem, exit 2) while a table with a foreign key into the graph is
+        neither moved nor excluded; read afresh each time: a table may be added mid-move."""
+        with connect(self.source_dsn, autocommit=True) as c:
+            found = catalog.unnamed_tables(c, self.spec.entity_graph, f"source {self.spec.source_region}")
+        if found:
+            raise SchemaMismatch("; ".join(found))
+
     @property
     def key_type(self) -> str:
         g = self.spec.entity_graph
@@ -79,6 +87,7 @@ class Context:
         foreign key, a destination that differs), found before anything is written; a
         destination that cannot be reached now is left to the phase (a transient failure)."""
         _ = self.tables  # reads and checks the source's tables
+        self.check_unnamed_tables()
         check_standby(self)
         for r in sorted(regions):
             try:

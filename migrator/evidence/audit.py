@@ -24,7 +24,7 @@ from migrator.control.state import MOVED, State
 from migrator.control.store import SCHEMA
 from migrator.evidence import chain, pseudonym
 from migrator.evidence import manifest as evidence
-from migrator.stores import sqlgen
+from migrator.stores import catalog, sqlgen
 from migrator.stores.postgres import Conn, connect
 
 
@@ -182,6 +182,9 @@ def run(ctx: Context, since: datetime | None = None) -> dict[str, Any]:
         else {"ok": False, "findings": [{"kind": "the control database has no audit chain (run `migrator upgrade`)"}]}
     )
     findings = checked_chain["findings"] + findings
+    with _read(ctx.source_dsn) as c:  # a table the spec forgot holds users' rows at the old home
+        side = f"source {spec.source_region}"
+        findings += [{"kind": "table left behind", "detail": why} for why in catalog.unnamed_tables(c, g, side)]
     return {
         "command": "audit",
         "ok": not findings,
@@ -191,5 +194,6 @@ def run(ctx: Context, since: datetime | None = None) -> dict[str, Any]:
         "timeline": timeline,
         "waves": waves,
         "since": since.isoformat() if since else None,
+        "excluded_tables": [{"table": x.table, "reason": x.reason} for x in g.exclude],
         "findings": findings,
     }

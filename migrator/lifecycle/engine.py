@@ -17,7 +17,7 @@ from migrator.control.context import Context, check_standby
 from migrator.control.state import MOVED
 from migrator.control.store import Shard
 from migrator.differences import Difference
-from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, describe
+from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, SpecError, describe
 from migrator.lifecycle import dispatch, gate
 from migrator.phases.plan import Plan, plan
 
@@ -53,7 +53,7 @@ def _outcome(ctx: Context, sid: str, fn: Callable[[], list[dispatch.Result]], wa
         superseded = any((r.skipped or "").startswith(gate.SUPERSEDED) for r in results)
         ok = want is None or state in want or superseded
         return Outcome(sid, ok, state, None if ok else f"shard {sid} is {state}", detail=detail)
-    except ShardBusy:
+    except (ShardBusy, SpecError):  # a spec problem is the command's, not the shard's: exit 2
         raise
     except ChecksumMismatch as exc:
         return Outcome(sid, False, _state(ctx, sid), error=str(exc), differences=exc.differences)

@@ -35,11 +35,13 @@ class FenceWindowExceeded(TransientError):
 def cutover_shard(ctx: Context, sid: str) -> int:
     """Cut the shard over; with change capture, inside a bounded write fence."""
     if not ctx.spec.changes.capture:
+        ctx.check_unnamed_tables()
         return directory.flip(ctx, sid, {})
     ctl = ctx.control
     shard = ctl.shard(sid)
     if shard.state != State.VERIFIED:
         raise StateConflict(f"shard {sid} is {shard.state}; only a verified shard can be cut over")
+    ctx.check_unnamed_tables()  # a table added mid-move: its rows would stay behind
     with watching(ctx, sid):
         return _cutover(ctx, sid, shard.region)
 

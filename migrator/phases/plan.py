@@ -205,6 +205,7 @@ def plan(
         if r not in spec.targets:
             raise SpecError(f"--region {r!r}: no policy entry sends users there (targets: {', '.join(spec.targets)})")
     _ = ctx.tables  # reads and checks the source's tables
+    ctx.check_unnamed_tables()  # no table holding users' rows may be left behind unnamed
     # A wave covers every target region, so a later `--region` run finds its shards;
     # `regions` only narrows what is returned. A wave that no later run will name (a
     # manual Airflow run's own) plans only `regions` (`only_regions`): the others' users

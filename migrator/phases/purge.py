@@ -237,6 +237,7 @@ def preconditions(ctx: Context, sid: str) -> Checked:
     """Everything checked before a purge touches anything; returns what it found."""
     shard = ctx.control.shard(sid)
     check_policy(ctx)
+    ctx.check_unnamed_tables()  # their rows would stay behind, or block a delete half-way
     cut_at = _due(ctx, sid)
     _key(ctx, shard.region)
     res = verify_shard(ctx, sid)  # re-reads rows and objects on both sides; raises on a difference

@@ -67,10 +67,37 @@ class Child(Strict):
         return v
 
 
+class Excluded(Strict):
+    """A table that references the graph's tables but holds no personal data to move (a
+    lookup, a counter): left where it is on purpose, with the reason the audit names."""
+
+    table: str = Field(description="a table of the graph's schema, or schema.table")
+    reason: str = Field(description="why its rows may stay where they are")
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, v: str) -> str:
+        for part in v.split(".", 1):
+            ident(part, "table")
+        return v
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("needs a reason (the audit names it)")
+        return v
+
+
 class EntityGraph(Strict):
     schema_: str = Field("public", alias="schema")
     root: Root
     tables: list[Child] = []
+    exclude: list[Excluded] = Field(
+        [],
+        description="tables with a foreign key into the graph that stay where they are, each with its reason; "
+        "any other such table is refused",
+    )
 
     @field_validator("schema_")
     @classmethod
@@ -84,6 +111,9 @@ class EntityGraph(Strict):
         if dup:
             raise ValueError(f"table {sorted(dup)[0]!r} is listed twice")
         known = set(names)
+        for x in self.exclude:
+            if x.table in known:
+                raise ValueError(f"table {x.table!r} is both moved (root or tables) and excluded")
         for t in self.tables:
             if t.parent not in known:
                 raise ValueError(f"table {t.table!r}: parent {t.parent!r} is not in the entity graph")

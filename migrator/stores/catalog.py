@@ -105,6 +105,36 @@ GROUP BY con.oid, c.relname, p.relname
 """
 
 
+# Every foreign key into the graph's tables, from any table of any schema.
+_INTO = """
+SELECT n.nspname, c.relname, p.relname, con.conname
+FROM pg_constraint con
+JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+WHERE con.contype = 'f' AND pn.nspname = %s AND p.relname = ANY(%s)
+ORDER BY 1, 2, 4
+"""
+
+
+def unnamed_tables(conn: Conn, graph: EntityGraph, side: str) -> list[str]:
+    """Tables holding rows that point at the graph's (a foreign key into one of its tables)
+    which the spec neither moves nor excludes with a reason: their rows would stay behind
+    at the old home, silently. One line each, naming the table, its key and the store."""
+    names = list(graph.ordered())
+    moved = {(graph.schema_, n) for n in names}
+    excluded = {tuple(x.table.split(".", 1)) if "." in x.table else (graph.schema_, x.table) for x in graph.exclude}
+    out = []
+    for schema, table, parent, con in conn.execute(_INTO, (graph.schema_, names)).fetchall():
+        if (schema, table) in moved or (schema, table) in excluded:
+            continue
+        out.append(
+            f"{side}: table {schema}.{table} has a foreign key ({con}) to {graph.schema_}.{parent}, but the spec "
+            "neither moves it (entity_graph.tables) nor excludes it (entity_graph.exclude, with a reason): "
+            "its rows would stay behind"
+        )
+    return out
+
+
 def read_tables(conn: Conn, schema: str, names: list[str]) -> dict[str, Table]:
     """The named tables of the schema that exist, in one query."""
     cols: dict[str, list[Column]] = {}
