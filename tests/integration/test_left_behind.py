@@ -50,9 +50,10 @@ def test_plan_refuses_a_table_the_spec_forgets_and_an_exclusion_with_a_reason_le
     res = world.migrator("plan")
     assert res.returncode == 2, res.stderr
     assert "public.support_tickets" in res.stderr and "entity_graph.exclude" in res.stderr
-    assert world.ctl("SELECT to_regclass('migrator.shard')")[0][0] is None or not world.ctl(
-        "SELECT count(*) FROM migrator.shard"
-    )[0][0]
+    assert (
+        world.ctl("SELECT to_regclass('migrator.shard')")[0][0] is None
+        or not world.ctl("SELECT count(*) FROM migrator.shard")[0][0]
+    )
 
     graph = world.spec["entity_graph"]
     graph["exclude"] = [{"table": "support_tickets", "reason": ""}]
