@@ -15,7 +15,7 @@ from migrator.control.store import Shard
 from migrator.errors import MigratorError, SpecError
 from migrator.evidence import audit
 from migrator.lifecycle import dispatch
-from migrator.phases import purge
+from migrator.phases import purge, purge_checks
 from migrator.phases.plan import plan as make_plan
 from migrator.spec import Spec, parse_spec, read_yaml
 
@@ -246,8 +246,8 @@ def _all_in(ids: list[str], shards: list[Shard], wanted: frozenset[State], faili
 def purge_select(spec: Spec, run_id: str, wave: str | None, names: list[str] | None, region: str | None) -> list[str]:
     """The shards the purge DAG works on: those named, or every one whose purge is due."""
     ctx = Context(spec, run_id)
-    purge.settings(ctx)
-    purge.check_policy(ctx)
+    purge_checks.settings(ctx)
+    purge_checks.check_policy(ctx)
     return [s.shard_id for s in purge.select(ctx, wave, names or None, region)]
 
 

@@ -52,6 +52,7 @@ class Shard:
     rollback_reason: str | None = None  # the reason of the rollback asked for
     last_verify: dict | None = None  # its last verify's outcome (matched, digest, rows, differences)
     approval: dict | None = None  # the answer to its cutover since that verify, with the run's id
+    frozen: dict | None = None  # its source copy as the cutover left it (digest, per table rows and digest)
 
     @property
     def finalized(self) -> bool:
@@ -77,6 +78,7 @@ class Shard:
             r.get("rollback_reason"),
             r.get("last_verify"),
             r.get("approval"),
+            r.get("frozen"),
         )
 
 

@@ -17,7 +17,7 @@ from migrator.differences import records
 from migrator.errors import ChecksumMismatch, PurgeRefused, StateConflict
 from migrator.lifecycle import dispatch, engine
 from migrator.lifecycle.engine import Outcome
-from migrator.phases import purge
+from migrator.phases import purge_checks
 from migrator.phases.plan import Plan
 
 
@@ -239,8 +239,8 @@ def _would_purge(doc: dict, console: Console) -> None:
 def purge_document(ctx: Context, shards: list[Shard], dry_run: bool = False) -> dict[str, Any]:
     """`migrator purge` and the residency_purge DAG: each shard through the dispatcher (or
     what it would purge); the document the command prints."""
-    purge.settings(ctx)
-    purge.check_policy(ctx)
+    purge_checks.settings(ctx)
+    purge_checks.check_policy(ctx)
     ids = [s.shard_id for s in shards]
     if dry_run:
         would = []

@@ -22,6 +22,7 @@ from migrator.control.context import Context
 from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe
 from migrator.shard.compare import compare_touched, not_changed_since
+from migrator.shard.digest import CopyDigest, digest_copy
 from migrator.stores.postgres import bounded
 
 log = logging.getLogger("migrator.phases.cutover")
@@ -36,14 +37,32 @@ def cutover_shard(ctx: Context, sid: str) -> int:
     """Cut the shard over; with change capture, inside a bounded write fence."""
     if not ctx.spec.changes.capture:
         ctx.check_unnamed_tables()
-        return directory.flip(ctx, sid, {})
+        flipped = directory.flip(ctx, sid, {})
+        keep_frozen(ctx, sid)
+        return flipped
     ctl = ctx.control
     shard = ctl.shard(sid)
     if shard.state != State.VERIFIED:
         raise StateConflict(f"shard {sid} is {shard.state}; only a verified shard can be cut over")
     ctx.check_unnamed_tables()  # a table added mid-move: its rows would stay behind
     with watching(ctx, sid):
-        return _cutover(ctx, sid, shard.region)
+        flipped = _cutover(ctx, sid, shard.region)
+    keep_frozen(ctx, sid)
+    return flipped
+
+
+def keep_frozen(ctx: Context, sid: str) -> CopyDigest | None:
+    """The source copy as the cutover left it, read after the flip (outside the window: the
+    fence keeps the users' source rows still) and kept by the state machine, for the purge's
+    recheck. A failure here is logged, never raised: the shard has cut over, and its purge
+    reads the copy then, the fence held since."""
+    try:
+        d = digest_copy(ctx, sid, ctx.source_dsn)
+        ctx.control.keep(sid, {"event": "source copy frozen", "digest": d.digest}, frozen=d.record())
+        return d
+    except Exception as exc:  # noqa: BLE001 - the move has happened
+        log.warning("shard %s cut over; its source copy was not digested now: %s", sid, describe(exc))
+        return None
 
 
 def _cutover(ctx: Context, sid: str, region: str) -> int:

@@ -1,9 +1,12 @@
 """Retiring the source copy of a cut-over shard: the point of no return.
 
 Preconditions, checked before anything is touched (`PurgeRefused` or `ChecksumMismatch`
-otherwise): the shard is cut over for at least `purge.after`; the destination verifies
-against the source right now (rows and objects, re-read on both sides); the key of its
-region is available where a table is pseudonymised.
+otherwise): the shard is cut over for at least `purge.after`; no table holding users' rows
+is left unnamed; the source copy, re-read now, is exactly what the cutover froze (the
+digest kept beside the state: the application's writes at the new home since are none of
+its business) and every user is still homed at the destination with their row there; the
+key of its region is available where a table is pseudonymised. Objects are checked against
+the manifest at the destination batch by batch before their source copy goes.
 
 Then, batch by batch (the copy's batches): the users' objects at the source are deleted
 once their destination bytes match the manifest, and in one source transaction every
@@ -17,7 +20,7 @@ rows at the source again.
 
 The shard moves cut_over -> purging (from which rollback is refused) -> purged, with the
 receipts (per table rows deleted and pseudonymised, object keys deleted with a digest of
-the key list, the destination digest checked, times, run id) in the audit.
+the key list, the frozen digest checked, times, run id) in the audit.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,14 +40,13 @@ from migrator import capture, hooks
 from migrator.control.context import Context
 from migrator.control.state import State
 from migrator.control.store import Shard
-from migrator.errors import PurgeRefused, SpecError
+from migrator.errors import PurgeRefused
 from migrator.evidence import pseudonym
 from migrator.lanes import in_lanes
 from migrator.phases import purge_objects
-from migrator.phases.verify import verify_shard
+from migrator.phases.purge_checks import Checked, count_rows, is_due, key_of, preconditions, settings
 from migrator.schema import history
 from migrator.shard import objects
-from migrator.spec import Purge
 from migrator.stores import replica, sqlgen
 from migrator.stores.catalog import Table
 from migrator.stores.postgres import Conn, connect
@@ -53,60 +54,6 @@ from migrator.stores.postgres import Conn, connect
 log = logging.getLogger("migrator.phases.purge")
 
 Progress = Callable[[int, int], None]
-
-
-def settings(ctx: Context) -> Purge:
-    if ctx.spec.purge is None:
-        raise SpecError("the spec has no purge section: say per table what is deleted, kept or pseudonymised")
-    return ctx.spec.purge
-
-
-def check_policy(ctx: Context) -> None:
-    """The purge section against the source's tables: every pseudonymised column exists and
-    has a type a pseudonym can take (exit 2 otherwise, naming the column)."""
-    p = settings(ctx)
-    for name in p.tables:
-        table = ctx.tables[name]
-        for col in p.columns(name):
-            if col not in table.names:
-                raise SpecError(f"purge.tables.{name}: source {ctx.spec.source_region} has no column {col}")
-            why = pseudonym.unsupported(table.column(col).type)
-            if why:
-                raise SpecError(f"purge.tables.{name}.{col}: {why}")
-
-
-def _key(ctx: Context, region: str) -> bytes | None:
-    """The region's pseudonymisation key, or None when no table needs one."""
-    p = settings(ctx)
-    if not any(p.action(t) == "pseudonymise" for t in ctx.tables):
-        return None
-    ref = p.keys.get(region)
-    if ref is None:
-        raise PurgeRefused(f"no pseudonymisation key for region {region}: add purge.keys.{region} to the spec")
-    value = os.environ.get(ref.env, "")
-    if len(value) < 16:
-        raise PurgeRefused(
-            f"the pseudonymisation key for region {region} (environment variable {ref.env}, purge.keys.{region}) "
-            + ("is not set" if not value else "is shorter than 16 characters")
-            + " where this worker runs"
-        )
-    return value.encode()
-
-
-def _due(ctx: Context, sid: str) -> datetime:
-    p = settings(ctx)
-    shard = ctx.control.shard(sid)
-    at = shard.state_since if shard.state == State.CUT_OVER else None
-    if at is None:
-        raise PurgeRefused(f"shard {sid}: no cutover recorded")
-    due = at.timestamp() + p.after_s
-    if time.time() < due:
-        when = datetime.fromtimestamp(due, UTC).isoformat(timespec="seconds")
-        raise PurgeRefused(
-            f"shard {sid} cut over at {at.isoformat(timespec='seconds')}; its retention "
-            f"(purge.after {p.after}) ends at {when}: nothing purged"
-        )
-    return at
 
 
 def _order(ctx: Context) -> list[Table]:
@@ -146,19 +93,11 @@ def _pseudonymise(c: Conn, ctx: Context, table: Table, cols: list[str], keys: li
         c.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (v)").format(sql.Identifier(stage)))
         c.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(stage)))
     if not stages:
-        return _count(c, ctx, table, keys)
+        return count_rows(c, ctx, table, keys)
     changed = c.execute(sqlgen.replace_values(g, table, stages, kt), arg).rowcount
     for stage in stages.values():
         c.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(stage)))
     return changed
-
-
-def _count(c: Conn, ctx: Context, table: Table, keys: list[str]) -> int:
-    own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
-    return c.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(own.from_, sqlgen.keys_filter(own, ctx.key_type)),
-        sqlgen.keys_arg(keys),
-    ).fetchone()[0]
 
 
 def _purge_rows(
@@ -178,19 +117,8 @@ def _purge_rows(
             n_rows = _pseudonymise(c, ctx, table, cols, keys, key)
             out[table.name] = {"action": "pseudonymise", "rows_pseudonymised": n_rows, "columns": cols}
         else:
-            out[table.name] = {"action": "keep", "rows_kept": _count(c, ctx, table, keys)}
+            out[table.name] = {"action": "keep", "rows_kept": count_rows(c, ctx, table, keys)}
     return out
-
-
-@dataclass(frozen=True)
-class Checked:
-    """What a purge checked before touching anything."""
-
-    cut_over_at: str
-    destination_digest: str
-
-    def record(self) -> dict[str, str]:
-        return {"cut_over_at": self.cut_over_at, "destination_digest": self.destination_digest}
 
 
 @dataclass(frozen=True)
@@ -224,24 +152,13 @@ def _plan_only(ctx: Context, sid: str) -> tuple[dict[str, dict[str, Any]], int]:
     with connect(ctx.source_dsn, autocommit=True) as c:
         for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
             for table in _order(ctx):
-                n = _count(c, ctx, table, keys)
+                n = count_rows(c, ctx, table, keys)
                 t = totals.setdefault(table.name, {"action": p.action(table.name), "rows": 0})
                 t["rows"] += n
                 if p.columns(table.name):
                     t["columns"] = p.columns(table.name)
     n_objects = sum(len(v) for v in objects.manifest(ctx, sid).values())
     return totals, n_objects
-
-
-def preconditions(ctx: Context, sid: str) -> Checked:
-    """Everything checked before a purge touches anything; returns what it found."""
-    shard = ctx.control.shard(sid)
-    check_policy(ctx)
-    ctx.check_unnamed_tables()  # their rows would stay behind, or block a delete half-way
-    cut_at = _due(ctx, sid)
-    _key(ctx, shard.region)
-    res = verify_shard(ctx, sid)  # re-reads rows and objects on both sides; raises on a difference
-    return Checked(cut_at.isoformat(), res.digest)
 
 
 def would_purge(ctx: Context, sid: str) -> WouldPurge:
@@ -296,7 +213,7 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> Pur
     if shard.state == State.CUT_OVER:
         checked = preconditions(ctx, sid)
         ctl.move(sid, State.CUT_OVER, State.PURGING, {"event": "purge started", **checked.record()})
-    key = _key(ctx, shard.region)
+    key = key_of(ctx, shard.region)
     history.ensure(src, history.CAPTURE)
     rep = replica.of(src, ctx.spec.entity_graph, f"source {ctx.spec.source_region}", ctx.spec.copy_.skip_edge_checks)
     with connect(src, autocommit=True) as c:
@@ -357,14 +274,6 @@ def _totals(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "objects_deleted": n_obj,
         "objects_digest": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
     }
-
-
-def is_due(ctx: Context, sid: str) -> bool:
-    try:
-        _due(ctx, sid)
-        return True
-    except PurgeRefused:
-        return False
 
 
 def select(ctx: Context, wave: str | None, names: list[str] | None, region: str | None) -> list[Shard]:

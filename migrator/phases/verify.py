@@ -15,13 +15,10 @@ aggregates and is stored with the shard's state for the evidence trail.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-from psycopg import sql
 
 from migrator import capture, metrics
 from migrator.control.context import Context
@@ -31,6 +28,7 @@ from migrator.errors import ChecksumMismatch, StateConflict
 from migrator.phases import verify_objects
 from migrator.shard import objects
 from migrator.shard.compare import not_changed_since
+from migrator.shard.digest import aggregate, largest_first, shard_digest
 from migrator.stores import sqlgen
 from migrator.stores.postgres import connect
 from migrator.throttle import Throttle
@@ -45,70 +43,6 @@ class VerifyResult:
     rows: Mapping[str, int]
     differences: tuple[Difference, ...]
     objects_listed: str | None = None  # how the source's objects were listed (`verify_objects.verify`)
-
-
-def shard_digest(agg: dict[tuple[str, int], tuple[int, str]]) -> str:
-    text = "\n".join(f"{t}|{b}|{n}|{s}" for (t, b), (n, s) in sorted(agg.items()))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _build_rows(ctx: Context, users: int, rows: dict[str, int], table: str) -> int:
-    """The most rows a hash join of the table's one-pass aggregate holds: the shard's users,
-    or the shard's rows of a parent table on the table's way to its owner."""
-    parents = (
-        [hop.parent for hop in ctx.spec.entity_graph.path(table)] if table != ctx.spec.entity_graph.root.table else []
-    )
-    return max([users] + [rows.get(p, 0) for p in parents])
-
-
-def _aggregate(
-    ctx: Context,
-    dsn: str,
-    sid: str,
-    work: queue.SimpleQueue[str],
-    users: int = 0,
-    rows: dict[str, int] | None = None,
-    throttle: Throttle | None = None,
-) -> dict[tuple[str, int], tuple[int, str]]:
-    """One connection to one side: load the shard's keys, then digest tables taken from the
-    side's shared queue until it is empty, each in a transaction of its own (a statement
-    sees its own snapshot either way), so a `throttle`'s pause between them is spent
-    outside any transaction."""
-    out: dict[tuple[str, int], tuple[int, str]] = {}
-    with connect(dsn) as c:
-        # the session's own table, gone when the connection closes
-        c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL)").format(sql.SQL(ctx.key_type)))
-        ctx.control.send_members(sid, c, "rm_keys")  # streamed: the shard's keys are never held here
-        c.execute("ANALYZE rm_keys")
-        c.commit()
-        while True:
-            try:
-                name = work.get_nowait()
-            except queue.Empty:
-                break
-            if throttle is not None:
-                throttle.wait()
-            sqlgen.one_pass_settings(c)
-            sqlgen.set_hash_mb(
-                c, sqlgen.hash_mb(_build_rows(ctx, users, rows or {}, name), ctx.spec.verify.max_hash_mb)
-            )
-            q = sqlgen.digest_by_batch(ctx.spec.entity_graph, ctx.tables[name], "rm_keys")
-            read = 0
-            for b, n, s in c.execute(q).fetchall():
-                out[(name, b)] = (n, s)
-                read += n
-            c.commit()
-            if throttle is not None:
-                throttle.done(read)
-    return out
-
-
-def _largest_first(ctx: Context, tables: list[str], rows: dict[str, int]) -> list[str]:
-    """Tables by their estimated cost, the costliest first: each connection takes the next
-    table when it is done with one, so a side's connections finish close together whatever
-    the sizes (a table joined through its parents costs more per row)."""
-    g = ctx.spec.entity_graph
-    return sorted(tables, key=lambda t: (-rows.get(t, 0) * (1 + sqlgen.ownership(g, t).joined), t))
 
 
 def _narrow(ctx: Context, src_dsn: str, dst_dsn: str, table_name: str, keys: list[str]) -> list[RowDifference]:
@@ -146,7 +80,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     # Each side is read on `verify.workers` connections at once, each taking the next
     # table from the side's queue, so neither side's server waits on its slower half.
     est = shard.plan.get("rows", {})
-    order = _largest_first(ctx, list(ctx.tables), est)
+    order = largest_first(ctx, list(ctx.tables), est)
     n = max(1, min(ctx.spec.verify.workers, len(order)))
     work: dict[str, queue.SimpleQueue[str]] = {side: queue.SimpleQueue() for side in ("src", "dst")}
     for side in work:
@@ -156,8 +90,8 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     dst: dict[tuple[str, int], tuple[int, str]] = {}
     throttle = Throttle(ctx, sid, "verify")  # the source's reads hold back as the copy's do
     with ThreadPoolExecutor(max_workers=2 * n) as pool:
-        fs = [pool.submit(_aggregate, ctx, src_dsn, sid, work["src"], shard.users, est, throttle) for _ in range(n)]
-        fd = [pool.submit(_aggregate, ctx, dst_dsn, sid, work["dst"], shard.users, est) for _ in range(n)]
+        fs = [pool.submit(aggregate, ctx, src_dsn, sid, work["src"], shard.users, est, throttle) for _ in range(n)]
+        fd = [pool.submit(aggregate, ctx, dst_dsn, sid, work["dst"], shard.users, est) for _ in range(n)]
         for f in fs:
             src.update(f.result())
         for f in fd:

@@ -74,6 +74,7 @@ Table(
     Column("rollback_reason", Text),  # the reason of the rollback asked for
     Column("last_verify", JSONB),  # its last verify: matched, digest, rows, differences
     Column("approval", JSONB),  # the answer to its cutover since that verify (and the run's id)
+    Column("frozen", JSONB),  # its source copy as the cutover left it: digest, rows and digest per table (0004)
 )
 
 

@@ -198,16 +198,49 @@ def test_a_purge_refuses_before_touching_anything(world: World, keys, monkeypatc
     res = world.migrator("purge", "--shard", sid)
     assert res.returncode == 1 and "TEST_PSEUDONYM_KEY_IE" in res.stdout + res.stderr
     monkeypatch.setenv("TEST_PSEUDONYM_KEY_IE", KEYS["ie"])
-    # a destination row changed after cutover: refused, naming the shard and the table
+    # the frozen source copy changed behind the fence (a session passing the guard as the
+    # tool's own does): refused, naming the shard and the table, never the value
     uid = moved["ie"][0]
     shard_of = world.ctl("SELECT shard_id FROM migrator.shard_user WHERE user_key = %s", (str(uid),))[0][0]
-    world.rows("ie", "UPDATE devices SET phone = '+0000' WHERE user_id = %s RETURNING 1", (uid,))
+    with psycopg.connect(world.dsn["us"]) as c:
+        c.execute("SET LOCAL migrator.apply = 'on'")
+        c.execute("UPDATE devices SET phone = '+0000' WHERE user_id = %s", (uid,))
     res = world.migrator("purge", "--shard", shard_of, "--json")
     assert res.returncode == 1
     out = res.stdout + res.stderr
     assert shard_of in out and "devices" in out and "+0000" not in out
     assert world.rows("us", "SELECT count(*) FROM devices")[0][0] == devices
     assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = %s", (shard_of,)) == [("cut_over",)]
+
+
+def test_a_purge_runs_after_the_application_wrote_at_the_new_home(world: World, keys):
+    """From the flip on, the destination is the application's: updates, inserts and deletes
+    there after cutover do not hold the purge back; the source copy goes by the policy and
+    the new home keeps every write."""
+    world.write_spec(purge=PURGE)
+    moved = _cut_over(world)
+    for region, users in moved.items():
+        some = users[:5]
+        world.rows(
+            region, "UPDATE users SET display_name = 'renamed at home' WHERE user_id = ANY(%s) RETURNING 1", (some,)
+        )
+        world.rows(
+            region,
+            "INSERT INTO login_events (event_id, user_id, ip, at, success) "
+            "SELECT 900000000 + user_id, user_id, '10.9.8.7', now(), true FROM users "
+            "WHERE user_id = ANY(%s) RETURNING 1",
+            (some,),
+        )
+        world.rows(region, "DELETE FROM devices WHERE user_id = %s RETURNING 1", (users[-1],))
+    after = {r: _snapshot(world, r, u) for r, u in moved.items()}
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert {s for (s,) in world.ctl("SELECT DISTINCT state FROM migrator.shard")} == {"purged"}
+    for region, users in moved.items():
+        assert _snapshot(world, region, users) == after[region]  # every write at the new home kept
+        assert world.rows("us", DEMO_OWNED["devices"], (users,)) == []
+        renamed = world.rows("us", "SELECT count(*) FROM users WHERE display_name = 'renamed at home'")[0][0]
+        assert renamed == 0
 
 
 @pytest.mark.parametrize(

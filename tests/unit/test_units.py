@@ -204,7 +204,7 @@ def test_orchestrator_connections_fill_the_spec(tmp_path):
 
 def test_verify_takes_the_costliest_tables_first():
     from migrator.control.context import Context
-    from migrator.phases.verify import _largest_first
+    from migrator.shard.digest import largest_first
 
     ctx = Context(
         parse_spec(
@@ -217,8 +217,8 @@ def test_verify_takes_the_costliest_tables_first():
     )
     rows = {"users": 100, "videos": 300, "comments": 200, "logins": 350}
     # comments are reached through videos: a join more per row than logins
-    assert _largest_first(ctx, list(rows), rows) == ["comments", "logins", "videos", "users"]
-    assert sorted(_largest_first(ctx, list(rows), {})) == sorted(rows)  # unknown sizes: every table still once
+    assert largest_first(ctx, list(rows), rows) == ["comments", "logins", "videos", "users"]
+    assert sorted(largest_first(ctx, list(rows), {})) == sorted(rows)  # unknown sizes: every table still once
 
 
 @given(st.integers(0, 10**9), st.integers(0, 10**9), st.integers(128, 65536))

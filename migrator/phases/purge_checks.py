@@ -1,0 +1,169 @@
+"""What a purge checks before it touches anything (`PurgeRefused`, `ChecksumMismatch` or a
+spec problem otherwise), each check its own function: the purge section against the
+source's tables, the retention, the region's key, no table holding users' rows left
+unnamed, the source copy exactly as the cutover froze it, and every user still homed at
+the destination with their row there."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from psycopg import sql
+
+from migrator import capture
+from migrator.control.context import Context
+from migrator.control.state import State
+from migrator.control.store import SCHEMA, Shard
+from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError
+from migrator.evidence import pseudonym
+from migrator.shard.digest import CopyDigest, digest_copy
+from migrator.spec import Purge
+from migrator.stores import sqlgen
+from migrator.stores.catalog import Table
+from migrator.stores.postgres import Conn, connect
+
+
+def settings(ctx: Context) -> Purge:
+    if ctx.spec.purge is None:
+        raise SpecError("the spec has no purge section: say per table what is deleted, kept or pseudonymised")
+    return ctx.spec.purge
+
+
+def check_policy(ctx: Context) -> None:
+    """The purge section against the source's tables: every pseudonymised column exists and
+    has a type a pseudonym can take (exit 2 otherwise, naming the column)."""
+    p = settings(ctx)
+    for name in p.tables:
+        table = ctx.tables[name]
+        for col in p.columns(name):
+            if col not in table.names:
+                raise SpecError(f"purge.tables.{name}: source {ctx.spec.source_region} has no column {col}")
+            why = pseudonym.unsupported(table.column(col).type)
+            if why:
+                raise SpecError(f"purge.tables.{name}.{col}: {why}")
+
+
+def key_of(ctx: Context, region: str) -> bytes | None:
+    """The region's pseudonymisation key, or None when no table needs one."""
+    p = settings(ctx)
+    if not any(p.action(t) == "pseudonymise" for t in ctx.tables):
+        return None
+    ref = p.keys.get(region)
+    if ref is None:
+        raise PurgeRefused(f"no pseudonymisation key for region {region}: add purge.keys.{region} to the spec")
+    value = os.environ.get(ref.env, "")
+    if len(value) < 16:
+        raise PurgeRefused(
+            f"the pseudonymisation key for region {region} (environment variable {ref.env}, purge.keys.{region}) "
+            + ("is not set" if not value else "is shorter than 16 characters")
+            + " where this worker runs"
+        )
+    return value.encode()
+
+
+def due_at(ctx: Context, sid: str) -> datetime:
+    p = settings(ctx)
+    shard = ctx.control.shard(sid)
+    at = shard.state_since if shard.state == State.CUT_OVER else None
+    if at is None:
+        raise PurgeRefused(f"shard {sid}: no cutover recorded")
+    due = at.timestamp() + p.after_s
+    if time.time() < due:
+        when = datetime.fromtimestamp(due, UTC).isoformat(timespec="seconds")
+        raise PurgeRefused(
+            f"shard {sid} cut over at {at.isoformat(timespec='seconds')}; its retention "
+            f"(purge.after {p.after}) ends at {when}: nothing purged"
+        )
+    return at
+
+
+def count_rows(c: Conn, ctx: Context, table: Table, keys: list[str]) -> int:
+    own = sqlgen.ownership(ctx.spec.entity_graph, table.name)
+    return c.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {}").format(own.from_, sqlgen.keys_filter(own, ctx.key_type)),
+        sqlgen.keys_arg(keys),
+    ).fetchone()[0]
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What a purge checked before touching anything."""
+
+    cut_over_at: str
+    source_digest: str  # the source copy as the cutover froze it, found unchanged
+
+    def record(self) -> dict[str, str]:
+        return {"cut_over_at": self.cut_over_at, "source_digest": self.source_digest}
+
+
+def preconditions(ctx: Context, sid: str) -> Checked:
+    """Everything checked before a purge touches anything; returns what it found."""
+    shard = ctx.control.shard(sid)
+    check_policy(ctx)
+    ctx.check_unnamed_tables()  # their rows would stay behind, or block a delete half-way
+    cut_at = due_at(ctx, sid)
+    key_of(ctx, shard.region)
+    frozen = _frozen_copy_unchanged(ctx, shard)
+    _still_at_destination(ctx, shard)
+    return Checked(cut_at.isoformat(), frozen.digest)
+
+
+def _frozen_copy_unchanged(ctx: Context, shard: Shard) -> CopyDigest:
+    """The source copy, re-read now, against the digest the cutover kept of it. A shard cut
+    over without one (a version before it was kept, or a worker lost right after the flip)
+    has its copy read now, which the source fence has kept still since the cutover."""
+    sid = shard.shard_id
+    now = digest_copy(ctx, sid, ctx.source_dsn)
+    if shard.frozen is None:
+        if ctx.spec.changes.capture and capture.fences(ctx.source_dsn, sid).get(sid) != capture.HELD:
+            raise PurgeRefused(
+                f"shard {sid}: no digest of its source copy was kept at cutover and its source fence is not "
+                "held, so the copy cannot be shown unchanged: nothing purged"
+            )
+        ctx.control.keep(sid, {"event": "source copy frozen", "digest": now.digest, "late": True}, frozen=now.record())
+        return now
+    then = CopyDigest.from_record(shard.frozen)
+    changed = then.differing(now)
+    if changed or then.digest != now.digest:
+        raise ChecksumMismatch(
+            f"shard {sid}: its source copy changed since the cutover froze it (tables {', '.join(changed)}), "
+            "past the fence: nothing purged"
+        )
+    return now
+
+
+def _still_at_destination(ctx: Context, shard: Shard) -> None:
+    """Every user of the shard still homed at its destination, with their row of the root
+    table there: the copy about to be retired is not the only one."""
+    sid, g = shard.shard_id, ctx.spec.entity_graph
+    with ctx.control.connect() as c:
+        (elsewhere,) = c.execute(
+            f"SELECT count(*) FROM {SCHEMA}.shard_user su LEFT JOIN {SCHEMA}.directory d USING (user_key) "
+            f"WHERE su.shard_id = %s AND d.home IS DISTINCT FROM %s",
+            (sid, shard.region),
+        ).fetchone()
+    if elsewhere:
+        raise PurgeRefused(
+            f"shard {sid}: {elsewhere} of its users are not homed at {shard.region} in the directory: nothing purged"
+        )
+    root = ctx.tables[g.root.table]
+    present = 0
+    with connect(ctx.dsn(shard.region), autocommit=True) as c:
+        for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
+            present += count_rows(c, ctx, root, keys)
+    if present < shard.users:
+        raise PurgeRefused(
+            f"shard {sid}: {shard.users - present} of its {shard.users} users have no row in {g.root.table} at "
+            f"destination {shard.region}: nothing purged"
+        )
+
+
+def is_due(ctx: Context, sid: str) -> bool:
+    try:
+        due_at(ctx, sid)
+        return True
+    except PurgeRefused:
+        return False
