@@ -211,8 +211,9 @@ def test_the_rule_of_which_tables_skip(world: World):
 def test_a_purge_deletes_by_the_graph_and_refuses_what_another_table_still_needs(world: World, monkeypatch):
     """At the source, videos are deleted with their graph checks skipped, but a US user's
     playlist names a moved user's video through a foreign key the graph does not know:
-    the purge stops, names the constraint, and the video stays; without the playlist
-    entry the purge finishes and no row is left pointing at a deleted one."""
+    the purge refuses before anything is purged, naming the table and the constraint, and
+    the video stays; without the playlist the purge finishes and no row is left pointing
+    at a deleted one."""
     monkeypatch.setenv("TEST_PSEUDONYM_KEY_IE", "ie-test-key-0123456789abcdef")
     monkeypatch.setenv("TEST_PSEUDONYM_KEY_NO", "no-test-key-0123456789abcdef")
     world.write_spec(
@@ -233,8 +234,9 @@ def test_a_purge_deletes_by_the_graph_and_refuses_what_another_table_still_needs
         c.execute("INSERT INTO playlist VALUES (1, %s)", (video,))
     res = world.migrator("purge", "--region", "ie")
     out = res.stdout + res.stderr
-    assert res.returncode == 1, out[-2000:]
-    assert "playlist_video_fk" in out
+    assert res.returncode == 2, out[-2000:]  # a table the spec does not name: refused before anything is purged
+    assert "public.playlist" in out and "playlist_video_fk" in out
+    assert {s for (s,) in world.ctl("SELECT state FROM migrator.shard WHERE region = 'ie'")} == {"cut_over"}
     assert world.rows("us", "SELECT count(*) FROM playlist p JOIN videos v USING (video_id)")[0][0] == 1
     with psycopg.connect(world.dsn["us"]) as c:
         c.execute("DROP TABLE playlist")
