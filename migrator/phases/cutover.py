@@ -185,7 +185,11 @@ def _compare_changed_so_far(
         capture.catch_up(ctx, sid, src, dst, "forward", pending_at_most=ctx.spec.changes.catch_up_below, ignore=ours)
         upto = ctx.control.position(sid, "forward")
         hooks.point("settled", ctx, sid)
-        touched = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled, upto=upto)
+        # bounded as a catch-up's lock waits are: a table locked on either side must not
+        # keep the flip's transaction (whose id every capture start on its server waits
+        # for) open for as long as the lock lasts
+        with bounded(time.monotonic() + ctx.spec.changes.lock_wait_s):
+            touched = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled, upto=upto)
         if touched:
             diffs = not_changed_since(touched, capture.touched(src, sid, after=upto))
             if diffs:

@@ -93,11 +93,14 @@ def test_fence_that_cannot_finish_lifts_and_loses_nothing(world: World):
     t0 = time.monotonic()
     proc = paused_cutover(world, "no", "staged")
     stall = psycopg.connect(world.dsn["no"])
-    stall.execute("LOCK TABLE login_events IN ACCESS EXCLUSIVE MODE")
-    out, _ = proc.communicate(timeout=120)
-    took = time.monotonic() - t0
-    stall.rollback()
-    stall.close()
+    try:
+        stall.execute("LOCK TABLE login_events IN ACCESS EXCLUSIVE MODE")
+        out, _ = proc.communicate(timeout=120)
+    finally:  # a failure here must not leave the lock (or the command) to the next tests
+        took = time.monotonic() - t0
+        stall.rollback()
+        stall.close()
+        proc.kill()
     assert proc.returncode == 1
     doc = json.loads(out)
     assert all(s["state"] == "verified" for s in doc["shards"])
