@@ -1,4 +1,5 @@
-"""The write fence: staged, raised for a bounded window, held for good at cutover, lifted."""
+"""The write fence: staged, raised for a bounded window, held for good at cutover, lifted;
+and the guard a rollback leaves at the region its users left."""
 
 from __future__ import annotations
 
@@ -92,3 +93,31 @@ def lift(dsn: str, sid: str) -> None:
             c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
         if c.execute("SELECT to_regclass('migrator.fenced_users')").fetchone()[0] is not None:
             c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
+
+
+def depart(dsn: str, sid: str) -> int:
+    """After a rollback's flip back: the users the destination fenced for it are homed
+    elsewhere now, and the destination refuses their writes for good (until `arrive`), an
+    INSERT of a new row included. Called while the rollback's fence is still held, so the
+    guard never lapses; how many users."""
+    with connect(dsn) as c:
+        if c.execute("SELECT to_regclass('migrator.departed')").fetchone()[0] is None:
+            return 0  # nothing was captured or fenced there: the shard never cut over
+        return c.execute(
+            "INSERT INTO migrator.departed (user_key, shard_id) SELECT user_key, shard_id FROM migrator.fenced_users "
+            "WHERE shard_id = %s ON CONFLICT (user_key) DO UPDATE SET shard_id = EXCLUDED.shard_id, "
+            "since = clock_timestamp()",
+            (sid,),
+        ).rowcount
+
+
+def arrive(dsn: str, sid: str) -> int:
+    """At a cutover's decision: the shard's users are homed at this destination from now
+    on, so a guard an earlier rollback left here for any of them goes (they are the users
+    whose changes are logged here for the shard); how many."""
+    with connect(dsn) as c:
+        return c.execute(
+            "DELETE FROM migrator.departed d USING migrator.capture_users u WHERE u.shard_id = %s "
+            "AND d.user_key = u.user_key",
+            (sid,),
+        ).rowcount

@@ -82,6 +82,7 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
     s = capture.fences(src, sid).get(sid)
     if state == State.VERIFIED and s == capture.HELD:
         try:
+            capture.arrive(dst, sid)  # as the cutover does once decided: they are homed there next
             n = directory.flip(ctx, sid, {"completed_by": "recovery", "fence": "held before the flip"})
             _audit(ctx, sid, State.CUT_OVER, "cutover completed", users=n)
             done.append("cutover completed")

@@ -44,6 +44,10 @@ def _function(graph: EntityGraph, table: Table) -> str:
         RAISE EXCEPTION 'migrator: user is fenced while their data moves; retry at their home region'
           USING ERRCODE = '{FENCED}';
       END IF;
+      IF EXISTS (SELECT 1 FROM migrator.departed d WHERE d.user_key = o) THEN
+        RAISE EXCEPTION 'migrator: user is homed in another region; retry at their home region'
+          USING ERRCODE = '{FENCED}';
+      END IF;
       SELECT c.shard_id INTO s FROM migrator.capture_users c WHERE c.user_key = o;
       IF s IS NOT NULL THEN
         INSERT INTO migrator.changes (shard_id, tbl, pk)
@@ -120,7 +124,8 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
         if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
             return True
         busy = c.execute(
-            "SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users)"
+            "SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users) "
+            "+ (SELECT count(*) FROM migrator.departed)"
         ).fetchone()[0]
         if busy:
             return False
@@ -134,6 +139,7 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
             c.execute(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}()")
         c.execute(
             "DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users, migrator.fences, "
+            "migrator.departed, "
             f"migrator.{history.CAPTURE.version_table}"
         )
     logs_at_head.discard(dsn)

@@ -1,9 +1,11 @@
-"""A writer that acts like the application: it routes each write by the directory, inserts,
-updates and deletes across the entity graph at a steady rate, retries a fenced write, and
+"""A writer that acts like the application: it routes each write through the routing client
+(homes cached, a stale one corrected by the old home's refusal or by a write that touched
+no row there), inserts, updates and deletes across the entity graph at a steady rate, and
 records every write that was acknowledged, so a test can check that none was lost."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import random
 import threading
@@ -13,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-FENCED = "RMF01"
+from migrator.routing import Router, StillFenced
 
 
 @dataclass
@@ -22,7 +24,8 @@ class Acked:
     deleted: set[int] = field(default_factory=set)
     names: dict[int, str] = field(default_factory=dict)  # user -> last display_name written
     comments: dict[int, tuple[int, str]] = field(default_factory=dict)  # comment id -> (owner, last body): two hops
-    fenced: int = 0
+    fenced: int = 0  # writes an old home refused (RMF01), each retried at the user's home
+    rerouted: int = 0  # writes that touched no row at an old home, each run again at the new one
     ops: int = 0
 
 
@@ -46,6 +49,8 @@ class Writer:
         self.threads = [threading.Thread(target=self._run, args=(i, seed + i), daemon=True) for i in range(threads)]
         self.errors: list[str] = []
         self.first_event = first_event
+        self._refused = [0] * threads
+        self._rerouted = [0] * threads
 
     def start(self) -> Writer:
         for t in self.threads:
@@ -58,13 +63,24 @@ class Writer:
             t.join(60)
         return self.acked
 
-    def _home(self, ctl: psycopg.Connection, user: int) -> str:
-        try:
-            r = ctl.execute("SELECT home FROM migrator.directory WHERE user_key = %s", (str(user),)).fetchone()
-        except psycopg.errors.UndefinedTable:
-            ctl.rollback()
-            return "us"
-        return r[0] if r else "us"
+    def _ack(self, op: tuple[str, Any], user: int, n: int, got: list[int], mine: dict[int, list[int]]) -> None:
+        """Record a write its home acknowledged (under the lock)."""
+        kind, arg = op
+        if kind == "insert":
+            self.acked.inserted[arg] = user
+            mine.setdefault(user, []).append(arg)
+        elif kind == "name":
+            if n != 1:
+                self.errors.append(f"an update of a user's row found {n} rows at their home")
+            self.acked.names[user] = arg
+        elif kind == "comment":
+            if n:
+                self.acked.comments[got[0]] = (user, arg)
+        else:
+            if n != 1:
+                self.errors.append(f"delete of an acknowledged insert found {n} rows")
+            self.acked.deleted.add(arg)
+            mine[user].remove(arg)
 
     def _run(self, i: int, seed: int) -> None:
         rnd = random.Random(seed)
@@ -74,9 +90,9 @@ class Writer:
         # the longer it runs, and a long run would then measure the writer, not the stores)
         mine: dict[int, list[int]] = {}
         next_event = self.first_event + i * 10**7
-        conns: dict[str, psycopg.Connection] = {}
-        ctl = psycopg.connect(self.control, autocommit=True)
-        comment_of: dict[int, int] = {}
+        # Homes cached as an application caches them: a stale one is told apart by the
+        # old home's refusal or by a write that touched no row there (see `routing`).
+        router = Router(self.control, self.dsn, default="us", give_up_s=5.0)
         while not self.stop_flag.is_set():
             user = rnd.choice(users)
             kind = rnd.random()
@@ -93,62 +109,48 @@ class Writer:
                 if not own:
                     continue
                 op = ("delete", rnd.choice(own))
-            arg: Any = op[1]  # an event id or a text, by the kind of write
+            got: list[int] = []  # the comment a comment's update wrote
+            write = functools.partial(_statement, op=op, user=user, got=got)
             while not self.stop_flag.is_set():  # until acknowledged, as an application would
                 try:
-                    home = self._home(ctl, user)
-                except psycopg.Error:
-                    ctl.close()
-                    ctl = psycopg.connect(self.control, autocommit=True)
-                    continue
-                try:
-                    c = conns.get(home)
-                    if c is None or c.closed:
-                        c = conns[home] = psycopg.connect(self.dsn[home], autocommit=True)
-                    if op[0] == "insert":
-                        c.execute("INSERT INTO login_events VALUES (%s, %s, '192.0.2.1', now(), true)", (arg, user))
-                        with self.lock:
-                            self.acked.inserted[arg] = user
-                        mine.setdefault(user, []).append(arg)
-                    elif op[0] == "name":
-                        c.execute("UPDATE users SET display_name = %s WHERE user_id = %s", (arg, user))
-                        with self.lock:
-                            self.acked.names[user] = arg
-                    elif op[0] == "comment":
-                        if user not in comment_of:
-                            r = c.execute(
-                                "SELECT min(c.comment_id) FROM comments c JOIN videos v USING (video_id) "
-                                "WHERE v.user_id = %s",
-                                (user,),
-                            ).fetchall()
-                            comment_of[user] = r[0][0]
-                        if comment_of[user] is not None:
-                            c.execute("UPDATE comments SET body = %s WHERE comment_id = %s", (arg, comment_of[user]))
-                            with self.lock:
-                                self.acked.comments[comment_of[user]] = (user, arg)
-                    else:
-                        n = c.execute("DELETE FROM login_events WHERE event_id = %s", (arg,)).rowcount
-                        if n != 1:
-                            self.errors.append(f"delete of an acknowledged insert found {n} rows")
-                        with self.lock:
-                            self.acked.deleted.add(arg)
-                        if arg in mine.get(user, ()):
-                            mine[user].remove(arg)
-                    with self.lock:
-                        self.acked.ops += 1
-                    break
-                except psycopg.Error as e:
-                    if getattr(e, "sqlstate", None) == FENCED:
-                        with self.lock:
-                            self.acked.fenced += 1
-                    elif not isinstance(e, psycopg.OperationalError):
-                        self.errors.append(f"{type(e).__name__}: {getattr(e, 'sqlstate', '')}")
-                    conns.pop(home, None)
+                    n = router.write(user, write)
+                except (StillFenced, psycopg.OperationalError):
                     time.sleep(0.005)
+                    continue
+                except psycopg.Error as e:
+                    self.errors.append(f"{type(e).__name__}: {getattr(e, 'sqlstate', '')}")
+                    time.sleep(0.005)
+                    continue
+                with self.lock:
+                    self._ack(op, user, n, got, mine)
+                    self.acked.ops += 1
+                    self.acked.fenced = self.acked.fenced - self._refused[i] + router.refused
+                    self._refused[i] = router.refused
+                    self.acked.rerouted = self.acked.rerouted - self._rerouted[i] + router.rerouted
+                    self._rerouted[i] = router.rerouted
+                break
             time.sleep(1 / self.rate)
-        for c in conns.values():
-            c.close()
-        ctl.close()
+        router.close()
+
+
+def _statement(c: psycopg.Connection, op: tuple[str, Any], user: int, got: list[int]) -> int:
+    """One write of the writer's at the home the router chose: the rows it touched."""
+    kind, arg = op
+    if kind == "insert":
+        return c.execute("INSERT INTO login_events VALUES (%s, %s, '192.0.2.1', now(), true)", (arg, user)).rowcount
+    if kind == "name":
+        return c.execute("UPDATE users SET display_name = %s WHERE user_id = %s", (arg, user)).rowcount
+    if kind == "comment":
+        got[:] = [
+            r[0]
+            for r in c.execute(
+                "UPDATE comments SET body = %s WHERE comment_id = (SELECT min(c.comment_id) "
+                "FROM comments c JOIN videos v USING (video_id) WHERE v.user_id = %s) RETURNING comment_id",
+                (arg, user),
+            )
+        ]
+        return len(got)
+    return c.execute("DELETE FROM login_events WHERE event_id = %s", (arg,)).rowcount
 
 
 class WriterProcess:

@@ -104,6 +104,9 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
                 capture.hold_fence(src, sid)
                 decided = True
                 steps.mark("hold")
+                # homed here from now on: a guard an earlier rollback left here for them goes
+                capture.arrive(dst, sid)
+                steps.mark("arrive")
             hooks.point("held", ctx, sid)
             steps.mark("transition")
             flip.finish({"fence_checked_rows": checked})

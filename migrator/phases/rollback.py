@@ -45,6 +45,7 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
     source and verify; ends with the decision to roll back (the destination fence held),
     before the directory flips back: a rollback loses nothing."""
     deadline = time.monotonic() + max(ctx.spec.changes.fence_window_s, 30.0)
+    capture.install(ctx, dst)  # the guards at their current rules (the lasting guard it leaves included)
     try:
         capture.stage_fence(dst, sid, ctx.control)
         with bounded(deadline):
@@ -143,6 +144,10 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> RollbackResult:
     ):
         for t, n in counts.items():
             deleted[t] += n
+    if ctx.spec.changes.capture:
+        # the users left the destination: it keeps refusing their writes (the rollback's
+        # fence, still held, hands over to the lasting guard)
+        capture.depart(dst, sid)
     for dsn in (src, dst):
         capture.stop_capture(ctx, dsn, sid, fence_too=True)
     with ctl.connect() as c:

@@ -66,7 +66,7 @@ class History:
 CONTROL = History("control", "migrator:ddl", "control_0004")
 # The capture history's upgrades touch tables the application's triggers write to; a lock
 # they cannot get within 2 s is a transient failure, retried, not a stall of the writers.
-CAPTURE = History("capture", "migrator:capture", "capture_0002", lock_timeout="2s")
+CAPTURE = History("capture", "migrator:capture", "capture_0003", lock_timeout="2s")
 LEDGER = History("ledger", "migrator:ledger", "ledger_0003")
 HISTORIES = {h.name: h for h in (CONTROL, CAPTURE, LEDGER)}
 

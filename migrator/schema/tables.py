@@ -203,6 +203,16 @@ Table(
     Column("shard_id", Text, primary_key=True),
     Column("until", TZ, nullable=False),
 )
+# Users a rollback took away from this region (revision capture_0003): the guard refuses
+# their writes here until a cutover homes them here again.
+Table(
+    "departed",
+    capture,
+    Column("user_key", Text, primary_key=True),
+    Column("shard_id", Text, nullable=False),
+    Column("since", TZ, nullable=False, server_default=text("clock_timestamp()")),
+    Index("departed_shard", "shard_id"),
+)
 # The change log, read in (xid, id) order below the oldest running transaction.
 Table(
     "changes",

@@ -118,10 +118,14 @@ def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: Wo
     _rolled_back_cleanly(world, "w-cut")
 
     _wave(world, "w-failed", "plan", "copy")
-    world.rows(
-        "ie",
-        "UPDATE users SET email = 'tampered@example.test' WHERE user_id = (SELECT min(user_id) FROM users) RETURNING 1",
-    )
+    tamper = "UPDATE users SET email = 'tampered@example.test' WHERE user_id = (SELECT min(user_id) FROM users)"
+    # these users left ie when w-cut rolled back: ie refuses their writes...
+    with pytest.raises(psycopg.Error) as refused:
+        world.rows("ie", tamper + " RETURNING 1")
+    assert refused.value.sqlstate == "RMF01"
+    with psycopg.connect(world.dsn["ie"]) as c:  # ...but not a change made past the guard
+        c.execute("SET LOCAL migrator.apply = 'on'")
+        assert c.execute(tamper).rowcount == 1
     assert world.migrator("verify", "--wave", "w-failed", "--region", "ie").returncode == 1
     assert world.ctl("SELECT state FROM migrator.shard WHERE shard_id = 'w-failed/ie-00'") == [("failed",)]
     _rolled_back_cleanly(world, "w-failed")
