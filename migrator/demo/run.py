@@ -95,7 +95,12 @@ def _start_writer(env: dict[str, str]):
 
 def _finish_writer(writer, env: dict[str, str]) -> dict:
     acked = writer.stop()
-    out = {"acknowledged_writes": acked.ops, "fenced_retries": acked.fenced, "errors": len(writer.errors)}
+    out = {
+        "acknowledged_writes": acked.ops,
+        "fenced_retries": acked.fenced,
+        "rerouted": acked.rerouted,
+        "errors": len(writer.errors),
+    }
     try:
         check({r: env[f"MIGRATOR_{r.upper()}_DSN"] for r in REGIONS}, env["MIGRATOR_CONTROL_DSN"], acked)
         out["lost_writes"] = 0

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import os
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,19 +48,34 @@ def _env_key(name: str, what: str) -> str:
     return value
 
 
-def table_digests(c: Conn, ctx: Context, batch_users: dict[int, list[str]]) -> dict[str, dict[str, Any]]:
-    """Per table: rows and SHA-256 over each batch's (count, sum of row hashes) at one side."""
+def table_digests(
+    c: Conn, ctx: Context, batch_users: dict[int, list[str]], columns: dict[str, list[str]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per table: rows, SHA-256 over each batch's (count, sum of row hashes) at one side, and
+    the columns hashed. With `columns`, only those tables, over those of their columns."""
     out: dict[str, dict[str, Any]] = {}
     g, kt = ctx.spec.entity_graph, ctx.key_type
     for name, table in ctx.tables.items():
+        if columns is not None:
+            if name not in columns:
+                continue
+            table = replace(table, columns=tuple(col for col in table.columns if col.name in columns[name]))
         lines, rows = [], 0
         q = sqlgen.digest_keys(g, table, kt)
         for b in sorted(batch_users):
             n, s = c.execute(q, sqlgen.keys_arg(batch_users[b])).fetchone()
             rows += n
             lines.append(f"{b}|{n}|{s}")
-        out[name] = {"rows": rows, "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+        out[name] = {
+            "rows": rows,
+            "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+            "columns": table.names,
+        }
     return out
+
+
+def _same(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    return a is not None and b is not None and (a["rows"], a["sha256"]) == (b["rows"], b["sha256"])
 
 
 def build(ctx: Context, sid: str, event: str) -> dict[str, Any]:
@@ -163,11 +179,18 @@ def owed(ctx: Context, sid: str, event: str) -> bool:
 
 
 def check(
-    c: Conn, ctx: Context, region: str, members: dict[str, dict[int, list[str]]], moved_here: set[str]
+    c: Conn,
+    ctx: Context,
+    region: str,
+    members: dict[str, dict[int, list[str]]],
+    moved_here: set[str],
+    drift: list[dict],
 ) -> tuple[int, list[dict]]:
     """The latest manifest of each shard kept in `region`: its signature under the region's
-    public key and the destination's digests now; and a manifest for every shard moved here
-    (`moved_here`) where the spec asks for them. Returns (manifests checked, findings)."""
+    public key, the shard and region it names, and the destination's digests now; and a
+    manifest for every shard moved here (`moved_here`) where the spec asks for them.
+    Returns (manifests checked, findings); a table that changed in a way the application
+    or a schema change explains goes to `drift` instead (see `_changed`)."""
     ev = ctx.spec.evidence
     pub = ev.regions[region].public_key if ev and region in ev.regions else None
     kept = c.execute("SELECT to_regclass('migrator.manifests')").fetchone()[0] is not None
@@ -193,10 +216,61 @@ def check(
                 findings.append({"kind": "manifest signature invalid (changed, or signed with another key)", **where})
                 continue
         doc = json.loads(text)
+        if (doc.get("shard_id"), doc.get("region")) != (sid, region):
+            findings.append({"kind": "manifest names another shard or region than where it is kept", **where})
+            continue
         if sid not in members or doc.get("state") == "rolled_back":  # not asked for (--since), or moved back
             continue
         now = table_digests(c, ctx, members[sid])
         for t, want in sorted(doc.get("tables", {}).items()):
-            if now.get(t) != want:
-                findings.append({"kind": "destination rows differ from the shard's manifest", **where, "table": t})
+            if not _same(now.get(t), want):
+                found = _changed(c, ctx, sid, t, want, now.get(t), members[sid])
+                (drift if found.pop("drift") else findings).append({**found, **where, "table": t})
     return len(latest), findings
+
+
+def _changed(
+    c: Conn,
+    ctx: Context,
+    sid: str,
+    table: str,
+    want: dict[str, Any],
+    now: dict[str, Any] | None,
+    batch_users: dict[int, list[str]],
+) -> dict[str, Any]:
+    """Why a table's rows at the destination differ from its manifest, most benign first:
+
+    * a schema change: the table's columns are not the ones the manifest hashed, and over
+      those columns the rows are exactly as recorded (drift);
+    * the application: it wrote the shard's users' rows of that table after cutover, as
+      the destination's change log (kept until cleanup or purge) shows (drift);
+    * unknown: the log is gone (cleanup or purge), so a write cannot be told from a
+      change made past the application (drift, said as such);
+    * tampering: the log is kept and holds no write of that table, so the change was made
+      past the guard (a finding)."""
+    recorded = want.get("columns")
+    if recorded and now is not None and recorded != now["columns"]:
+        if not set(recorded) <= set(now["columns"]):
+            return {"kind": "schema changed since the manifest: a column it hashed is gone", "drift": True}
+        again = table_digests(c, ctx, batch_users, {table: recorded}).get(table)
+        if again is not None and again["columns"] == recorded and _same(again, want):
+            return {"kind": "schema changed since the manifest; rows as recorded", "drift": True}
+    logged = c.execute(
+        "SELECT to_regclass('migrator.capture_users') IS NOT NULL AND EXISTS "
+        "(SELECT 1 FROM migrator.capture_users WHERE shard_id = %s)",
+        (sid,),
+    ).fetchone()[0]
+    if not logged:
+        return {
+            "kind": "changed since the manifest; the destination no longer logs writes, so not told apart",
+            "drift": True,
+        }
+    written = c.execute(
+        "SELECT count(DISTINCT pk) FROM migrator.changes WHERE shard_id = %s AND tbl = %s", (sid, table)
+    ).fetchone()[0]
+    if written:
+        return {"kind": "the application wrote after cutover", "rows_written": written, "drift": True}
+    return {
+        "kind": "destination rows differ from the shard's manifest, and no logged write explains it",
+        "drift": False,
+    }

@@ -113,12 +113,18 @@ def write_html(doc: dict[str, Any], path: Path) -> Path:
         _table(doc["findings"], ["kind", "region", "shard", "table", "column", "seq", "users", "rows"])
         if doc["findings"]
         else "<p>none</p>",
+        "<h2>Drift (changes the application or a schema change explains)</h2>",
+        _table(doc.get("drift", []), ["kind", "region", "shard", "table", "rows_written"])
+        if doc.get("drift")
+        else "<p>none</p>",
         "<h2>Users moved over time</h2>",
         f"<img alt='users moved over time' src='data:image/png;base64,{_moved_over_time(timeline)}'>",
         "<h2>Fence windows</h2>",
         f"<img alt='fence windows' src='data:image/png;base64,{_fence_windows(timeline)}'>",
         "<h2>Purge receipts</h2>",
-        _table(purges, ["shard", "table", "rows_deleted", "rows_pseudonymised"]) if purges else "<p>none</p>",
+        _table(purges, ["shard", "table", "action", "rows_deleted", "rows_pseudonymised", "rows_kept"])
+        if purges
+        else "<p>none</p>",
         "</body></html>",
     ]
     path.write_text("\n".join(parts))

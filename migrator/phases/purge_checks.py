@@ -19,7 +19,7 @@ from migrator.control.state import State
 from migrator.control.store import SCHEMA, Shard
 from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError
 from migrator.evidence import pseudonym
-from migrator.shard.digest import CopyDigest, digest_copy
+from migrator.shard.digest import ColumnsGone, CopyDigest, digest_copy
 from migrator.spec import Purge
 from migrator.stores import sqlgen
 from migrator.stores.catalog import Table
@@ -116,8 +116,14 @@ def _frozen_copy_unchanged(ctx: Context, shard: Shard) -> CopyDigest:
     over without one (a version before it was kept, or a worker lost right after the flip)
     has its copy read now, which the source fence has kept still since the cutover."""
     sid = shard.shard_id
-    now = digest_copy(ctx, sid, ctx.source_dsn)
-    if shard.frozen is None:
+    then = CopyDigest.from_record(shard.frozen) if shard.frozen is not None else None
+    try:
+        now = digest_copy(ctx, sid, ctx.source_dsn, like=then)
+    except ColumnsGone as exc:
+        raise PurgeRefused(
+            f"shard {sid}: its source copy cannot be compared with its freeze ({exc}): nothing purged"
+        ) from None
+    if then is None:
         if ctx.spec.changes.capture and capture.fences(ctx.source_dsn, sid).get(sid) != capture.HELD:
             raise PurgeRefused(
                 f"shard {sid}: no digest of its source copy was kept at cutover and its source fence is not "
@@ -125,7 +131,6 @@ def _frozen_copy_unchanged(ctx: Context, shard: Shard) -> CopyDigest:
             )
         ctx.control.keep(sid, {"event": "source copy frozen", "digest": now.digest, "late": True}, frozen=now.record())
         return now
-    then = CopyDigest.from_record(shard.frozen)
     changed = then.differing(now)
     if changed or then.digest != now.digest:
         raise ChecksumMismatch(

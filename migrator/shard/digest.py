@@ -9,13 +9,14 @@ import hashlib
 import queue
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from psycopg import sql
 
 from migrator.control.context import Context
 from migrator.stores import sqlgen
+from migrator.stores.catalog import Table
 from migrator.stores.postgres import connect
 from migrator.throttle import Throttle
 
@@ -28,9 +29,12 @@ class CopyDigest:
 
     digest: str
     tables: Mapping[str, tuple[int, str]]
+    columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # hashed, per table (when known)
 
     @classmethod
-    def of(cls, agg: dict[tuple[str, int], tuple[int, str]]) -> CopyDigest:
+    def of(
+        cls, agg: dict[tuple[str, int], tuple[int, str]], columns: Mapping[str, tuple[str, ...]] | None = None
+    ) -> CopyDigest:
         tables = {
             t: (
                 sum(n for (t2, _), (n, _) in agg.items() if t2 == t),
@@ -38,14 +42,24 @@ class CopyDigest:
             )
             for t in sorted({t for t, _ in agg})
         }
-        return cls(shard_digest(agg), tables)
+        return cls(shard_digest(agg), tables, dict(columns or {}))
 
     def record(self) -> dict[str, Any]:
-        return {"digest": self.digest, "tables": {t: {"rows": n, "digest": d} for t, (n, d) in self.tables.items()}}
+        return {
+            "digest": self.digest,
+            "tables": {
+                t: {"rows": n, "digest": d, **({"columns": list(self.columns[t])} if t in self.columns else {})}
+                for t, (n, d) in self.tables.items()
+            },
+        }
 
     @classmethod
     def from_record(cls, r: Mapping[str, Any]) -> CopyDigest:
-        return cls(r["digest"], {t: (v["rows"], v["digest"]) for t, v in r["tables"].items()})
+        return cls(
+            r["digest"],
+            {t: (v["rows"], v["digest"]) for t, v in r["tables"].items()},
+            {t: tuple(v["columns"]) for t, v in r["tables"].items() if "columns" in v},
+        )
 
     def differing(self, other: CopyDigest) -> list[str]:
         """The tables whose rows differ between the two (by count, or else by content)."""
@@ -54,8 +68,12 @@ class CopyDigest:
         ]
 
 
-def digest_copy(ctx: Context, sid: str, dsn: str) -> CopyDigest:
-    """The shard's rows as one side holds them now, read as the verify reads a side."""
+def digest_copy(ctx: Context, sid: str, dsn: str, like: CopyDigest | None = None) -> CopyDigest:
+    """The shard's rows as one side holds them now, read as the verify reads a side; with
+    `like`, over the columns `like` hashed (a column added since is left out, so a schema
+    change made everywhere does not read as a change of the rows). A column `like` hashed
+    that is gone raises `ColumnsGone`."""
+    hashed = _columns(ctx, like)
     shard = ctx.control.shard(sid)
     est = shard.plan.get("rows", {})
     order = largest_first(ctx, list(ctx.tables), est)
@@ -65,9 +83,27 @@ def digest_copy(ctx: Context, sid: str, dsn: str) -> CopyDigest:
         work.put(t)
     agg: dict[tuple[str, int], tuple[int, str]] = {}
     with ThreadPoolExecutor(max_workers=n) as pool:
-        for f in [pool.submit(aggregate, ctx, dsn, sid, work, shard.users, est) for _ in range(n)]:
+        for f in [pool.submit(aggregate, ctx, dsn, sid, work, shard.users, est, tables=hashed) for _ in range(n)]:
             agg.update(f.result())
-    return CopyDigest.of(agg)
+    return CopyDigest.of(agg, {t: tuple(table.names) for t, table in hashed.items()})
+
+
+class ColumnsGone(Exception):
+    """A column an earlier digest hashed is no longer in its table."""
+
+
+def _columns(ctx: Context, like: CopyDigest | None) -> dict[str, Table]:
+    """The graph's tables as a digest reads them: every column, or those `like` hashed."""
+    out = {}
+    for name, table in ctx.tables.items():
+        want = like.columns.get(name) if like is not None else None
+        if want is not None:
+            gone = sorted(set(want) - set(table.names))
+            if gone:
+                raise ColumnsGone(f"table {name}: column(s) {', '.join(gone)} hashed earlier are gone")
+            table = replace(table, columns=tuple(c for c in table.columns if c.name in want))
+        out[name] = table
+    return out
 
 
 def shard_digest(agg: dict[tuple[str, int], tuple[int, str]]) -> str:
@@ -92,6 +128,7 @@ def aggregate(
     users: int = 0,
     rows: dict[str, int] | None = None,
     throttle: Throttle | None = None,
+    tables: Mapping[str, Table] | None = None,
 ) -> dict[tuple[str, int], tuple[int, str]]:
     """One connection to one side: load the shard's keys, then digest tables taken from the
     side's shared queue until it is empty, each in a transaction of its own (a statement
@@ -113,7 +150,7 @@ def aggregate(
                 throttle.wait()
             sqlgen.one_pass_settings(c)
             sqlgen.set_hash_mb(c, sqlgen.hash_mb(build_rows(ctx, users, rows or {}, name), ctx.spec.verify.max_hash_mb))
-            q = sqlgen.digest_by_batch(ctx.spec.entity_graph, ctx.tables[name], "rm_keys")
+            q = sqlgen.digest_by_batch(ctx.spec.entity_graph, (tables or ctx.tables)[name], "rm_keys")
             read = 0
             for b, n, s in c.execute(q).fetchall():
                 out[(name, b)] = (n, s)

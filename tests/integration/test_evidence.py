@@ -62,13 +62,22 @@ def test_manifests_are_signed_kept_at_home_and_checked(world: World, tmp_path, m
     spec = _reader(world, tmp_path)
     rc, out = _audit(world, spec)
     assert rc == 0 and out["residency"]["regions"]["ie"]["manifests"] == 1, out
-    # a destination row changed after cutover
+    # the application writes at the user's new home after cutover: drift, not a finding
     uid = int(users[0])
     world.rows("ie", "UPDATE users SET display_name = 'changed' WHERE user_id = %s RETURNING 1", (uid,))
     rc, out = _audit(world, spec)
+    assert rc == 0, out["findings"]
+    assert [(d["kind"], d["shard"], d["table"], d["rows_written"]) for d in out["drift"]] == [
+        ("the application wrote after cutover", sid, "users", 1)
+    ]
+    # a change made past the guard (nothing logs it) is tampering
+    with psycopg.connect(world.dsn["ie"]) as c:
+        c.execute("SET LOCAL migrator.apply = 'on'")
+        c.execute("UPDATE videos SET title = 'changed' WHERE user_id = %s", (uid,))
+    rc, out = _audit(world, spec)
     assert rc == 1
     assert {(f["kind"], f.get("shard"), f.get("table")) for f in out["findings"]} == {
-        ("destination rows differ from the shard's manifest", sid, "users")
+        ("destination rows differ from the shard's manifest, and no logged write explains it", sid, "videos")
     }
     assert "changed" not in json.dumps(out)
     # incremental: a shard without audit activity since is not recomputed; one with activity is

@@ -215,8 +215,8 @@ def test_a_purge_refuses_before_touching_anything(world: World, keys, monkeypatc
 
 def test_a_purge_runs_after_the_application_wrote_at_the_new_home(world: World, keys):
     """From the flip on, the destination is the application's: updates, inserts and deletes
-    there after cutover do not hold the purge back; the source copy goes by the policy and
-    the new home keeps every write."""
+    there after cutover, and a schema change made everywhere, do not hold the purge back;
+    the source copy goes by the policy and the new home keeps every write."""
     world.write_spec(purge=PURGE)
     moved = _cut_over(world)
     for region, users in moved.items():
@@ -232,6 +232,10 @@ def test_a_purge_runs_after_the_application_wrote_at_the_new_home(world: World, 
             (some,),
         )
         world.rows(region, "DELETE FROM devices WHERE user_id = %s RETURNING 1", (users[-1],))
+    # and a column added everywhere since: the source copy is still the one the cutover froze
+    for dsn in world.dsn.values():
+        with psycopg.connect(dsn) as c:
+            c.execute("ALTER TABLE videos ADD COLUMN rating int DEFAULT 3")
     after = {r: _snapshot(world, r, u) for r, u in moved.items()}
     res = world.migrator("purge", "--json")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
