@@ -184,7 +184,9 @@ def _purge_batch(
     rep: replica.Replica,
 ) -> dict[str, Any]:
     """The batch's source objects, then its rows and receipt in one source transaction."""
-    deleted_keys = purge_objects.purge_batch(ctx, sid, region, manifest) if manifest else []
+    deleted_keys, gone_there = purge_objects.purge_batch(ctx, sid, region, manifest) if manifest else ([], 0)
+    if gone_there:
+        log.warning("shard %s batch %d: %d object(s) purged that %s no longer holds", sid, b, gone_there, region)
     with connect(ctx.source_dsn) as c:
         # one snapshot for the batch: the values keyed are exactly those its UPDATEs replace
         # (the fence already keeps the users' rows still; a conflict would be a retried
@@ -196,6 +198,7 @@ def _purge_batch(
         receipt = {
             "tables": tables,
             "objects_deleted": len(deleted_keys),
+            "objects_not_at_destination": gone_there,  # the application's deletes there, or a loss: counted
             "objects_digest": purge_objects.keys_digest(deleted_keys),
         }
         c.execute(
@@ -257,11 +260,12 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> Pur
 
 def _totals(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     tables: dict[str, dict[str, Any]] = {}
-    n_obj = 0
+    n_obj = gone = 0
     digests = []
     for b in sorted(done):
         r = done[b]
         n_obj += r["objects_deleted"]
+        gone += r.get("objects_not_at_destination", 0)
         digests.append(r["objects_digest"])
         for t, v in r["tables"].items():
             acc = tables.setdefault(t, {k: (0 if isinstance(x, int) else x) for k, x in v.items()})
@@ -272,6 +276,7 @@ def _totals(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {
         "tables": tables,
         "objects_deleted": n_obj,
+        "objects_not_at_destination": gone,
         "objects_digest": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
     }
 

@@ -18,25 +18,34 @@ def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
-def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, int, str]]) -> list[str]:
-    """Check the destination copy of each manifest entry (key, size, SHA-256), then delete
-    the key's every version at the source; returns the keys deleted. Deleting a key that is
-    already gone is a no-op, so a rerun after a kill finishes the batch."""
+def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, int, str]]) -> tuple[list[str], int]:
+    """Check each manifest entry (key, size, SHA-256) at the source, then delete the key's
+    every version there; returns the keys deleted and how many of them the destination no
+    longer holds. Deleting a key that is already gone is a no-op, so a rerun after a kill
+    finishes the batch.
+
+    As for rows, the destination is the application's from the flip on: an object it
+    overwrote or deleted at the user's new home is no reason to keep the old copy, so the
+    destination's bytes are not compared. What is proved is that each source object about
+    to go is exactly the one that was copied and verified (one changed since, by a writer
+    still using the old home, refuses the batch: its newer bytes exist nowhere else). The
+    keys the destination no longer holds are counted in the receipt."""
     if not entries:
-        return []
+        return [], 0
     o = settings(ctx)
     src, src_c, dst, dst_c = stores(ctx, region)
     part = o.part_size_mb * 2**20
     with ThreadPoolExecutor(o.threads) as pool:
-        got = list(pool.map(lambda e: s3.content_sha256(dst_c, dst.bucket, e[0], part), entries))
+        got = list(pool.map(lambda e: s3.content_sha256(src_c, src.bucket, e[0], part), entries))
+        there = list(pool.map(lambda e: s3.head(dst_c, dst.bucket, e[0]) is not None, entries))
     bad = [
-        ObjectDifference(k, "missing at destination" if g is None else "different at destination")
+        ObjectDifference(k, "changed at the source since its copy")
         for (k, n, h), g in zip(entries, got)
-        if g is None or g != (n, h)
+        if g is not None and g != (n, h)
     ]
     if bad:
         raise ChecksumMismatch(
-            f"shard {sid}: {len(bad)} object(s) at destination {region} no longer match the manifest "
+            f"shard {sid}: {len(bad)} object(s) at the source changed since they were copied to {region} "
             f"(first: {bad[0].named()}); nothing of them was purged",
             bad,
         )
@@ -51,7 +60,7 @@ def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, in
         with ThreadPoolExecutor(o.threads) as pool:
             targets = [t for found in pool.map(lambda k: _versions(ctx, src_c, src.bucket, k), keys) for t in found]
     s3.delete_keys(src_c, src.bucket, targets)
-    return keys
+    return keys, sum(1 for t in there if not t)
 
 
 def _versions(ctx: Context, c, bucket: str, key: str) -> list[dict[str, str]]:

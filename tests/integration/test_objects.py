@@ -273,6 +273,32 @@ def test_purge_deletes_every_version_of_the_moved_users_objects_and_only_theirs(
     assert body(w, "ie", f"users/{moved[0]}/avatar.png") == f"v2 of {moved[0]}".encode()
 
 
+def test_purge_after_the_application_changed_objects_at_the_new_home(oworld):
+    """The application overwrote one object and deleted another at the new home: the purge
+    goes on (the deleted one counted in its receipt); a source object a stale writer changed
+    after the copy refuses the purge, named, until it is moved again."""
+    w = oworld
+    w.write_spec(purge={"after": "0s"})
+    assert w.migrator("run", "--region", "ie").returncode == 0
+    ie, us = s3(w.endpoints["ie"].endpoint), s3(w.endpoints["us"].endpoint)
+    moved = sorted(objects_of(w, ids_for(w, "ie")))
+    overwritten, deleted, stale = moved[0], moved[1], moved[2]
+    ie.put_object(Bucket=w.buckets["ie"], Key=overwritten, Body=b"edited at home")
+    ie.delete_object(Bucket=w.buckets["ie"], Key=deleted)
+    us.put_object(Bucket=w.buckets["us"], Key=stale, Body=b"written at the old home")
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 1
+    assert stale in res.stdout and "changed at the source since its copy" in res.stdout
+    assert body(w, "us", stale) == b"written at the old home"  # its batch kept
+    us.delete_object(Bucket=w.buckets["us"], Key=stale)  # an operator settles it
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    receipts = [s["phases"]["purge"]["purged"] for s in json.loads(res.stdout)["shards"]]
+    assert sum(r["objects_not_at_destination"] for r in receipts) == 1
+    assert not set(listing(w, "us")) & set(moved)
+    assert body(w, "ie", overwritten) == b"edited at home"
+
+
 def test_an_object_the_source_refuses_to_delete_stops_the_purge_named_and_a_rerun_finishes(oworld):
     """DeleteObjects answers 200 even when a key was not deleted; that key's error is the
     purge's, named with the bucket, the key and the code, never taken for success."""
