@@ -1,8 +1,9 @@
 """What a purge checks before it touches anything (`PurgeRefused`, `ChecksumMismatch` or a
 spec problem otherwise), each check its own function: the purge section against the
 source's tables, the retention, the region's key, no table holding users' rows left
-unnamed, the source copy exactly as the cutover froze it, and every user still homed at
-the destination with their row there."""
+unnamed, the source copy exactly as the cutover froze it, every user still homed at the
+destination with their row there, and no row outside the graph that would make a delete
+fail half-way."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError
 from migrator.evidence import pseudonym
 from migrator.shard.digest import ColumnsGone, CopyDigest, digest_copy
 from migrator.spec import Purge
-from migrator.stores import sqlgen
+from migrator.stores import catalog, sqlgen
 from migrator.stores.catalog import Table
 from migrator.stores.postgres import Conn, connect
 
@@ -108,7 +109,44 @@ def preconditions(ctx: Context, sid: str) -> Checked:
     key_of(ctx, shard.region)
     frozen = _frozen_copy_unchanged(ctx, shard)
     _still_at_destination(ctx, shard)
+    _deletes_can_finish(ctx, shard)
     return Checked(cut_at.isoformat(), frozen.digest)
+
+
+def _deletes_can_finish(ctx: Context, shard: Shard) -> None:
+    """No row of a table the graph does not move (an excluded one, or one in another schema)
+    points, by a foreign key that refuses deletes, at a row of the shard's users that the
+    purge deletes: such a delete would fail half-way, past the point of no return."""
+    g, p = ctx.spec.entity_graph, settings(ctx)
+    deleted = [t for t in ctx.tables if p.action(t) == "delete"]
+    if not deleted:
+        return
+    with connect(ctx.source_dsn, autocommit=True) as c:
+        keys_of = catalog.blocking_keys(c, g, deleted)
+        if not keys_of:
+            return
+        batches = ctx.control.batch_keys(shard.shard_id, ctx.sort_keys)
+        for fk in keys_of:
+            own = sqlgen.ownership(g, fk.parent)
+            on = sql.SQL(" AND ").join(
+                sql.SQL("x.{} = t0.{}").format(sql.Identifier(a), sql.Identifier(b))
+                for a, b in zip(fk.columns, fk.parent_columns)
+            )
+            q = sql.SQL("SELECT count(*) FROM {} JOIN {}.{} x ON {} WHERE {}").format(
+                own.from_,
+                sql.Identifier(fk.schema),
+                sql.Identifier(fk.table),
+                on,
+                sqlgen.keys_filter(own, ctx.key_type),
+            )
+            n = sum(c.execute(q, sqlgen.keys_arg(keys)).fetchone()[0] for keys in batches.values())
+            if n:
+                raise PurgeRefused(
+                    f"shard {shard.shard_id}: {n} row(s) of {fk.schema}.{fk.table}, which the spec does not move, "
+                    f"point at rows of {g.schema_}.{fk.parent} the purge deletes (foreign key {fk.name}, source "
+                    f"{ctx.spec.source_region}): the deletes would fail half-way; keep or pseudonymise "
+                    f"{fk.parent} in purge.tables, or move or clear those rows first: nothing purged"
+                )
 
 
 def _frozen_copy_unchanged(ctx: Context, shard: Shard) -> CopyDigest:

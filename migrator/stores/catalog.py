@@ -116,6 +116,46 @@ ORDER BY 1, 2, 4
 """
 
 
+# Every foreign key into the graph's tables that refuses a delete of the rows it points
+# at (NO ACTION or RESTRICT), with its columns in pairs.
+_BLOCKING = """
+SELECT n.nspname, c.relname, p.relname, con.conname, array_agg(a.attname ORDER BY k.ord),
+  array_agg(af.attname ORDER BY k.ord)
+FROM pg_constraint con
+JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+JOIN LATERAL unnest(con.conkey, con.confkey) WITH ORDINALITY AS k(a1, a2, ord) ON true
+JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.a1
+JOIN pg_attribute af ON af.attrelid = con.confrelid AND af.attnum = k.a2
+WHERE con.contype = 'f' AND con.confdeltype IN ('a', 'r') AND pn.nspname = %s AND p.relname = ANY(%s)
+GROUP BY con.oid, n.nspname, c.relname, p.relname, con.conname
+ORDER BY 1, 2, 4
+"""
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """A foreign key from a table outside the graph into one of its tables."""
+
+    schema: str
+    table: str
+    parent: str
+    name: str
+    columns: tuple[str, ...]
+    parent_columns: tuple[str, ...]
+
+
+def blocking_keys(conn: Conn, graph: EntityGraph, parents: list[str]) -> list[ForeignKey]:
+    """Foreign keys from tables the graph does not move into `parents` that refuse the
+    delete of a row they point at: a delete of those rows fails while such a row exists."""
+    moved = {(graph.schema_, n) for n in graph.ordered()}
+    return [
+        ForeignKey(s, t, p, name, tuple(cols), tuple(pcols))
+        for s, t, p, name, cols, pcols in conn.execute(_BLOCKING, (graph.schema_, parents)).fetchall()
+        if (s, t) not in moved
+    ]
+
+
 def unnamed_tables(conn: Conn, graph: EntityGraph, side: str) -> list[str]:
     """Tables holding rows that point at the graph's (a foreign key into one of its tables)
     which the spec neither moves nor excludes with a reason: their rows would stay behind

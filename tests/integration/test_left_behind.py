@@ -103,3 +103,25 @@ def test_a_table_added_mid_move_stops_the_cutover_and_the_purge_and_the_audit_fi
     assert res.returncode != 0
     found = [f for f in json.loads(res.stdout)["findings"] if f["kind"] == "table left behind"]
     assert found and "public.support_tickets" in found[0]["detail"]
+
+
+def test_an_excluded_table_that_would_block_the_purges_deletes_refuses_it_before_it_starts(world: World, keys):
+    """Excluded with a reason, the tickets stay; but with a policy that deletes the users'
+    rows at the source, their foreign key would make the deletes fail half-way: the purge
+    refuses before the point of no return, naming the table and the key."""
+    _add_tickets(world)
+    world.spec["entity_graph"]["exclude"] = [{"table": "support_tickets", "reason": "the help desk's"}]
+    world.write_spec(purge={**PURGE, "tables": {"devices": "delete"}})  # users: deleted (the default)
+    assert world.migrator("run").returncode == 0
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "public.support_tickets" in res.stdout and "support_tickets_user_id_fkey" in res.stdout
+    assert _states(world) == {"cut_over"}  # nothing started
+    moved = world.ctl("SELECT count(*) FROM migrator.shard_user")[0][0]
+    assert world.rows("us", "SELECT count(*) FROM users")[0][0] == 400 and moved > 0
+    # pseudonymised instead of deleted, the users' rows stay for the tickets to point at
+    world.write_spec(purge=PURGE)
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert _states(world) == {"purged"}
+    assert world.rows("us", "SELECT count(*) FROM support_tickets")[0][0] == 400
