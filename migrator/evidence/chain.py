@@ -9,8 +9,9 @@ sealed in the order of their writers' transactions and only below the oldest tra
 still running, so a row whose transaction commits late is never passed over (as with the
 change log); sealing takes no lock a writer waits on.
 
-At every cutover, rollback and purge the chain's head (seq, sha256) is written into the
-destination region the shard concerns (`publish`); `verify` recomputes every hash from the
+After every phase a shard goes through (a move or not) the chain's head (seq, sha256) is
+written into the destination region the shard concerns (`publish`), so the tail a head
+does not cover is at most what was written since the last phase ended; `verify` recomputes every hash from the
 stored content, checks the content against the row's columns and each published head
 against the chain: a row changed, removed or reordered, or history rewritten before a
 published head, is found and named by its place in the chain, never by its content.
@@ -149,4 +150,11 @@ def verify(rows: list[dict[str, Any]], heads: dict[str, list[tuple[int, str]]]) 
                     {"kind": "audit history rewritten before a head kept in the region", "region": region, "seq": seq}
                 )
     unsealed = [r["id"] for r in rows if r["seq"] is None]
-    return {"ok": not findings, "sealed": len(sealed), "unsealed": len(unsealed), "findings": findings}
+    covered = max((seq for hs in heads.values() for seq, _ in hs), default=0)
+    return {
+        "ok": not findings,
+        "sealed": len(sealed),
+        "unsealed": len(unsealed),
+        "after_last_head": max(0, len(sealed) - covered),  # sealed rows no head kept in a region covers yet
+        "findings": findings,
+    }

@@ -240,6 +240,10 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
     if event in EVIDENT:
         hooks.point("moved", ctx, sid)
         _keep_evidence(ctx, sid, shard.region, shard.state, event)
+    else:
+        # the chain's head after every step, not only after a move: rows removed from the
+        # chain's tail are then found by the audit against this head
+        chain.publish_quietly(ctx.control, ctx.dsn(shard.region), sid, phase)
     return Result(sid, phase, shard.state.value, True, detail=detail)
 
 

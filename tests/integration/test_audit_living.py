@@ -122,3 +122,20 @@ def test_source_copies_and_purged_shards_are_held_to_their_freeze_and_receipts(w
         ("the source copy changed since the cutover froze it", kept, "videos"),
     }
     assert "back@example.test" not in str(doc) and "edited" not in str(doc)
+
+
+def test_rows_cut_from_the_chains_tail_are_found_before_any_move(world: World, tmp_path):
+    """Heads are kept after every phase, not only after a move: the audit rows of a copy,
+    cut from the end of the chain before anything cut over, are found."""
+    world.write_spec(sharding={"shards_per_region": 1})
+    assert world.migrator("plan").returncode == 0
+    assert world.migrator("copy", "--region", "ie").returncode == 0
+    rc, doc = _audited(world, tmp_path)
+    assert rc == 0, doc.get("findings", doc)
+    assert doc["chain"]["heads"]["ie"] >= 1 and doc["chain"]["after_last_head"] == 0
+    (last,) = world.ctl("SELECT max(seq) FROM migrator.audit")[0]
+    with psycopg.connect(world.control) as c:
+        c.execute("DELETE FROM migrator.audit WHERE seq > %s", (last - 2,))
+    rc, doc = _audited(world, tmp_path)
+    assert rc == 1
+    assert ("audit history rewritten before a head kept in the region", None, None) in _kinds(doc)
