@@ -82,6 +82,16 @@ class Context:
             log.warning(w)
         return out
 
+    def lookalike_warnings(self) -> list[str]:
+        """Tables at the source that look as if they held users' rows but have no foreign
+        key into the graph (`catalog.lookalike_tables`); each is logged too."""
+        side = f"source {self.spec.source_region}"
+        with connect(self.source_dsn, autocommit=True) as c:
+            out = catalog.lookalike_tables(c, self.spec.entity_graph, self.key_type, side)
+        for w in out:
+            log.warning(w)
+        return out
+
     def preflight(self, regions: set[str]) -> None:
         """Spec problems against the databases (a missing table or column, an undeclared
         foreign key, a destination that differs), found before anything is written; a

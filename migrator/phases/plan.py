@@ -231,7 +231,7 @@ def plan(
     missing = ctx.index_warnings(reachable)
     if missing and (strict or spec.require_indexes):
         raise SpecError("indexes missing (strict): " + "; ".join(missing))
-    warnings += missing
+    warnings += missing + ctx.lookalike_warnings()
     unplaced, staying, moving = residencies(ctx, since, until)
     if only_regions and regions:
         moving = {value: r for value, r in moving.items() if r in regions}

@@ -156,6 +156,38 @@ def blocking_keys(conn: Conn, graph: EntityGraph, parents: list[str]) -> list[Fo
     ]
 
 
+# Columns named as the root's key, of its type, in tables with no foreign key into the graph.
+_LOOKALIKES = """
+SELECT n.nspname, c.relname
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.attname = %s AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')
+  AND format_type(a.atttypid, a.atttypmod) = %s
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'migrator')
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint con JOIN pg_class p ON p.oid = con.confrelid
+                  JOIN pg_namespace pn ON pn.oid = p.relnamespace
+                  WHERE con.contype = 'f' AND con.conrelid = c.oid AND pn.nspname = %s AND p.relname = ANY(%s))
+ORDER BY 1, 2
+"""
+
+
+def lookalike_tables(conn: Conn, graph: EntityGraph, key_type: str, side: str) -> list[str]:
+    """Tables the spec neither moves nor excludes with a column named as the root's key and
+    of its type, but no foreign key into the graph: they may hold users' rows the catalog
+    cannot tie to them. A warning each (the database cannot tell; a person can)."""
+    names = list(graph.ordered())
+    known = {(graph.schema_, n) for n in names} | {
+        tuple(x.table.split(".", 1)) if "." in x.table else (graph.schema_, x.table) for x in graph.exclude
+    }
+    found = conn.execute(_LOOKALIKES, (graph.root.key, key_type, graph.schema_, names)).fetchall()
+    return [
+        f"{side}: table {s}.{t} has a column {graph.root.key} ({key_type}) like the root's key but no foreign "
+        "key into the graph: if it holds users' rows, name it in entity_graph.tables or entity_graph.exclude"
+        for s, t in found
+        if (s, t) not in known
+    ]
+
+
 def unnamed_tables(conn: Conn, graph: EntityGraph, side: str) -> list[str]:
     """Tables holding rows that point at the graph's (a foreign key into one of its tables)
     which the spec neither moves nor excludes with a reason: their rows would stay behind

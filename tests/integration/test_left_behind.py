@@ -125,3 +125,19 @@ def test_an_excluded_table_that_would_block_the_purges_deletes_refuses_it_before
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert _states(world) == {"purged"}
     assert world.rows("us", "SELECT count(*) FROM support_tickets")[0][0] == 400
+
+
+def test_a_table_with_the_roots_key_but_no_foreign_key_is_named_as_a_warning(world: World):
+    with psycopg.connect(world.dsn["us"]) as c:
+        c.execute("CREATE TABLE newsletter (user_id bigint, address text)")  # no foreign key: only its name says
+        c.execute("CREATE TABLE counters (user_id text, n int)")  # the key's name, another type
+    res = world.migrator("plan", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    warnings = json.loads(res.stdout)["warnings"]
+    named = [w for w in warnings if "public.newsletter" in w]
+    assert len(named) == 1 and "entity_graph.exclude" in named[0] and "source us" in named[0]
+    assert not [w for w in warnings if "counters" in w]
+    world.spec["entity_graph"]["exclude"] = [{"table": "newsletter", "reason": "marketing's, by consent"}]
+    world.write_spec()
+    res = world.migrator("plan", "--wave", "second", "--json")
+    assert res.returncode == 0 and not [w for w in json.loads(res.stdout)["warnings"] if "newsletter" in w]
