@@ -10,8 +10,9 @@ import time
 import psycopg
 import pytest
 
+from migrator.demo.workload import Writer, check
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import inet_pseudonym, paused, text_pseudonym
+from tests.helpers import inet_pseudonym, movers, paused, text_pseudonym
 
 pytestmark = pytest.mark.integration
 
@@ -335,3 +336,29 @@ def test_the_migrators_own_writes_do_not_call_the_guards(world: World):
     assert n > 0 and calls == 0
     n, calls = guard_calls(stayer, apply=False)
     assert n > 0 and calls == n
+
+
+def test_a_purge_with_the_application_writing_at_the_new_homes(world: World, keys):
+    """The application writes through the migration, on at the new homes, and through the
+    purge: every shard ends purged, the source copy is gone or pseudonymised as the policy
+    says, and no acknowledged write is lost."""
+    world.write_spec(purge=PURGE)
+    writer = Writer(world.dsn, world.control, movers(world)).start()
+    try:
+        res = world.migrator("run", "--json")
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        time.sleep(2)  # writes at the new homes after cutover
+        res = world.migrator("purge", "--json")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        time.sleep(1)
+    finally:
+        acked = writer.stop()
+    assert not writer.errors, writer.errors[:5]
+    assert acked.ops > 100
+    check(world.dsn, world.control, acked)
+    assert {s for (s,) in world.ctl("SELECT DISTINCT state FROM migrator.shard")} == {"purged"}
+    moved = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.shard_user")]
+    for t in ("videos", "comments", "devices"):
+        assert world.rows("us", DEMO_OWNED[t], (moved,)) == [], t
+    emails = [e for (e,) in world.rows("us", "SELECT email FROM users WHERE user_id = ANY(%s)", (moved,))]
+    assert len(emails) == len(moved) and all(e.startswith("pz1_") for e in emails)
