@@ -8,6 +8,7 @@ never carry a row's contents: tables, key columns and key values only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -80,9 +81,15 @@ class ControlUnavailable(StoreUnavailable):
     in this process retries again; the task's next run (Airflow's retry, a rerun) does."""
 
 
-class StoreRefused(MigratorError):
+class StoreRefused(SpecError):
     """A store refuses the migrator (wrong password, no such database or role, no CONNECT
-    privilege): waiting does not mend it."""
+    privilege) or its DSN is malformed: waiting does not mend it, and it is the command's
+    configuration, not the shard's failure (exit 2, the shard keeps its state)."""
+
+
+class ObjectRefused(MigratorError):
+    """An object store refused an operation on some objects (a bucket policy, say): the
+    shard's phase fails, named with the bucket, the first key and the store's code."""
 
 
 class CatchUpBlocked(TransientError):
@@ -140,6 +147,8 @@ def describe(exc: BaseException) -> str:
     endpoint = (
         getattr(exc, "kwargs", {}).get("endpoint_url") if isinstance(getattr(exc, "kwargs", None), dict) else None
     )
-    if endpoint:  # botocore's EndpointConnectionError and its kind
-        return f"S3 endpoint {endpoint} cannot be reached ({type(exc).__name__})"
+    if endpoint:  # botocore's EndpointConnectionError and its kind: the endpoint only, never the
+        # request's path or query (a bucket's listing prefix, an object's key, name a user)
+        u = urlsplit(str(endpoint))
+        return f"S3 endpoint {u.scheme}://{u.netloc} cannot be reached ({type(exc).__name__})"
     return type(exc).__name__

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from migrator.control.context import Context
+from migrator.errors import SpecError
 from migrator.lifecycle import report
 from migrator.spec import load_spec
 
@@ -63,6 +64,12 @@ Json = Annotated[bool, typer.Option("--json", help="print one machine-readable J
 Since = Annotated[datetime | None, typer.Option("--since", help="only users created at or after this time")]
 Until = Annotated[datetime | None, typer.Option("--until", help="only users created before this time")]
 RunId = Annotated[str | None, typer.Option("--run-id", help="recorded in the audit trail")]
+
+
+def check_range(since: datetime | None, until: datetime | None) -> None:
+    """`--since` after `--until` selects nobody: a mistake, refused before anything runs."""
+    if since is not None and until is not None and since >= until:
+        raise SpecError(f"--since ({since.isoformat()}) is not before --until ({until.isoformat()}): no user can match")
 
 
 def context_of(config: Path, run_id: str | None) -> Context:

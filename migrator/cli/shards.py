@@ -23,6 +23,7 @@ from migrator.cli.common import (
     Until,
     Wave,
     app,
+    check_range,
     context_of,
     err,
     finish,
@@ -45,6 +46,7 @@ def plan(
     strict: Strict = False,
 ) -> None:
     """Form the wave's shards: users, rows per table and bytes per shard."""
+    check_range(since, until)
     ctx = context_of(config, run_id)
     regions = [region] if region else None
     p = make_plan(ctx, wave, since=since, until=until, regions=regions, dry_run=dry_run, strict=strict)
@@ -68,6 +70,7 @@ def run(
     strict: Strict = False,
 ) -> None:
     """Plan (if needed), then copy, verify and cut over every selected shard."""
+    check_range(since, until)
     ctx = context_of(config, run_id)
     if dry_run:
         regions = [region] if region else None

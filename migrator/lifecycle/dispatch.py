@@ -163,8 +163,8 @@ def record_failure(ctx: Context, sid: str, phase: str, exc: BaseException) -> No
     what = describe(exc)
     try:
         state = ctl.shard(sid).state
-        if is_transient(exc):
-            ctl.record(sid, state.value, {"event": f"{phase} interrupted", "error": what, "resumable": True})
+        if is_transient(exc):  # the shard keeps its state, and the error until a step succeeds
+            ctl.keep(sid, {"event": f"{phase} interrupted", "error": what, "resumable": True}, error=what[:2000])
             return
         detail: dict[str, Any] = {"event": f"{phase} failed", "error": what}
         if isinstance(exc, ChecksumMismatch):
@@ -236,6 +236,8 @@ def _step(ctx: Context, sid: str, phase: str, reason: str, progress: Progress | 
         record_failure(ctx, sid, phase, exc)
         raise
     shard = ctx.control.shard(sid)
+    if shard.error and shard.state != P.FAILED:  # an earlier interruption's error is over
+        ctx.control.keep(sid, {"event": "error cleared", "phase": phase}, error=None)
     event = "rollback" if phase == "rollback_failed" else phase
     if event in EVIDENT:
         hooks.point("moved", ctx, sid)

@@ -113,7 +113,8 @@ def run(
 ) -> tuple[Plan, list[Outcome]]:
     check_standby(ctx)
     p = plan(ctx, wave, since=since, until=until, regions=[region] if region else None, strict=strict)
-    shards = select(ctx, wave, names, region)
+    # every name must be a shard of the wave (exit 2 naming it), as in every other verb
+    shards = ctx.control.resolve(wave, names, region) if names else select(ctx, wave, names, region)
 
     def go(sid: str) -> list[dispatch.Result]:
         cb = (lambda d, t: progress(sid, d, t)) if progress else None

@@ -127,8 +127,8 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
             ctl.record(sid, "verified", {"event": "fence lifted", "fence_ms": elapsed, "error": describe(exc)})
         if isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in ("57014", "55P03"):
             raise FenceWindowExceeded(
-                f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms); "
-                "the fence was lifted and the shard stays on the source"
+                f"shard {sid}: cutover did not finish in its {window} s fence window ({elapsed} ms: "
+                f"{describe(exc)}); the fence was lifted and the shard stays on the source"
             ) from None
         raise
     # Cut over: from here on nothing may lift the fence.

@@ -41,6 +41,7 @@ from migrator.control.state import State
 from migrator.control.store import SCHEMA, shard_id
 from migrator.errors import SpecError, StateConflict, describe
 from migrator.partition import shard_name
+from migrator.phases.purge_checks import check_policy
 from migrator.phases.residency import candidates, residencies
 from migrator.stores import is_transient, replica, sqlgen
 from migrator.stores.postgres import Conn, connect, pipe
@@ -206,6 +207,8 @@ def plan(
             raise SpecError(f"--region {r!r}: no policy entry sends users there (targets: {', '.join(spec.targets)})")
     _ = ctx.tables  # reads and checks the source's tables
     ctx.check_unnamed_tables()  # no table holding users' rows may be left behind unnamed
+    if spec.purge is not None:  # a rule the purge could not apply is found now, not at the purge
+        check_policy(ctx)
     # A wave covers every target region, so a later `--region` run finds its shards;
     # `regions` only narrows what is returned. A wave that no later run will name (a
     # manual Airflow run's own) plans only `regions` (`only_regions`): the others' users

@@ -229,9 +229,13 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise SpecError(f"spec file {str(p)!r} does not exist")
     try:
-        return yaml.load(p.read_text(), Loader=_Loader)  # noqa: S506 - a safe loader
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as err:
         raise SpecError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{p}: not a text file (byte {err.start} is not UTF-8); a spec is YAML text") from None
+    except OSError as err:
+        raise SpecError(f"spec file {str(p)!r} cannot be read ({err.strerror})") from None
 
 
 def load_spec(path: str | Path) -> Spec:

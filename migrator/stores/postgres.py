@@ -112,15 +112,24 @@ _CONNECT_REASONS = [
     (r"starting up|shutting down|in recovery|not yet accepting", "the server is starting or stopping", True),
     (r"too many (clients|connections)", "the server has no free connection", True),
     (r"could not translate host name", "the host name does not resolve", True),
+    # a DSN libpq cannot use: named by its parameter, never its value (it may be a secret)
+    (r"invalid integer value .* for connection option \"(\w+)\"", "the DSN's {0} is not a number", False),
+    (r"invalid port number", "the DSN's port is not a valid port number", False),
+    (r"invalid (\w+) value", "the DSN's {0} is not a value libpq knows", False),
+    (r"invalid URI query parameter: \"(\w+)\"", "the DSN has a parameter libpq does not know ({0})", False),
+    (r"invalid connection option \"(\w+)\"", "the DSN has a parameter libpq does not know ({0})", False),
+    (r"missing \"=\" after|unterminated quoted string|invalid URI", "the DSN cannot be parsed", False),
 ]
 
 
 def _connect_error(dsn: str, exc: psycopg.Error) -> Exception:
     text = str(exc)
     for pattern, reason, transient in _CONNECT_REASONS:
-        if re.search(pattern, text, re.I):
+        if m := re.search(pattern, text, re.I):
             cls = StoreUnavailable if transient else StoreRefused
-            return cls(f"{where(dsn)}: {reason}")
+            return cls(f"{where(dsn)}: {reason.format(*m.groups())}")
+    if isinstance(exc, psycopg.ProgrammingError):
+        return StoreRefused(f"{where(dsn)}: the DSN cannot be used ({type(exc).__name__})")
     return StoreUnavailable(f"{where(dsn)}: cannot connect ({type(exc).__name__})")
 
 
@@ -196,7 +205,7 @@ def connect(dsn: str, *, autocommit: bool = False, connect_timeout: int = 5, key
             client_encoding=PINNED["client_encoding"],
             cursor_factory=StoreCursor,
         )
-    except psycopg.OperationalError as exc:
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:  # unreachable, refused, or a bad DSN
         raise _connect_error(dsn, exc) from None
     conn.store = where(dsn)
     return conn

@@ -14,7 +14,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 
-from migrator.errors import ObjectMissing, ObjectVanished, StoreRefused, TransientError
+from migrator.errors import ObjectMissing, ObjectRefused, ObjectVanished, TransientError
 from migrator.spec import ObjectStore
 
 META_SHA = "sha256"
@@ -194,4 +194,4 @@ def delete_keys(c, bucket: str, targets: list[dict[str, str]]) -> None:
         )
         if all(e.get("Code") in _RETRY_CODES for e in errors):
             raise TransientError(what)
-        raise StoreRefused(what)
+        raise ObjectRefused(what)

@@ -114,8 +114,13 @@ def test_destination_server_lost_mid_copy_then_resumed(world: World):
     )
     kept = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
     assert 2 <= kept < shard["batches"]
+    # status shows what stopped it, naming the store, while the shard waits to resume
+    (status,) = json.loads(world.migrator("status", "--region", "ie", "--json").stdout)["shards"]
+    assert status["state"] == "copying" and "region ie" in (status["error"] or ""), status
     res = world.migrator("run", "--region", "ie", "--json")
     assert res.returncode == 0, res.stdout[-1500:]
+    (status,) = json.loads(world.migrator("status", "--region", "ie", "--json").stdout)["shards"]
+    assert status["state"] == "cut_over" and status["error"] is None, status  # over once a step succeeds
     audit = world.ctl("SELECT count(*) FROM migrator.checkpoint")[0][0]
     assert audit == shard["batches"]
     ids = [
@@ -139,3 +144,86 @@ def test_the_command_line_exits_2_without_the_password(world):
         res = world.migrator(cmd, "--json")
         assert res.returncode == 2, (cmd, res.stdout, res.stderr)
         assert "regions.ie" in res.stderr and SECRET not in res.stdout + res.stderr
+
+
+def _dsn(world: World, region: str, change) -> dict:
+    spec = copy.deepcopy(world.spec)
+    spec["regions"][region]["dsn"] = change(world.dsn[region])
+    return spec
+
+
+def _control(world: World, change) -> dict:
+    spec = copy.deepcopy(world.spec)
+    spec["control"]["dsn"] = change(world.control)
+    return spec
+
+
+# (what is wrong, the spec or file it makes, the command, the words the answer must hold)
+ANSWERS = [
+    (
+        "a database that does not exist",
+        lambda w: _dsn(w, "ie", lambda d: d.rsplit("/", 1)[0] + "/nosuchdb"),
+        ["plan"],
+        ["region ie", "the database does not exist"],
+    ),
+    (
+        "a role that does not exist",
+        lambda w: _dsn(w, "no", lambda d: d.replace("postgres@", "nosuchrole@")),
+        ["plan"],
+        ["region no", "the role does not exist"],
+    ),
+    (
+        "a DSN parameter libpq does not know",
+        lambda w: _dsn(w, "ie", lambda d: d + "?foo=bar"),
+        ["plan"],
+        ["region ie", "(foo)"],
+    ),
+    (
+        "a port that is not a number",
+        lambda w: _dsn(w, "ie", lambda d: d.replace("127.0.0.1:", "127.0.0.1:x")),
+        ["plan"],
+        ["region ie", "port is not a number"],
+    ),
+    (
+        "an sslmode libpq does not know",
+        lambda w: _dsn(w, "no", lambda d: d + "?sslmode=bogus"),
+        ["plan"],
+        ["region no", "sslmode"],
+    ),
+    (
+        "the control database's DSN with an unknown parameter",
+        lambda w: _control(w, lambda d: d + "?foo=bar"),
+        ["status"],
+        ["control database", "(foo)"],
+    ),
+    ("a binary spec file", lambda w: b"\x89PNG\r\n\x1a\n\x00\xff", ["plan"], ["spec.yaml", "not a text file"]),
+    ("a shard name that matches nothing", lambda w: w.spec, ["run", "--shard", "ie-99"], ["no shard named ie-99"]),
+    (
+        "--since after --until",
+        lambda w: w.spec,
+        ["plan", "--since", "2026-02-01", "--until", "2026-01-01"],
+        ["--since", "is not before --until"],
+    ),
+    (
+        "a pseudonymise rule on a timestamp column",
+        lambda w: {**w.spec, "purge": {"after": "0s", "tables": {"users": {"pseudonymise": ["email", "created_at"]}}}},
+        ["plan"],
+        ["purge.tables.users.created_at", "cannot be pseudonymised"],
+    ),
+]
+
+
+@pytest.mark.parametrize("what, make, args, words", ANSWERS, ids=[a[0] for a in ANSWERS])
+def test_the_command_lines_answer_to_bad_input(world: World, what, make, args, words):
+    made = make(world)
+    if isinstance(made, bytes):
+        world.spec_path.write_bytes(made)
+    else:
+        world.spec_path.write_text(yaml.safe_dump(made))
+    res = world.migrator(*args)
+    out = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode == 2, (what, out[-2000:])
+    for w in words:
+        assert w in out, (what, w, out[-2000:])
+    assert "Traceback" not in out
+    nothing_written(world)
