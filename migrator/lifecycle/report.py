@@ -71,6 +71,7 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 "approx_bytes": s.plan.get("approx_bytes", 0),
                 "error": s.error,
                 **({"throttled_s": round(throttled, 1)} if throttled else {}),
+                **({"users_held": ctl.held(s.shard_id)[0]} if s.state.value == "rolled_back" else {}),
             }
         )
     return out
@@ -146,6 +147,8 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
         )
         state = s.get("state", "planned")
         style = {"cut_over": "green", "failed": "red", "rolled_back": "yellow"}.get(state, "")
+        if "users_held" in s:  # a rolled-back shard's users: held out of later plans, or released
+            state += " (held)" if s["users_held"] else " (released)"
         t.add_row(
             *([s.get("wave", "")] if show_wave else []),
             s["name"],

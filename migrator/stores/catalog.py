@@ -91,18 +91,26 @@ def unindexed_owner_keys(conn: Conn, graph: EntityGraph, side: str) -> list[str]
     return out
 
 
-# The foreign keys declared between the named tables: (table, parent, columns, referenced).
-_FKS = """
-SELECT c.relname, p.relname, array_agg(a.attname ORDER BY k.ord), array_agg(af.attname ORDER BY k.ord)
+# Foreign keys with their columns in pairs (each query adds its WHERE and GROUP BY).
+_FK_PAIRS = """
+SELECT n.nspname, c.relname, p.relname, con.conname, array_agg(a.attname ORDER BY k.ord),
+  array_agg(af.attname ORDER BY k.ord)
 FROM pg_constraint con
 JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
 JOIN LATERAL unnest(con.conkey, con.confkey) WITH ORDINALITY AS k(a1, a2, ord) ON true
 JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.a1
 JOIN pg_attribute af ON af.attrelid = con.confrelid AND af.attnum = k.a2
-WHERE con.contype = 'f' AND n.nspname = %s AND c.relname = ANY(%s) AND pn.nspname = %s AND p.relname = ANY(%s)
-GROUP BY con.oid, c.relname, p.relname
 """
+_GROUP = "GROUP BY con.oid, n.nspname, c.relname, p.relname, con.conname ORDER BY 1, 2, 4"
+
+# The foreign keys declared between the named tables.
+_FKS = (
+    _FK_PAIRS
+    + "WHERE con.contype = 'f' AND n.nspname = %s AND c.relname = ANY(%s) AND pn.nspname = %s "
+    + "AND p.relname = ANY(%s) "
+    + _GROUP
+)
 
 
 # Every foreign key into the graph's tables, from any table of any schema.
@@ -117,20 +125,11 @@ ORDER BY 1, 2, 4
 
 
 # Every foreign key into the graph's tables that refuses a delete of the rows it points
-# at (NO ACTION or RESTRICT), with its columns in pairs.
-_BLOCKING = """
-SELECT n.nspname, c.relname, p.relname, con.conname, array_agg(a.attname ORDER BY k.ord),
-  array_agg(af.attname ORDER BY k.ord)
-FROM pg_constraint con
-JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
-JOIN LATERAL unnest(con.conkey, con.confkey) WITH ORDINALITY AS k(a1, a2, ord) ON true
-JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.a1
-JOIN pg_attribute af ON af.attrelid = con.confrelid AND af.attnum = k.a2
-WHERE con.contype = 'f' AND con.confdeltype IN ('a', 'r') AND pn.nspname = %s AND p.relname = ANY(%s)
-GROUP BY con.oid, n.nspname, c.relname, p.relname, con.conname
-ORDER BY 1, 2, 4
-"""
+# at (NO ACTION or RESTRICT).
+_BLOCKING = (
+    _FK_PAIRS + "WHERE con.contype = 'f' AND con.confdeltype IN ('a', 'r') AND pn.nspname = %s "
+    "AND p.relname = ANY(%s) " + _GROUP
+)
 
 
 @dataclass(frozen=True)
@@ -239,7 +238,7 @@ def read_graph(conn: Conn, graph: EntityGraph, side: str) -> dict[str, Table]:
         if col is not None and col not in out[root.table].names:
             raise SchemaMismatch(f"{side}: entity_graph.root.{what}: column {root.table}.{col} does not exist")
     fks: dict[tuple[str, str], list[dict[str, str]]] = {}
-    for table, parent, cols, refs in conn.execute(_FKS, (graph.schema_, names, graph.schema_, names)).fetchall():
+    for _, table, parent, _, cols, refs in conn.execute(_FKS, (graph.schema_, names, graph.schema_, names)).fetchall():
         fks.setdefault((table, parent), []).append(dict(zip(cols, refs)))
     for child in graph.tables:
         for mine, theirs in child.fk.items():

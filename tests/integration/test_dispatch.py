@@ -96,6 +96,9 @@ def _rolled_back_cleanly(w: World, wave: str) -> None:
     assert n == w.ctl("SELECT users FROM migrator.shard WHERE shard_id = %s", (f"{wave}/ie-00",))[0][0] > 0
     res = w.migrator("release", "--wave", wave, "--shard", "ie-00", "--reason", "next state")
     assert res.returncode == 0, res.stderr
+    if wave == "w-cut":  # status tells released from held
+        (row,) = json.loads(w.migrator("status", "--wave", wave, "--region", "ie", "--json").stdout)["shards"]
+        assert row["users_held"] == 0
 
 
 def test_rollback_from_every_state_including_a_rollback_killed_halfway(world: World):
@@ -153,6 +156,10 @@ def test_a_rolled_back_shard_is_held_then_moved_again_in_its_own_wave(world: Wor
     world.write_spec(sharding={"shards_per_region": 1})
     assert world.migrator("run", "--region", "ie").returncode == 0
     assert world.migrator("rollback", "--shard", "ie-00", "--reason", "ticket 7").returncode == 0
+    # status tells held from released
+    (row,) = json.loads(world.migrator("status", "--region", "ie", "--json").stdout)["shards"]
+    assert row["state"] == "rolled_back" and row["users_held"] == row["users"] > 0
+    assert "rolled_back (held)" in world.migrator("status", "--region", "ie").stdout
     # a scope=all style run in a new wave leaves the held users where they are
     res = world.migrator("run", "--wave", "later", "--region", "ie", "--json")
     assert res.returncode == 0
