@@ -147,8 +147,10 @@ def describe(exc: BaseException) -> str:
     endpoint = (
         getattr(exc, "kwargs", {}).get("endpoint_url") if isinstance(getattr(exc, "kwargs", None), dict) else None
     )
-    if endpoint:  # botocore's EndpointConnectionError and its kind: the endpoint only, never the
-        # request's path or query (a bucket's listing prefix, an object's key, name a user)
+    if endpoint:  # botocore's EndpointConnectionError and its kind: the endpoint and the bucket
+        # (path-style), never the rest of the request (an object's key, a listing's prefix: they
+        # name a user)
         u = urlsplit(str(endpoint))
-        return f"S3 endpoint {u.scheme}://{u.netloc} cannot be reached ({type(exc).__name__})"
+        bucket = u.path.strip("/").split("/", 1)[0]
+        return f"S3 endpoint {u.scheme}://{u.netloc}/{bucket} cannot be reached ({type(exc).__name__})"
     return type(exc).__name__

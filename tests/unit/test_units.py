@@ -324,3 +324,16 @@ def test_the_airflow_home_preloads_what_tasks_import_and_airflow_starts_with_it(
     mounts = compose["services"]["airflow-scheduler"]["volumes"]
     source = next(m.split(":")[0] for m in mounts if ":/opt/airflow/config/airflow_local_settings.py" in m)
     assert (ROOT / source).read_text() == settings.read_text()
+
+
+def test_an_unreachable_s3_endpoint_is_named_without_the_requests_key_or_prefix():
+    from botocore.exceptions import EndpointConnectionError
+
+    from migrator.errors import describe
+
+    for url in (
+        "http://127.0.0.1:5041/media-us?list-type=2&prefix=users%2F141%2F",
+        "http://127.0.0.1:5041/media-us/users/141/avatar.png",
+    ):
+        said = describe(EndpointConnectionError(endpoint_url=url))
+        assert said == "S3 endpoint http://127.0.0.1:5041/media-us cannot be reached (EndpointConnectionError)"
