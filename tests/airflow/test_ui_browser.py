@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -445,3 +447,77 @@ def test_every_runbook_command_runs_against_the_demo(demo, tmp_path):
             if cmd.startswith("migrator audit"):
                 assert (tmp_path / "audit.html").stat().st_size > 0 and any((tmp_path / "records").iterdir())
     assert ran == sum(len(c) for _, c in _runbook_sections()) >= 15
+
+
+def test_the_residency_view_shows_every_shard_and_acts_on_one(demo):
+    """The plugin's page under the UI: every wave's shards with the state the control
+    database holds, users homed per region; an empty reason is refused; a rollback and a
+    release started from a shard's row run that DAG on exactly that shard, as the operator."""
+    api, ctl = _api(demo), demo["env"]["MIGRATOR_CONTROL_DSN"]
+    plugins = api.api("GET", "/plugins")["plugins"]
+    (ours,) = [p for p in plugins if p["name"] == "residency"]
+    assert [v["name"] for v in ours["external_views"]] == ["Residency"]
+    # not for anyone who has not signed in
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"{demo['url']}/residency/", timeout=30)
+    assert denied.value.code in (401, 403)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        _login(page, demo)
+        _goto(page, f"{demo['url']}/residency/")
+        homes = dict(_sql(ctl, "SELECT home, count(*) FROM migrator.directory GROUP BY home"))
+        shown = {
+            r.locator("td").nth(0).inner_text(): int(r.locator("td").nth(1).inner_text())
+            for r in page.locator("#homes tr").all()[1:]
+        }
+        assert shown == homes
+        held = {s for (s,) in _sql(ctl, "SELECT DISTINCT shard_id FROM migrator.held_users")}
+        for sid, wave, name, state, region in _sql(
+            ctl, "SELECT shard_id, wave, name, state, region FROM migrator.shard"
+        ):
+            row = page.locator(f"table.wave[data-wave='{wave}'] tr[data-shard='{name}']")
+            cells = row.locator("td")
+            want = state + ((" (held)" if sid in held else " (released)") if state == "rolled_back" else "")
+            assert cells.nth(2).inner_text() == want, (sid, cells.nth(2).inner_text())
+            assert cells.nth(1).inner_text() == f"us→{region}"
+        page.screenshot(path=str(OUT / "ui-residency.png"))
+
+        wave, name = _sql(
+            ctl, "SELECT wave, name FROM migrator.shard WHERE state = 'cut_over' ORDER BY updated_at DESC LIMIT 1"
+        )[0]
+        row = page.locator(f"table.wave[data-wave='{wave}'] tr[data-shard='{name}']")
+        answers = iter(["", "ticket 99: from the view", "ticket 99: released"])
+        page.on("dialog", lambda d: d.accept(next(answers)))
+        row.get_by_role("button", name="roll back").click()
+        page.get_by_text("a reason is needed").wait_for(timeout=10000)
+        row.get_by_role("button", name="roll back").click()
+        said = page.locator("#said")
+        said.filter(has_text="started").wait_for(timeout=30000)
+        run = said.inner_text().split("run ", 1)[1].split(" started")[0]
+        assert _finished(api, "residency_rollback", run) == "success"
+        assert (
+            api.api("GET", f"/dags/residency_rollback/dagRuns/{urllib.parse.quote(run)}")["triggering_user_name"]
+            == demo["user"]
+        )
+        sid = f"{wave}/{name}"
+        assert _sql(ctl, "SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("rolled_back",)]
+        assert (
+            _sql(
+                ctl,
+                "SELECT count(*) FROM migrator.audit WHERE shard_id = %s "
+                "AND detail->>'reason' = 'ticket 99: from the view'",
+                (sid,),
+            )[0][0]
+            >= 1
+        )
+        _goto(page, f"{demo['url']}/residency/")
+        row = page.locator(f"table.wave[data-wave='{wave}'] tr[data-shard='{name}']")
+        assert row.locator("td").nth(2).inner_text() == "rolled_back (held)"
+        row.get_by_role("button", name="release").click()
+        said = page.locator("#said")
+        said.filter(has_text="started").wait_for(timeout=30000)
+        run = said.inner_text().split("run ", 1)[1].split(" started")[0]
+        assert _finished(api, "residency_release", run) == "success"
+        assert _sql(ctl, "SELECT count(*) FROM migrator.held_users WHERE shard_id = %s", (sid,)) == [(0,)]
+        browser.close()
