@@ -14,13 +14,14 @@ new verify of the shard asks again.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
 from airflow.sdk import Param
 
 from migrator.airflow import tasks
 from migrator.airflow.glue import classified, resolve_conn, resolve_s3, spec_path
+from migrator.errors import SpecError
 
 DEFAULT_ENV = "MIGRATOR_APPROVE_CUTOVER"
 
@@ -39,7 +40,11 @@ class Cutover(ApprovalOperator):
             subject="Cut over a shard?",
             # optional (null allowed): a required field would keep the UI's Approve button
             # disabled until the approver typed a reason that only a rejection records
-            params={"reason": Param(None, type=["null", "string"], description="why (recorded when you reject)")},
+            params={
+                "reason": Param(
+                    None, type=["null", "string"], description="why; needed to reject (recorded with the rollback)"
+                )
+            },
             map_index_template="{{ shard_name }}",
             **kwargs,
         )
@@ -78,11 +83,30 @@ class Cutover(ApprovalOperator):
         ret = HITLOperator.execute_complete(self, context=context, event=event)
         approved = ret["chosen_options"][0] == self.APPROVE
         who = (ret.get("responded_by_user") or {}).get("name") or "an approver"
-        reason = str((ret.get("params_input") or {}).get("reason") or "")
-        self.log.info("shard %s: cutover %s by %s", desc["name"], "approved" if approved else "rejected", who)
+        reason = str((ret.get("params_input") or {}).get("reason") or "").strip()
+        if not approved and len(reason) < 3:
+            # a rejection rolls the shard back: it is not acted on without its reason
+            self.log.error("shard %s: cutover rejected by %s without a reason: nothing was done", desc["name"], who)
+            classified(_refuse)(desc["name"])  # fails the task, without a retry
+        self.log.info(
+            "shard %s: cutover %s by %s%s",
+            desc["name"],
+            "approved" if approved else "rejected",
+            who,
+            "" if approved else f": {reason}",
+        )
         spec = classified(self._spec)(context)
         sid = desc["shard_id"]
         return classified(tasks.answer_cutover)(spec, context["run_id"], sid, approved, who, reason)
+
+
+def _refuse(name: str) -> NoReturn:
+    """Raised (and so failed without a retry): the answer is not recorded, the shard stays
+    verified, and clearing the task asks again."""
+    raise SpecError(
+        f"shard {name}: a rejection needs a reason (at least three characters), recorded with the rollback; "
+        "nothing was done: clear this task to be asked again"
+    )
 
 
 def approve_param() -> Param:

@@ -251,3 +251,46 @@ def test_an_outage_after_the_approval_retries_the_cutover_without_asking_again(w
     assert ids
     for table, q in DEMO_OWNED.items():
         assert world.rows("us", q, (ids,)) == world.rows("no", q, (ids,)), table
+
+
+def test_a_rejection_without_a_reason_is_refused_and_asked_again(world: World, tmp_path):
+    """Rejected with an empty reason: nothing is done (the shard stays verified, no answer is
+    recorded) and the task fails saying why; cleared, it asks again, and a rejection with
+    its reason rolls the shard back with that reason."""
+    world.write_spec(sharding={"shards_per_region": 1})
+    with live_airflow(world, tmp_path) as af:
+        run = trigger(af, {"scope": "all", "regions": ["no"], "approve_cutover": True})
+        (waiting,) = _waiting(af, run, 1)
+        path = f"/dags/residency_migration/dagRuns/{run}/taskInstances/no.cutover/{waiting['map_index']}"
+        _deferral_settled(waiting)
+        af.api("PATCH", path + "/hitlDetails", {"chosen_options": ["Reject"], "params_input": {"reason": " "}})
+        deadline = time.monotonic() + 300
+        while (t := _approvals(af, run)[0])["state"] != "failed":
+            assert t["state"] not in ("success", "skipped"), t
+            assert time.monotonic() < deadline, t
+            time.sleep(0.5)
+        assert world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'") == [("verified",)]
+        assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'cutover rejected'") == [(0,)]
+        af.api(
+            "POST",
+            "/dags/residency_migration/clearTaskInstances",
+            {
+                "dry_run": False,
+                "dag_run_id": run,
+                "task_ids": [["no.cutover", waiting["map_index"]]],
+                "only_failed": True,
+            },
+        )
+        (again,) = _waiting(af, run, 1, try_number=2)
+        _deferral_settled(again)
+        af.api(
+            "PATCH",
+            path + "/hitlDetails",
+            {"chosen_options": ["Reject"], "params_input": {"reason": "ticket 5: not this week"}},
+        )
+        deadline = time.monotonic() + 300
+        while world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'") != [("rolled_back",)]:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    reasons = world.ctl("SELECT detail->>'reason' FROM migrator.audit WHERE detail->>'event' = 'rolled back'")
+    assert [r for (r,) in reasons if r and "ticket 5: not this week" in r], reasons
