@@ -138,7 +138,29 @@ def phase(spec: Spec, run_id: str, shard_id: str, what: str, reason: str = "", d
     ctx = Context(spec, run_id)
     if dry_run:
         return dispatch.preview(ctx, shard_id, what)
-    return dispatch.run_phase(ctx, shard_id, what, reason).descriptor()
+    out = dispatch.run_phase(ctx, shard_id, what, reason).descriptor()
+    log.info("%s", summary(out))  # one line a person reads in the task's log, beside the returned value
+    return out
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A phase's result in words: the shard, what happened, and its counts and digest."""
+    sid, phase = result.get("shard_id"), result.get("phase")
+    if result.get("skipped"):
+        return f"shard {sid}: {phase} skipped ({result['skipped']}); state {result.get('state')}"
+    parts = [f"shard {sid}: {phase} done; state {result.get('state')}"]
+    rows = result.get("rows")
+    if isinstance(rows, dict) and rows:
+        parts.append("rows " + ", ".join(f"{t} {n}" for t, n in sorted(rows.items())))
+    if result.get("digest"):
+        parts.append(f"digest {str(result['digest'])[:12]}")
+    for key, words in (("users", "users"), ("objects_deleted", "objects deleted"), ("batches", "batches")):
+        if isinstance(result.get(key), int):
+            parts.append(f"{result[key]} {words}")
+    deleted = result.get("deleted")
+    if isinstance(deleted, dict) and deleted:
+        parts.append("rows deleted " + ", ".join(f"{t} {n}" for t, n in sorted(deleted.items())))
+    return "; ".join(parts)
 
 
 def named_phase(

@@ -337,3 +337,21 @@ def test_an_unreachable_s3_endpoint_is_named_without_the_requests_key_or_prefix(
     ):
         said = describe(EndpointConnectionError(endpoint_url=url))
         assert said == "S3 endpoint http://127.0.0.1:5041/media-us cannot be reached (EndpointConnectionError)"
+
+
+def test_a_phases_result_reads_as_one_line_in_the_task_log():
+    from migrator.airflow.tasks import summary
+
+    verified = {
+        "shard_id": "w/ie-00",
+        "phase": "verify",
+        "state": "verified",
+        "ran": True,
+        "digest": "0123456789abcdef0123",
+        "rows": {"videos": 30, "users": 10},
+    }
+    assert (
+        summary(verified) == "shard w/ie-00: verify done; state verified; rows users 10, videos 30; digest 0123456789ab"
+    )
+    skipped = {"shard_id": "w/ie-00", "phase": "copy", "state": "verified", "ran": False, "skipped": "already copied"}
+    assert summary(skipped) == "shard w/ie-00: copy skipped (already copied); state verified"
