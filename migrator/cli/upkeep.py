@@ -124,6 +124,10 @@ def demo(
     port_base: Annotated[
         int, typer.Option("--port-base", min=1024, max=65000, help="--ui: PostgreSQL at +0..2, S3 +10..12, UI +20")
     ] = 55430,
+    retention: Annotated[
+        str | None,
+        typer.Option("--retention", help="--ui: the purge's retention in the demo's spec (0s, 30m, 12h; default 7d)"),
+    ] = None,
     json: Json = False,
 ) -> None:
     """Start throwaway US, IE and NO servers, seed them, and migrate every shard."""
@@ -142,7 +146,7 @@ def demo(
         assert ui is not None
         if not json:
             err.print(f"Starting the stores and Airflow under {ui} (a minute or two) ...")
-        info = ui_demo.start_ui(ui, users=users, port_base=port_base)
+        info = ui_demo.start_ui(ui, users=users, port_base=port_base, retention=retention)
         if json:
             print(json_text(info))
         else:

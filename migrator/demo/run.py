@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import secrets
 import shutil
@@ -29,11 +30,14 @@ from migrator.spec import load_spec
 REGIONS = ["us", "ie", "no"]
 
 
-def write_spec(folder: Path, purge: bool = False) -> Path:
+def write_spec(folder: Path, purge: bool = False, retention: str | None = None) -> Path:
+    """The demo's spec; `purge` (the `--purge` demo) or `retention` set the purge's retention
+    (7d otherwise). A retention the spec does not take is refused when the spec is read."""
     path = folder / "spec.yaml"
     text = resources.files("migrator.demo").joinpath("spec.yaml").read_text()
-    if purge:  # no retention in the demo
-        text = text.replace("  after: 7d\n", "  after: 0s\n")
+    after = "0s" if purge else retention
+    if after is not None:
+        text = text.replace("  after: 7d\n", f"  after: {json.dumps(after)}\n")
     path.write_text(text)
     return path
 

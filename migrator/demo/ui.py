@@ -23,6 +23,7 @@ from migrator.demo.airflow_services import AirflowServices, end_sessions, jwt_se
 from migrator.demo.embedded import LocalPostgres
 from migrator.demo.run import REGIONS, start, write_spec
 from migrator.errors import SpecError
+from migrator.spec.fields import DURATION
 
 USER = "operator"
 
@@ -49,8 +50,10 @@ def _running(folder: Path) -> bool:
     return (folder / "airflow" / "pids").exists() or (folder / "s3.pids").exists()
 
 
-def start_ui(folder: Path, users: int = 2000, port_base: int = 55430) -> dict:
+def start_ui(folder: Path, users: int = 2000, port_base: int = 55430, retention: str | None = None) -> dict:
     """Start it all under `folder`; returns what to tell the operator (URL, login, files)."""
+    if retention is not None and not DURATION.match(retention):  # before anything starts
+        raise SpecError(f"--retention {retention!r} is not a duration such as 0s, 30m, 12h or 7d")
     folder = folder.resolve()
     if _running(folder):
         raise SpecError(f"a demo is already running under {folder}: `migrator demo --stop {folder}` ends it")
@@ -58,7 +61,7 @@ def start_ui(folder: Path, users: int = 2000, port_base: int = 55430) -> dict:
     ports = Ports(port_base)
     cluster, endpoints, env = start(users, folder, pg_ports=ports.postgres(), s3_ports=ports.s3(), detach=True)
     (folder / "s3.pids").write_text("".join(f"{s.proc.pid}\n" for s in endpoints.values() if s.proc))
-    spec_path = write_spec(folder)
+    spec_path = write_spec(folder, retention=retention)
     home = folder / "airflow"
     home.mkdir(exist_ok=True)
     af_spec, conns = spec_for_airflow(spec_path, folder / "spec.airflow.yaml")

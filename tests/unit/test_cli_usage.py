@@ -23,3 +23,24 @@ def test_a_usage_error_exits_2_naming_what_was_wrong(args, named):
     out = " ".join((res.stdout + res.stderr).split())
     assert res.returncode == 2, out
     assert named in out and "usage:" in out and "Traceback" not in out, out
+
+
+def test_the_ui_demos_retention_is_checked_before_anything_starts(tmp_path):
+    folder = tmp_path / "ui"
+    res = subprocess.run(
+        [sys.executable, "-m", "migrator.cli", "demo", "--ui", str(folder), "--retention", "soon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "--retention 'soon'" in res.stderr, res.stderr
+    assert not folder.exists()
+
+
+def test_the_demos_spec_takes_the_retention_asked_for(tmp_path):
+    import yaml
+
+    from migrator.demo.run import write_spec
+
+    assert yaml.safe_load(write_spec(tmp_path, retention="0s").read_text())["purge"]["after"] == "0s"
+    assert yaml.safe_load(write_spec(tmp_path).read_text())["purge"]["after"] == "7d"
