@@ -4,9 +4,12 @@ No Airflow import here; `glue` turns errors into Airflow's terms."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from migrator.control.context import Context
@@ -14,6 +17,7 @@ from migrator.control.state import MOVED, State
 from migrator.control.store import Shard
 from migrator.errors import MigratorError, SpecError
 from migrator.evidence import audit
+from migrator.evidence import report as report_pages
 from migrator.lifecycle import dispatch
 from migrator.phases import purge, purge_checks
 from migrator.phases.plan import plan as make_plan
@@ -291,10 +295,34 @@ def audit_check(spec: Spec, run_id: str, since: datetime | None = None) -> dict[
     """The residency_audit DAG's check: `migrator audit`; raises naming every finding's kind,
     region and table (never a row's content), so the run fails and its alerting reaches someone."""
     doc = audit.run(Context(spec, run_id), since=since)
+    kept = keep_reports(doc, spec, run_id)
     if not doc["ok"]:
         named = "; ".join(
             f["kind"] + "".join(f" {k} {f[k]}" for k in ("region", "table", "column", "seq") if k in f)
             for f in doc["findings"][:20]
         )
         raise MigratorError(f"the audit found {len(doc['findings'])} problem(s): {named}")
-    return {"ok": True, "sealed": doc.get("chain", {}).get("sealed", 0)}
+    return {"ok": True, "sealed": doc.get("chain", {}).get("sealed", 0), **kept}
+
+
+REPORTS_ENV = "MIGRATOR_REPORTS_DIR"  # where the audit DAG keeps its reports, for the Residency view
+
+
+def keep_reports(doc: dict[str, Any], spec: Spec, run_id: str) -> dict[str, Any]:
+    """The audit's report for people and its records of processing, kept under
+    $MIGRATOR_REPORTS_DIR (when set) for the Residency view to link to: `latest.html` and
+    `latest.json` (the document: counts, kinds and digests, no user's data) replaced whole
+    at each run, whatever the verdict, and `records/`."""
+    folder = os.environ.get(REPORTS_ENV)
+    if not folder:
+        return {}
+    base = Path(folder)
+    base.mkdir(parents=True, exist_ok=True)
+    doc = {**doc, "run_id": run_id, "at": datetime.now(UTC).isoformat(timespec="seconds")}
+    staged = report_pages.write_html(doc, base / ".latest.html.part")
+    staged.replace(base / "latest.html")
+    (base / ".latest.json.part").write_text(json.dumps(doc, default=str))
+    (base / ".latest.json.part").replace(base / "latest.json")
+    records = report_pages.write_records(doc, spec, base / "records")
+    log.info("audit report kept: %s (%d record file(s))", base / "latest.html", len(records))
+    return {"report": str(base / "latest.html")}

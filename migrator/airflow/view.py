@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from airflow.api_fastapi.core_api.security import requires_authenticated
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 
 from migrator.airflow import glue, tasks
@@ -151,6 +153,43 @@ document.querySelectorAll('button[data-dag]').forEach(b => b.addEventListener('c
 """
 
 
+def _latest_audit() -> dict[str, Any] | None:
+    """The residency_audit DAG's last document, where it keeps its reports (see
+    `tasks.keep_reports`); None when none is kept."""
+    folder = os.environ.get(tasks.REPORTS_ENV)
+    path = Path(folder) / "latest.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+@app.get("/audit", response_class=HTMLResponse)
+def audit_report() -> str:
+    """The audit's report for people, as the residency_audit DAG last wrote it."""
+    folder = os.environ.get(tasks.REPORTS_ENV)
+    path = Path(folder) / "latest.html" if folder else None
+    if path is None or not path.is_file():
+        raise HTTPException(
+            404, f"no audit report kept yet (the residency_audit DAG keeps it under ${tasks.REPORTS_ENV})"
+        )
+    return path.read_text()
+
+
+def _audit_line(doc: dict[str, Any] | None) -> str:
+    if doc is None:
+        return "<p id='audit'>No audit report kept yet: the residency_audit DAG keeps one at each run.</p>"
+    kinds: dict[str, int] = {}
+    for f in doc.get("findings", []):
+        kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
+    verdict = "ok" if doc.get("ok") else f"{len(doc.get('findings', []))} finding(s)"
+    found = "".join(f"<li>{_cell(k)}: {n}</li>" for k, n in sorted(kinds.items()))
+    return (
+        f"<p id='audit'>Latest audit: <b>{_cell(verdict)}</b> at {_cell(doc.get('at'))} "
+        f"(drift explained: {len(doc.get('drift', []))}) <a href='audit' target='_blank'>report</a></p>"
+        + (f"<ul id='findings'>{found}</ul>" if found else "")
+    )
+
+
 @app.get("/", response_class=HTMLResponse)
 def page() -> str:
     try:
@@ -162,6 +201,7 @@ def page() -> str:
         "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
         "td,th{border:1px solid #bbb;padding:3px 6px;text-align:left}.failed{color:#b00}.cut_over{color:#070}"
         "</style></head><body><h1>Residency</h1><p id='said' role='status'></p>",
+        _audit_line(_latest_audit()),
         "<h2>Users homed per region</h2><table id='homes'><tr><th>region</th><th>users</th></tr>",
         *[f"<tr><td>{_cell(r)}</td><td>{n}</td></tr>" for r, n in snap["homes"].items()],
         "</table>",

@@ -74,6 +74,7 @@ def start_ui(folder: Path, users: int = 2000, port_base: int = 55430, retention:
     af_env.update(
         {
             "MIGRATOR_SPEC": str(af_spec),
+            "MIGRATOR_REPORTS_DIR": str(folder / "reports"),  # the audit DAG's reports, for the Residency view
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),

@@ -520,4 +520,14 @@ def test_the_residency_view_shows_every_shard_and_acts_on_one(demo):
         run = said.inner_text().split("run ", 1)[1].split(" started")[0]
         assert _finished(api, "residency_release", run) == "success"
         assert _sql(ctl, "SELECT count(*) FROM migrator.held_users WHERE shard_id = %s", (sid,)) == [(0,)]
+
+        # the audit DAG keeps its report where the view links to it, whatever its verdict
+        audit_run = api.api("POST", "/dags/residency_audit/dagRuns", {"logical_date": None})["dag_run_id"]
+        state = _finished(api, "residency_audit", audit_run)
+        _goto(page, f"{demo['url']}/residency/")
+        line = page.locator("#audit").inner_text()
+        assert ("Latest audit: ok" in line) == (state == "success"), (state, line)
+        _goto(page, f"{demo['url']}/residency/audit")
+        status = page.locator("#status").inner_text()
+        assert status == "all checks passed" if state == "success" else "finding(s)" in status, (state, status)
         browser.close()
