@@ -142,16 +142,29 @@ def write_records(doc: dict[str, Any], spec: Spec, folder: Path) -> list[Path]:
     for code, region in sorted(spec.policy.items()):
         if region != spec.source_region:
             targets[region].append(code)
+    # each shard's last move, in the order of the audit trail: it moved unless rolled back since
+    last: dict[str, tuple[str, str]] = {}
+    for e in doc.get("timeline", []):
+        if e["event"] in ("cut_over", "rolled_back", "purged"):
+            last[e["shard_id"]] = (e["event"], e["region"])
     out = []
     for wave, w in sorted(doc.get("waves", {}).items()):
+        moved = {sid: r for sid, (event, r) in last.items() if sid.startswith(f"{wave}/") and event != "rolled_back"}
+        to = sorted(set(moved.values()))
+        transfer = (
+            f"from region {spec.source_region} to "
+            + "; ".join(f"{r} (residents of {', '.join(targets.get(r, []))})" for r in to)
+            if to
+            else "none: no shard of this wave is moved"
+        )
         lines = [
             f"# Record of processing: wave {wave}",
             "",
             "Purpose: keep each user's personal data in the region their residency requires.",
             "",
-            f"- Transfer: from region {spec.source_region} to "
-            + "; ".join(f"{r} (residents of {', '.join(c)})" for r, c in sorted(targets.items())),
-            f"- When: first cutover {w['first'] or 'none yet'}, last {w['last'] or 'none yet'}; {w['shards']} shard(s)",
+            f"- Transfer: {transfer}",
+            f"- When: first cutover {w['first'] or 'none yet'}, last {w['last'] or 'none yet'}; "
+            f"{len(moved)} of the wave's {w['shards']} shard(s) moved",
             f"- Policy version: SHA-256 {policy_digest} of the residency policy",
             f"- Categories of data (tables of the user's entity graph): {', '.join(tables)}",
         ]

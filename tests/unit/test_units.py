@@ -355,3 +355,40 @@ def test_a_phases_result_reads_as_one_line_in_the_task_log():
     )
     skipped = {"shard_id": "w/ie-00", "phase": "copy", "state": "verified", "ran": False, "skipped": "already copied"}
     assert summary(skipped) == "shard w/ie-00: copy skipped (already copied); state verified"
+
+
+def test_a_record_of_processing_names_only_where_the_waves_shards_moved():
+    from migrator.evidence.report import write_records
+
+    spec = parse_spec(
+        {
+            **copy.deepcopy(BASE),
+            "regions": {**BASE["regions"], "no": {"dsn": "postgresql://x@db-no/app"}},
+            "policy": {"IE": "ie", "NO": "no", "US": "us"},
+        }
+    )
+
+    def moved(sid: str, region: str, event: str) -> dict:
+        return {"at": "2026-12-01T00:00:00+00:00", "shard_id": sid, "region": region, "users": 1, "event": event}
+
+    doc = {
+        "ok": True,
+        "findings": [],
+        "waves": {"w": {"shards": 4, "first": "2026-12-01T00:00:00+00:00", "last": "2026-12-01T00:00:00+00:00"}},
+        "timeline": [
+            moved("w/no-00", "no", "cut_over"),
+            moved("w/ie-00", "ie", "cut_over"),
+            moved("w/ie-01", "ie", "cut_over"),
+            moved("w/ie-00", "ie", "rolled_back"),
+        ],
+    }
+    import tempfile
+    from pathlib import Path
+
+    (path,) = write_records(doc, spec, Path(tempfile.mkdtemp()))
+    text = path.read_text()
+    assert "- Transfer: from region us to ie (residents of IE); no (residents of NO)" in text
+    assert "2 of the wave's 4 shard(s) moved" in text
+    doc["timeline"] = [moved("w/ie-00", "ie", "cut_over")]
+    (path,) = write_records(doc, spec, path.parent)
+    assert "to ie (residents of IE)\n" in path.read_text() and "no (" not in path.read_text()
