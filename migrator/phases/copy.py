@@ -292,7 +292,15 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         copied_now += 1
         left = total - len(done)
         eta = (time.monotonic() - started) / copied_now * left
-        log.info("shard %s: batch %d/%d committed (batch %d), ETA %s", sid, len(done), total, b, _duration(eta))
+        log.info(
+            "shard %s: rows of batch %d/%d committed (batch %d), ETA %s%s",
+            sid,
+            len(done),
+            total,
+            b,
+            _duration(eta),
+            " (then the objects)" if objects.enabled(ctx) else "",
+        )
         if progress:
             progress(len(done), total)
         hooks.point("copied batch", ctx, sid)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import logging
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from migrator.shard.objects import (
     stores,
 )
 from migrator.stores import s3
+
+log = logging.getLogger("migrator.phases.copy")
 
 
 @dataclass
@@ -108,7 +112,24 @@ def copy_batches(
             )
         totals.copied += sum(not r.skipped for r in results)
         totals.skipped += sum(r.skipped for r in results)
+        settled.append(b)
+        left = len(pending) - len(settled)
+        eta = (time.monotonic() - started) / len(settled) * left
+        log.info(
+            "shard %s objects: batch %d/%d checkpointed (batch %d: %d object(s), %d bytes), ETA %.0f s",
+            sid,
+            len(done) + len(settled),
+            len(batches),
+            b,
+            len(entries),
+            sum(n for _, n, _ in entries),
+            eta,
+        )
+        if progress:
+            progress(len(done) + len(settled), len(batches))
 
+    settled: list[int] = []
+    started = time.monotonic()
     pool = ThreadPoolExecutor(max_workers=o.threads)
     inflight: collections.deque[tuple[int, list[Future]]] = collections.deque()
     try:
