@@ -235,6 +235,8 @@ def status(
 ) -> None:
     """Each shard's phase, progress, rows and digest."""
     ctx = context_of(config, None)
+    if shard:
+        ctx.control.resolve(wave, shard, region)  # a name that matches no shard: exit 2, named
     rows = report.shard_rows(ctx, wave, shard, region)
     due = {u.shard_id: u.due for u in recovery.unfinished(ctx, engine.select(ctx, wave, shard, region))}
     for r in rows:

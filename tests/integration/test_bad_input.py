@@ -199,6 +199,12 @@ ANSWERS = [
     ("a binary spec file", lambda w: b"\x89PNG\r\n\x1a\n\x00\xff", ["plan"], ["spec.yaml", "not a text file"]),
     ("a shard name that matches nothing", lambda w: w.spec, ["run", "--shard", "ie-99"], ["no shard named ie-99"]),
     (
+        "status of a shard that does not exist",
+        lambda w: w.spec,
+        ["status", "--shard", "no-42"],
+        ["no shard named no-42"],
+    ),
+    (
         "--since after --until",
         lambda w: w.spec,
         ["plan", "--since", "2026-02-01", "--until", "2026-01-01"],
