@@ -104,6 +104,7 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
                 capture.hold_fence(src, sid)
                 decided = True
                 steps.mark("hold")
+                hooks.point("arriving", ctx, sid)
                 # homed here from now on: a guard an earlier rollback left here for them goes
                 capture.arrive(dst, sid)
                 steps.mark("arrive")

@@ -144,6 +144,7 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> RollbackResult:
     ):
         for t, n in counts.items():
             deleted[t] += n
+    hooks.point("departing", ctx, sid)
     if ctx.spec.changes.capture:
         # the users left the destination: it keeps refusing their writes (the rollback's
         # fence, still held, hands over to the lasting guard)

@@ -4,11 +4,14 @@ no row there, and the write lands at the user's home after its retry."""
 
 from __future__ import annotations
 
+import signal
+
 import psycopg
 import pytest
 
 from migrator.routing import Home, Router
 from tests.conftest import World
+from tests.helpers import paused
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +104,59 @@ def test_stale_routes_after_cutover_and_rollback_land_at_the_home(world: World):
     assert _name_at(world, "ie", uid) == "third home"
     for r in (router, stale, insert_stale):
         r.close()
+
+
+def _writable(world: World, region: str, uid: int) -> bool:
+    """Whether `region` takes the user's writes: an UPDATE of their row where it is, else an
+    INSERT of it (rolled back), which a region that holds no row of theirs can only refuse
+    by its guard."""
+    with psycopg.connect(world.dsn[region]) as c:
+        try:
+            if not c.execute("UPDATE users SET display_name = display_name WHERE user_id = %s", (uid,)).rowcount:
+                c.execute("INSERT INTO users (user_id, email, created_at) VALUES (%s, 'x@example.test', now())", (uid,))
+            return True
+        except psycopg.Error as e:
+            assert e.sqlstate == "RMF01", e.sqlstate
+            return False
+        finally:
+            c.rollback()
+
+
+def test_the_guard_survives_kills_and_never_locks_a_user_out(world: World):
+    """SIGKILL after a rollback's deletes, before its guard is recorded: the users stay
+    refused at the destination and writable at the source, and the rerun records the
+    guard. SIGKILL inside a later cutover's window after its decision, before the guard is
+    lifted (no watchdog): `migrator recover` lifts it as it finishes the flip, and the user
+    writes at their new home."""
+    world.write_spec(sharding={"shards_per_region": 1})
+    (uid,) = world.rows("us", "SELECT min(user_id) FROM users WHERE country_code = 'IE'")[0]
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    proc = paused(world, "departing", "rollback", "--region", "ie", "--reason", "kill test")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert world.ctl("SELECT home FROM migrator.directory WHERE user_key = %s", (str(uid),)) == [("us",)]
+    assert not _writable(world, "ie", uid) and _writable(world, "us", uid)
+    res = world.migrator("rollback", "--region", "ie", "--reason", "kill test")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert world.rows("ie", "SELECT count(*) FROM migrator.departed WHERE user_key = %s", (str(uid),)) == [(1,)]
+    assert _writable(world, "us", uid)
+    with pytest.raises(psycopg.Error) as e:  # an INSERT of the user's own row at the old home
+        world.rows(
+            "ie",
+            "INSERT INTO users (user_id, email, created_at) VALUES (%s, 'x@example.test', now()) RETURNING 1",
+            (uid,),
+        )
+    assert e.value.sqlstate == "RMF01"
+
+    assert world.migrator("retry", "--shard", "ie-00", "--reason", "kill test").returncode == 0
+    for phase in ("copy", "verify"):
+        assert world.migrator(phase, "--region", "ie").returncode == 0, phase
+    proc = paused(world, "arriving", "cutover", "--region", "ie", env={"MIGRATOR_WATCHDOG": "off"})
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not _writable(world, "us", uid)  # decided: the source is held
+    res = world.migrator("recover", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert world.ctl("SELECT home FROM migrator.directory WHERE user_key = %s", (str(uid),)) == [("ie",)]
+    assert world.rows("ie", "SELECT count(*) FROM migrator.departed WHERE user_key = %s", (str(uid),)) == [(0,)]
+    assert _writable(world, "ie", uid) and not _writable(world, "us", uid)
