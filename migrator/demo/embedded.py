@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -65,10 +66,31 @@ def _make_reachable(path: Path) -> None:
             os.chmod(p, mode | 0o011)
 
 
+def _outgoing_ports_from() -> int:
+    """The low end of the kernel's range for outgoing connections' ports (Linux's default
+    where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's range for outgoing connections, so no
+    outgoing connection can take it between this check and the server's bind. Picked at
+    random from the 10,000 ports under that range: servers started at once by other
+    processes rarely meet."""
+    high = _outgoing_ports_from()
+    low = max(1024, high - 10000)
+    tried = random.sample(range(low, high), min(200, high - low))
+    for port in tried:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port between {low} and {high - 1} (the ports below the kernel's range)")
 
 
 class LocalPostgres:
@@ -181,8 +203,13 @@ class Cluster:
         self.servers = {n: LocalPostgres(n, self.base, (ports or {}).get(n), settings) for n in names}
 
     def start(self) -> Cluster:
-        for s in self.servers.values():
-            s.init().start()
+        """Every server started, or (when one cannot start) none left running."""
+        try:
+            for s in self.servers.values():
+                s.init().start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -225,8 +252,16 @@ class LocalS3:
                 urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1)
                 return self
             except OSError:
+                code = self.proc.poll()
+                if code is not None:
+                    self.proc = None
+                    raise RuntimeError(
+                        f"S3 endpoint {self.name} did not start: its program exited with code {code} "
+                        f"(is port {self.port} in use?)"
+                    ) from None
                 time.sleep(0.1)
-        raise RuntimeError(f"S3 endpoint {self.name} did not start")
+        self.stop()
+        raise RuntimeError(f"S3 endpoint {self.name} did not answer on port {self.port} within {timeout:g} s")
 
     def stop(self) -> None:
         if self.proc is not None:

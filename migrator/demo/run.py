@@ -53,7 +53,15 @@ def start(
     schema everywhere; the US seeded with rows and objects; the spec's environment
     variables set. Detached S3 endpoints outlive this process."""
     cluster = Cluster(REGIONS, base / "servers", ports=pg_ports).start()
-    endpoints = {r: LocalS3(r, (s3_ports or {}).get(r)).start(detach=detach) for r in REGIONS}
+    endpoints: dict[str, LocalS3] = {}
+    try:  # a start that fails leaves nothing running
+        for r in REGIONS:
+            endpoints[r] = LocalS3(r, (s3_ports or {}).get(r)).start(detach=detach)
+    except BaseException:
+        for e in endpoints.values():
+            e.stop()
+        cluster.stop()
+        raise
     # long enough for Airflow to mask them in task logs (it skips secrets under 5 characters, and says so)
     env = {"AWS_ACCESS_KEY_ID": "demo-access-key", "AWS_SECRET_ACCESS_KEY": "demo-secret-access-key"}
     for r in ("ie", "no"):  # each destination's keys, made up for this demo and never shown
