@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 from datetime import datetime
 
-import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import dag, get_current_context
 
 from migrator.airflow import tasks
-from migrator.airflow.glue import classified, spec_param, task_spec
+from migrator.airflow.glue import classified, retries, spec_param, start_date, task_spec
+from migrator.airflow.outage import store_task
 
 
 @dag(
@@ -26,14 +26,15 @@ from migrator.airflow.glue import classified, spec_param, task_spec
     description="Checks the audit chain and residency from the stores alone; fails on any drift.",
     doc_md=__doc__,
     schedule=os.environ.get("MIGRATOR_AUDIT_SCHEDULE", "@hourly"),
-    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    start_date=start_date(),
+    default_args=retries(),
     catchup=False,
     max_active_runs=1,
     tags=["residency"],
     params={"spec": spec_param()},
 )
 def residency_audit():
-    @task
+    @store_task
     @classified
     def audit() -> dict:
         ctx = get_current_context()

@@ -10,7 +10,8 @@ connection when the file is parsed. DSNs come from Airflow Connections named in 
 Pool: copy tasks run in the `migrator_source` pool, whose size bounds how many shards
 read from the US source at once (2 slots suit a 2-core source; one slot per spare core).
 
-Params: `scope` (interval or all), `regions` and `shards` (empty: all), `batch_size`,
+Params: `scope` (interval or all), `regions` and `shards` (empty: all), `wave` (run an
+existing wave's shards instead of planning a new one), `batch_size`,
 `dry_run` (log and return the plan only), `approve_cutover` (each shard's cutover task
 waits for an approval in Required Actions first), `spec` (one of the configured specs).
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import os
 
-import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, TriggerRule, dag, get_current_context, task, task_group
 
 from migrator.airflow import tasks
@@ -37,20 +37,18 @@ from migrator.airflow.glue import (
     regions_param,
     resolve_conn,
     resolve_s3,
+    retries,
     shards_param,
     spec_param,
     spec_path,
+    start_date,
 )
+from migrator.airflow.outage import store_task
 
 # A cron with data intervals: each run covers [previous tick, this tick), so every user is
 # in exactly one scheduled run's interval (a plain "@daily" gives zero-width intervals).
 SCHEDULE = CronDataIntervalTimetable(os.environ.get("MIGRATOR_SCHEDULE", "0 0 * * *"), timezone="UTC")
 POOL = os.environ.get("MIGRATOR_POOL", "migrator_source")
-RETRIES = dict(
-    retries=int(os.environ.get("MIGRATOR_TASK_RETRIES", "3")),
-    retry_delay=pendulum.duration(seconds=float(os.environ.get("MIGRATOR_TASK_RETRY_DELAY_S", "10"))),
-    retry_exponential_backoff=True,
-)
 
 
 # Each destination region's shards get a task group and a Celery queue of that name; a
@@ -73,15 +71,21 @@ def _name_instance(desc: dict) -> None:
     description="Moves each interval's users to their residency region: plan, copy, verify, cut over, or roll back.",
     doc_md=__doc__,
     schedule=SCHEDULE,
-    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    start_date=start_date(),
     catchup=False,
     max_active_runs=1,
-    default_args=RETRIES,
+    default_args=retries(),
     tags=["residency"],
     params={
         "scope": Param("interval", enum=["interval", "all"], description="users created in the data interval, or all"),
         "regions": regions_param(),
         "shards": shards_param("these"),
+        "wave": Param(
+            None,
+            type=["null", "string"],
+            description="run this existing wave's shards (e.g. one a retry planned again) instead of planning a new "
+            "wave; its name (a run's note) or its run's id",
+        ),
         "batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=1000000, description="users per batch"),
         "dry_run": dry_run_param("plan only: log and return the plan's table, write nothing"),
         "approve_cutover": approve_param(),
@@ -89,7 +93,7 @@ def _name_instance(desc: dict) -> None:
     },
 )
 def residency_migration():
-    @task
+    @store_task
     @classified
     def plan() -> dict[str, list[dict]]:
         """The plan's table in the log; returns it (dry runs too) with each destination
@@ -97,27 +101,30 @@ def residency_migration():
         ctx = get_current_context()
         p = ctx["params"]
         start, end = ctx.get("data_interval_start"), ctx.get("data_interval_end")
-        wave = tasks.wave_for(p["scope"], start, end, ctx["run_id"])
+        if p.get("wave"):  # an existing wave's shards, run again (a shard a retry planned again)
+            wave = tasks.existing_wave(_spec(), p["wave"])
+        else:
+            wave = tasks.wave_for(p["scope"], start, end, ctx["run_id"])
         since, until = (None, None) if p["scope"] == "all" else (start, end)
         shards = tasks.plan(
             _spec(), ctx["run_id"], wave, since, until, p["regions"] or [], p["shards"] or [], bool(p["dry_run"])
         )
         return tasks.by_region(shards, GROUPS)
 
-    @task(map_index_template="{{ shard_name }}", pool=POOL)
+    @store_task(map_index_template="{{ shard_name }}", pool=POOL)
     @classified
     def copy(desc: dict) -> dict:
         _name_instance(desc)
         return tasks.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "copy")
 
     # A skipped copy (already copied) must not skip what follows: none_failed.
-    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.NONE_FAILED)
+    @store_task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.NONE_FAILED)
     @classified
     def verify(desc: dict) -> dict:
         _name_instance(desc)
         return tasks.phase(_spec(), get_current_context()["run_id"], desc["shard_id"], "verify")
 
-    @task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ONE_FAILED)
+    @store_task(map_index_template="{{ shard_name }}", trigger_rule=TriggerRule.ONE_FAILED)
     @classified
     def rollback(desc: dict) -> dict:
         _name_instance(desc)
@@ -142,7 +149,7 @@ def residency_migration():
 
         return shard
 
-    @task(trigger_rule=TriggerRule.ALL_DONE)
+    @store_task(trigger_rule=TriggerRule.ALL_DONE)
     @classified
     def report(planned: dict[str, list[dict]]) -> dict:
         """Ends the run failed if any of its shards did not cut over: a rolled-back shard's

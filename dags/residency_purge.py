@@ -13,18 +13,28 @@ from __future__ import annotations
 
 import os
 
-import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context
 
 from migrator.airflow import tasks
-from migrator.airflow.glue import classified, dry_run_param, regions_param, shards_param, spec_param, task_spec
+from migrator.airflow.glue import (
+    classified,
+    dry_run_param,
+    regions_param,
+    retries,
+    shards_param,
+    spec_param,
+    start_date,
+    task_spec,
+)
+from migrator.airflow.outage import store_task
 
 
 @dag(
     dag_id="residency_purge",
     description="Retires the source copy of cut-over shards after their retention (rows deleted or pseudonymised).",
     schedule=os.environ.get("MIGRATOR_PURGE_SCHEDULE", "@daily"),
-    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    start_date=start_date(),
+    default_args=retries(),
     catchup=False,
     max_active_runs=1,
     tags=["residency"],
@@ -38,21 +48,21 @@ from migrator.airflow.glue import classified, dry_run_param, regions_param, shar
     },
 )
 def residency_purge():
-    @task
+    @store_task
     @classified
     def select() -> list[str]:
         ctx = get_current_context()
         p = ctx["params"]
         return tasks.purge_select(task_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"])
 
-    @task(map_index_template="{{ shard_name }}")
+    @store_task(map_index_template="{{ shard_name }}")
     @classified
     def purge_shard(shard_id: str) -> dict:
         ctx = get_current_context()
         ctx["shard_name"] = shard_id  # names the mapped instance in the UI
         return tasks.purge_one(task_spec(), ctx["run_id"], shard_id, bool(ctx["params"]["dry_run"]))
 
-    @task(trigger_rule="all_done")
+    @store_task(trigger_rule="all_done")
     @classified
     def report(ids: list[str]) -> dict:
         ctx = get_current_context()

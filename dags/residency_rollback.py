@@ -7,9 +7,10 @@ Procedures: RUNBOOK.md in the project.
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
-from migrator.airflow.glue import classified, dry_run_param, named_phase, named_shards_params
+from migrator.airflow.glue import classified, dry_run_param, named_phase, named_shards_params, retries
+from migrator.airflow.outage import store_task
 
 
 @dag(
@@ -19,11 +20,12 @@ from migrator.airflow.glue import classified, dry_run_param, named_phase, named_
     schedule=None,
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
+    default_args=retries(),
     tags=["residency"],
     params={**named_shards_params("the"), "dry_run": dry_run_param("say what would be rolled back; change nothing")},
 )
 def residency_rollback():
-    @task
+    @store_task
     @classified
     def rollback_shards() -> list[dict]:
         return named_phase("rollback")

@@ -21,6 +21,7 @@ from airflow.sdk import Param
 
 from migrator.airflow import tasks
 from migrator.airflow.glue import classified, resolve_conn, resolve_s3, spec_path
+from migrator.airflow.outage import Resumes
 from migrator.errors import SpecError
 
 DEFAULT_ENV = "MIGRATOR_APPROVE_CUTOVER"
@@ -30,9 +31,11 @@ def required_by_default() -> bool:
     return os.environ.get(DEFAULT_ENV, "").lower() in ("1", "true", "yes", "on")
 
 
-class Cutover(ApprovalOperator):
+class Cutover(Resumes, ApprovalOperator):
     """One per shard, in its region's group, after verify. The shard comes from the group's
-    `<group>_shards` task (its map index), so nothing else is passed in."""
+    `<group>_shards` task (its map index), so nothing else is passed in. An outage waited
+    out on the triggerer (`outage`) brings it back through `execute`: a recorded answer is
+    acted on without asking again."""
 
     def __init__(self, *, group: str, **kwargs: Any) -> None:
         kwargs.pop("params", None)  # the DAG's own: the run's, not questions for the approver

@@ -33,6 +33,32 @@ def resolve_s3(conn_id: str) -> dict[str, str | None]:
     return {"endpoint": extra.get("endpoint_url"), "access_key": c.login, "secret_key": c.password}
 
 
+START_ENV = "MIGRATOR_START_DATE"
+
+
+def start_date() -> Any:
+    """When the scheduled DAGs' first interval starts: $MIGRATOR_START_DATE (ISO 8601), or
+    2026-11-01. The `--ui` demo sets its own start, so no scheduled run comes before an
+    operator acts; backfills of earlier days still run."""
+    import pendulum
+
+    raw = os.environ.get(START_ENV)
+    return pendulum.parse(raw) if raw else pendulum.datetime(2026, 11, 1, tz="UTC")
+
+
+def retries() -> dict[str, Any]:
+    """Airflow's retries of a task whose process died or whose own API call failed
+    (`MIGRATOR_TASK_RETRIES`, 3; `MIGRATOR_TASK_RETRY_DELAY_S`, 10, growing); a store's
+    outage is waited out without them (`outage`), a terminal error is never retried."""
+    import pendulum
+
+    return dict(
+        retries=int(os.environ.get("MIGRATOR_TASK_RETRIES", "3")),
+        retry_delay=pendulum.duration(seconds=float(os.environ.get("MIGRATOR_TASK_RETRY_DELAY_S", "10"))),
+        retry_exponential_backoff=True,
+    )
+
+
 SPECS_ENV = "MIGRATOR_SPECS"  # the specs a run may choose: "name=path;name=path"
 REGION = "^[a-z][a-z0-9_]*$"
 SHARD = "^([^/]+/)?[a-z][a-z0-9_]*-[0-9]+$"  # ie-03, or wave/ie-03
@@ -163,8 +189,9 @@ def spec_path(params: dict[str, Any]) -> str:
 
 
 def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Terminal errors fail the task without retries; transient ones are retried by Airflow.
-    Only the error's class and the migrator's own message reach the log, never driver text."""
+    """Terminal errors fail the task without retries; transient ones are waited out on the
+    triggerer when the task can resume so (`outage`), else retried by Airflow. Only the
+    error's class and the migrator's own message reach the log, never driver text."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -176,6 +203,11 @@ def classified(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:
             if retry_later(exc):
+                from airflow.sdk import get_current_context
+
+                from migrator.airflow import outage  # Airflow's trigger classes, only in a task
+
+                outage.wait_out(exc, get_current_context()["task"], task_spec)  # defers, or fails past the budget
                 raise RuntimeError(f"transient: {describe(exc)}") from None
             raise AirflowFailException(describe(exc)) from None
         if isinstance(out, dict) and out.get("skipped"):

@@ -4,6 +4,7 @@ No Airflow import here; `glue` turns errors into Airflow's terms."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,9 +52,41 @@ RUN_WAVE = "all-"  # a run's own wave: no other run names it
 
 
 def wave_for(scope: str, start: datetime | None, end: datetime | None, run_id: str) -> str:
+    """The wave a migration run plans: an interval's (shared by every run of the interval),
+    or the run's own, a short name an operator can type (`all-20261207-1123-9f3a`: the
+    time in its id and four hex digits of the id), written into the run's note."""
     if scope == "all" or start is None or end is None:
-        return RUN_WAVE + re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:80]
+        return RUN_WAVE + short_name(run_id)
     return f"interval-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
+
+
+def short_name(run_id: str) -> str:
+    """A run id as a short, typeable name: a short id as it is, a long one as its date
+    and time (when it has one) and four hex digits of its hash."""
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,24}", run_id):
+        return run_id
+    digest = hashlib.sha1(run_id.encode()).hexdigest()[:4]
+    m = re.search(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})", run_id)
+    return f"{''.join(m.groups()[:3])}-{''.join(m.groups()[3:])}-{digest}" if m else digest
+
+
+def wave_named(ctx: Context, wave: str | None) -> str | None:
+    """The wave a form or command names: its name, or the id of the migration run that
+    planned it (whose wave has another name)."""
+    if wave is None or not ctx.control.exists() or ctx.control.shards(wave=wave):
+        return wave
+    own = RUN_WAVE + short_name(wave)
+    return own if ctx.control.shards(wave=own) else wave
+
+
+def existing_wave(spec: Spec, name: str) -> str:
+    """The wave a run is asked to work on again (by its name or its run's id); refused
+    when no shard is in it."""
+    ctx = Context(spec, "lookup")
+    wave = wave_named(ctx, name)
+    if wave is None or not ctx.control.exists() or not ctx.control.shards(wave=wave):
+        raise SpecError(f"wave {name!r}: no shard is in it (a migration run's note names its wave)")
+    return wave
 
 
 def plan(
@@ -174,6 +207,18 @@ def named_phase(
     return [phase(spec, run_id, s, what, reason, dry_run=dry_run) for s in shard_ids(spec, wave, names)]
 
 
+def migration_conf(params: dict[str, Any], done: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The conf of the migration run that runs the shards a retry planned again (one wave:
+    a retry names its shards within one); None in release mode."""
+    if params.get("mode") != "retry" or not done:
+        return None
+    ids = [d["shard_id"] for d in done]
+    conf: dict[str, Any] = {"scope": "all", "wave": ids[0].split("/")[0], "shards": ids}
+    if params.get("spec"):
+        conf["spec"] = params["spec"]
+    return conf
+
+
 def rollback_if_terminal(spec: Spec, run_id: str, shard_id: str, reason: str) -> dict[str, Any]:
     """The DAG's automatic rollback (`rollback_failed`): the dispatcher rolls back only a
     shard that failed for good; one that a transient outage stopped is skipped, and resumes
@@ -184,7 +229,7 @@ def rollback_if_terminal(spec: Spec, run_id: str, shard_id: str, reason: str) ->
 def shard_ids(spec: Spec, wave: str | None, names: list[str]) -> list[str]:
     """The shards named, each within one wave; a name that matches several waves is refused."""
     ctx = Context(spec, "lookup")
-    return [s.shard_id for s in ctx.control.resolve(wave, names)]
+    return [s.shard_id for s in ctx.control.resolve(wave_named(ctx, wave), names)]
 
 
 def approval_summary(spec: Spec, shard_id: str) -> str:

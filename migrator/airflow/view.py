@@ -5,7 +5,9 @@ FastAPI app served by the api-server, shown in the UI by an external view).
 Per shard: its from→to pair, state (a rolled-back shard's users held or released), its
 progress in batches and rows with an ETA from the rate its batches were committed at, its
 last error as the store named it, its last fence window and, once cut over, when its
-retention ends. Above them the residency picture: users homed per region. From a shard's
+retention ends, and the objects copied with their size. Above them the residency picture
+(users homed per region) and the cutovers waiting for an approval, each linked to its
+Required Actions. From a shard's
 row the actions an operator takes (roll back, release, retry, purge) trigger the right
 DAG through Airflow's own API with the wave and shard filled in and a reason asked for,
 so the run is the operator's, under their name.
@@ -28,7 +30,7 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 
-from migrator.airflow import glue, tasks
+from migrator.airflow import glue, notes, tasks
 from migrator.control.context import Context
 from migrator.control.state import TRANSITIONS, State
 from migrator.control.store import SCHEMA
@@ -88,6 +90,10 @@ def snapshot(ctx: Context) -> dict[str, Any]:
         left = r["batches"] - r["batches_done"]
         if r["state"] == "copying" and n >= 2 and left > 0 and first and last:
             row["eta_s"] = round((last - first).total_seconds() / (n - 1) * left)
+        elif r["state"] == "copying" and n == 1 and left > 0 and last:  # from the copy's start
+            started = ctl.shard(sid).state_since
+            if started is not None and last > started:
+                row["eta_s"] = round((last - started).total_seconds() * left)
         since = ctl.shard(sid).state_since if r["state"] == "cut_over" else None
         if since is not None and ctx.spec.purge is not None:  # when its retention ends
             end = datetime.fromtimestamp(since.timestamp() + ctx.spec.purge.after_s, UTC)
@@ -126,6 +132,13 @@ def _actions(row: dict[str, Any]) -> str:
     return " ".join(out)
 
 
+def _objects(row: dict[str, Any]) -> str:
+    """The objects copied so far, and their size."""
+    if "objects" not in row["rows"]:
+        return ""
+    return f"{row['rows']['objects']} ({row.get('object_bytes', 0) / 1e6:.1f} MB)"
+
+
 def _cell(v: Any) -> str:
     return "" if v is None else html.escape(str(v))
 
@@ -137,6 +150,23 @@ def _state(row: dict[str, Any]) -> str:
 
 
 SCRIPT = """
+(async () => {
+  const r = await fetch('../api/v2/dags/residency_migration/dagRuns/~/hitlDetails?response_received=false',
+    {credentials: 'same-origin'});
+  if (!r.ok) return;
+  const items = ((await r.json()).hitl_details || []).filter(h => h.task_instance.state === 'awaiting_input');
+  const ul = document.getElementById('approvals');
+  if (!items.length) return;
+  ul.replaceChildren(...items.map(h => {
+    const ti = h.task_instance, li = document.createElement('li'), a = document.createElement('a');
+    li.dataset.shard = ti.rendered_map_index || '';
+    a.href = '../dags/residency_migration/runs/' + encodeURIComponent(ti.dag_run_id) + '/tasks/' + ti.task_id
+      + '/mapped/' + ti.map_index + '/required_actions';
+    a.textContent = 'shard ' + (ti.rendered_map_index || ti.map_index) + ' (run ' + ti.dag_run_id + ')';
+    li.append(a, ': ' + h.subject);
+    return li;
+  }));
+})();
 document.querySelectorAll('button[data-dag]').forEach(b => b.addEventListener('click', async () => {
   const conf = JSON.parse(b.dataset.conf);
   if (!b.dataset.noReason) {
@@ -205,8 +235,23 @@ def page() -> str:
         "<h2>Users homed per region</h2><table id='homes'><tr><th>region</th><th>users</th></tr>",
         *[f"<tr><td>{_cell(r)}</td><td>{n}</td></tr>" for r, n in snap["homes"].items()],
         "</table>",
+        # filled in by the script from Airflow's own API: the cutovers waiting for an answer
+        "<h2>Approvals pending</h2><ul id='approvals'><li>none</li></ul>",
     ]
-    cols = ["shard", "from→to", "state", "users", "batches", "rows", "ETA", "fence ms", "purge due", "error", ""]
+    cols = [
+        "shard",
+        "from→to",
+        "state",
+        "users",
+        "batches",
+        "rows",
+        "objects",
+        "ETA",
+        "fence ms",
+        "purge due",
+        "error",
+        "",
+    ]
     for wave, rows in sorted(snap["waves"].items()):
         parts.append(f"<h2>wave {_cell(wave)}</h2><table class='wave' data-wave='{_cell(wave)}'><tr>")
         parts += [f"<th>{c}</th>" for c in cols] + ["</tr>"]
@@ -218,7 +263,8 @@ def page() -> str:
                 _state(r),
                 r["users"],
                 f"{r['batches_done']}/{r['batches']}",
-                sum(r["rows"].values()),
+                sum(n for t, n in r["rows"].items() if t != "objects"),
+                _objects(r),
                 eta,
                 r.get("fence_ms"),
                 r.get("purge_due"),
@@ -237,6 +283,7 @@ def page() -> str:
 class ResidencyPlugin(AirflowPlugin):
     name = "residency"
     fastapi_apps = [{"app": app, "url_prefix": "/residency", "name": "Residency"}]
+    listeners = [notes]  # the migration runs' wave, in their notes
     external_views = [
         {
             "name": "Residency",

@@ -266,8 +266,8 @@ class Control(Membership):
             if several:
                 n, ss = sorted(several.items())[0]
                 raise SpecError(
-                    f"shard name {n!r} matches {len(ss)} shards ({', '.join(s.shard_id for s in ss)}); "
-                    "give --wave or the shard id"
+                    f"shard name {n!r} is in {len(ss)} waves ({', '.join(s.wave for s in ss)}): "
+                    f"name the wave, or give the shard's id ({ss[0].shard_id})"
                 )
         return found
 

@@ -1,5 +1,5 @@
-"""A real Airflow for the demo, the tests and the benchmark: api-server, scheduler and
-dag-processor as separate processes over a PostgreSQL metadata database, with the
+"""A real Airflow for the demo, the tests and the benchmark: api-server, scheduler,
+dag-processor and triggerer as separate processes over a PostgreSQL metadata database, with the
 LocalExecutor or the CeleryExecutor (and then its workers, one process each, serving the
 queues they are given).
 
@@ -185,6 +185,8 @@ class AirflowServices(RestClient):
         self.spawn("api-server", "api-server", "--port", str(self.port))
         self.spawn("scheduler", "scheduler")
         self.spawn("dag-processor", "dag-processor")
+        # runs the deferred tasks' waits: an outage is waited out there, without a worker slot
+        self.spawn("triggerer", "triggerer")
         if not self.login(timeout=180):
             raise RuntimeError(f"the api-server did not come up (see {self.home / 'api-server.log'})")
         return self

@@ -34,14 +34,16 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
         for cp in cps.values():
             for t, n in cp.rows.items():
                 rows[t] = rows.get(t, 0) + n
+        object_bytes = None
         if has_objects:
             with ctl.connect(autocommit=True) as c:
-                n, size = c.execute(
-                    "SELECT count(*), coalesce(sum(objects), 0) FROM migrator.object_checkpoint WHERE shard_id = %s",
+                n, count, size = c.execute(
+                    "SELECT count(*), coalesce(sum(objects), 0), coalesce(sum(bytes), 0) "
+                    "FROM migrator.object_checkpoint WHERE shard_id = %s",
                     (s.shard_id,),
                 ).fetchone()
             if n:
-                rows["objects"] = int(size)
+                rows["objects"], object_bytes = int(count), int(size)
         throttled = None
         if s.state.value in ("copying", "copied", "verified", "failed"):
             with ctl.connect(autocommit=True) as c:
@@ -70,6 +72,7 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 "digest": s.digest,
                 "approx_bytes": s.plan.get("approx_bytes", 0),
                 "error": s.error,
+                **({"object_bytes": object_bytes} if object_bytes is not None else {}),
                 **({"throttled_s": round(throttled, 1)} if throttled else {}),
                 **({"users_held": ctl.held(s.shard_id)[0]} if s.state.value == "rolled_back" else {}),
             }

@@ -300,6 +300,15 @@ class RetrySettings(Strict):
         description="how long a call to the control database is retried through a transient outage "
         "(a restart, a failover) before the step fails, resumable",
     )
+    outage_budget_s: float = Field(
+        3600.0,
+        ge=0,
+        le=7 * 86400,
+        description="how long an Airflow task waits, deferred on the triggerer without a worker slot, for a "
+        "store it cannot reach before it fails for an operator to clear; it resumes from its checkpoint as "
+        "soon as the store answers",
+    )
+    outage_poll_s: float = Field(5.0, gt=0, le=600, description="how often a waiting task's stores are tried")
 
 
 class KeyRef(Strict):

@@ -1,25 +1,30 @@
-"""A real Airflow: scheduler, dag-processor and api-server as separate processes
-(LocalExecutor, a PostgreSQL metadata database). A run is triggered through the REST API with a conf
-and an approval before each cutover (one cutover task cleared while it waits asks again),
-then a backfill over three daily intervals; the users each run should have moved are
-worked out here from the runs' own data intervals and the source rows. An outage right
-after an approval: the cutover retries without asking again. A region down for a whole
-run: clearing the failed tasks ends it green."""
+"""A real Airflow: scheduler, dag-processor, triggerer and api-server as separate
+processes (LocalExecutor, a PostgreSQL metadata database). A run is triggered through the
+REST API with a conf and an approval before each cutover (one cutover task cleared while
+it waits asks again), then a backfill over three daily intervals; the users each run
+should have moved are worked out here from the runs' own data intervals and the source
+rows. An outage right after an approval is waited out and the cutover runs without asking
+again. A region down for minutes: its tasks wait deferred and the run ends green with no
+click. A region down past the outage budget: clearing the failed tasks ends it green."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
+import urllib.request
 from datetime import datetime
 
 import pytest
 
 from migrator.demo.airflow_services import AirflowServices
-from tests.conftest import DEMO_OWNED, World
+from tests.conftest import DEMO_OWNED, ROOT, World
 from tests.helpers import airflow_for, live_airflow, trigger
 
 pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
+OUT = ROOT / "tests" / "output"
 
 
 def _ts(s: str) -> datetime:
@@ -151,13 +156,22 @@ def test_live_airflow_rest_trigger_and_backfill(world: World, tmp_path):
             assert world.rows("us", q, (ids,)) == world.rows(region, q, (ids,)), table
 
 
-def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_ends_green(world: World, tmp_path):
-    """IE is down for the whole first attempt: planning and the Norway shards go on, the IE
-    shards fail without rolling back; IE comes back; "clear only failed tasks" resumes them
-    and the run ends green."""
+def test_region_down_past_the_outage_budget_its_shards_fail_resumable_then_clearing_them_ends_green(
+    world: World, tmp_path
+):
+    """IE is down for longer than the outage budget: planning and the Norway shards go on,
+    the IE shards wait deferred, then fail without rolling back; IE comes back; "clear only
+    failed tasks" resumes them and the run ends green."""
     world.write_spec(
         sharding={"shards_per_region": 2},
-        retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1},
+        retry={
+            "attempts": 2,
+            "initial_wait_s": 0.1,
+            "max_wait_s": 0.2,
+            "outage_s": 1,
+            "outage_budget_s": 8,
+            "outage_poll_s": 1,
+        },
     )
     home, env, meta = airflow_for(world, tmp_path, MIGRATOR_TASK_RETRIES="1", MIGRATOR_TASK_RETRY_DELAY_S="1")
     af = AirflowServices(home, env, meta)
@@ -199,10 +213,108 @@ def test_region_down_its_shards_fail_resumable_then_clearing_the_failed_tasks_en
         assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table
 
 
-def test_an_outage_after_the_approval_retries_the_cutover_without_asking_again(world: World, tmp_path):
+OUTAGE_S = float(os.environ.get("MIGRATOR_TEST_OUTAGE_S", "40"))  # the console's trial: 210
+
+
+def _view(af: AirflowServices) -> dict:
+    """The Residency view's snapshot, as the page reads it (signed in)."""
+    req = urllib.request.Request(f"{af.base}/residency/api/snapshot", headers={"Authorization": f"Bearer {af.token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def _page_in_chromium(af: AirflowServices) -> str:
+    """The Residency view's page as Chromium shows it to a signed-in user (the UI's cookie)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        context.add_cookies([{"name": "_token", "value": af.token, "url": af.base}])
+        page = context.new_page()
+        page.goto(f"{af.base}/residency/", wait_until="domcontentloaded", timeout=60000)
+        OUT.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUT / "ui-residency-outage.png"), full_page=True)
+        text = page.inner_text("body")
+        browser.close()
+    return text
+
+
+@pytest.mark.browser
+def test_a_region_down_for_minutes_is_waited_out_and_the_run_ends_green_with_no_click(world: World, tmp_path):
+    """A copy in progress shows in the Residency view with its state, batches and ETA. Then
+    IE goes down mid-copy for longer than the dispatcher's retries and Airflow's: its
+    shards' tasks wait deferred (no worker slot, no retry spent) while the view names the
+    store, then resume from their checkpoints when IE answers; the run ends green, every
+    shard cut over, nothing rolled back, and no task needed a second try."""
+    world.write_spec(
+        sharding={"shards_per_region": 2},
+        copy={"batch_users": 5},
+        retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1, "outage_poll_s": 2},
+    )
+    home, env, meta = airflow_for(
+        world,
+        tmp_path,
+        MIGRATOR_TASK_RETRIES="1",
+        MIGRATOR_TASK_RETRY_DELAY_S="1",
+        # every committed batch pauses a moment: the copies are in progress long enough to watch
+        MIGRATOR_PAUSE_AT="copied batch",
+        MIGRATOR_PAUSE_S="2",
+    )
+    af = AirflowServices(home, env, meta)
+    ie = world.cluster["ie"]
+    af.start()
+    try:
+        af.wait_for_dag("residency_migration")
+        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+        run_id = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})[
+            "dag_run_id"
+        ]
+        deadline = time.monotonic() + 300
+        while not world.ctl("SELECT to_regclass('migrator.checkpoint') IS NOT NULL")[0][0] or not world.ctl(
+            "SELECT 1 FROM migrator.shard s WHERE s.region = 'ie' AND s.state = 'copying' "
+            "AND (SELECT count(*) FROM migrator.checkpoint c WHERE c.shard_id = s.shard_id) >= 2 "
+            "AND (SELECT count(*) FROM migrator.checkpoint c WHERE c.shard_id = s.shard_id) < s.batches - 1"
+        ):
+            assert time.monotonic() < deadline, world.ctl("SELECT name, state, batches FROM migrator.shard")
+            time.sleep(0.3)
+        progress = _page_in_chromium(af)  # a copy in progress: its state, batches done and ETA
+        assert re.search(r"ie-\d+\tus→ie\tcopying\t\d+\t[2-9]\d*/\d+\t\d+\t[^\t]*\t\d+ s\b", progress), progress
+        ie.stop()
+        down_at, deferred, named, page = time.monotonic(), set(), set(), ""
+        try:
+            while time.monotonic() - down_at < OUTAGE_S:
+                for t in af.tasks("residency_migration", run_id):
+                    if t["task_id"].startswith("ie.") and t["state"] == "deferred":
+                        deferred.add((t["task_id"], t["map_index"]))
+                    assert t["state"] not in ("failed", "up_for_retry"), t
+                waves = _view(af)["waves"].values()
+                named |= {r["name"] for rows in waves for r in rows if "region ie" in (r.get("error") or "")}
+                if named and not page:  # the page itself, in a browser, while the region is down
+                    page = _page_in_chromium(af)
+                time.sleep(2)
+        finally:
+            ie.start()
+        run = af.run_state("residency_migration", run_id, {"success", "failed"})
+        tis = af.tasks("residency_migration", run_id)
+    finally:
+        af.stop()
+    assert deferred, "no IE task waited deferred"
+    assert named, "the view did not name the store that was down"
+    assert re.search(r"ie-\d+.*region ie \(127\.0\.0\.1:\d+/", page), page  # a shard's row names the store
+    assert run["state"] == "success", [(t["task_id"], t.get("rendered_map_index"), t["state"]) for t in tis]
+    assert set(dict(world.ctl("SELECT name, state FROM migrator.shard")).values()) == {"cut_over"}
+    assert all(t["try_number"] == 1 for t in tis if t["task_id"].startswith("ie.") and t["state"] == "success"), tis
+    assert not [t for t in tis if t["task_id"].endswith(".rollback") and t["state"] == "success"]  # none did work
+    ids = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie'")]
+    assert ids
+    for table, q in DEMO_OWNED.items():
+        assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table
+
+
+def test_an_outage_after_the_approval_is_waited_out_and_the_cutover_runs_without_asking_again(world: World, tmp_path):
     """Norway's shard waits for its approval; Norway goes down and the approver approves:
-    the cutover fails for the outage and Airflow retries it. Norway comes back and the retry
-    cuts over on the recorded answer: no try after the first waits for an answer again."""
+    the cutover meets the outage and waits for Norway, deferred. Norway comes back and the
+    same try cuts over on the recorded answer: it never waits for an answer again."""
     world.write_spec(
         sharding={"shards_per_region": 1},
         retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1},
@@ -217,9 +329,9 @@ def test_an_outage_after_the_approval_retries_the_cutover_without_asking_again(w
         try:
             af.api("PATCH", path, {"chosen_options": ["Approve"], "params_input": {}})
             deadline = time.monotonic() + 300
-            while True:  # the approved try fails for the outage; the next one waits to retry
+            while True:  # the approved try meets the outage and waits for Norway
                 (t,) = _approvals(af, run)
-                if t["try_number"] >= 2 or t["state"] == "up_for_retry":
+                if t["state"] == "deferred":
                     break
                 assert t["state"] not in ("success", "failed"), t
                 assert time.monotonic() < deadline, t
@@ -237,8 +349,8 @@ def test_an_outage_after_the_approval_retries_the_cutover_without_asking_again(w
         (t,) = _approvals(af, run)
         state = af.api("GET", f"/dags/residency_migration/dagRuns/{run}")["state"]
     assert state == "success", t
-    assert t["state"] == "success" and t["try_number"] >= 2, t
-    assert not [s for n, s in tries if n >= 2 and s == "awaiting_input"], tries  # never asked again
+    assert t["state"] == "success" and t["try_number"] == 1, t  # no retry was needed
+    assert not [s for n, s in tries if s == "awaiting_input"], tries  # never asked again
     assert world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'") == [("cut_over",)]
     events = [e for (e,) in world.ctl("SELECT detail->>'event' FROM migrator.audit ORDER BY id")]
     assert "cutover interrupted" in events[events.index("cutover approved") :], events  # the outage hit after it

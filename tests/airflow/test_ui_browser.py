@@ -148,9 +148,11 @@ def _backfill_runs(api: RestClient, timeout: float = 600) -> list[dict]:
     return [{"start": r["data_interval_start"], "end": r["data_interval_end"]} for r in bf]
 
 
-def _wave(run: str) -> str:
-    """The wave a manual run of every user plans (the DAG's naming, as its docs give it)."""
-    return "all-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run)[:80]
+def _wave(api: RestClient, run: str) -> str:
+    """The wave a manual run of every user planned, as its run's note names it."""
+    note = api.api("GET", f"/dags/residency_migration/dagRuns/{urllib.parse.quote(run)}")["note"] or ""
+    assert re.fullmatch(r"wave all-[A-Za-z0-9_.-]{4,24}", note), note  # short and typeable
+    return note.removeprefix("wave ")
 
 
 def _sql(dsn: str, q: str, args=()) -> list[tuple]:
@@ -217,8 +219,14 @@ def _answer_approvals(api: RestClient, ctl: str, run: str, reject: str, reason: 
         assert time.monotonic() < deadline, [(t["task_id"], t["map_index"], t["state"]) for t in planned]
         time.sleep(2)
     # nothing of this run is cut over before its approval
-    states = _sql(ctl, "SELECT DISTINCT state FROM migrator.shard WHERE wave = %s", (_wave(run),))
+    states = _sql(ctl, "SELECT DISTINCT state FROM migrator.shard WHERE wave = %s", (_wave(api, run),))
     assert {s for (s,) in states} <= {"verified", "planned"}
+    if ui is not None:  # the Residency view lists each of them, linked to its Required Actions
+        page = ui["page"]
+        _goto(page, f"{ui['url']}/residency/")
+        page.locator("#approvals li[data-shard]").first.wait_for(timeout=30000)
+        listed = {li.get_attribute("data-shard") for li in page.locator("#approvals li[data-shard]").all()}
+        assert {t["rendered_map_index"] for t in waiting} <= listed, listed
     answered = {
         (t["task_id"], t["map_index"], t["try_number"]): _answer(api, run, t, reject, reason, ui) for t in waiting
     }
@@ -235,6 +243,11 @@ def _answer_approvals(api: RestClient, ctl: str, run: str, reject: str, reason: 
 def test_an_operator_runs_the_migration_from_the_ui(demo):
     OUT.mkdir(exist_ok=True)
     api, env = _api(demo), demo["env"]
+    # a fresh demo runs nothing before the operator acts: no scheduled run, nothing red
+    names = ["residency_migration", "residency_rollback", "residency_release", "residency_purge", "residency_audit"]
+    for _ in range(5):  # the scheduler's loops after the DAGs were parsed and unpaused
+        assert not [(n, r["state"]) for n in names for r in api.runs(n)]
+        time.sleep(2)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -242,7 +255,6 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
 
         # the project's DAGs, and only them, with their docs
         _goto(page, f"{demo['url']}/dags")
-        names = ["residency_migration", "residency_rollback", "residency_release", "residency_purge", "residency_audit"]
         for n in names:  # the list renders after the page has loaded
             page.get_by_text(n, exact=True).first.wait_for(timeout=60000)
         listed = page.inner_text("body")
@@ -313,10 +325,14 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         page.screenshot(path=str(OUT / "ui-run.png"), full_page=True)
 
         # a rollback needs a reason: the form will not submit without one
+        # the run's page shows its wave, as the forms take it
+        wave = _wave(api, real)
+        _goto(page, f"{demo['url']}/dags/residency_migration/runs/{urllib.parse.quote(real)}")
+        page.get_by_text(wave).first.wait_for(timeout=30000)
         form = _trigger_form(page, demo, "residency_rollback")
         form.get_by_role("textbox", name="Enter each string on a new line").fill("ie-00")
         # the backfill's waves have an ie-00 too: the wave says which
-        form.get_by_role("group").filter(has_text=re.compile(r"^wave")).get_by_role("textbox").fill(_wave(real))
+        form.get_by_role("group").filter(has_text=re.compile(r"^wave")).get_by_role("textbox").fill(wave)
         assert form.get_by_role("button", name="Trigger").is_disabled()
         assert "This field is required" in form.inner_text()
         form.screenshot(path=str(OUT / "ui-rollback-form.png"))
@@ -332,7 +348,6 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
     # what the stores say, independently of the UI (the run's own wave: the approval test's
     # Norwegian shards came before)
     ctl = env["MIGRATOR_CONTROL_DSN"]
-    wave = _wave(real)
     states = dict(_sql(ctl, "SELECT name, state FROM migrator.shard WHERE wave = %s", (wave,)))
     assert states.pop("ie-00") == "rolled_back" and states.pop("no-03") == "rolled_back"
     assert set(states.values()) == {"cut_over"} and len(states) == 6, states
@@ -451,8 +466,10 @@ def test_every_runbook_command_runs_against_the_demo(demo, tmp_path):
 
 def test_the_residency_view_shows_every_shard_and_acts_on_one(demo):
     """The plugin's page under the UI: every wave's shards with the state the control
-    database holds, users homed per region; an empty reason is refused; a rollback and a
-    release started from a shard's row run that DAG on exactly that shard, as the operator."""
+    database holds, users homed per region; an empty reason is refused; a rollback started
+    from a shard's row rolls back exactly that shard, as the operator; a retry from its row
+    cuts it over again (through the migration run the retry starts); a release frees a
+    held shard's users and runs nothing."""
     api, ctl = _api(demo), demo["env"]["MIGRATOR_CONTROL_DSN"]
     plugins = api.api("GET", "/plugins")["plugins"]
     (ours,) = [p for p in plugins if p["name"] == "residency"]
@@ -487,7 +504,7 @@ def test_the_residency_view_shows_every_shard_and_acts_on_one(demo):
             ctl, "SELECT wave, name FROM migrator.shard WHERE state = 'cut_over' ORDER BY updated_at DESC LIMIT 1"
         )[0]
         row = page.locator(f"table.wave[data-wave='{wave}'] tr[data-shard='{name}']")
-        answers = iter(["", "ticket 99: from the view", "ticket 99: released"])
+        answers = iter(["", "ticket 99: from the view", "ticket 99: again", "ticket 99: released"])
         page.on("dialog", lambda d: d.accept(next(answers)))
         row.get_by_role("button", name="roll back").click()
         page.get_by_text("a reason is needed").wait_for(timeout=10000)
@@ -511,15 +528,46 @@ def test_the_residency_view_shows_every_shard_and_acts_on_one(demo):
             )[0][0]
             >= 1
         )
+        # retry from its row: planned again and run by a migration run the retry starts
         _goto(page, f"{demo['url']}/residency/")
         row = page.locator(f"table.wave[data-wave='{wave}'] tr[data-shard='{name}']")
         assert row.locator("td").nth(2).inner_text() == "rolled_back (held)"
+        row.get_by_role("button", name="retry").click()
+        said = page.locator("#said")
+        said.filter(has_text="started").wait_for(timeout=30000)
+        run = said.inner_text().split("run ", 1)[1].split(" started")[0]
+        assert _finished(api, "residency_release", run) == "success"
+        started = [r for r in api.runs("residency_migration") if (r.get("conf") or {}).get("shards") == [sid]]
+        assert len(started) == 1, [r.get("conf") for r in api.runs("residency_migration")]
+        again = started[0]["dag_run_id"]
+        assert _finished(api, "residency_migration", again) == "success"
+        note = api.api("GET", f"/dags/residency_migration/dagRuns/{urllib.parse.quote(again)}")["note"]
+        assert note == f"wave {wave}", note
+        assert _sql(ctl, "SELECT state FROM migrator.shard WHERE shard_id = %s", (sid,)) == [("cut_over",)]
+        region = _sql(ctl, "SELECT region FROM migrator.shard WHERE shard_id = %s", (sid,))[0][0]
+        homes = _sql(
+            ctl,
+            "SELECT DISTINCT d.home FROM migrator.directory d JOIN migrator.shard_user u "
+            "ON u.user_key = d.user_key WHERE u.shard_id = %s",
+            (sid,),
+        )
+        assert homes == [(region,)], homes
+
+        # release from the row of a shard whose users are still held (the first test's rejection)
+        held_sid, held_wave, held_name = _sql(
+            ctl,
+            "SELECT s.shard_id, s.wave, s.name FROM migrator.shard s WHERE s.state = 'rolled_back' "
+            "AND EXISTS (SELECT 1 FROM migrator.held_users h WHERE h.shard_id = s.shard_id) LIMIT 1",
+        )[0]
+        _goto(page, f"{demo['url']}/residency/")
+        row = page.locator(f"table.wave[data-wave='{held_wave}'] tr[data-shard='{held_name}']")
         row.get_by_role("button", name="release").click()
         said = page.locator("#said")
         said.filter(has_text="started").wait_for(timeout=30000)
         run = said.inner_text().split("run ", 1)[1].split(" started")[0]
         assert _finished(api, "residency_release", run) == "success"
-        assert _sql(ctl, "SELECT count(*) FROM migrator.held_users WHERE shard_id = %s", (sid,)) == [(0,)]
+        assert _sql(ctl, "SELECT count(*) FROM migrator.held_users WHERE shard_id = %s", (held_sid,)) == [(0,)]
+        assert not [r for r in api.runs("residency_migration") if (r.get("conf") or {}).get("shards") == [held_sid]]
 
         # the audit DAG keeps its report where the view links to it, whatever its verdict
         audit_run = api.api("POST", "/dags/residency_audit/dagRuns", {"logical_date": None})["dag_run_id"]
