@@ -123,7 +123,7 @@ def demo(
     stop: Annotated[Path | None, typer.Option("--stop", help="end the --ui demo running under this folder")] = None,
     port_base: Annotated[
         int, typer.Option("--port-base", min=1024, max=65000, help="--ui: PostgreSQL at +0..2, S3 +10..12, UI +20")
-    ] = 55430,
+    ] = 25430,
     retention: Annotated[
         str | None,
         typer.Option("--retention", help="--ui: the purge's retention in the demo's spec (0s, 30m, 12h; default 7d)"),

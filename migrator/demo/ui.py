@@ -1,5 +1,5 @@
 """`migrator demo --ui DIR`: the demo's stores, seeded and not yet migrated, left running on
-fixed loopback ports, with Airflow (api-server, scheduler, dag-processor, LocalExecutor)
+fixed loopback ports, with Airflow (api-server, scheduler, dag-processor, triggerer, LocalExecutor)
 serving only this project's DAGs, unpaused, so an operator can drive the migration from
 the UI. `migrator demo --stop DIR` ends it all.
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import secrets
 import shlex
+import socket
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from migrator.demo.airflow_run import airflow_env, spec_for_airflow
@@ -33,7 +35,7 @@ class Ports:
     """Where everything listens, from one base port: PostgreSQL at base+0..2 (us, ie, no),
     S3 at base+10..12, the Airflow UI at base+20."""
 
-    base: int = 55430
+    base: int = 25430  # below the kernel's range for outgoing connections (32768 up by default)
 
     def postgres(self) -> dict[str, int]:
         return {r: self.base + i for i, r in enumerate(REGIONS)}
@@ -45,20 +47,38 @@ class Ports:
     def ui(self) -> int:
         return self.base + 20
 
+    def taken(self) -> list[str]:
+        """The ports already in use, each with what the demo would put there."""
+        wanted = {
+            **{p: f"PostgreSQL {r}" for r, p in self.postgres().items()},
+            **{p: f"S3 endpoint {r}" for r, p in self.s3().items()},
+            self.ui: "the Airflow UI",
+        }
+        out = []
+        for port, what in wanted.items():
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    out.append(f"port {port} ({what})")
+        return out
+
 
 def _running(folder: Path) -> bool:
     return (folder / "airflow" / "pids").exists() or (folder / "s3.pids").exists()
 
 
-def start_ui(folder: Path, users: int = 2000, port_base: int = 55430, retention: str | None = None) -> dict:
+def start_ui(folder: Path, users: int = 2000, port_base: int = 25430, retention: str | None = None) -> dict:
     """Start it all under `folder`; returns what to tell the operator (URL, login, files)."""
     if retention is not None and not DURATION.match(retention):  # before anything starts
         raise SpecError(f"--retention {retention!r} is not a duration such as 0s, 30m, 12h or 7d")
     folder = folder.resolve()
     if _running(folder):
         raise SpecError(f"a demo is already running under {folder}: `migrator demo --stop {folder}` ends it")
-    folder.mkdir(parents=True, exist_ok=True)
     ports = Ports(port_base)
+    if taken := ports.taken():  # before anything starts: a failed start leaves nothing behind
+        raise SpecError(f"cannot start the demo: {', '.join(taken)} in use; give another --port-base")
+    folder.mkdir(parents=True, exist_ok=True)
     cluster, endpoints, env = start(users, folder, pg_ports=ports.postgres(), s3_ports=ports.s3(), detach=True)
     (folder / "s3.pids").write_text("".join(f"{s.proc.pid}\n" for s in endpoints.values() if s.proc))
     spec_path = write_spec(folder, retention=retention)
@@ -76,6 +96,8 @@ def start_ui(folder: Path, users: int = 2000, port_base: int = 55430, retention:
             "MIGRATOR_SPEC": str(af_spec),
             "MIGRATOR_REPORTS_DIR": str(folder / "reports"),  # the audit DAG's reports, for the Residency view
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # the scheduled DAGs' first intervals start now: nothing runs before the operator acts
+            "MIGRATOR_START_DATE": datetime.now(UTC).isoformat(timespec="seconds"),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__API_AUTH__JWT_SECRET": jwt_secret(),

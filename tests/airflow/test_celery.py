@@ -61,6 +61,8 @@ def test_celery_workers_per_region_and_a_worker_killed_mid_copy(world: World, tm
         # a task whose worker is gone is failed (and retried) after 20 s without a heartbeat
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="20",
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL="5",
+        # a task the killed worker had taken from the broker but not started is queued again
+        AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT="30",
     )
     af = AirflowServices(
         home,
