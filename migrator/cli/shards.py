@@ -252,7 +252,9 @@ def recover(
     json: Json = False,
 ) -> None:
     """Finish or undo what a killed cutover or rollback left half done (every command does
-    this first for its own shards; this does it for all, once or on a timer)."""
+    this first for its own shards; this does it for all, once or on a timer). Exits 1
+    while a shard is left unfinished (its worker, or a lost worker's session for up to
+    changes.dead_session_s, still holds it)."""
     ctx = context_of(config, None)
     while True:
         done = recovery.sweep(ctx)
@@ -268,5 +270,6 @@ def recover(
                     err.print(f"[yellow]{u['shard_id']}[/]: {u['due']} (its worker still holds it)")
                 if not done and not left:
                     err.print("nothing unfinished")
-            raise typer.Exit(0)
+            # not done while a shard stays unfinished: a runbook's loop runs it again
+            raise typer.Exit(1 if left else 0)
         time.sleep(watch)

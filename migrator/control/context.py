@@ -33,7 +33,12 @@ class Context:
         standby = self.spec.copy_.throttle.standby
         if standby is not None:
             name_store(standby.url, f"the standby of region {self.spec.source_region}")
-        self.control = Control(self.spec.control.url, self.run_id, outage_s=self.spec.retry.outage_s)
+        self.control = Control(
+            self.spec.control.url,
+            self.run_id,
+            outage_s=self.spec.retry.outage_s,
+            dead_session_s=self.spec.changes.dead_session_s,
+        )
 
     def dsn(self, region: str) -> str:
         return self.spec.regions[region].url

@@ -30,6 +30,15 @@ class Flip:
         self.ctx, self.conn, self.sid = ctx, conn, sid
         self.region, self.digest, self.users, self.flipped = region, digest, users, flipped
 
+    def bound(self, seconds: float) -> None:
+        """From now on the server ends the flip's session if its worker falls silent for
+        `seconds` inside the transaction (a lost host, a cut link): the flip is rolled back
+        and its locks go, and `recover` resolves the shard. Set as the fence window opens;
+        before it the flip may wait on a long compare."""
+        self.conn.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, true)", (f"{int(seconds * 1000)}ms",)
+        )
+
     def finish(self, detail: dict) -> None:
         """The shard's move to cut_over, in the flip's transaction (committed by the caller's block)."""
         self.ctx.control.transition(
@@ -85,6 +94,11 @@ def flip_back(ctx: Context, sid: str, state: State, region: str, detail: dict) -
     when it was cut over, in one control transaction; the number flipped back."""
     ctl = ctx.control
     with ctl.connect() as c:
+        # a worker lost inside this transaction holds its locks this long at most
+        c.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
+            (f"{int(ctx.spec.changes.dead_session_s * 1000)}ms",),
+        )
         flipped = move_homes(c, sid, region, ctx.spec.source_region) if state == State.CUT_OVER else 0
         ctl.transition(c, sid, state, State.ROLLING_BACK, {**detail, "directory_flipped_back": flipped})
     return flipped

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,9 +87,19 @@ def shard_id(wave: str, name: str) -> str:
     return f"{wave}/{name}"
 
 
+def _keep_alive(c: Conn, stop: threading.Event, every_s: float) -> None:
+    """A statement on the shard lock's session every `every_s`, until `stop`."""
+    while not stop.wait(every_s):
+        try:
+            c.execute("SELECT 1")
+        except psycopg.Error:
+            return  # the session is lost: so is the lock, and the phase finds out on its own
+
+
 class Control(Membership):
-    def __init__(self, dsn: str, run_id: str, outage_s: float = 60.0):
+    def __init__(self, dsn: str, run_id: str, outage_s: float = 60.0, dead_session_s: float = 30.0):
         self.dsn = dsn
+        self.dead_session_s = dead_session_s
         name_store(dsn, "control database")
         self.run_id = run_id
         self.outage_s = outage_s
@@ -228,18 +239,32 @@ class Control(Membership):
     def lock(self, sid: str) -> Iterator[Conn]:
         """Hold the shard for this worker; refuse at once if another worker holds it.
 
-        The lock is let go explicitly before the session closes: a closed session's locks
-        end only when its server process has exited, which can be after the next phase
-        (in this process or the next command) already asks for the shard."""
+        The lock is its session's, and the session is kept alive by a statement every
+        quarter of `dead_session_s` (PostgreSQL's `idle_session_timeout`, 14 and later):
+        the server ends the session of a worker that falls silent for `dead_session_s` (a
+        dead host, a cut link that no TCP close crosses), so a lost worker holds the shard
+        that long at most, and `recover` or the next run takes it then. It opens no
+        transaction. The lock is let go explicitly before the session closes: a closed
+        session's locks end only when its server process has exited, which can be after
+        the next phase (in this process or the next command) already asks for the shard."""
         key = f"migrator:shard:{sid}"
         c = self.connect(autocommit=True)
-        got = False
+        got, stop = False, threading.Event()
+        beat: threading.Thread | None = None
         try:
-            got = c.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0]
+            got = c.execute(
+                "SELECT set_config('idle_session_timeout', %s, false), pg_try_advisory_lock(hashtextextended(%s, 0))",
+                (f"{int(self.dead_session_s * 1000)}ms", key),
+            ).fetchone()[1]
             if not got:
                 raise ShardBusy(f"shard {sid} is being worked on by another worker")
+            beat = threading.Thread(target=_keep_alive, args=(c, stop, self.dead_session_s / 4), daemon=True)
+            beat.start()
             yield c
         finally:
+            stop.set()
+            if beat is not None:
+                beat.join()
             if got and not c.broken:
                 with contextlib.suppress(psycopg.Error):  # a lost session has let go already
                     c.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
@@ -266,8 +291,8 @@ class Control(Membership):
             if several:
                 n, ss = sorted(several.items())[0]
                 raise SpecError(
-                    f"shard name {n!r} is in {len(ss)} waves ({', '.join(s.wave for s in ss)}): "
-                    f"name the wave, or give the shard's id ({ss[0].shard_id})"
+                    f"shard name {n!r} is in {len(ss)} waves: give the shard's id "
+                    f"({', '.join(s.shard_id for s in ss)}), or name its wave"
                 )
         return found
 

@@ -83,6 +83,7 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
             ours = capture.own_transaction(src, flip.conn)  # the open flip must not hold the fence up
             settled = _compare_changed_so_far(ctx, sid, src, dst, ours)
             hooks.point("staged", ctx, sid)
+            flip.bound(ctx.spec.changes.dead_session_s)  # a worker lost from here holds the flip this long
             t0 = time.monotonic()
             deadline = t0 + window
             steps = Steps(t0)

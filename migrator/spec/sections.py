@@ -205,6 +205,14 @@ class ChangeSettings(Strict):
     capture: bool = True
     fence_window_s: float = Field(5.0, gt=0, le=600)
     catch_up_below: int = Field(100, ge=0, description="fence only once this few changes are pending")
+    dead_session_s: float = Field(
+        30.0,
+        ge=2,
+        le=3600,
+        description="how long a lost worker (a dead host, a cut link) can hold a shard or a cutover's locks: "
+        "the server ends the shard lock's session, kept alive by the worker, and a cutover's or rollback's "
+        "flip once either stays silent this long, and `recover` can then finish the shard",
+    )
     lock_wait_s: float = Field(
         30.0,
         gt=0,
