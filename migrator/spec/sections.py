@@ -209,7 +209,7 @@ class ChangeSettings(Strict):
         30.0,
         ge=2,
         le=3600,
-        description="how long a lost worker (a dead host, a cut link) can hold a shard or a cutover's locks: "
+        description="how long a lost worker (a dead host, a cut link) can hold its shard or a cutover's locks: "
         "the server ends the shard lock's session, kept alive by the worker, and a cutover's or rollback's "
         "flip once either stays silent this long, and `recover` can then finish the shard",
     )
@@ -309,12 +309,7 @@ class RetrySettings(Strict):
         "(a restart, a failover) before the step fails, resumable",
     )
     outage_budget_s: float = Field(
-        3600.0,
-        ge=0,
-        le=7 * 86400,
-        description="how long an Airflow task waits, deferred on the triggerer without a worker slot, for a "
-        "store it cannot reach before it fails for an operator to clear; it resumes from its checkpoint as "
-        "soon as the store answers",
+        3600.0, ge=0, le=7 * 86400, description="how long an Airflow task waits deferred for a store it cannot reach"
     )
     outage_poll_s: float = Field(5.0, gt=0, le=600, description="how often a waiting task's stores are tried")
 

@@ -213,7 +213,7 @@ def test_region_down_past_the_outage_budget_its_shards_fail_resumable_then_clear
         assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table
 
 
-OUTAGE_S = float(os.environ.get("MIGRATOR_TEST_OUTAGE_S", "40"))  # the console's trial: 210
+OUTAGE_S = float(os.environ.get("MIGRATOR_TEST_OUTAGE_S", "20"))  # the console's trial: 210
 
 
 def _view(af: AirflowServices) -> dict:

@@ -1,7 +1,8 @@
 """One small run of the benchmark serves every check of it: the CLI's figures (pipes,
-lifecycle, rollback, purge, reladiff, objects, an application writing, growth) and the
-Airflow figures under the LocalExecutor (and the CeleryExecutor, with
-MIGRATOR_TEST_BENCH_EXECUTORS=local,celery). Each figure is held to a
+lifecycle, rollback, purge, reladiff, objects, an application writing, growth), and with
+MIGRATOR_TEST_BENCH_EXECUTORS=local (or local,celery) the Airflow figures under those
+executors (left out by default: the DAGs' behaviour under both executors is held by the
+other tests of tests/airflow, and this figure's Airflow costs the suite a minute). Each figure is held to a
 bound a broken build would cross (a copy many times its pipe, a lost write, a fence held
 for seconds, a DAG run many times the CLI's): at this scale the figures are noisy, so the
 bounds are wide; the targets are judged at scale in `bench/`, never here."""
@@ -19,9 +20,9 @@ from tests.helpers import bench
 pytest.importorskip("airflow.sdk")
 pytestmark = pytest.mark.airflow
 
-# The executors the smoke run times DAG runs under: the LocalExecutor in CI (Celery's own
-# behaviour is held by tests/airflow/test_celery.py); "local,celery" adds the Celery figures.
-EXECUTORS = os.environ.get("MIGRATOR_TEST_BENCH_EXECUTORS", "local")
+# The executors the smoke run times DAG runs under: none in CI; "local" adds the Airflow
+# figures, "local,celery" the Celery ones too.
+EXECUTORS = os.environ.get("MIGRATOR_TEST_BENCH_EXECUTORS", "")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = bench(
         *("--scale", "0.02", "--runs", "1", "--objects", "20", "--object-kb", "64", "--object-runs", "1"),
         *("--writes", "--against-scale", "0.01", "--chart", str(chart)),
-        *("--airflow", "--airflow-runs", "1", "--airflow-executors", EXECUTORS),
+        *(("--airflow", "--airflow-runs", "1", "--airflow-executors", EXECUTORS) if EXECUTORS else ()),
         timeout=1200,
     )
     out["_chart"] = str(chart)
@@ -108,16 +109,18 @@ def test_each_target_is_reported_with_its_value_and_verdict(doc):
     assert t["rollback_vs_copy"]["met"] is (doc["rollback_vs_copy"] <= 1.0)
     assert t["fence_ms_p99"]["met"] is (doc["live_writes"]["fence_ms_p99"] < 300)
     # the Airflow targets are for scale 1: reported, not judged, here
-    assert t["airflow_vs_cli"] == {
-        "value": doc["airflow"]["airflow_vs_cli"],
-        "target": "<= 1.15 (at scale 1)",
-        "met": None,
-    }
+    if "local" in EXECUTORS:
+        assert t["airflow_vs_cli"] == {
+            "value": doc["airflow"]["airflow_vs_cli"],
+            "target": "<= 1.15 (at scale 1)",
+            "met": None,
+        }
     if "celery" in EXECUTORS:
         assert t["airflow_celery_vs_cli"]["met"] is None
     assert all(isinstance(x["met"], bool) for k, x in t.items() if not k.startswith("airflow"))
 
 
+@pytest.mark.skipif("local" not in EXECUTORS, reason="MIGRATOR_TEST_BENCH_EXECUTORS leaves the Airflow figures out")
 def test_a_dag_run_against_the_command_line(doc):
     a = doc["airflow"]
     assert a["runs"] == 1 and a["shards"] == 4 and a["executor"] == "LocalExecutor"
