@@ -330,8 +330,18 @@ def purge_one(spec: Spec, run_id: str, shard_id: str, dry_run: bool) -> dict[str
 
 
 def purge_verdict(spec: Spec, ids: list[str], dry_run: bool) -> dict[str, Any]:
-    """Fails the run unless every selected shard is purged (after a real run)."""
-    if dry_run or not ids:
+    """Fails the run unless every selected shard is purged (after a real run); with
+    nothing due, says when the next shard's retention ends."""
+    if not ids:
+        nxt = purge_checks.next_due(Context(spec, "purge"))
+        said = (
+            f"nothing due; the next, shard {nxt[0]}, is due at {nxt[1].isoformat(timespec='minutes')}"
+            if nxt
+            else "nothing due, and no cut-over shard waits for its purge"
+        )
+        log.info("%s", said)
+        return {"shards": 0, "dry_run": dry_run, "said": said, **({"next_due": nxt[1].isoformat()} if nxt else {})}
+    if dry_run:
         return {"shards": len(ids), "dry_run": dry_run}
     return {"shards": len(ids), "purged": _all_in(ids, _recorded(spec, ids), frozenset({State.PURGED}), "not purged")}
 

@@ -204,6 +204,19 @@ def _still_at_destination(ctx: Context, shard: Shard) -> None:
         )
 
 
+def next_due(ctx: Context) -> tuple[str, datetime] | None:
+    """The cut-over shard whose retention ends first, and when; None when none waits."""
+    if not ctx.control.exists():
+        return None
+    after = settings(ctx).after_s
+    waiting = [
+        (s.name if s.wave == "default" else s.shard_id, datetime.fromtimestamp(s.state_since.timestamp() + after, UTC))
+        for s in ctx.control.shards(states=[State.CUT_OVER])
+        if s.state_since is not None
+    ]
+    return min(waiting, key=lambda w: w[1]) if waiting else None
+
+
 def is_due(ctx: Context, sid: str) -> bool:
     try:
         due_at(ctx, sid)

@@ -251,7 +251,8 @@ def test_a_region_down_for_minutes_is_waited_out_and_the_run_ends_green_with_no_
         copy={"batch_users": 5},
         retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1, "outage_poll_s": 2},
     )
-    home, env, meta = airflow_for(
+    ie = world.cluster["ie"]
+    with live_airflow(
         world,
         tmp_path,
         MIGRATOR_TASK_RETRIES="1",
@@ -259,13 +260,7 @@ def test_a_region_down_for_minutes_is_waited_out_and_the_run_ends_green_with_no_
         # every committed batch pauses a moment: the copies are in progress long enough to watch
         MIGRATOR_PAUSE_AT="copied batch",
         MIGRATOR_PAUSE_S="2",
-    )
-    af = AirflowServices(home, env, meta)
-    ie = world.cluster["ie"]
-    af.start()
-    try:
-        af.wait_for_dag("residency_migration")
-        af.api("PATCH", "/dags/residency_migration", {"is_paused": False})
+    ) as af:
         run_id = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})[
             "dag_run_id"
         ]
@@ -296,8 +291,6 @@ def test_a_region_down_for_minutes_is_waited_out_and_the_run_ends_green_with_no_
             ie.start()
         run = af.run_state("residency_migration", run_id, {"success", "failed"})
         tis = af.tasks("residency_migration", run_id)
-    finally:
-        af.stop()
     assert deferred, "no IE task waited deferred"
     assert named, "the view did not name the store that was down"
     assert re.search(r"ie-\d+.*region ie \(127\.0\.0\.1:\d+/", page), page  # a shard's row names the store

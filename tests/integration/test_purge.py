@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from datetime import datetime, timedelta
 
 import psycopg
 import pytest
@@ -362,3 +363,20 @@ def test_a_purge_with_the_application_writing_at_the_new_homes(world: World, key
         assert world.rows("us", DEMO_OWNED[t], (moved,)) == [], t
     emails = [e for (e,) in world.rows("us", "SELECT email FROM users WHERE user_id = ANY(%s)", (moved,))]
     assert len(emails) == len(moved) and all(e.startswith("pz1_") for e in emails)
+
+
+def test_with_nothing_due_the_purge_dag_says_when_the_next_shard_is(world: World, keys):
+    """The purge DAG's report with nothing due: the shard whose retention ends first, and
+    when (its cutover's time plus `purge.after`, read here from the audit trail)."""
+    from migrator.airflow import tasks
+
+    world.write_spec(sharding={"shards_per_region": 1}, purge={**PURGE, "after": "7d"})
+    spec = tasks.load(str(world.spec_path))
+    said = tasks.purge_verdict(spec, [], dry_run=False)
+    assert said["shards"] == 0 and "no cut-over shard waits" in said["said"] and "next_due" not in said
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    assert tasks.purge_select(spec, "purge", None, None, None) == []  # not due for a week
+    said = tasks.purge_verdict(spec, [], dry_run=False)
+    ((cut,),) = world.ctl("SELECT max(at) FROM migrator.audit WHERE detail->>'event' = 'cutover'")
+    got = datetime.fromisoformat(said["next_due"])
+    assert abs((got - (cut + timedelta(days=7))).total_seconds()) < 5 and "ie-00" in said["said"], (said, cut)
