@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from migrator import capture, hooks, metrics
 from migrator.control.context import Context
@@ -79,7 +80,9 @@ class _Links:
             self.src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             self.src.read_only = True
         if self.dst is None or self.dst.closed:
-            self.dst = connect(self.dst_dsn, keyed=True)
+            # each batch's transaction is begun and committed by its own statements, folded
+            # with the batch's first and last: no round trip of their own across the ocean
+            self.dst = connect(self.dst_dsn, keyed=True, autocommit=True)
         return self.src, self.dst
 
     def reset(self) -> None:
@@ -125,7 +128,7 @@ def _copy_batch(
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     src, dst = links.open()
     try:
-        dst.execute("SET LOCAL migrator.apply = 'on'")  # this tool's own writes pass the guards
+        dst.execute("BEGIN; SET LOCAL migrator.apply = 'on'")  # this tool's own writes pass the guards
         rows: dict[str, int] = {}
         parts: dict[str, tuple[int, str]] = {}
         moved_bytes, t0 = 0, time.monotonic()
@@ -156,12 +159,16 @@ def _copy_batch(
                             f"(source {s_n} rows, destination {d_n} rows)"
                         )
             digest = batch_digest(parts)
+            # the ledger's row and the commit in one message (literals: a statement with
+            # parameters travels alone)
             dcur.execute(
-                "INSERT INTO migrator.batch_ledger (shard_id, batch_no, last_key, rows, digest) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (sid, batch_no, keys[-1], json.dumps(rows), digest),
+                sql.SQL(
+                    "INSERT INTO migrator.batch_ledger (shard_id, batch_no, last_key, rows, digest) "
+                    "VALUES ({}, {}, {}, {}, {}); COMMIT"
+                )
+                .format(*map(sql.Literal, (sid, batch_no, keys[-1], json.dumps(rows), digest)))
+                .as_string(dst)
             )
-        dst.commit()
         src.rollback()
         took = max(time.monotonic() - t0, 1e-6)
         n = sum(rows.values())
