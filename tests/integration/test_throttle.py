@@ -187,11 +187,20 @@ def test_the_copy_waits_while_a_standby_replays_behind(world: World, tmp_path):
             time.sleep(0.2)
 
         def resume():
+            # 3 s after the copy has begun (its shard copying), not after the command started:
+            # a slow start of the command on a loaded machine does not use up the lag
+            until = time.monotonic() + 60
+            while (
+                time.monotonic() < until
+                and not world.ctl("SELECT count(*) FROM migrator.shard WHERE region = 'ie' AND state = 'copying'")[0][0]
+            ):
+                time.sleep(0.05)
+            time.sleep(3.0)
             with psycopg.connect(standby.dsn("app"), autocommit=True) as c:
                 c.execute("SELECT pg_wal_replay_resume()")
 
         t0 = time.monotonic()
-        timer = threading.Timer(3.0, resume)
+        timer = threading.Thread(target=resume)
         timer.start()
         res = world.migrator("copy", "--region", "ie")
         timer.join()
