@@ -35,9 +35,7 @@ class Flip:
         `seconds` inside the transaction (a lost host, a cut link): the flip is rolled back
         and its locks go, and `recover` resolves the shard. Set as the fence window opens;
         before it the flip may wait on a long compare."""
-        self.conn.execute(
-            "SELECT set_config('idle_in_transaction_session_timeout', %s, true)", (f"{int(seconds * 1000)}ms",)
-        )
+        silent_at_most(self.conn, seconds)
 
     def finish(self, detail: dict) -> None:
         """The shard's move to cut_over, in the flip's transaction (committed by the caller's block)."""
@@ -49,6 +47,11 @@ class Flip:
             {"event": "cutover", "users": self.users, "to": self.region, "digest": self.digest, **detail},
             digest=self.digest,
         )
+
+
+def silent_at_most(conn: Conn, seconds: float) -> None:
+    """The server ends this transaction's session once it is idle in it for `seconds`."""
+    conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, true)", (f"{int(seconds * 1000)}ms",))
 
 
 @contextlib.contextmanager
@@ -94,11 +97,7 @@ def flip_back(ctx: Context, sid: str, state: State, region: str, detail: dict) -
     when it was cut over, in one control transaction; the number flipped back."""
     ctl = ctx.control
     with ctl.connect() as c:
-        # a worker lost inside this transaction holds its locks this long at most
-        c.execute(
-            "SELECT set_config('idle_in_transaction_session_timeout', %s, true)",
-            (f"{int(ctx.spec.changes.dead_session_s * 1000)}ms",),
-        )
+        silent_at_most(c, ctx.spec.changes.dead_session_s)  # a lost worker holds its locks this long at most
         flipped = move_homes(c, sid, region, ctx.spec.source_region) if state == State.CUT_OVER else 0
         ctl.transition(c, sid, state, State.ROLLING_BACK, {**detail, "directory_flipped_back": flipped})
     return flipped

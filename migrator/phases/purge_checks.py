@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from psycopg import sql
 
@@ -210,7 +210,7 @@ def next_due(ctx: Context) -> tuple[str, datetime] | None:
         return None
     after = settings(ctx).after_s
     waiting = [
-        (s.name if s.wave == "default" else s.shard_id, datetime.fromtimestamp(s.state_since.timestamp() + after, UTC))
+        (s.name if s.wave == "default" else s.shard_id, s.state_since + timedelta(seconds=after))
         for s in ctx.control.shards(states=[State.CUT_OVER])
         if s.state_since is not None
     ]
