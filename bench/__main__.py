@@ -230,7 +230,7 @@ def bench_objects(a, src_db: str, control: str, spec: dict, runs: int) -> dict:
             t0 = time.perf_counter()
             for s in p.shards:
                 res = copy_objects.copy_batches(
-                    ctx, s.shard_id, s.region, ctx.control.batch_keys(s.shard_id, ctx.sort_keys)
+                    ctx, s.shard_id, s.region, ctx.spec.source_region, ctx.control.batch_keys(s.shard_id, ctx.sort_keys)
                 )
                 assert res.copied > 0
             tool.append(time.perf_counter() - t0)

@@ -8,6 +8,8 @@ import hmac
 import ipaddress
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import psycopg
 
 from tests.conftest import ROOT, World
 
@@ -192,3 +196,94 @@ def inet_pseudonym(key: bytes, text: str | None) -> str | None:
     if addr.version == 4:
         return str(ipaddress.IPv4Address((240 << 24) | (mac & ((1 << 28) - 1))))
     return str(ipaddress.IPv6Address((0x20010DB8 << 96) | (mac & ((1 << 96) - 1))))
+
+
+def writable(world: World, region: str, uid: int) -> bool:
+    """Whether `region` takes the user's writes: an UPDATE of their row where it is, else an
+    INSERT of it (rolled back), which a region that holds no row of theirs can only refuse
+    by its guard."""
+    with psycopg.connect(world.dsn[region]) as c:
+        try:
+            if not c.execute("UPDATE users SET display_name = display_name WHERE user_id = %s", (uid,)).rowcount:
+                c.execute("INSERT INTO users (user_id, email, created_at) VALUES (%s, 'x@example.test', now())", (uid,))
+            return True
+        except psycopg.Error as e:
+            assert e.sqlstate == "RMF01", e.sqlstate
+            return False
+        finally:
+            c.rollback()
+
+
+def probe(conn: psycopg.Connection, uid: int) -> str:
+    """'ok' if the user's row takes a write here, 'fenced' if the database refuses it,
+    'absent' if there is no row; the write is rolled back either way."""
+    try:
+        with conn.transaction(force_rollback=True):
+            n = conn.execute("UPDATE users SET display_name = display_name WHERE user_id = %s", (uid,)).rowcount
+        return "ok" if n else "absent"
+    except psycopg.Error as e:
+        if e.sqlstate == "RMF01":
+            return "fenced"
+        raise
+
+
+def homes_of(w: World, wave: str, region: str) -> dict[int, str]:
+    """The homes of the users of the wave's shards bound for `region`."""
+    return {
+        int(k): h
+        for k, h in w.ctl(
+            "SELECT d.user_key, d.home FROM migrator.directory d JOIN migrator.shard_user su USING (user_key) "
+            "JOIN migrator.shard s USING (shard_id) WHERE s.wave = %s AND s.region = %s",
+            (wave, region),
+        )
+    }
+
+
+def settles(w: World, wave: str, pair: tuple[str, str], killed_at: float, rollback: bool, worst_s: float) -> float:
+    """Seconds after a kill until every user of the wave's shards moving between `pair`
+    (origin, destination) writes at its home; asserts on every look that no home the
+    directory does not name takes a write, and that it settles within `worst_s`."""
+    origin, dest = pair
+    conns = {r: psycopg.connect(w.dsn[r], autocommit=True) for r in pair}
+    try:
+        while True:
+            homes = homes_of(w, wave, dest)
+            assert homes
+            stuck = []
+            for uid, home in homes.items():
+                away = dest if home == origin else origin
+                if away == origin or rollback:  # before a first cutover the destination is not fenced
+                    # A home moves one way within a trial, so a home read again after the probe
+                    # that is still the same was the home when the probe wrote.
+                    if probe(conns[away], uid) == "ok":
+                        assert homes_of(w, wave, dest)[uid] != home, f"user {uid} homed {home} took a write at {away}"
+                if probe(conns[home], uid) != "ok":
+                    stuck.append(uid)
+            took = time.monotonic() - killed_at
+            if not stuck:
+                return took
+            assert took < worst_s, f"{len(stuck)} user(s) could not write at their home {took:.1f} s after the kill"
+            time.sleep(0.1)
+    finally:
+        for c in conns.values():
+            c.close()
+
+
+def killed(w: World, rnd: random.Random, args: list[str], points: list[str]) -> subprocess.Popen:
+    """Start the command and SIGKILL it: at a random instant, or while paused at a point."""
+    point = rnd.choice(points) if rnd.random() < 0.5 else None
+    env = {"MIGRATOR_PAUSE_AT": point, "MIGRATOR_PAUSE_S": "30"} if point else {}
+    proc = start(w, *args, env=env)
+    if point:
+        t0 = time.monotonic()
+        while not reached(w, point):
+            if proc.poll() is not None or time.monotonic() - t0 > 60:
+                break  # ended before the point (e.g. nothing to do): the kill below is a no-op
+            time.sleep(0.02)
+        with psycopg.connect(w.control) as c:  # the next trial waits for its own pause
+            c.execute("DELETE FROM migrator.audit WHERE detail->>'event' = %s", (f"paused at {point}",))
+    else:
+        time.sleep(rnd.uniform(0.2, 3.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc

@@ -61,7 +61,7 @@ def retries() -> dict[str, Any]:
 
 SPECS_ENV = "MIGRATOR_SPECS"  # the specs a run may choose: "name=path;name=path"
 REGION = "^[a-z][a-z0-9_]*$"
-SHARD = "^([^/]+/)?[a-z][a-z0-9_]*-[0-9]+$"  # ie-03, or wave/ie-03
+SHARD = "^([^/]+/)?([a-z][a-z0-9_]*-)?[a-z][a-z0-9_]*-[0-9]+$"  # ie-03, ie-no-01 (a move again), or wave/ie-03
 
 
 def configured_specs() -> dict[str, str]:

@@ -116,13 +116,14 @@ def plan(
 
 
 def plan_table(wave: str, shards: list[dict[str, Any]], dry_run: bool) -> str:
-    """The plan as a plain-text table: shard, region, users, batches, rows per table, bytes."""
+    """The plan as a plain-text table: shard, move (from→to), users, batches, rows per table,
+    bytes; then the users moving per pair."""
     tables = sorted({t for s in shards for t in s["rows"]})
-    head = ["shard", "region", "users", "batches", *tables, "approx MB"]
+    head = ["shard", "move", "users", "batches", *tables, "approx MB"]
     rows = [
         [
             s["name"],
-            s["region"],
+            f"{s['from']}→{s['region']}" if s.get("from") else s["region"],
             str(s["users"]),
             str(s["batches"]),
             *(("" if t not in s["rows"] else f"{s['rows'][t]}{'' if s['rows_exact'] else '~'}") for t in tables),
@@ -145,6 +146,12 @@ def plan_table(wave: str, shards: list[dict[str, Any]], dry_run: bool) -> str:
     lines += [
         "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]
     ]
+    pairs: dict[str, int] = {}
+    for s in shards:
+        pair = f"{s.get('from') or '?'}→{s['region']}"
+        pairs[pair] = pairs.get(pair, 0) + s["users"]
+    if pairs:
+        lines.append("moves: " + ", ".join(f"{k} {v} user(s)" for k, v in sorted(pairs.items())))
     return "\n".join(lines)
 
 
@@ -240,7 +247,8 @@ def approval_summary(spec: Spec, shard_id: str) -> str:
     last = shard.last_verify or {}
     rows = last.get("rows") or {}
     lines = [
-        f"**Shard {shard.name}** ({shard_id}): {shard.users} users to **{shard.region}**, state `{shard.state.value}`.",
+        f"**Shard {shard.name}** ({shard_id}): {shard.users} users from **{ctx.origin(shard)}** to "
+        f"**{shard.region}**, state `{shard.state.value}`.",
         "",
         f"Last verify: {'matched' if last.get('matched') else 'NOT matched'}, digest `{last.get('digest') or '-'}`.",
         "",
@@ -292,7 +300,9 @@ def verdict(spec: Spec, ids: list[str] | None) -> dict[str, Any]:
         raise MigratorError("the plan task did not finish, so no shard was moved; its log says why")
     shards = _recorded(spec, ids)
     if shards:  # every shard's state, in the report task's log, whatever the verdict
-        rows = [f"{s.name:<10} {s.region:<6} {s.state.value:<12} {s.users:>7} users" for s in shards]
+        rows = [
+            f"{s.name:<10} {s.origin or '':>4}→{s.region:<6} {s.state.value:<12} {s.users:>7} users" for s in shards
+        ]
         log.info("%d shard(s):\n%s", len(rows), "\n".join(rows))
     return {"shards": len(ids), "cut_over": _all_in(ids, shards, MOVED, "did not cut over")}
 
@@ -353,7 +363,7 @@ def audit_check(spec: Spec, run_id: str, since: datetime | None = None) -> dict[
     kept = keep_reports(doc, spec, run_id)
     if not doc["ok"]:
         named = "; ".join(
-            f["kind"] + "".join(f" {k} {f[k]}" for k in ("region", "table", "column", "seq") if k in f)
+            f["kind"] + "".join(f" {k} {f[k]}" for k in ("region", "to", "table", "column", "seq") if k in f)
             for f in doc["findings"][:20]
         )
         raise MigratorError(f"the audit found {len(doc['findings'])} problem(s): {named}")

@@ -85,7 +85,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
     waves: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         sid = r["shard_id"]
-        row = {**r, "pair": f"{src}→{r['region']}", "fence_ms": fences.get(sid)}
+        row = {**r, "pair": f"{r.get('from') or src}→{r['region']}", "fence_ms": fences.get(sid)}
         n, first, last = pace.get(sid, (0, None, None))
         left = r["batches"] - r["batches_done"]
         if r["state"] == "copying" and n >= 2 and left > 0 and first and last:

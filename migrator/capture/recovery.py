@@ -6,7 +6,9 @@ A cutover decides to cut over when it makes the source fence permanent (`hold_fe
 one row in the source's own transaction), after the last comparison inside the fence and
 before the directory flip commits. A rollback of a cut-over shard decides when it holds
 the destination's fence, after carrying the writes back and before the flip back commits.
-So the decision is always recorded on the side that refuses the users' writes:
+So the decision is always recorded on the side that refuses the users' writes. (The
+source here is the shard's origin: the source region for a first move, the home the users
+leave when they move again.)
 
 * before it, everything undoes itself: a fence that is up but not held expires at the end
   of its window, and the open flip dies with its connection;
@@ -76,7 +78,7 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
     if not ctx.spec.changes.capture:
         return []
     sid, ctl = shard.shard_id, ctx.control
-    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
+    src, dst = ctx.origin_dsn(shard), ctx.dsn(shard.region)
     done: list[str] = []
     state = shard.state
     s = capture.fences(src, sid).get(sid)
@@ -110,6 +112,7 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
                 sid,
                 State.CUT_OVER,
                 shard.region,
+                ctx.origin(shard),
                 {"event": "rollback started", "reason": reason, "completed_by": "recovery"},
             )
             capture.lift(src, sid)  # homed at the source again: they write there
@@ -133,11 +136,16 @@ def unfinished(ctx: Context, shards: list[Shard] | None = None) -> list[Unfinish
         )
     if not shards:
         return []
-    try:
-        src = capture.fences(ctx.source_dsn)
-    except Exception as exc:
-        log.warning("recovery: the source region %s cannot be read: %s", ctx.spec.source_region, describe(exc))
-        return []
+    # each shard's fence at its origin (the source region, or the home a move again left)
+    src: dict[str, str] = {}
+    for origin in sorted({ctx.origin(s) for s in shards}):
+        try:
+            fenced = capture.fences(ctx.dsn(origin))
+        except Exception as exc:
+            log.warning("recovery: region %s cannot be read: %s", origin, describe(exc))
+            shards = [s for s in shards if ctx.origin(s) != origin]
+            continue
+        src.update((s.shard_id, fenced[s.shard_id]) for s in shards if ctx.origin(s) == origin and s.shard_id in fenced)
     dst: dict[str, dict[str, str]] = {}
     for region in sorted({s.region for s in shards if s.state == State.CUT_OVER}):
         try:

@@ -7,7 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from migrator.control.store import Control
+from migrator.control.store import Control, Shard
 from migrator.errors import SchemaMismatch, SpecError, describe
 from migrator.spec import EntityGraph, Spec
 from migrator.stores import catalog, is_transient
@@ -46,6 +46,14 @@ class Context:
     @property
     def source_dsn(self) -> str:
         return self.dsn(self.spec.source_region)
+
+    def origin(self, shard: Shard) -> str:
+        """The region a shard's users move from: their home until it cuts over, and after
+        its rollback (the source region for a first move, their home for a move again)."""
+        return shard.origin or self.spec.source_region
+
+    def origin_dsn(self, shard: Shard) -> str:
+        return self.dsn(self.origin(shard))
 
     @property
     def tables(self) -> dict[str, Table]:

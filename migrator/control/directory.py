@@ -58,8 +58,8 @@ def silent_at_most(conn: Conn, seconds: float) -> None:
 def prepared_flip(ctx: Context, sid: str) -> Iterator[Flip]:
     """Flip the shard's users' homes to its region in a transaction that commits when the
     block ends without error (after `finish`) and is rolled back otherwise. The shard's row
-    is locked throughout: only a verified shard whose users are all still at the source is
-    flipped."""
+    is locked throughout: only a verified shard whose users are all still homed at its
+    origin is flipped."""
     ctl = ctx.control
     with ctl.connect() as c:
         # One open flip at a time: each is left out of its own fence's wait for earlier
@@ -68,19 +68,19 @@ def prepared_flip(ctx: Context, sid: str) -> Iterator[Flip]:
         c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:flip'))")
         row = c.execute(
             # NO KEY UPDATE: rows that refer to the shard (catch-up positions) can still be written
-            f"SELECT state, digest, region, users FROM {SCHEMA}.shard WHERE shard_id = %s FOR NO KEY UPDATE",
-            (sid,),
+            f"SELECT state, digest, region, users, coalesce(origin, %s) FROM {SCHEMA}.shard "
+            "WHERE shard_id = %s FOR NO KEY UPDATE",
+            (ctx.spec.source_region, sid),
         ).fetchone()
         if row is None:
             raise StateConflict(f"shard {sid} does not exist")
-        state, digest, region, users = row
+        state, digest, region, users, origin = row
         if state != State.VERIFIED.value or not digest:
             raise StateConflict(f"shard {sid} is {state}; only a verified shard can be cut over")
-        flipped = move_homes(c, sid, ctx.spec.source_region, region)
+        flipped = move_homes(c, sid, origin, region)
         if flipped != users:
             raise StateConflict(
-                f"shard {sid}: {users - flipped} of its {users} users are no longer homed at "
-                f"{ctx.spec.source_region}; cutover refused"
+                f"shard {sid}: {users - flipped} of its {users} users are no longer homed at {origin}; cutover refused"
             )
         yield Flip(ctx, c, sid, region, digest, users, flipped)
 
@@ -92,12 +92,12 @@ def flip(ctx: Context, sid: str, detail: dict) -> int:
     return f.flipped
 
 
-def flip_back(ctx: Context, sid: str, state: State, region: str, detail: dict) -> int:
-    """A rollback's move to rolling_back, with the shard's users homed at the source again
+def flip_back(ctx: Context, sid: str, state: State, region: str, origin: str, detail: dict) -> int:
+    """A rollback's move to rolling_back, with the shard's users homed at its origin again
     when it was cut over, in one control transaction; the number flipped back."""
     ctl = ctx.control
     with ctl.connect() as c:
         silent_at_most(c, ctx.spec.changes.dead_session_s)  # a lost worker holds its locks this long at most
-        flipped = move_homes(c, sid, region, ctx.spec.source_region) if state == State.CUT_OVER else 0
+        flipped = move_homes(c, sid, region, origin) if state == State.CUT_OVER else 0
         ctl.transition(c, sid, state, State.ROLLING_BACK, {**detail, "directory_flipped_back": flipped})
     return flipped

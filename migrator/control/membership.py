@@ -133,6 +133,24 @@ class Membership:
                 )
             ]
 
+    @ridden_out
+    def moved_on(self, sid: str) -> list[str]:
+        """Shards planned after this one that took some of its users on from where it moved
+        them, whatever became of them: from their capture's start the users' writes there
+        were logged for the later shard, so this one cannot carry them back."""
+        with self.connect(autocommit=True) as c:
+            return [
+                r[0]
+                for r in c.execute(
+                    f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
+                    "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
+                    f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
+                    f"JOIN {SCHEMA}.shard me ON me.shard_id = su.shard_id "
+                    "WHERE su.shard_id = %s AND s.created_at > me.created_at ORDER BY 1",
+                    (sid,),
+                )
+            ]
+
     # --- membership and checkpoints ---------------------------------------------------
     def batch_keys(self, sid: str, sort: Callable[[list[str]], list[str]] = sorted) -> ShardBatches:
         """The shard's batches by number; each batch's keys are read when asked for."""

@@ -41,6 +41,9 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 # The users are homed at the destination: the source fence stays held in these states.
 MOVED = frozenset({P.CUT_OVER, P.PURGING, P.PURGED})
 
+# A move under way: its users are in no other shard until it cuts over or is rolled back.
+IN_FLIGHT = frozenset({P.PLANNED, P.COPYING, P.COPIED, P.VERIFIED, P.FAILED, P.ROLLING_BACK})
+
 
 def allowed(src: State, dst: State) -> bool:
     return dst in TRANSITIONS[src]

@@ -54,6 +54,7 @@ class Shard:
     last_verify: dict | None = None  # its last verify's outcome (matched, digest, rows, differences)
     approval: dict | None = None  # the answer to its cutover since that verify, with the run's id
     frozen: dict | None = None  # its source copy as the cutover left it (digest, per table rows and digest)
+    origin: str | None = None  # the region its users move from; None: the spec's source region
 
     @property
     def finalized(self) -> bool:
@@ -80,6 +81,7 @@ class Shard:
             r.get("last_verify"),
             r.get("approval"),
             r.get("frozen"),
+            r.get("origin"),
         )
 
 

@@ -9,7 +9,9 @@ the source copy's digest uses a temporary table, which PUBLIC may create by defa
 * residency itself, for every user the directory knows: rows at their home only. At a
   destination, a row of a user not homed there is a stray row, unless the user's shard
   is in flight there (copying to verified, failed or rolling back: reported as in flight);
-  every user homed there has their row. At the source, a cut-over shard's copy is kept
+  every user homed there has their row; a user homed there whose residency (read there,
+  where they write it) the policy now sends elsewhere is a finding until a run re-homes
+  them. At the source, a cut-over shard's copy is kept
   for the retention and must be exactly what the cutover froze; any other row of a user
   homed elsewhere is a stray row; and each purged shard's rows are checked against its
   own receipts (the policy that purge applied, whatever the spec says now): none back in
@@ -30,7 +32,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from migrator.control.context import Context
-from migrator.control.state import MOVED, State
+from migrator.control.state import IN_FLIGHT, MOVED, State
 from migrator.control.store import SCHEMA
 from migrator.evidence import chain, pseudonym
 from migrator.evidence import manifest as evidence
@@ -38,7 +40,6 @@ from migrator.shard.digest import ColumnsGone, CopyDigest, digest_copy
 from migrator.stores import catalog, sqlgen
 from migrator.stores.postgres import Conn, connect
 
-IN_FLIGHT = frozenset({State.PLANNED, State.COPYING, State.COPIED, State.VERIFIED, State.FAILED, State.ROLLING_BACK})
 RETAINED = frozenset({State.CUT_OVER, State.PURGING})  # the source copy kept until its purge
 
 
@@ -62,7 +63,7 @@ def _owners(c: Conn, ctx: Context, table: str) -> Counter[str]:
 class _Control:
     """What the audit reads from the control database, once."""
 
-    def __init__(self, c: Conn, since: datetime | None):
+    def __init__(self, c: Conn, since: datetime | None, source: str):
         self.homes: dict[str, set[str]] = {}
         for key, home in c.execute(f"SELECT user_key, home FROM {SCHEMA}.directory"):
             self.homes.setdefault(home, set()).add(key)
@@ -70,6 +71,16 @@ class _Control:
             sid: (State(state), region, frozen)
             for sid, state, region, frozen in c.execute(f"SELECT shard_id, state, region, frozen FROM {SCHEMA}.shard")
         }
+        has_origin = c.execute(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = 'shard' AND column_name = 'origin')",
+            (SCHEMA,),
+        ).fetchone()[0]
+        self.origins: dict[str, str] = dict.fromkeys(self.shards, source)  # where each shard's users move from
+        if has_origin:
+            self.origins.update(
+                c.execute(f"SELECT shard_id, origin FROM {SCHEMA}.shard WHERE origin IS NOT NULL").fetchall()
+            )
         self.users: dict[str, set[str]] = {}
         self.members: dict[str, dict[int, list[str]]] = {}
         for sid, key, b in c.execute(f"SELECT shard_id, user_key, batch_no FROM {SCHEMA}.shard_user"):
@@ -88,12 +99,12 @@ class _Control:
             )
         }
 
-    def of(self, states: frozenset[State], region: str | None = None) -> set[str]:
-        """The users of shards in these states (bound for `region`)."""
+    def of(self, states: frozenset[State], region: str | None = None, origin: str | None = None) -> set[str]:
+        """The users of shards in these states (bound for `region`, moving from `origin`)."""
         return {
             u
             for sid, (state, r, _) in self.shards.items()
-            if state in states and (region is None or r == region)
+            if state in states and (region is None or r == region) and (origin is None or self.origins[sid] == origin)
             for u in self.users.get(sid, ())
         }
 
@@ -130,12 +141,17 @@ def _destination(
     g = ctx.spec.entity_graph
     homed = ctl.homes.get(r, set())
     in_flight = ctl.of(IN_FLIGHT, r)
+    # users who moved on from here: their copy is kept until its purge, and what a purge
+    # keeps stays (each checked against the freeze or the receipts below)
+    left = ctl.of(RETAINED | {State.PURGED}, origin=r)
     per: dict[str, int] = {}
     flying: dict[str, int] = {}
+    rows: dict[str, Counter[str]] = {}
     for t in ctx.tables:
-        owners = set(_owners(c, ctx, t))
+        rows[t] = _owners(c, ctx, t)
+        owners = set(rows[t])
         per[t] = len(owners)
-        stray = owners - homed - in_flight
+        stray = owners - homed - in_flight - left
         if stray:
             findings.append({"kind": "stray rows at a destination", "region": r, "table": t, "users": len(stray)})
         moving = owners & (in_flight - homed)
@@ -145,21 +161,55 @@ def _destination(
             findings.append(
                 {"kind": "users homed here without their row", "region": r, "table": t, "users": len(homed - owners)}
             )
+    away = _homed_away(c, ctx, r, homed - ctl.of(IN_FLIGHT, origin=r))
+    for to, n in sorted(away.items()):
+        findings.append({"kind": "users homed outside their policy's region", "region": r, "to": to, "users": n})
     moved_here = {sid for sid, (state, region, _) in ctl.shards.items() if state in MOVED and region == r}
     members = {sid: m for sid, m in ctl.members.items() if sid in ctl.active}
+    for sid in sorted(moved_here & set(members)):
+        if not ctl.users.get(sid, set()) <= homed:  # a later move took some of its users on
+            del members[sid]
+            drift.append(
+                {
+                    "kind": "users moved on since the manifest: its digests no longer describe them",
+                    "region": r,
+                    "shard": sid,
+                }
+            )
     for batches in members.values():
         for b in batches:
             batches[b] = ctx.sort_keys(batches[b])
     n_manifests, found = evidence.check(c, ctx, r, members, moved_here, drift)
     findings += found
+    found, _ = _left_behind(c, ctx, r, ctl, rows, drift)
+    findings += found
     return {"users_homed": len(homed), "users_with_rows": per, "users_in_flight": flying, "manifests": n_manifests}
+
+
+def _homed_away(c: Conn, ctx: Context, r: str, homed: set[str]) -> Counter[str]:
+    """Users homed at `r` whose residency, read here where they write it, the policy sends
+    to another region: how many, by that region. A residency the policy does not place
+    keeps the user where they are."""
+    g = ctx.spec.entity_graph
+    q = sql.SQL("SELECT {}::text, {}::text FROM {}.{}").format(
+        sql.Identifier(g.root.key),
+        sql.Identifier(g.root.residency),
+        sql.Identifier(g.schema_),
+        sql.Identifier(g.root.table),
+    )
+    out: Counter[str] = Counter()
+    for key, residency in c.execute(q):
+        to = ctx.spec.region_of(residency)
+        if key in homed and to is not None and to != r:
+            out[to] += 1
+    return out
 
 
 def _source(ctx: Context, ctl: _Control, findings: list[dict], drift: list[dict]) -> dict[str, Any]:
     spec = ctx.spec
     src = spec.source_region
     elsewhere = {u for r, us in ctl.homes.items() if r != src for u in us}
-    retained, purged = ctl.of(RETAINED), ctl.of(frozenset({State.PURGED}))
+    retained, purged = ctl.of(RETAINED, origin=src), ctl.of(frozenset({State.PURGED}), origin=src)
     kept_rows: dict[str, Counter[str]] = {}
     with _read(ctx.source_dsn) as c:
         for t in ctx.tables:
@@ -168,42 +218,53 @@ def _source(ctx: Context, ctl: _Control, findings: list[dict], drift: list[dict]
             stray = set(owners) & (elsewhere - retained - purged)
             if stray:
                 findings.append({"kind": "stray rows at the source", "region": src, "table": t, "users": len(stray)})
-        for sid, tables in sorted(ctl.receipts.items()):
-            if ctl.shards.get(sid, (None,))[0] == State.PURGED:
-                findings += _against_receipt(c, ctx, sid, tables, ctl.users.get(sid, set()), kept_rows)
+        found, frozen_checked = _left_behind(c, ctx, src, ctl, kept_rows, drift)
+        findings += found
         side = f"source {src}"  # a table the spec forgot holds users' rows at the old home
         findings += [
             {"kind": "table left behind", "detail": why} for why in catalog.unnamed_tables(c, spec.entity_graph, side)
         ]
+    return {"users_retained": len(retained), "copies_checked_against_their_freeze": frozen_checked}
+
+
+def _left_behind(
+    c: Conn, ctx: Context, r: str, ctl: _Control, rows: dict[str, Counter[str]], drift: list[dict]
+) -> tuple[list[dict], int]:
+    """At `r`, what the shards that moved users away from it left: each purged one's rows
+    against its receipts, each cut-over one's copy against the cutover's freeze (`c` reads
+    `r`; `rows` are its owners per table). The findings, and how many copies were checked."""
+    out: list[dict] = []
+    for sid, tables in sorted(ctl.receipts.items()):
+        if ctl.shards.get(sid, (None,))[0] == State.PURGED and ctl.origins[sid] == r:
+            out += _against_receipt(c, ctx, r, sid, tables, ctl.users.get(sid, set()), rows)
     frozen_checked = 0
     for sid, (state, _, frozen) in sorted(ctl.shards.items()):
-        if state == State.CUT_OVER and frozen and sid in ctl.active:
+        if state == State.CUT_OVER and frozen and sid in ctl.active and ctl.origins[sid] == r:
             frozen_checked += 1
             then = CopyDigest.from_record(frozen)
             try:
-                changed = then.differing(digest_copy(ctx, sid, ctx.source_dsn, like=then))
+                changed = then.differing(digest_copy(ctx, sid, ctx.dsn(r), like=then))
             except ColumnsGone:
                 drift.append({"kind": "schema changed since the freeze: a column it hashed is gone", "shard": sid})
                 continue
             for t in changed:
-                findings.append(
+                out.append(
                     {
                         "kind": "the source copy changed since the cutover froze it",
-                        "region": src,
+                        "region": r,
                         "shard": sid,
                         "table": t,
                     }
                 )
-    return {"users_retained": len(retained), "copies_checked_against_their_freeze": frozen_checked}
+    return out, frozen_checked
 
 
 def _against_receipt(
-    c: Conn, ctx: Context, sid: str, tables: dict[str, Any], users: set[str], rows: dict[str, Counter[str]]
+    c: Conn, ctx: Context, r: str, sid: str, tables: dict[str, Any], users: set[str], rows: dict[str, Counter[str]]
 ) -> list[dict]:
-    """A purged shard's source rows against what its purge did, table by table."""
+    """A purged shard's rows at its origin `r` against what its purge did, table by table."""
     out: list[dict] = []
-    src = ctx.spec.source_region
-    where = {"region": src, "shard": sid}
+    where = {"region": r, "shard": sid}
     for t, done in sorted(tables.items()):
         if t not in ctx.tables:
             continue
@@ -253,8 +314,10 @@ def run(ctx: Context, since: datetime | None = None) -> dict[str, Any]:
     with _read(spec.control.url) as c:
         if not _has(c, f"{SCHEMA}.directory"):
             return {"command": "audit", "ok": True, "note": "nothing migrated yet", "findings": []}
-        ctl = _Control(c, since)
+        ctl = _Control(c, since, spec.source_region)
         timeline, waves = _timeline(c)
+        for e in timeline:
+            e["from"] = ctl.origins.get(e["shard_id"], spec.source_region)
         has_chain = c.execute(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
             "AND table_name = 'audit' AND column_name = 'seq')",

@@ -110,7 +110,7 @@ def write_html(doc: dict[str, Any], path: Path) -> Path:
             ["sealed rows", "unsealed rows", *[f"heads in {r}" for r in chain.get("heads", {})]],
         ),
         "<h2>Findings</h2>",
-        _table(doc["findings"], ["kind", "region", "shard", "table", "column", "seq", "users", "rows"])
+        _table(doc["findings"], ["kind", "region", "to", "shard", "table", "column", "seq", "users", "rows"])
         if doc["findings"]
         else "<p>none</p>",
         "<h2>Drift (changes the application or a schema change explains)</h2>",
@@ -143,17 +143,26 @@ def write_records(doc: dict[str, Any], spec: Spec, folder: Path) -> list[Path]:
         if region != spec.source_region:
             targets[region].append(code)
     # each shard's last move, in the order of the audit trail: it moved unless rolled back since
-    last: dict[str, tuple[str, str]] = {}
+    last: dict[str, tuple[str, str, str]] = {}
     for e in doc.get("timeline", []):
         if e["event"] in ("cut_over", "rolled_back", "purged"):
-            last[e["shard_id"]] = (e["event"], e["region"])
+            last[e["shard_id"]] = (e["event"], e.get("from", spec.source_region), e["region"])
     out = []
     for wave, w in sorted(doc.get("waves", {}).items()):
-        moved = {sid: r for sid, (event, r) in last.items() if sid.startswith(f"{wave}/") and event != "rolled_back"}
-        to = sorted(set(moved.values()))
+        moved = {
+            sid: (frm, r)
+            for sid, (event, frm, r) in last.items()
+            if sid.startswith(f"{wave}/") and event != "rolled_back"
+        }
+        to: dict[str, list[str]] = defaultdict(list)  # origin -> the regions it moved users to
+        for frm, r in sorted(set(moved.values())):
+            to[frm].append(r)
         transfer = (
-            f"from region {spec.source_region} to "
-            + "; ".join(f"{r} (residents of {', '.join(targets.get(r, []))})" for r in to)
+            "; ".join(
+                f"from region {frm} to "
+                + "; ".join(f"{r} (residents of {', '.join(targets.get(r, []))})" for r in regions)
+                for frm, regions in sorted(to.items(), key=lambda kv: (kv[0] != spec.source_region, kv[0]))
+            )
             if to
             else "none: no shard of this wave is moved"
         )

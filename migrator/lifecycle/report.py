@@ -54,7 +54,7 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 ).fetchone()
         lag = None
         if ctx.spec.changes.capture and s.state.value in ("copying", "copied", "verified", "failed"):
-            lag = capture.lag(ctx.source_dsn, s.shard_id, ctl.position(s.shard_id, "forward"))
+            lag = capture.lag(ctx.origin_dsn(s), s.shard_id, ctl.position(s.shard_id, "forward"))
             if lag is not None:
                 metrics.lag(s.shard_id, s.region, int(lag))
         out.append(
@@ -64,6 +64,7 @@ def shard_rows(ctx: Context, wave: str | None, names: list[str] | None = None, r
                 "wave": s.wave,
                 "name": s.name,
                 "region": s.region,
+                "from": ctx.origin(s),  # the region its users move from
                 "state": s.state.value,
                 "users": s.users,
                 "batches": s.batches,
@@ -117,6 +118,7 @@ def document(
         doc["unplaced_users"] = plan.unplaced
         doc["staying_users"] = plan.staying
         doc["already_planned"] = plan.already_planned
+        doc["moves"] = plan.moves
         doc["warnings"] = plan.warnings
     if extra:
         doc.update(extra)
@@ -155,7 +157,7 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
         t.add_row(
             *([s.get("wave", "")] if show_wave else []),
             s["name"],
-            s["region"],
+            f"{s['from']}→{s['region']}" if s.get("from") else s["region"],  # the move's pair
             f"[{style}]{state}[/]" if style else state,
             str(s.get("users", "")),
             batches,
@@ -174,6 +176,8 @@ def emit(doc: dict, as_json: bool, console: Console | None = None) -> None:
             "Users who stay (the policy keeps them in their region): "
             + ", ".join(f"{k}: {v}" for k, v in sorted(doc["staying_users"].items()))
         )
+    if doc.get("moves"):
+        console.print("Moves: " + ", ".join(f"{k}: {v} user(s)" for k, v in doc["moves"].items()))
     for w in doc.get("warnings") or []:
         console.print(f"[yellow]warning:[/] {w}")
     for s in shards:

@@ -230,6 +230,7 @@ def _copy_pending(
     ctx: Context,
     sid: str,
     region: str,
+    src_dsn: str,
     dst_dsn: str,
     batches: Mapping[int, list[str]],
     pending: list[int],
@@ -253,7 +254,7 @@ def _copy_pending(
         one,
         n,
         f"copy-{sid}",
-        setup=lambda: _Links(ctx.source_dsn, dst_dsn),
+        setup=lambda: _Links(src_dsn, dst_dsn),
         teardown=lambda links: links.reset(),
     )
 
@@ -268,12 +269,12 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     ctl = ctx.control
     shard = ctl.shard(sid)
     ctx.check_destination(shard.region)
-    dst_dsn = ctx.dsn(shard.region)
+    src_dsn, dst_dsn = ctx.origin_dsn(shard), ctx.dsn(shard.region)
     if shard.state != State.COPYING:
         ctl.move(sid, shard.state, State.COPYING, {"event": "copy started"})
     # A failure is classified (transient: resumable; terminal: failed) by `dispatch`.
     if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
-        capture.start_capture(ctx, ctx.source_dsn, sid)
+        capture.start_capture(ctx, src_dsn, sid)
     ensure_ledger(dst_dsn)
     done_at_dest = ledger(dst_dsn, sid)
     rep = replica.of(dst_dsn, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
@@ -293,7 +294,7 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     pending = [b for b in sorted(batches) if b not in done]
     _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches)
     started = time.monotonic()
-    for b, res in _copy_pending(ctx, sid, shard.region, dst_dsn, batches, pending, rep):
+    for b, res in _copy_pending(ctx, sid, shard.region, src_dsn, dst_dsn, batches, pending, rep):
         ctl.save_checkpoint(sid, b, res)
         done[b] = res
         copied_now += 1
@@ -313,13 +314,11 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
         hooks.point("copied batch", ctx, sid)
     if ctx.spec.changes.capture:
         hooks.point("catch_up", ctx, sid)
-        n = capture.catch_up(
-            ctx, sid, ctx.source_dsn, dst_dsn, "forward", pending_at_most=ctx.spec.changes.catch_up_below
-        )
+        n = capture.catch_up(ctx, sid, src_dsn, dst_dsn, "forward", pending_at_most=ctx.spec.changes.catch_up_below)
         log.info("shard %s: %d captured change(s) applied", sid, n)
     listed: dict[str, str] = {}
     if objects.enabled(ctx):
-        moved = copy_objects.copy_batches(ctx, sid, shard.region, batches)
+        moved = copy_objects.copy_batches(ctx, sid, shard.region, ctx.origin(shard), batches)
         log.info("shard %s objects: %d copied, %d already there", sid, moved.copied, moved.skipped)
         listed = moved.listed
     rows: dict[str, int] = {}

@@ -39,6 +39,7 @@ def copy_batches(
     ctx: Context,
     sid: str,
     region: str,
+    origin: str,
     batches: Mapping[int, list[str]],
     progress: Callable[[int, int], None] | None = None,
 ) -> ObjectsCopied:
@@ -53,7 +54,7 @@ def copy_batches(
     o = settings(ctx)
     with ctx.control.connect(autocommit=True) as c:
         done = {b for (b,) in c.execute(f"SELECT batch_no FROM {SCHEMA}.object_checkpoint WHERE shard_id = %s", (sid,))}
-    src, src_c, dst, dst_c = stores(ctx, region)
+    src, src_c, dst, dst_c = stores(ctx, region, origin)
     threshold, part = o.multipart_threshold_mb * 2**20, o.part_size_mb * 2**20
     totals = ObjectsCopied()
 
@@ -67,7 +68,7 @@ def copy_batches(
         totals.listed = {"source": on_src.how, "destination": on_dst.how}
 
     def prepare(b: int, pool: ThreadPoolExecutor) -> tuple[dict[str, str | None], dict[str, dict | None]]:
-        listed = source_objects(ctx, keys_of[b], src_index, src_c, by_prefix["source"])
+        listed = source_objects(ctx, keys_of[b], origin, src_index, src_c, by_prefix["source"])
         present = present_at_destination(
             ctx, dst_c, dst.bucket, keys_of[b], list(listed), pool, dst_index, by_prefix["destination"]
         )

@@ -46,7 +46,7 @@ def cutover_shard(ctx: Context, sid: str) -> int:
         raise StateConflict(f"shard {sid} is {shard.state}; only a verified shard can be cut over")
     ctx.check_unnamed_tables()  # a table added mid-move: its rows would stay behind
     with watching(ctx, sid):
-        flipped = _cutover(ctx, sid, shard.region)
+        flipped = _cutover(ctx, sid, shard.region, ctx.origin(shard))
     keep_frozen(ctx, sid)
     return flipped
 
@@ -57,7 +57,7 @@ def keep_frozen(ctx: Context, sid: str) -> CopyDigest | None:
     recheck. A failure here is logged, never raised: the shard has cut over, and its purge
     reads the copy then, the fence held since."""
     try:
-        d = digest_copy(ctx, sid, ctx.source_dsn)
+        d = digest_copy(ctx, sid, ctx.origin_dsn(ctx.control.shard(sid)))
         ctx.control.keep(sid, {"event": "source copy frozen", "digest": d.digest}, frozen=d.record())
         return d
     except Exception as exc:  # noqa: BLE001 - the move has happened
@@ -65,9 +65,9 @@ def keep_frozen(ctx: Context, sid: str) -> CopyDigest | None:
         return None
 
 
-def _cutover(ctx: Context, sid: str, region: str) -> int:
+def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
     ctl = ctx.control
-    src, dst = ctx.source_dsn, ctx.dsn(region)
+    src, dst = ctx.dsn(origin), ctx.dsn(region)
     window = ctx.spec.changes.fence_window_s
     # Lag first: fencing a shard whose backlog cannot be applied in the window would only
     # cost the users write downtime.
@@ -93,7 +93,7 @@ def _cutover(ctx: Context, sid: str, region: str) -> int:
                 hooks.point("fenced", ctx, sid)
                 capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline, ignore=ours)
                 steps.mark("catch_up")
-                diffs = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled)
+                diffs = compare_touched(ctx, sid, log_at=src, origin=src, destination=dst, after=settled)
                 if diffs:
                     raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
                 checked = sum(map(len, capture.touched_keys(src, sid, after=settled).values()))
@@ -194,7 +194,7 @@ def _compare_changed_so_far(
         # keep the flip's transaction (whose id every capture start on its server waits
         # for) open for as long as the lock lasts
         with bounded(time.monotonic() + ctx.spec.changes.lock_wait_s):
-            touched = compare_touched(ctx, sid, log_at=src, destination=dst, after=settled, upto=upto)
+            touched = compare_touched(ctx, sid, log_at=src, origin=src, destination=dst, after=settled, upto=upto)
         if touched:
             diffs = not_changed_since(touched, capture.touched(src, sid, after=upto))
             if diffs:

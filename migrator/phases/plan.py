@@ -1,13 +1,21 @@
-"""Forms a wave's shards: which users move, to which region, in which shard and batch.
+"""Forms a wave's shards: which users move, from where, to which region, in which shard
+and batch.
+
+Every plan reconciles: the source's users whose residency the policy sends to a
+destination (created in the interval, for a scheduled run), and at every other region the
+users homed there whose residency, read at their home, the policy now sends elsewhere
+(`residency`). A shard moves users between one pair of regions: `ie-02` moves users from
+the source to ie, `ie-no-02` users homed at ie to no (a move again).
 
 Membership is written to the control database once, so every later phase (and a rerun)
 works on exactly the same users and batches. A wave that already exists is not planned
 again: its shards are returned as they are.
 
-The moving users are never held here: the source streams (key, region, shard) of each
-candidate straight into a temporary table of the control database, which leaves out the
-users already moved or in a live shard, numbers the batches in key order and records the
-membership. So planning takes the same memory for a thousand users as for ten million.
+The moving users are never held here: each region read streams (key, region, shard) of
+each candidate straight into a temporary table of the control database, which leaves out
+the users not homed there, in a move under way or held, numbers the batches in key order
+and records the membership. So planning takes the same memory for a thousand users as for
+ten million.
 
 A shard's batches hold at most `copy.batch_users` users each, as evenly as they divide,
 and their number is a multiple of the lanes that copy, roll back and purge them
@@ -26,6 +34,7 @@ verified is counted exactly by those phases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,7 +51,7 @@ from migrator.control.store import SCHEMA, shard_id
 from migrator.errors import SpecError, StateConflict, describe
 from migrator.partition import shard_name
 from migrator.phases.purge_checks import check_policy
-from migrator.phases.residency import candidates, residencies
+from migrator.phases.residency import leaving_everywhere, load, residencies
 from migrator.stores import is_transient, replica, sqlgen
 from migrator.stores.postgres import Conn, connect, pipe
 
@@ -70,12 +79,18 @@ class ShardPlan:
     rows: dict[str, int] = field(default_factory=dict)  # estimated (see the module's note)
     bytes: int = 0
     sampled: int = 0  # users whose rows were counted for `rows`; equal to `users` when exact
+    origin: str = ""  # the region its users move from (the source for a first move)
+
+    @property
+    def pair(self) -> str:
+        return f"{self.origin}→{self.region}"
 
     def summary(self) -> dict:
         return {
             "shard_id": self.shard_id,
             "name": self.name,
             "region": self.region,
+            "from": self.origin,
             "users": self.users,
             "batches": self.batches,
             "rows": self.rows,
@@ -94,40 +109,24 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     staying: dict[str, int] = field(default_factory=dict)  # region -> users whose policy keeps them there
 
+    @property
+    def moves(self) -> dict[str, int]:
+        """Users moving, by from→to pair."""
+        out: dict[str, int] = {}
+        for s in self.shards:
+            out[s.pair] = out.get(s.pair, 0) + s.users
+        return dict(sorted(out.items()))
+
     def summary(self) -> dict:
         return {
             "wave": self.wave,
             "already_planned": self.already_planned,
+            "moves": self.moves,
             "shards": [s.summary() for s in self.shards],
             "unplaced_users": self.unplaced,
             "staying_users": self.staying,
             "warnings": self.warnings,
         }
-
-
-def _load(ctx: Context, c: Conn, since: datetime | None, until: datetime | None, moving: dict[str, str]) -> None:
-    """Fill the temporary table rm_plan (user_key, region, idx) with the moving users not
-    already moved or in a live shard of some wave."""
-    c.execute(
-        "CREATE TEMP TABLE rm_plan (user_key text NOT NULL, region text NOT NULL, idx int NOT NULL) ON COMMIT DROP"
-    )
-    if moving:
-        q, args = candidates(ctx, since, until, moving)
-        with connect(ctx.source_dsn) as src:
-            pipe(src, q, args, c, "COPY rm_plan (user_key, region, idx) FROM STDIN")
-    c.execute("ANALYZE rm_plan")
-    if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.shard_user",)).fetchone()[0]:
-        c.execute(
-            f"DELETE FROM rm_plan p USING {SCHEMA}.directory d WHERE d.user_key = p.user_key AND d.home <> %s",
-            (ctx.spec.source_region,),
-        )
-        c.execute(
-            f"DELETE FROM rm_plan p USING {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s USING (shard_id) "
-            "WHERE su.user_key = p.user_key AND s.state <> %s",
-            (State.ROLLED_BACK.value,),
-        )
-    if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.held_users",)).fetchone()[0]:
-        c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.held_users h WHERE h.user_key = p.user_key")
 
 
 def _measure(ctx: Context, m: Conn, shards: dict[int, ShardPlan]) -> None:
@@ -145,6 +144,11 @@ def _measure(ctx: Context, m: Conn, shards: dict[int, ShardPlan]) -> None:
     for s in shards.values():
         for name in ctx.tables:
             s.rows.setdefault(name, 0)
+
+
+def _measure_all(ctx: Context, readers: list[Conn], shards: dict[int, ShardPlan]) -> None:
+    for m in readers:
+        _measure(ctx, m, shards)
 
 
 def _same_graph(ctx: Context, done: Plan) -> None:
@@ -181,6 +185,7 @@ def _existing(ctx: Context, wave: str, regions: list[str] | None) -> Plan | None
                 s.plan.get("rows", {}),
                 s.plan.get("approx_bytes", 0),
                 s.plan.get("rows_sampled_users", s.users),
+                ctx.origin(s),
             )
             for s in found
             if not regions or s.region in regions
@@ -236,8 +241,10 @@ def plan(
         raise SpecError("indexes missing (strict): " + "; ".join(missing))
     warnings += missing + ctx.lookalike_warnings()
     unplaced, staying, moving = residencies(ctx, since, until)
+    again = leaving_everywhere(ctx, warnings)
     if only_regions and regions:
         moving = {value: r for value, r in moving.items() if r in regions}
+        again = {home: {v: r for v, r in values.items() if r in regions} for home, values in again.items()}
     if (done := _existing(ctx, wave, regions)) is not None:
         _same_graph(ctx, done)
         done.warnings, done.unplaced, done.staying = warnings, unplaced, staying
@@ -246,7 +253,6 @@ def plan(
     ctl = ctx.control
     if not dry_run:
         ctl.ensure()
-    n = spec.sharding.shards_per_region
     size = spec.copy_.batch_users
     with ctl.connect() as c:
         if not dry_run:
@@ -258,41 +264,70 @@ def plan(
                     raise StateConflict(f"wave {wave}: another planner's plan vanished; plan again")
                 won.warnings = warnings
                 return won
-        _load(ctx, c, since, until, moving)
-        shards: dict[int, ShardPlan] = {}  # by number: region's place among the targets * n + index
-        for region, idx, users in c.execute("SELECT region, idx, count(*) FROM rm_plan GROUP BY 1, 2 ORDER BY 1, 2"):
-            name = shard_name(region, idx)
-            shards[targets.index(region) * n + idx] = ShardPlan(
-                shard_id(wave, name), wave, name, region, idx, users, batch_count(users, size, spec.copy_.lanes)
+        back = load(ctx, c, since, until, moving, again)
+        for r, count in sorted(back.items()):
+            warnings.append(
+                f"{count} user(s) belong in {r} again, where an earlier move of theirs left their copy and its "
+                f"fence; they stay at their home: a move back to a region a user left is not planned by this version"
+            )
+            log.warning(warnings[-1])
+        src = spec.source_region
+        shards: dict[int, ShardPlan] = {}  # numbered in (first moves first, origin, region, index) order
+        for origin, region, idx, users in c.execute(
+            "SELECT origin, region, idx, count(*) FROM rm_plan GROUP BY 1, 2, 3 ORDER BY origin <> %s, 1, 2, 3", (src,)
+        ):
+            # a move again names its origin too: ie-no-02 moves users homed at ie to no
+            name = shard_name(region if origin == src else f"{origin}-{region}", idx)
+            shards[len(shards)] = ShardPlan(
+                shard_id(wave, name),
+                wave,
+                name,
+                region,
+                idx,
+                users,
+                batch_count(users, size, spec.copy_.lanes),
+                origin=origin,
             )
         result = Plan(wave, list(shards.values()), unplaced, warnings=warnings, staying=staying)
-        # Measuring reads the source; recording writes the control database: both at once.
-        with connect(ctx.source_dsn, keyed=True) as m:
-            m.execute(
-                sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(
-                    sql.SQL(ctx.key_type)
-                )
-            )
-            pipe(
-                c,
-                "COPY (SELECT user_key, b FROM (SELECT user_key, "
-                "(array_position(%s::text[], region) - 1) * %s + idx AS b, "
-                "row_number() OVER (PARTITION BY region, idx ORDER BY hashtext(user_key)) AS r FROM rm_plan) s "
-                "WHERE r <= %s) TO STDOUT",
-                (targets, n, MEASURE_SAMPLE),
-                m,
-                "COPY rm_keys (k, b) FROM STDIN",
-            )
+        # Measuring reads each origin; recording writes the control database: both at once.
+        with contextlib.ExitStack() as stack:
+            readers = [
+                _sample(ctx, c, stack.enter_context(connect(ctx.dsn(o), keyed=True)), shards, o)
+                for o in sorted({s.origin for s in shards.values()})
+            ]
             with ThreadPoolExecutor(max_workers=1) as pool:
-                measured = pool.submit(_measure, ctx, m, shards)
+                measured = pool.submit(_measure_all, ctx, readers, shards)
                 if dry_run:
                     measured.result()
                     c.rollback()
                 else:
                     _record(ctx, c, result, measured)
-            m.rollback()
+            for m in readers:
+                m.rollback()
     result.shards = [s for s in result.shards if not regions or s.region in regions]
     return result
+
+
+def _sample(ctx: Context, c: Conn, m: Conn, shards: dict[int, ShardPlan], origin: str) -> Conn:
+    """Into rm_keys at `m` (the origin's server): a fixed sample of each of the origin's
+    shards' users (MEASURE_SAMPLE, by a hash of the key) with the shard's number."""
+    mine = {b: s for b, s in shards.items() if s.origin == origin}
+    m.execute(
+        sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL) ON COMMIT DROP").format(
+            sql.SQL(ctx.key_type)
+        )
+    )
+    pipe(
+        c,
+        "COPY (SELECT user_key, m.b FROM (SELECT user_key, origin, region, idx, "
+        "row_number() OVER (PARTITION BY origin, region, idx ORDER BY hashtext(user_key)) AS r FROM rm_plan) s "
+        "JOIN unnest(%s::text[], %s::int[], %s::int[]) AS m(region, idx, b) USING (region, idx) "
+        "WHERE s.origin = %s AND r <= %s) TO STDOUT",
+        ([s.region for s in mine.values()], [s.idx for s in mine.values()], list(mine), origin, MEASURE_SAMPLE),
+        m,
+        "COPY rm_keys (k, b) FROM STDIN",
+    )
+    return m
 
 
 def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
@@ -301,9 +336,9 @@ def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
     ctl = ctx.control
     for s in p.shards:
         c.execute(
-            f"INSERT INTO {SCHEMA}.shard (shard_id, wave, name, region, idx, state, users, batches, plan) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, '{}')",
-            (s.shard_id, s.wave, s.name, s.region, s.idx, State.PLANNED.value, s.users, s.batches),
+            f"INSERT INTO {SCHEMA}.shard (shard_id, wave, name, region, idx, state, users, batches, plan, origin) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, '{}', %s)",
+            (s.shard_id, s.wave, s.name, s.region, s.idx, State.PLANNED.value, s.users, s.batches, s.origin),
         )
     order = sql.SQL("p.user_key::numeric" if ctx.key_type in INTEGER_TYPES else 'p.user_key COLLATE "C"')
     # Every membership row names a shard inserted just above: its foreign key's per-row
@@ -316,14 +351,15 @@ def _record(ctx: Context, c: Conn, p: Plan, measured: Future) -> None:
             f"INSERT INTO {SCHEMA}.shard_user (shard_id, user_key, batch_no) "
             # the shard's users in key order, cut into its batches as evenly as they go
             "SELECT m.shard_id, p.user_key, "
-            "((row_number() OVER (PARTITION BY p.region, p.idx ORDER BY {}) - 1) * m.batches "
-            "/ count(*) OVER (PARTITION BY p.region, p.idx))::int "
-            "FROM rm_plan p JOIN unnest(%s::int[], %s::text[], %s::int[], %s::text[]) "
-            "AS m(batches, region, idx, shard_id) "
-            "USING (region, idx)"
+            "((row_number() OVER (PARTITION BY p.origin, p.region, p.idx ORDER BY {}) - 1) * m.batches "
+            "/ count(*) OVER (PARTITION BY p.origin, p.region, p.idx))::int "
+            "FROM rm_plan p JOIN unnest(%s::int[], %s::text[], %s::text[], %s::int[], %s::text[]) "
+            "AS m(batches, origin, region, idx, shard_id) "
+            "USING (origin, region, idx)"
         ).format(order),
         (
             [s.batches for s in p.shards],
+            [s.origin for s in p.shards],
             [s.region for s in p.shards],
             [s.idx for s in p.shards],
             [s.shard_id for s in p.shards],

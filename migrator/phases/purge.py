@@ -149,7 +149,7 @@ def _plan_only(ctx: Context, sid: str) -> tuple[dict[str, dict[str, Any]], int]:
     """What a purge would delete and pseudonymise, per table, without writing anything."""
     p = settings(ctx)
     totals: dict[str, dict[str, Any]] = {}
-    with connect(ctx.source_dsn, autocommit=True) as c:
+    with connect(ctx.origin_dsn(ctx.control.shard(sid)), autocommit=True) as c:
         for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
             for table in _order(ctx):
                 n = count_rows(c, ctx, table, keys)
@@ -177,17 +177,18 @@ def _purge_batch(
     ctx: Context,
     sid: str,
     region: str,
+    origin: str,
     b: int,
     keys: list[str],
     manifest: list[tuple[str, int, str]],
     key: bytes | None,
     rep: replica.Replica,
 ) -> dict[str, Any]:
-    """The batch's source objects, then its rows and receipt in one source transaction."""
-    deleted_keys, gone_there = purge_objects.purge_batch(ctx, sid, region, manifest) if manifest else ([], 0)
+    """The batch's objects at its origin, then its rows and receipt in one transaction there."""
+    deleted_keys, gone_there = purge_objects.purge_batch(ctx, sid, region, origin, manifest) if manifest else ([], 0)
     if gone_there:
         log.warning("shard %s batch %d: %d object(s) purged that %s no longer holds", sid, b, gone_there, region)
-    with connect(ctx.source_dsn) as c:
+    with connect(ctx.dsn(origin)) as c:
         # one snapshot for the batch: the values keyed are exactly those its UPDATEs replace
         # (the fence already keeps the users' rows still; a conflict would be a retried
         # serialization failure, never a value replaced by NULL)
@@ -212,13 +213,13 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> Pur
     """Purge one cut-over (or partly purged) shard; the caller holds its lock."""
     ctl = ctx.control
     shard = ctl.shard(sid)
-    src = ctx.source_dsn
+    src = ctx.origin_dsn(shard)
     if shard.state == State.CUT_OVER:
         checked = preconditions(ctx, sid)
         ctl.move(sid, State.CUT_OVER, State.PURGING, {"event": "purge started", **checked.record()})
     key = key_of(ctx, shard.region)
     history.ensure(src, history.CAPTURE)
-    rep = replica.of(src, ctx.spec.entity_graph, f"source {ctx.spec.source_region}", ctx.spec.copy_.skip_edge_checks)
+    rep = replica.of(src, ctx.spec.entity_graph, f"source {ctx.origin(shard)}", ctx.spec.copy_.skip_edge_checks)
     with connect(src, autocommit=True) as c:
         done = {
             b: r
@@ -231,7 +232,7 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> Pur
     pending = [b for b in sorted(batches) if b not in done]
 
     def one(_: None, b: int) -> dict[str, Any]:
-        receipt = _purge_batch(ctx, sid, shard.region, b, batches[b], manifest.get(b, []), key, rep)
+        receipt = _purge_batch(ctx, sid, shard.region, ctx.origin(shard), b, batches[b], manifest.get(b, []), key, rep)
         hooks.point("purged batch", ctx, sid)
         if pause:
             time.sleep(pause)  # this lane's pause: the source's own writers go first

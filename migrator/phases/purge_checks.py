@@ -7,6 +7,7 @@ fail half-way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ def _deletes_can_finish(ctx: Context, shard: Shard) -> None:
     deleted = [t for t in ctx.tables if p.action(t) == "delete"]
     if not deleted:
         return
-    with connect(ctx.source_dsn, autocommit=True) as c:
+    with connect(ctx.origin_dsn(shard), autocommit=True) as c:
         keys_of = catalog.blocking_keys(c, g, deleted)
         if not keys_of:
             return
@@ -144,7 +145,7 @@ def _deletes_can_finish(ctx: Context, shard: Shard) -> None:
                 raise PurgeRefused(
                     f"shard {shard.shard_id}: {n} row(s) of {fk.schema}.{fk.table}, which the spec does not move, "
                     f"point at rows of {g.schema_}.{fk.parent} the purge deletes (foreign key {fk.name}, source "
-                    f"{ctx.spec.source_region}): the deletes would fail half-way; keep or pseudonymise "
+                    f"{ctx.origin(shard)}): the deletes would fail half-way; keep or pseudonymise "
                     f"{fk.parent} in purge.tables, or move or clear those rows first: nothing purged"
                 )
 
@@ -156,13 +157,13 @@ def _frozen_copy_unchanged(ctx: Context, shard: Shard) -> CopyDigest:
     sid = shard.shard_id
     then = CopyDigest.from_record(shard.frozen) if shard.frozen is not None else None
     try:
-        now = digest_copy(ctx, sid, ctx.source_dsn, like=then)
+        now = digest_copy(ctx, sid, ctx.origin_dsn(shard), like=then)
     except ColumnsGone as exc:
         raise PurgeRefused(
             f"shard {sid}: its source copy cannot be compared with its freeze ({exc}): nothing purged"
         ) from None
     if then is None:
-        if ctx.spec.changes.capture and capture.fences(ctx.source_dsn, sid).get(sid) != capture.HELD:
+        if ctx.spec.changes.capture and capture.fences(ctx.origin_dsn(shard), sid).get(sid) != capture.HELD:
             raise PurgeRefused(
                 f"shard {sid}: no digest of its source copy was kept at cutover and its source fence is not "
                 "held, so the copy cannot be shown unchanged: nothing purged"
@@ -179,28 +180,37 @@ def _frozen_copy_unchanged(ctx: Context, shard: Shard) -> CopyDigest:
 
 
 def _still_at_destination(ctx: Context, shard: Shard) -> None:
-    """Every user of the shard still homed at its destination, with their row of the root
-    table there: the copy about to be retired is not the only one."""
-    sid, g = shard.shard_id, ctx.spec.entity_graph
+    """Every user of the shard homed away from its origin (at its destination, or wherever a
+    later move took them), with their row of the root table at that home: the copy about to
+    be retired is not the only one."""
+    sid, g, origin = shard.shard_id, ctx.spec.entity_graph, ctx.origin(shard)
     with ctx.control.connect() as c:
-        (elsewhere,) = c.execute(
+        (back,) = c.execute(
             f"SELECT count(*) FROM {SCHEMA}.shard_user su LEFT JOIN {SCHEMA}.directory d USING (user_key) "
-            f"WHERE su.shard_id = %s AND d.home IS DISTINCT FROM %s",
-            (sid, shard.region),
+            f"WHERE su.shard_id = %s AND (d.home IS NULL OR d.home = %s)",
+            (sid, origin),
         ).fetchone()
-    if elsewhere:
+    if back:
         raise PurgeRefused(
-            f"shard {sid}: {elsewhere} of its users are not homed at {shard.region} in the directory: nothing purged"
+            f"shard {sid}: {back} of its users are not homed away from {origin} in the directory: nothing purged"
         )
     root = ctx.tables[g.root.table]
     present = 0
-    with connect(ctx.dsn(shard.region), autocommit=True) as c:
+    with contextlib.ExitStack() as stack, ctx.control.connect(autocommit=True) as c:
+        at: dict[str, Conn] = {}
         for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
-            present += count_rows(c, ctx, root, keys)
+            by_home: dict[str, list[str]] = {}
+            q = f"SELECT user_key, home FROM {SCHEMA}.directory WHERE user_key = ANY(%s)"
+            for k, home in c.execute(q, (keys,)):
+                by_home.setdefault(home, []).append(k)
+            for home, ks in sorted(by_home.items()):
+                if home not in at:
+                    at[home] = stack.enter_context(connect(ctx.dsn(home), autocommit=True))
+                present += count_rows(at[home], ctx, root, ctx.sort_keys(ks))
     if present < shard.users:
         raise PurgeRefused(
             f"shard {sid}: {shard.users - present} of its {shard.users} users have no row in {g.root.table} at "
-            f"destination {shard.region}: nothing purged"
+            f"their home (destination {shard.region}, or where they moved on to): nothing purged"
         )
 
 

@@ -18,7 +18,9 @@ def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
-def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, int, str]]) -> tuple[list[str], int]:
+def purge_batch(
+    ctx: Context, sid: str, region: str, origin: str, entries: list[tuple[str, int, str]]
+) -> tuple[list[str], int]:
     """Check each manifest entry (key, size, SHA-256) at the source, then delete the key's
     every version there; returns the keys deleted and how many of them the destination no
     longer holds. Deleting a key that is already gone is a no-op, so a rerun after a kill
@@ -33,7 +35,7 @@ def purge_batch(ctx: Context, sid: str, region: str, entries: list[tuple[str, in
     if not entries:
         return [], 0
     o = settings(ctx)
-    src, src_c, dst, dst_c = stores(ctx, region)
+    src, src_c, dst, dst_c = stores(ctx, region, origin)
     part = o.part_size_mb * 2**20
     with ThreadPoolExecutor(o.threads) as pool:
         got = list(pool.map(lambda e: s3.content_sha256(src_c, src.bucket, e[0], part), entries))

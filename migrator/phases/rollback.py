@@ -2,7 +2,7 @@
 
 Before cutover it removes exactly the shard's users' rows from the destination (children
 first, one transaction per batch, each with its ledger row). After cutover it first
-flips the directory back to the source (epoch + 1, in the same transaction as the move to
+flips the directory back to the shard's origin (epoch + 1, in the same transaction as the move to
 rolling_back), so no user is ever homed where their rows are being deleted.
 """
 
@@ -51,7 +51,7 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
         with bounded(deadline):
             capture.fence(dst, sid, deadline)
             n = capture.catch_up(ctx, sid, dst, src, "reverse", deadline=deadline)
-            diffs = compare_touched(ctx, sid, log_at=dst, destination=dst)
+            diffs = compare_touched(ctx, sid, log_at=dst, origin=src, destination=dst)
             if diffs:
                 raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ after carrying writes back", diffs)
             if time.monotonic() > deadline:
@@ -63,10 +63,10 @@ def _carry_back(ctx: Context, sid: str, src: str, dst: str) -> int:
         raise
 
 
-def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int, int]:
-    """Carry the writes back, then flip the directory back and lift the source fence; a
-    failure after the decision is finished by recovery. (changes carried, users flipped)"""
-    src, dst = ctx.source_dsn, ctx.dsn(region)
+def _undo_cutover(ctx: Context, sid: str, region: str, origin: str, reason: str) -> tuple[int, int]:
+    """Carry the writes back, then flip the directory back and lift the fence at the origin;
+    a failure after the decision is finished by recovery. (changes carried, users flipped)"""
+    src, dst = ctx.dsn(origin), ctx.dsn(region)
     ctx.control.keep(sid, {"event": recovery.ROLLBACK_REQUESTED, "reason": reason}, rollback_reason=reason)
     with watching(ctx, sid):
         carried = _carry_back(ctx, sid, src, dst)
@@ -77,9 +77,10 @@ def _undo_cutover(ctx: Context, sid: str, region: str, reason: str) -> tuple[int
                 sid,
                 State.CUT_OVER,
                 region,
+                origin,
                 {"event": "rollback started", "reason": reason, "changes_carried_back": carried},
             )
-            capture.lift(src, sid)  # the users are homed at the source again: let them write there
+            capture.lift(src, sid)  # the users are homed at their origin again: let them write there
         except BaseException as exc:
             try:  # once: if this fails too, the watchdog and the phase's rerun (which resolves first) do
                 recovery.resolve_shard(ctx, ctx.control.shard(sid))
@@ -117,23 +118,28 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> RollbackResult:
     if shard.state == State.ROLLED_BACK:
         return RollbackResult(already=True)
     flipped = carried = 0
-    src, dst = ctx.source_dsn, ctx.dsn(shard.region)
+    if shard.state == State.CUT_OVER and (later := ctl.moved_on(sid)):
+        raise StateConflict(
+            f"shard {sid}: some of its users were moved on from {shard.region} by {', '.join(later)}, whose "
+            "capture took their writes there: a rollback could not carry them all back, so it is refused"
+        )
+    src, dst = ctx.origin_dsn(shard), ctx.dsn(shard.region)
     if shard.state == State.CUT_OVER and ctx.spec.changes.capture:
         if shard.finalized:
             raise StateConflict(
                 f"shard {sid} was finalized: writes at its new home are no longer captured, "
                 "so a rollback could lose them"
             )
-        carried, flipped = _undo_cutover(ctx, sid, shard.region, reason)
+        carried, flipped = _undo_cutover(ctx, sid, shard.region, ctx.origin(shard), reason)
     else:
         flipped = directory.flip_back(
-            ctx, sid, shard.state, shard.region, {"event": "rollback started", "reason": reason}
+            ctx, sid, shard.state, shard.region, ctx.origin(shard), {"event": "rollback started", "reason": reason}
         )
-    capture.lift(src, sid)  # the users are homed at the source again: let them write there
+    capture.lift(src, sid)  # the users are homed at their origin again: let them write there
     deleted = {t: 0 for t in ctx.tables}
     history.ensure(dst, history.LEDGER)
     rep = replica.of(dst, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
-    removed_objects = rollback_objects.rollback(ctx, sid, shard.region)
+    removed_objects = rollback_objects.rollback(ctx, sid, shard.region, ctx.origin(shard))
     batches = ctl.batch_keys(sid, ctx.sort_keys)  # one batch's keys at a time
     # Batches hold disjoint users, each deleted in its own transaction: lanes as the copy's.
     for _, counts in in_lanes(

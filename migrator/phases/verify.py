@@ -76,7 +76,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     shard = ctl.shard(sid)
     ctx.check_destination(shard.region)
     batches = ctl.batch_keys(sid, ctx.sort_keys)
-    src_dsn, dst_dsn = ctx.source_dsn, ctx.dsn(shard.region)
+    src_dsn, dst_dsn = ctx.origin_dsn(shard), ctx.dsn(shard.region)
     # Each side is read on `verify.workers` connections at once, each taking the next
     # table from the side's queue, so neither side's server waits on its slower half.
     est = shard.plan.get("rows", {})
@@ -99,7 +99,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
     differences: list[Difference] = []
     objects_listed = None
     if objects.enabled(ctx):
-        obj_agg, obj_diffs, objects_listed = verify_objects.verify(ctx, sid, shard.region, batches)
+        obj_agg, obj_diffs, objects_listed = verify_objects.verify(ctx, sid, shard.region, ctx.origin(shard), batches)
         src.update(obj_agg)
         dst.update(obj_agg)
         differences += obj_diffs
@@ -107,7 +107,7 @@ def compare_shard(ctx: Context, sid: str, in_flight_ok: bool = False) -> VerifyR
         if src.get((table, b)) != dst.get((table, b)) and len(differences) < MAX_NAMED:
             differences += _narrow(ctx, src_dsn, dst_dsn, table, batches[b])
     if in_flight_ok and differences:
-        differences = not_changed_since(differences, capture.touched(ctx.source_dsn, sid))
+        differences = not_changed_since(differences, capture.touched(src_dsn, sid))
     rows: dict[str, int] = {t: 0 for t in ctx.tables}
     for (t, _), (n, _) in src.items():
         rows[t] = rows.get(t, 0) + n
@@ -130,7 +130,7 @@ def verify_shard(ctx: Context, sid: str) -> VerifyResult:
         # at cutover, so the catch-up need not reach an empty log: under a writer that
         # never pauses it would not.
         capture.catch_up(
-            ctx, sid, ctx.source_dsn, shard_region, "forward", pending_at_most=ctx.spec.changes.catch_up_below
+            ctx, sid, ctx.origin_dsn(shard), shard_region, "forward", pending_at_most=ctx.spec.changes.catch_up_below
         )
     res = compare_shard(ctx, sid, in_flight_ok=ctx.spec.changes.capture and shard.state != State.CUT_OVER)
     detail = {

@@ -19,7 +19,7 @@ from migrator.stores import s3
 
 
 def verify(
-    ctx: Context, sid: str, region: str, batches: Mapping[int, list[str]]
+    ctx: Context, sid: str, region: str, origin: str, batches: Mapping[int, list[str]]
 ) -> tuple[dict[tuple[str, int], tuple[int, str]], list[Difference], str | None]:
     """Per batch (objects, manifest digest) as both endpoints now hold the bytes, the
     objects that differ from the manifest, named by key, and how the source was listed for
@@ -27,7 +27,7 @@ def verify(
     without user prefixes), decided once for the shard as the copy does."""
     o = settings(ctx)
     man = manifest(ctx, sid)
-    src, src_c, dst, dst_c = stores(ctx, region)
+    src, src_c, dst, dst_c = stores(ctx, region, origin)
     part = o.part_size_mb * 2**20
     agg: dict[tuple[str, int], tuple[int, str]] = {}
     diffs: list[Difference] = []
@@ -35,7 +35,7 @@ def verify(
     with ThreadPoolExecutor(max_workers=o.threads) as pool:
         for b in sorted(batches):
             entries = man.get(b, [])
-            expected_keys = list(source_objects(ctx, batches[b], on_src.index, src_c, on_src.common_prefix))
+            expected_keys = list(source_objects(ctx, batches[b], origin, on_src.index, src_c, on_src.common_prefix))
             missing_from_manifest = sorted(set(expected_keys) - {k for k, _, _ in entries})
             diffs += [ObjectDifference(k, "not copied") for k in missing_from_manifest]
             got_src = list(pool.map(lambda e: s3.content_sha256(src_c, src.bucket, e[0], part), entries))

@@ -63,7 +63,7 @@ class History:
         return HERE / self.name
 
 
-CONTROL = History("control", "migrator:ddl", "control_0004")
+CONTROL = History("control", "migrator:ddl", "control_0005")
 # The capture history's upgrades touch tables the application's triggers write to; a lock
 # they cannot get within 2 s is a transient failure, retried, not a stall of the writers.
 CAPTURE = History("capture", "migrator:capture", "capture_0003", lock_timeout="2s")

@@ -75,6 +75,7 @@ Table(
     Column("last_verify", JSONB),  # its last verify: matched, digest, rows, differences
     Column("approval", JSONB),  # the answer to its cutover since that verify (and the run's id)
     Column("frozen", JSONB),  # its source copy as the cutover left it: digest, rows and digest per table (0004)
+    Column("origin", Text),  # the region its users move from; empty: the spec's source region (0005)
 )
 
 

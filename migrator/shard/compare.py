@@ -32,11 +32,11 @@ def not_changed_since(differences: Sequence[Difference], changed: set[tuple[str,
 
 
 def compare_touched(
-    ctx: Context, sid: str, *, log_at: str, destination: str, after=None, upto=None
+    ctx: Context, sid: str, *, log_at: str, origin: str, destination: str, after=None, upto=None
 ) -> list[RowDifference]:
-    """Compare, at the source and at `destination`, only the rows whose keys are in the
-    change log kept at `log_at` (the source's before a cutover's decision, the
-    destination's during a rollback), past log position `after`, up to `upto`. Every other
+    """Compare, at `origin` (the shard's from-region) and at `destination`, only the rows
+    whose keys are in the change log kept at `log_at` (the origin's before a cutover's
+    decision, the destination's during a rollback), past log position `after`, up to `upto`. Every other
     row is unchanged since the copy's snapshot and was compared by the full verification,
     so a fence that compares only what changed since the last such comparison stays short
     whatever the size of the shard."""
@@ -51,7 +51,7 @@ def compare_touched(
             "SELECT {}, {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})"
         ).format(pktext, sqlgen.row_hash(table), ident, ident, pkcols)
         sides = []
-        for dsn in (ctx.source_dsn, destination):
+        for dsn in (origin, destination):
             with connect(dsn, autocommit=True) as c:
                 sides.append({tuple(r[:-1]): r[-1] for r in c.execute(q, {"pks": json.dumps(pks)}).fetchall()})
         src, dst = sides

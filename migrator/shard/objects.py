@@ -140,9 +140,9 @@ def listed(
 
 
 def source_objects(
-    ctx: Context, users: list[str], index: Index | None = None, src_c=None, common_prefix: bool = True
+    ctx: Context, users: list[str], origin: str, index: Index | None = None, src_c=None, common_prefix: bool = True
 ) -> dict[str, str | None]:
-    """The users' object keys at the source, with the ETag the listing gave (None for a
+    """The users' object keys at their origin (the region they move from), with the ETag the listing gave (None for a
     key known only from the key column); `common_prefix` as for `listed`."""
     o = settings(ctx)
     keys: dict[str, str | None] = {}
@@ -153,10 +153,10 @@ def source_objects(
         q = sql.SQL("SELECT DISTINCT t0.{} FROM {} WHERE {} AND t0.{} IS NOT NULL").format(
             col, own.from_, sqlgen.keys_filter(own, ctx.key_type), col
         )
-        with connect(ctx.source_dsn, autocommit=True, keyed=True) as c:
+        with connect(ctx.dsn(origin), autocommit=True, keyed=True) as c:
             keys.update((r[0], None) for r in c.execute(q, sqlgen.keys_arg(users)).fetchall())
     if o.user_prefix is not None:
-        src = o.stores[ctx.spec.source_region]
+        src = o.stores[origin]
         head, tail = o.user_prefix.split("{user}", 1)
         keys.update(listed(src_c or s3.client(src), src.bucket, head, tail, users, index, o.threads, common_prefix))
     return dict(sorted(keys.items()))
@@ -186,9 +186,10 @@ def present_at_destination(
     return present | {k for k, there in zip(outside, found) if there}
 
 
-def stores(ctx: Context, region: str):
+def stores(ctx: Context, region: str, origin: str):
+    """The origin's and the destination's stores, each with a client."""
     o = settings(ctx)
-    src, dst = o.stores[ctx.spec.source_region], o.stores[region]
+    src, dst = o.stores[origin], o.stores[region]
     return src, s3.client(src), dst, s3.client(dst)
 
 

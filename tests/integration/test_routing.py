@@ -11,7 +11,7 @@ import pytest
 
 from migrator.routing import Home, Router
 from tests.conftest import World
-from tests.helpers import paused
+from tests.helpers import paused, writable
 
 pytestmark = pytest.mark.integration
 
@@ -106,22 +106,6 @@ def test_stale_routes_after_cutover_and_rollback_land_at_the_home(world: World):
         r.close()
 
 
-def _writable(world: World, region: str, uid: int) -> bool:
-    """Whether `region` takes the user's writes: an UPDATE of their row where it is, else an
-    INSERT of it (rolled back), which a region that holds no row of theirs can only refuse
-    by its guard."""
-    with psycopg.connect(world.dsn[region]) as c:
-        try:
-            if not c.execute("UPDATE users SET display_name = display_name WHERE user_id = %s", (uid,)).rowcount:
-                c.execute("INSERT INTO users (user_id, email, created_at) VALUES (%s, 'x@example.test', now())", (uid,))
-            return True
-        except psycopg.Error as e:
-            assert e.sqlstate == "RMF01", e.sqlstate
-            return False
-        finally:
-            c.rollback()
-
-
 def test_the_guard_survives_kills_and_never_locks_a_user_out(world: World):
     """SIGKILL after a rollback's deletes, before its guard is recorded: the users stay
     refused at the destination and writable at the source, and the rerun records the
@@ -135,11 +119,11 @@ def test_the_guard_survives_kills_and_never_locks_a_user_out(world: World):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert world.ctl("SELECT home FROM migrator.directory WHERE user_key = %s", (str(uid),)) == [("us",)]
-    assert not _writable(world, "ie", uid) and _writable(world, "us", uid)
+    assert not writable(world, "ie", uid) and writable(world, "us", uid)
     res = world.migrator("rollback", "--region", "ie", "--reason", "kill test")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     assert world.rows("ie", "SELECT count(*) FROM migrator.departed WHERE user_key = %s", (str(uid),)) == [(1,)]
-    assert _writable(world, "us", uid)
+    assert writable(world, "us", uid)
     with pytest.raises(psycopg.Error) as e:  # an INSERT of the user's own row at the old home
         world.rows(
             "ie",
@@ -154,9 +138,9 @@ def test_the_guard_survives_kills_and_never_locks_a_user_out(world: World):
     proc = paused(world, "arriving", "cutover", "--region", "ie", env={"MIGRATOR_WATCHDOG": "off"})
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not _writable(world, "us", uid)  # decided: the source is held
+    assert not writable(world, "us", uid)  # decided: the source is held
     res = world.migrator("recover", "--json")
     assert res.returncode == 0, res.stdout + res.stderr
     assert world.ctl("SELECT home FROM migrator.directory WHERE user_key = %s", (str(uid),)) == [("ie",)]
     assert world.rows("ie", "SELECT count(*) FROM migrator.departed WHERE user_key = %s", (str(uid),)) == [(0,)]
-    assert _writable(world, "ie", uid) and not _writable(world, "us", uid)
+    assert writable(world, "ie", uid) and not writable(world, "us", uid)

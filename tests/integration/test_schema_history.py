@@ -22,7 +22,7 @@ from tests.helpers import start, verified_region
 
 pytestmark = pytest.mark.integration
 
-HEADS = {"control": "control_0004", "capture": "capture_0003", "ledger": "ledger_0003"}
+HEADS = {"control": "control_0005", "capture": "capture_0003", "ledger": "ledger_0003"}
 # where each history's tables live in the test world (control database on the US server)
 WHERE = {"control": ["control"], "capture": ["us", "ie", "no"], "ledger": ["ie", "no"]}
 

@@ -392,3 +392,9 @@ def test_a_record_of_processing_names_only_where_the_waves_shards_moved():
     doc["timeline"] = [moved("w/ie-00", "ie", "cut_over")]
     (path,) = write_records(doc, spec, path.parent)
     assert "to ie (residents of IE)\n" in path.read_text() and "no (" not in path.read_text()
+    # a move again names its own origin
+    doc["timeline"] = [moved("w/ie-00", "ie", "cut_over"), {**moved("w/ie-no-00", "no", "cut_over"), "from": "ie"}]
+    (path,) = write_records(doc, spec, path.parent)
+    assert "- Transfer: from region us to ie (residents of IE); from region ie to no (residents of NO)" in (
+        path.read_text()
+    )
