@@ -49,7 +49,15 @@ def json_text(doc: dict) -> str:
 Config = Annotated[Path, typer.Option("--config", "-c", help="the spec file (YAML)")]
 Shards = Annotated[list[str] | None, typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]
 Region = Annotated[str | None, typer.Option("--region", help="only shards bound for this region")]
-Wave = Annotated[str, typer.Option("--wave", help="the wave of shards (a planned set of users)")]
+Wave = Annotated[
+    str | None,
+    typer.Option(
+        "--wave",
+        help="the wave of shards (a planned set of users); default: `default`, then the next of its line "
+        "(default-2, ...) once it has settled and users wait to move",
+    ),
+]
+DEFAULT_WAVE = "default"
 Pick = Annotated[
     str | None,
     typer.Option(

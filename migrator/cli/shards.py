@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ import typer
 
 from migrator.capture import recovery
 from migrator.cli.common import (
+    DEFAULT_WAVE,
     Config,
     DryRun,
     Json,
@@ -36,7 +38,7 @@ from migrator.phases.plan import plan as make_plan
 @app.command()
 def plan(
     config: Config,
-    wave: Wave = "default",
+    wave: Wave = None,
     region: Region = None,
     since: Since = None,
     until: Until = None,
@@ -49,6 +51,11 @@ def plan(
     check_range(since, until)
     ctx = context_of(config, run_id)
     regions = [region] if region else None
+    if wave is None:  # the default line: its latest wave, or the next once users wait to move
+        waves = engine.line(ctx, DEFAULT_WAVE)
+        wave = engine.next_wave(ctx, DEFAULT_WAVE, region, since, until, strict) or (
+            waves[-1] if waves else DEFAULT_WAVE
+        )
     p = make_plan(ctx, wave, since=since, until=until, regions=regions, dry_run=dry_run, strict=strict)
     shards = [s.summary() for s in p.shards]
     if not dry_run:  # the shards as recorded now: their states, progress and estimates
@@ -59,7 +66,7 @@ def plan(
 @app.command()
 def run(
     config: Config,
-    wave: Wave = "default",
+    wave: Wave = None,
     shard: Shards = None,
     region: Region = None,
     since: Since = None,
@@ -69,23 +76,36 @@ def run(
     run_id: RunId = None,
     strict: Strict = False,
 ) -> None:
-    """Plan (if needed), then copy, verify and cut over every selected shard."""
+    """Plan (if needed), then copy, verify and cut over every selected shard. Given no wave:
+    the latest of the default line, then the next one if users wait to move once it settled
+    (a user who moved since, a country remapped), so a rerun keeps residency true."""
     check_range(since, until)
     ctx = context_of(config, run_id)
+    line = None if wave is not None or shard else engine.line(ctx, DEFAULT_WAVE)
+    waves = [wave or (line[-1] if line else DEFAULT_WAVE)]
     if dry_run:
+        if line is not None:
+            waves = [engine.next_wave(ctx, DEFAULT_WAVE, region, since, until, strict) or waves[0]]
         regions = [region] if region else None
-        p = make_plan(ctx, wave, since=since, until=until, regions=regions, dry_run=True, strict=strict)
+        p = make_plan(ctx, waves[0], since=since, until=until, regions=regions, dry_run=True, strict=strict)
         shards = [s.summary() for s in p.shards if not shard or s.name in shard or s.shard_id in shard]
         finish(report.document("run", shards, plan=p, extra={"dry_run": True}), json)
     bar, cb = progress_bar(json)
-    if bar:
-        with bar:
-            p, outcomes = engine.run(
-                ctx, wave, names=shard, region=region, since=since, until=until, progress=cb, strict=strict
+    outcomes: list[engine.Outcome] = []
+    with bar or contextlib.nullcontext():
+        while True:
+            p, done = engine.run(
+                ctx, waves[-1], names=shard, region=region, since=since, until=until, progress=cb, strict=strict
             )
-    else:
-        p, outcomes = engine.run(ctx, wave, names=shard, region=region, since=since, until=until, strict=strict)
-    finish(report.document("run", report.shard_rows(ctx, wave, shard, region), outcomes, p), json)
+            outcomes += done
+            if line is None or len(waves) > 1:
+                break
+            nxt = engine.next_wave(ctx, DEFAULT_WAVE, region, since, until, strict)
+            if nxt is None:
+                break
+            waves.append(nxt)
+    rows = [r for w in waves for r in report.shard_rows(ctx, w, shard, region)]
+    finish(report.document("run", rows, outcomes, p), json)
 
 
 def _phase_command(

@@ -161,6 +161,13 @@ class Control(Membership):
             return [Shard.from_row(r) for r in cur.execute(q + " ORDER BY wave, region, idx", args).fetchall()]
 
     @ridden_out
+    def waves(self) -> list[str]:
+        """Every wave planned, oldest first."""
+        with self.connect(autocommit=True) as c:
+            q = f"SELECT wave FROM {SCHEMA}.shard GROUP BY wave ORDER BY min(created_at), wave"
+            return [w for (w,) in c.execute(q)]
+
+    @ridden_out
     def shard(self, sid: str) -> Shard:
         with self.connect(autocommit=True) as c, c.cursor(row_factory=dict_row) as cur:
             r = cur.execute(f"SELECT * FROM {SCHEMA}.shard WHERE shard_id = %s", (sid,)).fetchone()

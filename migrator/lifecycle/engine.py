@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from migrator.control.context import Context, check_standby
-from migrator.control.state import MOVED
+from migrator.control.state import IN_FLIGHT, MOVED
 from migrator.control.store import Shard
 from migrator.differences import Difference
 from migrator.errors import ChecksumMismatch, MigratorError, ShardBusy, SpecError, describe
@@ -121,3 +122,30 @@ def run(
         return dispatch.advance(ctx, sid, progress=cb)
 
     return p, each(ctx, shards, go, want={s.value for s in MOVED})  # cut over, or purged since
+
+
+def line(ctx: Context, base: str) -> list[str]:
+    """`base` and the waves planned after it by commands given no wave (base-2, base-3, ...),
+    oldest first; empty before the first plan."""
+    if not ctx.control.exists():
+        return []
+    same = re.compile(rf"^{re.escape(base)}(-[0-9]+)?$")
+    return [w for w in ctx.control.waves() if same.match(w)]
+
+
+def next_wave(
+    ctx: Context, base: str, region: str | None, since: datetime | None, until: datetime | None, strict: bool
+) -> str | None:
+    """The wave a command given no wave plans next: once no shard of the line's latest wave is
+    in a move under way, the next of the line if a plan would move anyone (users who signed
+    up or moved since, a country remapped); None otherwise. A wave is planned once, so this
+    is how a rerun keeps residency true."""
+    waves = line(ctx, base)
+    if not waves:
+        return None
+    if any(s.state in IN_FLIGHT for s in select(ctx, waves[-1], None, region)):
+        return None
+    numbers = [int(w.rsplit("-", 1)[1]) for w in waves if w != base]
+    name = f"{base}-{max(numbers, default=1) + 1}"
+    would = plan(ctx, name, since=since, until=until, regions=[region] if region else None, dry_run=True, strict=strict)
+    return name if would.shards else None

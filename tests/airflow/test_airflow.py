@@ -134,6 +134,16 @@ def test_rerunning_a_finished_interval_changes_nothing(world: World, tmp_path):
     # and a scope=all run afterwards moves everyone else exactly once
     assert run_dag(world.spec_path, tmp_path / "c", {"scope": "all"}).returncode == 0
     assert world.ctl("SELECT DISTINCT epoch FROM migrator.directory") == [(1,)]
+    # users whose country changes at their home are re-homed by the next scheduled run,
+    # whatever its interval: every scheduled run reconciles homes with the policy
+    moved = [int(k) for (k,) in world.ctl("SELECT user_key FROM migrator.directory WHERE home = 'ie' LIMIT 2")]
+    with psycopg.connect(world.dsn["ie"]) as c:
+        c.execute("UPDATE users SET country_code = 'SE' WHERE user_id = ANY(%s)", (moved,))
+    later = "2026-11-24T00:00:00+00:00"
+    assert run_dag(world.spec_path, tmp_path / "d", {"scope": "interval"}, later).returncode == 0
+    homes = world.ctl("SELECT home, epoch FROM migrator.directory WHERE user_key = ANY(%s)", ([str(u) for u in moved],))
+    assert homes == [("no", 2), ("no", 2)]
+    assert world.rows("no", "SELECT count(*) FROM users WHERE user_id = ANY(%s)", (moved,)) == [(2,)]
 
 
 def test_manual_rollback_and_release_dags_act_on_named_shards(world: World, tmp_path):

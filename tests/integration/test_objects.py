@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
+import psycopg
 import pytest
 
 from migrator.demo import seed
@@ -173,6 +174,28 @@ def test_objects_copied_verified_and_only_theirs(oworld):
     assert listing(w, "ie")[f"users/{w.big_owner}/avatar.png"]["Size"] == BIG
     n = w.ctl("SELECT count(*) FROM migrator.object_manifest")[0][0]
     assert n == len(objects_of(w, ids_for(w, "ie") + ids_for(w, "no")))
+
+
+def test_a_move_again_takes_the_objects_from_the_users_home_and_its_rollback_removes_them(oworld):
+    w = oworld
+    assert w.migrator("run", "--region", "ie").returncode == 0
+    moved = ids_for(w, "ie")[:2]
+    with psycopg.connect(w.dsn["ie"]) as c:  # at their home, they move to Sweden
+        c.execute("UPDATE users SET country_code = 'SE' WHERE user_id = ANY(%s)", (moved,))
+    changed = f"users/{moved[0]}/avatar.png"  # the application wrote it again at their home
+    s3(w.endpoints["ie"].endpoint).put_object(Bucket=w.buckets["ie"], Key=changed, Body=b"written at ie")
+    res = w.migrator("run", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert json.loads(res.stdout)["moves"] == {"ie→no": 2}
+    staying_no = objects_of(w, ids_for(w, "no"))
+    assert set(listing(w, "no")) == staying_no | objects_of(w, moved)
+    for k in objects_of(w, moved):  # the bytes of their home, not of the source
+        assert body(w, "no", k) == body(w, "ie", k), k
+    assert body(w, "no", changed) == b"written at ie"
+    res = w.migrator("rollback", "--wave", "default-2", "--reason", "test", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert set(listing(w, "no")) == staying_no
+    assert objects_of(w, moved) <= set(listing(w, "ie"))
 
 
 def test_corrupted_object_is_named_and_rollback_removes_only_the_shards(oworld):

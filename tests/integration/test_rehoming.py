@@ -73,19 +73,22 @@ def test_a_user_whose_residency_changes_at_their_home_is_found_and_re_homed(worl
     }
     assert all(str(u) not in json.dumps(doc["findings"]) for u in to_no + to_ie)  # counts, never keys
 
-    dry = json.loads(world.migrator("plan", "--wave", "again", "--dry-run", "--json").stdout)
-    assert dry["moves"] == {"ie→no": 2, "no→ie": 1}
+    # given no wave, the commands go on to the default line's next wave: the first is done
+    dry = json.loads(world.migrator("plan", "--dry-run", "--json").stdout)
+    assert dry["wave"] == "default-2" and dry["moves"] == {"ie→no": 2, "no→ie": 1}
     assert {s["from"] for s in dry["shards"]} == {"ie", "no"}
 
-    res = world.migrator("run", "--wave", "again", "--json")
+    res = world.migrator("run", "--json")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     doc = json.loads(res.stdout)
-    assert doc["moves"] == {"ie→no": 2, "no→ie": 1}
+    assert doc["wave"] == "default-2" and doc["moves"] == {"ie→no": 2, "no→ie": 1}
     assert {(s["from"], s["region"], s["state"]) for s in doc["shards"]} >= {
         ("ie", "no", "cut_over"),
         ("no", "ie", "cut_over"),
     }
-    assert {s["name"].rsplit("-", 1)[0] for s in doc["shards"]} == {"ie-no", "no-ie"}
+    # the run resumed the default wave (all cut over), then ran the next one
+    assert {s["wave"] for s in doc["shards"]} == {"default", "default-2"}
+    assert {s["name"].rsplit("-", 1)[0] for s in doc["shards"] if s["wave"] == "default-2"} == {"ie-no", "no-ie"}
     assert [_home(world, u) for u in to_no] == ["no", "no"] and _home(world, to_ie[0]) == "ie"
     # every row at the new home as it was at the old one; the old copy stays until its purge,
     # and refuses the application's writes there
@@ -101,9 +104,12 @@ def test_a_user_whose_residency_changes_at_their_home_is_found_and_re_homed(worl
 
     rc, doc = _audit(world)
     assert rc == 0, doc["findings"]
-    # nothing more to do: the next run plans no shard
-    again = json.loads(world.migrator("plan", "--wave", "third", "--dry-run", "--json").stdout)
-    assert again["shards"] == [] and again["moves"] == {}
+    # nothing more to do: a rerun changes nothing and plans no further wave
+    epochs = world.ctl("SELECT sum(epoch) FROM migrator.directory")
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["wave"] == "default-2"
+    assert world.ctl("SELECT DISTINCT wave FROM migrator.shard ORDER BY 1") == [("default",), ("default-2",)]
+    assert world.ctl("SELECT sum(epoch) FROM migrator.directory") == epochs
 
 
 def test_a_rollback_of_a_move_again_returns_users_to_their_previous_home(world: World):
@@ -229,3 +235,24 @@ def test_moves_again_killed_throughout_with_the_application_writing(world: World
     rc, doc = _audit(world)
     assert rc == 0, doc["findings"]
     print(f"moves again: {TRIALS} trial(s); seconds from kill to every user writable at home: max {max(settled):.2f}")
+
+
+def test_a_country_the_policy_remaps_moves_its_users_at_the_next_run(world: World):
+    assert world.migrator("run").returncode == 0
+    german = [
+        int(k)
+        for (k,) in world.rows("ie", "SELECT user_id::text FROM users WHERE country_code = 'DE' ORDER BY 1")
+        if _home(world, int(k)) == "ie"
+    ]
+    assert german
+    world.spec["policy"]["DE"] = "no"  # the policy now keeps Germans' data in Norway
+    world.write_spec()
+    rc, doc = _audit(world)
+    assert rc == 1 and [(f["region"], f["to"], f["users"]) for f in doc["findings"]] == [("ie", "no", len(german))]
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.loads(res.stdout)["moves"] == {"ie→no": len(german)}
+    assert {_home(world, u) for u in german} == {"no"}
+    assert _owned(world, "no", german) == _owned(world, "ie", german)  # the ie copy stays until its purge
+    rc, doc = _audit(world)
+    assert rc == 0, doc["findings"]
