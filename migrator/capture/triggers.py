@@ -181,16 +181,25 @@ def wait_for_earlier(dsn: str, deadline: float, what: str, ignore: tuple[int, ..
             time.sleep(0.005)
 
 
-def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0) -> None:
+def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0) -> int:
     """Log the shard's users' changes from now on; returns once no transaction that could
     have written unlogged is still running, so a snapshot taken next misses nothing
     (`wait_s=None`: where nobody writes the users' rows yet, e.g. the destination before
-    the directory flips)."""
+    the directory flips). With `wait_s=None`, also how many of the users `dsn` refuses for
+    good (the guard an earlier rollback left there, which `arrive` lifts); else 0."""
     install(ctx, dsn)
+    departed = 0
     with connect(dsn) as c:
         write_users(c, "capture_users", sid, ctx.control)  # replaces the shard's earlier list
+        if wait_s is None:
+            (departed,) = c.execute(
+                "SELECT count(*) FROM migrator.departed d JOIN migrator.capture_users u USING (user_key) "
+                "WHERE u.shard_id = %s",
+                (sid,),
+            ).fetchone()
     if wait_s is not None:
         wait_for_earlier(dsn, time.monotonic() + wait_s, "the change capture")
+    return departed
 
 
 def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool, wait: bool = True) -> None:

@@ -75,7 +75,9 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
     t0: float | None = None
     decided = False
     try:
-        _stage_lists(ctx, sid, src, dst)
+        # users an earlier rollback left refused at the destination: the window lifts that
+        # guard once decided; for everyone else it need not reach the destination at all
+        returning = _stage_lists(ctx, sid, src, dst)
         # The directory's rows are flipped in a transaction left open across the window:
         # nobody sees the new homes before it commits, and the commit, not the update of
         # every user's row, is what the window has to wait for.
@@ -106,9 +108,9 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
                 decided = True
                 steps.mark("hold")
                 hooks.point("arriving", ctx, sid)
-                # homed here from now on: a guard an earlier rollback left here for them goes
-                capture.arrive(dst, sid)
-                steps.mark("arrive")
+                if returning:  # homed here from now on: the guard an earlier rollback left goes
+                    capture.arrive(dst, sid)
+                    steps.mark("arrive")
             hooks.point("held", ctx, sid)
             steps.mark("transition")
             flip.finish({"fence_checked_rows": checked})
@@ -152,17 +154,19 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
     return flip.flipped
 
 
-def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> None:
+def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> int:
     """The shard's two user lists, written at once on their two servers before the window:
     at the source the users to fence, written while they still write; at the destination
     the users whose writes are logged (for a rollback) from before the flip: until the
     directory says so only the migrator writes them there, and its apply sessions are not
     logged. Written here, neither list costs the window anything. A failure of either
-    reaches the caller once both have ended, so its clean-up finds neither still writing."""
+    reaches the caller once both have ended, so its clean-up finds neither still writing.
+    Returns how many of the users the destination refuses for good (an earlier rollback's
+    guard); no rollback can add to them now, as a user is in one live shard."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lists-{sid}") as pool:
         at_destination = pool.submit(capture.start_capture, ctx, dst, sid, wait_s=None)
         capture.stage_fence(src, sid, ctx.control)  # on a failure, leaving the pool still waits for the other
-    at_destination.result()
+    return at_destination.result()
 
 
 def _resolve_now(ctx: Context, sid: str, exc: BaseException) -> None:

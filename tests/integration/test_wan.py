@@ -23,8 +23,9 @@ RTT_MS = float(os.environ.get("MIGRATOR_TEST_RTT_MS", "80"))
 
 # round trips and connections to the far region: per batch the copy commits, and per cutover
 # (measured on this world: 29 per batch over 6 batches, fixed costs included, 10 connections,
-# 89 per cutover; the batch's BEGIN and its COMMIT ride with its first and last statements)
-CEILING = {"copy_round_trips_per_batch": 31, "copy_connections_per_batch": 2.0, "cutover_round_trips": 95}
+# 84 per cutover; the batch's BEGIN and its COMMIT ride with its first and last statements,
+# and a cutover whose users no rollback left guarded there does not reach Ireland in its window)
+CEILING = {"copy_round_trips_per_batch": 31, "copy_connections_per_batch": 2.0, "cutover_round_trips": 86}
 
 
 def _far(world: World, relay: Relay) -> None:
