@@ -109,18 +109,34 @@ def paused_cutover(world: World, region: str, at: str, seconds: float = 4) -> su
     return paused(world, at, "cutover", "--region", region, "--json", seconds=seconds, out=subprocess.PIPE)
 
 
+_MIGRATED: set[str] = set()  # servers holding AIRFLOW_TEMPLATE, migrated by this process
+AIRFLOW_TEMPLATE = "airflow_template"
+
+
 def airflow_for(world: World, tmp_path: Path, **env: str) -> tuple[Path, dict[str, str], str]:
     """An Airflow home for the world's spec (its stores as Connections, `env` added, DAGs
-    paused at creation) and a metadata database on the world's US server: (home, env, URL)."""
+    paused at creation) and a metadata database on the world's US server, at Airflow's head
+    with the source's pool (start its AirflowServices with `migrated=True`): (home, env, URL).
+
+    The database is a copy of a template migrated once per server (`CREATE DATABASE ...
+    TEMPLATE`): a migration costs every Airflow's start two CLI processes."""
     from migrator.demo.airflow_run import airflow_env, spec_for_airflow
+    from migrator.demo.airflow_services import AirflowServices
 
     home = tmp_path / "airflow"
     home.mkdir()
     af_spec, conns = spec_for_airflow(world.spec_path, tmp_path / "spec.airflow.yaml")
     out = airflow_env(home, conns)
     out.update(MIGRATOR_SPEC=str(af_spec), AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True", **env)
-    meta = world.cluster["us"].create_database(f"airflow_{tmp_path.name}"[:60])
-    return home, out, meta.replace("postgresql://", "postgresql+psycopg://", 1)
+    server = world.cluster["us"]
+    if server.dsn() not in _MIGRATED:
+        template = server.create_database(AIRFLOW_TEMPLATE).replace("postgresql://", "postgresql+psycopg://", 1)
+        AirflowServices(home, dict(out), template).migrate()
+        _MIGRATED.add(server.dsn())
+    name = f"airflow_{tmp_path.name}"[:60]
+    with psycopg.connect(server.dsn(), autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}" TEMPLATE {AIRFLOW_TEMPLATE}')
+    return home, out, server.dsn(name).replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 @contextmanager
@@ -130,7 +146,7 @@ def live_airflow(world: World, tmp_path: Path, **env: str) -> Iterator[AirflowSe
     from migrator.demo.airflow_services import AirflowServices
 
     home, out, meta = airflow_for(world, tmp_path, **env)
-    af = AirflowServices(home, out, meta).start()
+    af = AirflowServices(home, out, meta, migrated=True).start()
     try:
         af.wait_for_dag("residency_migration")
         af.api("PATCH", "/dags/residency_migration", {"is_paused": False})

@@ -18,6 +18,7 @@ from migrator.spec import read_yaml
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 LOCAL_SETTINGS = Path(__file__).with_name("airflow_local_settings.py")
+_migrated: Path | None = None  # a metadata database this process migrated, copied for the next home
 
 
 def airflow_env(home: Path, conns: dict[str, str]) -> dict[str, str]:
@@ -64,6 +65,28 @@ def spec_for_airflow(spec_path: Path, out: Path) -> tuple[Path, dict[str, str]]:
     return out, conns
 
 
+def _metadata(home: Path, env: dict[str, str]) -> None:
+    """The home's SQLite metadata database, migrated and with the source's pool: the first
+    in a process is made by Airflow's CLI (two processes of about 4 s each), and copied from
+    it for every later home (a test runs several)."""
+    global _migrated
+    db = home / "airflow.db"
+    if _migrated is not None and _migrated.exists():
+        shutil.copyfile(_migrated, db)
+        return
+    subprocess.run([bin_path("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [bin_path("airflow"), "pools", "set", "migrator_source", "2", "copies against the source"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    if db.exists():  # a copy taken before any DAG was parsed or run
+        _migrated = home.parent / "airflow-migrated.db"
+        shutil.copyfile(db, _migrated)
+
+
 def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -84,14 +107,7 @@ def run_dag(
     af_spec, conns = spec_for_airflow(spec_path, base / "spec.airflow.yaml")
     env = airflow_env(home, conns)
     env["MIGRATOR_SPEC"] = str(af_spec)
-    subprocess.run([bin_path("airflow"), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
-    subprocess.run(
-        [bin_path("airflow"), "pools", "set", "migrator_source", "2", "copies against the source"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    _metadata(home, env)
     conf = {**({"scope": "all"} if dag_id == "residency_migration" else {}), **(conf or {})}
     args = ["dags", "test", dag_id] + ([logical_date] if logical_date else []) + ["-c", json.dumps(conf)]
     log = base / "airflow-dags-test.log"

@@ -115,10 +115,13 @@ class AirflowServices(RestClient):
         parallelism: int = 8,  # LocalExecutor processes: a slot its last task still holds is not wanted
         credentials: tuple[str, str] | None = None,
         pool_slots: int | None = None,
+        migrated: bool = False,
     ):
         """`credentials`: a user of the simple auth manager for the REST API; without them
-        every user is an admin and no login is asked for."""
-        self.home, self.env = home, env
+        every user is an admin and no login is asked for. `migrated`: the metadata database
+        is at Airflow's head with the source's pool already (a copy of one `migrate` made,
+        see `migrate`), so neither is done again."""
+        self.home, self.env, self.migrated = home, env, migrated
         self.pool_slots = POOL[1] if pool_slots is None else pool_slots
         self.port = port or free_port()
         super().__init__(f"http://127.0.0.1:{self.port}", credentials)
@@ -177,11 +180,16 @@ class AirflowServices(RestClient):
             f.write(f"{proc.pid}\n")
         return proc
 
-    def start(self) -> AirflowServices:
+    def migrate(self) -> None:
+        """Airflow's metadata tables at their head, and the source's pool."""
         res = self.cli("db", "migrate")
         if res.returncode != 0:
             raise RuntimeError(f"airflow db migrate failed: {res.stderr[-1500:]}")
         self.cli("pools", "set", POOL[0], str(self.pool_slots), POOL[2])
+
+    def start(self) -> AirflowServices:
+        if not self.migrated or self.pool_slots != POOL[1]:
+            self.migrate()
         self.spawn("api-server", "api-server", "--port", str(self.port))
         self.spawn("scheduler", "scheduler")
         self.spawn("dag-processor", "dag-processor")

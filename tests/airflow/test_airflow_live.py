@@ -174,7 +174,7 @@ def test_region_down_past_the_outage_budget_its_shards_fail_resumable_then_clear
         },
     )
     home, env, meta = airflow_for(world, tmp_path, MIGRATOR_TASK_RETRIES="1", MIGRATOR_TASK_RETRY_DELAY_S="1")
-    af = AirflowServices(home, env, meta)
+    af = AirflowServices(home, env, meta, migrated=True)
     ie = world.cluster["ie"]
     af.start()
     try:

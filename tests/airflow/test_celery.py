@@ -70,6 +70,7 @@ def test_celery_workers_per_region_and_a_worker_killed_mid_copy(world: World, tm
         meta,
         executor="CeleryExecutor",
         broker_url=redis_url,
+        migrated=True,
     ).start()
     try:
         # the Irish worker stops after its first committed batch of each shard, to be killed there
