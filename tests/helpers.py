@@ -303,3 +303,13 @@ def killed(w: World, rnd: random.Random, args: list[str], points: list[str]) -> 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return proc
+
+
+def writes_at_home(world: World, writer: Any, acked: Any, at_least: int = 1) -> None:
+    """The stopped writer met no error, more than `at_least` of its writes were acknowledged,
+    and every one is at its user's home, exactly once (`workload.check`)."""
+    from migrator.demo.workload import check
+
+    assert not writer.errors, writer.errors[:5]
+    assert acked.ops > at_least
+    check(world.dsn, world.control, acked)

@@ -121,23 +121,17 @@ class Membership:
     @ridden_out
     def superseded_by(self, sid: str) -> list[str]:
         """Live shards of other waves that now hold this (rolled-back, released) shard's users."""
-        with self.connect(autocommit=True) as c:
-            return [
-                r[0]
-                for r in c.execute(
-                    f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
-                    "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
-                    f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
-                    "WHERE su.shard_id = %s AND s.state <> %s ORDER BY 1",
-                    (sid, State.ROLLED_BACK.value),
-                )
-            ]
+        return self._sharing(sid, "s.state <> %s", (State.ROLLED_BACK.value,))
 
     @ridden_out
     def moved_on(self, sid: str) -> list[str]:
         """Shards planned after this one that took some of its users on from where it moved
         them, whatever became of them: from their capture's start the users' writes there
         were logged for the later shard, so this one cannot carry them back."""
+        return self._sharing(sid, "s.created_at > me.created_at", ())
+
+    def _sharing(self, sid: str, where: str, args: tuple) -> list[str]:
+        """The other shards (`s`) that hold some of this one's (`me`) users, narrowed by `where`."""
         with self.connect(autocommit=True) as c:
             return [
                 r[0]
@@ -146,8 +140,8 @@ class Membership:
                     "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
                     f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
                     f"JOIN {SCHEMA}.shard me ON me.shard_id = su.shard_id "
-                    "WHERE su.shard_id = %s AND s.created_at > me.created_at ORDER BY 1",
-                    (sid,),
+                    f"WHERE su.shard_id = %s AND {where} ORDER BY 1",
+                    (sid, *args),
                 )
             ]
 
