@@ -115,6 +115,31 @@ DEMO_OWNED = {
 }
 
 
+# Files whose tests share a module or session fixture (the UI demo, the benchmark's run,
+# the digest's tables, the S3 endpoints): each runs whole on one worker, so it is started
+# once. Every other test goes to whichever worker is free: a whole file per worker left
+# one idle for minutes at the suite's end while the other ran the five live-Airflow tests.
+TOGETHER = (
+    "tests/airflow/test_bench.py",
+    "tests/airflow/test_ui_browser.py",
+    "tests/integration/test_digest.py",
+    "tests/integration/test_objects.py",
+)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scheduling by scope, the scope being the file for TOGETHER and the test
+    itself for every other (xdist's own `xdist_group` marks do not take under pytest 9)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in TOGETHER else nodeid
+
+    return Scheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tier a test is in is its folder's: `pytest -m unit` runs the tests that need no
     server (tests/unit), in seconds; integration and airflow start real servers."""

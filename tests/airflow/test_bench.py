@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import bench
 
 pytest.importorskip("airflow.sdk")
-pytestmark = [pytest.mark.airflow, pytest.mark.xdist_group("bench")]  # one run serves the file
+pytestmark = pytest.mark.airflow
 
 # The executors the smoke run times DAG runs under: none in CI; "local" adds the Airflow
 # figures, "local,celery" the Celery ones too.

@@ -32,7 +32,7 @@ from tests.conftest import DEMO_OWNED, ROOT
 
 pytest.importorskip("airflow.sdk")
 sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = [pytest.mark.airflow, pytest.mark.browser, pytest.mark.xdist_group("ui")]  # one demo
+pytestmark = [pytest.mark.airflow, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: browsers are not downloaded here
 OUT = ROOT / "tests" / "output"

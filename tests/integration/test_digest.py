@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 from migrator.stores import catalog, sqlgen
 from migrator.stores.postgres import connect
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("digest")]  # its module fixture
+pytestmark = pytest.mark.integration
 
 DDL = """CREATE TABLE IF NOT EXISTS probe (id int PRIMARY KEY, t text, j jsonb, b bytea, n numeric,
          ts timestamptz, f float8)"""

@@ -20,7 +20,7 @@ from migrator.demo.embedded import LocalS3
 from tests.conftest import World, demo_spec, fresh_databases
 from tests.helpers import cut_when, paused
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("objects")]  # one set of endpoints
+pytestmark = pytest.mark.integration
 BIG = 6 * 2**20  # above the 5 MB multipart threshold used here
 
 
