@@ -73,19 +73,26 @@ def leaving(ctx: Context, home: str) -> dict[str, str]:
         root = c.execute("SELECT to_regclass(%s)", (sql.Identifier(g.schema_, g.root.table).as_string(c),))
         if root.fetchone()[0] is None:
             return {}
+        q, args = _per_value(ctx, None, None)
+        stored = [v for v, _ in c.execute(q, args).fetchall()]
     out: dict[str, str] = {}
-    for residency in _residencies(ctx, None, None, ctx.dsn(home)):
+    for residency in stored:
         region = ctx.spec.region_of(residency)
         if residency is not None and region is not None and region != home:
             out[residency] = region
     return out
 
 
-def _residencies(
-    ctx: Context, since: datetime | None, until: datetime | None, dsn: str | None = None
-) -> dict[str | None, int]:
-    """Users per stored residency value at the source, or at `dsn` (as stored: the
-    policy's own rule maps each value)."""
+def _residencies(ctx: Context, since: datetime | None, until: datetime | None) -> dict[str | None, int]:
+    """Users per stored residency value at the source (as stored: the policy's own rule
+    maps each value)."""
+    q, args = _per_value(ctx, since, until)
+    with connect(ctx.source_dsn, autocommit=True) as c:
+        return dict(c.execute(q, args).fetchall())
+
+
+def _per_value(ctx: Context, since: datetime | None, until: datetime | None) -> tuple[sql.Composed, list]:
+    """The query of users per stored residency value (created in the interval)."""
     g = ctx.spec.entity_graph
     where, args = interval(ctx, since, until)
     q = sql.SQL("SELECT {}::text, count(*) FROM {}.{}").format(
@@ -93,9 +100,7 @@ def _residencies(
     )
     if where:
         q = q + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-    q = q + sql.SQL(" GROUP BY 1")
-    with connect(dsn or ctx.source_dsn, autocommit=True) as c:
-        return dict(c.execute(q, args).fetchall())
+    return q + sql.SQL(" GROUP BY 1"), args
 
 
 def candidates(
