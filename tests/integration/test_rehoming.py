@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import time
 
 import psycopg
@@ -17,7 +18,7 @@ import pytest
 
 from migrator.demo.workload import Writer
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import homes_of, killed, settles, text_pseudonym, writable, writes_at_home
+from tests.helpers import homes_of, killed, paused, settles, text_pseudonym, writable, writes_at_home
 
 pytestmark = pytest.mark.integration
 
@@ -252,5 +253,48 @@ def test_a_country_the_policy_remaps_moves_its_users_at_the_next_run(world: Worl
     assert json.loads(res.stdout)["moves"] == {"ie→no": len(german)}
     assert {_home(world, u) for u in german} == {"no"}
     assert _owned(world, "no", german) == _owned(world, "ie", german)  # the ie copy stays until its purge
+    rc, doc = _audit(world)
+    assert rc == 0, doc["findings"]
+
+
+def test_a_move_again_killed_mid_copy_and_mid_purge_resumes_and_loses_nothing(world: World, monkeypatch):
+    """SIGKILL of the second move's copy after a batch committed, and of its purge after a
+    batch was purged: each rerun finishes, the rows at no are ie's as they were, and the ie
+    copy ends purged as the policy says."""
+    key = "rehoming-kill-key-no-0123456789ab"
+    monkeypatch.setenv("TEST_REHOMING_KILL_KEY_NO", key)
+    world.write_spec(
+        copy={"batch_users": 2},
+        purge={"after": "0s", "tables": {"users": "delete"}, "keys": {"no": {"env": "TEST_REHOMING_KILL_KEY_NO"}}},
+    )
+    assert world.migrator("run", "--region", "ie").returncode == 0
+    uids = _homed_at(world, "ie", 12)
+    for uid in uids:
+        _relocate(world, "ie", uid, "NO")
+    before = _owned(world, "ie", uids)
+    assert world.migrator("plan", "--wave", "again").returncode == 0
+    killed_copy = paused(world, "copied batch", "copy", "--wave", "again")
+    killed_copy.send_signal(signal.SIGKILL)
+    killed_copy.wait()
+    done = world.ctl(
+        "SELECT count(*) FROM migrator.checkpoint c JOIN migrator.shard s USING (shard_id) WHERE s.wave = 'again'"
+    )
+    assert 0 < done[0][0] < world.ctl("SELECT sum(batches) FROM migrator.shard WHERE wave = 'again'")[0][0]
+    for cmd in ("copy", "verify", "cutover"):
+        res = world.migrator(cmd, "--wave", "again", "--json")
+        assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
+    assert {_home(world, u) for u in uids} == {"no"}
+    assert _owned(world, "no", uids) == before  # each row once, as it was at ie
+    killed_purge = paused(world, "purged batch", "purge", "--wave", "again")
+    killed_purge.send_signal(signal.SIGKILL)
+    killed_purge.wait()
+    assert ("purging",) in world.ctl("SELECT DISTINCT state FROM migrator.shard WHERE wave = 'again'")
+    res = world.migrator("purge", "--wave", "again", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert world.ctl("SELECT DISTINCT state FROM migrator.shard WHERE wave = 'again'") == [("purged",)]
+    assert all(rows == [] for rows in _owned(world, "ie", uids).values())  # the ie copy is gone
+    assert _owned(world, "no", uids) == before
+    assert [writable(world, "no", u) for u in uids[:3]] == [True] * 3
+    assert [writable(world, "ie", u) for u in uids[:3]] == [False] * 3
     rc, doc = _audit(world)
     assert rc == 0, doc["findings"]
