@@ -10,12 +10,14 @@ from migrator.control.store import Control
 from migrator.stores.postgres import Conn, connect
 
 
-def stage_fence(dsn: str, sid: str, members: Control) -> None:
+def stage_fence(dsn: str, sid: str, members: Control, not_homed_at: str | None = None) -> None:
     """Write the list of the shard's users to fence, with the fence down: their writes still
-    pass. Done before the fence window, so raising the fence is one row."""
+    pass. Done before the fence window, so raising the fence is one row. Users the
+    directory homes at `not_homed_at` are left out (recovery: those a later shard took back
+    to the shard's origin)."""
     with connect(dsn) as c:
         c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
-        write_users(c, "fenced_users", sid, members)  # replaces the shard's earlier list
+        write_users(c, "fenced_users", sid, members, not_homed_at)  # replaces the shard's earlier list
 
 
 def fence(dsn: str, sid: str, deadline: float, ignore: tuple[int, ...] = ()) -> None:
@@ -113,11 +115,18 @@ def depart(dsn: str, sid: str) -> int:
 
 def arrive(dsn: str, sid: str) -> int:
     """At a cutover's decision: the shard's users are homed at this destination from now
-    on, so a guard an earlier rollback left here for any of them goes (they are the users
-    whose changes are logged here for the shard); how many."""
+    on, so what refuses them here goes (they are the users whose changes are logged here
+    for the shard): a guard an earlier rollback left, and the held fence of an earlier
+    move of theirs away from here (a move back); how many."""
     with connect(dsn) as c:
-        return c.execute(
+        guarded = c.execute(
             "DELETE FROM migrator.departed d USING migrator.capture_users u WHERE u.shard_id = %s "
             "AND d.user_key = u.user_key",
             (sid,),
         ).rowcount
+        fenced = c.execute(
+            "DELETE FROM migrator.fenced_users f USING migrator.capture_users u WHERE u.shard_id = %s "
+            "AND f.user_key = u.user_key AND f.shard_id <> u.shard_id",
+            (sid,),
+        ).rowcount
+        return guarded + fenced

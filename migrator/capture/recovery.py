@@ -95,7 +95,7 @@ def resolve_shard(ctx: Context, shard: Shard) -> list[str]:
             done.append("source fence lifted")
     elif state in MOVED and s != capture.HELD:
         capture.install(ctx, src)
-        capture.stage_fence(src, sid, ctl)
+        capture.stage_fence(src, sid, ctl, not_homed_at=ctx.origin(shard))  # a user moved back writes there
         capture.hold_now(src, sid)
         _audit(ctx, sid, state, "source fence held")
         done.append("source fence held")

@@ -123,9 +123,11 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
         c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
         if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
             return True
+        # a held fence counts even when its users all came back here (a move back): it
+        # is the cut-over shard's record that its users left, which recovery reads
         busy = c.execute(
             "SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users) "
-            "+ (SELECT count(*) FROM migrator.departed)"
+            "+ (SELECT count(*) FROM migrator.departed) + (SELECT count(*) FROM migrator.fences)"
         ).fetchone()[0]
         if busy:
             return False
@@ -146,10 +148,11 @@ def _uninstall(ctx: Context, dsn: str) -> bool:
     return True
 
 
-def write_users(conn: Conn, table: str, sid: str, members: Control) -> None:
-    """The shard's users into `table`, streamed from the control database."""
+def write_users(conn: Conn, table: str, sid: str, members: Control, not_homed_at: str | None = None) -> None:
+    """The shard's users (but those the directory homes at `not_homed_at`) into `table`,
+    streamed from the control database."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS rm_members (k text NOT NULL, b int NOT NULL) ON COMMIT DROP")
-    members.send_members(sid, conn, "rm_members")
+    members.send_members(sid, conn, "rm_members", not_homed_at)
     # A user is in one live shard; rows left by a shard whose control state is gone are replaced.
     conn.execute(f"DELETE FROM migrator.{table} t USING rm_members m WHERE t.user_key = m.k")
     conn.execute(f"DELETE FROM migrator.{table} WHERE shard_id = %s", (sid,))
@@ -186,16 +189,18 @@ def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0
     have written unlogged is still running, so a snapshot taken next misses nothing
     (`wait_s=None`: where nobody writes the users' rows yet, e.g. the destination before
     the directory flips). With `wait_s=None`, also how many of the users `dsn` refuses for
-    good (the guard an earlier rollback left there, which `arrive` lifts); else 0."""
+    good (the guard an earlier rollback left there, or the fence an earlier move of theirs
+    away from it holds, which `arrive` lifts); else 0."""
     install(ctx, dsn)
     departed = 0
     with connect(dsn) as c:
         write_users(c, "capture_users", sid, ctx.control)  # replaces the shard's earlier list
         if wait_s is None:
             (departed,) = c.execute(
-                "SELECT count(*) FROM migrator.departed d JOIN migrator.capture_users u USING (user_key) "
-                "WHERE u.shard_id = %s",
-                (sid,),
+                "SELECT count(*) FROM migrator.capture_users u WHERE u.shard_id = %s AND ("
+                "EXISTS (SELECT 1 FROM migrator.departed d WHERE d.user_key = u.user_key) OR "
+                "EXISTS (SELECT 1 FROM migrator.fenced_users f WHERE f.user_key = u.user_key AND f.shard_id <> %s))",
+                (sid, sid),
             ).fetchone()
     if wait_s is not None:
         wait_for_earlier(dsn, time.monotonic() + wait_s, "the change capture")

@@ -20,6 +20,12 @@ from migrator.stores import is_transient
 from migrator.stores.postgres import Conn, pipe, where
 
 SCHEMA = history.SCHEMA
+# the shards (`s`) holding some of a shard's (`me`) users (`o`), for a WHERE to narrow
+_SHARING = (
+    f"FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
+    f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id JOIN {SCHEMA}.shard me ON me.shard_id = su.shard_id "
+    "WHERE su.shard_id = %s AND"
+)
 
 
 @dataclass(frozen=True)
@@ -130,20 +136,36 @@ class Membership:
         were logged for the later shard, so this one cannot carry them back."""
         return self._sharing(sid, "s.created_at > me.created_at", ())
 
+    @ridden_out
+    def taken_back(self, sid: str, origin: str) -> dict[str, list[str]]:
+        """Shards planned after this one that take (or took) some of its users back to its
+        origin `origin`, a move back, with those users: their rows there are the later
+        shard's business, not this one's retained copy any more."""
+        return self._users_sharing(sid, "s.created_at > me.created_at AND s.region = %s", (origin,))
+
+    @ridden_out
+    def left_before(self, sid: str, source: str) -> dict[str, list[str]]:
+        """Shards planned before this one that moved some of its users away from its
+        destination (their origin, `source` when they have none), with those users: what
+        such a shard left there (a copy kept until its purge, or what the purge kept) is
+        replaced by this shard's copy."""
+        return self._users_sharing(
+            sid, "s.created_at < me.created_at AND coalesce(s.origin, %s) = me.region", (source,)
+        )
+
+    def _users_sharing(self, sid: str, where: str, args: tuple) -> dict[str, list[str]]:
+        """The other shards that hold some of this one's users, narrowed by `where`, with those users."""
+        out: dict[str, list[str]] = {}
+        with self.connect(autocommit=True) as c:
+            q = f"SELECT o.shard_id, o.user_key {_SHARING} {where} ORDER BY 1, 2"
+            for other, key in c.execute(q, (sid, *args)):
+                out.setdefault(other, []).append(key)
+        return out
+
     def _sharing(self, sid: str, where: str, args: tuple) -> list[str]:
         """The other shards (`s`) that hold some of this one's (`me`) users, narrowed by `where`."""
         with self.connect(autocommit=True) as c:
-            return [
-                r[0]
-                for r in c.execute(
-                    f"SELECT DISTINCT o.shard_id FROM {SCHEMA}.shard_user su JOIN {SCHEMA}.shard_user o "
-                    "ON o.user_key = su.user_key AND o.shard_id <> su.shard_id "
-                    f"JOIN {SCHEMA}.shard s ON s.shard_id = o.shard_id "
-                    f"JOIN {SCHEMA}.shard me ON me.shard_id = su.shard_id "
-                    f"WHERE su.shard_id = %s AND {where} ORDER BY 1",
-                    (sid, *args),
-                )
-            ]
+            return [r[0] for r in c.execute(f"SELECT DISTINCT o.shard_id {_SHARING} {where} ORDER BY 1", (sid, *args))]
 
     # --- membership and checkpoints ---------------------------------------------------
     def batch_keys(self, sid: str, sort: Callable[[list[str]], list[str]] = sorted) -> ShardBatches:
@@ -160,13 +182,19 @@ class Membership:
                 )
             ]
 
-    def send_members(self, sid: str, into: Conn, table: str) -> int:
-        """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`."""
+    def send_members(self, sid: str, into: Conn, table: str, not_homed_at: str | None = None) -> int:
+        """Stream the shard's (user key, batch number) pairs into `table` (k, b) over `into`;
+        with `not_homed_at`, but the users the directory homes there."""
+        away = (
+            ""
+            if not_homed_at is None
+            else f" AND NOT EXISTS (SELECT 1 FROM {SCHEMA}.directory d WHERE d.user_key = su.user_key AND d.home = %s)"
+        )
         with self.connect() as c:
             return pipe(
                 c,
-                f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user WHERE shard_id = %s) TO STDOUT",
-                (sid,),
+                f"COPY (SELECT user_key, batch_no FROM {SCHEMA}.shard_user su WHERE shard_id = %s{away}) TO STDOUT",
+                (sid,) if not_homed_at is None else (sid, not_homed_at),
                 into,
                 sql.SQL("COPY {} (k, b) FROM STDIN").format(sql.Identifier(table)),
             )

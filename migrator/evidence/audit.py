@@ -67,10 +67,13 @@ class _Control:
         self.homes: dict[str, set[str]] = {}
         for key, home in c.execute(f"SELECT user_key, home FROM {SCHEMA}.directory"):
             self.homes.setdefault(home, set()).add(key)
-        self.shards: dict[str, tuple[State, str, dict | None]] = {
-            sid: (State(state), region, frozen)
-            for sid, state, region, frozen in c.execute(f"SELECT shard_id, state, region, frozen FROM {SCHEMA}.shard")
-        }
+        self.shards: dict[str, tuple[State, str, dict | None]] = {}
+        self.created: dict[str, datetime] = {}
+        for sid, state, region, frozen, created in c.execute(
+            f"SELECT shard_id, state, region, frozen, created_at FROM {SCHEMA}.shard"
+        ):
+            self.shards[sid] = (State(state), region, frozen)
+            self.created[sid] = created
         has_origin = c.execute(
             "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
             "AND table_name = 'shard' AND column_name = 'origin')",
@@ -98,6 +101,12 @@ class _Control:
                 "WHERE detail->>'event' = 'purged' AND to_state = 'purged' ORDER BY shard_id, id DESC"
             )
         }
+
+    def taken_back(self, sid: str) -> set[str]:
+        """The shard's users that later shards take (or took) back to its origin."""
+        origin, mine = self.origins[sid], self.users.get(sid, set())
+        later = [s for s, (_, r, _) in self.shards.items() if r == origin and self.created[s] > self.created[sid]]
+        return {u for s in later for u in self.users.get(s, ()) if u in mine}
 
     def of(self, states: frozenset[State], region: str | None = None, origin: str | None = None) -> set[str]:
         """The users of shards in these states (bound for `region`, moving from `origin`)."""
@@ -164,6 +173,16 @@ def _destination(
     away = _homed_away(c, ctx, r, homed - ctl.of(IN_FLIGHT, origin=r))
     for to, n in sorted(away.items()):
         findings.append({"kind": "users homed outside their policy's region", "region": r, "to": to, "users": n})
+    n_manifests = _manifests(c, ctx, r, ctl, homed, findings, drift)
+    found, _ = _left_behind(c, ctx, r, ctl, rows, drift)
+    findings += found
+    return {"users_homed": len(homed), "users_with_rows": per, "users_in_flight": flying, "manifests": n_manifests}
+
+
+def _manifests(
+    c: Conn, ctx: Context, r: str, ctl: _Control, homed: set[str], findings: list[dict], drift: list[dict]
+) -> int:
+    """The manifests kept at `r` (`c` reads it) against the shards moved there; how many."""
     moved_here = {sid for sid, (state, region, _) in ctl.shards.items() if state in MOVED and region == r}
     members = {sid: m for sid, m in ctl.members.items() if sid in ctl.active}
     for sid in sorted(moved_here & set(members)):
@@ -181,9 +200,7 @@ def _destination(
             batches[b] = ctx.sort_keys(batches[b])
     n_manifests, found = evidence.check(c, ctx, r, members, moved_here, drift)
     findings += found
-    found, _ = _left_behind(c, ctx, r, ctl, rows, drift)
-    findings += found
-    return {"users_homed": len(homed), "users_with_rows": per, "users_in_flight": flying, "manifests": n_manifests}
+    return n_manifests
 
 
 def _homed_away(c: Conn, ctx: Context, r: str, homed: set[str]) -> Counter[str]:
@@ -220,11 +237,17 @@ def _source(ctx: Context, ctl: _Control, findings: list[dict], drift: list[dict]
                 findings.append({"kind": "stray rows at the source", "region": src, "table": t, "users": len(stray)})
         found, frozen_checked = _left_behind(c, ctx, src, ctl, kept_rows, drift)
         findings += found
+        # users who moved back here: their shards' manifests, where the spec keeps them here
+        n_manifests = _manifests(c, ctx, src, ctl, ctl.homes.get(src, set()), findings, drift)
         side = f"source {src}"  # a table the spec forgot holds users' rows at the old home
         findings += [
             {"kind": "table left behind", "detail": why} for why in catalog.unnamed_tables(c, spec.entity_graph, side)
         ]
-    return {"users_retained": len(retained), "copies_checked_against_their_freeze": frozen_checked}
+    return {
+        "users_retained": len(retained),
+        "copies_checked_against_their_freeze": frozen_checked,
+        "manifests": n_manifests,
+    }
 
 
 def _left_behind(
@@ -236,7 +259,8 @@ def _left_behind(
     out: list[dict] = []
     for sid, tables in sorted(ctl.receipts.items()):
         if ctl.shards.get(sid, (None,))[0] == State.PURGED and ctl.origins[sid] == r:
-            out += _against_receipt(c, ctx, r, sid, tables, ctl.users.get(sid, set()), rows)
+            back = ctl.taken_back(sid)  # their rows there are a later shard's now
+            out += _against_receipt(c, ctx, r, sid, tables, ctl.users.get(sid, set()) - back, rows, bool(back))
     frozen_checked = 0
     for sid, (state, _, frozen) in sorted(ctl.shards.items()):
         if state == State.CUT_OVER and frozen and sid in ctl.active and ctl.origins[sid] == r:
@@ -260,9 +284,18 @@ def _left_behind(
 
 
 def _against_receipt(
-    c: Conn, ctx: Context, r: str, sid: str, tables: dict[str, Any], users: set[str], rows: dict[str, Counter[str]]
+    c: Conn,
+    ctx: Context,
+    r: str,
+    sid: str,
+    tables: dict[str, Any],
+    users: set[str],
+    rows: dict[str, Counter[str]],
+    some_back: bool = False,
 ) -> list[dict]:
-    """A purged shard's rows at its origin `r` against what its purge did, table by table."""
+    """A purged shard's rows at its origin `r` against what its purge did, table by table.
+    With `some_back`, some of its users were taken back there since (left out of `users`):
+    a kept table holds at most what the purge kept, no longer exactly that."""
     out: list[dict] = []
     where = {"region": r, "shard": sid}
     for t, done in sorted(tables.items()):
@@ -275,7 +308,7 @@ def _against_receipt(
                 out.append({"kind": "purged users' rows back at the source", **where, "table": t, "users": len(back)})
         elif action == "keep":
             now = sum(here[u] for u in users)
-            if now != done.get("rows_kept"):
+            if now > done.get("rows_kept", 0) if some_back else now != done.get("rows_kept"):
                 out.append(
                     {
                         "kind": "a kept table's rows differ from the purge's receipt",

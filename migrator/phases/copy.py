@@ -43,7 +43,7 @@ from migrator.control.membership import BatchRecord
 from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, ConflictError
 from migrator.lanes import in_lanes
-from migrator.phases import copy_objects
+from migrator.phases import copy_objects, move_back
 from migrator.schema import history
 from migrator.shard import objects
 from migrator.stores import is_transient, replica, sqlgen
@@ -123,12 +123,25 @@ def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> tuple[hashlib._Hash, int]:
 
 
 def _copy_batch(
-    ctx: Context, links: _Links, sid: str, region: str, batch_no: int, keys: list[str], rep: replica.Replica
+    ctx: Context,
+    links: _Links,
+    sid: str,
+    region: str,
+    batch_no: int,
+    keys: list[str],
+    rep: replica.Replica,
+    returning: frozenset[str] = frozenset(),
 ) -> BatchRecord:
     graph, kt = ctx.spec.entity_graph, ctx.key_type
     src, dst = links.open()
     try:
         dst.execute("BEGIN; SET LOCAL migrator.apply = 'on'")  # this tool's own writes pass the guards
+        back = [k for k in keys if k in returning]
+        if back:  # users moving back: what an earlier move of theirs left here is replaced
+            move_back.clear_objects(ctx, dst, region, back)  # before the rows that name them go
+            for table in reversed(list(ctx.tables.values())):
+                replica.set_for(dst, rep, table.name)
+                dst.execute(sqlgen.delete_keys(graph, table, kt), sqlgen.keys_arg(back))
         rows: dict[str, int] = {}
         parts: dict[str, tuple[int, str]] = {}
         moved_bytes, t0 = 0, time.monotonic()
@@ -197,10 +210,16 @@ def _copy_batch(
 
 
 def _check_no_foreign_rows(
-    ctx: Context, dst_dsn: str, sid: str, pending: list[int], batches: Mapping[int, list[str]]
+    ctx: Context,
+    dst_dsn: str,
+    sid: str,
+    pending: list[int],
+    batches: Mapping[int, list[str]],
+    returning: frozenset[str] = frozenset(),
 ) -> None:
     """Refuse batches whose users already have rows at the destination: a batch not in the
-    ledger was never committed there by this tool, so such rows were written by someone else.
+    ledger was never committed there by this tool, so such rows were written by someone else
+    (but for users moving back, whose rows an earlier move of theirs left there).
 
     It runs for every pending batch before any is copied: once workers are writing, a scan
     of a destination table would also wade through the sibling batches' uncommitted rows,
@@ -216,8 +235,9 @@ def _check_no_foreign_rows(
             if c.execute(sqlgen.any_row(graph, table)).fetchone() is not None
         }
         for b in pending if occupied else []:
-            for name, table in occupied.items():
-                found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(batches[b])).fetchall()
+            keys = [k for k in batches[b] if k not in returning]
+            for name, table in occupied.items() if keys else ():
+                found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(keys)).fetchall()
                 if found:
                     pks = [dict(zip(table.pk, r)) for r in found]
                     raise ConflictError(
@@ -235,6 +255,7 @@ def _copy_pending(
     batches: Mapping[int, list[str]],
     pending: list[int],
     rep: replica.Replica,
+    returning: frozenset[str],
 ) -> Iterator[tuple[int, BatchRecord]]:
     """Copy the pending batches with `copy.workers` lanes (each on its own source and
     destination connections), yielding each as it commits; the caller checkpoints it."""
@@ -245,7 +266,7 @@ def _copy_pending(
 
     def one(links: _Links, b: int) -> BatchRecord:
         throttle.wait()
-        res = _copy_batch(ctx, links, sid, region, b, batches[b], rep)
+        res = _copy_batch(ctx, links, sid, region, b, batches[b], rep, returning)
         throttle.done(sum(res.rows.values()))
         return res
 
@@ -292,9 +313,10 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     if progress:
         progress(len(done), total)
     pending = [b for b in sorted(batches) if b not in done]
-    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches)
+    returning = frozenset(move_back.make_room(ctx, shard))  # users moving back, and room made for them
+    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches, returning)
     started = time.monotonic()
-    for b, res in _copy_pending(ctx, sid, shard.region, src_dsn, dst_dsn, batches, pending, rep):
+    for b, res in _copy_pending(ctx, sid, shard.region, src_dsn, dst_dsn, batches, pending, rep, returning):
         ctl.save_checkpoint(sid, b, res)
         done[b] = res
         copied_now += 1

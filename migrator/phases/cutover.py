@@ -75,7 +75,7 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
     t0: float | None = None
     decided = False
     try:
-        # users an earlier rollback left refused at the destination: the window lifts that
+        # users an earlier rollback or move left refused at the destination: the window lifts that
         # guard once decided; for everyone else it need not reach the destination at all
         returning = _stage_lists(ctx, sid, src, dst)
         # The directory's rows are flipped in a transaction left open across the window:
@@ -108,7 +108,7 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
                 decided = True
                 steps.mark("hold")
                 hooks.point("arriving", ctx, sid)
-                if returning:  # homed here from now on: the guard an earlier rollback left goes
+                if returning:  # homed here from now on: what refused them here goes
                     capture.arrive(dst, sid)
                     steps.mark("arrive")
             hooks.point("held", ctx, sid)
@@ -162,7 +162,8 @@ def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> int:
     logged. Written here, neither list costs the window anything. A failure of either
     reaches the caller once both have ended, so its clean-up finds neither still writing.
     Returns how many of the users the destination refuses for good (an earlier rollback's
-    guard); no rollback can add to them now, as a user is in one live shard."""
+    guard, or the held fence of an earlier move of theirs away from it); no rollback can
+    add to them now, as a user is in one live shard."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lists-{sid}") as pool:
         at_destination = pool.submit(capture.start_capture, ctx, dst, sid, wait_s=None)
         capture.stage_fence(src, sid, ctx.control)  # on a failure, leaving the pool still waits for the other

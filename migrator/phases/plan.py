@@ -264,13 +264,7 @@ def plan(
                     raise StateConflict(f"wave {wave}: another planner's plan vanished; plan again")
                 won.warnings = warnings
                 return won
-        back = load(ctx, c, since, until, moving, again)
-        for r, count in sorted(back.items()):
-            warnings.append(
-                f"{count} user(s) belong in {r} again, where an earlier move of theirs left their copy and its "
-                f"fence; they stay at their home: a move back to a region a user left is not planned by this version"
-            )
-            log.warning(warnings[-1])
+        load(ctx, c, since, until, moving, again)
         src = spec.source_region
         shards: dict[int, ShardPlan] = {}  # numbered in (first moves first, origin, region, index) order
         for origin, region, idx, users in c.execute(

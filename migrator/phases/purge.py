@@ -44,9 +44,10 @@ from migrator.errors import PurgeRefused
 from migrator.evidence import pseudonym
 from migrator.lanes import in_lanes
 from migrator.phases import purge_objects
-from migrator.phases.purge_checks import Checked, count_rows, is_due, key_of, preconditions, settings
+from migrator.phases.purge_checks import Checked, count_rows, is_due, key_of, preconditions, settings, taken_back
 from migrator.schema import history
 from migrator.shard import objects
+from migrator.shard.digest import CopyDigest
 from migrator.stores import replica, sqlgen
 from migrator.stores.catalog import Table
 from migrator.stores.postgres import Conn, connect
@@ -149,8 +150,11 @@ def _plan_only(ctx: Context, sid: str) -> tuple[dict[str, dict[str, Any]], int]:
     """What a purge would delete and pseudonymise, per table, without writing anything."""
     p = settings(ctx)
     totals: dict[str, dict[str, Any]] = {}
-    with connect(ctx.origin_dsn(ctx.control.shard(sid)), autocommit=True) as c:
-        for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
+    shard = ctx.control.shard(sid)
+    back = taken_back(ctx, shard)
+    with connect(ctx.origin_dsn(shard), autocommit=True) as c:
+        for batch in ctx.control.batch_keys(sid, ctx.sort_keys).values():
+            keys = [k for k in batch if k not in back]
             for table in _order(ctx):
                 n = count_rows(c, ctx, table, keys)
                 t = totals.setdefault(table.name, {"action": p.action(table.name), "rows": 0})
@@ -225,14 +229,18 @@ def purge_shard(ctx: Context, sid: str, progress: Progress | None = None) -> Pur
             b: r
             for b, r in c.execute("SELECT batch_no, receipt FROM migrator.purge_ledger WHERE shard_id = %s", (sid,))
         }
-    manifest = objects.manifest(ctx, sid)
+    shard = ctl.shard(sid)
+    back = taken_back(ctx, shard)  # users a later shard took back there: theirs now
+    later = CopyDigest.from_record(shard.frozen).without if shard.frozen is not None else ()
+    manifest = purge_objects.without_returned(ctx, objects.manifest(ctx, sid), back, later)
     batches = ctl.batch_keys(sid, ctx.sort_keys)
     total = len(batches)
     pause = settings(ctx).batch_pause_s
     pending = [b for b in sorted(batches) if b not in done]
 
     def one(_: None, b: int) -> dict[str, Any]:
-        receipt = _purge_batch(ctx, sid, shard.region, ctx.origin(shard), b, batches[b], manifest.get(b, []), key, rep)
+        keys = [k for k in batches[b] if k not in back]
+        receipt = _purge_batch(ctx, sid, shard.region, ctx.origin(shard), b, keys, manifest.get(b, []), key, rep)
         hooks.point("purged batch", ctx, sid)
         if pause:
             time.sleep(pause)  # this lane's pause: the source's own writers go first

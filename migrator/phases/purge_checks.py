@@ -21,7 +21,7 @@ from migrator.control.state import State
 from migrator.control.store import SCHEMA, Shard
 from migrator.errors import ChecksumMismatch, PurgeRefused, SpecError
 from migrator.evidence import pseudonym
-from migrator.shard.digest import ColumnsGone, CopyDigest, digest_copy
+from migrator.shard.digest import ColumnsGone, CopyDigest, digest_copy, left_out
 from migrator.spec import Purge
 from migrator.stores import catalog, sqlgen
 from migrator.stores.catalog import Table
@@ -179,16 +179,25 @@ def _frozen_copy_unchanged(ctx: Context, shard: Shard) -> CopyDigest:
     return now
 
 
+def taken_back(ctx: Context, shard: Shard) -> frozenset[str]:
+    """The shard's users whose rows at its origin a later shard replaced, taking them back
+    there (those its freeze leaves out, see `move_back`): the purge leaves them be."""
+    without = CopyDigest.from_record(shard.frozen).without if shard.frozen is not None else ()
+    return frozenset(left_out(ctx, shard.shard_id, without))
+
+
 def _still_at_destination(ctx: Context, shard: Shard) -> None:
     """Every user of the shard homed away from its origin (at its destination, or wherever a
     later move took them), with their row of the root table at that home: the copy about to
-    be retired is not the only one."""
+    be retired is not the only one. Users a later shard took back to the origin are that
+    shard's business."""
     sid, g, origin = shard.shard_id, ctx.spec.entity_graph, ctx.origin(shard)
+    back_home = taken_back(ctx, shard)
     with ctx.control.connect() as c:
         (back,) = c.execute(
             f"SELECT count(*) FROM {SCHEMA}.shard_user su LEFT JOIN {SCHEMA}.directory d USING (user_key) "
-            f"WHERE su.shard_id = %s AND (d.home IS NULL OR d.home = %s)",
-            (sid, origin),
+            f"WHERE su.shard_id = %s AND (d.home IS NULL OR d.home = %s) AND su.user_key <> ALL(%s)",
+            (sid, origin, sorted(back_home)),
         ).fetchone()
     if back:
         raise PurgeRefused(
@@ -202,14 +211,16 @@ def _still_at_destination(ctx: Context, shard: Shard) -> None:
             by_home: dict[str, list[str]] = {}
             q = f"SELECT user_key, home FROM {SCHEMA}.directory WHERE user_key = ANY(%s)"
             for k, home in c.execute(q, (keys,)):
-                by_home.setdefault(home, []).append(k)
+                if k not in back_home:
+                    by_home.setdefault(home, []).append(k)
             for home, ks in sorted(by_home.items()):
                 if home not in at:
                     at[home] = stack.enter_context(connect(ctx.dsn(home), autocommit=True))
                 present += count_rows(at[home], ctx, root, ctx.sort_keys(ks))
-    if present < shard.users:
+    away = shard.users - len(back_home)
+    if present < away:
         raise PurgeRefused(
-            f"shard {sid}: {shard.users - present} of its {shard.users} users have no row in {g.root.table} at "
+            f"shard {sid}: {away - present} of its {away} users homed away have no row in {g.root.table} at "
             f"their home (destination {shard.region}, or where they moved on to): nothing purged"
         )
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from migrator.control.context import Context
 from migrator.differences import ObjectDifference
 from migrator.errors import ChecksumMismatch
-from migrator.shard.objects import settings, stores
+from migrator.shard.objects import delete_everywhere, manifest, owner, settings, stores
 from migrator.stores import s3
 
 
@@ -52,25 +52,22 @@ def purge_batch(
             bad,
         )
 
-    # A bucket that never had versioning holds one version per key; otherwise every version
-    # (and delete marker) of the key goes. The listings run side by side; the deletes go
-    # in DeleteObjects requests, a thousand at a time.
-    versioned = src_c.get_bucket_versioning(Bucket=src.bucket).get("Status") in ("Enabled", "Suspended")
     keys = [k for k, _, _ in entries]
-    targets: list[dict[str, str]] = [{"Key": k} for k in keys]
-    if versioned:
-        with ThreadPoolExecutor(o.threads) as pool:
-            targets = [t for found in pool.map(lambda k: _versions(ctx, src_c, src.bucket, k), keys) for t in found]
-    s3.delete_keys(src_c, src.bucket, targets)
+    delete_everywhere(src_c, src.bucket, keys, o.threads)
     return keys, sum(1 for t in there if not t)
 
 
-def _versions(ctx: Context, c, bucket: str, key: str) -> list[dict[str, str]]:
-    """Every version and delete marker of exactly this key (a listing by prefix also
-    finds longer keys that start with it)."""
-    found = []
-    for page in c.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
-        for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
-            if v["Key"] == key:
-                found.append({"Key": key, "VersionId": v["VersionId"]})
-    return found
+def without_returned(
+    ctx: Context, entries: dict[int, list[tuple[str, int, str]]], back: frozenset[str], later: tuple[str, ...]
+) -> dict[int, list[tuple[str, int, str]]]:
+    """The shard's manifest but the objects of users a later shard took back to its origin:
+    those under their prefixes, and every key a later shard copied there (theirs now)."""
+    if not back or not entries:
+        return entries
+    o = settings(ctx)
+    theirs = {k for s in later for batch in manifest(ctx, s).values() for k, _, _ in batch}
+    head, tail = o.user_prefix.split("{user}", 1) if o.user_prefix is not None else (None, "")
+    return {
+        b: [e for e in batch if e[0] not in theirs and (head is None or owner(e[0], head, tail) not in back)]
+        for b, batch in entries.items()
+    }

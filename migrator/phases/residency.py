@@ -14,7 +14,7 @@ from datetime import datetime
 from psycopg import sql
 
 from migrator.control.context import Context
-from migrator.control.state import IN_FLIGHT, MOVED
+from migrator.control.state import IN_FLIGHT
 from migrator.control.store import SCHEMA
 from migrator.errors import SpecError, describe
 from migrator.partition import shard_index_sql
@@ -153,14 +153,13 @@ def load(
     until: datetime | None,
     moving: dict[str, str],
     leaving: dict[str, dict[str, str]],
-) -> dict[str, int]:
+) -> None:
     """Fill the temporary table rm_plan (user_key, region, idx, origin) with the users to
     move: at the source, those whose residency moves (created in the interval); at every
     other region, those whose residency the policy now sends elsewhere (`leaving`). Kept
     are users homed where they were read (at the source also users the directory does not
-    know yet), in no move under way and not held. Returns, by region, the users left out
-    because they would move back to a region an earlier move of theirs left (their copy
-    and its fence are still there)."""
+    know yet), in no move under way and not held. A user may move back to a region an
+    earlier move of theirs left (`move_back`)."""
     src = ctx.spec.source_region
     c.execute(
         "CREATE TEMP TABLE rm_plan (user_key text NOT NULL, region text NOT NULL, idx int NOT NULL, "
@@ -174,7 +173,6 @@ def load(
                 pipe(there, q, args, c, "COPY rm_plan (user_key, region, idx) FROM STDIN")
             c.execute("UPDATE rm_plan SET origin = %s WHERE origin = ''", (home,))
     c.execute("ANALYZE rm_plan")
-    back: dict[str, int] = {}
     if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.shard_user",)).fetchone()[0]:
         c.execute(
             f"DELETE FROM rm_plan p USING {SCHEMA}.directory d WHERE d.user_key = p.user_key AND d.home <> p.origin"
@@ -189,17 +187,7 @@ def load(
             "WHERE su.user_key = p.user_key AND s.state = ANY(%s)",
             ([x.value for x in IN_FLIGHT],),
         )
-        back = dict(
-            c.execute(
-                f"WITH gone AS (DELETE FROM rm_plan p USING {SCHEMA}.shard_user su JOIN {SCHEMA}.shard s "
-                "USING (shard_id) WHERE su.user_key = p.user_key AND s.state = ANY(%s) "
-                "AND coalesce(s.origin, %s) = p.region RETURNING p.user_key, p.region) "
-                "SELECT region, count(DISTINCT user_key) FROM gone GROUP BY 1",
-                ([x.value for x in MOVED], src),
-            ).fetchall()
-        )
     else:  # nothing has moved yet: every user is homed at the source
         c.execute("DELETE FROM rm_plan WHERE origin <> %s", (src,))
     if c.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.held_users",)).fetchone()[0]:
         c.execute(f"DELETE FROM rm_plan p USING {SCHEMA}.held_users h WHERE h.user_key = p.user_key")
-    return back

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,10 +30,16 @@ class CopyDigest:
     digest: str
     tables: Mapping[str, tuple[int, str]]
     columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # hashed, per table (when known)
+    # later shards that took some of the shard's users back to where this copy is: their
+    # rows there are that shard's now, and are left out (see `phases.move_back`)
+    without: tuple[str, ...] = ()
 
     @classmethod
     def of(
-        cls, agg: dict[tuple[str, int], tuple[int, str]], columns: Mapping[str, tuple[str, ...]] | None = None
+        cls,
+        agg: dict[tuple[str, int], tuple[int, str]],
+        columns: Mapping[str, tuple[str, ...]] | None = None,
+        without: tuple[str, ...] = (),
     ) -> CopyDigest:
         tables = {
             t: (
@@ -42,7 +48,7 @@ class CopyDigest:
             )
             for t in sorted({t for t, _ in agg})
         }
-        return cls(shard_digest(agg), tables, dict(columns or {}))
+        return cls(shard_digest(agg), tables, dict(columns or {}), tuple(without))
 
     def record(self) -> dict[str, Any]:
         return {
@@ -51,6 +57,7 @@ class CopyDigest:
                 t: {"rows": n, "digest": d, **({"columns": list(self.columns[t])} if t in self.columns else {})}
                 for t, (n, d) in self.tables.items()
             },
+            **({"without": list(self.without)} if self.without else {}),
         }
 
     @classmethod
@@ -59,6 +66,7 @@ class CopyDigest:
             r["digest"],
             {t: (v["rows"], v["digest"]) for t, v in r["tables"].items()},
             {t: tuple(v["columns"]) for t, v in r["tables"].items() if "columns" in v},
+            tuple(r.get("without", ())),
         )
 
     def differing(self, other: CopyDigest) -> list[str]:
@@ -71,9 +79,27 @@ class CopyDigest:
 def digest_copy(ctx: Context, sid: str, dsn: str, like: CopyDigest | None = None) -> CopyDigest:
     """The shard's rows as one side holds them now, read as the verify reads a side; with
     `like`, over the columns `like` hashed (a column added since is left out, so a schema
-    change made everywhere does not read as a change of the rows). A column `like` hashed
-    that is gone raises `ColumnsGone`."""
-    hashed = _columns(ctx, like)
+    change made everywhere does not read as a change of the rows) and without the users
+    `like` leaves out. A column `like` hashed that is gone raises `ColumnsGone`."""
+    hashed = hashed_columns(ctx, like)
+    without = like.without if like is not None else ()
+    agg = digest_parts(ctx, sid, dsn, hashed, left_out(ctx, sid, without))
+    return CopyDigest.of(agg, {t: tuple(table.names) for t, table in hashed.items()}, without)
+
+
+def left_out(ctx: Context, sid: str, later: tuple[str, ...]) -> list[str]:
+    """The shard's users that the `later` shards took back to its origin."""
+    if not later:
+        return []
+    taken = ctx.control.taken_back(sid, ctx.origin(ctx.control.shard(sid)))
+    return sorted({k for s in later for k in taken.get(s, [])})
+
+
+def digest_parts(
+    ctx: Context, sid: str, dsn: str, hashed: Mapping[str, Table], without: Sequence[str], apart: Sequence[str] = ()
+) -> Aggregate:
+    """Per (table, batch) the rows and sum of their hashes of the shard's users but
+    `without`; the users `apart` counted apart, under batch -1 - b."""
     shard = ctx.control.shard(sid)
     est = shard.plan.get("rows", {})
     order = largest_first(ctx, list(ctx.tables), est)
@@ -83,16 +109,19 @@ def digest_copy(ctx: Context, sid: str, dsn: str, like: CopyDigest | None = None
         work.put(t)
     agg: dict[tuple[str, int], tuple[int, str]] = {}
     with ThreadPoolExecutor(max_workers=n) as pool:
-        for f in [pool.submit(aggregate, ctx, dsn, sid, work, shard.users, est, tables=hashed) for _ in range(n)]:
+        for f in [
+            pool.submit(aggregate, ctx, dsn, sid, work, shard.users, est, tables=hashed, without=without, apart=apart)
+            for _ in range(n)
+        ]:
             agg.update(f.result())
-    return CopyDigest.of(agg, {t: tuple(table.names) for t, table in hashed.items()})
+    return agg
 
 
 class ColumnsGone(Exception):
     """A column an earlier digest hashed is no longer in its table."""
 
 
-def _columns(ctx: Context, like: CopyDigest | None) -> dict[str, Table]:
+def hashed_columns(ctx: Context, like: CopyDigest | None) -> dict[str, Table]:
     """The graph's tables as a digest reads them: every column, or those `like` hashed."""
     out = {}
     for name, table in ctx.tables.items():
@@ -129,6 +158,8 @@ def aggregate(
     rows: dict[str, int] | None = None,
     throttle: Throttle | None = None,
     tables: Mapping[str, Table] | None = None,
+    without: Sequence[str] = (),
+    apart: Sequence[str] = (),
 ) -> dict[tuple[str, int], tuple[int, str]]:
     """One connection to one side: load the shard's keys, then digest tables taken from the
     side's shared queue until it is empty, each in a transaction of its own (a statement
@@ -139,6 +170,10 @@ def aggregate(
         # the session's own table, gone when the connection closes
         c.execute(sql.SQL("CREATE TEMP TABLE rm_keys (k {} NOT NULL, b int NOT NULL)").format(sql.SQL(ctx.key_type)))
         ctx.control.send_members(sid, c, "rm_keys")  # streamed: the shard's keys are never held here
+        if without:
+            c.execute("DELETE FROM rm_keys WHERE k::text = ANY(%s)", (list(without),))
+        if apart:
+            c.execute("UPDATE rm_keys SET b = -1 - b WHERE k::text = ANY(%s)", (list(apart),))
         c.execute("ANALYZE rm_keys")
         c.commit()
         while True:

@@ -205,3 +205,26 @@ def manifest(ctx: Context, sid: str) -> dict[int, list[tuple[str, int, str]]]:
     for b, k, n, h in rows:
         out.setdefault(b, []).append((k, n, h))
     return out
+
+
+def delete_everywhere(c, bucket: str, keys: list[str], threads: int) -> None:
+    """Delete the keys from the bucket. A bucket that never had versioning holds one
+    version per key; otherwise every version (and delete marker) of the key goes. The
+    listings run side by side; the deletes go in DeleteObjects requests, a thousand at a
+    time."""
+    targets: list[dict[str, str]] = [{"Key": k} for k in keys]
+    if keys and c.get_bucket_versioning(Bucket=bucket).get("Status") in ("Enabled", "Suspended"):
+        with ThreadPoolExecutor(threads) as pool:
+            targets = [t for found in pool.map(lambda k: _versions(c, bucket, k), keys) for t in found]
+    s3.delete_keys(c, bucket, targets)
+
+
+def _versions(c, bucket: str, key: str) -> list[dict[str, str]]:
+    """Every version and delete marker of exactly this key (a listing by prefix also
+    finds longer keys that start with it)."""
+    found = []
+    for page in c.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
+        for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            if v["Key"] == key:
+                found.append({"Key": key, "VersionId": v["VersionId"]})
+    return found

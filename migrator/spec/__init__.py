@@ -154,15 +154,15 @@ class Spec(Strict):
                     )
                 if g.root.table == t and col == g.root.residency:
                     raise ValueError(f"purge.tables.{t}: column {col} is the residency the purge is decided by")
-        for r in p.keys:
-            if r not in self.regions or r == self.source_region:
-                raise ValueError(f"purge.keys.{r}: not a destination region")
+        for r in p.keys:  # the source too: users who move back there retire their copy with its key
+            if r not in self.regions:
+                raise ValueError(f"purge.keys.{r}: not a region of the spec")
 
     @model_validator(mode="after")
     def _evidence(self) -> Spec:
-        for r in self.evidence.regions if self.evidence else {}:
-            if r not in self.regions or r == self.source_region:
-                raise ValueError(f"evidence.regions.{r}: not a destination region")
+        for r in self.evidence.regions if self.evidence else {}:  # the source too, for moves back there
+            if r not in self.regions:
+                raise ValueError(f"evidence.regions.{r}: not a region of the spec")
         return self
 
     @property

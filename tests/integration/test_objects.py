@@ -198,6 +198,36 @@ def test_a_move_again_takes_the_objects_from_the_users_home_and_its_rollback_rem
     assert objects_of(w, moved) <= set(listing(w, "ie"))
 
 
+def test_a_move_back_replaces_the_objects_the_first_move_left_and_their_purge_leaves_them(oworld):
+    w = oworld
+    w.write_spec(purge={"after": "0s"})  # every table deleted: no key needed
+    assert w.migrator("run", "--region", "ie").returncode == 0
+    back = ids_for(w, "ie")[:2]
+    with psycopg.connect(w.dsn["ie"]) as c:  # at their home, they leave the EEA
+        c.execute("UPDATE users SET country_code = 'US' WHERE user_id = ANY(%s)", (back,))
+    ie = s3(w.endpoints["ie"].endpoint)
+    rewritten, deleted = f"users/{back[0]}/avatar.png", f"users/{back[1]}/avatar.png"
+    ie.put_object(Bucket=w.buckets["ie"], Key=rewritten, Body=b"written at ie")
+    ie.delete_object(Bucket=w.buckets["ie"], Key=deleted)  # the application deleted it at their home
+    theirs = objects_of(w, back) - {deleted}
+    res = w.migrator("run", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr
+    assert json.loads(res.stdout)["moves"] == {"ie→us": 2}
+    at_us = listing(w, "us")
+    assert theirs <= set(at_us) and deleted not in at_us  # what their home holds, and nothing else
+    assert {k: body(w, "us", k) for k in theirs} == {k: body(w, "ie", k) for k in theirs}
+    assert body(w, "us", rewritten) == b"written at ie"
+    res = w.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert {k: body(w, "us", k) for k in theirs}[rewritten] == b"written at ie"  # the first move's purge left them
+    assert theirs <= set(listing(w, "us"))
+    assert not objects_of(w, back) & set(listing(w, "ie"))  # the move back's purge retired the ie copy
+    stayed = [u for u in ids_for(w, "ie") if u not in back]
+    assert not objects_of(w, stayed) & set(listing(w, "us"))  # and the first move's, the others' us copy
+    res = w.migrator("audit", "--json")
+    assert res.returncode == 0, res.stdout[-3000:]
+
+
 def test_corrupted_object_is_named_and_rollback_removes_only_the_shards(oworld):
     w = oworld
     assert w.migrator("plan").returncode == 0

@@ -139,19 +139,137 @@ def test_a_rollback_of_a_move_again_returns_users_to_their_previous_home(world: 
     assert [_home(world, u) for u in uids] == ["ie"] * 3
 
 
-def test_a_user_who_would_move_back_to_a_region_they_left_is_reported(world: World):
+def test_users_who_leave_the_eea_move_back_to_the_us_before_and_after_its_copy_is_purged(world: World, monkeypatch):
+    """ie→us while the first move's copy at us is still kept, and no→us after it was purged:
+    either way the copy the first move left is replaced by the rows at the user's home, the
+    us fence lets go of them at the cutover, the first move's purge leaves them be, and a
+    rollback of a move back returns them to their previous home, refused at us again."""
+    keys = {r: f"move-back-key-{r}-0123456789abcdef" for r in ("us", "ie", "no")}
+    for r, k in keys.items():
+        monkeypatch.setenv(f"TEST_MOVE_BACK_KEY_{r.upper()}", k)
+    world.write_spec(
+        purge={
+            "after": "0s",
+            "tables": {"users": {"pseudonymise": ["email"]}, "videos": "delete"},
+            "keys": {r: {"env": f"TEST_MOVE_BACK_KEY_{r.upper()}"} for r in keys},
+        }
+    )
+    assert world.migrator("run").returncode == 0
+    leaving_ie, (leaving_no,) = _homed_at(world, "ie", 2), _homed_at(world, "no", 1)
+    stay_ie = [u for u in _homed_at(world, "ie", 4) if u not in leaving_ie][:1]
+    for uid in leaving_ie:
+        _relocate(world, "ie", uid, "US")
+    with psycopg.connect(world.dsn["ie"]) as c:  # written at their home after the first move
+        c.execute("UPDATE users SET display_name = 'written at ie' WHERE user_id = %s", (leaving_ie[0],))
+    before = _owned(world, "ie", leaving_ie)
+    emails = dict(world.rows("ie", "SELECT user_id, email FROM users WHERE user_id = ANY(%s)", (leaving_ie + stay_ie,)))
+    assert _owned(world, "us", leaving_ie) != before  # the copy kept at us is the first move's
+    rc, doc = _audit(world)
+    assert rc == 1 and [(f["kind"], f["region"], f["to"], f["users"]) for f in doc["findings"]] == [
+        ("users homed outside their policy's region", "ie", "us", 2)
+    ]
+
+    # while the first move's copy at us is kept (not purged yet)
+    res = world.migrator("run", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.loads(res.stdout)["moves"] == {"ie→us": 2}
+    assert [_home(world, u) for u in leaving_ie] == ["us", "us"]
+    assert _owned(world, "us", leaving_ie) == before
+    assert [writable(world, r, leaving_ie[1]) for r in ("us", "ie")] == [True, False]
+    assert not writable(world, "us", stay_ie[0])  # the us fence still holds the users who stayed away
+    rc, doc = _audit(world)
+    assert rc == 0, doc["findings"]
+
+    # every purge due: the first moves' (leaving the users taken back alone) and the move back's
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert world.ctl("SELECT DISTINCT state FROM migrator.shard") == [("purged",)]
+    assert _owned(world, "us", leaving_ie) == before  # their home's rows, untouched by the old purge
+    email = "SELECT user_id, email FROM users WHERE user_id = ANY(%s)"
+    retired = dict(world.rows("ie", email, (leaving_ie,))) | dict(world.rows("us", email, (stay_ie,)))
+    assert retired == {u: text_pseudonym(keys["us"].encode(), emails[u]) for u in leaving_ie} | {
+        stay_ie[0]: text_pseudonym(keys["ie"].encode(), emails[stay_ie[0]])
+    }  # the ie copy retired with us's key, the us copy of a user who stayed away with ie's
+    rc, doc = _audit(world)
+    assert rc == 0, doc["findings"]
+
+    # after the first move's copy at us was purged (pseudonymised, videos deleted)
+    _relocate(world, "no", leaving_no, "US")
+    before_no = _owned(world, "no", [leaving_no])
+    assert world.rows("us", "SELECT count(*) FROM videos WHERE user_id = %s", (leaving_no,)) == [(0,)]
+    res = world.migrator("run", "--wave", "back", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.loads(res.stdout)["moves"] == {"no→us": 1}
+    assert _home(world, leaving_no) == "us"
+    assert _owned(world, "us", [leaving_no]) == before_no
+    assert [writable(world, r, leaving_no) for r in ("us", "no")] == [True, False]
+    rc, doc = _audit(world)
+    assert rc == 0, doc["findings"]
+
+    # a rollback of the move back: home at no again, refused at us again, nothing of theirs left at us
+    res = world.migrator("rollback", "--wave", "back", "--reason", "test", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert _home(world, leaving_no) == "no"
+    assert _owned(world, "no", [leaving_no]) == before_no
+    assert all(rows == [] for rows in _owned(world, "us", [leaving_no]).values())
+    assert [writable(world, r, leaving_no) for r in ("us", "no")] == [False, True]
+    rc, doc = _audit(world)  # their residency still says us: held by the rollback, and reported
+    assert rc == 1 and [(f["kind"], f["region"], f["to"], f["users"]) for f in doc["findings"]] == [
+        ("users homed outside their policy's region", "no", "us", 1)
+    ]
+
+
+def test_a_user_who_moves_ie_no_ie_returns_with_their_writes_and_the_no_copy_is_purged(world: World, monkeypatch):
+    """us→ie, ie→no, then back no→ie while the ie→no move's copy at ie is still kept, its
+    copy killed after one batch and rerun: the ie rows are no's, ie takes their writes again
+    and no refuses them, and the purges retire the no copy and leave the ie one (theirs now)
+    alone."""
+    keys = {r: f"round-trip-key-{r}-0123456789abcdef" for r in ("ie", "no")}
+    for r, k in keys.items():
+        monkeypatch.setenv(f"TEST_ROUND_TRIP_KEY_{r.upper()}", k)
+    world.write_spec(
+        purge={
+            "after": "0s",
+            "tables": {"users": {"pseudonymise": ["email"]}},
+            "keys": {r: {"env": f"TEST_ROUND_TRIP_KEY_{r.upper()}"} for r in keys},
+        }
+    )
     assert world.migrator("run", "--region", "ie").returncode == 0
-    (uid,) = _homed_at(world, "ie", 1)
-    _relocate(world, "ie", uid, "US")
-    res = world.migrator("run", "--wave", "again", "--json")
-    assert res.returncode == 0
-    doc = json.loads(res.stdout)
-    assert doc["moves"] == {} and any("belong in us again" in w for w in doc["warnings"]), doc["warnings"]
-    assert _home(world, uid) == "ie"
-    rc, audit = _audit(world)
-    assert rc == 1 and {(f["kind"], f["region"], f["to"]) for f in audit["findings"]} == {
-        ("users homed outside their policy's region", "ie", "us")
-    }
+    uids = _homed_at(world, "ie", 2)
+    for uid in uids:
+        _relocate(world, "ie", uid, "NO")
+    res = world.migrator("run", "--wave", "there", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["moves"] == {"ie→no": 2}, res.stdout[-2000:]
+    for uid in uids:
+        _relocate(world, "no", uid, "IE")
+    with psycopg.connect(world.dsn["no"]) as c:
+        c.execute("UPDATE users SET display_name = 'written at no' WHERE user_id = %s", (uids[0],))
+    before = _owned(world, "no", uids)
+    assert world.migrator("plan", "--wave", "back").returncode == 0
+    killed_copy = paused(world, "copied batch", "copy", "--wave", "back")  # one user's rows replaced at ie
+    killed_copy.send_signal(signal.SIGKILL)
+    killed_copy.wait()
+    res = world.migrator("run", "--wave", "back", "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.loads(res.stdout)["moves"] == {"no→ie": 2}
+    assert {s["name"].rsplit("-", 1)[0] for s in json.loads(res.stdout)["shards"]} == {"no-ie"}
+    assert [_home(world, u) for u in uids] == ["ie", "ie"]
+    assert _owned(world, "ie", uids) == before
+    assert [writable(world, r, uids[1]) for r in ("us", "ie", "no")] == [False, True, False]
+    rc, doc = _audit(world)
+    assert rc == 0, doc["findings"]
+    res = world.migrator("purge", "--json")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert world.ctl("SELECT DISTINCT state FROM migrator.shard WHERE region = 'ie' OR wave <> 'default'") == [
+        ("purged",)
+    ]
+    assert _owned(world, "ie", uids) == before  # their home's rows: the ie→no purge left them be
+    emails = dict(world.rows("ie", "SELECT user_id, email FROM users WHERE user_id = ANY(%s)", (uids,)))
+    at_no = dict(world.rows("no", "SELECT user_id, email FROM users WHERE user_id = ANY(%s)", (uids,)))
+    assert at_no == {u: text_pseudonym(keys["ie"].encode(), emails[u]) for u in uids}  # retired with ie's key
+    assert [writable(world, r, uids[0]) for r in ("us", "ie", "no")] == [False, True, False]
+    rc, doc = _audit(world)
+    assert rc == 0, doc["findings"]
 
 
 def test_the_old_copy_of_a_re_homed_user_is_purged_after_its_retention(world: World, monkeypatch):
