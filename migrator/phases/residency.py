@@ -25,19 +25,28 @@ log = logging.getLogger("migrator.phases.plan")
 
 
 def interval(ctx: Context, since: datetime | None, until: datetime | None) -> tuple[list[sql.Composable], list]:
+    """The conditions (and their arguments) of the users an interval reads at the source:
+    those created in it, and with `root.updated_at` those whose row changed in it too (a
+    long-standing user whose country changed)."""
     root = ctx.spec.entity_graph.root
-    where: list[sql.Composable] = []
+    if since is None and until is None:
+        return [], []
+    if root.created_at is None:
+        raise SpecError("entity_graph.root.created_at is needed to select users by an interval")
+    cols = [root.created_at] + ([root.updated_at] if root.updated_at is not None else [])
+    either: list[sql.Composable] = []
     args: list = []
-    if since is not None or until is not None:
-        if root.created_at is None:
-            raise SpecError("entity_graph.root.created_at is needed to select users by an interval")
-        if since is not None:
-            where.append(sql.SQL("{} >= %s").format(sql.Identifier(root.created_at)))
-            args.append(since)
-        if until is not None:
-            where.append(sql.SQL("{} < %s").format(sql.Identifier(root.created_at)))
-            args.append(until)
-    return where, args
+    for col in cols:
+        bounds = [(">=", since), ("<", until)]
+        either.append(
+            sql.SQL("({})").format(
+                sql.SQL(" AND ").join(
+                    sql.SQL("{} {} %s").format(sql.Identifier(col), sql.SQL(op)) for op, at in bounds if at is not None
+                )
+            )
+        )
+        args += [at for _, at in bounds if at is not None]
+    return [sql.SQL("({})").format(sql.SQL(" OR ").join(either))], args
 
 
 def residencies(

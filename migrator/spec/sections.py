@@ -37,8 +37,13 @@ class Root(Strict):
     key: str
     residency: str
     created_at: str | None = None
+    updated_at: str | None = Field(
+        None,
+        description="a column the application sets whenever it changes a user's row: a scheduled run's "
+        "interval then also finds users created earlier whose residency changed in it (index it)",
+    )
 
-    @field_validator("table", "key", "residency", "created_at")
+    @field_validator("table", "key", "residency", "created_at", "updated_at")
     @classmethod
     def _names(cls, v: str | None) -> str | None:
         return None if v is None else ident(v, "name")

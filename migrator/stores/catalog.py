@@ -234,7 +234,8 @@ def read_graph(conn: Conn, graph: EntityGraph, side: str) -> dict[str, Table]:
             raise SchemaMismatch(f"{side}: table {name} has no primary key; rows could not be named")
         out[name] = t
     root = graph.root
-    for col, what in ((root.key, "key"), (root.residency, "residency"), (root.created_at, "created_at")):
+    named = ((root.key, "key"), (root.residency, "residency"), (root.created_at, "created_at"))
+    for col, what in (*named, (root.updated_at, "updated_at")):
         if col is not None and col not in out[root.table].names:
             raise SchemaMismatch(f"{side}: entity_graph.root.{what}: column {root.table}.{col} does not exist")
     fks: dict[tuple[str, str], list[dict[str, str]]] = {}

@@ -272,6 +272,31 @@ def test_a_user_who_moves_ie_no_ie_returns_with_their_writes_and_the_no_copy_is_
     assert rc == 0, doc["findings"]
 
 
+def test_an_interval_finds_a_long_standing_user_whose_country_changed_in_it_by_updated_at(world: World):
+    """A scheduled run reads the source's users created in its interval; with
+    `root.updated_at` it also finds a user created long before whose country changed in it."""
+    for region in world.dsn:
+        with psycopg.connect(world.dsn[region]) as c:
+            c.execute("ALTER TABLE users ADD COLUMN updated_at timestamptz")
+            c.execute("UPDATE users SET updated_at = created_at")
+    assert world.migrator("run").returncode == 0
+    (uid,) = [
+        u for (u,) in world.rows("us", "SELECT user_id FROM users WHERE country_code = 'US' ORDER BY user_id LIMIT 1")
+    ]
+    with psycopg.connect(world.dsn["us"]) as c:  # the application sets updated_at as it writes
+        c.execute("UPDATE users SET country_code = 'DE', updated_at = now() WHERE user_id = %s", (uid,))
+    since = world.rows("us", "SELECT (max(created_at) + interval '1 second')::text FROM users")[0][0]
+    hour = ["--since", since, "--until", "2100-01-01T00:00:00+00:00"]  # after every user was created
+    dry = json.loads(world.migrator("plan", "--wave", "interval", *hour, "--dry-run", "--json").stdout)
+    assert dry["moves"] == {}  # created long before the interval: not read without updated_at
+    root = world.spec["entity_graph"]["root"]
+    world.write_spec(entity_graph={**world.spec["entity_graph"], "root": {**root, "updated_at": "updated_at"}})
+    res = world.migrator("run", "--wave", "interval", *hour, "--json")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert json.loads(res.stdout)["moves"] == {"us→ie": 1}
+    assert _home(world, uid) == "ie"
+
+
 def test_the_old_copy_of_a_re_homed_user_is_purged_after_its_retention(world: World, monkeypatch):
     keys = {"ie": "rehoming-key-ie-0123456789abcdef", "no": "rehoming-key-no-0123456789abcdef"}
     for r, k in keys.items():
