@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from migrator.control.context import Context
+from migrator.control.store import Shard
 from migrator.errors import SpecError
 from migrator.lifecycle import report
 from migrator.spec import load_spec
@@ -49,6 +50,10 @@ def json_text(doc: dict) -> str:
 Config = Annotated[Path, typer.Option("--config", "-c", help="the spec file (YAML)")]
 Shards = Annotated[list[str] | None, typer.Option("--shard", help="shard name (ie-03) or id; repeatable; default all")]
 Region = Annotated[str | None, typer.Option("--region", help="only shards bound for this region")]
+From = Annotated[
+    str | None,
+    typer.Option("--from", help="only shards whose users move from this region (the source, or a home they leave)"),
+]
 Wave = Annotated[
     str | None,
     typer.Option(
@@ -69,8 +74,14 @@ Reason = Annotated[str, typer.Option("--reason", help="recorded in the audit tra
 Strict = Annotated[bool, typer.Option("--strict", help="refuse to plan while an index the phases need is missing")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="show what would happen; write nothing")]
 Json = Annotated[bool, typer.Option("--json", help="print one machine-readable JSON document")]
-Since = Annotated[datetime | None, typer.Option("--since", help="only users created at or after this time")]
-Until = Annotated[datetime | None, typer.Option("--until", help="only users created before this time")]
+Since = Annotated[
+    datetime | None,
+    typer.Option("--since", help="only users created (or, with root.updated_at, changed) at or after this time"),
+]
+Until = Annotated[
+    datetime | None,
+    typer.Option("--until", help="only users created (or, with root.updated_at, changed) before this time"),
+]
 RunId = Annotated[str | None, typer.Option("--run-id", help="recorded in the audit trail")]
 
 
@@ -104,3 +115,13 @@ def progress_bar(as_json: bool):
         bar.update(tasks[sid], completed=done)
 
     return bar, cb
+
+
+def moving_from(ctx: Context, shards: list[Shard], origin: str | None) -> list[Shard]:
+    """The shards whose users move from `origin` (all of them when None); a region the spec
+    does not have is a spec problem."""
+    if origin is None:
+        return shards
+    if origin not in ctx.spec.regions:
+        raise SpecError(f"--from {origin!r}: not a region of the spec ({', '.join(sorted(ctx.spec.regions))})")
+    return [s for s in shards if ctx.origin(s) == origin]

@@ -14,6 +14,7 @@ from migrator.cli.common import (
     DEFAULT_WAVE,
     Config,
     DryRun,
+    From,
     Json,
     Pick,
     Reason,
@@ -29,6 +30,7 @@ from migrator.cli.common import (
     context_of,
     err,
     finish,
+    moving_from,
     progress_bar,
 )
 from migrator.lifecycle import dispatch, engine, report
@@ -118,14 +120,16 @@ def _phase_command(
     as_json: bool,
     run_id: str | None,
     reason: str = "",
+    origin: str | None = None,
 ) -> None:
     ctx = context_of(config, run_id)
-    selected = ctx.control.resolve(wave, shard, region)
+    selected = moving_from(ctx, ctx.control.resolve(wave, shard, region), origin)
     ids = [s.shard_id for s in selected]
     if not selected:
         note = (
             f"nothing planned in wave {wave or 'default'!r}"
             + (f" for region {region}" if region else "")
+            + (f" from region {origin}" if origin else "")
             + ": run `migrator plan` first"
         )
         if not as_json:
@@ -149,12 +153,13 @@ def copy(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
 ) -> None:
     """Copy (or resume copying) planned shards in checkpointed batches."""
-    _phase_command("copy", config, wave, shard, region, dry_run, json, run_id)
+    _phase_command("copy", config, wave, shard, region, dry_run, json, run_id, origin=origin)
 
 
 @app.command()
@@ -163,13 +168,16 @@ def verify(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
     recheck: Annotated[bool, typer.Option("--recheck", help="compare a verified or cut-over shard again")] = False,
 ) -> None:
     """Compare each shard's rows at source and destination; name any rows that differ."""
-    _phase_command("recheck" if recheck else "verify", config, wave, shard, region, dry_run, json, run_id)
+    _phase_command(
+        "recheck" if recheck else "verify", config, wave, shard, region, dry_run, json, run_id, origin=origin
+    )
 
 
 @app.command()
@@ -178,12 +186,13 @@ def cutover(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
 ) -> None:
     """Flip the ownership directory of verified shards to their region."""
-    _phase_command("cutover", config, wave, shard, region, dry_run, json, run_id)
+    _phase_command("cutover", config, wave, shard, region, dry_run, json, run_id, origin=origin)
 
 
 @app.command()
@@ -192,13 +201,14 @@ def rollback(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     reason: Reason = "",
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
 ) -> None:
     """Undo shards: directory back to the source (if cut over), destination rows removed."""
-    _phase_command("rollback", config, wave, shard, region, dry_run, json, run_id, reason)
+    _phase_command("rollback", config, wave, shard, region, dry_run, json, run_id, reason, origin=origin)
 
 
 @app.command()
@@ -207,12 +217,13 @@ def cleanup(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
 ) -> None:
     """Remove change capture of finished shards (a cut-over shard can then no longer be rolled back)."""
-    _phase_command("cleanup", config, wave, shard, region, dry_run, json, run_id)
+    _phase_command("cleanup", config, wave, shard, region, dry_run, json, run_id, origin=origin)
 
 
 @app.command()
@@ -222,12 +233,13 @@ def release(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
 ) -> None:
     """Free the held users of rolled-back shards, so a later wave may plan them."""
-    _phase_command("release", config, wave, shard, region, dry_run, json, run_id, reason)
+    _phase_command("release", config, wave, shard, region, dry_run, json, run_id, reason, origin=origin)
 
 
 @app.command()
@@ -237,12 +249,13 @@ def retry(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     dry_run: DryRun = False,
     json: Json = False,
     run_id: RunId = None,
 ) -> None:
     """Move the held users of rolled-back shards again, in their own wave (then `migrator run`)."""
-    _phase_command("retry", config, wave, shard, region, dry_run, json, run_id, reason)
+    _phase_command("retry", config, wave, shard, region, dry_run, json, run_id, reason, origin=origin)
 
 
 @app.command()
@@ -251,14 +264,17 @@ def status(
     wave: Annotated[str | None, typer.Option("--wave")] = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     json: Json = False,
 ) -> None:
     """Each shard's phase, progress, rows and digest."""
     ctx = context_of(config, None)
     if shard:
         ctx.control.resolve(wave, shard, region)  # a name that matches no shard: exit 2, named
-    rows = report.shard_rows(ctx, wave, shard, region)
-    due = {u.shard_id: u.due for u in recovery.unfinished(ctx, engine.select(ctx, wave, shard, region))}
+    selected = moving_from(ctx, engine.select(ctx, wave, shard, region), origin)
+    ids = {s.shard_id for s in selected}
+    rows = [r for r in report.shard_rows(ctx, wave, shard, region) if r["shard_id"] in ids]
+    due = {u.shard_id: u.due for u in recovery.unfinished(ctx, selected)}
     for r in rows:
         if r["shard_id"] in due:
             r["unfinished"] = due[r["shard_id"]]

@@ -10,6 +10,7 @@ import typer
 
 from migrator.cli.common import (
     Config,
+    From,
     Json,
     Pick,
     Region,
@@ -20,6 +21,7 @@ from migrator.cli.common import (
     err,
     finish,
     json_text,
+    moving_from,
 )
 from migrator.control.context import Context
 from migrator.evidence import audit as audit_checks
@@ -37,16 +39,19 @@ def purge(
     wave: Pick = None,
     shard: Shards = None,
     region: Region = None,
+    origin: From = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="print what would be deleted and pseudonymised, per table; write nothing")
     ] = False,
     json: Json = False,
     run_id: RunId = None,
 ) -> None:
-    """Retire the source copy of cut-over shards past their retention: delete or pseudonymise
-    their rows and delete their objects there (the point of no return: no rollback after)."""
+    """Retire the copy cut-over shards left at their origin (the source, or the home a move
+    again left) past their retention: delete or pseudonymise their rows and delete their
+    objects there (the point of no return: no rollback after)."""
     ctx = context_of(config, run_id)
-    doc = report.purge_document(ctx, purge_shards.select(ctx, wave, shard, region), dry_run=dry_run)
+    selected = moving_from(ctx, purge_shards.select(ctx, wave, shard, region), origin)
+    doc = report.purge_document(ctx, selected, dry_run=dry_run)
     if not json and doc.get("note"):
         err.print(doc["note"])
     finish(doc, json)

@@ -256,6 +256,10 @@ def test_a_user_who_moves_ie_no_ie_returns_with_their_writes_and_the_no_copy_is_
     assert [_home(world, u) for u in uids] == ["ie", "ie"]
     assert _owned(world, "ie", uids) == before
     assert [writable(world, r, uids[1]) for r in ("us", "ie", "no")] == [False, True, False]
+    status = json.loads(world.migrator("status", "--from", "no", "--json").stdout)["shards"]
+    assert {(s["wave"], s["from"], s["region"]) for s in status} == {("back", "no", "ie")}
+    res = world.migrator("status", "--from", "se")
+    assert res.returncode == 2 and "--from 'se'" in res.stderr
     rc, doc = _audit(world)
     assert rc == 0, doc["findings"]
     res = world.migrator("purge", "--json")
