@@ -2,7 +2,8 @@
 home, now belongs to the other is found by the audit and re-homed by the next run (rows,
 directory, the old home's guard), with the application writing and the move killed at
 random instants; a rollback of such a move returns them to their previous home; the old
-copy is purged; and a move back to a region a user left is reported, not left silent.
+copy is purged; users move back to a region they left (ie→us, no→us, ie→no→ie), whether
+the copy there is kept or purged; and an interval finds users whose country changed in it.
 Kill trials: MIGRATOR_REHOMING_TRIALS (each kills one cutover and one rollback)."""
 
 from __future__ import annotations
@@ -289,8 +290,9 @@ def test_an_interval_finds_a_long_standing_user_whose_country_changed_in_it_by_u
     ]
     with psycopg.connect(world.dsn["us"]) as c:  # the application sets updated_at as it writes
         c.execute("UPDATE users SET country_code = 'DE', updated_at = now() WHERE user_id = %s", (uid,))
-    since = world.rows("us", "SELECT (max(created_at) + interval '1 second')::text FROM users")[0][0]
-    hour = ["--since", since, "--until", "2100-01-01T00:00:00+00:00"]  # after every user was created
+    (last,) = world.rows("us", "SELECT max(created_at) + interval '1 second' FROM users")[0]
+    # after every user was created (the world's clock is UTC)
+    hour = ["--since", last.strftime("%Y-%m-%dT%H:%M:%S"), "--until", "2100-01-01T00:00:00"]
     dry = json.loads(world.migrator("plan", "--wave", "interval", *hour, "--dry-run", "--json").stdout)
     assert dry["moves"] == {}  # created long before the interval: not read without updated_at
     root = world.spec["entity_graph"]["root"]
@@ -336,8 +338,9 @@ def test_the_old_copy_of_a_re_homed_user_is_purged_after_its_retention(world: Wo
 
 def test_moves_again_killed_throughout_with_the_application_writing(world: World):
     """us→ie, then ie→no for users whose country changed at ie, killed at random instants of
-    the second move's cutover and rollback while the application writes through the
-    directory; every acknowledged write ends at its user's home, exactly once."""
+    the second move's cutover and rollback, then no→us for some of them (a move back), its
+    cutover killed too, while the application writes through the directory; every
+    acknowledged write ends at its user's home, exactly once."""
     world.write_spec(sharding={"shards_per_region": 1}, changes={"fence_window_s": WINDOW_S})
     assert world.migrator("run", "--region", "ie").returncode == 0
     relocated = _homed_at(world, "ie", 30)
@@ -372,12 +375,30 @@ def test_moves_again_killed_throughout_with_the_application_writing(world: World
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
         assert json.loads(res.stdout)["moves"] == {"ie→no": len(relocated)}
         time.sleep(0.5)
+        # then a third of them leave the EEA: back to us, whose fence has refused them since
+        # their first move, the move back's cutover killed at a random instant
+        leaving = relocated[: len(relocated) // 3]
+        for uid in leaving:
+            _relocate(world, "no", uid, "US")
+        for cmd in ("plan", "copy", "verify"):
+            res = world.migrator(cmd, "--wave", "home")
+            assert res.returncode == 0, (cmd, res.stdout[-2000:], res.stderr[-2000:])
+        killed(world, rnd, ["cutover", "--wave", "home"], ["staged", "fenced", "held"])
+        # both sides refuse whom they do not home: us has since the first move
+        settled.append(settles(world, "home", ("no", "us"), time.monotonic(), True, WORST_S))
+        res = world.migrator("run", "--wave", "home", "--json")
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert json.loads(res.stdout)["moves"] == {"no→us": len(leaving)}
+        time.sleep(0.5)
     finally:
         acked = writer.stop()
     writes_at_home(world, writer, acked)
-    assert {_home(world, u) for u in relocated} == {"no"}
-    for uid in relocated[:5]:  # one home at a time: the old ones refuse them
+    stayed = [u for u in relocated if u not in leaving]
+    assert {_home(world, u) for u in stayed} == {"no"} and {_home(world, u) for u in leaving} == {"us"}
+    for uid in stayed[:5]:  # one home at a time: the old ones refuse them
         assert [writable(world, r, uid) for r in ("us", "ie", "no")] == [False, False, True]
+    for uid in leaving[:5]:
+        assert [writable(world, r, uid) for r in ("us", "ie", "no")] == [True, False, False]
     rc, doc = _audit(world)
     assert rc == 0, doc["findings"]
     print(f"moves again: {TRIALS} trial(s); seconds from kill to every user writable at home: max {max(settled):.2f}")
