@@ -1,5 +1,6 @@
-"""Retires the source copy of cut-over shards past their retention (the spec's `purge`
-section): deletes or pseudonymises their rows and deletes their objects at the source.
+"""Retires the copy cut-over shards left at their origin (the source, or the home users left
+when they moved again) past its retention (the spec's `purge` section): deletes or
+pseudonymises their rows and deletes their objects there.
 
 Scheduled daily; each run purges every shard that is due (or the shards named), one task
 per shard. A shard whose destination no longer verifies, or whose key is missing, fails
@@ -19,6 +20,7 @@ from migrator.airflow import tasks
 from migrator.airflow.glue import (
     classified,
     dry_run_param,
+    from_param,
     regions_param,
     retries,
     shards_param,
@@ -43,6 +45,7 @@ from migrator.airflow.outage import store_task
         "shards": shards_param("these due"),
         "wave": Param(None, type=["null", "string"], description="the wave, when a name is in several"),
         "region": regions_param(many=False),
+        "from_region": from_param(),
         "dry_run": dry_run_param("say what would be purged; change nothing"),
         "spec": spec_param(),
     },
@@ -53,7 +56,7 @@ def residency_purge():
     def select() -> list[str]:
         ctx = get_current_context()
         p = ctx["params"]
-        return tasks.purge_select(task_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"])
+        return tasks.purge_select(task_spec(), ctx["run_id"], p["wave"], p["shards"], p["region"], p.get("from_region"))
 
     @store_task(map_index_template="{{ shard_name }}")
     @classified

@@ -143,6 +143,21 @@ def regions_param(many: bool = True):
     )
 
 
+def from_param():
+    """The region the shards' users move from (the source, or a home they leave when they
+    move again): every region of the default spec."""
+    from airflow.sdk import Param
+
+    path = os.environ.get(SPEC_ENV)
+    regions = sorted((read_yaml(path) or {}).get("regions") or {}) if path and os.path.exists(path) else []
+    return Param(
+        None,
+        type=["null", "string"],
+        **({"enum": [None, *regions]} if regions else {"pattern": REGION}),
+        description="only shards whose users move from this region (the source, or a home they leave); empty: all",
+    )
+
+
 def dry_run_param(what: str):
     from airflow.sdk import Param
 

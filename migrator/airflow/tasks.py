@@ -324,12 +324,15 @@ def _all_in(ids: list[str], shards: list[Shard], wanted: frozenset[State], faili
     return len(states)
 
 
-def purge_select(spec: Spec, run_id: str, wave: str | None, names: list[str] | None, region: str | None) -> list[str]:
-    """The shards the purge DAG works on: those named, or every one whose purge is due."""
+def purge_select(
+    spec: Spec, run_id: str, wave: str | None, names: list[str] | None, region: str | None, origin: str | None = None
+) -> list[str]:
+    """The shards the purge DAG works on: those named, or every one whose purge is due
+    (bound for `region`, their users moving from `origin`, when given)."""
     ctx = Context(spec, run_id)
     purge_checks.settings(ctx)
     purge_checks.check_policy(ctx)
-    return [s.shard_id for s in purge.select(ctx, wave, names or None, region)]
+    return [s.shard_id for s in purge.select(ctx, wave, names or None, region) if origin in (None, ctx.origin(s))]
 
 
 def purge_one(spec: Spec, run_id: str, shard_id: str, dry_run: bool) -> dict[str, Any]:
