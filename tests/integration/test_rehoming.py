@@ -56,6 +56,17 @@ def _audit(world: World) -> tuple[int, dict]:
     return res.returncode, json.loads(res.stdout)
 
 
+def _purge_due(world: World, monkeypatch, name: str, regions: tuple[str, ...], tables: dict) -> dict[str, str]:
+    """A purge due at once over `tables`, with a pseudonym key per region in the
+    environment; the keys."""
+    keys = {r: f"{name}-key-{r}-0123456789abcdef" for r in regions}
+    env = {r: f"TEST_{name.upper().replace('-', '_')}_KEY_{r.upper()}" for r in regions}
+    for r, k in keys.items():
+        monkeypatch.setenv(env[r], k)
+    world.write_spec(purge={"after": "0s", "tables": tables, "keys": {r: {"env": env[r]} for r in regions}})
+    return keys
+
+
 def test_a_user_whose_residency_changes_at_their_home_is_found_and_re_homed(world: World):
     assert world.migrator("run").returncode == 0
     rc, doc = _audit(world)
@@ -145,16 +156,8 @@ def test_users_who_leave_the_eea_move_back_to_the_us_before_and_after_its_copy_i
     either way the copy the first move left is replaced by the rows at the user's home, the
     us fence lets go of them at the cutover, the first move's purge leaves them be, and a
     rollback of a move back returns them to their previous home, refused at us again."""
-    keys = {r: f"move-back-key-{r}-0123456789abcdef" for r in ("us", "ie", "no")}
-    for r, k in keys.items():
-        monkeypatch.setenv(f"TEST_MOVE_BACK_KEY_{r.upper()}", k)
-    world.write_spec(
-        purge={
-            "after": "0s",
-            "tables": {"users": {"pseudonymise": ["email"]}, "videos": "delete"},
-            "keys": {r: {"env": f"TEST_MOVE_BACK_KEY_{r.upper()}"} for r in keys},
-        }
-    )
+    tables = {"users": {"pseudonymise": ["email"]}, "videos": "delete"}
+    keys = _purge_due(world, monkeypatch, "move-back", ("us", "ie", "no"), tables)
     assert world.migrator("run").returncode == 0
     leaving_ie, (leaving_no,) = _homed_at(world, "ie", 2), _homed_at(world, "no", 1)
     stay_ie = [u for u in _homed_at(world, "ie", 4) if u not in leaving_ie][:1]
@@ -225,16 +228,7 @@ def test_a_user_who_moves_ie_no_ie_returns_with_their_writes_and_the_no_copy_is_
     copy killed after one batch and rerun: the ie rows are no's, ie takes their writes again
     and no refuses them, and the purges retire the no copy and leave the ie one (theirs now)
     alone."""
-    keys = {r: f"round-trip-key-{r}-0123456789abcdef" for r in ("ie", "no")}
-    for r, k in keys.items():
-        monkeypatch.setenv(f"TEST_ROUND_TRIP_KEY_{r.upper()}", k)
-    world.write_spec(
-        purge={
-            "after": "0s",
-            "tables": {"users": {"pseudonymise": ["email"]}},
-            "keys": {r: {"env": f"TEST_ROUND_TRIP_KEY_{r.upper()}"} for r in keys},
-        }
-    )
+    keys = _purge_due(world, monkeypatch, "round-trip", ("ie", "no"), {"users": {"pseudonymise": ["email"]}})
     assert world.migrator("run", "--region", "ie").returncode == 0
     uids = _homed_at(world, "ie", 2)
     for uid in uids:
@@ -304,16 +298,7 @@ def test_an_interval_finds_a_long_standing_user_whose_country_changed_in_it_by_u
 
 
 def test_the_old_copy_of_a_re_homed_user_is_purged_after_its_retention(world: World, monkeypatch):
-    keys = {"ie": "rehoming-key-ie-0123456789abcdef", "no": "rehoming-key-no-0123456789abcdef"}
-    for r, k in keys.items():
-        monkeypatch.setenv(f"TEST_REHOMING_KEY_{r.upper()}", k)
-    world.write_spec(
-        purge={
-            "after": "0s",
-            "tables": {"users": {"pseudonymise": ["email"]}},
-            "keys": {r: {"env": f"TEST_REHOMING_KEY_{r.upper()}"} for r in keys},
-        }
-    )
+    keys = _purge_due(world, monkeypatch, "rehoming", ("ie", "no"), {"users": {"pseudonymise": ["email"]}})
     assert world.migrator("run", "--region", "ie").returncode == 0
     uids = _homed_at(world, "ie", 3)
     for uid in uids:
