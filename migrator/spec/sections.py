@@ -37,11 +37,7 @@ class Root(Strict):
     key: str
     residency: str
     created_at: str | None = None
-    updated_at: str | None = Field(
-        None,
-        description="a column the application sets whenever it changes a user's row: a scheduled run's "
-        "interval then also finds users created earlier whose residency changed in it (index it)",
-    )
+    updated_at: str | None = None  # set by the application on every change: intervals read changed users too
 
     @field_validator("table", "key", "residency", "created_at", "updated_at")
     @classmethod
