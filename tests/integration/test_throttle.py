@@ -13,6 +13,7 @@ import pytest
 from migrator.demo import seed
 from migrator.demo.embedded import LocalPostgres
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import start
 
 pytestmark = pytest.mark.integration
 
@@ -252,11 +253,17 @@ def test_a_stopped_standby_holds_the_copy_until_it_is_back(world: World, tmp_pat
         )
         assert world.migrator("plan", "--region", "ie").returncode == 0
         standby.stop("immediate")
-        restart = threading.Timer(4.0, standby.start)
-        restart.start()
-        res = world.migrator("copy", "--region", "ie")
-        restart.join()
-        assert res.returncode == 0, res.stderr[-2000:]
+        copy = start(world, "copy", "--region", "ie")
+        # the standby comes back a few seconds after the copy has begun (however long the
+        # command took to get going on a loaded machine), with nothing copied meanwhile
+        t0 = time.monotonic()
+        while world.ctl("SELECT count(*) FROM migrator.shard WHERE region = 'ie' AND state = 'copying'") == [(0,)]:
+            assert copy.poll() is None and time.monotonic() - t0 < 120, "the copy never began"
+            time.sleep(0.1)
+        time.sleep(3.0)
+        assert world.ctl("SELECT count(*) FROM migrator.checkpoint") == [(0,)]
+        standby.start()
+        assert copy.wait(300) == 0
         paused = _throttled(world)
         reasons = [r for d in paused for r in d["reasons"]]
         assert any("the standby of region us" in r and "replay lag is unknown" in r for r in reasons), reasons
