@@ -1,8 +1,8 @@
 """The migration spec: one YAML file, validated once at the edge.
 
 Errors name the field and the bad value; DSNs are secrets, masked in every repr. The
-sections are in `sections`, what they share in `fields`; this module holds the whole
-spec and its loading.
+sections are in `sections` (what data moves, how it is retired) and `running` (how the
+phases run), what they share in `fields`; this module holds the whole spec and its loading.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 
 from migrator.errors import SpecError
 from migrator.spec.fields import COUNTRY, REGION, Strict, expand_env, mask_dsn
+from migrator.spec.running import CopySettings, RetrySettings, Sharding, ThrottleSettings, VerifySettings
 from migrator.spec.sections import (
     ChangeSettings,
     Child,
-    CopySettings,
     EntityGraph,
     Evidence,
     KeyColumn,
@@ -29,12 +29,8 @@ from migrator.spec.sections import (
     Pseudonymise,
     Purge,
     RegionEvidence,
-    RetrySettings,
     Root,
-    Sharding,
     Store,
-    ThrottleSettings,
-    VerifySettings,
 )
 
 __all__ = [
