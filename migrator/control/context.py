@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from migrator.control.store import Control, Shard
@@ -12,7 +13,7 @@ from migrator.errors import SchemaMismatch, SpecError, describe
 from migrator.spec import EntityGraph, Spec
 from migrator.stores import catalog, is_transient
 from migrator.stores.catalog import Table
-from migrator.stores.postgres import connect, name_store, where
+from migrator.stores.postgres import Conn, connect, name_store, where
 
 log = logging.getLogger("migrator")
 
@@ -135,13 +136,14 @@ class Context:
                 found += catalog.missing_privileges(c, graph, privs, side)
         catalog.check_privileges(found)
 
-    def check_destination(self, region: str) -> None:
-        """Refuse a destination whose schema differs from the source's; before any write."""
+    def check_destination(self, region: str, conn: Conn | None = None) -> None:
+        """Refuse a destination whose schema differs from the source's; before any write
+        (read on `conn` where given, a connection to the region)."""
         if region in self._checked:
             return
         if region not in self.spec.regions:
             raise SchemaMismatch(f"region {region!r} is not in the spec")
-        with connect(self.dsn(region), autocommit=True) as c:
+        with nullcontext(conn) if conn is not None else connect(self.dsn(region), autocommit=True) as c:
             dest = catalog.read_graph(c, self.spec.entity_graph, f"destination {region}")
         catalog.compare(self.tables, dest, f"destination {region}")
         self._checked.add(region)

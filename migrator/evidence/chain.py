@@ -86,8 +86,8 @@ def publish(ctl: Control, dsn: str, sid: str, event: str) -> tuple[int, str] | N
     h = head(ctl)
     if h is None:
         return None
-    history.ensure(dsn, history.LEDGER)
-    with connect(dsn) as c:
+    with connect(dsn, autocommit=True) as c:  # one connection, one statement: it may cross an ocean
+        history.ensure(dsn, history.LEDGER, c)
         c.execute(
             "INSERT INTO migrator.audit_heads (seq, sha256, shard_id, event) VALUES (%s, %s, %s, %s) "
             "ON CONFLICT (seq) DO NOTHING",

@@ -43,11 +43,11 @@ from migrator.control.membership import BatchRecord
 from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, ConflictError
 from migrator.lanes import in_lanes
-from migrator.phases import copy_objects, move_back
+from migrator.phases import copy_objects, copy_stream, move_back
 from migrator.schema import history
 from migrator.shard import objects
 from migrator.stores import is_transient, replica, sqlgen
-from migrator.stores.postgres import Conn, connect, relay
+from migrator.stores.postgres import Conn, connect
 from migrator.throttle import Throttle
 
 log = logging.getLogger("migrator.phases.copy")
@@ -69,10 +69,11 @@ class CopyResult:
 class _Links:
     """The source and destination connections of one copy, reopened after a transient error."""
 
-    def __init__(self, src: str, dst: str):
-        self.src_dsn, self.dst_dsn = src, dst
+    def __init__(self, ctx: Context, src: str, dst: str, where: str):
+        self.ctx, self.src_dsn, self.dst_dsn, self.where = ctx, src, dst, where
         self.src: Conn | None = None
         self.dst: Conn | None = None
+        self.stream = False  # whether the destination's batches go as one stream (copy_stream)
 
     def open(self) -> tuple[Conn, Conn]:
         if self.src is None or self.src.closed:
@@ -83,6 +84,7 @@ class _Links:
             # each batch's transaction is begun and committed by its own statements, folded
             # with the batch's first and last: no round trip of their own across the ocean
             self.dst = connect(self.dst_dsn, keyed=True, autocommit=True)
+            self.stream = copy_stream.chosen(self.ctx, self.dst, self.where)
         return self.src, self.dst
 
     def reset(self) -> None:
@@ -95,31 +97,62 @@ class _Links:
         self.src = self.dst = None
 
 
-def ensure_ledger(dsn: str) -> None:
-    """The destination's batch ledger at the head of its schema history."""
-    history.ensure(dsn, history.LEDGER)
-
-
-def ledger(dsn: str, sid: str) -> dict[int, BatchRecord]:
-    with connect(dsn, autocommit=True) as c:
-        rows = c.execute(
-            "SELECT batch_no, last_key, rows, digest FROM migrator.batch_ledger WHERE shard_id = %s", (sid,)
-        ).fetchall()
+def ledger(c: Conn, dsn: str, sid: str) -> dict[int, BatchRecord]:
+    """The destination's batch ledger of the shard (`c` on `dsn`), at the head of its schema history."""
+    history.ensure(dsn, history.LEDGER, c)
+    rows = c.execute(
+        "SELECT batch_no, last_key, rows, digest FROM migrator.batch_ledger WHERE shard_id = %s", (sid,)
+    ).fetchall()
     return {b: BatchRecord(k, r, d) for b, k, r, d in rows}
 
 
-def _relay(out: psycopg.Copy, inp: psycopg.Copy) -> tuple[hashlib._Hash, int]:
-    """Stream a COPY TO into a COPY FROM; the SHA-256 of the bytes sent, and their count."""
-    stream = hashlib.sha256()
-    sent = 0
-
-    def seen(chunk: bytes) -> None:
-        nonlocal sent
-        stream.update(chunk)
-        sent += len(chunk)
-
-    relay(out, inp, seen)
-    return stream, sent
+def _send_tables(
+    ctx: Context, src: Conn, dst: Conn, sid: str, batch_no: int, keys: list[str], rep: replica.Replica
+) -> tuple[dict[str, int], str, int]:
+    """A binary COPY per table into the destination's open transaction, then the ledger's
+    row and the commit: (rows per table, the batch's digest, bytes sent)."""
+    graph, kt = ctx.spec.entity_graph, ctx.key_type
+    rows: dict[str, int] = {}
+    parts: dict[str, tuple[int, str]] = {}
+    moved_bytes = 0
+    with src.cursor() as scur, dst.cursor() as dcur:
+        for name, table in ctx.tables.items():
+            replica.set_for(dst, rep, name)
+            with (
+                scur.copy(sqlgen.copy_out(graph, table, kt), sqlgen.keys_arg(keys)) as out,
+                dcur.copy(sqlgen.copy_in(graph, table)) as inp,
+            ):
+                stream, sent_bytes = copy_stream.hashed_relay(out, inp)
+                moved_bytes += sent_bytes
+            sent, taken = scur.rowcount, dcur.rowcount
+            if sent != taken or sent < 0:
+                raise ChecksumMismatch(
+                    f"shard {sid} batch {batch_no}: table {name}: the source sent {sent} rows, "
+                    f"the destination took {taken}"
+                )
+            rows[name] = taken
+            parts[name] = (taken, stream.hexdigest())
+            if ctx.spec.copy_.inline_digest:
+                dq = sqlgen.digest_keys(graph, table, kt)
+                ((s_n, s_sum),) = scur.execute(dq, sqlgen.keys_arg(keys)).fetchall()
+                ((d_n, d_sum),) = dcur.execute(dq, sqlgen.keys_arg(keys)).fetchall()
+                if (s_n, s_sum) != (d_n, d_sum) or d_n != taken:
+                    raise ChecksumMismatch(
+                        f"shard {sid} batch {batch_no}: table {name} differs right after copy "
+                        f"(source {s_n} rows, destination {d_n} rows)"
+                    )
+        digest = batch_digest(parts)
+        # the ledger's row and the commit in one message (literals: a statement with
+        # parameters travels alone)
+        dcur.execute(
+            sql.SQL(
+                "INSERT INTO migrator.batch_ledger (shard_id, batch_no, last_key, rows, digest) "
+                "VALUES ({}, {}, {}, {}, {}); COMMIT"
+            )
+            .format(*map(sql.Literal, (sid, batch_no, keys[-1], json.dumps(rows), digest)))
+            .as_string(dst)
+        )
+    return rows, digest, moved_bytes
 
 
 def _copy_batch(
@@ -142,46 +175,11 @@ def _copy_batch(
             for table in reversed(list(ctx.tables.values())):
                 replica.set_for(dst, rep, table.name)
                 dst.execute(sqlgen.delete_keys(graph, table, kt), sqlgen.keys_arg(back))
-        rows: dict[str, int] = {}
-        parts: dict[str, tuple[int, str]] = {}
-        moved_bytes, t0 = 0, time.monotonic()
-        with src.cursor() as scur, dst.cursor() as dcur:
-            for name, table in ctx.tables.items():
-                replica.set_for(dst, rep, name)
-                with (
-                    scur.copy(sqlgen.copy_out(graph, table, kt), sqlgen.keys_arg(keys)) as out,
-                    dcur.copy(sqlgen.copy_in(graph, table)) as inp,
-                ):
-                    stream, sent_bytes = _relay(out, inp)
-                    moved_bytes += sent_bytes
-                sent, taken = scur.rowcount, dcur.rowcount
-                if sent != taken or sent < 0:
-                    raise ChecksumMismatch(
-                        f"shard {sid} batch {batch_no}: table {name}: the source sent {sent} rows, "
-                        f"the destination took {taken}"
-                    )
-                rows[name] = taken
-                parts[name] = (taken, stream.hexdigest())
-                if ctx.spec.copy_.inline_digest:
-                    dq = sqlgen.digest_keys(graph, table, kt)
-                    ((s_n, s_sum),) = scur.execute(dq, sqlgen.keys_arg(keys)).fetchall()
-                    ((d_n, d_sum),) = dcur.execute(dq, sqlgen.keys_arg(keys)).fetchall()
-                    if (s_n, s_sum) != (d_n, d_sum) or d_n != taken:
-                        raise ChecksumMismatch(
-                            f"shard {sid} batch {batch_no}: table {name} differs right after copy "
-                            f"(source {s_n} rows, destination {d_n} rows)"
-                        )
-            digest = batch_digest(parts)
-            # the ledger's row and the commit in one message (literals: a statement with
-            # parameters travels alone)
-            dcur.execute(
-                sql.SQL(
-                    "INSERT INTO migrator.batch_ledger (shard_id, batch_no, last_key, rows, digest) "
-                    "VALUES ({}, {}, {}, {}, {}); COMMIT"
-                )
-                .format(*map(sql.Literal, (sid, batch_no, keys[-1], json.dumps(rows), digest)))
-                .as_string(dst)
-            )
+        t0 = time.monotonic()
+        if links.stream:
+            rows, digest, moved_bytes = copy_stream.send(ctx, src, dst, sid, batch_no, keys, rep)
+        else:
+            rows, digest, moved_bytes = _send_tables(ctx, src, dst, sid, batch_no, keys, rep)
         src.rollback()
         took = max(time.monotonic() - t0, 1e-6)
         n = sum(rows.values())
@@ -211,7 +209,7 @@ def _copy_batch(
 
 def _check_no_foreign_rows(
     ctx: Context,
-    dst_dsn: str,
+    c: Conn,
     sid: str,
     pending: list[int],
     batches: Mapping[int, list[str]],
@@ -226,24 +224,21 @@ def _check_no_foreign_rows(
     which statistics taken before the load do not foresee. A row written by someone else
     during the copy is found by the verify phase as extra at the destination."""
     graph, kt = ctx.spec.entity_graph, ctx.key_type
-    with connect(dst_dsn, autocommit=True, keyed=True) as c:
-        # A table without a single row has none of these users' rows: the usual case
-        # of a first copy costs one probe per table instead of one per batch.
-        occupied = {
-            name: table
-            for name, table in ctx.tables.items()
-            if c.execute(sqlgen.any_row(graph, table)).fetchone() is not None
-        }
-        for b in pending if occupied else []:
-            keys = [k for k in batches[b] if k not in returning]
-            for name, table in occupied.items() if keys else ():
-                found = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(keys)).fetchall()
-                if found:
-                    pks = [dict(zip(table.pk, r)) for r in found]
-                    raise ConflictError(
-                        f"shard {sid} batch {b}: destination table {name} already has rows for these users "
-                        f"that this tool did not write, e.g. primary keys {pks}"
-                    )
+    # A table without a single row has none of these users' rows: the usual case of a
+    # first copy costs one probe of every table at once instead of one per batch.
+    tables = list(ctx.tables.values())
+    (found,) = c.execute(sqlgen.any_rows(graph, tables)).fetchone()
+    occupied = {t.name: t for t, yes in zip(tables, found, strict=True) if yes}
+    for b in pending if occupied else []:
+        keys = [k for k in batches[b] if k not in returning]
+        for name, table in occupied.items() if keys else ():
+            rows = c.execute(sqlgen.existing_pks(graph, table, kt), sqlgen.keys_arg(keys)).fetchall()
+            if rows:
+                pks = [dict(zip(table.pk, r)) for r in rows]
+                raise ConflictError(
+                    f"shard {sid} batch {b}: destination table {name} already has rows for these users "
+                    f"that this tool did not write, e.g. primary keys {pks}"
+                )
 
 
 def _copy_pending(
@@ -275,7 +270,7 @@ def _copy_pending(
         one,
         n,
         f"copy-{sid}",
-        setup=lambda: _Links(src_dsn, dst_dsn),
+        setup=lambda: _Links(ctx, src_dsn, dst_dsn, f"shard {sid}: destination {region}"),
         teardown=lambda links: links.reset(),
     )
 
@@ -289,32 +284,34 @@ def copy_shard(ctx: Context, sid: str, progress: Callable[[int, int], None] | No
     """Copy every batch of the shard not yet committed; the caller holds the shard's lock."""
     ctl = ctx.control
     shard = ctl.shard(sid)
-    ctx.check_destination(shard.region)
     src_dsn, dst_dsn = ctx.origin_dsn(shard), ctx.dsn(shard.region)
-    if shard.state != State.COPYING:
-        ctl.move(sid, shard.state, State.COPYING, {"event": "copy started"})
-    # A failure is classified (transient: resumable; terminal: failed) by `dispatch`.
-    if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
-        capture.start_capture(ctx, src_dsn, sid)
-    ensure_ledger(dst_dsn)
-    done_at_dest = ledger(dst_dsn, sid)
-    rep = replica.of(dst_dsn, ctx.spec.entity_graph, f"destination {shard.region}", ctx.spec.copy_.skip_edge_checks)
-    batches = ctl.batch_keys(sid, ctx.sort_keys)
-    # The destination's ledger is the truth of what is committed there: a checkpoint
-    # whose ledger row is gone (e.g. a destination that lost recent commits in a
-    # crash) is copied again.
-    done = {b: cp for b, cp in ctl.checkpoints(sid).items() if b in done_at_dest}
-    for b, entry in done_at_dest.items():  # committed at the destination, checkpoint lost
-        if b not in done:
-            ctl.save_checkpoint(sid, b, entry)
-            done[b] = entry
-    copied_now = 0
-    total = len(batches)
-    if progress:
-        progress(len(done), total)
-    pending = [b for b in sorted(batches) if b not in done]
-    returning = frozenset(move_back.make_room(ctx, shard))  # users moving back, and room made for them
-    _check_no_foreign_rows(ctx, dst_dsn, sid, pending, batches, returning)
+    # what the destination holds, read on one connection: its round trips may cross an ocean
+    with connect(dst_dsn, autocommit=True, keyed=True) as dc:
+        ctx.check_destination(shard.region, dc)
+        if shard.state != State.COPYING:
+            ctl.move(sid, shard.state, State.COPYING, {"event": "copy started"})
+        # A failure is classified (transient: resumable; terminal: failed) by `dispatch`.
+        if ctx.spec.changes.capture:  # before the first snapshot: every later change is logged
+            capture.start_capture(ctx, src_dsn, sid)
+        done_at_dest = ledger(dc, dst_dsn, sid)
+        wanted = ctx.spec.copy_.skip_edge_checks
+        rep = replica.read(dc, ctx.spec.entity_graph, f"destination {shard.region}") if wanted else replica.NONE
+        batches = ctl.batch_keys(sid, ctx.sort_keys)
+        # The destination's ledger is the truth of what is committed there: a checkpoint
+        # whose ledger row is gone (e.g. a destination that lost recent commits in a
+        # crash) is copied again.
+        done = {b: cp for b, cp in ctl.checkpoints(sid).items() if b in done_at_dest}
+        for b, entry in done_at_dest.items():  # committed at the destination, checkpoint lost
+            if b not in done:
+                ctl.save_checkpoint(sid, b, entry)
+                done[b] = entry
+        copied_now = 0
+        total = len(batches)
+        if progress:
+            progress(len(done), total)
+        pending = [b for b in sorted(batches) if b not in done]
+        returning = frozenset(move_back.make_room(ctx, shard))  # users moving back, and room made for them
+        _check_no_foreign_rows(ctx, dc, sid, pending, batches, returning)
     started = time.monotonic()
     for b, res in _copy_pending(ctx, sid, shard.region, src_dsn, dst_dsn, batches, pending, rep, returning):
         ctl.save_checkpoint(sid, b, res)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import io
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ from migrator import hooks
 from migrator.errors import StateVersionError
 from migrator.schema import SCHEMA
 from migrator.spec import Spec
-from migrator.stores.postgres import connect, where
+from migrator.stores.postgres import Conn, connect, where
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -97,19 +98,21 @@ def revisions(h: History) -> list[str]:
     return [s.revision for s in reversed(list(_script(h.name).walk_revisions()))]
 
 
-def current(dsn: str, h: History) -> str | None:
-    """The store's revision of the history, or None where it has none yet."""
-    with connect(dsn, autocommit=True) as c:
+def current(dsn: str, h: History, conn: Conn | None = None) -> str | None:
+    """The store's revision of the history, or None where it has none yet (read on `conn`
+    where given, an autocommit connection to `dsn`)."""
+    with nullcontext(conn) if conn is not None else connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.{h.version_table}",)).fetchone()[0] is None:
             return None
         row = c.execute(f"SELECT version_num FROM {SCHEMA}.{h.version_table}").fetchone()
     return row[0] if row else None
 
 
-def ensure(dsn: str, h: History) -> None:
-    """Bring the store's tables of history `h` to head (one read when they are); refuse a
-    store at a revision this migrator does not know (written by a newer version)."""
-    found = current(dsn, h)
+def ensure(dsn: str, h: History, conn: Conn | None = None) -> None:
+    """Bring the store's tables of history `h` to head (one read when they are, on `conn`
+    where given); refuse a store at a revision this migrator does not know (written by a
+    newer version)."""
+    found = current(dsn, h, conn)
     if found != h.head:
         if found is not None and found not in revisions(h):
             raise StateVersionError(

@@ -177,6 +177,12 @@ def of(dsn: str, graph: EntityGraph, side: str, wanted: bool = True) -> Replica:
         return read(c, graph, side)
 
 
+def skips_table(replica: Replica, table: str) -> bool | None:
+    """Whether `table`'s triggers are skipped for a batch's rows; None where `replica` may not
+    set it (they fire as usual)."""
+    return replica.skips(table) if replica.allowed else None
+
+
 def set_for(conn: Conn, replica: Replica, table: str) -> None:
     """For the current transaction's next statements (those on `table`): its triggers
     skipped where `replica` allows, else fired as usual."""

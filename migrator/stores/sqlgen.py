@@ -194,6 +194,70 @@ def copy_in(graph: EntityGraph, table: Table) -> sql.Composed:
     )
 
 
+STAGE = "pg_temp.migrator_stage"
+BATCH_TAG = "$migrator_batch$"
+
+
+def stage_out(graph: EntityGraph, tables: list[Table], key_type: str) -> sql.Composed:
+    """COPY of a set of users' rows of every table as one stream: (the table's position in
+    `tables`, the row's columns as text[]), in binary format."""
+    parts = [
+        sql.SQL("SELECT {}::int, ARRAY[{}]::text[] FROM {} WHERE {}").format(
+            sql.Literal(i),
+            sql.SQL(", ").join(sql.SQL("t0.{}::text").format(sql.Identifier(c.name)) for c in table.columns),
+            own.from_,
+            keys_filter(own, key_type),
+        )
+        for i, table in enumerate(tables)
+        for own in [ownership(graph, table.name)]
+    ]
+    return sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(" UNION ALL ").join(parts))
+
+
+def unstage(graph: EntityGraph, tables: list[Table], skips: list[bool | None]) -> sql.Composed:
+    """One block inserting each table's staged rows (in order, parents first, triggers
+    skipped where `skips` says; None leaves them as they are), each count checked against
+    what was staged for it (SQLSTATE RMC01 names the table and the counts), the counts left
+    in `migrator.took` as JSON for the ledger's row."""
+    stage = sql.SQL(STAGE)
+    body = [
+        sql.SQL("DECLARE n bigint; sent bigint[]; took jsonb := jsonb_build_object(); BEGIN"),
+        sql.SQL(
+            "SELECT array_agg(coalesce(s.n, 0) ORDER BY i) INTO sent FROM generate_series(0, {}) i "
+            "LEFT JOIN (SELECT tbl, count(*) AS n FROM {} GROUP BY tbl) s ON s.tbl = i;"
+        ).format(sql.Literal(len(tables) - 1), stage),
+    ]
+    for i, (table, skip) in enumerate(zip(tables, skips, strict=True)):
+        if skip is not None:
+            body.append(
+                sql.SQL("PERFORM set_config('session_replication_role', {}, true);").format(
+                    sql.Literal("replica" if skip else "origin")
+                )
+            )
+        casts = sql.SQL(", ").join(
+            sql.SQL("cols[{}]::{}").format(sql.Literal(k + 1), sql.SQL(c.type)) for k, c in enumerate(table.columns)
+        )
+        name = sql.Literal(table.name)
+        body += [
+            sql.SQL("INSERT INTO {}.{} ({}) SELECT {} FROM {} WHERE tbl = {};").format(
+                sql.Identifier(graph.schema_),
+                sql.Identifier(table.name),
+                sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns),
+                casts,
+                stage,
+                sql.Literal(i),
+            ),
+            sql.SQL("GET DIAGNOSTICS n = ROW_COUNT;"),
+            sql.SQL(
+                "IF n <> sent[{}] THEN RAISE EXCEPTION USING ERRCODE = 'RMC01', MESSAGE = format("
+                "'table %s: the source sent %s rows, the destination took %s', {}, sent[{}], n); END IF;"
+            ).format(sql.Literal(i + 1), name, sql.Literal(i + 1)),
+            sql.SQL("took := took || jsonb_build_object({}, n);").format(name),
+        ]
+    body.append(sql.SQL("PERFORM set_config('migrator.took', took::text, true); END"))
+    return sql.SQL("DO {} {} {}").format(sql.SQL(BATCH_TAG), sql.SQL(" ").join(body), sql.SQL(BATCH_TAG))
+
+
 def digest_keys(graph: EntityGraph, table: Table, key_type: str) -> sql.Composed:
     """(count, sum of row hashes) over a set of users' rows."""
     own = ownership(graph, table.name)
@@ -256,9 +320,14 @@ def existing_pks(graph: EntityGraph, table: Table, key_type: str, limit: int = 5
     )
 
 
-def any_row(graph: EntityGraph, table: Table) -> sql.Composed:
-    """One row of the table if it has any (a probe that stops at the first live row)."""
-    return sql.SQL("SELECT 1 FROM {}.{} LIMIT 1").format(sql.Identifier(graph.schema_), sql.Identifier(table.name))
+def any_rows(graph: EntityGraph, tables: list[Table]) -> sql.Composed:
+    """Whether each table has a row, as one boolean[] (probes that stop at the first live row)."""
+    return sql.SQL("SELECT ARRAY[{}]").format(
+        sql.SQL(", ").join(
+            sql.SQL("EXISTS (SELECT FROM {}.{})").format(sql.Identifier(graph.schema_), sql.Identifier(t.name))
+            for t in tables
+        )
+    )
 
 
 def count_by_group(graph: EntityGraph, table: Table, keys_table: str) -> sql.Composed:

@@ -25,7 +25,7 @@ CREATE TABLE crm.documents (
 );
 CREATE TABLE crm.revisions (
   account_id uuid NOT NULL, doc_no int NOT NULL, rev int NOT NULL, content text, at timestamp,
-  PRIMARY KEY (account_id, doc_no, rev),
+  tags text[], span interval, PRIMARY KEY (account_id, doc_no, rev),
   FOREIGN KEY (account_id, doc_no) REFERENCES crm.documents
 );
 """
@@ -43,7 +43,8 @@ SELECT a.account_id, d, CASE WHEN d = 2 THEN NULL ELSE decode(md5(a.account_id::
 FROM crm.accounts a, generate_series(1, 3) d;
 INSERT INTO crm.revisions
 SELECT d.account_id, d.doc_no, r, CASE WHEN r = 2 THEN NULL ELSE 'rev ' || r END,
-       timestamp '2026-03-01' + r * interval '1 day'
+       timestamp '2026-03-01' + r * interval '1 day',
+       CASE WHEN r = 1 THEN ARRAY['a "q"', NULL, E'b\\c', '{}'] END, r * interval '1 day 25 hours'
 FROM crm.documents d, generate_series(1, 2) r;
 """
 
@@ -75,8 +76,10 @@ def _crm(cluster, tmp_path, **extra) -> World:
     return World(cluster, dsn, control, path, spec)
 
 
-def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path):
-    w = _crm(cluster, tmp_path)
+@pytest.mark.parametrize("protocol", ["tables", "stream"])
+def test_uuid_composite_keys_and_two_hops_from_spec_alone(cluster, tmp_path, protocol):
+    # each batch as a binary COPY per table, and as one stream of text (the protocol across an ocean)
+    w = _crm(cluster, tmp_path, copy={"batch_users": 7, "protocol": protocol})
     res = w.migrator("run", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
