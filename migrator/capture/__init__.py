@@ -56,10 +56,12 @@ from migrator.capture.log import (
     Position,
     apply,
     catch_up,
+    far_session,
     finalize,
     lag,
     touched,
     touched_keys,
+    written,
 )
 from migrator.capture.triggers import (
     APPLY,
@@ -86,6 +88,7 @@ __all__ = [
     "Position",
     "apply",
     "catch_up",
+    "far_session",
     "finalize",
     "lag",
     "touched",
@@ -96,4 +99,5 @@ __all__ = [
     "start_capture",
     "stop_capture",
     "uninstall_if_unused",
+    "written",
 ]

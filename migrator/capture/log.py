@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 
 import psycopg
 from psycopg import sql
 
+from migrator.capture import stage
 from migrator.capture.triggers import APPLY, RUNNING, logs_at_head, stop_capture, uninstall_if_unused
 from migrator.control.context import Context
 from migrator.errors import CatchUpBlocked
 from migrator.schema import history
-from migrator.stores.postgres import connect, relay
+from migrator.stores.postgres import Conn, connect, relay
 
 log = logging.getLogger("migrator.capture")
 
@@ -34,11 +36,37 @@ def lag(dsn: str, sid: str, pos: Position) -> int:
     with connect(dsn) as c:
         if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
             return 0
-        n = c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[
-            0
-        ]
+        n = lag_on(c, sid, pos)
     logs_at_head.add(dsn)
     return n
+
+
+def lag_on(c: Conn, sid: str, pos: Position) -> int:
+    """`lag`, read on `c` (at a server whose log is installed)."""
+    return c.execute(f"SELECT count(*) FROM migrator.changes WHERE shard_id = %s AND {AFTER}", (sid, *pos)).fetchone()[
+        0
+    ]
+
+
+def written(dsn: str, sid: str) -> bool:
+    """Whether the application changed any of the shard's rows since its capture began (the
+    log at `dsn` holds a change of the shard)."""
+    with connect(dsn, autocommit=True) as c:
+        row = c.execute("SELECT EXISTS (SELECT FROM migrator.changes WHERE shard_id = %s)", (sid,)).fetchone()
+    return bool(row and row[0])
+
+
+def far_session(dsn: str, bound_s: float) -> Conn:
+    """A connection to the side a catch-up writes, opened (and its stage made) before a fence
+    window, so that no pass inside the window pays for a connection across the link; each of
+    its statements ends within `bound_s`."""
+    c = connect(dsn, autocommit=True)
+    try:
+        c.execute(f"{stage.CREATE}; SET statement_timeout = {max(1, int(bound_s * 1000))}")
+    except BaseException:
+        c.close()
+        raise
+    return c
 
 
 def apply(
@@ -58,86 +86,80 @@ def apply(
     older than its snapshot's horizon: each of them has ended, so its changes are all
     visible now or never will be. With fewer than `limit` of them the new position is
     (horizon, 0); otherwise the last change read. Transactions in `ignore` (the
-    migrator's own, which log nothing) do not hold the horizon back."""
-    g = ctx.spec.entity_graph
+    migrator's own, which log nothing) do not hold the horizon back.
+
+    What the source has now of every changed key travels in one COPY into a stage at the
+    destination, and one message applies it (parents first: upserted; children first:
+    deleted where the source has them no more) and commits: three round trips to the
+    destination a pass, whatever the tables (as a copied batch's stream, `phases.copy_stream`)."""
     with connect(src_dsn) as src:
         src.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         if timeout_ms is not None:
             src.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
         if lock_wait_ms is not None:
             src.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
-        horizon = src.execute(
-            f"SELECT coalesce((SELECT min(x) FROM {RUNNING}), pg_snapshot_xmax(pg_current_snapshot()))::text::bigint",
-            ([str(x) for x in ignore],),
-        ).fetchone()[0]
-        rows = src.execute(
-            f"SELECT id, tbl, pk, xid::text::bigint FROM migrator.changes WHERE shard_id = %s AND {AFTER} "
-            "AND xid < %s::text::xid8 ORDER BY xid, id LIMIT %s",
-            (sid, *after, horizon, limit),
-        ).fetchall()
-        pos = (rows[-1][3], rows[-1][0]) if len(rows) == limit else (max(horizon, after[0]), 0)
-        if not rows:
+        pos, n, keys = pending(ctx, src, sid, after, limit, ignore)
+        if not n:
             return pos, 0
-        distinct: dict[str, dict[str, dict]] = {}
-        for _, tbl, pk, _ in rows:  # each key once, however often it changed
-            distinct.setdefault(tbl, {})[json.dumps(pk, sort_keys=True)] = pk
-        by_table = {t: list(keys.values()) for t, keys in distinct.items()}
-        order = [t for t in ctx.tables if t in by_table]
-        with connect(dst_dsn) as dst:
-            dst.execute(APPLY)
-            if timeout_ms is not None:
-                dst.execute(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
-            if lock_wait_ms is not None:
-                dst.execute(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
-            for name in order:  # parents first: upsert what the source has now
-                t = ctx.tables[name]
-                ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
-                pkcols = sql.SQL(", ").join(sql.Identifier(c) for c in t.pk)
-                cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
-                stage = sql.Identifier(f"rm_stage_{name}")
-                dst.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DROP").format(stage, ident))
-                sel = sql.SQL(
-                    "SELECT {} FROM {} t0 JOIN jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k USING ({})"
-                ).format(
-                    sql.SQL(", ").join(sql.SQL("t0.{}").format(sql.Identifier(c.name)) for c in t.columns),
-                    ident,
-                    ident,
-                    pkcols,
-                )
-                with (
-                    src.cursor().copy(
-                        sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sel), {"pks": json.dumps(by_table[name])}
-                    ) as out,
-                    dst.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)) as inp,
-                ):
-                    relay(out, inp)
-                others = [c.name for c in t.columns if c.name not in t.pk]
-                action = (
-                    sql.SQL("DO NOTHING")
-                    if not others
-                    else sql.SQL("DO UPDATE SET {}").format(
-                        sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
-                    )
-                )
-                dst.execute(
-                    sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
-                        ident, cols, cols, stage, pkcols, action
-                    )
-                )
-            for name in reversed(order):  # children first: delete what the source no longer has
-                t = ctx.tables[name]
-                ident = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(name))
-                match = sql.SQL(" AND ").join(sql.SQL("d.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
-                smatch = sql.SQL(" AND ").join(sql.SQL("s.{0} = k.{0}").format(sql.Identifier(c)) for c in t.pk)
-                dst.execute(
-                    sql.SQL(
-                        "DELETE FROM {} d USING jsonb_populate_recordset(NULL::{}, %(pks)s::jsonb) k WHERE {} "
-                        "AND NOT EXISTS (SELECT 1 FROM {} s WHERE {})"
-                    ).format(ident, ident, match, sql.Identifier(f"rm_stage_{name}"), smatch),
-                    {"pks": json.dumps(by_table[name])},
-                )
+        with connect(dst_dsn, autocommit=True) as dst:
+            dst.execute(stage.CREATE)
+            _write(ctx, src, dst, keys, timeout_ms, lock_wait_ms)
         src.rollback()
-    return pos, len(rows)
+    return pos, n
+
+
+def pending(
+    ctx: Context, src: Conn, sid: str, after: Position, limit: int, ignore: tuple[int, ...]
+) -> tuple[Position, int, dict[str, str]]:
+    """On `src` (a REPEATABLE READ transaction at the log's server): the changes a pass past
+    `after` takes (see `apply`): the new position, how many, and their keys per table as
+    JSON, tables in the graph's order, each key once however often it changed."""
+    horizon = src.execute(
+        f"SELECT coalesce((SELECT min(x) FROM {RUNNING}), pg_snapshot_xmax(pg_current_snapshot()))::text::bigint",
+        ([str(x) for x in ignore],),
+    ).fetchone()[0]
+    rows = src.execute(
+        f"SELECT id, tbl, pk, xid::text::bigint FROM migrator.changes WHERE shard_id = %s AND {AFTER} "
+        "AND xid < %s::text::xid8 ORDER BY xid, id LIMIT %s",
+        (sid, *after, horizon, limit),
+    ).fetchall()
+    pos = (rows[-1][3], rows[-1][0]) if len(rows) == limit else (max(horizon, after[0]), 0)
+    distinct: dict[str, dict[str, dict]] = {}
+    for _, tbl, pk, _ in rows:
+        distinct.setdefault(tbl, {})[json.dumps(pk, sort_keys=True)] = pk
+    return pos, len(rows), {t: json.dumps(list(distinct[t].values())) for t in ctx.tables if t in distinct}
+
+
+def _write(
+    ctx: Context, src: Conn, dst: Conn, keys: dict[str, str], timeout_ms: int | None, lock_wait_ms: int | None
+) -> None:
+    """Stream the source's rows of the changed keys (`keys`: per table, in the graph's order,
+    its keys as JSON) into the destination's stage and apply them there in one transaction."""
+    tables = [ctx.tables[t] for t in keys]
+    pass_no = secrets.randbits(62)  # a failed pass's staged rows are never applied by a later one
+    params = {f"k{i}": keys[t.name] for i, t in enumerate(tables)}
+    out_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(stage.rows(ctx.spec.entity_graph, tables, pass_no))
+    with (
+        src.cursor().copy(out_sql, params) as out,
+        dst.cursor().copy(f"COPY {stage.CHANGED} (pass, tbl, cols) FROM STDIN (FORMAT BINARY)") as inp,
+    ):
+        relay(out, inp)
+    settings = [APPLY]
+    if timeout_ms is not None:
+        settings.append(f"SET LOCAL statement_timeout = {max(1, timeout_ms)}")
+    if lock_wait_ms is not None:
+        settings.append(f"SET LOCAL lock_timeout = {max(1, lock_wait_ms)}")
+    message = sql.SQL("BEGIN; {}; {}; DELETE FROM {}; COMMIT").format(
+        sql.SQL("; ").join(map(sql.SQL, settings)),
+        stage.apply(ctx.spec.entity_graph, tables, keys, pass_no),
+        sql.SQL(stage.CHANGED),
+    )
+    try:
+        dst.execute(message.as_string(dst))
+    except BaseException:
+        if dst.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            dst.execute("ROLLBACK")
+        raise
 
 
 def catch_up(
@@ -231,13 +253,19 @@ def touched_keys(
     dsn: str, sid: str, after: Position | None = None, upto: Position | None = None
 ) -> dict[str, list[dict]]:
     """Table -> primary keys (as logged) of every change logged for the shard (past `after`, up to `upto`)."""
-    cond, args = _span(after, upto)
     with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.changes')").fetchone()[0] is None:
             return {}
-        rows = c.execute(
-            f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}", (sid, *args)
-        ).fetchall()
+        return touched_keys_on(c, sid, after, upto)
+
+
+def touched_keys_on(
+    c: Conn, sid: str, after: Position | None = None, upto: Position | None = None
+) -> dict[str, list[dict]]:
+    """`touched_keys`, read on `c` (at a server whose log is installed)."""
+    cond, args = _span(after, upto)
+    q = f"SELECT DISTINCT tbl, pk FROM migrator.changes WHERE shard_id = %s{cond}"
+    rows = c.execute(q, (sid, *args)).fetchall()
     out: dict[str, list[dict]] = {}
     for t, pk in rows:
         out.setdefault(t, []).append(pk)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, closing, nullcontext
 
 from migrator import capture, hooks, metrics
 from migrator.capture import recovery
@@ -23,7 +24,8 @@ from migrator.control.state import State
 from migrator.errors import ChecksumMismatch, StateConflict, TransientError, describe
 from migrator.shard.compare import compare_touched, not_changed_since
 from migrator.shard.digest import CopyDigest, digest_copy
-from migrator.stores.postgres import bounded
+from migrator.shard.window import settle
+from migrator.stores.postgres import Conn, bounded
 
 log = logging.getLogger("migrator.phases.cutover")
 
@@ -81,7 +83,7 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
         # The directory's rows are flipped in a transaction left open across the window:
         # nobody sees the new homes before it commits, and the commit, not the update of
         # every user's row, is what the window has to wait for.
-        with directory.prepared_flip(ctx, sid) as flip:
+        with directory.prepared_flip(ctx, sid) as flip, _far(src, dst, sid, window) as far:
             ours = capture.own_transaction(src, flip.conn)  # the open flip must not hold the fence up
             settled = _compare_changed_so_far(ctx, sid, src, dst, ours)
             hooks.point("staged", ctx, sid)
@@ -93,13 +95,13 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
                 capture.fence(src, sid, deadline, ignore=ours)
                 steps.mark("raise")
                 hooks.point("fenced", ctx, sid)
-                capture.catch_up(ctx, sid, src, dst, "forward", deadline=deadline, ignore=ours)
-                steps.mark("catch_up")
-                diffs = compare_touched(ctx, sid, log_at=src, origin=src, destination=dst, after=settled)
+                # the last changes applied and every row changed since `settled` compared, in
+                # one message to the destination a pass (`shard.window`)
+                _, diffs = settle(ctx, sid, src, dst, far, settled=settled, deadline=deadline, ignore=ours)
                 if diffs:
                     raise ChecksumMismatch(f"shard {sid}: {len(diffs)} row(s) differ inside the fence", diffs)
                 checked = sum(map(len, capture.touched_keys(src, sid, after=settled).values()))
-                steps.mark("compare")
+                steps.mark("catch_up_compare")
                 if time.monotonic() > deadline:
                     raise TimeoutError("fence window exceeded")
                 # The decision: once the source fence is held, the shard cuts over, whatever
@@ -152,6 +154,14 @@ def _cutover(ctx: Context, sid: str, region: str, origin: str) -> int:
     except Exception as exc:
         log.warning("shard %s cut over; its fence window was not recorded: %s", sid, describe(exc))
     return flip.flipped
+
+
+def _far(src: str, dst: str, sid: str, window: float) -> AbstractContextManager[Conn | None]:
+    """Where the application writes the shard's users, a connection to the destination opened
+    before the window, for its catch-up and compare: a new connection across an ocean is
+    several round trips (docs/across-an-ocean.md). Where it has not, none: the window has
+    nothing to apply there unless a write lands in the moment before the fence."""
+    return closing(capture.far_session(dst, window)) if capture.written(src, sid) else nullcontext()
 
 
 def _stage_lists(ctx: Context, sid: str, src: str, dst: str) -> int:
