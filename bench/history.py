@@ -65,6 +65,14 @@ the same machine rather than a time that depends on how fast that machine was th
 - verify against reladiff on the same rows, plus one changed row that both must find;
 - the whole lifecycle (plan, copy, verify, cutover, purge) and a rollback against the
   pipes, and the purge against a hand-written one (`raw_purge`);
+- against **honest floors**, the same work by hand with the same parallelism and the same
+  checks skipped: the copy against the unchecked parallel pipe
+  (`copy_vs_unchecked_parallel_pipe`), plan to cutover against that pipe plus one pass of
+  in-database checksums on both sides (`lifecycle_to_cutover_vs_floor`), the purge against
+  a hand-written one with the tool's lanes and its recheck of the shard
+  (`purge_vs_parallel_raw_purge`);
+- with `--rtt-ms 80`, all of it with the destination behind a relay that holds each
+  direction for half of that round trip (the pipes too; `rtt_ms` in the document);
 - object copy against a plain boto3 GET/PUT loop with the same threads;
 - with `--writes`, the fence window and an application writer's throughput during the
   migration against the writer alone, unthrottled and with the copy throttled;
@@ -86,6 +94,7 @@ How the measurements are made, and what the figures mean, is in
 ./dev.sh bench --scale 0.3                       # installs what it needs, then runs
 python -m bench --scale 0.3 --json               # in the project's .venv: one JSON document
 python -m bench --scale 0.3 --json --writes --chart bench/results/scale0.3.png > bench/results/scale0.3.json
+python -m bench --scale 0.3 --json --rtt-ms 80 --no-reladiff > bench/results/scale0.3-rtt80.json
 {COMMAND}                          # then regenerate this page
 ```
 """

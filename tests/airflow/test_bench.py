@@ -1,5 +1,6 @@
-"""One small run of the benchmark serves every check of it: the CLI's figures (pipes,
-lifecycle, rollback, purge, reladiff, objects, an application writing, growth), and with
+"""One small run of the benchmark, across the 80 ms relay, serves every check of it: the
+CLI's figures (pipes, floors, lifecycle, rollback, purge, reladiff, objects, an application
+writing), and with
 MIGRATOR_TEST_BENCH_EXECUTORS=local (or local,celery) the Airflow figures under those
 executors (left out by default: the DAGs' behaviour under both executors is held by the
 other tests of tests/airflow, and this figure's Airflow costs the suite a minute). Each figure is held to a
@@ -30,7 +31,9 @@ def doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     chart = tmp_path_factory.mktemp("bench") / "bench.png"
     out = bench(
         *("--scale", "0.02", "--runs", "1", "--objects", "20", "--object-kb", "64", "--object-runs", "1"),
-        *("--writes", "--against-scale", "0.01", "--chart", str(chart)),
+        # across the 80 ms relay (the destination behind it, the pipes too); how the figures grow
+        # with the data (`--against-scale`) is left to the benchmark itself
+        *("--writes", "--rtt-ms", "80", "--chart", str(chart)),
         *(("--airflow", "--airflow-runs", "1", "--airflow-executors", EXECUTORS) if EXECUTORS else ()),
         timeout=1200,
     )
@@ -67,10 +70,12 @@ def test_the_tools_figures_against_their_floors(doc):
             "rollback_vs_copy": (0, 4),
             "purge_vs_copy": (0, 10),
             "raw_purge_s": (0, 60),
-            "raw_purge_unchecked_s": (0, 60),
             "purge_vs_raw_purge": (0, 5),
             "pipe_and_raw_purge_vs_parallel_pipe": (0, 10),
-            "unchecked_pipe_and_raw_purge_vs_parallel_pipe": (0, 10),
+            "raw_purge_parallel_s": (0, 60),
+            "purge_vs_parallel_raw_purge": (0, 10),
+            "lifecycle_floor_s": (0, 60),
+            "lifecycle_to_cutover_vs_floor": (0, 20),
             "peak_rss_mb": (0, 600),
             "cores": (0, 1024),
         },
@@ -80,9 +85,7 @@ def test_the_tools_figures_against_their_floors(doc):
     assert 0.3 < doc["verify_speedup_vs_reladiff"] < 1000  # a verify slower than reladiff thrice over is broken
     o = doc["object_copy"]
     assert o["objects"] == 20 and 0.1 < o["objects_vs_plain"] < 10
-    g = doc["growth"]
-    assert g["against_scale"] == 0.01 and 1.2 < g["rows_ratio"] < 4 and 0 < g["time_ratio"] < 10
-    assert g["small"]["copy_s"] > 0
+    assert doc["rtt_ms"] == 80
     assert Path(doc["_chart"]).stat().st_size > 1000
 
 
@@ -103,8 +106,11 @@ def test_an_application_writing_loses_nothing_and_keeps_most_of_its_speed(doc):
 
 def test_each_target_is_reported_with_its_value_and_verdict(doc):
     t = doc["targets"]
-    assert {"copy_vs_parallel_pipe", "lifecycle_vs_parallel_pipe", "rollback_vs_copy", "purge_vs_copy"} <= set(t)
-    assert {"fence_ms_p99", "writer_during_vs_alone_throttled", "growth_time_ratio", "objects_vs_plain"} <= set(t)
+    floors = {"copy_vs_unchecked_parallel_pipe", "lifecycle_to_cutover_vs_floor", "purge_vs_parallel_raw_purge"}
+    assert floors | {"rollback_vs_copy"} <= set(t)
+    assert {"fence_ms_p99", "writer_during_vs_alone_throttled", "objects_vs_plain"} <= set(t)
+    # across a link the copy's bound is the link's
+    assert t["copy_vs_unchecked_parallel_pipe"]["target"].startswith("<= 1.2")
     assert t["rollback_vs_copy"]["value"] == doc["rollback_vs_copy"]
     assert t["rollback_vs_copy"]["met"] is (doc["rollback_vs_copy"] <= 1.0)
     assert t["fence_ms_p99"]["met"] is (doc["live_writes"]["fence_ms_p99"] < 300)
