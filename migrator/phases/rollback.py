@@ -13,6 +13,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from psycopg import ClientCursor, sql
+from psycopg.pq import TransactionStatus
+
 from migrator import capture, hooks
 from migrator.capture import recovery
 from migrator.capture.watchdog import watching
@@ -25,7 +28,7 @@ from migrator.phases import rollback_objects
 from migrator.schema import history
 from migrator.shard.compare import compare_touched
 from migrator.stores import replica, sqlgen
-from migrator.stores.postgres import bounded, connect
+from migrator.stores.postgres import Conn, bounded, connect
 
 log = logging.getLogger("migrator.phases.rollback")
 
@@ -92,24 +95,43 @@ def _undo_cutover(ctx: Context, sid: str, region: str, origin: str, reason: str)
     return carried, flipped
 
 
-def _delete_batch(ctx: Context, sid: str, dst: str, b: int, keys: list[str], rep: replica.Replica) -> dict[str, int]:
-    """Remove one batch's rows from the destination, children first, with its ledger row."""
+def _delete_batch(ctx: Context, sid: str, c: Conn, b: int, keys: list[str], rep: replica.Replica) -> dict[str, int]:
+    """Remove one batch's rows from the destination (on the lane's connection `c`), children
+    first, with its ledger row: one message, one round trip to a destination that may be an
+    ocean away. Only a batch this tool wrote (its ledger row) is removed: rows that were
+    there before, which the copy refused as a conflict, are not the shard's."""
     graph, kt = ctx.spec.entity_graph, ctx.key_type
-    with connect(dst, keyed=True) as c:
-        c.execute(capture.APPLY)  # through the destination's fence
-        counts = {}
-        # Only batches this tool wrote (their ledger row) are removed: rows that were
-        # there before, which the copy refused as a conflict, are not the shard's.
-        ours = c.execute(
-            "DELETE FROM migrator.batch_ledger WHERE shard_id = %s AND batch_no = %s RETURNING 1", (sid, b)
-        ).fetchone()
-        if ours:
-            for name in reversed(list(ctx.tables)):
-                replica.set_for(c, rep, name)
-                counts[name] = c.execute(
-                    sqlgen.delete_keys(graph, ctx.tables[name], kt), sqlgen.keys_arg(keys)
-                ).rowcount
-    return counts
+    ours = sql.SQL(" AND current_setting('migrator.ours')::int > 0")
+    parts: list[sql.Composable] = [
+        sql.SQL("BEGIN"),
+        sql.SQL(capture.APPLY),  # through the destination's fence
+        sql.SQL(
+            "WITH d AS (DELETE FROM migrator.batch_ledger WHERE shard_id = {} AND batch_no = {} RETURNING 1) "
+            "SELECT set_config('migrator.ours', count(*)::text, true) FROM d"
+        ).format(sql.Literal(sid), sql.Literal(b)),
+    ]
+    names = list(reversed(list(ctx.tables)))
+    for name in names:
+        skip = replica.skips_table(rep, name)
+        if skip is not None:
+            parts.append(replica.skipping_sql(skip))
+        parts.append(sqlgen.delete_keys(graph, ctx.tables[name], kt) + ours)
+    parts.append(sql.SQL("COMMIT"))
+    message = ClientCursor(c).mogrify(sql.SQL("; ").join(parts).as_string(c), sqlgen.keys_arg(keys))
+    deleted: list[int] = []
+    with c.cursor() as cur:
+        try:
+            cur.execute(message)
+        except BaseException:
+            if c.info.transaction_status == TransactionStatus.INERROR:
+                c.execute("ROLLBACK")
+            raise
+        while True:
+            if (cur.statusmessage or "").startswith("DELETE") and cur.description is None:
+                deleted.append(cur.rowcount)
+            if not cur.nextset():
+                break
+    return dict(zip(names, deleted, strict=True))
 
 
 def rollback_shard(ctx: Context, sid: str, reason: str = "") -> RollbackResult:
@@ -144,9 +166,11 @@ def rollback_shard(ctx: Context, sid: str, reason: str = "") -> RollbackResult:
     # Batches hold disjoint users, each deleted in its own transaction: lanes as the copy's.
     for _, counts in in_lanes(
         batches,
-        lambda _, b: _delete_batch(ctx, sid, dst, b, batches[b], rep),
+        lambda c, b: _delete_batch(ctx, sid, c, b, batches[b], rep),
         ctx.spec.copy_.workers,
         "rollback",
+        setup=lambda: connect(dst, keyed=True, autocommit=True),
+        teardown=lambda c: c.close(),
     ):
         for t, n in counts.items():
             deleted[t] += n

@@ -35,6 +35,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from psycopg import sql
+
 from migrator.spec import EntityGraph
 from migrator.stores.postgres import Conn, connect
 
@@ -166,7 +168,14 @@ def only_key_to(conn: Conn, child: str, parent: str) -> bool:
 
 def skipping(conn: Conn, on: bool) -> None:
     """The current transaction's next statements with their triggers skipped (or no longer)."""
-    conn.execute("SELECT set_config('session_replication_role', %s, true)", ("replica" if on else "origin",))
+    conn.execute(skipping_sql(on))
+
+
+def skipping_sql(on: bool) -> sql.Composed:
+    """`skipping` as a statement, for a message of several."""
+    return sql.SQL("SELECT set_config('session_replication_role', {}, true)").format(
+        sql.Literal("replica" if on else "origin")
+    )
 
 
 def of(dsn: str, graph: EntityGraph, side: str, wanted: bool = True) -> Replica:
