@@ -157,7 +157,7 @@ def parallel_raw_purge(ctx: Context, src: str, codes: list[str], lanes: int) -> 
 
     def lane(k: int) -> None:
         with psycopg.connect(unchecked(src)) as c:
-            for q in _purge_statements(f" AND user_id % {lanes} = {k}"):
+            for q in _purge_statements(f" AND user_id %% {lanes} = {k}"):
                 c.execute(q, {"codes": codes})
 
     with ThreadPoolExecutor(lanes) as pool:

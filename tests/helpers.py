@@ -313,3 +313,28 @@ def writes_at_home(world: World, writer: Any, acked: Any, at_least: int = 1) -> 
     assert not writer.errors, writer.errors[:5]
     assert acked.ops > at_least
     check(world.dsn, world.control, acked)
+
+
+RTT_MS = float(os.environ.get("MIGRATOR_TEST_RTT_MS", "80"))
+
+
+@contextmanager
+def far(world: World, regions: tuple[str, ...] = ("ie", "no"), rtt_ms: float = RTT_MS) -> Iterator[dict[str, Any]]:
+    """The migrator reaches `regions` across the loopback relay (each direction held for half of
+    `rtt_ms`), as its workers beside the source reach data centers an ocean away; the
+    application and the test's own checks stay beside each region's server (`world.dsn`)."""
+    from migrator.demo.relay import Relay
+
+    relays: dict[str, Any] = {}
+    try:
+        spec_regions = dict(world.spec["regions"])
+        for r in regions:
+            host_port = world.dsn[r].split("@", 1)[1].split("/", 1)[0]
+            host, port = host_port.rsplit(":", 1)
+            relays[r] = Relay((host, int(port)), rtt_ms=rtt_ms).start()
+            spec_regions[r] = {"dsn": world.dsn[r].replace(host_port, f"127.0.0.1:{relays[r].port}")}
+        world.write_spec(regions=spec_regions)
+        yield relays
+    finally:
+        for relay in relays.values():
+            relay.stop()

@@ -111,11 +111,15 @@ class Relay:
         with self._lock:
             self.counts.connections += 1
             self.counts._answered[cid] = True  # the first message starts a round trip
-        await asyncio.gather(
-            self._pipe(creader, swriter, cid, upstream=True),
-            self._pipe(sreader, cwriter, cid, upstream=False),
-            return_exceptions=True,
-        )
+        try:
+            await asyncio.gather(
+                self._pipe(creader, swriter, cid, upstream=True),
+                self._pipe(sreader, cwriter, cid, upstream=False),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:  # the relay stopping: end quietly (asyncio reports a cancelled callback)
+            for w in (cwriter, swriter):
+                w.close()
         with self._lock:
             self.counts._answered.pop(cid, None)
 

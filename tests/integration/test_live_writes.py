@@ -7,13 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import psycopg
 import pytest
 
 from migrator.demo.workload import Writer, check
 from tests.conftest import DEMO_OWNED, World
-from tests.helpers import movers, no_capture_left, paused_cutover, start, verified_region
+from tests.helpers import far, movers, no_capture_left, paused_cutover, start, verified_region
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +37,15 @@ def _stop_writers(monkeypatch):
         w.stop()
 
 
-def test_writes_during_migration_are_all_kept(world: World):
+@pytest.mark.parametrize("link", ["loopback", "across the relay"])
+def test_writes_during_migration_are_all_kept(world: World, link: str):
     world.write_spec(copy={"batch_users": 10})
     writer = Writer(world.dsn, world.control, movers(world)).start()
     time.sleep(1)
-    res = world.migrator("run", "--json")
+    # across the relay: the migrator beside the source, Ireland and Norway an ocean away, the
+    # application writing beside each server
+    with far(world) if link != "loopback" else nullcontext():
+        res = world.migrator("run", "--json")
     time.sleep(1)  # the writer goes on at the new homes
     acked = writer.stop()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr

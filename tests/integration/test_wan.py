@@ -10,16 +10,14 @@ round trip), measured on this suite's world; they are lowered as the protocol is
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from migrator.demo.relay import Relay
 from tests.conftest import DEMO_OWNED, World
+from tests.helpers import RTT_MS, far
 
 pytestmark = pytest.mark.integration
 
-RTT_MS = float(os.environ.get("MIGRATOR_TEST_RTT_MS", "80"))
 
 # round trips and connections to the far region: per batch the copy commits, and per cutover
 # (measured on this world: 13.3 per batch over 6 batches, fixed costs included, 6 connections,
@@ -31,21 +29,14 @@ RTT_MS = float(os.environ.get("MIGRATOR_TEST_RTT_MS", "80"))
 CEILING = {"copy_round_trips_per_batch": 15, "copy_connections_per_batch": 1.2, "cutover_round_trips": 81}
 
 
-def _far(world: World, relay: Relay) -> None:
-    ie = world.spec["regions"]["ie"]["dsn"]
-    host_port = ie.split("@", 1)[1].split("/", 1)[0]
-    world.write_spec(regions={**world.spec["regions"], "ie": {"dsn": ie.replace(host_port, f"127.0.0.1:{relay.port}")}})
-
-
 def _ok(res) -> dict:
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-2000:])
     return json.loads(res.stdout)
 
 
 def test_round_trips_to_the_far_region_per_batch_and_per_cutover(world: World):
-    host, port = world.dsn["ie"].split("@", 1)[1].split("/", 1)[0].split(":")
-    with Relay((host, int(port)), rtt_ms=RTT_MS) as relay:
-        _far(world, relay)
+    with far(world, ("ie",)) as relays:
+        relay = relays["ie"]
         world.write_spec(sharding={"shards_per_region": 1}, copy={"batch_users": 20})
         _ok(world.migrator("plan", "--region", "ie", "--json"))
         (shard,) = [s for s in _ok(world.migrator("status", "--json"))["shards"] if s["region"] == "ie"]
@@ -85,9 +76,8 @@ def test_the_fence_window_reaches_the_far_region_in_a_few_round_trips(world: Wor
     from migrator.lifecycle import dispatch
     from migrator.spec import load_spec
 
-    host, port = world.dsn["ie"].split("@", 1)[1].split("/", 1)[0].split(":")
-    with Relay((host, int(port)), rtt_ms=RTT_MS) as relay:
-        _far(world, relay)
+    with far(world, ("ie",)) as relays:
+        relay = relays["ie"]
         world.write_spec(sharding={"shards_per_region": 1}, changes={"catch_up_below": 1000})
         _ok(world.migrator("plan", "--region", "ie", "--json"))
         (shard,) = [s for s in _ok(world.migrator("status", "--json"))["shards"] if s["region"] == "ie"]
