@@ -100,6 +100,7 @@ class Dataset:
         # the round trip; the tool and the hand-written pipes alike reach it through the relay
         # (the source and the control database stay beside them, as the README places them).
         self.relay: Relay | None = None
+        self.dst_near = self.dst  # the destination as its own region's application reaches it
         if rtt_ms > 0:
             port = int(self.dst.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
             self.relay = Relay(("127.0.0.1", port), rtt_ms=rtt_ms).start()

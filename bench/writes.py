@@ -62,7 +62,9 @@ def bench_writes(a, src: str, dst: str, control: str, spec: dict, seconds: float
     once more for each of `a.throttle_divisors` with the copy's throttle holding each shard
     to that fraction (a third, a quarter, ...) of the rate its copy reached the first time,
     which holds the verify's reads at the source to it as well (copying_s: the seconds the
-    shards spent copying, summed). The headline throttled figures are the last setting's."""
+    shards spent copying, summed). The headline throttled figures are the last setting's.
+    `dst` is the destination as its own application reaches it (beside it); the migrator
+    reaches it as `spec` says."""
     from migrator.demo.workload import WriterProcess
 
     truncate(dst)
