@@ -263,6 +263,7 @@ def _copy_pending(
         throttle.wait()
         res = _copy_batch(ctx, links, sid, region, b, batches[b], rep, returning)
         throttle.done(sum(res.rows.values()))
+        hooks.point("committed batch", ctx, sid)  # in the lane, before its next batch
         return res
 
     yield from in_lanes(

@@ -252,14 +252,16 @@ def test_a_region_down_for_minutes_is_waited_out_and_the_run_ends_green_with_no_
         retry={"attempts": 2, "initial_wait_s": 0.1, "max_wait_s": 0.2, "outage_s": 1, "outage_poll_s": 2},
     )
     ie = world.cluster["ie"]
+    hold = tmp_path / "hold"  # while it exists, the copies' lanes stay after their last batch
     with live_airflow(
         world,
         tmp_path,
         MIGRATOR_TASK_RETRIES="1",
         MIGRATOR_TASK_RETRY_DELAY_S="1",
-        # every committed batch pauses a moment: the copies are in progress long enough to watch
-        MIGRATOR_PAUSE_AT="copied batch",
+        # every lane pauses a moment after each batch: the copies are in progress long enough to watch
+        MIGRATOR_PAUSE_AT="committed batch",
         MIGRATOR_PAUSE_S="2",
+        MIGRATOR_PAUSE_HOLD=str(hold),
     ) as af:
         run_id = af.api("POST", "/dags/residency_migration/dagRuns", {"logical_date": None, "conf": {"scope": "all"}})[
             "dag_run_id"
@@ -272,9 +274,13 @@ def test_a_region_down_for_minutes_is_waited_out_and_the_run_ends_green_with_no_
         ):
             assert time.monotonic() < deadline, world.ctl("SELECT name, state, batches FROM migrator.shard")
             time.sleep(0.3)
+        # held there while a browser looks and IE goes down (on a loaded machine the looking
+        # alone could outlast the rest of the copy, leaving no copy for the outage to meet)
+        hold.touch()
         progress = _page_in_chromium(af)  # a copy in progress: its state, batches done and ETA
         assert re.search(r"ie-\d+\tus→ie\tcopying\t\d+\t[2-9]\d*/\d+\t\d+\t[^\t]*\t\d+ s\b", progress), progress
         ie.stop()
+        hold.unlink()
         down_at, deferred, named, page = time.monotonic(), set(), set(), ""
         try:
             while time.monotonic() - down_at < OUTAGE_S:
