@@ -16,7 +16,7 @@ from migrator.capture.triggers import APPLY, RUNNING, logs_at_head, stop_capture
 from migrator.control.context import Context
 from migrator.errors import CatchUpBlocked
 from migrator.schema import history
-from migrator.stores.postgres import Conn, connect, relay
+from migrator.stores.postgres import Conn, connect, relay, send
 
 log = logging.getLogger("migrator.capture")
 
@@ -154,12 +154,7 @@ def _write(
         stage.apply(ctx.spec.entity_graph, tables, keys, pass_no),
         sql.SQL(stage.CHANGED),
     )
-    try:
-        dst.execute(message.as_string(dst))
-    except BaseException:
-        if dst.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-            dst.execute("ROLLBACK")
-        raise
+    send(dst, message.as_string(dst))
 
 
 def catch_up(

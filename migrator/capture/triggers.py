@@ -15,7 +15,7 @@ from migrator.schema import history
 from migrator.spec import EntityGraph
 from migrator.stores import is_transient, sqlgen
 from migrator.stores.catalog import Table
-from migrator.stores.postgres import Conn, connect
+from migrator.stores.postgres import Conn, connect, send
 
 log = logging.getLogger("migrator.capture")
 
@@ -113,39 +113,64 @@ def _guards(ctx: Context, dsn: str) -> None:
 def uninstall_if_unused(ctx: Context, dsn: str) -> bool:
     """Drop the triggers, functions and log when no shard needs them any more. Dropping a
     trigger locks its table against the application's writes; a deadlock or lock timeout
-    is transient, and the phase's retry tries again."""
-    return _uninstall(ctx, dsn)
+    is transient, and the phase's retry tries again. Whether none is left."""
+    return _retire(ctx, dsn, None, fence_too=False, wait=True)
 
 
-def _uninstall(ctx: Context, dsn: str) -> bool:
-    with connect(dsn) as c:
-        c.execute("SET LOCAL lock_timeout = '2s'")
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
-        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
-            return True
-        # a held fence counts even when its users all came back here (a move back): it
-        # is the cut-over shard's record that its users left, which recovery reads
-        busy = c.execute(
-            "SELECT (SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users) "
-            "+ (SELECT count(*) FROM migrator.departed) + (SELECT count(*) FROM migrator.fences)"
-        ).fetchone()[0]
-        if busy:
-            return False
-        g = ctx.spec.entity_graph
+# What no shard needing the guards any more looks like: nothing listed, fenced or departed.
+_UNUSED = (
+    "(SELECT count(*) FROM migrator.capture_users) + (SELECT count(*) FROM migrator.fenced_users) "
+    "+ (SELECT count(*) FROM migrator.departed) + (SELECT count(*) FROM migrator.fences) = 0"
+)
+
+
+def _retire(ctx: Context, dsn: str, sid: str | None, *, fence_too: bool, wait: bool) -> bool:
+    """In one message (one round trip to a store an ocean away), under the capture's lock:
+    forget the shard's lists (and fences), then drop the guards, functions and log where
+    no shard needs them. `wait=False`: a table locked by someone else leaves the guards in
+    place (the shard's lists still go). Whether the guards are gone."""
+    g = ctx.spec.entity_graph
+    with connect(dsn, autocommit=True) as c:
+        forget = ""
+        if sid is not None:
+            lists = ["capture_users", "changes", *(["fences", "fenced_users"] if fence_too else [])]
+            shard = sql.Literal(sid).as_string(c)
+            forget = " ".join(f"DELETE FROM migrator.{t} WHERE shard_id = {shard};" for t in lists)
+        # a held fence counts even when its users all came back here (a move back): it is
+        # the cut-over shard's record that its users left, which recovery reads
+        drops = []
         for table in reversed(list(ctx.tables.values())):  # children first, as writers lock them
-            c.execute(
-                sql.SQL("DROP TRIGGER IF EXISTS migrator_guard ON {}.{}").format(
-                    sql.Identifier(g.schema_), sql.Identifier(table.name)
-                )
-            )
-            c.execute(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}()")
-        c.execute(
+            target = sql.SQL("{}.{}").format(sql.Identifier(g.schema_), sql.Identifier(table.name)).as_string(c)
+            drops.append(f"DROP TRIGGER IF EXISTS migrator_guard ON {target};")
+            drops.append(f"DROP FUNCTION IF EXISTS migrator.guard_{table.name}();")
+        drops.append(
             "DROP TABLE IF EXISTS migrator.changes, migrator.capture_users, migrator.fenced_users, migrator.fences, "
-            "migrator.departed, "
-            f"migrator.{history.CAPTURE.version_table}"
+            f"migrator.departed, migrator.{history.CAPTURE.version_table};"
         )
-    logs_at_head.discard(dsn)
-    return True
+        drop = " ".join(drops)
+        if not wait:
+            drop = (
+                f"BEGIN {drop} EXCEPTION WHEN lock_not_available OR deadlock_detected THEN "
+                "PERFORM set_config('migrator.guards', 'left', true); END;"
+            )
+        body = (
+            "BEGIN IF to_regclass('migrator.capture_users') IS NULL THEN RETURN; END IF; "
+            f"{forget} IF {_UNUSED} THEN {drop} END IF; END"
+        )
+        if "$rm$" in body:
+            raise ValueError("a name in the spec holds '$rm$'")
+        said = send(
+            c,
+            "BEGIN; SET LOCAL lock_timeout = '2s'; SELECT pg_advisory_xact_lock(hashtext('migrator:capture')); "
+            f"DO $rm${body}$rm$; "
+            "SELECT to_regclass('migrator.capture_users') IS NULL, current_setting('migrator.guards', true); COMMIT",
+        )
+    ((gone, left),) = [s.rows for s in said if s.rows is not None][-1]
+    if gone:
+        logs_at_head.discard(dsn)
+    elif left:
+        log.warning("guards left on a destination for now (a table was locked); the cleanup command removes them")
+    return bool(gone)
 
 
 def write_users(conn: Conn, table: str, sid: str, members: Control, not_homed_at: str | None = None) -> None:
@@ -210,21 +235,19 @@ def start_capture(ctx: Context, dsn: str, sid: str, wait_s: float | None = 300.0
 def stop_capture(ctx: Context, dsn: str, sid: str, *, fence_too: bool, wait: bool = True) -> None:
     """Forget the shard's lists and log on `dsn`, and drop the guards if no shard needs
     them. `wait=False` (cleaning up after a failure): one try at dropping them; a table
-    locked by someone else leaves them for the next cutover or the cleanup command."""
-    with connect(dsn) as c:
-        if c.execute("SELECT to_regclass('migrator.capture_users')").fetchone()[0] is None:
-            return
-        c.execute("DELETE FROM migrator.capture_users WHERE shard_id = %s", (sid,))
-        c.execute("DELETE FROM migrator.changes WHERE shard_id = %s", (sid,))
-        if fence_too:
-            c.execute("DELETE FROM migrator.fences WHERE shard_id = %s", (sid,))
-            c.execute("DELETE FROM migrator.fenced_users WHERE shard_id = %s", (sid,))
+    locked by someone else leaves them for the next cutover or the cleanup command, and a
+    store that does not answer is logged, not raised (the failure being cleaned up after
+    is the one to report)."""
     if wait:
-        uninstall_if_unused(ctx, dsn)
+        _retire(ctx, dsn, sid, fence_too=fence_too, wait=True)
         return
     try:
-        _uninstall(ctx, dsn)
+        _retire(ctx, dsn, sid, fence_too=fence_too, wait=False)
     except Exception as exc:
         if not is_transient(exc):
             raise
-        log.warning("guards left on a destination for now (%s); the cleanup command removes them", describe(exc))
+        log.warning(
+            "shard %s: its lists and guards left on a store for now (%s); the cleanup command removes them",
+            sid,
+            describe(exc),
+        )

@@ -25,6 +25,9 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from psycopg import errors as pge
+from psycopg import sql
+
 from migrator.control.store import SCHEMA, Control
 from migrator.errors import describe
 from migrator.schema import history
@@ -86,13 +89,26 @@ def publish(ctl: Control, dsn: str, sid: str, event: str) -> tuple[int, str] | N
     h = head(ctl)
     if h is None:
         return None
-    with connect(dsn, autocommit=True) as c:  # one connection, one statement: it may cross an ocean
-        history.ensure(dsn, history.LEDGER, c)
-        c.execute(
-            "INSERT INTO migrator.audit_heads (seq, sha256, shard_id, event) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (seq) DO NOTHING",
-            (h[0], h[1], sid, event),
-        )
+    values = sql.SQL(", ").join(map(sql.Literal, (h[0], h[1], sid, event)))
+    insert = sql.SQL("INSERT INTO migrator.audit_heads (seq, sha256, shard_id, event) {} ON CONFLICT (seq) DO NOTHING")
+    # one connection, one statement where the destination's ledger tables are at their
+    # schema head (it may be an ocean away); the schema brought there first otherwise
+    at_head = sql.SQL(
+        "WITH v AS (SELECT version_num = {} AS ok FROM {}.{}), i AS ({}) SELECT bool_or(ok) FROM v"
+    ).format(
+        sql.Literal(history.LEDGER.head),
+        sql.Identifier(SCHEMA),
+        sql.Identifier(history.LEDGER.version_table),
+        insert.format(sql.SQL("SELECT {} FROM v WHERE ok").format(values)),
+    )
+    with connect(dsn, autocommit=True) as c:
+        try:
+            (done,) = c.execute(at_head).fetchone()
+        except (pge.UndefinedTable, pge.InvalidSchemaName):  # a destination without the ledger yet
+            done = False
+        if not done:
+            history.ensure(dsn, history.LEDGER, c)
+            c.execute(insert.format(sql.SQL("VALUES ({})").format(values)))
     return h
 
 

@@ -7,7 +7,6 @@ fail half-way."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -204,19 +203,17 @@ def _still_at_destination(ctx: Context, shard: Shard) -> None:
             f"shard {sid}: {back} of its users are not homed away from {origin} in the directory: nothing purged"
         )
     root = ctx.tables[g.root.table]
+    keys = [k for batch in ctx.control.batch_keys(sid, ctx.sort_keys).values() for k in batch]
+    by_home: dict[str, list[str]] = {}
+    with ctx.control.connect(autocommit=True) as c:
+        q = f"SELECT user_key, home FROM {SCHEMA}.directory WHERE user_key = ANY(%s)"
+        for k, home in c.execute(q, (keys,)):
+            if k not in back_home:
+                by_home.setdefault(home, []).append(k)
     present = 0
-    with contextlib.ExitStack() as stack, ctx.control.connect(autocommit=True) as c:
-        at: dict[str, Conn] = {}
-        for keys in ctx.control.batch_keys(sid, ctx.sort_keys).values():
-            by_home: dict[str, list[str]] = {}
-            q = f"SELECT user_key, home FROM {SCHEMA}.directory WHERE user_key = ANY(%s)"
-            for k, home in c.execute(q, (keys,)):
-                if k not in back_home:
-                    by_home.setdefault(home, []).append(k)
-            for home, ks in sorted(by_home.items()):
-                if home not in at:
-                    at[home] = stack.enter_context(connect(ctx.dsn(home), autocommit=True))
-                present += count_rows(at[home], ctx, root, ctx.sort_keys(ks))
+    for home, ks in sorted(by_home.items()):  # one statement at each home: it may be an ocean away
+        with connect(ctx.dsn(home), autocommit=True) as at:
+            present += count_rows(at, ctx, root, ctx.sort_keys(ks))
     away = shard.users - len(back_home)
     if present < away:
         raise PurgeRefused(

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from psycopg import ClientCursor, sql
-from psycopg.pq import TransactionStatus
 
 from migrator import capture, hooks
 from migrator.capture import recovery
@@ -28,7 +27,7 @@ from migrator.phases import rollback_objects
 from migrator.schema import history
 from migrator.shard.compare import compare_touched
 from migrator.stores import replica, sqlgen
-from migrator.stores.postgres import Conn, bounded, connect
+from migrator.stores.postgres import Conn, bounded, connect, send
 
 log = logging.getLogger("migrator.phases.rollback")
 
@@ -118,19 +117,7 @@ def _delete_batch(ctx: Context, sid: str, c: Conn, b: int, keys: list[str], rep:
         parts.append(sqlgen.delete_keys(graph, ctx.tables[name], kt) + ours)
     parts.append(sql.SQL("COMMIT"))
     message = ClientCursor(c).mogrify(sql.SQL("; ").join(parts).as_string(c), sqlgen.keys_arg(keys))
-    deleted: list[int] = []
-    with c.cursor() as cur:
-        try:
-            cur.execute(message)
-        except BaseException:
-            if c.info.transaction_status == TransactionStatus.INERROR:
-                c.execute("ROLLBACK")
-            raise
-        while True:
-            if (cur.statusmessage or "").startswith("DELETE") and cur.description is None:
-                deleted.append(cur.rowcount)
-            if not cur.nextset():
-                break
+    deleted = [said.rowcount for said in send(c, message) if said.status.startswith("DELETE") and said.rows is None]
     return dict(zip(names, deleted, strict=True))
 
 

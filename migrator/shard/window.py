@@ -26,7 +26,7 @@ from migrator.capture.triggers import APPLY
 from migrator.control.context import Context
 from migrator.differences import RowDifference
 from migrator.shard import compare
-from migrator.stores.postgres import Conn, connect
+from migrator.stores.postgres import Conn, connect, send
 
 LIMIT = 50_000  # changes a pass takes at most (as `log.apply`)
 
@@ -138,17 +138,5 @@ def _pass(
 
 
 def _send(far: Conn, message: str) -> list[tuple]:
-    """Run the message; the rows of its last statement."""
-    rows: list[tuple] = []
-    with far.cursor() as cur:
-        try:
-            cur.execute(message)
-        except BaseException:
-            if far.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
-                far.execute("ROLLBACK")
-            raise
-        while True:
-            if cur.description is not None:
-                rows = cur.fetchall()
-            if not cur.nextset():
-                return rows
+    """Run the message; the rows of its last statement that returns rows."""
+    return next((said.rows for said in reversed(send(far, message)) if said.rows is not None), [])

@@ -11,6 +11,7 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import psycopg
@@ -254,3 +255,33 @@ def pipe(src: psycopg.Connection, copy_out, params, dst: psycopg.Connection, cop
         with sc.copy(copy_out, params) as out, dc.copy(copy_in) as inp:
             relay(out, inp)
         return dc.rowcount
+
+
+@dataclass(frozen=True)
+class Said:
+    """What one statement of a message answered: its command tag, rows affected, and its
+    rows (None for a statement that returns none)."""
+
+    status: str
+    rowcount: int
+    rows: list[tuple[Any, ...]] | None
+
+
+def send(c: psycopg.Connection, message: str) -> list[Said]:
+    """Run several statements (`message`, literals only, on an autocommit connection) as one
+    message: one round trip to a store that may be an ocean away. Returns what each
+    statement answered, in order; a message that failed inside its own transaction is
+    rolled back, so the connection serves the next one."""
+    out: list[Said] = []
+    with c.cursor() as cur:
+        try:
+            cur.execute(message)
+        except BaseException:
+            if c.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+                c.execute("ROLLBACK")
+            raise
+        while True:
+            rows = cur.fetchall() if cur.description is not None else None
+            out.append(Said(cur.statusmessage or "", cur.rowcount, rows))
+            if not cur.nextset():
+                return out
