@@ -65,10 +65,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--rtt-ms",
-        type=float,
-        default=0.0,
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.0],
         help="the destination this far away: a relay on loopback holds each direction for half of it "
-        "(0, the default: loopback)",
+        "(0, the default: loopback); several, comma-separated (e.g. 0,80), measure the copy, verify "
+        "and lifecycle figures over each link on servers of their own, each run beside the others, "
+        "the first link's in the document's top level, the others' under `links`",
     )
     ap.add_argument(
         "--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it"
@@ -131,6 +133,12 @@ def main() -> None:
         ap.error(f"--airflow-executors: a comma-separated list of {', '.join(EXECUTORS)}")
     if a.airflow and "celery" in executors and shutil.which("redis-server") is None:
         ap.error("--airflow-executors celery needs Debian's redis-server (apt-get install redis-server)")
+    if min(a.rtt_ms) < 0 or len(set(a.rtt_ms)) != len(a.rtt_ms):
+        ap.error("--rtt-ms: round trips of 0 or more, each once, comma-separated (e.g. 0,80)")
+    if len(a.rtt_ms) > 1 and (a.runs == 0 or a.against_scale is not None):
+        ap.error(
+            "--rtt-ms with several links measures the copy, verify and lifecycle: it needs --runs, not --against-scale"
+        )
     if a.lifecycle_runs is None:
         a.lifecycle_runs = a.runs
     if not a.throttle_divisors or min(a.throttle_divisors) < 1:
@@ -148,13 +156,15 @@ def main() -> None:
     started = {
         "measured_at": datetime.now().astimezone().isoformat(timespec="minutes"),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
-        "rtt_ms": a.rtt_ms,  # the destination's round trip through the relay (0: loopback)
+        "rtt_ms": a.rtt_ms[0],  # the destination's round trip through the relay (0: loopback)
     }
     sets: list[Dataset] = []
     try:
-        sets.append(big := Dataset(a.scale, base / "main", a.batch_users, a.rtt_ms))
+        sets.append(big := Dataset(a.scale, base / "main", a.batch_users, a.rtt_ms[0]))
+        links = {rtt: Dataset(a.scale, base / f"rtt{rtt:g}", a.batch_users, rtt) for rtt in a.rtt_ms[1:]}
+        sets.extend(links.values())
         if a.against_scale is not None:
-            sets.append(small := Dataset(a.against_scale, base / "small", a.batch_users, a.rtt_ms))
+            sets.append(small := Dataset(a.against_scale, base / "small", a.batch_users, a.rtt_ms[0]))
         for run in range(a.runs):
             for ds in sets if run % 2 == 0 else sets[::-1]:
                 ds.run(run, with_reladiff=not a.no_reladiff)
@@ -181,7 +191,8 @@ def main() -> None:
         # after the changed row: each lifecycle starts from an empty destination
         for run in range(a.lifecycle_runs if a.runs else 0):
             for last in ("purge", "rollback") if run % 2 == 0 else ("rollback", "purge"):
-                big.lifecycle(run, last)
+                for ds in [big, *links.values()] if run % 2 == 0 else [*links.values(), big]:
+                    ds.lifecycle(run, last)
         if a.runs:
             assert ctx is not None
             fig = big.figures()
@@ -192,21 +203,7 @@ def main() -> None:
                 "machine": platform.machine(),
                 **started,
                 "server_settings": big.settings,
-                **{k: fig[k] for k in ("raw_pipe_s", "plan_s", "copy_s", "verify_s")},
-                "copy_vs_pipe": round(med(big.copy) / med(big.pipe), 3),
-                "total_vs_pipe": round((med(big.copy) + med(big.verify)) / med(big.pipe), 3),
-                "plan_copy_verify_vs_pipe": round(
-                    (med(big.planned) + med(big.copy) + med(big.verify)) / med(big.pipe), 3
-                ),
-                "parallel_pipe_s": fig["parallel_pipe_s"],
-                "copy_workers": ctx.spec.copy_.workers,
-                "copy_vs_parallel_pipe": fig["copy_vs_parallel_pipe"],
-                # the same pipes with every destination trigger skipped, checks and all: a floor
-                # no tool may reach by skipping triggers it does not know (migrator/replica.py)
-                "unchecked_parallel_pipe_s": fig["unchecked_parallel_pipe_s"],
-                "copy_vs_unchecked_parallel_pipe": fig["copy_vs_unchecked_parallel_pipe"],
-                **big.life_figures(),
-                "peak_rss_mb": fig["peak_rss_mb"],
+                **_over_the_link(big, ctx.spec.copy_.workers),
                 "reladiff_s": round(med(big.rel), 3) if big.rel else None,
                 "verify_speedup_vs_reladiff": round(med(big.rel) / med(big.verify), 2) if big.rel else None,
                 "changed_row": changed,
@@ -224,6 +221,13 @@ def main() -> None:
                 **started,
                 "server_settings": big.settings,
             }
+        if links:
+            # the same figures over each other link, its servers and runs beside the first's
+            assert ctx is not None
+            doc["links"] = {}
+            for rtt, ds in links.items():
+                at = {"rtt_ms": rtt, **_over_the_link(ds, ctx.spec.copy_.workers)}
+                doc["links"][f"{rtt:g}"] = {**at, "targets": targets(at)}
         if a.against_scale is not None:
             doc["growth"] = growth(small.figures(), fig)
         if a.writes:
@@ -254,6 +258,27 @@ def main() -> None:
             if ds.relay is not None:
                 ds.relay.stop()
             ds.cluster.remove()
+
+
+def _over_the_link(ds: Dataset, workers: int) -> dict:
+    """The copy, verify and lifecycle figures of one dataset (one link) against its floors."""
+    med = statistics.median
+    fig = ds.figures()
+    return {
+        **{k: fig[k] for k in ("raw_pipe_s", "plan_s", "copy_s", "verify_s")},
+        "copy_vs_pipe": round(med(ds.copy) / med(ds.pipe), 3),
+        "total_vs_pipe": round((med(ds.copy) + med(ds.verify)) / med(ds.pipe), 3),
+        "plan_copy_verify_vs_pipe": round((med(ds.planned) + med(ds.copy) + med(ds.verify)) / med(ds.pipe), 3),
+        "parallel_pipe_s": fig["parallel_pipe_s"],
+        "copy_workers": workers,
+        "copy_vs_parallel_pipe": fig["copy_vs_parallel_pipe"],
+        # the same pipes with every destination trigger skipped, checks and all: a floor no
+        # tool may reach by skipping triggers it does not know (migrator/replica.py)
+        "unchecked_parallel_pipe_s": fig["unchecked_parallel_pipe_s"],
+        "copy_vs_unchecked_parallel_pipe": fig["copy_vs_unchecked_parallel_pipe"],
+        **ds.life_figures(),
+        "peak_rss_mb": fig["peak_rss_mb"],
+    }
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ TAGS: dict[str, str] = {
     "object_copy": "objects",
     "airflow": "airflow",
     "airflow_celery": "celery",
+    "links": "links",
 }
 
 INTRO = f"""\
@@ -72,7 +73,9 @@ the same machine rather than a time that depends on how fast that machine was th
   a hand-written one with the tool's lanes and its recheck of the shard
   (`purge_vs_parallel_raw_purge`);
 - with `--rtt-ms 80`, all of it with the destination behind a relay that holds each
-  direction for half of that round trip (the pipes too; `rtt_ms` in the document);
+  direction for half of that round trip (the pipes too; `rtt_ms` in the document); with
+  `--rtt-ms 0,80`, the copy, verify and lifecycle figures over both links in one run, each
+  link on servers of its own and its runs beside the other's (the second under `links`);
 - object copy against a plain boto3 GET/PUT loop with the same threads;
 - with `--writes`, the fence window and an application writer's throughput during the
   migration against the writer alone, unthrottled and with the copy throttled;
@@ -94,7 +97,7 @@ How the measurements are made, and what the figures mean, is in
 ./dev.sh bench --scale 0.3                       # installs what it needs, then runs
 python -m bench --scale 0.3 --json               # in the project's .venv: one JSON document
 python -m bench --scale 0.3 --json --writes --chart bench/results/scale0.3.png > bench/results/scale0.3.json
-python -m bench --scale 0.3 --json --rtt-ms 80 --no-reladiff > bench/results/scale0.3-rtt80.json
+python -m bench --scale 0.3 --json --rtt-ms 0,80 --no-reladiff > bench/results/scale0.3-links.json
 {COMMAND}                          # then regenerate this page
 ```
 """
@@ -208,11 +211,15 @@ def section(path: Path, doc: dict[str, Any]) -> list[str]:
     if chart.exists():
         out += [f"![{chart.stem}](results/{chart.name})", ""]
     out += header(doc) + targets(doc) + figures(doc)
+    for rtt, at in (doc.get("links") or {}).items():  # `--rtt-ms 0,80`: the same figures over another link
+        out += [f"#### Over a {rtt} ms round trip, in the same run", ""]
+        out += targets(at)[2:] if at.get("targets") else []
+        out += part(f"Figures over {rtt} ms", {k: v for k, v in at.items() if k != "targets"})[2:]
     for key, title in PARTS.items():
         if key in doc and doc[key] is not None:
             out += part(title, doc[key])
     for key, value in doc.items():  # any part this page does not know yet
-        if key not in PARTS and key != "targets" and key not in HEADER and isinstance(value, dict):
+        if key not in PARTS and key not in ("targets", "links") and key not in HEADER and isinstance(value, dict):
             out += part(f"`{key}`", value)
     return out
 
@@ -225,8 +232,9 @@ def order(path: Path, doc: dict[str, Any]) -> tuple[float, str]:
 def index(docs: list[tuple[Path, dict[str, Any]]]) -> list[str]:
     rows = []
     for path, doc in docs:
-        t = doc.get("targets") or {}
-        decided = [v.get("met") for v in t.values() if v.get("met") is not None]
+        t = [*(doc.get("targets") or {}).values()]
+        t += [v for at in (doc.get("links") or {}).values() for v in (at.get("targets") or {}).values()]
+        decided = [v.get("met") for v in t if v.get("met") is not None]
         met = f"{sum(1 for m in decided if m)} of {len(decided)}" if decided else "—"
         holds = ", ".join(tag for key, tag in TAGS.items() if key in doc and doc[key] is not None) or "—"
         anchor = re.sub(r"[^a-z0-9 -]", "", path.name.lower()).replace(" ", "-")

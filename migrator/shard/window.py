@@ -16,7 +16,7 @@ unless a transaction that began before the fence commits inside it.
 from __future__ import annotations
 
 import time
-from contextlib import closing, nullcontext
+from contextlib import nullcontext
 
 import psycopg
 from psycopg import sql
@@ -75,8 +75,7 @@ class _Lazy:
 
     def __exit__(self, *exc: object) -> None:
         if self.conn is not None:
-            with closing(self.conn):
-                pass
+            self.conn.close()
 
     def get(self) -> Conn:
         if self.conn is None:

@@ -29,7 +29,12 @@ pytestmark = pytest.mark.integration
 # checks, ledger row and commit go in one message; what the copy reads of the destination
 # before its batches it reads on one connection; a cutover whose users no rollback left
 # guarded there does not reach Ireland in its window.
-CEILING = {"copy_round_trips_per_batch": 15, "copy_connections_per_batch": 1.2, "cutover_round_trips": 79, "purge_round_trips": 18}
+CEILING = {
+    "copy_round_trips_per_batch": 15,
+    "copy_connections_per_batch": 1.2,
+    "cutover_round_trips": 79,
+    "purge_round_trips": 18,
+}
 
 
 def _ok(res) -> dict:
