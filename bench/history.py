@@ -212,7 +212,7 @@ def section(path: Path, doc: dict[str, Any]) -> list[str]:
         out += [f"![{chart.stem}](results/{chart.name})", ""]
     out += header(doc) + targets(doc) + figures(doc)
     for rtt, at in (doc.get("links") or {}).items():  # `--rtt-ms 0,80`: the same figures over another link
-        out += [f"#### Over a {rtt} ms round trip, in the same run", ""]
+        out += [f"#### With a round trip of {rtt} ms, in the same run", ""]
         out += targets(at)[2:] if at.get("targets") else []
         out += part(f"Figures over {rtt} ms", {k: v for k, v in at.items() if k != "targets"})[2:]
     for key, title in PARTS.items():
