@@ -9,6 +9,7 @@ import time
 from psycopg import sql
 
 from migrator.control.context import Context
+from migrator.control.directory import FLIP_SESSION
 from migrator.control.store import Control
 from migrator.errors import describe
 from migrator.schema import history
@@ -185,7 +186,12 @@ def write_users(conn: Conn, table: str, sid: str, members: Control, not_homed_at
     conn.execute("DROP TABLE rm_members")
 
 
-RUNNING = "pg_snapshot_xip(pg_current_snapshot()) x WHERE x <> ALL(%s::text[]::xid8[])"
+RUNNING = (
+    "pg_snapshot_xip(pg_current_snapshot()) x WHERE x <> ALL(%s::text[]::xid8[]) AND x::xid NOT IN ("
+    # the open directory flips of every shard, where the control database shares the server
+    f"SELECT backend_xid FROM pg_stat_activity WHERE application_name = '{FLIP_SESSION}' "
+    "AND backend_xid IS NOT NULL)"
+)
 
 
 def wait_for_earlier(dsn: str, deadline: float, what: str, ignore: tuple[int, ...] = ()) -> None:

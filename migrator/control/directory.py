@@ -13,6 +13,9 @@ from migrator.control.store import SCHEMA
 from migrator.errors import StateConflict
 from migrator.stores.postgres import Conn
 
+# The application name of a session while its directory flip is open.
+FLIP_SESSION = "residency-migrator-flip"
+
 
 def move_homes(conn: Conn, sid: str, frm: str, to: str) -> int:
     """Flip the shard's users homed at `frm` to `to` (epoch + 1); the number flipped."""
@@ -62,10 +65,11 @@ def prepared_flip(ctx: Context, sid: str) -> Iterator[Flip]:
     origin is flipped."""
     ctl = ctx.control
     with ctl.connect() as c:
-        # One open flip at a time: each is left out of its own fence's wait for earlier
-        # transactions but not of another's, so two open at once could wait on each other
-        # until both windows ran out. A second cutover waits here, before its fence.
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:flip'))")
+        # Named for as long as it is open, so that every fence's wait for earlier transactions
+        # leaves out every open flip (`capture.triggers.RUNNING`), not only its own: flips of
+        # other shards go on at once without waiting on each other. A flip writes the control
+        # database alone, never a user's row.
+        c.execute(f"SET LOCAL application_name = '{FLIP_SESSION}'")
         row = c.execute(
             # NO KEY UPDATE: rows that refer to the shard (catch-up positions) can still be written
             f"SELECT state, digest, region, users, coalesce(origin, %s) FROM {SCHEMA}.shard "

@@ -1,7 +1,7 @@
 """The operator's way in, in a real browser: `migrator demo --ui` leaves the stores and
 Airflow running; Debian's chromium (driven by Playwright) logs in, finds the project's
 DAGs and their docs, submits a dry run for Ireland from the trigger form and reads the
-plan in the plan task's log, starts a three-day backfill from the trigger dialog (its
+plan in the plan task's log, starts a two-day backfill from the trigger dialog (its
 runs move each day's sign-ups), runs the migration for real with an approval before each
 cutover (all approved but one, rejected with a reason, which rolls that shard back; one
 approved and the rejected one answered by clicking in the approval's Required Actions
@@ -133,18 +133,18 @@ def _submitted_run(page, dag_id: str) -> str:
 
 
 def _backfill_runs(api: RestClient, timeout: float = 600) -> list[dict]:
-    """The backfill's three runs, once all have ended: each succeeded, one per day."""
+    """The backfill's two runs, once both have ended: each succeeded, one per day."""
     deadline = time.monotonic() + timeout
     while True:
         runs = api.api("GET", "/dags/residency_migration/dagRuns?limit=100")["dag_runs"]
         bf = [r for r in runs if r["run_type"] == "backfill"]
-        if len(bf) == 3 and all(r["state"] in ("success", "failed") for r in bf):
+        if len(bf) == 2 and all(r["state"] in ("success", "failed") for r in bf):
             break
         assert time.monotonic() < deadline, [(r["dag_run_id"], r["state"]) for r in bf]
         time.sleep(3)
     assert all(r["state"] == "success" for r in bf), [(r["dag_run_id"], r["state"]) for r in bf]
     days = sorted(r["data_interval_start"][:10] for r in bf)
-    assert days == ["2026-11-21", "2026-11-22", "2026-11-23"], days
+    assert days == ["2026-11-21", "2026-11-22"], days
     return [{"start": r["data_interval_start"], "end": r["data_interval_end"]} for r in bf]
 
 
@@ -285,16 +285,16 @@ def test_an_operator_runs_the_migration_from_the_ui(demo):
         if _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT to_regclass('migrator.shard')")[0][0]:
             assert _sql(env["MIGRATOR_CONTROL_DSN"], "SELECT count(*) FROM migrator.shard") == [(0,)]
 
-        # a three-day backfill from the trigger dialog: each run moves its day's sign-ups
+        # a two-day backfill from the trigger dialog: each run moves its day's sign-ups
         form = _trigger_form(page, demo, "residency_migration")
         form.get_by_text("Backfill", exact=True).first.click()
-        for i, day in enumerate(["2026/11/21", "2026/11/23"]):  # From, To
+        for i, day in enumerate(["2026/11/21", "2026/11/22"]):  # From, To
             form.get_by_test_id("datetime-input").nth(i).click()
             picker = page.locator("[data-scope=popover][data-part=content]:visible").last
             picker.get_by_placeholder("YYYY/MM/DD").fill(day)
             picker.get_by_placeholder("HH:mm").fill("00:00")
             page.keyboard.press("Escape")  # closes the picker, not the dialog
-        form.get_by_text("3 runs will be triggered.").wait_for(timeout=30000)
+        form.get_by_text("2 runs will be triggered.").wait_for(timeout=30000)
         form.screenshot(path=str(OUT / "ui-backfill-form.png"))
         form.get_by_role("button", name="Run Backfill").click()
         page.get_by_text("Backfill generated").first.wait_for(timeout=30000)

@@ -318,8 +318,9 @@ def test_a_changed_row_that_differs_stops_the_cutover_before_the_fence(world: Wo
 
 def test_two_cutovers_at_once_both_go_through(world: World):
     """Two regions cut over by two processes at the same time, the control database on the
-    source's server: each holds its directory flip open across its fence window, and
-    neither window may wait on the other's open flip."""
+    source's server: each holds its directory flip open across its fence window, both at
+    once (a flip locks its own shard, not every flip), and neither window may wait on the
+    other's open flip."""
     world.write_spec(sharding={"shards_per_region": 1})
     assert world.migrator("plan").returncode == 0
     for region in ("ie", "no"):
@@ -334,6 +335,10 @@ def test_two_cutovers_at_once_both_go_through(world: World):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert {s["state"] for out in outs for s in json.loads(out)["shards"]} == {"cut_over"}
     assert world.ctl("SELECT count(*) FROM migrator.audit WHERE detail->>'event' = 'fence lifted'")[0][0] == 0
+    # and their flips were open at once: each paused with its flip open before either cut over
+    (paused,) = world.ctl("SELECT max(at), count(*) FROM migrator.audit WHERE detail->>'event' = 'paused at staged'")
+    (first_cut,) = world.ctl("SELECT min(at) FROM migrator.audit WHERE to_state = 'cut_over'")[0]
+    assert paused[1] == 2 and paused[0] < first_cut, (paused, first_cut)
 
 
 def test_the_fence_is_one_switch_over_a_staged_list(world: World):
