@@ -14,7 +14,8 @@ destination is truncated between runs; each figure is the median of --runs runs:
   migration against without one (`writes`);
 * with --airflow: the plan through the DAG against the CLI (`under_airflow`);
 * with --rtt-ms 80: all of it with the destination behind a relay holding each direction
-  for half of that round trip.
+  for half of that round trip (with --workers-at destination, the source and the control
+  database behind it instead: the tool's workers in the destination's region).
 It prints one JSON document with each figure's target (`targets`) and writes a PNG chart
 (--chart, `chart`).
 """
@@ -71,6 +72,14 @@ def main() -> None:
         "(0, the default: loopback); several, comma-separated (e.g. 0,80), measure the copy, verify "
         "and lifecycle figures over each link on servers of their own, each run beside the others, "
         "the first link's in the document's top level, the others' under `links`",
+    )
+    ap.add_argument(
+        "--workers-at",
+        choices=["source", "destination"],
+        default="source",
+        help="with --rtt-ms: where the tool's workers run, beside the source and its control database "
+        "(the destination across the link; the default) or in the destination's region (the source and "
+        "the control database across it)",
     )
     ap.add_argument(
         "--objects", type=int, default=500, help="EU users with one object each for the object figure; 0 skips it"
@@ -156,15 +165,16 @@ def main() -> None:
     started = {
         "measured_at": datetime.now().astimezone().isoformat(timespec="minutes"),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
-        "rtt_ms": a.rtt_ms[0],  # the destination's round trip through the relay (0: loopback)
+        "rtt_ms": a.rtt_ms[0],  # the round trip through the relay (0: loopback)
+        "workers_at": a.workers_at,  # which side of it the tool's workers run on
     }
     sets: list[Dataset] = []
     try:
-        sets.append(big := Dataset(a.scale, base / "main", a.batch_users, a.rtt_ms[0]))
-        links = {rtt: Dataset(a.scale, base / f"rtt{rtt:g}", a.batch_users, rtt) for rtt in a.rtt_ms[1:]}
+        sets.append(big := Dataset(a.scale, base / "main", a.batch_users, a.rtt_ms[0], a.workers_at))
+        links = {rtt: Dataset(a.scale, base / f"rtt{rtt:g}", a.batch_users, rtt, a.workers_at) for rtt in a.rtt_ms[1:]}
         sets.extend(links.values())
         if a.against_scale is not None:
-            sets.append(small := Dataset(a.against_scale, base / "small", a.batch_users, a.rtt_ms[0]))
+            sets.append(small := Dataset(a.against_scale, base / "small", a.batch_users, a.rtt_ms[0], a.workers_at))
         for run in range(a.runs):
             for ds in sets if run % 2 == 0 else sets[::-1]:
                 ds.run(run, with_reladiff=not a.no_reladiff)
@@ -233,7 +243,7 @@ def main() -> None:
         if a.writes:
             # the application writes beside each server; the migrator reaches the destination
             # as the spec says (across the relay with --rtt-ms)
-            doc["live_writes"] = bench_writes(a, src, big.dst_near, control, spec)
+            doc["live_writes"] = bench_writes(a, big.src_near, big.dst_near, big.control_near, spec)
         if a.objects:
             doc["object_copy"] = bench_objects(a, src, control, spec, a.object_runs)
         for name in executors if a.airflow else []:

@@ -88,7 +88,7 @@ class Dataset:
     """One scale's data on its own source and destination servers, and one run of each
     timed step on it."""
 
-    def __init__(self, scale: float, base: Path, batch_users: int, rtt_ms: float = 0.0):
+    def __init__(self, scale: float, base: Path, batch_users: int, rtt_ms: float = 0.0, workers_at: str = "source"):
         self.scale, self.users = scale, max(100, int(500_000 * scale))
         self.settings = server_settings(scale)
         self.cluster = Cluster(["src", "dst"], base, settings=self.settings).start()
@@ -96,16 +96,24 @@ class Dataset:
         self.control = self.cluster["src"].create_database("control")
         for d in (self.src, self.dst):
             seed.create_schema(d)
-        # Across an ocean: the destination behind a relay that holds each direction for half
-        # the round trip; the tool and the hand-written pipes alike reach it through the relay
-        # (the source and the control database stay beside them, as the README places them).
+        # Across an ocean: the far side behind a relay that holds each direction for half the
+        # round trip; the tool and the hand-written pipes alike reach it through the relay.
+        # Workers beside the source (the default) have the destination far; workers in the
+        # destination's region have the source and the control database (on its server) far.
         self.relay: Relay | None = None
-        self.dst_near = self.dst  # the destination as its own region's application reaches it
+        self.workers_at = workers_at
+        # as each region's own application reaches them
+        self.src_near, self.dst_near, self.control_near = self.src, self.dst, self.control
+        self._via: tuple[str, str] | None = None
         if rtt_ms > 0:
-            port = int(self.dst.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+            port = self.cluster["dst" if workers_at == "source" else "src"].port
             self.relay = Relay(("127.0.0.1", port), rtt_ms=rtt_ms).start()
-            self.dst = self.dst.replace(f":{port}/", f":{self.relay.port}/")
-        seed.seed(self.src, self.users)
+            self._via = (f":{port}/", f":{self.relay.port}/")
+            if workers_at == "source":
+                self.dst = self.dst.replace(*self._via)
+            else:
+                self.src, self.control = (d.replace(*self._via) for d in (self.src, self.control))
+        seed.seed(self.src_near, self.users)
         spec = yaml.safe_load((ROOT / "migrator/demo/spec.yaml").read_text())
         spec.pop("objects")
         purge = spec.pop("purge")  # only the lifecycle runs purge
@@ -264,7 +272,8 @@ class Dataset:
                     psycopg.sql.Identifier(name)
                 )
             )
-        return self.cluster["src"].dsn(name)
+        dsn = self.cluster["src"].dsn(name)
+        return dsn.replace(*self._via) if self._via and self.workers_at == "destination" else dsn
 
     def drop(self, name: str) -> None:
         with psycopg.connect(self.cluster["src"].dsn(), autocommit=True) as c:

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.integration
 # per purge (measured on this world: 13 per batch over 6 batches, fixed costs included, 6
 # connections; 77 per cutover; 17 per purge, whose far side is its check that every user has
 # their row there, one statement, the capture's retirement, one message, and the audit
-# chain's head, one statement). A batch takes four: it travels as one stream (copy_stream: the relay's
-# 80 ms picks it), its transaction's start rides with its first statement, and its inserts,
+# chain's head, one statement); 102 per rollback of a cut-over shard (its window, flip back
+# and deletes: each capture step still on a connection of its own). A batch takes four: it
+# travels as one stream (copy_stream: the relay's 80 ms picks it), its transaction's start
+# rides with its first statement, and its inserts,
 # checks, ledger row and commit go in one message; what the copy reads of the destination
 # before its batches it reads on one connection; a cutover whose users no rollback left
 # guarded there does not reach Ireland in its window.
@@ -34,6 +36,7 @@ CEILING = {
     "copy_connections_per_batch": 1.2,
     "cutover_round_trips": 79,
     "purge_round_trips": 18,
+    "rollback_round_trips": 104,
 }
 
 
@@ -44,7 +47,7 @@ def _ok(res) -> dict:
 
 def test_round_trips_to_the_far_region_per_batch_and_per_cutover(world: World, monkeypatch):
     monkeypatch.setenv("TEST_PSEUDONYM_KEY_IE", KEYS["ie"])
-    with far(world, ("ie",)) as relays:
+    with far(world, ("ie", "no")) as relays:
         relay = relays["ie"]
         world.write_spec(sharding={"shards_per_region": 1}, copy={"batch_users": 20}, purge=PURGE)
         _ok(world.migrator("plan", "--region", "ie", "--json"))
@@ -61,12 +64,19 @@ def test_round_trips_to_the_far_region_per_batch_and_per_cutover(world: World, m
             assert world.rows("us", q, (ids,)) == world.rows("ie", q, (ids,)), table
         with relay.counting() as purging:
             _ok(world.migrator("purge", "--shard", shard["name"], "--json"))
+        # Norway's shard cut over, then rolled back: the rollback's carry-back window, flip
+        # back and deletes across the link
+        _ok(world.migrator("run", "--region", "no", "--json"))
+        with relays["no"].counting() as rolling:
+            _ok(world.migrator("rollback", "--region", "no", "--reason", "counted", "--json"))
+        assert world.ctl("SELECT state FROM migrator.shard WHERE region = 'no'") == [("rolled_back",)]
     batches = shard["batches"]
     figures = {
         "copy_round_trips_per_batch": copying.round_trips / batches,
         "copy_connections_per_batch": copying.connections / batches,
         "cutover_round_trips": cutting.round_trips,
         "purge_round_trips": purging.round_trips,
+        "rollback_round_trips": rolling.round_trips,
     }
     print(json.dumps({"rtt_ms": RTT_MS, "batches": batches, **figures}))
     assert batches >= 3
@@ -88,7 +98,7 @@ def test_the_fence_window_reaches_the_far_region_in_a_few_round_trips(world: Wor
     from migrator.lifecycle import dispatch
     from migrator.spec import load_spec
 
-    with far(world, ("ie",)) as relays:
+    with far(world, ("ie", "no")) as relays:
         relay = relays["ie"]
         world.write_spec(sharding={"shards_per_region": 1}, changes={"catch_up_below": 1000})
         _ok(world.migrator("plan", "--region", "ie", "--json"))
