@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 
+from psycopg import sql
+
 from migrator.capture.triggers import wait_for_earlier, write_users
 from migrator.control.store import Control
-from migrator.stores.postgres import Conn, connect
+from migrator.stores.postgres import Conn, connect, send
 
 
 def stage_fence(dsn: str, sid: str, members: Control, not_homed_at: str | None = None) -> None:
@@ -28,14 +30,15 @@ def fence(dsn: str, sid: str, deadline: float, ignore: tuple[int, ...] = ()) -> 
     the window cannot leave users unwritable. `hold_fence` makes it permanent just before
     the directory flips."""
     remaining = max(0.0, deadline - time.monotonic()) + 1.0
-    with connect(dsn) as c:
-        if c.execute("SELECT 1 FROM migrator.fenced_users WHERE shard_id = %s LIMIT 1", (sid,)).fetchone() is None:
-            raise RuntimeError(f"shard {sid}: no fence list staged")  # a caller's mistake, never a user's
-        c.execute(
-            "INSERT INTO migrator.fences (shard_id, until) VALUES (%s, clock_timestamp() + make_interval(secs => %s)) "
-            "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until",
-            (sid, remaining),
-        )
+    with connect(dsn, autocommit=True) as c:  # one statement: the fence may be an ocean away
+        raised = c.execute(
+            "INSERT INTO migrator.fences (shard_id, until) SELECT %s, clock_timestamp() + make_interval(secs => %s) "
+            "WHERE EXISTS (SELECT 1 FROM migrator.fenced_users WHERE shard_id = %s) "
+            "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until RETURNING 1",
+            (sid, remaining, sid),
+        ).fetchone()
+    if raised is None:
+        raise RuntimeError(f"shard {sid}: no fence list staged")  # a caller's mistake, never a user's
     wait_for_earlier(dsn, deadline, "the fence", ignore)
 
 
@@ -54,7 +57,7 @@ def own_transaction(dsn: str, conn: Conn) -> tuple[int, ...]:
 
 def hold_fence(dsn: str, sid: str) -> None:
     """Make the shard's fence permanent (after cutover the source stays read-only)."""
-    with connect(dsn) as c:
+    with connect(dsn, autocommit=True) as c:
         n = c.execute(
             "UPDATE migrator.fences SET until = 'infinity' WHERE shard_id = %s AND until > clock_timestamp()", (sid,)
         ).rowcount
@@ -65,7 +68,7 @@ def hold_fence(dsn: str, sid: str) -> None:
 def hold_now(dsn: str, sid: str) -> None:
     """Fence the shard's staged users for good at once (recovery: a cut-over shard's source
     must refuse its users' writes)."""
-    with connect(dsn) as c:
+    with connect(dsn, autocommit=True) as c:
         c.execute(
             "INSERT INTO migrator.fences (shard_id, until) VALUES (%s, 'infinity') "
             "ON CONFLICT (shard_id) DO UPDATE SET until = EXCLUDED.until",
@@ -102,7 +105,7 @@ def depart(dsn: str, sid: str) -> int:
     elsewhere now, and the destination refuses their writes for good (until `arrive`), an
     INSERT of a new row included. Called while the rollback's fence is still held, so the
     guard never lapses; how many users."""
-    with connect(dsn) as c:
+    with connect(dsn, autocommit=True) as c:
         if c.execute("SELECT to_regclass('migrator.departed')").fetchone()[0] is None:
             return 0  # nothing was captured or fenced there: the shard never cut over
         return c.execute(
@@ -117,16 +120,17 @@ def arrive(dsn: str, sid: str) -> int:
     """At a cutover's decision: the shard's users are homed at this destination from now
     on, so what refuses them here goes (they are the users whose changes are logged here
     for the shard): a guard an earlier rollback left, and the held fence of an earlier
-    move of theirs away from here (a move back); how many."""
-    with connect(dsn) as c:
-        guarded = c.execute(
-            "DELETE FROM migrator.departed d USING migrator.capture_users u WHERE u.shard_id = %s "
-            "AND d.user_key = u.user_key",
-            (sid,),
-        ).rowcount
-        fenced = c.execute(
-            "DELETE FROM migrator.fenced_users f USING migrator.capture_users u WHERE u.shard_id = %s "
-            "AND f.user_key = u.user_key AND f.shard_id <> u.shard_id",
-            (sid,),
-        ).rowcount
-        return guarded + fenced
+    move of theirs away from here (a move back); how many. One message: it runs inside the
+    cutover's window, at a destination that may be an ocean away."""
+    with connect(dsn, autocommit=True) as c:
+        shard = sql.Literal(sid).as_string(c)
+        said = send(
+            c,
+            "BEGIN; "
+            "DELETE FROM migrator.departed d USING migrator.capture_users u "
+            f"WHERE u.shard_id = {shard} AND d.user_key = u.user_key; "
+            "DELETE FROM migrator.fenced_users f USING migrator.capture_users u "
+            f"WHERE u.shard_id = {shard} AND f.user_key = u.user_key AND f.shard_id <> u.shard_id; "
+            "COMMIT",
+        )
+    return sum(s.rowcount for s in said if s.status.startswith("DELETE"))

@@ -71,7 +71,6 @@ END $fn$;
 def _trigger(graph: EntityGraph, table: Table) -> str:
     target = f"{sql.Identifier(graph.schema_).as_string(None)}.{sql.Identifier(table.name).as_string(None)}"
     return f"""
-DROP TRIGGER IF EXISTS migrator_guard ON {target};
 CREATE TRIGGER migrator_guard BEFORE INSERT OR UPDATE OR DELETE
   ON {target}
   FOR EACH ROW WHEN ({FIRES_FOR})
@@ -92,23 +91,24 @@ def install(ctx: Context, dsn: str) -> None:
 
 
 def _guards(ctx: Context, dsn: str) -> None:
+    """Every guard function replaced and every missing trigger created, under the capture's
+    lock, in one message: one round trip to a store that may be an ocean away."""
     g = ctx.spec.entity_graph
-    with connect(dsn) as c:
-        c.execute("SET LOCAL lock_timeout = '2s'")
-        c.execute("SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))")
-        have = {
-            r[0]
-            for r in c.execute(
-                "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE t.tgname = 'migrator_guard' AND n.nspname = %s",
-                (g.schema_,),
-            )
-        }
+    with connect(dsn, autocommit=True) as c:
+        schema = sql.Literal(g.schema_).as_string(c)
+        parts = ["BEGIN", "SET LOCAL lock_timeout = '2s'", "SELECT pg_advisory_xact_lock(hashtext('migrator:capture'))"]
         for table in ctx.tables.values():
-            c.execute(_function(g, table))
-            if table.name not in have:
-                c.execute(_trigger(g, table))
+            parts.append(_function(g, table).strip().rstrip(";"))
+            name = sql.Literal(table.name).as_string(c)
+            create = _trigger(g, table).strip()
+            parts.append(
+                "DO $tg$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                f"WHERE t.tgname = 'migrator_guard' AND n.nspname = {schema} AND c.relname = {name}) "
+                f"THEN {create} END IF; END$tg$"
+            )
+        parts.append("COMMIT")
+        send(c, ";\n".join(parts))
 
 
 def uninstall_if_unused(ctx: Context, dsn: str) -> bool:

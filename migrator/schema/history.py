@@ -7,7 +7,10 @@ control database may share a database with the source, where the capture history
 too. An upgrade runs in one transaction under the history's advisory lock (the same lock
 the code that uses those tables takes), so two workers starting at once upgrade once and
 a half-applied upgrade cannot be seen. A database at head is recognised by one read and
-costs no lock.
+costs no lock. The histories of the regions' stores (capture, ledger), which may be an
+ocean away, go as one message: their SQL rendered here (as `migrator upgrade --sql` prints
+it), checked under the lock against the revision it was rendered from (another process
+that upgraded meanwhile sends the upgrade back to Alembic's own way).
 
 Each history's first revision adopts the layout the tool wrote before it kept a history:
 it creates what is missing and converts what earlier versions left (idempotently), so a
@@ -28,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+
 from migrator import hooks
 from migrator.errors import StateVersionError
 from migrator.schema import SCHEMA
 from migrator.spec import Spec
-from migrator.stores.postgres import Conn, connect, where
+from migrator.stores.postgres import Conn, connect, send, where
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -48,6 +53,9 @@ class History:
     lock: str  # the advisory lock (hashtext) the upgrade and the tables' users share
     head: str  # the newest revision in its script directory
     lock_timeout: str | None = None  # where the application's writers hold locks we may wait on
+    # whether an upgrade goes to the store as one message (its SQL rendered here): the
+    # histories of stores in the regions, which may be an ocean away
+    in_one_message: bool = False
 
     @property
     def metadata(self) -> sa.MetaData:
@@ -67,8 +75,8 @@ class History:
 CONTROL = History("control", "migrator:ddl", "control_0005")
 # The capture history's upgrades touch tables the application's triggers write to; a lock
 # they cannot get within 2 s is a transient failure, retried, not a stall of the writers.
-CAPTURE = History("capture", "migrator:capture", "capture_0003", lock_timeout="2s")
-LEDGER = History("ledger", "migrator:ledger", "ledger_0003")
+CAPTURE = History("capture", "migrator:capture", "capture_0003", lock_timeout="2s", in_one_message=True)
+LEDGER = History("ledger", "migrator:ledger", "ledger_0003", in_one_message=True)
 HISTORIES = {h.name: h for h in (CONTROL, CAPTURE, LEDGER)}
 
 
@@ -119,12 +127,25 @@ def ensure(dsn: str, h: History, conn: Conn | None = None) -> None:
                 f"{where(dsn)}: its {h.name} tables are at schema revision {found}, which this migrator "
                 f"does not know (its newest is {h.head}); it will not read or change them"
             )
-        upgrade(dsn, h)
+        upgrade(dsn, h, found)
 
 
-def upgrade(dsn: str, h: History) -> list[str]:
-    """Apply the revisions the store lacks, in one transaction under the history's lock;
-    returns the revisions applied (none when another process got there first)."""
+# Raised by an upgrade sent as one message when, once it holds the history's lock, the store
+# is no longer at the revision its SQL was rendered from (another process upgraded it).
+MOVED_ON = "RMH01"
+
+
+def upgrade(dsn: str, h: History, since: str | None = None) -> list[str]:
+    """Apply the revisions the store lacks (it was at `since` when read, for a history sent
+    in one message), in one transaction under the history's lock; returns the revisions
+    applied (none when another process got there first)."""
+    if h.in_one_message:
+        try:
+            return _upgrade_in_one_message(dsn, h, since)
+        except psycopg.Error as exc:
+            if exc.sqlstate != MOVED_ON:
+                raise
+        # another process upgraded the store meanwhile: whatever it left is done online
     import sqlalchemy as sa
     from alembic import command
     from sqlalchemy.pool import NullPool
@@ -150,14 +171,41 @@ def upgrade(dsn: str, h: History) -> list[str]:
     return applied
 
 
-def sql(h: History, since: str | None = None) -> str:
+def sql(h: History, since: str | None = None, *, expect: bool = False) -> str:
     """The SQL that brings a store of history `h` from `since` (default: nothing) to head,
-    as a DBA would apply it by hand, version table included; connects to nothing."""
+    as a DBA would apply it by hand, version table included; connects to nothing. With
+    `expect`, it first checks, under the history's lock, that the store is still at
+    `since` (SQLSTATE `MOVED_ON` otherwise)."""
     from alembic import command
 
     buf = io.StringIO()
-    command.upgrade(_config(h, buf), f"{since}:head" if since else "head", sql=True)
+    cfg = _config(h, buf)
+    if expect:
+        cfg.attributes["expect"] = (since,)
+    command.upgrade(cfg, f"{since}:head" if since else "head", sql=True)
     return buf.getvalue()
+
+
+def _upgrade_in_one_message(dsn: str, h: History, since: str | None) -> list[str]:
+    """The upgrade's SQL rendered here and sent as one message: one round trip, where
+    Alembic's own conversation with the store takes dozens."""
+    script = sql(h, since, expect=True)
+    known = revisions(h)
+    applied = known[known.index(since) + 1 :] if since in known else known
+    with connect(dsn, autocommit=True) as c:
+        send(c, script)
+    return applied
+
+
+def _still_at(h: History, since: str | None) -> str:
+    """A block raising `MOVED_ON` unless the store's version of `h` is `since`."""
+    table = f"{SCHEMA}.{h.version_table}"
+    want = "NULL" if since is None else f"'{since}'"
+    return (
+        f"DO $rm$DECLARE v text; BEGIN IF to_regclass('{table}') IS NOT NULL THEN "
+        f"SELECT version_num INTO v FROM {table}; END IF; IF v IS DISTINCT FROM {want} THEN "
+        f"RAISE EXCEPTION 'the {h.name} tables moved on' USING ERRCODE = '{MOVED_ON}'; END IF; END$rm$"
+    )
 
 
 def run_env(context: Any) -> None:
@@ -178,6 +226,8 @@ def run_env(context: Any) -> None:
                 context.execute(f"SET LOCAL lock_timeout = '{h.lock_timeout}'")
             context.execute(f"SELECT pg_advisory_xact_lock(hashtext('{h.lock}'))")
             context.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            if "expect" in cfg.attributes:
+                context.execute(_still_at(h, cfg.attributes["expect"][0]))
             context.run_migrations()
         return
     applied: list[str] = cfg.attributes.get("applied", [])
