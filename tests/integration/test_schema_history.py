@@ -249,3 +249,27 @@ def test_a_control_database_from_before_the_shard_state_columns_gets_them_from_i
     # and what the shards then do: the cleaned-up one is refused a rollback, the others are not
     res = world.migrator("rollback", "--shard", "ie-00", "--reason", "after cleanup")
     assert res.returncode == 1 and "finalized" in res.stdout + res.stderr
+
+
+def test_an_upgrade_sent_in_one_message_to_a_store_another_process_upgraded_first_does_nothing(world: World):
+    """The regions' histories go to their store as one message rendered from the revision
+    read before; when another process upgraded the store between that read and the
+    message's lock, the message changes nothing (its check under the lock refuses it) and
+    the upgrade finishes the ordinary way: one version row, at head, the tables whole."""
+    from migrator.schema import history
+
+    dsn = _dsn(world, "ie")
+    assert _version(world, "ie", "ledger") is None
+    assert history.upgrade(dsn, history.LEDGER, None) == ["ledger_0001", "ledger_0002", "ledger_0003"]
+    assert _version(world, "ie", "ledger") == HEADS["ledger"]
+    # a process that read "nothing there" before the first one upgraded, sending its message now
+    assert history.upgrade(dsn, history.LEDGER, None) == []
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT version_num FROM migrator.alembic_version_ledger").fetchall() == [(HEADS["ledger"],)]
+    assert _differences(dsn, tables.ledger) == []
+    # the message's own check, sent as it is: refused with the history's code, nothing written
+    with psycopg.connect(dsn, autocommit=True) as c, pytest.raises(psycopg.Error) as raised:
+        c.execute(history.sql(history.LEDGER, None, expect=True))
+    assert raised.value.sqlstate == history.MOVED_ON
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT count(*) FROM migrator.alembic_version_ledger").fetchone() == (1,)
