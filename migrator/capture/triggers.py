@@ -11,7 +11,7 @@ from psycopg import sql
 from migrator.control.context import Context
 from migrator.control.directory import FLIP_SESSION
 from migrator.control.store import Control
-from migrator.errors import describe
+from migrator.errors import SpecError, describe
 from migrator.schema import history
 from migrator.spec import EntityGraph
 from migrator.stores import is_transient, sqlgen
@@ -159,7 +159,7 @@ def _retire(ctx: Context, dsn: str, sid: str | None, *, fence_too: bool, wait: b
             f"{forget} IF {_UNUSED} THEN {drop} END IF; END"
         )
         if "$rm$" in body:
-            raise ValueError("a name in the spec holds '$rm$'")
+            raise SpecError("a table name of the entity graph holds '$rm$', which the capture's SQL quotes with")
         said = send(
             c,
             "BEGIN; SET LOCAL lock_timeout = '2s'; SELECT pg_advisory_xact_lock(hashtext('migrator:capture')); "
